@@ -1,0 +1,224 @@
+"""The Triton kernel and its launcher.
+
+Every product in the LoRA layer, forward and backward, has one shape:
+
+    out = scale · (X @ W) + L @ R + bias          X (M, K), W (K, N), L (M, r), R (r, N)
+
+with each operand given by its strides, so a transpose is free. The layer uses it six ways
+(see ``functional.py``):
+
+    S  = alpha · x A            shrink:            X = x,   W = A,    scale = alpha
+    y  = x Wᵀ + S B + b         GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B
+    dS = alpha · dY Bᵀ          shrink:            X = dY,  W = Bᵀ,   scale = alpha
+    dX = dY W + dS Aᵀ           GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ
+    dA = xᵀ dS                  reduction over M:  X = xᵀ,  W = dS    (split, see below)
+    dB = Sᵀ dY                  reduction over M:  X = Sᵀ,  W = dY    (split)
+
+One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
+keys on the flags and sizes, so each use still gets its own tile shape.
+
+Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle, so the K
+loop can be split across a second grid axis. Each split writes its own fp32 slice of a partial
+buffer and the launcher sums the slices in a fixed order: deterministic, no atomics, and safe to
+autotune (a trial overwrites, it never accumulates).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter runs on CPU tensors with no GPU driver, where an autotuner with more than one
+# config cannot benchmark: give it one small config. Read once, like Triton itself does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Split reductions into chunks of this many rows of the reduced dimension (a multiple of every
+# BLOCK_K below, so a chunk boundary never cuts a tile).
+SPLIT_CHUNK = 64 if INTERPRET else 256
+
+
+def _configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    # Hopper-first tile shapes; the pruner below shrinks them to small problems.
+    shapes = [
+        # BM, BN, BK, warps, stages
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 32, 64, 4, 4),
+        (64, 32, 128, 4, 4),
+        (32, 64, 128, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _fit(block, size):
+    # tl.dot needs every block dimension >= 16; no point in a tile larger than the problem.
+    return max(16, min(block, triton.next_power_of_2(size)))
+
+
+def _prune(configs, named_args, **kwargs):
+    """Shrink tiles to the problem (a shrink has N = rank), dropping the duplicates this makes."""
+    M, N = named_args["M"], named_args["N"]
+    seen, kept = set(), []
+    for c in configs:
+        kw = dict(c.kwargs, BLOCK_M=_fit(c.kwargs["BLOCK_M"], M), BLOCK_N=_fit(c.kwargs["BLOCK_N"], N))
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return kept
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "R", "HAS_LOWRANK", "X_TRANSPOSED"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _lora_matmul_kernel(
+    # pointers
+    x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
+    # sizes: out is (M, N), the main product reduces over K, the low-rank one over R
+    M, N, K, R, K_PER_SPLIT,
+    # strides
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_os, stride_om, stride_on,
+    scale,
+    # meta-parameters
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped program order: consecutive programs share rows of X, so W tiles stay in L2.
+    pid = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+
+    k_lo = pid_split.to(tl.int64) * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rk < k_hi
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
+    acc = (acc * scale).to(ACC_DTYPE)
+
+    if HAS_LOWRANK:
+        # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+
+    out = out_ptr + pid_split.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def _input_precision(dot_dtype):
+    # Follow PyTorch's own switch for fp32 matmuls, so fp32 users get the numbers they asked for:
+    # "highest" (PyTorch's default) is IEEE fp32, "high"/"medium" allow TF32 tensor cores.
+    if dot_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _empty(shape, device, dtype):
+    # Every buffer a kernel writes comes from here, so tests can hand out NaN-filled ones and
+    # catch an element the kernel forgot to write.
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, out_dtype, dot_dtype):
+    """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
+
+    ``lowrank`` is ``(L, R)`` or None. Operands are cast to ``dot_dtype`` for the tensor cores and
+    accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
+    over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
+    then not allowed, and none of the layer's reductions needs them.
+    """
+    M, K = x.shape
+    N = w.shape[1]
+    acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
+    out = _empty((M, N), x.device, out_dtype)
+    if out.numel() == 0:
+        return out
+    if lowrank is None:
+        l_ = r_ = x  # never read: HAS_LOWRANK is off
+        R = 0
+    else:
+        l_, r_ = lowrank
+        R = l_.shape[1]
+
+    # Split the reduction when the output has too few tiles to fill the GPU (dA, dB: K or N by r).
+    split = 1
+    if lowrank is None and bias is None:
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+        split = max(1, min(triton.cdiv(K, SPLIT_CHUNK), triton.cdiv(2 * _num_sms(x.device), tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
+    split = triton.cdiv(K, k_per_split) if split > 1 else 1
+    dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
+
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    _lora_matmul_kernel[grid](
+        x, w, l_, r_, bias if bias is not None else x, dest,
+        M, N, K, R, k_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+        dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1),
+        float(scale),
+        HAS_LOWRANK=lowrank is not None, HAS_BIAS=bias is not None,
+        X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
+        INPUT_PRECISION=_input_precision(dot_dtype),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+    )
+    if split > 1:
+        # Fixed-order sum over the splits: bitwise repeatable, unlike atomics.
+        out.copy_(dest.sum(0))
+    return out

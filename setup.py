@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lora-kernels",
+    version="0.1.0",
+    description="A fused LoRA linear layer for PyTorch: Triton kernels forward and backward",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
+    python_requires=">=3.9",
+    # torch is not pinned here: a GPU machine keeps the CUDA torch it has. Triton ships inside
+    # CUDA torch wheels on Linux; the CPU wheel does not carry it, so name it for Linux.
+    install_requires=["torch>=2.4", "numpy", "triton>=3.0; sys_platform == 'linux'"],
+    extras_require={
+        "test": ["pytest>=7"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        "peft": ["peft", "transformers", "safetensors"],
+    },
+)
