@@ -1,0 +1,196 @@
+"""Training utilities for LoRA adapters: freeze the base, count parameters, save and load A and B.
+
+The adapter of a model is the ``A`` and ``B`` of every ``LoRALayer`` in it (the seed's point 4:
+per task, store only these). Their names are the model's own state-dict names, e.g.
+``blocks.0.attn.qkv.lora.A``, so an adapter file loads into any model built the same way:
+the same base architecture passed through ``replace_linear_with_lora`` with the same rank and alpha.
+"""
+
+import json
+import math
+import numbers
+import os
+from collections import namedtuple
+
+import torch
+
+from .modules import LoRALayer
+
+try:  # optional: without it adapters are written with torch.save
+    import safetensors.torch as _safetensors
+except ImportError:  # pragma: no cover
+    _safetensors = None
+
+# Name of the metadata entry holding {layer name: {"rank": r, "alpha": a}} as JSON. safetensors
+# metadata is str -> str, so one JSON string keeps the per-layer values typed and exact.
+_LAYERS_KEY = "lora_kernels.layers"
+_FORMAT_KEY = "format"
+_FORMAT = "lora_kernels.adapter.v1"
+
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+
+
+def _lora_layers(model):
+    """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _key(layer_name, param):
+    return f"{layer_name}.{param}" if layer_name else param
+
+
+def mark_only_lora_as_trainable(model):
+    """Set ``requires_grad`` on the LoRA ``A`` and ``B`` only, every other parameter frozen.
+
+    Returns ``model``. Build the optimizer afterwards (or from ``requires_grad`` parameters) so it
+    does not hold state for the frozen base.
+    """
+    lora = {id(p) for _, layer in _lora_layers(model) for p in (layer.A, layer.B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora)
+    return model
+
+
+def count_parameters(model):
+    """``(trainable, total)`` numbers of parameter elements; a shared parameter counts once."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() already skips duplicates of tied weights
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def format_parameter_count(trainable, total):
+    """E.g. ``"trainable 12,288 of 1,234,567 (0.99%)"``."""
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable {trainable:,} of {total:,} ({share:.2f}%)"
+
+
+def lora_state_dict(model):
+    """The adapter tensors only, keyed by their full names in ``model``.
+
+    Like ``state_dict()``, the values are detached and share storage with the parameters.
+    """
+    out = {}
+    for name, layer in _lora_layers(model):
+        out[_key(name, "A")] = layer.A.detach()
+        out[_key(name, "B")] = layer.B.detach()
+    return out
+
+
+def _layer_metadata(model):
+    layers = {name: {"rank": layer.A.shape[1], "alpha": layer.alpha} for name, layer in _lora_layers(model)}
+    return {_FORMAT_KEY: _FORMAT, _LAYERS_KEY: json.dumps(layers)}
+
+
+def _is_safetensors(path):
+    return os.fspath(path).endswith(".safetensors")
+
+
+def _require_safetensors(path):
+    if _safetensors is None:
+        raise ImportError(f"{os.fspath(path)!r} asks for the safetensors format but the safetensors "
+                          "package is not installed: `pip install safetensors`, or give a path "
+                          "with another extension (e.g. .pt) to use torch.save")
+
+
+def save_adapter(model, path):
+    """Write only the adapter (``lora_state_dict``) plus each layer's rank and alpha to ``path``.
+
+    A path ending in ``.safetensors`` is written with safetensors (which must be installed); any
+    other with ``torch.save``. Tensors are stored on the CPU in their own dtype.
+    """
+    if not _lora_layers(model):
+        raise ValueError("model has no LoRA layers to save; call replace_linear_with_lora first")
+    # Own, contiguous CPU copies: safetensors rejects non-contiguous or storage-sharing tensors,
+    # and the adapter is small enough that copying costs nothing.
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in lora_state_dict(model).items()}
+    metadata = _layer_metadata(model)
+    if _is_safetensors(path):
+        _require_safetensors(path)
+        _safetensors.save_file(tensors, os.fspath(path), metadata=metadata)
+    else:
+        torch.save({"tensors": tensors, "metadata": metadata}, path)
+
+
+def _read_adapter(path):
+    """(tensors, metadata) from a file written by ``save_adapter``."""
+    if _is_safetensors(path):
+        _require_safetensors(path)
+        tensors = _safetensors.load_file(os.fspath(path), device="cpu")
+        with _safetensors.safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return tensors, metadata
+    # weights_only: an adapter is tensors and strings, so never unpickle arbitrary objects.
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "tensors" not in blob:
+        raise ValueError(f"{os.fspath(path)!r} is not an adapter file written by save_adapter")
+    return blob["tensors"], blob.get("metadata") or {}
+
+
+def load_adapter(model, path, strict=True):
+    """Copy an adapter written by ``save_adapter`` into ``model``'s LoRA layers, in place.
+
+    Every check runs before anything is copied, and each problem is listed in one ``ValueError``:
+    names the model has but the file lacks (missing), names the file has but the model lacks
+    (unexpected), tensors whose shapes differ (both shapes given), and layers whose alpha differs
+    from the one the adapter was trained with (a different alpha would silently rescale it).
+    With ``strict=False`` missing and unexpected names are allowed; the rest still raise.
+    Values are copied under ``torch.no_grad()`` into the existing parameters, which keep their
+    dtype and device. Returns ``LoadResult(missing_keys, unexpected_keys)``.
+    """
+    tensors, metadata = _read_adapter(path)
+    params = {}
+    for name, layer in _lora_layers(model):
+        params[_key(name, "A")] = layer.A
+        params[_key(name, "B")] = layer.B
+    missing = sorted(k for k in params if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in params)
+    mismatched = [(k, tuple(tensors[k].shape), tuple(p.shape))
+                  for k, p in params.items() if k in tensors and tensors[k].shape != p.shape]
+
+    alpha_diffs = []
+    if _LAYERS_KEY in metadata:  # files from elsewhere may carry tensors only
+        stored = json.loads(metadata[_LAYERS_KEY])
+        for name, layer in _lora_layers(model):
+            if name in stored and stored[name]["alpha"] != layer.alpha:
+                alpha_diffs.append((name, stored[name]["alpha"], layer.alpha))
+
+    problems = []
+    if strict and missing:
+        problems.append("missing from the file: " + ", ".join(missing))
+    if strict and unexpected:
+        problems.append("unexpected (not LoRA parameters of the model): " + ", ".join(unexpected))
+    if mismatched:
+        problems.append("shape mismatch: " + ", ".join(
+            f"{k} is {list(f)} in the file but {list(m)} in the model" for k, f, m in mismatched))
+    if alpha_diffs:
+        problems.append("alpha mismatch: " + ", ".join(
+            f"{n} was trained with alpha={f} but the model has alpha={m}" for n, f, m in alpha_diffs))
+    if problems:
+        hint = "" if params else " (the model has no LoRA layers: call replace_linear_with_lora first)"
+        raise ValueError(f"cannot load adapter {os.fspath(path)!r}{hint}:\n  " + "\n  ".join(problems))
+
+    with torch.no_grad():
+        for k, p in params.items():
+            if k in tensors:
+                p.copy_(tensors[k])  # copy_ casts to the parameter's dtype and device
+    return LoadResult(missing, unexpected)
+
+
+def peft_alpha(lora_alpha, r, use_rslora=False):
+    """The ``alpha`` of this package for a peft ``LoraConfig(r=r, lora_alpha=lora_alpha)``.
+
+    This package (like the seed) multiplies the low-rank product by ``alpha`` as given; peft
+    multiplies by ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora=True``.
+    """
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an integer, got {type(r).__name__}")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be a real number, got {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)

@@ -1,0 +1,243 @@
+"""Adapter utilities: freezing, counting, saving/loading only A and B, and peft's alpha convention."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lora_kernels import LinearWithLoRA, LoRALayer, replace_linear_with_lora
+from lora_kernels.adapters import (count_parameters, format_parameter_count, load_adapter, lora_state_dict,
+                                   mark_only_lora_as_trainable, peft_alpha, save_adapter)
+
+RANK, ALPHA = 2, 0.5
+
+
+class Tiny(torch.nn.Module):
+    """Nested names on purpose, so adapter keys look like a real model's (``blocks.0.fc.lora.A``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)                      # 80
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"fc": torch.nn.Linear(8, 16),      # 128 + 16
+                                 "out": torch.nn.Linear(16, 8, bias=False)})  # 128
+            for _ in range(2))
+        self.norm = torch.nn.LayerNorm(8)                           # 16
+
+    def forward(self, idx):
+        h = self.embed(idx)
+        for blk in self.blocks:
+            h = h + blk["out"](torch.relu(blk["fc"](h)))
+        return self.norm(h)
+
+
+BASE_PARAMS = 80 + 2 * (128 + 16 + 128) + 16  # 640
+# Per block: fc A (8, 2) + B (2, 16) = 48; out A (16, 2) + B (2, 8) = 48.
+LORA_PARAMS = 2 * (48 + 48)  # 192
+
+
+def build(seed=0, rank=RANK, alpha=ALPHA):
+    """The same base weights for a given seed, then LoRA layers with their default init."""
+    torch.manual_seed(seed)
+    model = Tiny()
+    replace_linear_with_lora(model, rank, alpha)
+    return model
+
+
+def randomize_lora(model, seed=1):
+    """Non-zero A and B: B starts at zero, and a test on zeros would pass with nothing loaded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALayer):
+                m.A.copy_(torch.randn(m.A.shape, generator=g))
+                m.B.copy_(torch.randn(m.B.shape, generator=g))
+    return model
+
+
+def test_mark_only_lora_as_trainable():
+    model = build()
+    assert mark_only_lora_as_trainable(model) is model
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    lora = {n for n in flags if n.endswith((".lora.A", ".lora.B"))}
+    assert len(lora) == 8
+    assert all(flags[n] for n in lora)
+    assert not any(flags[n] for n in flags.keys() - lora)
+    # Gradients then reach only the adapters.
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert all((p.grad is not None) == (n in lora) for n, p in model.named_parameters())
+
+
+def test_count_parameters_and_format():
+    torch.manual_seed(0)
+    plain = Tiny()
+    assert count_parameters(plain) == (BASE_PARAMS, BASE_PARAMS)
+    model = build()
+    assert count_parameters(model) == (BASE_PARAMS + LORA_PARAMS, BASE_PARAMS + LORA_PARAMS)
+    mark_only_lora_as_trainable(model)
+    assert count_parameters(model) == (LORA_PARAMS, BASE_PARAMS + LORA_PARAMS)
+    assert format_parameter_count(LORA_PARAMS, BASE_PARAMS + LORA_PARAMS) == "trainable 192 of 832 (23.08%)"
+    assert format_parameter_count(12_288, 1_234_567) == "trainable 12,288 of 1,234,567 (1.00%)"
+    assert format_parameter_count(0, 0) == "trainable 0 of 0 (0.00%)"
+
+
+def test_lora_state_dict_names_and_values():
+    model = randomize_lora(build())
+    sd = lora_state_dict(model)
+    assert sorted(sd) == sorted(f"blocks.{i}.{n}.lora.{p}" for i in (0, 1) for n in ("fc", "out") for p in "AB")
+    full = model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(v, full[k]) and not v.requires_grad
+
+
+FORMATS = [pytest.param("adapter.safetensors", id="safetensors"), pytest.param("adapter.pt", id="torch")]
+
+
+def _need_format(filename):
+    if filename.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+
+
+@pytest.mark.parametrize("filename", FORMATS)
+def test_save_load_roundtrip(tmp_path, filename):
+    _need_format(filename)
+    trained = randomize_lora(build())
+    path = tmp_path / filename
+    save_adapter(trained, path)
+
+    fresh = build()  # same base weights, fresh adapters (B zero)
+    x = torch.tensor([[1, 4, 9, 2], [0, 3, 5, 7]])
+    assert not torch.equal(fresh(x), trained(x))
+    result = load_adapter(fresh, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for k, v in lora_state_dict(trained).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v), k
+    assert torch.equal(fresh(x), trained(x))
+
+
+@pytest.mark.parametrize("filename", FORMATS)
+def test_file_holds_only_the_adapter(tmp_path, filename):
+    _need_format(filename)
+    from lora_kernels.adapters import _read_adapter
+    model = randomize_lora(build())
+    save_adapter(model, tmp_path / filename)
+    tensors, metadata = _read_adapter(tmp_path / filename)
+    assert sorted(tensors) == sorted(lora_state_dict(model))
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    assert '"blocks.0.fc.lora": {"rank": 2, "alpha": 0.5}' in metadata["lora_kernels.layers"]
+
+
+def test_load_keeps_model_dtype(tmp_path):
+    trained = randomize_lora(build())
+    save_adapter(trained, tmp_path / "a.pt")
+    fresh = build().to(torch.float64)
+    load_adapter(fresh, tmp_path / "a.pt")
+    A = fresh.blocks[0]["fc"].lora.A
+    assert A.dtype == torch.float64
+    assert torch.equal(A, trained.blocks[0]["fc"].lora.A.double())
+
+
+def _saved(tmp_path, model):
+    path = tmp_path / "a.pt"
+    save_adapter(model, path)
+    return path
+
+
+def test_load_error_missing_name(tmp_path):
+    path = _saved(tmp_path, randomize_lora(build()))
+    bigger = build()
+    bigger.extra = LinearWithLoRA(torch.nn.Linear(3, 3), RANK, ALPHA)
+    with pytest.raises(ValueError, match=r"missing from the file: extra\.lora\.A, extra\.lora\.B"):
+        load_adapter(bigger, path)
+    # Non-strict allows it, reports it, and loads the rest.
+    result = load_adapter(bigger, path, strict=False)
+    assert result.missing_keys == ["extra.lora.A", "extra.lora.B"]
+    assert not torch.equal(bigger.blocks[0]["fc"].lora.B, torch.zeros(RANK, 16))
+
+
+def test_load_error_unexpected_name(tmp_path):
+    model = randomize_lora(build())
+    model.extra = LinearWithLoRA(torch.nn.Linear(3, 3), RANK, ALPHA)
+    path = _saved(tmp_path, model)
+    with pytest.raises(ValueError, match=r"unexpected .*: extra\.lora\.A, extra\.lora\.B"):
+        load_adapter(build(), path)
+    assert load_adapter(build(), path, strict=False).unexpected_keys == ["extra.lora.A", "extra.lora.B"]
+
+
+def test_load_error_wrong_shape_changes_nothing(tmp_path):
+    path = _saved(tmp_path, randomize_lora(build(rank=3)))
+    target = build(rank=RANK)
+    before = {k: v.clone() for k, v in lora_state_dict(target).items()}
+    with pytest.raises(ValueError) as info:
+        load_adapter(target, path, strict=False)  # shapes are checked even when not strict
+    msg = str(info.value)
+    assert "blocks.0.fc.lora.A is [8, 3] in the file but [8, 2] in the model" in msg
+    assert "blocks.1.out.lora.B is [3, 8] in the file but [2, 8] in the model" in msg
+    # Checked before copying: a failed load leaves the model as it was.
+    assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(target).items())
+
+
+def test_load_error_alpha_mismatch(tmp_path):
+    path = _saved(tmp_path, randomize_lora(build(alpha=2.0)))
+    with pytest.raises(ValueError, match=r"blocks\.0\.fc\.lora was trained with alpha=2\.0 but the model has alpha=0\.5"):
+        load_adapter(build(alpha=0.5), path)
+
+
+def test_load_into_model_without_lora(tmp_path):
+    path = _saved(tmp_path, randomize_lora(build()))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="call replace_linear_with_lora first"):
+        load_adapter(Tiny(), path)
+
+
+def test_safetensors_missing_package(tmp_path, monkeypatch):
+    import lora_kernels.adapters as adapters
+    monkeypatch.setattr(adapters, "_safetensors", None)
+    with pytest.raises(ImportError, match=r"safetensors package is not installed.*\.pt"):
+        save_adapter(build(), tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_peft_alpha_values_and_errors():
+    assert peft_alpha(16, 8) == 2.0
+    assert peft_alpha(8, 4) == 2.0
+    assert peft_alpha(8, 4, use_rslora=True) == 4.0
+    assert peft_alpha(1, 2, use_rslora=True) == pytest.approx(1 / math.sqrt(2), rel=1e-15)
+    assert peft_alpha(0.5, 1) == 0.5
+    with pytest.raises(ValueError, match="r must be >= 1, got 0"):
+        peft_alpha(8, 0)
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        peft_alpha(8, -2, use_rslora=True)
+    with pytest.raises(TypeError, match="r must be an integer"):
+        peft_alpha(8, 2.5)
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        peft_alpha(float("nan"), 4)
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        peft_alpha(float("inf"), 4)
+    with pytest.raises(TypeError, match="lora_alpha must be a real number"):
+        peft_alpha("8", 4)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["plain", "rslora"])
+def test_peft_alpha_matches_peft(use_rslora):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    in_f, out_f, r, lora_alpha = 24, 12, 4, 8
+    base = torch.nn.Sequential(torch.nn.Linear(in_f, out_f))
+    ours = LinearWithLoRA(copy.deepcopy(base[0]), r, peft_alpha(lora_alpha, r, use_rslora))
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["0"], lora_dropout=0.0,
+                             use_rslora=use_rslora)
+    model = peft.get_peft_model(base, config)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # peft starts B at zero too; test a real update
+        ours.lora.A.copy_(layer.lora_A["default"].weight.T)
+        ours.lora.B.copy_(layer.lora_B["default"].weight.T)
+    x = torch.randn(5, 7, in_f)
+    with torch.no_grad():
+        want, got = model(x), ours(x)
+        lora_part = want - layer.base_layer(x)
+    assert lora_part.norm() > 0.1 * want.norm()  # the adapter contributes, so alpha matters
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-5, rel
