@@ -1,0 +1,74 @@
+"""Bad input raises a clear error before any kernel runs; the backend switch is honoured."""
+
+import pytest
+import torch
+
+import lora_kernels
+from conftest import make_inputs
+
+
+def good():
+    return list(make_inputs((4, 6), 10, 12, 3, torch.float32))
+
+
+def call(x, W, b, A, B, alpha=1.0):
+    return lora_kernels.lora_linear(x, W, b, A, B, alpha)
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (lambda a: a.__setitem__(0, torch.randn(4, 6, 11)), ValueError, ["(..., 10)", "(4, 6, 11)"]),
+    (lambda a: a.__setitem__(0, torch.randn(())), ValueError, ["(..., 10)", "()"]),
+    (lambda a: a.__setitem__(1, torch.randn(12, 10, 1)), ValueError, ["weight must be 2-D", "(12, 10, 1)"]),
+    (lambda a: a.__setitem__(2, torch.randn(11)), ValueError, ["bias", "(12,)", "(11,)"]),
+    (lambda a: a.__setitem__(3, torch.randn(9, 3)), ValueError, ["A must be (10, r)", "(9, 3)"]),
+    (lambda a: a.__setitem__(4, torch.randn(3, 13)), ValueError, ["B (r, 12)", "(3, 13)"]),
+    (lambda a: a.__setitem__(4, torch.randn(2, 12)), ValueError, ["(2, 12)"]),
+    (lambda a: a.__setitem__(3, torch.randn(10)), ValueError, ["2-D", "(10,)"]),
+    (lambda a: (a.__setitem__(3, torch.randn(10, 0)), a.__setitem__(4, torch.randn(0, 12))), ValueError,
+     ["rank must be >= 1"]),
+    (lambda a: a.__setitem__(0, torch.ones(4, 6, 10, dtype=torch.int64)), TypeError, ["x", "floating", "int64"]),
+    (lambda a: a.__setitem__(3, torch.ones(10, 3, dtype=torch.int32)), TypeError, ["A", "floating", "int32"]),
+    (lambda a: a.__setitem__(1, a[1].double()), TypeError, ["share a dtype", "float64"]),
+    (lambda a: a.__setitem__(2, a[2].half()), TypeError, ["bias", "float16"]),
+    (lambda a: a.__setitem__(4, a[4].double()), TypeError, ["A and B", "float64"]),
+    (lambda a: a.__setitem__(0, a[0].numpy()), TypeError, ["x must be a torch.Tensor", "ndarray"]),
+    (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, ["one device", "bias on meta"]),
+], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
+        "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "device"])
+def test_bad_input(change, error, words):
+    args = good()
+    change(args)
+    snapshot = [t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" else None for t in args]
+    with pytest.raises(error) as info:
+        call(*args)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    for before, after in zip(snapshot, args):  # nothing was modified on the way to the error
+        if isinstance(before, torch.Tensor):
+            assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("alpha,error", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                         (-float("inf"), ValueError), (True, TypeError),
+                                         (torch.tensor(1.0), TypeError), ("2", TypeError)])
+def test_bad_alpha(alpha, error):
+    with pytest.raises(error, match="alpha"):
+        call(*good(), alpha=alpha)
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND"):
+        call(*good())
+
+
+def test_backends_agree(monkeypatch):
+    """The same call through each available backend gives the same numbers (fp64: to rounding)."""
+    from conftest import backends
+    args = list(make_inputs((7, 5), 21, 18, 4, torch.float64))
+    outs = []
+    for b in backends():
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", b.values[0])
+        outs.append(call(*args, alpha=0.3))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-12, atol=1e-12)
