@@ -32,6 +32,9 @@ import triton.language as tl
 # The interpreter runs on CPU tensors with no GPU driver, where an autotuner with more than one
 # config cannot benchmark: give it one small config. Read once, like Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# LORA_KERNELS_AUTOTUNE=0 uses one fixed GPU config: the correctness suite meets dozens of
+# shapes, and autotuning each one would spend minutes compiling configs it never times again.
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 
 # Split reductions into chunks of this many rows of the reduced dimension (a multiple of every
 # BLOCK_K below, so a chunk boundary never cuts a tile).
@@ -41,6 +44,8 @@ SPLIT_CHUNK = 64 if INTERPRET else 256
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)]
     # Hopper-first tile shapes; the pruner below shrinks them to small problems.
     shapes = [
         # BM, BN, BK, warps, stages

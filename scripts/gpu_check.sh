@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one prepared GPU run: the test suite on CUDA (bf16, TF32, offsets past 2^31 included), then
+# the benchmark sweep. Everything goes under $OUT (default ./gpu-out). Uses the machine's own
+# torch and triton (PYTHONPATH, no pip install). Budget: tests 4 min, benchmark 4 min.
+#   usage: bash scripts/gpu_check.sh [tests|bench|all]   (default all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/gpu-out}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+what="${1:-all}"
+status=0
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  # One fixed tile config for the suite: autotuning its dozens of shapes would only cost compile
+  # time; the benchmark below checks the autotuned kernels against the reference before timing.
+  LORA_KERNELS_AUTOTUNE=0 timeout 240 python -m pytest tests -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+  status=$(( status | PIPESTATUS[0] ))
+fi
+
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  timeout 270 python -m benchmarks.run 2>&1 | tee "$OUT/bench.log"
+  status=$(( status | PIPESTATUS[0] ))
+fi
+echo "gpu_check exit status: $status" | tee -a "$OUT/machine.txt"
+exit "$status"

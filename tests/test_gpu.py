@@ -1,0 +1,94 @@
+"""Checks that need a CUDA GPU: bf16 and TF32 through the kernels, and offsets past 2^31.
+
+The rest of the suite also runs on the GPU (its tensors go to CUDA when one is present); these add
+what the interpreter cannot show. Skipped without CUDA.
+"""
+
+import pytest
+import torch
+
+import lora_kernels
+from conftest import make_inputs, record, reference, rel_err
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+
+
+def errors_vs_reference(inputs, alpha, dtype_run=None):
+    x, W, b, A, B = [t.clone() if t is not None else None for t in inputs]
+    for t in (x, A, B):
+        t.requires_grad_()
+    y = (dtype_run or lora_kernels.lora_linear)(x, W, b, A, B, alpha)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, g = reference(x, W, b, A, B, alpha, dy)
+    return {"y": rel_err(y, y_ref), "dx": rel_err(x.grad, g[0]), "dA": rel_err(A.grad, g[3]),
+            "dB": rel_err(B.grad, g[4])}
+
+
+def seed_formula(x, W, b, A, B, alpha):
+    # PyTorch in the same dtype: the yardstick for 16-bit error (design.md §4).
+    return torch.nn.functional.linear(x, W, b) + alpha * (x @ A.to(x.dtype) @ B.to(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [((2, 333), 1000, 777, 16), ((4097,), 512, 1536, 64), ((64,), 4096, 4096, 8)])
+@pytest.mark.parametrize("adapter", ["same", "fp32"])
+def test_half_within_twice_pytorch(dtype, shape, adapter):
+    lead, K, N, r = shape
+    inputs = make_inputs(lead, K, N, r, dtype, adapter_dtype=torch.float32 if adapter == "fp32" else None)
+    ours = errors_vs_reference(inputs, 0.5)
+    record(dtype, ours)
+    torch_err = errors_vs_reference(inputs, 0.5, dtype_run=seed_formula)
+    for k in ours:
+        assert ours[k] <= 2 * torch_err[k] + 1e-3, (k, ours[k], torch_err[k])
+
+
+def test_tf32(monkeypatch):
+    """With PyTorch's TF32 switch on, the kernels use TF32 too; the error stays at TF32's level."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        errs = errors_vs_reference(make_inputs((1000,), 2048, 1024, 16, torch.float32), 1.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    record("float32 (tf32)", errs)
+    assert max(errs.values()) < 3e-3, errs
+
+
+def test_fp32_ieee_by_default():
+    errs = errors_vs_reference(make_inputs((1000,), 2048, 1024, 16, torch.float32), 1.0)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_offsets_past_2_31():
+    """x and y with more than 2^31 elements: the last rows (int32 offsets would wrap) are right."""
+    K = N = 2048
+    M = (1 << 31) // K + 300
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * M * K:  # x, y, dx in bf16 plus headroom
+        pytest.skip(f"needs ~{24 * M * K >> 30} GiB free, have {free >> 30}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=g)
+    A = (torch.randn(K, 16, device="cuda", generator=g) * K ** -0.5).bfloat16().requires_grad_()
+    B = (torch.randn(16, N, device="cuda", generator=g) * 0.25).bfloat16().requires_grad_()
+    x.requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, 2.0)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
+    y.backward(dy)
+    tail = slice(M - 257, M)  # rows whose element offsets are past 2^31
+    y_ref, grads = reference(x[tail], W, b, A, B, 2.0, dy[tail])
+    assert rel_err(y[tail], y_ref) < 1.6e-2
+    assert rel_err(x.grad[tail], grads[0]) < 1.6e-2
+    # dA and dB reduce over every row: compare with a float32 PyTorch computation of the same sums.
+    xf, dyf = x.detach().float(), dy.float()
+    dS = 2.0 * dyf @ B.detach().float().t()
+    assert rel_err(A.grad, xf.t() @ dS) < 1.6e-2
+    assert rel_err(B.grad, (2.0 * xf @ A.detach().float()).t() @ dyf) < 1.6e-2
