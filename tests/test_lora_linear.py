@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, reference, rel_err
+from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err
 from lora_kernels import kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).
@@ -50,6 +50,7 @@ def check_all(inputs, alpha, dtype, train_base=False):
             errs["db"] = rel_err(b.grad, grads[2])
     else:
         assert W.grad is None
+    record(dtype, errs)
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"errors above {tol:g}: {bad}"
     return errs
