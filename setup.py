@@ -12,7 +12,7 @@ setup(
     # CUDA torch wheels on Linux; the CPU wheel does not carry it, so name it for Linux.
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; sys_platform == 'linux'"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "safetensors", "peft", "transformers"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
         "peft": ["peft", "transformers", "safetensors"],
     },

@@ -1,15 +1,18 @@
-"""``lora_linear``: input checks, backend choice, and the autograd function.
+"""``lora_linear``: input checks, backend choice, the two custom ops and their autograd.
 
-The math (design.md §1), with S kept as the only saved intermediate (M × r):
+The math (design.md §1), with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
+LoRA-dropout input (m the keep mask, c = alpha / (1-p); without dropout m = 1, c = alpha):
 
-    S  = alpha · x A                 dS = alpha · dY Bᵀ
-    y  = x Wᵀ + S B + b              dX = dY W + dS Aᵀ
-                                     dA = xᵀ dS,   dB = Sᵀ dY
+    S  = c · x̃ A                     dS = c · dY Bᵀ
+    y  = x Wᵀ + S B + b              dX = dY W + (dS Aᵀ) ⊙ m
+                                     dA = x̃ᵀ dS,   dB = Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-Every product above is one call of ``matmul`` below, which runs the Triton kernel
-(``kernels.lora_matmul``) or the same contract in PyTorch. The autograd function is therefore
-shared by both backends, and the PyTorch path tests the same plumbing the kernels use.
+Every product above is one call of ``matmul``, which runs the Triton kernel
+(``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is never
+stored, each product regenerates it from the seed. Forward and backward are registered as custom
+ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
+``torch.compile`` keeps them whole, with no graph break, on both backends.
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
 fp32 adapters beside bf16 weights), and accumulate in fp32. S and dS are kept in fp32 for 16-bit
@@ -18,8 +21,10 @@ inputs (they are tiny), and gradients come back in each parameter's own dtype.
 
 import math
 import os
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 try:  # triton is a Linux-only dependency; elsewhere the PyTorch path serves every call
     from . import kernels
@@ -29,14 +34,34 @@ except ImportError:  # pragma: no cover
 BACKENDS = ("auto", "triton", "torch")
 
 
-def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, out_dtype, dot_dtype):
-    """PyTorch twin of ``kernels.lora_matmul``: same contract, same casts."""
+def _side_dtype(dtype):
+    # S and dS: fp32 beside 16-bit activations (they are tiny), fp64 beside fp64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def torch_keep_mask(rows, cols, si, sj, seed, p, device):
+    """LoRA-dropout keep mask on the PyTorch path: element (i, j) is entry i·si + j·sj of one
+    stream drawn from ``seed``, so forward and backward (which index it differently) agree."""
+    numel = (rows - 1) * si + (cols - 1) * sj + 1 if rows and cols else 0
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.rand(numel, generator=g, device=device) >= p).as_strided((rows, cols), (si, sj))
+
+
+def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
+    """PyTorch twin of ``kernels.lora_matmul``: same contract, same casts (its RNG stream differs)."""
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
+    if dropout is not None:
+        where, seed, p, si, sj = dropout
+        shape = x.shape if where == "x" else (x.shape[0], w.shape[1])
+        keep = torch_keep_mask(*shape, si, sj, seed, p, x.device)
+        if where == "x":
+            x = x * keep
     out = (x.to(dot_dtype) @ w.to(dot_dtype)).to(acc_dtype)
     if scale != 1.0:
         out = out * scale
     if lowrank is not None:
-        out = out + (lowrank[0].to(dot_dtype) @ lowrank[1].to(dot_dtype)).to(acc_dtype)
+        low = (lowrank[0].to(dot_dtype) @ lowrank[1].to(dot_dtype)).to(acc_dtype)
+        out = out + (low * keep if dropout is not None and where == "lowrank" else low)
     if bias is not None:
         out = out + bias.to(acc_dtype)
     return out.to(out_dtype)
@@ -107,50 +132,112 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, alpha):
-        backend = select_backend(x, A.dtype)
-        matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
-        dtype = x.dtype
-        side_dtype = torch.promote_types(dtype, torch.float32)  # S in fp32 unless x is fp64
-        x2 = x.reshape(-1, x.shape[-1])
-        S = matmul(x2, A, scale=alpha, out_dtype=side_dtype, dot_dtype=dtype)
-        y = matmul(x2, weight.t(), lowrank=(S, B), bias=bias, out_dtype=dtype, dot_dtype=dtype)
-        ctx.save_for_backward(x, weight, A, B, S)
-        ctx.alpha, ctx.matmul, ctx.bias_dtype = alpha, matmul, None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+class _Dropout:
+    """LoRA dropout on x (M, K) for one call: the kept elements are scaled by 1/(1-p), folded into
+    the shrinks' ``scale`` so the kernels only ever zero elements; p = 1 drops the LoRA term."""
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, A, B, S = ctx.saved_tensors
-        matmul, dtype = ctx.matmul, x.dtype
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, weight.shape[0]).to(dtype)
-        dx = dw = db = dA = dB = None
+    def __init__(self, p, seed):
+        self.p, self.seed = p, None if p == 0.0 or seed is None else int(seed)
+        self.rescale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+
+    def on(self, where, si, sj):
+        """The ``dropout`` argument of ``matmul``: mask ``where`` ("x" or "lowrank"), whose
+        element (i, j) is element i·si + j·sj of x."""
+        return None if self.seed is None else (where, self.seed, self.p, si, sj)
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
+             dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
+    matmul = kernels.lora_matmul if select_backend(x, A.dtype) == "triton" else torch_matmul
+    dtype = x.dtype
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    drop = _Dropout(dropout_p, seed)
+    with torch.autocast(x.device.type, enabled=False):  # this op chooses its own precision
+        S = matmul(x2, A, scale=alpha * drop.rescale, dropout=drop.on("x", K, 1),
+                   out_dtype=_side_dtype(dtype), dot_dtype=dtype)
+        y = matmul(x2, weight.t(), lowrank=(S, B), bias=bias, out_dtype=dtype, dot_dtype=dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), S
+
+
+@_forward.register_fake
+def _(x, weight, bias, A, B, alpha, dropout_p, seed):
+    M = math.prod(x.shape[:-1])
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1], dtype=_side_dtype(x.dtype))
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
+              dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor."""
+    matmul = kernels.lora_matmul if select_backend(x, A.dtype) == "triton" else torch_matmul
+    need_x, need_w, need_b, need_A, need_B = needs
+    dtype = x.dtype
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    dy2 = dy.reshape(-1, N).to(dtype)
+    drop = _Dropout(dropout_p, seed)
+    dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
+    with torch.autocast(x.device.type, enabled=False):
         if need_x or need_A:
-            dS = matmul(dy2, B.t(), scale=ctx.alpha, out_dtype=S.dtype, dot_dtype=dtype)
+            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=S.dtype, dot_dtype=dtype)
         if need_x:
-            dx = matmul(dy2, weight, lowrank=(dS, A.t()), out_dtype=dtype, dot_dtype=dtype).reshape(x.shape)
+            dx = matmul(dy2, weight, lowrank=(dS, A.t()), dropout=drop.on("lowrank", K, 1),
+                        out_dtype=dtype, dot_dtype=dtype).reshape(x.shape)
         if need_A:
-            dA = matmul(x2.t(), dS, out_dtype=A.dtype, dot_dtype=dtype)
+            dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         if need_B:
             dB = matmul(S.t(), dy2, out_dtype=B.dtype, dot_dtype=dtype)
         if need_w:
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)
         if need_b:
-            db = dy2.sum(0, dtype=S.dtype).to(ctx.bias_dtype)
-        return dx, dw, db, dA, dB, None
+            db = dy2.sum(0, dtype=S.dtype).to(dtype)
+    return dx, dw, db, dA, dB
 
 
-def lora_linear(x, weight, bias, A, B, alpha):
-    """``y = x @ weight.T + bias + alpha * (x @ A) @ B``, fused.
+@_backward.register_fake
+def _(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs):
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                 for t, need in zip((x, weight, weight[:, 0], A, B), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, alpha, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], seed)
+    ctx.alpha, ctx.dropout_p, ctx.has_bias = alpha, dropout_p, bias is not None
+
+
+def _autograd_backward(ctx, dy, _dS):
+    x, weight, A, B, S, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    needs[2] = needs[2] and ctx.has_bias
+    grads = torch.ops.lora_kernels.lora_linear_bwd(dy, x, weight, A, B, S, ctx.alpha, ctx.dropout_p, seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
+    """``y = x @ weight.T + bias + alpha * (dropout(x) @ A) @ B``, fused.
 
     x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
     A: (in_features, r); B: (r, out_features); alpha: the scale, used as given (not alpha / r).
-    Differentiable in x, A, B, and in weight / bias when they require grad.
+    dropout_p: LoRA dropout on the input of the low-rank path only (peft's ``lora_dropout``);
+    applied whenever it is > 0 (the module passes 0 in eval mode). Its mask is drawn from torch's
+    generator, so ``torch.manual_seed`` repeats it. Differentiable in x, A, B, and in weight /
+    bias when they require grad. Under ``torch.autocast`` the base operands are cast to the
+    autocast dtype, as ``F.linear`` would cast them.
     """
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
     _check_inputs(x, weight, bias, A, B, alpha)
-    return LoRALinearFunction.apply(x, weight, bias, A, B, float(alpha))
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    seed = torch.randint(2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+    y, _ = _forward(x, weight, bias, A, B, float(alpha), float(dropout_p), seed)
+    return y

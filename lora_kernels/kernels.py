@@ -84,9 +84,39 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+# Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
+# or to the low-rank term at the output (dX's share dS Aᵀ ⊙ m). The 1/(1-p) rescale is not done
+# here: the launcher folds it into ``scale`` (see functional.py), so masks are exact zeros.
+DROP_NONE, DROP_X, DROP_LOWRANK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _keep(seed, p, rows, cols, si, sj):
+    # A pure function of the seed and the element's offset in x: the backward regenerates the
+    # forward's mask instead of saving M×K bits of it.
+    return tl.rand(seed, rows[:, None] * si + cols[None, :] * sj) >= p
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
+    # The mask itself, for the PyTorch reference in tests: the same _keep as the fused kernels.
+    rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep(seed, p, rm, rk, K, 1)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep, mask=(rm < M)[:, None] & (rk < K)[None, :])
+
+
+def keep_mask(M, K, seed, p, device):
+    """The (M, K) boolean mask that the kernels apply for this seed and p."""
+    out = torch.empty((M, K), dtype=torch.bool, device=device)
+    if out.numel():
+        _keep_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
+    return out
+
+
 @triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "R", "HAS_LOWRANK", "X_TRANSPOSED"],
+    key=["M", "N", "K", "R", "HAS_LOWRANK", "X_TRANSPOSED", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -100,8 +130,10 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_os, stride_om, stride_on,
     scale,
+    # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p
+    seed, p_drop, drop_si, drop_sj,
     # meta-parameters
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -133,12 +165,19 @@ def _lora_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DROPOUT == DROP_X:
+            x = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
     acc = (acc * scale).to(ACC_DTYPE)
 
     if HAS_LOWRANK:
         # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
+        # Only a masked update (dropout's share of dX) needs an accumulator of its own.
+        if DROPOUT == DROP_LOWRANK:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        else:
+            low = acc
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < R
@@ -146,8 +185,12 @@ def _lora_matmul_kernel(
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+            low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
                          out_dtype=ACC_DTYPE)
+        if DROPOUT == DROP_LOWRANK:
+            acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
+        else:
+            acc = low
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -179,10 +222,12 @@ def _empty(shape, device, dtype):
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, out_dtype, dot_dtype):
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
     """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
 
-    ``lowrank`` is ``(L, R)`` or None. Operands are cast to ``dot_dtype`` for the tensor cores and
+    ``lowrank`` is ``(L, R)`` or None. ``dropout`` is None or ``(where, seed, p, si, sj)``: zero
+    element (i, j) of ``x`` (where="x") or of ``L @ R`` (where="lowrank") unless
+    ``rand(seed, i·si + j·sj) >= p``. Operands are cast to ``dot_dtype`` for the tensor cores and
     accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
     then not allowed, and none of the layer's reductions needs them.
@@ -217,7 +262,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, out_dtype, dot_dtyp
         l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
         dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1),
         float(scale),
+        *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
         HAS_LOWRANK=lowrank is not None, HAS_BIAS=bias is not None,
+        DROPOUT={None: DROP_NONE, "x": DROP_X, "lowrank": DROP_LOWRANK}[dropout[0] if dropout else None],
         X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),

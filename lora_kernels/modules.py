@@ -33,18 +33,64 @@ class LoRALayer(torch.nn.Module):
 
 
 class LinearWithLoRA(torch.nn.Module):
-    """``linear(x) + alpha · (x A) B`` in one fused call."""
+    """``linear(x) + alpha · (dropout(x) A) B`` in one fused call.
 
-    def __init__(self, linear, rank, alpha):
+    ``dropout`` is peft's ``lora_dropout``: applied to the LoRA path's input in training mode only.
+    ``merge()`` folds the update into ``linear.weight`` for inference (the forward is then the base
+    layer alone, at its speed); ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, linear, rank, alpha, dropout=0.0):
         super().__init__()
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        self.dropout = dropout
+        self.merged = False
 
     def forward(self, x):
-        return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.alpha)
+        if self.merged:
+            return self.linear(x)
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.alpha, p)
+
+    def _delta(self):
+        # alpha · (A B)ᵀ, in fp32 at least so merging and unmerging round only once, into W's dtype.
+        dtype = torch.promote_types(self.linear.weight.dtype, torch.float32)
+        return self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype)).t()
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf."""
+        if self.merged:
+            return self
+        weight = self.linear.weight
+        merged = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self._delta()
+        merged = merged.to(weight.dtype)  # check after the cast: fp16 overflows to inf here
+        if not torch.isfinite(merged).all():
+            bad = (~torch.isfinite(merged)).sum().item()
+            raise ValueError(f"merging would put {bad} non-finite values into linear.weight "
+                             f"({tuple(weight.shape)}, {weight.dtype}); the layer is left unmerged")
+        weight.copy_(merged)
+        self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the update back out of ``linear.weight`` (exact up to its dtype's rounding)."""
+        if not self.merged:
+            return self
+        weight = self.linear.weight
+        weight.copy_(weight.to(torch.promote_types(weight.dtype, torch.float32)) - self._delta())
+        self.merged = False
+        return self
+
+    def extra_repr(self):
+        return f"dropout={self.dropout}, merged={self.merged}"
 
 
-def replace_linear_with_lora(model, rank, alpha):
+def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     """Replace every ``torch.nn.Linear`` below ``model`` with ``LinearWithLoRA``, in place.
 
     Layers already wrapped are left alone, so a second call does not wrap them twice.
@@ -53,7 +99,7 @@ def replace_linear_with_lora(model, rank, alpha):
         if isinstance(module, LinearWithLoRA):
             continue
         if isinstance(module, torch.nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+            setattr(model, name, LinearWithLoRA(module, rank, alpha, dropout))
         else:
-            replace_linear_with_lora(module, rank, alpha)
+            replace_linear_with_lora(module, rank, alpha, dropout)
     return model
