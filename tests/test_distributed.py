@@ -1,0 +1,159 @@
+"""Multi-process training with LinearWithLoRA: DDP and FSDP2 on two CPU processes (gloo).
+
+Each test spawns two ranks that build the same model from the same seed (three Linear layers
+through ``replace_linear_with_lora``, base frozen, B random so the LoRA path matters), train it a
+few SGD steps on their half of a global batch, and save what they end with. The parent trains the
+same model in one process on the whole batch and compares: DDP averages the ranks' gradients of
+their per-rank mean losses, which is the gradient of the full-batch mean, so the LoRA weights must
+agree to fp32 rounding (only the order of the sums over tokens differs).
+
+Ranks talk over 127.0.0.1 only (a port picked by binding to port 0, gloo on the loopback
+interface); process groups time out after 60 s and the parent waits at most DEADLINE seconds, so a
+failing or stuck worker fails the test instead of hanging it.
+"""
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _dist_worker as W  # noqa: E402
+
+from lora_kernels import LinearWithLoRA  # noqa: E402
+from lora_kernels.reference import lora_linear_reference  # noqa: E402
+
+WORLD = 2
+DEADLINE = 120  # seconds for a whole spawn: start-up, training, and the 60 s group timeout
+RTOL, ATOL = 1e-5, 1e-6  # fp32: only the order of the sums differs from the single process
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loopback_ifname():
+    """The loopback interface's name ('lo' on Linux, 'lo0' on macOS), for GLOO_SOCKET_IFNAME."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _spawn(mode, out_dir):
+    """Run ``_dist_worker.worker`` on WORLD processes; return each rank's saved results."""
+    ctx = mp.spawn(W.worker, args=(WORLD, _free_port(), mode, str(out_dir), _loopback_ifname()),
+                   nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{mode} workers did not finish within {DEADLINE} s")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # a worker raised or died: its traceback is in the message
+        errs = "".join(p.read_text() for p in sorted(out_dir.glob("rank*.err")))
+        pytest.fail(f"{mode} worker failed:\n{e}\n{errs}", pytrace=False)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single_process():
+    model = W.build_model()
+    x, y = W.make_data()
+    with torch.no_grad():
+        forward = model(x)
+    losses = W.train(model, x, y)
+    return model, forward, losses, W.plain_state(model)
+
+
+def _lora_names(state):
+    names = [n for n in state if n.endswith(("lora.A", "lora.B"))]
+    assert len(names) == 6, names
+    return names
+
+
+def _check_training(results, label):
+    model, _, ref_losses, ref = _single_process()
+    start = W.plain_state(W.build_model())
+    worst = 0.0
+    for rank, res in enumerate(results):
+        state = res["state"]
+        assert set(state) == set(ref), (label, rank, sorted(state), sorted(ref))
+        for name in _lora_names(ref):
+            # The steps moved the adapter, so agreeing with the baseline is not agreeing on nothing.
+            assert (ref[name] - start[name]).abs().max() > 1e-3, name
+            torch.testing.assert_close(state[name], ref[name], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name, r=rank: f"{label} rank {r} {n}: {m}")
+            worst = max(worst, (state[name] - ref[name]).abs().max().item())
+        for name in set(ref) - set(_lora_names(ref)):  # the frozen base never moves
+            torch.testing.assert_close(state[name], start[name], rtol=0, atol=0)
+    # Each rank's loss is its half's mean; their average is the full batch's mean loss.
+    for step, ref_loss in enumerate(ref_losses):
+        mean = sum(res["losses"][step] for res in results) / WORLD
+        torch.testing.assert_close(mean, ref_loss, rtol=RTOL, atol=ATOL)
+    # Largest |distributed - single process| over the LoRA weights, shown with -rA or on failure.
+    print(f"{label}: max |diff| vs single process over LoRA params = {worst:.3e}")
+    return worst
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return _spawn("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_training_matches_single_process(ddp_results):
+    _check_training(ddp_results, "DDP")
+
+
+def test_ddp_forward_matches(ddp_results):
+    """The fused layer's output under DDP is the single-process model's on that rank's half, and
+    the seed's unfused formula layer by layer."""
+    model = W.build_model()
+    x, _ = W.make_data()
+    with torch.no_grad():
+        full = model(x)
+        h = x
+        for m in model:
+            if isinstance(m, LinearWithLoRA):
+                h = lora_linear_reference(h, m.linear.weight, m.linear.bias, m.lora.A, m.lora.B,
+                                          m.lora.alpha)
+            else:
+                h = m(h)
+    torch.testing.assert_close(full, h, rtol=RTOL, atol=ATOL)
+    for rank, res in enumerate(ddp_results):
+        torch.testing.assert_close(res["forward"], W.shard(full, rank, WORLD), rtol=RTOL, atol=ATOL)
+
+
+def test_fsdp2_training_matches_single_process(tmp_path):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"FSDP2 (torch.distributed.fsdp.fully_shard) is not in torch {torch.__version__}: {e}")
+    results = _spawn("fsdp2", tmp_path)
+    for res in results:  # every parameter really was sharded
+        assert set(res["param_types"].values()) == {"DTensor"}, res["param_types"]
+    _check_training(results, "FSDP2")
+
+
+def test_failing_worker_fails_fast(tmp_path):
+    """The harness itself: a rank that raises while the other waits in a collective fails the
+    test with the worker's traceback, well before the group timeout."""
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="deliberate failure on rank 1"):
+        _spawn("fail_on_rank1", tmp_path)
+    assert time.monotonic() - start < 45
