@@ -1,0 +1,165 @@
+"""What a fine-tuning run uses beyond the bare layer: LoRA dropout, merge/unmerge, autocast."""
+
+import pytest
+import torch
+
+import lora_kernels
+from conftest import DEVICE, TOL, make_inputs, reference, rel_err
+from lora_kernels import functional, kernels
+
+
+def keep_mask(backend, M, K, seed, p):
+    """The mask a dropout call with this seed applies to x (M, K), on the given backend."""
+    if backend == "triton":
+        return kernels.keep_mask(M, K, seed, p, DEVICE)
+    return functional.torch_keep_mask(M, K, K, 1, seed, p, DEVICE)
+
+
+def seed_of_next_call(torch_seed):
+    # lora_linear draws its dropout seed first thing from torch's generator.
+    torch.manual_seed(torch_seed)
+    return int(torch.randint(2**31 - 1, (), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+def test_dropout_matches_reference_with_same_mask(backend, p):
+    x, W, b, A, B = make_inputs((3, 41), 37, 29, 6, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
+    torch.manual_seed(7)
+    y = lora_kernels.lora_linear(*leaves, 1.25, dropout_p=p)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    keep = keep_mask(backend, 123, 37, seed_of_next_call(7), p).reshape(3, 41, 37)
+    x64 = x.double().requires_grad_()
+    W64, b64 = W.double().requires_grad_(), b.double().requires_grad_()
+    A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
+    y_ref = torch.nn.functional.linear(x64, W64, b64) + 1.25 * ((x64 * keep / (1 - p)) @ A64 @ B64)
+    y_ref.backward(dy.double())
+    for out, ref in [(y, y_ref), (leaves[0].grad, x64.grad), (leaves[1].grad, W64.grad),
+                     (leaves[2].grad, b64.grad), (leaves[3].grad, A64.grad), (leaves[4].grad, B64.grad)]:
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_dropout_keep_rate_and_unbiased_mean(backend):
+    p, M, K, N = 0.3, 96, 64, 48
+    keep = keep_mask(backend, M, K, 2024, p)
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate
+
+    # E[y] is the no-dropout output. Positive inputs make the LoRA term large, so a missing
+    # 1/(1-p) rescale would be off by tens of standard errors; per-token means are independent.
+    g = torch.Generator().manual_seed(3)
+    x, A, B = (torch.rand(*s, generator=g).to(DEVICE) for s in [(M, K), (K, 4), (4, N)])
+    W, b = torch.randn(N, K, generator=g).to(DEVICE) * 0.1, torch.randn(N, generator=g).to(DEVICE)
+    y0 = lora_kernels.lora_linear(x, W, b, A, B, 1.0)
+    d = torch.stack([(lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=p) - y0).mean(1)
+                     for _ in range(4)]).flatten().double()
+    t = d.mean() / (d.std() / len(d) ** 0.5)
+    assert abs(t.item()) < 5, t.item()
+    assert d.std() > 0  # dropout did something
+
+
+def test_dropout_repeatable_under_manual_seed(backend):
+    args = make_inputs((50,), 33, 20, 4, torch.float32)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        outs.append(lora_kernels.lora_linear(*args, 1.0, dropout_p=0.4))
+    torch.manual_seed(12)
+    other = lora_kernels.lora_linear(*args, 1.0, dropout_p=0.4)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], other)
+
+
+def test_dropout_edges_and_eval(backend):
+    x, W, b, A, B = make_inputs((20,), 18, 14, 3, torch.float32)
+    plain = lora_kernels.lora_linear(x, W, b, A, B, 2.0)
+    assert torch.equal(lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.0), plain)
+    # p = 1 drops the whole LoRA term, and A and B get zero gradients.
+    A1, B1 = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y1 = lora_kernels.lora_linear(x, W, b, A1, B1, 2.0, dropout_p=1.0)
+    assert rel_err(y1, torch.nn.functional.linear(x, W, b)) < TOL[torch.float32]
+    y1.sum().backward()
+    assert torch.equal(A1.grad, torch.zeros_like(A1)) and torch.equal(B1.grad, torch.zeros_like(B1))
+
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(18, 14), rank=3, alpha=2.0, dropout=0.5).to(DEVICE)
+    with torch.no_grad():
+        layer.linear.weight.copy_(W), layer.linear.bias.copy_(b), layer.lora.A.copy_(A), layer.lora.B.copy_(B)
+    assert torch.equal(layer.eval()(x), plain)
+    assert not torch.equal(layer.train()(x), plain)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=bad)
+    with pytest.raises(ValueError, match="dropout"):
+        lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), rank=1, alpha=1.0, dropout=2.0)
+
+
+def test_dropout_saves_no_mask(backend):
+    """Only x, W, A, B, S and the seed are saved: nothing M×K for the mask."""
+    x, W, b, A, B = make_inputs((64,), 40, 30, 5, torch.float32)
+    A.requires_grad_(), B.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.2)
+    sizes = sorted(t.numel() for t in saved)
+    assert sizes == sorted([x.numel(), W.numel(), A.numel(), B.numel(), 64 * 5, 1]), sizes
+    assert all(t.dtype != torch.bool for t in saved)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_merge_unmerge(backend, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(48, 40), rank=4, alpha=1.5).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(9, 48, device=DEVICE, dtype=dtype)
+    W0 = layer.linear.weight.detach().clone()
+    y = layer(x)
+    calls = []
+    layer.linear.register_forward_hook(lambda *a: calls.append(1))
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.linear.weight, W0)
+    y_merged = layer(x)
+    assert calls == [1]  # the merged forward is the base layer alone
+    assert rel_err(y_merged, y) < 2 * TOL[dtype]
+    delta = layer._delta()
+    layer.unmerge()
+    assert not layer.merged
+    # Rounding W0 + delta to the weight's dtype loses bits in proportion to the merged weight's
+    # size, and subtracting cannot get them back: bound the error by that size.
+    err = (layer.linear.weight.double() - W0.double()).norm()
+    assert err < TOL[dtype] * (W0.double().norm() + delta.double().norm())
+    assert rel_err(layer(x), y) < 2 * TOL[dtype]
+
+
+def test_merge_refuses_non_finite():
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(8, 8), rank=2, alpha=1.0).half()
+    with torch.no_grad():
+        layer.lora.A.fill_(300.0), layer.lora.B.fill_(300.0)  # 2 · 300² = 180000 > fp16 max
+    W0 = layer.linear.weight.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.linear.weight, W0)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_autocast(backend, dtype_name):
+    """Under autocast the layer computes in the autocast dtype, as F.linear would."""
+    dtype = getattr(torch, dtype_name)
+    if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 through the kernels needs a GPU (the interpreter computes bf16 wrong)")
+    x, W, b, A, B = make_inputs((2, 21), 30, 26, 4, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = lora_kernels.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5)
+        base = torch.nn.functional.linear(x, W, b)
+    assert y.dtype == base.dtype == dtype
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.float32
+    y_ref, g = reference(x.to(dtype), W.to(dtype), b.to(dtype), A, B, 0.5, dy)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(leaves[0].grad, g[0]) < TOL[dtype]
+    assert rel_err(leaves[1].grad, g[3]) < TOL[dtype]
