@@ -1,0 +1,12 @@
+"""Benchmark suite for lora_kernels: the fused LoRA linear layer against the layers users would pick instead.
+
+    python -m benchmarks.run            # the sweep; CPU machines get a small sweep of the PyTorch path
+    pytest benchmarks/ --benchmark-only # the same providers through pytest-benchmark
+
+Layout, one concern per module:
+
+- ``providers``: the layers compared (a dict name -> factory), built from one set of weights;
+- ``measure``: correctness check against float64, timing, memory, FLOP counting;
+- ``report``: the markdown table, the JSON, report.md and the plots;
+- ``run``: the command line and the sweep.
+"""

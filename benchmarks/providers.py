@@ -1,0 +1,186 @@
+"""The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
+
+``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft` and
+`fused` have a LoRA dropout, the others ignore it. A ``Layer`` holds the
+forward callable and the tensors it trains, so the measurement code can run any of them the same way:
+``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from lora_kernels import lora_linear
+from lora_kernels.reference import lora_linear_reference
+
+
+class ProviderUnavailable(Exception):
+    """The provider cannot run here (a package is missing): reported as SKIPPED, not as an error."""
+
+
+@dataclasses.dataclass
+class Weights:
+    """The layer's parameters in the seed's layout: W (N, K), b (N,), A (K, r), B (r, N), and alpha."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+
+    @property
+    def shape(self):
+        """(K, N, rank)."""
+        return self.A.shape[0], self.B.shape[1], self.A.shape[1]
+
+    def as_dict(self):
+        return {"W": self.W, "b": self.b, "A": self.A, "B": self.B}
+
+
+def make_weights(K, N, rank, *, dtype, device, alpha=2.0, trainable_base=False, generator=None):
+    """Random weights scaled so that both terms of y are of order 1.
+
+    B is random, not the seed's zero init: with B = 0 the LoRA path adds nothing and a provider that
+    drops it, or scales it wrong, would still pass the check.
+    """
+    def randn(*shape, scale):  # drawn on the device: the generator, if given, must live there
+        return (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    W = randn(N, K, scale=K ** -0.5).requires_grad_(trainable_base)
+    b = randn(N, scale=0.1).requires_grad_(trainable_base)
+    A = randn(K, rank, scale=K ** -0.5).requires_grad_()
+    B = randn(rank, N, scale=rank ** -0.5).requires_grad_()
+    return Weights(W, b, A, B, float(alpha))
+
+
+class Layer(NamedTuple):
+    fn: Callable[[torch.Tensor], torch.Tensor]  # x (M, K) -> y (M, N)
+    # "W", "b", "A", "B" -> the tensor this provider trains for it (used when it requires grad).
+    params: dict
+    # Names whose tensor is stored transposed from the seed's layout (peft keeps nn.Linear weights):
+    # their gradients are transposed back before they are compared.
+    transposed: tuple = ()
+    # Whether the layer computes the LoRA layer (False for `base`, which is checked against F.linear).
+    lora: bool = True
+    # LoRA dropout probability the layer applies: above 0 its output is random, so it is not checked.
+    dropout: float = 0.0
+
+
+# --- the providers -------------------------------------------------------------------------------
+
+
+def _base(w, **_):
+    # The floor: the bare GEMM the LoRA layer adds to. Its backward is dX alone while the base is
+    # frozen (W and b do not require grad), and dX, dW, db when it trains.
+    return Layer(lambda x: F.linear(x, w.W, w.b), {"W": w.W, "b": w.b}, lora=False)
+
+
+def _reference(w, **_):
+    return Layer(lambda x: lora_linear_reference(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    # One compiled function for the whole sweep, with dynamic shapes: compiling per (shape, tokens,
+    # rank) would cost more than the sweep's budget. The products go to the same external GEMMs
+    # (cuBLAS / mkldnn) either way; only the fused elementwise kernel is shape-generic.
+    return torch.compile(lora_linear_reference, dynamic=True)
+
+
+def _compiled(w, **_):
+    fn = _compiled_reference()
+    return Layer(lambda x: fn(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
+
+
+class AddmmLoRA(torch.autograd.Function):
+    """cuBLAS with the LoRA term folded into the base GEMM's output in place, and its own backward.
+
+        forward:  S = x A;  y = F.linear(x, W, b);  y += alpha · S B   (addmm_, no M×N temporary)
+        backward: dS = alpha · dY Bᵀ;  dX = dY W + dS Aᵀ;  dA = xᵀ dS;  dB = alpha · Sᵀ dY;
+                  dW = dYᵀ x, db = Σ dY only when the base trains.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, alpha):
+        x2 = x.reshape(-1, x.shape[-1])
+        S = x2 @ A
+        y = F.linear(x2, W, b)
+        y.addmm_(S, B, alpha=alpha)
+        ctx.save_for_backward(x, W, A, B, S)
+        ctx.alpha = alpha
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, W, A, B, S = ctx.saved_tensors
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dW = db = dA = dB = None
+        if need_x or need_A:
+            dS = torch.mm(dy2, B.t()).mul_(ctx.alpha)  # (M, r): scaling here is cheaper than on M×N
+        if need_x:
+            dx = torch.mm(dy2, W).addmm_(dS, A.t()).view(x.shape)
+        if need_A:
+            dA = torch.mm(x2.t(), dS)
+        if need_B:
+            dB = torch.mm(S.t(), dy2).mul_(ctx.alpha)  # (r, N)
+        if need_W:
+            dW = torch.mm(dy2.t(), x2)
+        if need_b:
+            db = dy2.sum(0)
+        return dx, dW, db, dA, dB, None
+
+
+def _addmm(w, **_):
+    return Layer(lambda x: AddmmLoRA.apply(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
+
+
+def _peft(w, dropout=0.0, **_):
+    """peft's LoRA ``Linear`` holding the same weights: lora_A.weight = Aᵀ, lora_B.weight = Bᵀ.
+
+    Built through ``get_peft_model`` on a module holding one nn.Linear (the public API, stable across
+    peft versions); the layer is then called directly, so PeftModel's wrapper is not timed.
+    peft's scale is lora_alpha / r, so lora_alpha = alpha · r gives the seed's alpha.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ProviderUnavailable("peft is not installed (pip install peft)") from e
+    K, N, rank = w.shape
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(K, N, device="meta")  # no throwaway init: W and b are shared below
+    config = LoraConfig(r=rank, lora_alpha=w.alpha * rank, lora_dropout=dropout, target_modules=["proj"])
+    holder.proj.weight = torch.nn.Parameter(w.W.detach())  # same storage as W: no copy
+    holder.proj.bias = torch.nn.Parameter(w.b.detach())
+    layer = get_peft_model(holder, config).base_model.model.proj
+    # get_peft_model froze the base and may have cast the adapters: set both to ours.
+    layer.base_layer.weight.requires_grad_(w.W.requires_grad)
+    layer.base_layer.bias.requires_grad_(w.b.requires_grad)
+    layer.lora_A["default"].weight = torch.nn.Parameter(w.A.detach().t().contiguous())
+    layer.lora_B["default"].weight = torch.nn.Parameter(w.B.detach().t().contiguous())
+    assert abs(layer.scaling["default"] - w.alpha) <= 1e-6 * abs(w.alpha), layer.scaling
+    params = {"W": layer.base_layer.weight, "b": layer.base_layer.bias,
+              "A": layer.lora_A["default"].weight, "B": layer.lora_B["default"].weight}
+    return Layer(layer, params, transposed=("A", "B"), dropout=dropout)
+
+
+def _fused(w, dropout=0.0, **_):
+    # On CUDA tensors this runs the Triton kernels; on CPU the package's PyTorch path.
+    # dropout_p is passed only when asked for, so the default call is the plain six-argument one.
+    kwargs = {"dropout_p": dropout} if dropout > 0 else {}
+    return Layer(lambda x: lora_linear(x, w.W, w.b, w.A, w.B, w.alpha, **kwargs), w.as_dict(), dropout=dropout)
+
+
+PROVIDERS = {
+    "base": _base,
+    "reference": _reference,
+    "compiled": _compiled,
+    "addmm": _addmm,
+    "peft": _peft,
+    "fused": _fused,
+}

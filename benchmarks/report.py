@@ -1,0 +1,199 @@
+"""Reporting, in one place: the markdown table, the results folder (JSON, report.md, plots)."""
+
+import json
+import math
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_PARENT = Path(__file__).resolve().parent / "results"
+
+COLUMNS = ["shape", "tokens", "rank", "mode", "provider", "ms", "TFLOP/s", "×base", "fused speedup",
+           "peak MiB", "saved MiB", "max err", "status"]
+
+
+def slug(text):
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def _cpu_name():
+    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the model
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def card(device):
+    """(the device's name, its folder name: the GPU slugified, or cpu-<processor>)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return name, slug(name)
+    name = _cpu_name()
+    return name, "cpu-" + slug(re.sub(r"\b(cpu|processor)\b|@.*", "", name, flags=re.I) or name)
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "peft"):
+        try:
+            out[pkg] = __import__(pkg).__version__
+        except ImportError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def results_dir(out_flag, card_slug, date):
+    """--out DIR wins; else $OUT/benchmarks/results when OUT is set; else benchmarks/results here."""
+    if out_flag:
+        parent = Path(out_flag)
+    elif os.environ.get("OUT"):
+        parent = Path(os.environ["OUT"]) / "benchmarks" / "results"
+    else:
+        parent = DEFAULT_PARENT
+    return parent / f"{card_slug}-{date}"
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec, missing="—"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def table_cells(row):
+    return [
+        f"{row['K']}→{row['N']}",
+        str(row["tokens"]),
+        str(row["rank"]),
+        row["mode"],
+        row["provider"],
+        _fmt(row["ms"], ".4g"),
+        _fmt(row["tflops"], ".3g"),
+        _fmt(row["x_base"], ".2f"),
+        _fmt(row["fused_speedup"], ".2f"),
+        _fmt(row["peak_mib"], ".1f", missing="n/a" if row["device"] == "cpu" else "—"),
+        _fmt(row["saved_mib"], ".2f"),
+        _fmt(row["max_err"], ".1e"),
+        row["status"],
+    ]
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---:" if c in ("tokens", "rank", "ms", "TFLOP/s", "×base", "fused speedup",
+                                             "peak MiB", "saved MiB", "max err") else "---"
+                            for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+TABLE_NOTES = """\
+- ms: median time of one step; TFLOP/s: the layer's FLOPs over that time, counted as
+  forward 2MKN + 2Mr(K+N); backward 2MKN (dX) [+ 2MKN for dW when the base trains] + 4Mr(K+N);
+  `base` is credited with its GEMMs only. Products only, no bias or elementwise work.
+- ×base: time over `base`'s time in the same mode (the floor: F.linear alone; its backward is dX only
+  while the base is frozen). fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
+- peak MiB: peak CUDA memory allocated during one forward+backward, over what was allocated before it
+  (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own
+  parameters left out (the JSON also has the total with them).
+- max err: the largest relative Frobenius error ‖got − ref‖/‖ref‖ of the output and gradients
+  against float64; a provider over the dtype's tolerance is WRONG and not timed.
+- forward is the training forward (autograd recording); backward is timed alone on a fresh graph."""
+
+
+# --- the results folder ---------------------------------------------------------------------------
+
+
+def write(folder, meta, rows):
+    """Write results.json, report.md and one PNG per mode into `folder`; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "results.json", folder / "report.md"]
+    with open(paths[0], "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1, default=str)
+        f.write("\n")
+    plots = []
+    for mode in meta["modes"]:
+        png = folder / f"{slug(mode)}.png"
+        if plot(rows, mode, png, title=f"{meta['card']}, {meta['dtype']}"):
+            plots.append(png)
+    with open(paths[1], "w") as f:
+        f.write(report_markdown(meta, rows, [p.name for p in plots]))
+    return paths + plots
+
+
+def report_markdown(meta, rows, plot_names):
+    v = meta["versions"]
+    lines = [f"# lora_kernels benchmark: {meta['card']}, {meta['date']}", ""]
+    if meta.get("banner"):
+        lines += [f"> {line}" for line in meta["banner"].splitlines()] + [""]
+    threads = f", {meta['cpu_threads']} torch thread(s)" if meta.get("cpu_threads") else ""
+    lines += [
+        f"- device: {meta['card']} ({meta['device']}{threads}); dtype {meta['dtype']}; alpha {meta['alpha']}; "
+        f"base {'trainable' if meta['trainable_base'] else 'frozen'}",
+        f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, peft {v['peft']}, CUDA {v['cuda']}",
+        f"- timing: {meta['timing']}",
+        f"- command: `{meta['command']}`",
+        f"- {meta['elapsed_note']}",
+    ]
+    lines += [f"- {note}" for note in meta.get("notes", [])]
+    lines += ["", markdown_table(rows), "", TABLE_NOTES, ""]
+    lines += [f"![{name}]({name})" for name in plot_names]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, mode, path, *, title):
+    """Time and ratio to `base` per configuration, one line per provider. False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["mode"] == mode]
+    configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    if not any(r["ms"] is not None for r in rows):
+        return False
+    by_key = {(r["K"], r["N"], r["tokens"], r["rank"], r["provider"]): r for r in rows}
+    labels = [f"{K}→{N}\nM={M} r={r}" for K, N, M, r in configs]
+    xs = range(len(configs))
+
+    fig, (ax_t, ax_r) = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(configs) + 3), 8), sharex=True)
+    for provider in providers:
+        def series(field):
+            values = [by_key.get((*c, provider), {}).get(field) for c in configs]
+            return [math.nan if v is None else v for v in values]
+
+        style = {"marker": "o", "linestyle": "--" if provider == "base" else "-"}
+        ax_t.plot(xs, series("ms"), label=provider, **style)
+        ax_r.plot(xs, series("x_base"), label=provider, **style)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("ms (median, log scale)")
+    ax_t.set_title(f"{mode}: time per step ({title})")
+    ax_t.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize="small", ncol=3)
+    ax_r.axhline(1.0, color="grey", linewidth=0.8)
+    ax_r.set_ylabel("time / base (the floor)")
+    ax_r.set_title(f"{mode}: ratio to base (F.linear alone)")
+    ax_r.grid(True, alpha=0.3)
+    ax_r.set_xticks(list(xs))
+    ax_r.set_xticklabels(labels, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def print_table(rows, file=sys.stdout):
+    print(markdown_table(rows), file=file)

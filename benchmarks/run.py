@@ -1,0 +1,328 @@
+"""The benchmark sweep: ``python -m benchmarks.run [--help]``.
+
+Every provider (see ``providers.py``) computes the same layer from the same weights and inputs; each
+is first checked against float64 (output, dX, dA, dB, and dW, db when the base trains), then its
+memory is measured and it is timed in each mode. One run gives every figure side by side: time,
+TFLOP/s, the ratio to `base` (the floor), the speedup of `fused` over each other provider.
+
+On an NVIDIA GPU the default sweep is the Llama-3-8B projections in bf16, budgeted to finish in under
+4 minutes on an H100 (see ``plan`` and ``DEFAULT_TIMING``). Without one, the same command runs a small
+fp32 sweep of the PyTorch paths on CPU in well under a minute.
+"""
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+from . import report
+from .measure import MODES, Timer, check, expected, flop_count, make_inputs, memory, mode_step, tolerance
+from .providers import PROVIDERS, ProviderUnavailable, make_weights
+
+# (K in-features, N out-features) of Llama-3-8B's projections: q/o, k/v, gate/up, down.
+GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+GPU_TOKENS = [2048, 8192, 16384]
+GPU_RANKS = [8, 16, 64]
+CPU_SHAPES = [(256, 256), (512, 1024)]
+CPU_TOKENS = [128, 256, 512]
+CPU_RANKS = [16]
+
+# Milliseconds of warm-up and of timed runs per measurement (wall time, see measure.Timer). The GPU
+# default sweep makes 360 measurements, so this is most of what the budget lets the sweep choose:
+# 10 + 60 ms (~0.09 s a measurement, ~35 s in all) still gives 60 samples of a 1 ms step and leaves
+# the rest of the 4 minutes to the first calls (torch.compile, and the fused kernels' autotuning).
+# do_bench's own 25 + 100 ms would add ~25 s. CPU figures are only indicative and get less.
+DEFAULT_TIMING = {"cuda": (10.0, 60.0), "cpu": (10.0, 50.0)}
+
+# Without --full-product, tokens are swept at this rank and ranks at this token count.
+ANCHOR_RANK, ANCHOR_TOKENS = 16, 8192
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+CPU_BANNER = """\
+CPU FIGURES: no NVIDIA GPU here. `fused` runs lora_kernels' PyTorch path, not its Triton kernels,
+which need an NVIDIA GPU. These numbers compare PyTorch formulations on a CPU; they say nothing
+about the fused kernels' speed."""
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _shapes(text):
+    out = []
+    for item in text.split(","):
+        k, _, n = item.strip().lower().replace("→", "x").replace(":", "x").partition("x")
+        out.append((int(k), int(n)))
+    return out
+
+
+def _names(choices):
+    def parse(text):
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in names if v not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark the fused LoRA linear layer against base, reference, compiled, addmm and peft.",
+        epilog="Defaults on a GPU: Llama-3-8B shapes 4096x4096,4096x1024,4096x14336,14336x4096, tokens "
+               "2048,8192,16384 at rank 16 plus ranks 8,16,64 at 8192 tokens, bf16. On CPU: 256x256,512x1024, "
+               "tokens 128,256,512, rank 16, fp32. Results go to benchmarks/results/<card>-<date>/ "
+               "(or $OUT/benchmarks/results/ when OUT is set, or --out).")
+    p.add_argument("--dtype", choices=DTYPES, help="bf16 on a GPU, fp32 on CPU by default")
+    p.add_argument("--shapes", type=_shapes, help="comma-separated KxN (in x out features), e.g. 4096x14336")
+    p.add_argument("--tokens", type=_ints, help="comma-separated token counts M")
+    p.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks")
+    p.add_argument("--full-product", action="store_true",
+                   help=f"every tokens x ranks pair; by default tokens are swept at rank {ANCHOR_RANK} and "
+                        f"ranks at {ANCHOR_TOKENS} tokens (or the middle value when those are not listed)")
+    p.add_argument("--providers", type=_names(list(PROVIDERS)), default=list(PROVIDERS),
+                   help=f"comma-separated, from {','.join(PROVIDERS)} (default all)")
+    p.add_argument("--modes", type=_names(list(MODES)), default=list(MODES),
+                   help=f"comma-separated, from {','.join(MODES)} (default all)")
+    p.add_argument("--trainable-base", action="store_true",
+                   help="W and b require grad too (default: frozen, the LoRA case)")
+    p.add_argument("--alpha", type=float, default=2.0, help="the LoRA scale, used as is (default 2.0)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="LoRA dropout of peft (lora_dropout) and fused (dropout_p), e.g. 0.1, peft's common "
+                        "setting; above 0 their outputs are random, so they are timed but not checked, and "
+                        "the other providers still run without dropout")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--warmup-ms", type=float, help="warm-up per measurement (default 10)")
+    p.add_argument("--rep-ms", type=float, help="timed runs per measurement (default 60 on GPU, 50 on CPU)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU only: torch threads (default 1: a parallel GEMM stalls at every barrier when "
+                        "another process takes a core, which ruins small CPU timings; 0 keeps torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="parent directory of the results folder")
+    return p.parse_args(argv)
+
+
+def plan(shapes, tokens, ranks, full_product):
+    """The (K, N, M, r) configurations and a note saying how they were chosen.
+
+    The full product of the GPU defaults is 36 configurations; the fused kernels autotune once per
+    (M, N, K, r), which alone would take most of the 4-minute budget. So by default: every token
+    count at one rank, every rank at one token count (20 configurations on the GPU defaults).
+    """
+    if full_product or len(tokens) == 1 or len(ranks) == 1:
+        pairs = [(m, r) for m in tokens for r in ranks]
+        note = None
+    else:
+        rank0 = ANCHOR_RANK if ANCHOR_RANK in ranks else sorted(ranks)[len(ranks) // 2]
+        tokens0 = ANCHOR_TOKENS if ANCHOR_TOKENS in tokens else sorted(tokens)[len(tokens) // 2]
+        pairs = sorted({(m, rank0) for m in tokens} | {(tokens0, r) for r in ranks})
+        note = (f"tokens {','.join(map(str, tokens))} at rank {rank0}; ranks {','.join(map(str, ranks))} "
+                f"only at {tokens0} tokens (the full product is --full-product)")
+    return [(k, n, m, r) for k, n in shapes for m, r in pairs], note
+
+
+def _row(device, K, N, M, r, provider, mode, status):
+    return {"device": device.type, "K": K, "N": N, "tokens": M, "rank": r, "mode": mode, "provider": provider,
+            "ms": None, "reps": None, "tflops": None, "x_base": None, "fused_speedup": None,
+            "peak_mib": None, "saved_mib": None, "saved_all_mib": None, "max_err": None, "errors": None,
+            "check_s": None, "status": status}
+
+
+def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
+    """One row per mode for one provider: checked, then measured, then timed."""
+    device = xs[0].device
+    K, N, M, r = config
+
+    def rows(status, **fields):
+        return [{**_row(device, K, N, M, r, name, mode, status), **fields} for mode in modes]
+
+    try:
+        layer = PROVIDERS[name](weights, dropout=args.dropout)
+    except ProviderUnavailable as e:
+        return rows(f"SKIPPED: {e}")
+    except Exception as e:  # a provider that cannot even be built is reported, not fatal
+        return rows(f"ERROR: {type(e).__name__}: {e}")
+    started = time.perf_counter()
+    try:  # the first call: compilation and autotuning happen here, outside the timings
+        errors = check(layer, xs[0], dys[0], refs[layer.lora])
+    except Exception as e:
+        return rows(f"ERROR: {type(e).__name__}: {e}")
+    check_s = time.perf_counter() - started
+    max_err = max(errors.values())
+    checked = layer.dropout == 0
+    if checked and not max_err <= tolerance(weights.A.dtype, device):  # `not <=` also catches NaN
+        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+        return rows(f"WRONG ({worst} off by {errors[worst]:.1e})", errors=errors, max_err=max_err, check_s=check_s)
+
+    if not checked:
+        status = f"timed, not checked (dropout {layer.dropout} is random)"
+    elif name == "fused" and device.type != "cuda":
+        status = "ok (PyTorch path)"
+    else:
+        status = "ok"
+    peak, saved, activations = memory(layer, xs[-1], dys[-1])
+    shared = {"check_s": check_s, "errors": errors, "max_err": max_err, "peak_mib": None if peak is None else peak / 2**20,
+              "saved_mib": activations / 2**20, "saved_all_mib": saved / 2**20}
+    out = []
+    for mode in modes:
+        row = {**_row(device, K, N, M, r, name, mode, status), **shared}
+        try:
+            ms, reps = timer(*mode_step(layer, mode, xs, dys))
+        except Exception as e:
+            row["status"] = f"ERROR: {type(e).__name__}: {e}"
+        else:
+            flops = flop_count(M, K, N, r, mode, lora=layer.lora, trainable_base=args.trainable_base)
+            row.update(ms=ms, reps=reps, tflops=flops / ms / 1e9)
+        out.append(row)
+    return out
+
+
+def add_ratios(rows):
+    """×base and fused speedup, within one configuration and mode."""
+    by = {(r["mode"], r["provider"]): r["ms"] for r in rows}
+    for row in rows:
+        base, fused = by.get((row["mode"], "base")), by.get((row["mode"], "fused"))
+        if row["ms"] is not None:
+            row["x_base"] = row["ms"] / base if base else None
+            if row["provider"] != "fused" and fused:
+                row["fused_speedup"] = row["ms"] / fused
+
+
+def sweep(configs, args, device, dtype, timer, progress):
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    rows = []
+    for config in configs:
+        K, N, M, r = config
+        weights = make_weights(K, N, r, dtype=dtype, device=device, alpha=args.alpha,
+                               trainable_base=args.trainable_base, generator=generator)
+        xs, dys = make_inputs(M, K, N, dtype=dtype, device=device, generator=generator)
+        refs = {lora: expected(weights, xs[0], dys[0], lora=lora) for lora in (True, False)}
+        config_rows = []
+        for name in args.providers:
+            progress.set_postfix_str(f"{K}→{N} M={M} r={r} {name}")
+            config_rows += bench_provider(name, weights, xs, dys, refs, args, timer, config, args.modes)
+            progress.update()
+        add_ratios(config_rows)
+        rows += config_rows
+        del weights, xs, dys, refs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def settings(args):
+    """Resolve the defaults, which depend on whether there is a GPU."""
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes = args.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)
+    tokens = args.tokens or (GPU_TOKENS if cuda else CPU_TOKENS)
+    ranks = args.ranks or (GPU_RANKS if cuda else CPU_RANKS)
+    configs, plan_note = plan(shapes, tokens, ranks, args.full_product)
+    warmup_ms, rep_ms = DEFAULT_TIMING[device.type]
+    return {
+        "device": device,
+        "shapes": shapes, "tokens": tokens, "ranks": ranks,
+        "dtype": DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
+        "configs": configs,
+        "plan_note": plan_note,
+        "warmup_ms": warmup_ms if args.warmup_ms is None else args.warmup_ms,
+        "rep_ms": rep_ms if args.rep_ms is None else args.rep_ms,
+        "default_sweep": not (args.shapes or args.tokens or args.ranks or args.full_product),
+    }
+
+
+def run_notes(args, s):
+    """Lines for the report that say how this run was made."""
+    notes = [s["plan_note"]] if s["plan_note"] else []
+    if "peft" in args.providers:
+        notes.append("peft: its lora.Linear layer called directly (built by get_peft_model), r = rank, "
+                     "lora_alpha = alpha·rank")
+    if args.dropout > 0:
+        notes.append(f"peft and fused run with LoRA dropout {args.dropout}: timed, but not checked (the output "
+                     "is random) and not comparable with the providers without dropout")
+    if "compiled" in args.providers:
+        notes.append("compiled: torch.compile(dynamic=True) of the reference, compiled once for the sweep "
+                     "(and again where K = N changes: duck sizing)")
+    if s["device"].type == "cpu" and hasattr(os, "getloadavg"):
+        # Other processes on the same cores disturb CPU timings: say how busy the machine was.
+        load, cores = os.getloadavg()[0], os.cpu_count()
+        notes.append(f"load average {load:.1f} on {cores} cores at the start"
+                     + (": the machine was busy, CPU timings are disturbed" if load > 0.5 * cores else ""))
+    return notes
+
+
+def time_spent(rows, elapsed, timer):
+    """Where the time went: timing, and each provider's first calls (compilation, autotuning)."""
+    first_calls = {}
+    for row in rows:
+        if row["mode"] == rows[0]["mode"] and row["check_s"] is not None:  # one check per configuration
+            first_calls[row["provider"]] = first_calls.get(row["provider"], 0.0) + row["check_s"]
+    note = (f"elapsed {elapsed:.1f} s: {timer.spent_s:.1f} s timing; checks (the first calls, so compilation "
+            "and autotuning) " + ", ".join(f"{name} {t:.1f} s" for name, t in first_calls.items())
+            + "; the rest is start-up, inputs, float64 references, memory")
+    return first_calls, note
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    s = settings(args)
+    device, dtype = s["device"], s["dtype"]
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    card_name, card_slug = report.card(device)
+    banner = CPU_BANNER if device.type == "cpu" else None
+    if banner:
+        print("\n" + banner + "\n", flush=True)
+    notes = run_notes(args, s)
+    print(f"{card_name}: {len(s['configs'])} configurations × {len(args.providers)} providers × "
+          f"{len(args.modes)} modes, {str(dtype).removeprefix('torch.')}"
+          + (f"; {s['plan_note']}" if s["plan_note"] else ""), flush=True)
+
+    from tqdm import tqdm
+
+    timer = Timer(device, warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"])
+    with tqdm(total=len(s["configs"]) * len(args.providers), desc="benchmark", unit="layer",
+              file=sys.stderr, dynamic_ncols=True) as progress:
+        rows = sweep(s["configs"], args, device, dtype, timer, progress)
+    elapsed = time.perf_counter() - started
+    first_calls, spent = time_spent(rows, elapsed, timer)
+
+    meta = {
+        "card": card_name, "card_slug": card_slug, "device": device.type,
+        "date": datetime.date.today().isoformat(), "versions": report.versions(),
+        "dtype": str(dtype).removeprefix("torch."), "alpha": args.alpha, "trainable_base": args.trainable_base,
+        "dropout": args.dropout, "cpu_threads": torch.get_num_threads() if banner else None,
+        "shapes": s["shapes"], "tokens": s["tokens"], "ranks": s["ranks"],
+        "configs": s["configs"], "providers": args.providers, "modes": args.modes,
+        "tolerance": tolerance(dtype, device),
+        "timing": (f"median after a warm-up, {s['warmup_ms']:g} ms of warm-up and {s['rep_ms']:g} ms of timed runs "
+                   "per measurement, inputs rotated among copies, "
+                   + ("CUDA events, L2 flushed before each run" if device.type == "cuda" else "time.perf_counter")),
+        "flop_counting": flop_count.__doc__.strip(),
+        "banner": banner, "notes": notes,
+        "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
+        "elapsed_s": elapsed, "timing_s": timer.spent_s, "check_s": first_calls, "elapsed_note": spent,
+    }
+    folder = report.results_dir(args.out, card_slug, meta["date"])
+    paths = report.write(folder, meta, rows)
+
+    print()
+    report.print_table(rows)
+    if banner:
+        print("\n" + banner)
+    print(f"\nresults: {folder}/ ({', '.join(p.name for p in paths)})")
+    print(spent)
+    if device.type == "cuda" and s["default_sweep"] and elapsed > 240:
+        print("note: the default GPU sweep went over its 4-minute budget")
+    print(f"total, reports included: {time.perf_counter() - started:.1f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
