@@ -159,7 +159,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
         S = matmul(x2, A, scale=alpha * drop.rescale, dropout=drop.on("x", K, 1),
                    out_dtype=_side_dtype(dtype), dot_dtype=dtype)
         y = matmul(x2, weight.t(), lowrank=(S, B), bias=bias, out_dtype=dtype, dot_dtype=dtype)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), S
+    # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
+    # and an in-place op on a view-typed output trips FSDP2's hooks.
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0])), S
 
 
 @_forward.register_fake

@@ -67,8 +67,9 @@ def test_forward_is_one_fused_call(monkeypatch):
     real = lora_kernels.functional._forward
     monkeypatch.setattr(lora_kernels.functional, "_forward", lambda *a: calls.append(1) or real(*a))
     layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(8, 6), rank=2, alpha=1.0)
-    layer(torch.randn(5, 8))
+    y = layer(torch.randn(3, 5, 8))
     assert calls == [1]
+    assert not y._is_view()  # like F.linear: an in-place op on the output is safe (FSDP2 hooks)
 
 
 def test_replace_is_idempotent_and_recursive():

@@ -1,0 +1,81 @@
+"""torch.compile: the custom ops pass opcheck, and a model compiles whole (fullgraph, no graph
+break) with the same numbers as eager, forward and backward."""
+
+import pytest
+import torch
+
+import lora_kernels
+from conftest import DEVICE, TOL, make_inputs, rel_err
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck(backend, dropout_p):
+    x, W, b, A, B = make_inputs((3, 5), 24, 20, 4, torch.float32)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    seed = torch.tensor(1234) if dropout_p else None
+    fwd = torch.ops.lora_kernels.lora_linear_fwd.default
+    torch.library.opcheck(fwd, (x, W, b, A, B, 0.5, dropout_p, seed))
+    y, S = fwd(x.detach(), W, b, A.detach(), B.detach(), 0.5, dropout_p, seed)
+    bwd = torch.ops.lora_kernels.lora_linear_bwd.default
+    for needs in ([True, False, False, True, True], [True] * 5):
+        torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), S,
+                                    0.5, dropout_p, seed, needs))
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 48)
+        self.down = torch.nn.Linear(48, 32, bias=False)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def lora_model(dropout=0.0):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), torch.nn.LayerNorm(32), Block())
+    lora_kernels.replace_linear_with_lora(model, rank=4, alpha=2.0, dropout=dropout)
+    for m in model.modules():
+        if isinstance(m, lora_kernels.LinearWithLoRA):
+            m.linear.requires_grad_(False)
+            torch.nn.init.normal_(m.lora.B, std=0.1)  # B starts at zero: make the LoRA path count
+    return model.to(DEVICE)
+
+
+def grads_of(model, x, seed=0):
+    torch.manual_seed(seed)
+    y = model(x)
+    y.square().mean().backward()
+    return y, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_fullgraph_compile_no_graph_breaks(backend):
+    model = lora_model()
+    x = torch.randn(2, 7, 32, device=DEVICE)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+    y_eager, g_eager = grads_of(model, x)
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    y_comp, g_comp = grads_of(compiled, x)
+    assert rel_err(y_comp, y_eager) < TOL[torch.float32]
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
+def test_compile_with_dropout(backend):
+    """Dropout's seed is drawn inside the graph; aot_eager keeps eager's RNG, so numbers match."""
+    model = lora_model(dropout=0.25).train()
+    x = torch.randn(3, 5, 32, device=DEVICE)
+    y_eager, g_eager = grads_of(model, x, seed=5)
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_comp, g_comp = grads_of(compiled, x, seed=5)
+    assert rel_err(y_comp, y_eager) < TOL[torch.float32]
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < TOL[torch.float32]
+    _, g_other = grads_of(compiled, x, seed=6)
+    assert not torch.equal(g_other[0], g_comp[0])  # a new seed draws a new mask
