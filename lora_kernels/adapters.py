@@ -14,7 +14,7 @@ from collections import namedtuple
 
 import torch
 
-from .modules import LoRALayer
+from .modules import LinearWithLoRA, LoRALayer
 
 try:  # optional: without it adapters are written with torch.save
     import safetensors.torch as _safetensors
@@ -134,8 +134,10 @@ def load_adapter(model, path, strict=True):
 
     Every check runs before anything is copied, and each problem is listed in one ``ValueError``:
     names the model has but the file lacks (missing), names the file has but the model lacks
-    (unexpected), tensors whose shapes differ (both shapes given), and layers whose alpha differs
-    from the one the adapter was trained with (a different alpha would silently rescale it).
+    (unexpected), tensors whose shapes differ (both shapes given), layers whose alpha differs
+    from the one the adapter was trained with (a different alpha would silently rescale it), and
+    merged layers (their ``linear.weight`` already holds the old update, which unmerging after the
+    load would take out wrongly: ``unmerge()`` first).
     With ``strict=False`` missing and unexpected names are allowed; the rest still raise.
     Values are copied under ``torch.no_grad()`` into the existing parameters, which keep their
     dtype and device. Returns ``LoadResult(missing_keys, unexpected_keys)``.
@@ -157,6 +159,9 @@ def load_adapter(model, path, strict=True):
             if name in stored and stored[name]["alpha"] != layer.alpha:
                 alpha_diffs.append((name, stored[name]["alpha"], layer.alpha))
 
+    merged = [name for name, m in model.named_modules()
+              if isinstance(m, LinearWithLoRA) and getattr(m, "merged", False)]
+
     problems = []
     if strict and missing:
         problems.append("missing from the file: " + ", ".join(missing))
@@ -168,6 +173,8 @@ def load_adapter(model, path, strict=True):
     if alpha_diffs:
         problems.append("alpha mismatch: " + ", ".join(
             f"{n} was trained with alpha={f} but the model has alpha={m}" for n, f, m in alpha_diffs))
+    if merged:
+        problems.append("merged layers (call unmerge() before loading): " + ", ".join(merged))
     if problems:
         hint = "" if params else " (the model has no LoRA layers: call replace_linear_with_lora first)"
         raise ValueError(f"cannot load adapter {os.fspath(path)!r}{hint}:\n  " + "\n  ".join(problems))

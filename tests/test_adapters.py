@@ -184,6 +184,16 @@ def test_load_error_alpha_mismatch(tmp_path):
         load_adapter(build(alpha=0.5), path)
 
 
+def test_load_refuses_merged_layers(tmp_path):
+    path = _saved(tmp_path, randomize_lora(build()))
+    target = randomize_lora(build(), seed=2)
+    target.blocks[1]["out"].merge()
+    with pytest.raises(ValueError, match=r"merged layers \(call unmerge\(\) before loading\): blocks\.1\.out$"):
+        load_adapter(target, path)
+    target.blocks[1]["out"].unmerge()
+    load_adapter(target, path)
+
+
 def test_load_into_model_without_lora(tmp_path):
     path = _saved(tmp_path, randomize_lora(build()))
     torch.manual_seed(0)
