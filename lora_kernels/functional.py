@@ -48,22 +48,27 @@ def torch_keep_mask(rows, cols, si, sj, seed, p, device):
 
 
 def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
-    """PyTorch twin of ``kernels.lora_matmul``: same contract, same casts (its RNG stream differs)."""
-    acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
+    """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
+    ``addmm`` keeps it to one output buffer, as the kernel does."""
     if dropout is not None:
         where, seed, p, si, sj = dropout
         shape = x.shape if where == "x" else (x.shape[0], w.shape[1])
         keep = torch_keep_mask(*shape, si, sj, seed, p, x.device)
         if where == "x":
             x = x * keep
-    out = (x.to(dot_dtype) @ w.to(dot_dtype)).to(acc_dtype)
-    if scale != 1.0:
-        out = out * scale
-    if lowrank is not None:
-        low = (lowrank[0].to(dot_dtype) @ lowrank[1].to(dot_dtype)).to(acc_dtype)
-        out = out + (low * keep if dropout is not None and where == "lowrank" else low)
+    x, w = x.to(dot_dtype), w.to(dot_dtype)
     if bias is not None:
-        out = out + bias.to(acc_dtype)
+        out = torch.addmm(bias.to(dot_dtype), x, w, alpha=scale)
+    else:
+        out = torch.mm(x, w)
+        if scale != 1.0:
+            out.mul_(scale)
+    if lowrank is not None:
+        low_x, low_w = lowrank[0].to(dot_dtype), lowrank[1].to(dot_dtype)
+        if dropout is not None and where == "lowrank":
+            out.add_(torch.mm(low_x, low_w) * keep)
+        else:
+            out.addmm_(low_x, low_w)
     return out.to(out_dtype)
 
 
