@@ -117,20 +117,20 @@ TABLE_NOTES = """\
 
 
 def write(folder, meta, rows):
-    """Write results.json, report.md and one PNG per mode into `folder`; return the paths."""
+    """Write results.json, report.md and plots.png into `folder`; return the paths.
+
+    Three files, so that a results folder fits the few files a remote GPU run can send back.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "results.json", folder / "report.md"]
     with open(paths[0], "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1, default=str)
         f.write("\n")
-    plots = []
-    for mode in meta["modes"]:
-        png = folder / f"{slug(mode)}.png"
-        if plot(rows, mode, png, title=f"{meta['card']}, {meta['dtype']}"):
-            plots.append(png)
+    png = folder / "plots.png"
+    plotted = plot(rows, meta["modes"], png, title=f"{meta['card']}, {meta['dtype']}")
     with open(paths[1], "w") as f:
-        f.write(report_markdown(meta, rows, [p.name for p in plots]))
-    return paths + plots
+        f.write(report_markdown(meta, rows, [png.name] if plotted else []))
+    return paths + ([png] if plotted else [])
 
 
 def report_markdown(meta, rows, plot_names):
@@ -153,44 +153,50 @@ def report_markdown(meta, rows, plot_names):
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, mode, path, *, title):
-    """Time and ratio to `base` per configuration, one line per provider. False if nothing to plot."""
+def plot(rows, modes, path, *, title):
+    """One row of panels per mode: time, and ratio to `base`, per configuration; a line per provider.
+
+    Returns False when nothing was timed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["mode"] == mode]
-    configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in rows))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
     if not any(r["ms"] is not None for r in rows):
         return False
-    by_key = {(r["K"], r["N"], r["tokens"], r["rank"], r["provider"]): r for r in rows}
+    configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    by_key = {(r["mode"], r["K"], r["N"], r["tokens"], r["rank"], r["provider"]): r for r in rows}
     labels = [f"{K}→{N}\nM={M} r={r}" for K, N, M, r in configs]
-    xs = range(len(configs))
+    xs = list(range(len(configs)))
+    # One column, so every panel has the full width for the configuration labels (shared below).
+    fig, axes = plt.subplots(2 * len(modes), 1, sharex=True, squeeze=False,
+                             figsize=(max(8.0, 0.75 * len(configs) + 3), 3.2 * 2 * len(modes)))
+    for i, mode in enumerate(modes):
+        ax_t, ax_r = axes[2 * i][0], axes[2 * i + 1][0]
+        for provider in providers:
+            def series(field):
+                values = [by_key.get((mode, *c, provider), {}).get(field) for c in configs]
+                return [math.nan if v is None else v for v in values]
 
-    fig, (ax_t, ax_r) = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(configs) + 3), 8), sharex=True)
-    for provider in providers:
-        def series(field):
-            values = [by_key.get((*c, provider), {}).get(field) for c in configs]
-            return [math.nan if v is None else v for v in values]
-
-        style = {"marker": "o", "linestyle": "--" if provider == "base" else "-"}
-        ax_t.plot(xs, series("ms"), label=provider, **style)
-        ax_r.plot(xs, series("x_base"), label=provider, **style)
-    ax_t.set_yscale("log")
-    ax_t.set_ylabel("ms (median, log scale)")
-    ax_t.set_title(f"{mode}: time per step ({title})")
-    ax_t.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize="small", ncol=3)
-    ax_r.axhline(1.0, color="grey", linewidth=0.8)
-    ax_r.set_ylabel("time / base (the floor)")
-    ax_r.set_title(f"{mode}: ratio to base (F.linear alone)")
-    ax_r.grid(True, alpha=0.3)
-    ax_r.set_xticks(list(xs))
-    ax_r.set_xticklabels(labels, fontsize="small")
+            style = {"marker": "o", "linestyle": "--" if provider == "base" else "-"}
+            ax_t.plot(xs, series("ms"), label=provider, **style)
+            ax_r.plot(xs, series("x_base"), label=provider, **style)
+        ax_t.set_yscale("log")
+        ax_t.set_ylabel("ms (median, log)")
+        ax_t.set_title(f"{mode}: time per step")
+        ax_r.axhline(1.0, color="grey", linewidth=0.8)
+        ax_r.set_ylabel("time / base")
+        ax_r.set_title(f"{mode}: ratio to base (F.linear alone, the floor)")
+        for ax in (ax_t, ax_r):
+            ax.grid(True, which="both", alpha=0.3)
+    axes[-1][0].set_xticks(xs)
+    axes[-1][0].set_xticklabels(labels, fontsize="small")
+    axes[0][0].legend(fontsize="small", ncol=3)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 

@@ -218,6 +218,8 @@ def sweep(configs, args, device, dtype, timer, progress):
 def settings(args):
     """Resolve the defaults, which depend on whether there is a GPU."""
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device")
     device = torch.device("cuda" if cuda else "cpu")
     shapes = args.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)
     tokens = args.tokens or (GPU_TOKENS if cuda else CPU_TOKENS)
