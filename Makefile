@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test test-triton bench clean
+.PHONY: install test bench bench-pytest clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ test: install
 
 bench: install
 	$(PYTHON) -m benchmarks.run
+
+bench-pytest: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; sys_platform == 'linux'"],
     extras_require={
         "test": ["pytest>=7", "safetensors", "peft", "transformers"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "peft", "transformers"],
         "peft": ["peft", "transformers", "safetensors"],
     },
 )

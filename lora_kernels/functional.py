@@ -72,6 +72,23 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_
     return out.to(out_dtype)
 
 
+def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype):
+    """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``: y with S in the forward, dX with dS in
+    the backward. With ``LORA_KERNELS_FUSE_SHRINK=1`` the Triton path computes L inside the big
+    product's K loop (one pass over x, redundant rank-r MMAs in every column block); otherwise L
+    is its own small product first. Which wins depends on the shape: see benchmarks/NOTES.md."""
+    fuse = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "0") == "1"
+    if backend == "triton" and fuse and A.shape[1] <= kernels.FUSE_MAX_RANK:
+        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), bias=bias,
+                                   dropout=dropout, out_dtype=dtype, dot_dtype=dtype)
+    matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
+    on_x = dropout if dropout is not None and dropout[0] == "x" else None
+    L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=s_dtype, dot_dtype=dtype)
+    out = matmul(x, w, lowrank=(L, R), bias=bias, dropout=None if on_x else dropout, out_dtype=dtype,
+                 dot_dtype=dtype)
+    return out, L
+
+
 def select_backend(x, adapter_dtype):
     """'triton' or 'torch' for these inputs, honouring ``LORA_KERNELS_BACKEND``."""
     choice = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
@@ -155,15 +172,14 @@ class _Dropout:
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
-    matmul = kernels.lora_matmul if select_backend(x, A.dtype) == "triton" else torch_matmul
+    backend = select_backend(x, A.dtype)
     dtype = x.dtype
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     drop = _Dropout(dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):  # this op chooses its own precision
-        S = matmul(x2, A, scale=alpha * drop.rescale, dropout=drop.on("x", K, 1),
-                   out_dtype=_side_dtype(dtype), dot_dtype=dtype)
-        y = matmul(x2, weight.t(), lowrank=(S, B), bias=bias, out_dtype=dtype, dot_dtype=dtype)
+        y, S = shrink_expand(backend, x2, weight.t(), A, B, alpha * drop.rescale, _side_dtype(dtype),
+                             bias=bias, dropout=drop.on("x", K, 1), dtype=dtype)
     # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
     # and an in-place op on a view-typed output trips FSDP2's hooks.
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0])), S
@@ -179,7 +195,8 @@ def _(x, weight, bias, A, B, alpha, dropout_p, seed):
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
               dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor."""
-    matmul = kernels.lora_matmul if select_backend(x, A.dtype) == "triton" else torch_matmul
+    backend = select_backend(x, A.dtype)
+    matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
     N, K = weight.shape
@@ -188,11 +205,12 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Te
     drop = _Dropout(dropout_p, seed)
     dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
     with torch.autocast(x.device.type, enabled=False):
-        if need_x or need_A:
-            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=S.dtype, dot_dtype=dtype)
         if need_x:
-            dx = matmul(dy2, weight, lowrank=(dS, A.t()), dropout=drop.on("lowrank", K, 1),
-                        out_dtype=dtype, dot_dtype=dtype).reshape(x.shape)
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, S.dtype,
+                                   dropout=drop.on("lowrank", K, 1), dtype=dtype)
+            dx = dx.reshape(x.shape)
+        elif need_A:
+            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=S.dtype, dot_dtype=dtype)
         if need_A:
             dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         if need_B:

@@ -24,6 +24,7 @@ autotune (a trial overwrites, it never accumulates).
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -114,26 +115,35 @@ def keep_mask(M, K, seed, p, device):
     return out
 
 
+def _bench(fn, quantiles):
+    # Shorter than do_bench's default 25 ms warm-up and 100 ms of runs: a training run meets a few
+    # dozen (shape, use) keys, and ranking tile configs needs far less than that per config.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 @triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "R", "HAS_LOWRANK", "X_TRANSPOSED", "DROPOUT"],
+    # The rank is left out of the key: it changes the epilogue, not which tile shape wins.
+    key=["M", "N", "K", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench,
 )
 @triton.jit
 def _lora_matmul_kernel(
-    # pointers
-    x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
+    # pointers (with FUSE_SHRINK, l_ptr is the shrink's weight A and s_ptr receives L = s_scale · x A)
+    x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, s_ptr,
     # sizes: out is (M, N), the main product reduces over K, the low-rank one over R
     M, N, K, R, K_PER_SPLIT,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
-    stride_os, stride_om, stride_on,
-    scale,
+    stride_os, stride_om, stride_on, stride_sm, stride_sr,
+    scale, s_scale,
     # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p
     seed, p_drop, drop_si, drop_sj,
     # meta-parameters
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -158,16 +168,28 @@ def _lora_matmul_kernel(
     k_lo = pid_split.to(tl.int64) * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
+        rr = tl.arange(0, BLOCK_R)
+        mask_r = rr < R
+        shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < k_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
+        x_drop = x
         if DROPOUT == DROP_X:
-            x = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            x_drop = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
+        if FUSE_SHRINK:
+            a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+            shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
     acc = (acc * scale).to(ACC_DTYPE)
 
@@ -178,15 +200,25 @@ def _lora_matmul_kernel(
             low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         else:
             low = acc
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            mask_r = rr < R
-            lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if FUSE_SHRINK:
+            shrink = (shrink * s_scale).to(ACC_DTYPE)
+            if pid_n == 0:  # every column block computed the same L; one of them saves it
+                tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
             hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
+            low = tl.dot(shrink.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
                          out_dtype=ACC_DTYPE)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                mask_r = rr < R
+                lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
+                             out_dtype=ACC_DTYPE)
         if DROPOUT == DROP_LOWRANK:
             acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
         else:
@@ -222,11 +254,24 @@ def _empty(shape, device, dtype):
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+class Shrink(NamedTuple):
+    """In place of a ready L in ``lowrank=(L, R)``: have the kernel compute L = scale · x̃ A inside
+    its K loop (x̃: x under ``dropout="x"``), store it as ``dtype``, and return it beside out."""
+    A: torch.Tensor
+    scale: float
+    dtype: torch.dtype
+
+
+# The fused shrink keeps all of L's block (BLOCK_M × rank) in registers beside the accumulator.
+FUSE_MAX_RANK = 64
+
+
 def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
     """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
 
-    ``lowrank`` is ``(L, R)`` or None. ``dropout`` is None or ``(where, seed, p, si, sj)``: zero
-    element (i, j) of ``x`` (where="x") or of ``L @ R`` (where="lowrank") unless
+    ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
+    ``dropout`` is None or ``(where, seed, p, si, sj)``: zero element (i, j) of ``x`` (where="x";
+    with a Shrink, only the x feeding L) or of ``L @ R`` (where="lowrank") unless
     ``rand(seed, i·si + j·sj) >= p``. Operands are cast to ``dot_dtype`` for the tensor cores and
     accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
@@ -236,14 +281,27 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     N = w.shape[1]
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
     out = _empty((M, N), x.device, out_dtype)
-    if out.numel() == 0:
-        return out
-    if lowrank is None:
-        l_ = r_ = x  # never read: HAS_LOWRANK is off
-        R = 0
-    else:
+    fused = lowrank is not None and isinstance(lowrank[0], Shrink)
+    if fused:
+        A = lowrank[0].A
+        R = A.shape[1]
+        assert R <= FUSE_MAX_RANK, "the fused shrink holds the whole rank in one block"
+        s_out = _empty((M, R), x.device, lowrank[0].dtype)
+        l_, r_ = A, lowrank[1]
+    elif lowrank is not None:
         l_, r_ = lowrank
         R = l_.shape[1]
+    else:
+        l_ = r_ = x  # never read: HAS_LOWRANK is off
+        R = 0
+    if not fused:
+        s_out = x  # never written
+    if out.numel() == 0:
+        if fused:  # no column block to compute L in, yet L may have rows (N = 0)
+            x_drop = dropout if dropout and dropout[0] == "x" else None
+            s_out = lora_matmul(x, A, scale=lowrank[0].scale, dropout=x_drop, out_dtype=s_out.dtype,
+                                dot_dtype=dot_dtype)
+        return (out, s_out) if fused else out
 
     # Split the reduction when the output has too few tiles to fill the GPU (dA, dB: K or N by r).
     split = 1
@@ -256,21 +314,21 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
     _lora_matmul_kernel[grid](
-        x, w, l_, r_, bias if bias is not None else x, dest,
+        x, w, l_, r_, bias if bias is not None else x, dest, s_out,
         M, N, K, R, k_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
-        dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1),
-        float(scale),
+        dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1), s_out.stride(0), s_out.stride(1),
+        float(scale), float(lowrank[0].scale) if fused else 1.0,
         *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
-        HAS_LOWRANK=lowrank is not None, HAS_BIAS=bias is not None,
+        HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
         DROPOUT={None: DROP_NONE, "x": DROP_X, "lowrank": DROP_LOWRANK}[dropout[0] if dropout else None],
         X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
-        BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+        BLOCK_R=max(16, triton.next_power_of_2(R)) if fused else max(16, min(64, triton.next_power_of_2(max(R, 1)))),
     )
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics.
         out.copy_(dest.sum(0))
-    return out
+    return (out, s_out) if fused else out

@@ -5,7 +5,7 @@
 #   usage: bash scripts/gpu_check.sh [tests|bench|all]   (default all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OUT="${OUT:-$PWD/gpu-out}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 OUT="${OUT:-$PWD/gpu-out}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 what="${1:-all}"
 status=0
@@ -19,13 +19,15 @@ status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # One fixed tile config for the suite: autotuning its dozens of shapes would only cost compile
   # time; the benchmark below checks the autotuned kernels against the reference before timing.
-  LORA_KERNELS_AUTOTUNE=0 timeout 240 python -m pytest tests -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+  LORA_KERNELS_AUTOTUNE=0 timeout 240 python -m pytest tests -q -rs -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests.log"
   status=$(( status | PIPESTATUS[0] ))
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  timeout 270 python -m benchmarks.run 2>&1 | tee "$OUT/bench.log"
+  # Results land in $OUT/<card>-<date>/: the device tool returns files at most two folders down
+  # and eight in all (here: machine.txt, tests.log, accuracy.md, bench.log and the run's three).
+  timeout 270 python -m benchmarks.run --out "$OUT" 2>&1 | tee "$OUT/bench.log"
   status=$(( status | PIPESTATUS[0] ))
 fi
 echo "gpu_check exit status: $status" | tee -a "$OUT/machine.txt"

@@ -62,6 +62,22 @@ def test_matches_reference_fp32(backend, shape):
     check_all(make_inputs(lead, K, N, r, torch.float32), 0.75, torch.float32)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_fused_shrink(shape, dtype_name, monkeypatch):
+    """The shrink inside the big product's K loop (LORA_KERNELS_FUSE_SHRINK=1): same numbers;
+    ranks above kernels.FUSE_MAX_RANK fall back to the separate shrink."""
+    if not (kernels.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "1")
+    monkeypatch.setattr(kernels, "_empty", lambda s, d, t: torch.full(s, float("nan"), device=d, dtype=t))
+    lead, K, N, r = shape
+    dtype = getattr(torch, dtype_name)
+    check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
+
+
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64, 100, 256])
 def test_ranks(backend, rank):
     check_all(make_inputs((29,), 34, 45, rank, torch.float32, seed=rank), 0.5, torch.float32)

@@ -21,8 +21,12 @@ def seed_of_next_call(torch_seed):
     return int(torch.randint(2**31 - 1, (), dtype=torch.int64))
 
 
+@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
-def test_dropout_matches_reference_with_same_mask(backend, p):
+def test_dropout_matches_reference_with_same_mask(backend, p, fuse, monkeypatch):
+    if fuse == "1" and backend == "torch":
+        pytest.skip("the fused shrink is a Triton kernel variant")
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
     x, W, b, A, B = make_inputs((3, 41), 37, 29, 6, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
     torch.manual_seed(7)

@@ -1,0 +1,240 @@
+"""Run peft's LoRA ``Linear`` layers through ``lora_linear``.
+
+    from peft import LoraConfig, get_peft_model
+    from lora_kernels.peft import fuse_lora, unfuse_lora
+
+    model = get_peft_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules=[...]))
+    report = fuse_lora(model)      # every plain peft LoRA Linear now runs one fused call
+    ...                            # train / evaluate as usual; peft's API keeps working
+    unfuse_lora(model)             # peft's own forwards back
+
+``fuse_lora`` replaces the ``forward`` of each ``peft.tuners.lora.layer.Linear`` instance (the
+original is kept on the instance as ``_lora_kernels_original_forward``). The new forward computes
+
+    lora_linear(x, base.weight, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
+
+with ``scaling = layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
+with ``use_rslora``, and any later ``set_scale``) and ``p`` the ``nn.Dropout`` probability of
+``layer.lora_dropout[adapter]`` while that module is in training mode (0 in eval mode or for
+``nn.Identity``, which is what peft uses for ``lora_dropout=0``).
+
+Every call first checks that the layer is in a state this formula serves; if not, that call runs
+peft's original forward, so results never depend on whether a layer was fused. peft's path serves:
+
+* layers that are not plain LoRA linears: a base that is not exactly ``torch.nn.Linear``
+  (bitsandbytes, GPTQ, HQQ, ... bases, GPT-2's ``Conv1D``), ``fan_in_fan_out=True``, peft layer
+  classes other than ``lora.Linear`` (Embedding, Conv, quantized LoRA layers) and subclasses of it
+  with their own forward; these are not patched at all;
+* adapter configurations: DoRA, any other LoRA variant peft implements specially
+  (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
+  this layer has no weights for;
+* states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), weights that are
+  tensor subclasses (torchao, sharded DTensors), hooks on ``base_layer`` / ``lora_A`` / ``lora_B``
+  (accelerate offloading would be bypassed otherwise);
+* calls: extra arguments (``adapter_names`` for mixed-batch inference, ``alora_offsets``, ...),
+  and an input whose dtype differs from the base weight's outside autocast: ``F.linear`` raises
+  there, so peft's forward runs and raises its own error rather than a different one from us.
+
+Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters, peft casts x up
+and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
+accumulation (and fp32 S), so the LoRA term can differ from peft's at the 16-bit rounding level.
+Under autocast both run the products in the autocast dtype.
+"""
+
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
+from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
+
+from .functional import lora_linear
+
+__all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
+
+_ORIGINAL = "_lora_kernels_original_forward"
+# Call kwargs peft's forward pops before calling the base layer; None means "not used".
+_PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
+
+# Reasons a layer is never patched (fixed by its structure).
+_NOT_LINEAR = "not a peft lora.Linear (another LoRA layer type: Embedding, Conv, quantized, ...)"
+_OWN_FORWARD = "a subclass of peft's lora.Linear with its own forward"
+_FORWARD_TAKEN = "its forward is already replaced on the instance (e.g. by an accelerate hook)"
+_BASE = "base layer is not exactly torch.nn.Linear (quantized or wrapped base)"
+_FAN_IN_FAN_OUT = "fan_in_fan_out=True (weight stored transposed, e.g. GPT-2 Conv1D)"
+# Reasons a patched layer runs peft's forward, checked on every call.
+_DISABLED = "adapters disabled"
+_MERGED = "adapter merged into the base weight"
+_NOT_ONE = "not exactly one active adapter"
+_ABSENT = "the active adapter has no LoRA weights in this layer"
+_DORA = "DoRA (use_dora=True)"
+_VARIANT = "a LoRA variant peft implements specially (layer.lora_variant)"
+_LORA_BIAS = "lora_bias=True (lora_B carries a bias)"
+_MODULES = "lora_A / lora_B / lora_dropout are not plain nn.Linear / nn.Dropout / nn.Identity"
+_WEIGHTS = ("weights are not plain floating-point tensors (tensor subclass, e.g. torchao or a "
+            "sharded DTensor), or lora_A and lora_B differ in dtype")
+_HOOKS = "hooks or a replaced forward on base_layer / lora_A / lora_B (e.g. accelerate offloading)"
+_SCALING = "scaling is not a Python number"
+
+
+@dataclass
+class FuseReport:
+    """What ``fuse_lora`` did. ``fused``: names of the layers that now run ``lora_linear``;
+    ``fallback``: reason -> names of the LoRA layers that run peft's forward (as things stand at
+    the ``fuse_lora`` call; patched layers re-check on every call). ``int(report)`` is the number
+    of fused layers."""
+
+    fused: List[str] = field(default_factory=list)
+    fallback: Dict[str, List[str]] = field(default_factory=dict)
+
+    def __int__(self):
+        return len(self.fused)
+
+    def __len__(self):
+        return len(self.fused)
+
+
+def _plain_module(m, cls):
+    # Exactly ``cls``, with nothing that its forward call would run and we would skip.
+    return (type(m) is cls and "forward" not in m.__dict__ and not m._forward_pre_hooks
+            and not m._forward_hooks and not m._backward_pre_hooks and not m._backward_hooks)
+
+
+def _plain_weight(t):
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point()
+
+
+def _structural_reason(layer):
+    """Why this LoRA layer is never patched, or None."""
+    if not isinstance(layer, _PeftLoraLinear):
+        return _NOT_LINEAR
+    if type(layer).forward is not _PeftLoraLinear.forward:
+        return _OWN_FORWARD
+    if "forward" in layer.__dict__ and not hasattr(layer, _ORIGINAL):
+        return _FORWARD_TAKEN
+    if layer.fan_in_fan_out:
+        return _FAN_IN_FAN_OUT
+    if type(layer.base_layer) is not torch.nn.Linear:
+        return _BASE
+    return None
+
+
+def _state_reason(layer):
+    """Why a patched layer must run peft's forward in its current state, or None (fused)."""
+    if layer.disable_adapters:
+        return _DISABLED
+    if layer.merged:
+        return _MERGED
+    active = layer.active_adapters
+    if len(active) != 1:
+        return _NOT_ONE
+    adapter = active[0]
+    if adapter not in layer.lora_A:
+        return _ABSENT
+    if layer.use_dora.get(adapter, False):
+        return _DORA
+    if adapter in getattr(layer, "lora_variant", {}):
+        return _VARIANT
+    if layer.lora_bias.get(adapter, False):
+        return _LORA_BIAS
+    base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
+    dropout = layer.lora_dropout[adapter]
+    if not (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
+            and type(dropout) in (torch.nn.Dropout, torch.nn.Identity)
+            and lora_A.bias is None and lora_B.bias is None):
+        return _MODULES
+    if not (_plain_module(base, torch.nn.Linear) and _plain_module(lora_A, torch.nn.Linear)
+            and _plain_module(lora_B, torch.nn.Linear)):
+        return _HOOKS
+    if not (_plain_weight(base.weight) and (base.bias is None or _plain_weight(base.bias))
+            and _plain_weight(lora_A.weight) and _plain_weight(lora_B.weight)
+            and lora_A.weight.dtype == lora_B.weight.dtype):
+        return _WEIGHTS
+    scaling = layer.scaling[adapter]
+    if type(scaling) not in (float, int):
+        return _SCALING
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """Replaces ``peft.tuners.lora.layer.Linear.forward`` on the instance (see module doc)."""
+    if (args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items())
+            or not isinstance(x, torch.Tensor) or _state_reason(self) is not None
+            or (x.dtype != self.base_layer.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
+        return getattr(self, _ORIGINAL)(x, *args, **kwargs)
+    adapter = self.active_adapters[0]
+    base = self.base_layer
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
+    return lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight.t(),
+                       self.lora_B[adapter].weight.t(), float(self.scaling[adapter]), p)
+
+
+def _lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _PeftLoraLayer)]
+
+
+def _describe(layer, reason):
+    """The reason with the detail that tells layers apart (a class, the active adapters)."""
+    if reason in (_NOT_LINEAR, _OWN_FORWARD):
+        return f"{reason}: {type(layer).__name__}"
+    if reason in (_BASE, _FAN_IN_FAN_OUT):
+        return f"{reason}: base {type(layer.base_layer).__name__}"
+    if reason == _NOT_ONE:
+        return f"{reason}: active {list(layer.active_adapters)}"
+    if reason == _VARIANT:
+        return f"{reason}: {type(layer.lora_variant[layer.active_adapters[0]]).__name__}"
+    return reason
+
+
+def fuse_lora(model):
+    """Make every peft LoRA ``Linear`` layer below ``model`` run its forward through
+    ``lora_kernels.lora_linear``, in place. Returns a ``FuseReport`` (``int(report)`` = number of
+    fused layers). Layers or states it cannot serve keep peft's forward (see the module doc); one
+    ``UserWarning`` per call names them, grouped by reason. Calling it again is harmless: layers
+    already patched are not wrapped twice. ``unfuse_lora`` undoes it.
+    """
+    report = FuseReport()
+    for name, layer in _lora_layers(model):
+        reason = _structural_reason(layer)
+        if reason is None:
+            if not hasattr(layer, _ORIGINAL):
+                # The original goes on the instance first, then the bound fused forward: both are
+                # bound methods, which deepcopy rebinds to the copy.
+                object.__setattr__(layer, _ORIGINAL, layer.forward)
+                object.__setattr__(layer, "forward", types.MethodType(_fused_forward, layer))
+            reason = _state_reason(layer)
+        if reason is None:
+            report.fused.append(name)
+        else:
+            report.fallback.setdefault(_describe(layer, reason), []).append(name)
+    if report.fallback:
+        n = sum(len(v) for v in report.fallback.values())
+        lines = [f"lora_kernels.fuse_lora: {n} LoRA layer(s) run peft's own forward, "
+                 f"{len(report.fused)} run lora_linear:"]
+        for reason, names in report.fallback.items():
+            lines.append(f"  {reason} -> {', '.join(names)}")
+        warnings.warn("\n".join(lines), UserWarning, stacklevel=2)
+    return report
+
+
+def unfuse_lora(model):
+    """Give every layer patched by ``fuse_lora`` below ``model`` its original forward back.
+    Returns the number of layers restored."""
+    restored = 0
+    for name, layer in _lora_layers(model):
+        if not hasattr(layer, _ORIGINAL):
+            continue
+        current = layer.__dict__.get("forward")
+        if getattr(current, "__func__", None) is not _fused_forward:
+            warnings.warn(f"lora_kernels.unfuse_lora: {name}'s forward was replaced after fuse_lora "
+                          "(by a hook?); left as it is", UserWarning, stacklevel=2)
+            continue
+        # fuse_lora only patches layers whose forward is the class's, so removing the two
+        # instance attributes restores it exactly.
+        del layer.__dict__["forward"]
+        del layer.__dict__[_ORIGINAL]
+        restored += 1
+    return restored
