@@ -2,7 +2,8 @@
 # The one prepared GPU run: the test suite on CUDA (bf16, TF32, offsets past 2^31 included), then
 # the benchmark sweep. Everything goes under $OUT (default ./gpu-out). Uses the machine's own
 # torch and triton (PYTHONPATH, no pip install). Budget: tests 4 min, benchmark 4 min.
-#   usage: bash scripts/gpu_check.sh [tests|bench|all]   (default all)
+#   usage: bash scripts/gpu_check.sh [tests|bench|all|variants]   (default all = tests + bench)
+#   variants: benchmarks/variants.py, the piece-by-piece timing for tuning (about 2 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OUT="${OUT:-$PWD/gpu-out}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,6 +29,10 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   # Results land in $OUT/<card>-<date>/: the device tool returns files at most two folders down
   # and eight in all (here: machine.txt, tests.log, accuracy.md, bench.log and the run's three).
   timeout 270 python -m benchmarks.run --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  status=$(( status | PIPESTATUS[0] ))
+fi
+if [ "$what" = variants ]; then
+  timeout 300 python -m benchmarks.variants --out "$OUT" 2>&1 | tee "$OUT/variants.log"
   status=$(( status | PIPESTATUS[0] ))
 fi
 echo "gpu_check exit status: $status" | tee -a "$OUT/machine.txt"

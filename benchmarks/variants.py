@@ -1,0 +1,130 @@
+"""Where the fused layer's time goes, piece by piece and variant by variant, in one GPU run.
+
+    python -m benchmarks.variants [--tokens 8192] [--rank 16] [--dtype bf16] [--out DIR]
+
+For each shape it times, side by side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX),
+this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work), each
+piece of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), and the whole layer with
+the shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``). Every
+ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
+(default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
+
+Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import triton
+
+import lora_kernels
+from lora_kernels import kernels
+
+from .measure import Timer
+from .run import DTYPES, _shapes
+
+DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
+
+
+def pieces(K, N, M, r, dtype, device):
+    """name -> (floor name or None, zero-argument callable)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x, dy = rnd(M, K), rnd(M, N)
+    W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
+    A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
+    side = torch.promote_types(dtype, torch.float32)
+    S = kernels.lora_matmul(x, A, scale=2.0, out_dtype=side, dot_dtype=dtype)
+    dS = kernels.lora_matmul(dy, B.t(), scale=2.0, out_dtype=side, dot_dtype=dtype)
+    mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
+
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    xb = x.clone().requires_grad_()
+
+    def layer(fuse, backward):
+        def run():
+            os.environ["LORA_KERNELS_FUSE_SHRINK"] = fuse
+            if backward:
+                lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0).backward(dy)
+            else:
+                with torch.no_grad():
+                    lora_kernels.lora_linear(x, W, b, A, B, 2.0)
+        return run
+
+    def base_fwd_bwd():
+        torch.nn.functional.linear(xb, W, b).backward(dy)
+
+    return {
+        # forward
+        "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
+        "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
+        "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=side)),
+        "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
+        "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, side), B),
+                                                   bias=b, out_dtype=dtype)),
+        "layer forward, separate shrink": ("fwd", layer("0", False)),
+        "layer forward, fused shrink": ("fwd", layer("1", False)),
+        "cuBLAS + addmm_ forward": ("fwd", lambda: torch.nn.functional.linear(x, W, b).addmm_(x @ A, B, alpha=2.0)),
+        # backward pieces, against cuBLAS dX = dY W
+        "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
+        "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
+        "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=side)),
+        "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
+        "dA = xᵀ dS (split)": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
+        "dB = Sᵀ dY (split)": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
+        # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
+        "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
+        "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
+        "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type != "cuda" and not kernels.INTERPRET:
+        parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
+    os.environ["LORA_KERNELS_BACKEND"] = "triton"
+    timer = Timer(device, warmup_ms=10, rep_ms=40) if device.type == "cuda" else None
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} (interpreter)"
+    rows, started = [], time.perf_counter()
+    for K, N in args.shapes:
+        floors = {}
+        for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
+            fn()  # compile and autotune outside the timing
+            ms = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
+            floors.setdefault(kind, ms)  # the first row of each kind is its floor
+            rows.append({"shape": f"{K}→{N}", "piece": name, "ms": ms, "ratio": ms / floors[kind]})
+            print(f"{K}→{N:<6} {name:34s} {ms:9.4f} ms  ×{ms / floors[kind]:.3f}", flush=True)
+    meta = {"card": card, "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rank": args.rank,
+            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
+            "elapsed_s": round(time.perf_counter() - started, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "variants.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Kernel variants on {card}, {meta['date']}", "",
+             f"{args.dtype}, {args.tokens} tokens, rank {args.rank}; torch {meta['torch']}, triton {meta['triton']}; "
+             "ratios are to the first row of each group (the floor) in the same run.", "",
+             "| shape | piece | ms | × floor |", "|---|---|---:|---:|"]
+    lines += [f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {r['ratio']:.3f} |" for r in rows]
+    with open(os.path.join(args.out, "variants.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}/variants.md and variants.json in {meta['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    main()
