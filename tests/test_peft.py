@@ -1,0 +1,437 @@
+"""peft integration: ``lora_kernels.peft.fuse_lora`` runs peft's LoRA Linear layers through
+``lora_linear`` with the same numbers as peft (forward and gradients), and leaves the cases it
+cannot serve on peft's forward, with one warning naming them."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
+
+import lora_kernels.peft as lkpeft  # noqa: E402
+from conftest import DEVICE, rel_err  # noqa: E402
+from lora_kernels.peft import fuse_lora, unfuse_lora  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_LLAMA_LORA = 2 * len(LLAMA_TARGETS)
+TOL = 1e-5
+
+
+def test_imports_the_real_peft():
+    # lora_kernels/peft.py must not shadow the peft package for itself (imports are absolute).
+    assert lkpeft.__name__ == "lora_kernels.peft"
+    assert peft.__name__ == "peft" and not peft.__file__.startswith(lkpeft.__file__.rsplit("/", 1)[0])
+    assert lkpeft._PeftLoraLinear is PeftLoraLinear and PeftLoraLinear.__module__ == "peft.tuners.lora.layer"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records (alpha, dropout_p) of every lora_linear call made by the fused forwards."""
+    calls = []
+    real = lkpeft.lora_linear
+
+    def record(x, weight, bias, A, B, alpha, dropout_p=0.0):
+        calls.append((alpha, dropout_p))
+        return real(x, weight, bias, A, B, alpha, dropout_p)
+
+    monkeypatch.setattr(lkpeft, "lora_linear", record)
+    return calls
+
+
+def llama(dtype=torch.float32):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def randomize_lora(model):
+    """peft initialises B (and DoRA's magnitude) so the adapter starts as a no-op: never test that."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # small enough that fp32 noise stays well under TOL; the LoRA
+                p.normal_(0, 0.05)  # term still moves the logits by more than their norm
+            elif "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def peft_llama(seed=0, **config):
+    torch.manual_seed(seed)
+    config = {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS, "lora_dropout": 0.0, **config}
+    return randomize_lora(get_peft_model(llama(), LoraConfig(**config)))
+
+
+class BiasNet(torch.nn.Module):
+    """Biased linears (Llama has none), one of them in a subclass of nn.Linear when asked."""
+
+    def __init__(self, subclass_base=False):
+        super().__init__()
+        linear = type("MyLinear", (torch.nn.Linear,), {}) if subclass_base else torch.nn.Linear
+        self.up = torch.nn.Linear(24, 40)
+        self.mid = linear(40, 40)
+        self.down = torch.nn.Linear(40, 24, bias=True)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.mid(torch.relu(self.up(x)))))
+
+
+def peft_net(seed=0, subclass_base=False, **config):
+    torch.manual_seed(seed)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["up", "mid", "down"], **config}
+    return randomize_lora(get_peft_model(BiasNet(subclass_base), LoraConfig(**config)))
+
+
+def fuse_quietly(model):
+    """fuse_lora, asserting it warns about nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = fuse_lora(model)
+    mine = [w for w in caught if "lora_kernels" in str(w.message)]
+    assert not mine, [str(w.message) for w in mine]
+    return report
+
+
+def fuse_warning(model):
+    """fuse_lora, asserting it emits exactly one UserWarning; returns (report, message)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = fuse_lora(model)
+    mine = [w for w in caught if "lora_kernels" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in mine]
+    assert mine[0].category is UserWarning
+    return report, str(mine[0].message)
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoraLinear)]
+
+
+def lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+def assert_grads_match(fused, ref):
+    got, want = lora_grads(fused), lora_grads(ref)
+    assert got.keys() == want.keys() and want
+    for name in want:
+        assert got[name] is not None, name
+        assert rel_err(got[name], want[name]) < TOL, name
+
+
+def run_llama(model, ids, **kwargs):
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    return out.loss, out.logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Same numbers as peft
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_llama_matches_peft(spy, backend, use_rslora):
+    # Both backends: the PyTorch path and the Triton kernels (interpreter on CPU, CUDA on a GPU).
+    model = peft_llama(use_rslora=use_rslora).to(DEVICE)
+    ref = copy.deepcopy(model)
+    report = fuse_quietly(model)
+    assert int(report) == len(report.fused) == N_LLAMA_LORA and not report.fallback
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    loss, logits = run_llama(model, ids)
+    ref_loss, ref_logits = run_llama(ref, ids)
+    assert len(spy) == N_LLAMA_LORA  # every LoRA layer went through lora_linear
+    scaling = 16 / math.sqrt(8) if use_rslora else 16 / 8  # rslora is folded into peft's scaling
+    assert all(alpha == pytest.approx(scaling) and p == 0.0 for alpha, p in spy)
+    assert rel_err(logits, ref_logits) < TOL
+    assert rel_err(loss, ref_loss) < TOL
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(model, ref)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_biased_base_matches_peft(spy, use_rslora):
+    model = peft_net(use_rslora=use_rslora)
+    ref = copy.deepcopy(model)
+    assert int(fuse_quietly(model)) == 3
+    x = torch.randn(5, 7, 24)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_ref = model(x), ref(x_ref)
+    assert len(spy) == 3
+    assert rel_err(y, y_ref) < TOL
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_grads_match(model, ref)
+    assert rel_err(x.grad, x_ref.grad) < TOL
+
+
+def test_trainable_base_bias_gets_its_gradient(spy):
+    # modules_to_save-style setups train the base too: its weight and bias gradients must match.
+    model = peft_net()
+    for m in model.modules():
+        if isinstance(m, PeftLoraLinear):
+            m.base_layer.weight.requires_grad_(True)
+            m.base_layer.bias.requires_grad_(True)
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(6, 24)
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert len(spy) == 3
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if "base_layer" in name:
+            assert rel_err(p.grad, q.grad) < TOL, name
+
+
+def test_dropout_reaches_lora_linear_in_training_only(spy):
+    model = peft_llama(lora_dropout=0.1)
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    ids = torch.randint(0, 128, (2, 12))
+
+    model.train()
+    run_llama(model, ids)[0].backward()
+    assert len(spy) == N_LLAMA_LORA and all(p == 0.1 for _, p in spy)
+    assert all(g is not None and g.abs().sum() > 0 for g in lora_grads(model).values())
+
+    spy.clear()
+    model.eval()
+    ref.eval()
+    loss, logits = run_llama(model, ids)
+    ref_loss, ref_logits = run_llama(ref, ids)
+    assert len(spy) == N_LLAMA_LORA and all(p == 0.0 for _, p in spy)
+    assert rel_err(logits, ref_logits) < TOL and rel_err(loss, ref_loss) < TOL
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_with_dropout_recomputes_the_same_mask(spy, use_reentrant):
+    # The recompute must redraw the same dropout seed (checkpoint restores the RNG state).
+    model = peft_llama(lora_dropout=0.2)
+    fuse_quietly(model)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ckpt.enable_input_require_grads()
+    ids = torch.randint(0, 128, (2, 12))
+    losses = []
+    for m in (model, ckpt):
+        torch.manual_seed(5)
+        loss = run_llama(m, ids)[0]
+        loss.backward()
+        losses.append(loss)
+    assert len(spy) == 3 * N_LLAMA_LORA and all(p == 0.2 for _, p in spy)  # forward, forward, recompute
+    assert rel_err(losses[1], losses[0]) < TOL
+    assert_grads_match(ckpt, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# What stays on peft's path: one warning per fuse_lora call, same numbers as peft
+
+
+def test_dora_falls_back(spy):
+    model = peft_llama(use_dora=True)
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0
+    assert "DoRA" in msg and "model.layers.0.self_attn.q_proj" in msg and "model.layers.1.mlp.down_proj" in msg
+    assert sum(len(v) for v in report.fallback.values()) == N_LLAMA_LORA
+    ids = torch.randint(0, 128, (2, 12))
+    loss, logits = run_llama(model, ids)
+    ref_loss, ref_logits = run_llama(ref, ids)
+    assert not spy
+    assert rel_err(logits, ref_logits) < TOL
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(model, ref)
+
+
+def test_two_active_adapters_fall_back_and_one_adapter_fuses(spy):
+    model = peft_llama()
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    randomize_lora(model)
+    model.base_model.set_adapter(["default", "other"])
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0 and "not exactly one active adapter" in msg and "other" in msg
+    ids = torch.randint(0, 128, (2, 12))
+    assert rel_err(run_llama(model, ids)[1], run_llama(ref, ids)[1]) < TOL
+    assert not spy
+
+    # The patched layers re-check on every call: one adapter again and they fuse.
+    for m in (model, ref):
+        m.base_model.set_adapter("other")
+    assert rel_err(run_llama(model, ids)[1], run_llama(ref, ids)[1]) < TOL
+    assert len(spy) == 2  # "other" only has q_proj in each of the two layers
+    report, msg = fuse_warning(model)
+    assert int(report) == 2 and "has no LoRA weights in this layer" in msg
+
+    # Mixed-batch inference (adapter_names=...) is peft's own forward.
+    spy.clear()
+    for m in (model, ref):
+        m.base_model.set_adapter("default")
+        m.eval()
+    names = ["default", "other"]
+    got = model(input_ids=ids, adapter_names=names).logits
+    assert not spy
+    assert rel_err(got, ref(input_ids=ids, adapter_names=names).logits) < TOL
+
+
+def test_gpt2_fan_in_fan_out_falls_back(spy):
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    model = randomize_lora(get_peft_model(gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                           fan_in_fan_out=True))).eval()
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0
+    assert "fan_in_fan_out" in msg and "transformer.h.0.attn.c_attn" in msg and "Conv1D" in msg
+    ids = torch.randint(0, 64, (2, 9))
+    assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
+    assert not spy
+
+
+def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
+    # A base that subclasses nn.Linear (as quantized bases do) is not served; its siblings are.
+    model = peft_net(subclass_base=True)
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 2 and "not exactly torch.nn.Linear" in msg and "mid" in msg and "MyLinear" in msg
+    assert "up" not in msg.split("->")[-1]
+    x = torch.randn(4, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+    # lora_bias (a bias on lora_B) is peft's path.
+    model = peft_net(lora_bias=True)
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0 and "lora_bias" in msg
+
+    # A hook on a base layer would be skipped by the fused call: that layer runs peft's forward.
+    spy.clear()
+    model = peft_net()
+    seen = []
+    model.base_model.model.up.base_layer.register_forward_pre_hook(lambda m, a: seen.append(1))
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.mid", "base_model.model.down"] and "hooks" in msg
+    model(x)
+    assert seen == [1] and len(spy) == 2
+
+
+def test_a_model_without_lora_layers_warns():
+    with pytest.warns(UserWarning, match="no peft LoRA layers"):
+        assert int(fuse_lora(BiasNet())) == 0
+
+
+def test_merged_and_disabled_adapters_run_peft(spy):
+    model = peft_llama()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    model.eval()
+    ref.eval()
+    ids = torch.randint(0, 128, (2, 12))
+    want = run_llama(ref, ids)[1]
+
+    with model.disable_adapter(), ref.disable_adapter():
+        got, base = run_llama(model, ids)[1], run_llama(ref, ids)[1]
+    assert not spy and rel_err(got, base) < TOL and rel_err(got, want) > 1e-3
+
+    model.merge_adapter()
+    ref.merge_adapter()
+    assert rel_err(run_llama(model, ids)[1], run_llama(ref, ids)[1]) < TOL
+    assert not spy
+    model.unmerge_adapter()
+    ref.unmerge_adapter()
+    assert rel_err(run_llama(model, ids)[1], want) < TOL
+    assert len(spy) == N_LLAMA_LORA
+
+
+def test_input_dtype_mismatch_errors_as_peft_does(spy):
+    torch.manual_seed(0)
+    model = get_peft_model(BiasNet().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["up"]))
+    randomize_lora(model)
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(3, 24)  # fp32 into a bf16 base, no autocast
+    with pytest.raises(RuntimeError) as want:
+        ref.base_model.model.up(x)
+    with pytest.raises(RuntimeError) as got:
+        model.base_model.model.up(x)
+    assert str(got.value) == str(want.value) and not spy
+    # Under autocast both run the products in bf16.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model.base_model.model.up(x), ref.base_model.model.up(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and len(spy) == 1
+    assert rel_err(got, want) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# unfuse, idempotence, deepcopy, torch.compile
+
+
+def test_unfuse_restores_and_fuse_is_idempotent(spy):
+    model = peft_llama()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 12))
+    want = run_llama(ref, ids)[1]
+
+    assert int(fuse_quietly(model)) == N_LLAMA_LORA
+    assert int(fuse_quietly(model)) == N_LLAMA_LORA  # second call: nothing wrapped twice
+    for _, m in lora_layers(model):
+        assert m.forward.__func__ is lkpeft._fused_forward
+        assert m._lora_kernels_original_forward.__func__ is PeftLoraLinear.forward
+    assert rel_err(run_llama(model, ids)[1], want) < TOL
+    assert len(spy) == N_LLAMA_LORA  # one call per layer, not two
+
+    spy.clear()
+    assert unfuse_lora(model) == N_LLAMA_LORA
+    for _, m in lora_layers(model):
+        assert "forward" not in vars(m) and not hasattr(m, "_lora_kernels_original_forward")
+        assert m.forward.__func__ is PeftLoraLinear.forward
+    assert rel_err(run_llama(model, ids)[1], want) < TOL and not spy
+    assert unfuse_lora(model) == 0
+
+
+def test_deepcopy_of_fused_model_is_fused_on_its_own_layers(spy):
+    model = peft_net()
+    fuse_quietly(model)
+    twin = copy.deepcopy(model)
+    for (_, a), (_, b) in zip(lora_layers(model), lora_layers(twin)):
+        assert b.forward.__self__ is b and b._lora_kernels_original_forward.__self__ is b
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    x = torch.randn(3, 24)
+    unfuse_lora(model)
+    assert rel_err(twin(x), model(x)) > 1e-3  # the twin computes with its own (zeroed) B
+    assert len(spy) == 3
+
+
+def test_compile_fullgraph(spy):
+    model = peft_llama()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # raises on a graph break
+    ids = torch.randint(0, 128, (2, 12))
+    loss, logits = run_llama(compiled, ids)
+    ref_loss, ref_logits = run_llama(ref, ids)
+    assert sum("lora_kernels.lora_linear_fwd" in op for op in ops) == N_LLAMA_LORA
+    assert rel_err(logits, ref_logits) < TOL
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(model, ref)
+    torch._dynamo.reset()
