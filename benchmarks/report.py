@@ -195,7 +195,7 @@ def plot(rows, modes, path, *, title):
     axes[-1][0].set_xticklabels(labels, fontsize="small")
     axes[0][0].legend(fontsize="small", ncol=3)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # leave the suptitle its own strip above the panels
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
