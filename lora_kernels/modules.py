@@ -4,29 +4,21 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 ``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
 """
 
-import math
-
 import torch
 
+from . import reference
 from .functional import lora_linear
 
 
-class LoRALayer(torch.nn.Module):
-    """The low-rank pair: ``A`` (in_dim, rank), kaiming-uniform; ``B`` (rank, out_dim), zeros."""
+class LoRALayer(reference.LoRALayer):
+    """The seed's low-rank pair, unchanged in init and forward (``A`` (in_dim, rank),
+    kaiming-uniform; ``B`` (rank, out_dim), zeros; alone, ``alpha · x A B``), refusing rank < 1.
+    The fused path is ``LinearWithLoRA``'s."""
 
     def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
-        self.alpha = alpha
-
-    def forward(self, x):
-        # Alone (without a base layer) this is the seed's two small products; the fused path is
-        # LinearWithLoRA's.
-        return self.alpha * (x @ self.A @ self.B)
+        super().__init__(in_dim, out_dim, rank, alpha)
 
     def extra_repr(self):
         return f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.A.shape[1]}, alpha={self.alpha}"
