@@ -15,11 +15,13 @@ ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and auto
 ``torch.compile`` keeps them whole, with no graph break, on both backends.
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
-fp32 adapters beside bf16 weights), and accumulate in fp32. S and dS are kept in fp32 for 16-bit
-inputs (they are tiny), and gradients come back in each parameter's own dtype.
+fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored in that dtype too
+(every product that reads them casts to it anyway), and gradients come back in each parameter's
+own dtype.
 """
 
 import math
+import numbers
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -32,11 +34,6 @@ except ImportError:  # pragma: no cover
     kernels = None
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def _side_dtype(dtype):
-    # S and dS: fp32 beside 16-bit activations (they are tiny), fp64 beside fp64.
-    return torch.promote_types(dtype, torch.float32)
 
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):
@@ -113,7 +110,8 @@ def select_backend(x, adapter_dtype):
 
 
 def _check_inputs(x, weight, bias, A, B, alpha):
-    """Raise TypeError/ValueError naming the problem before anything runs. Modifies nothing."""
+    """Raise TypeError/ValueError naming the problem before anything runs; return alpha as a float.
+    Modifies nothing."""
     named = {"x": x, "weight": weight, "A": A, "B": B}
     if bias is not None:
         named["bias"] = bias
@@ -148,10 +146,13 @@ def _check_inputs(x, weight, bias, A, B, alpha):
                         + (f", bias {bias.dtype}" if bias is not None else ""))
     if A.dtype != B.dtype:
         raise TypeError(f"A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    if isinstance(alpha, Tensor) and alpha.dim() == 0 and alpha.dtype != torch.bool:
+        alpha = alpha.item()  # the seed's layer takes a 0-d tensor too
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
+    return float(alpha)
 
 
 class _Dropout:
@@ -170,15 +171,14 @@ class _Dropout:
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
-             dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+             dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
-    backend = select_backend(x, A.dtype)
     dtype = x.dtype
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     drop = _Dropout(dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):  # this op chooses its own precision
-        y, S = shrink_expand(backend, x2, weight.t(), A, B, alpha * drop.rescale, _side_dtype(dtype),
+        y, S = shrink_expand(backend, x2, weight.t(), A, B, alpha * drop.rescale, dtype,
                              bias=bias, dropout=drop.on("x", K, 1), dtype=dtype)
     # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
     # and an in-place op on a view-typed output trips FSDP2's hooks.
@@ -186,16 +186,17 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
 
 
 @_forward.register_fake
-def _(x, weight, bias, A, B, alpha, dropout_p, seed):
+def _(x, weight, bias, A, B, alpha, dropout_p, seed, backend):
     M = math.prod(x.shape[:-1])
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1], dtype=_side_dtype(x.dtype))
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1])
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
-              dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor."""
-    backend = select_backend(x, A.dtype)
+              dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
+              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor.
+    ``backend`` is the forward's: the two draw different dropout masks from one seed."""
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
@@ -206,11 +207,11 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Te
     dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
     with torch.autocast(x.device.type, enabled=False):
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, S.dtype,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype)
             dx = dx.reshape(x.shape)
         elif need_A:
-            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=S.dtype, dot_dtype=dtype)
+            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
         if need_A:
             dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         if need_B:
@@ -218,28 +219,29 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Te
         if need_w:
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)
         if need_b:
-            db = dy2.sum(0, dtype=S.dtype).to(dtype)
+            db = dy2.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
     return dx, dw, db, dA, dB
 
 
 @_backward.register_fake
-def _(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs):
+def _(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs, backend):
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                  for t, need in zip((x, weight, weight[:, 0], A, B), needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, alpha, dropout_p, seed = inputs
+    x, weight, bias, A, B, alpha, dropout_p, seed, backend = inputs
     ctx.save_for_backward(x, weight, A, B, output[1], seed)
-    ctx.alpha, ctx.dropout_p, ctx.has_bias = alpha, dropout_p, bias is not None
+    ctx.alpha, ctx.dropout_p, ctx.has_bias, ctx.backend = alpha, dropout_p, bias is not None, backend
 
 
 def _autograd_backward(ctx, dy, _dS):
     x, weight, A, B, S, seed = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     needs[2] = needs[2] and ctx.has_bias
-    grads = torch.ops.lora_kernels.lora_linear_bwd(dy, x, weight, A, B, S, ctx.alpha, ctx.dropout_p, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+    grads = torch.ops.lora_kernels.lora_linear_bwd(dy, x, weight, A, B, S, ctx.alpha, ctx.dropout_p, seed, needs,
+                                                   ctx.backend)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -256,13 +258,17 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     bias when they require grad. Under ``torch.autocast`` the base operands are cast to the
     autocast dtype, as ``F.linear`` would cast them.
     """
-    if isinstance(x, Tensor) and isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # As autocast casts F.linear's operands: floating tensors other than fp64.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
-    _check_inputs(x, weight, bias, A, B, alpha)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        x, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                           else t for t in (x, weight, bias))
+    alpha = _check_inputs(x, weight, bias, A, B, alpha)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     seed = torch.randint(2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-    y, _ = _forward(x, weight, bias, A, B, float(alpha), float(dropout_p), seed)
+    # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
+    # (Under torch.compile this choice is fixed when the graph is traced.)
+    backend = select_backend(x, A.dtype)
+    y, _ = _forward(x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     return y

@@ -23,6 +23,7 @@ buffer and the launcher sums the slices in a fixed order: deterministic, no atom
 autotune (a trial overwrites, it never accumulates).
 """
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -72,23 +73,40 @@ def _fit(block, size):
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
+# Shared memory per block on Hopper (227 KiB); the pipeline holds num_stages tiles of X and W.
+SMEM_BYTES = 227 * 1024
+
+
 def _prune(configs, named_args, **kwargs):
-    """Shrink tiles to the problem (a shrink has N = rank), dropping the duplicates this makes."""
+    """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
+    fit in shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
     M, N = named_args["M"], named_args["N"]
+    size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
     seen, kept = set(), []
     for c in configs:
-        kw = dict(c.kwargs, BLOCK_M=_fit(c.kwargs["BLOCK_M"], M), BLOCK_N=_fit(c.kwargs["BLOCK_N"], N))
-        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
+        stages = c.num_stages
+        while stages > 2 and stages * (bm + bn) * bk * size > SMEM_BYTES:
+            stages -= 1
+        if stages * (bm + bn) * bk * size > SMEM_BYTES:
+            continue
+        kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn)
+        key = (tuple(sorted(kw.items())), c.num_warps, stages)
         if key not in seen:
             seen.add(key)
-            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return kept
+            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
+    # The smallest tile fits any dtype: never leave the autotuner with nothing.
+    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                                  num_stages=2)]
 
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
 # or to the low-rank term at the output (dX's share dS Aᵀ ⊙ m). The 1/(1-p) rescale is not done
 # here: the launcher folds it into ``scale`` (see functional.py), so masks are exact zeros.
-DROP_NONE, DROP_X, DROP_LOWRANK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+DROP_NONE: tl.constexpr = 0
+DROP_X: tl.constexpr = 1
+DROP_LOWRANK: tl.constexpr = 2
+_DROP_MODE = {None: 0, "x": 1, "lowrank": 2}  # the same values, for the launcher
 
 
 @triton.jit
@@ -111,7 +129,8 @@ def keep_mask(M, K, seed, p, device):
     """The (M, K) boolean mask that the kernels apply for this seed and p."""
     out = torch.empty((M, K), dtype=torch.bool, device=device)
     if out.numel():
-        _keep_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
+        with _on_device(out.device):
+            _keep_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
     return out
 
 
@@ -123,8 +142,9 @@ def _bench(fn, quantiles):
 
 @triton.autotune(
     configs=_configs(),
-    # The rank is left out of the key: it changes the epilogue, not which tile shape wins.
-    key=["M", "N", "K", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "DROPOUT"],
+    # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
+    # dA, dB) must not re-run the tuning. The rank changes the epilogue, not which tile shape wins.
+    key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
 )
@@ -133,7 +153,7 @@ def _lora_matmul_kernel(
     # pointers (with FUSE_SHRINK, l_ptr is the shrink's weight A and s_ptr receives L = s_scale · x A)
     x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, s_ptr,
     # sizes: out is (M, N), the main product reduces over K, the low-rank one over R
-    M, N, K, R, K_PER_SPLIT,
+    M, N, K, R, K_PER_SPLIT, M_KEY, N_KEY, K_KEY,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
@@ -236,10 +256,18 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 def _input_precision(dot_dtype):
     # Follow PyTorch's own switch for fp32 matmuls, so fp32 users get the numbers they asked for:
-    # "highest" (PyTorch's default) is IEEE fp32, "high"/"medium" allow TF32 tensor cores.
-    if dot_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    # IEEE fp32 by default, TF32 tensor cores when they allowed them. The newer per-backend
+    # setting wins when set ("none" defers to the older global one, which raises if both are used).
+    if dot_dtype != torch.float32:
+        return "ieee"
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if setting != "none":
+        return "tf32" if setting == "tf32" else "ieee"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
+def _on_device(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _num_sms(device):
@@ -313,21 +341,22 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    _lora_matmul_kernel[grid](
-        x, w, l_, r_, bias if bias is not None else x, dest, s_out,
-        M, N, K, R, k_per_split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
-        dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1), s_out.stride(0), s_out.stride(1),
-        float(scale), float(lowrank[0].scale) if fused else 1.0,
-        *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
-        HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
-        DROPOUT={None: DROP_NONE, "x": DROP_X, "lowrank": DROP_LOWRANK}[dropout[0] if dropout else None],
-        X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
-        INPUT_PRECISION=_input_precision(dot_dtype),
-        BLOCK_R=max(16, triton.next_power_of_2(R)) if fused else max(16, min(64, triton.next_power_of_2(max(R, 1)))),
-    )
+    with _on_device(x.device):  # Triton launches on the current device, not the tensors'
+        _lora_matmul_kernel[grid](
+            x, w, l_, r_, bias if bias is not None else x, dest, s_out,
+            M, N, K, R, k_per_split, *(triton.next_power_of_2(n) for n in (M, N, K)),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+            dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1), s_out.stride(0), s_out.stride(1),
+            float(scale), float(lowrank[0].scale) if fused else 1.0,
+            *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
+            HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
+            DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
+            X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
+            DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
+            INPUT_PRECISION=_input_precision(dot_dtype),
+            BLOCK_R=max(16, triton.next_power_of_2(R)) if fused else max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+        )
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics.
         out.copy_(dest.sum(0))

@@ -40,6 +40,7 @@ class LinearWithLoRA(torch.nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
         self.dropout = dropout
         self.merged = False
+        self.register_state_dict_post_hook(_save_unmerged)
 
     def forward(self, x):
         if self.merged:
@@ -80,6 +81,16 @@ class LinearWithLoRA(torch.nn.Module):
 
     def extra_repr(self):
         return f"dropout={self.dropout}, merged={self.merged}"
+
+
+@torch.no_grad()
+def _save_unmerged(module, state_dict, prefix, local_metadata):
+    # A merged layer saves its weight unmerged: the state dict means the same whether or not the
+    # layer was merged when it was saved, so loading it never applies the update twice.
+    if module.merged:
+        key = prefix + "linear.weight"
+        weight = state_dict[key]
+        state_dict[key] = (weight.to(torch.promote_types(weight.dtype, torch.float32)) - module._delta()).to(weight.dtype)
 
 
 def replace_linear_with_lora(model, rank, alpha, dropout=0.0):

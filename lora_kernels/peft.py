@@ -37,9 +37,8 @@ peft's original forward, so results never depend on whether a layer was fused. p
 
 Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters, peft casts x up
 and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
-accumulation (and fp32 S), so the LoRA term can differ from peft's at the 16-bit rounding level
-(a bf16 Llama with fp32 adapters, logits vs a float64 copy: peft 6.9e-3, fused 8.0e-3 relative;
-fused vs peft 9.8e-3). Under autocast both run the products in the autocast dtype.
+accumulation, so the LoRA term can differ from peft's at the 16-bit rounding level (both are
+that far from a float64 evaluation). Under autocast both run the products in the autocast dtype.
 
 Call ``fuse_lora`` on the peft model before wrapping it (DDP, ``fully_shard``, ``torch.compile``):
 it finds the layers through ``named_modules`` and reads their weights to report. The patched

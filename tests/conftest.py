@@ -5,10 +5,15 @@ Triton compiles anything, so here, before any test module imports lora_kernels.
 """
 
 import os
+import tempfile
 from collections import defaultdict
 
-import pytest
-import torch
+# A fresh compile cache per run: Inductor's on-disk cache can outlive a change to the ops' schema
+# and would replay a graph that calls them the old way.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_kernels_inductor_")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -73,19 +78,34 @@ def backends():
     """The backends these tests can run here: the PyTorch path always, Triton on a GPU or under
     the interpreter. Tests parametrized with it and id'ed 'triton' count as kernel runs."""
     out = [pytest.param("torch", id="torch")]
-    if kernels.INTERPRET or torch.cuda.is_available():
+    if HAVE_TRITON:
         out.append(pytest.param("triton", id="triton", marks=pytest.mark.triton))
     return out
+
+
+HAVE_TRITON = kernels.INTERPRET or torch.cuda.is_available()
+
+
+def use_triton(monkeypatch):
+    """Route lora_linear to the Triton kernels and poison every buffer they write: an element a
+    kernel skips stays NaN and fails the test. Returns the shapes of the buffers handed out."""
+    if not HAVE_TRITON:
+        pytest.skip("the Triton kernels need a GPU, or TRITON_INTERPRET=1 on the CPU")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    shapes = []
+
+    def nan_empty(shape, device, dtype):
+        shapes.append(shape)
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    return shapes
 
 
 @pytest.fixture
 def backend(request, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", request.param)
     if request.param == "triton":
-        # Poison every buffer a kernel writes: an element it skips stays NaN and fails the test.
-        def nan_empty(shape, device, dtype):
-            return torch.full(shape, float("nan"), device=device, dtype=dtype)
-        monkeypatch.setattr(kernels, "_empty", nan_empty)
+        use_triton(monkeypatch)
     return request.param
 
 

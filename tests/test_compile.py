@@ -14,12 +14,12 @@ def test_opcheck(backend, dropout_p):
     x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
     seed = torch.tensor(1234) if dropout_p else None
     fwd = torch.ops.lora_kernels.lora_linear_fwd.default
-    torch.library.opcheck(fwd, (x, W, b, A, B, 0.5, dropout_p, seed))
-    y, S = fwd(x.detach(), W, b, A.detach(), B.detach(), 0.5, dropout_p, seed)
+    torch.library.opcheck(fwd, (x, W, b, A, B, 0.5, dropout_p, seed, backend))
+    y, S = fwd(x.detach(), W, b, A.detach(), B.detach(), 0.5, dropout_p, seed, backend)
     bwd = torch.ops.lora_kernels.lora_linear_bwd.default
     for needs in ([True, False, False, True, True], [True] * 5):
         torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), S,
-                                    0.5, dropout_p, seed, needs))
+                                    0.5, dropout_p, seed, needs, backend))
 
 
 class Block(torch.nn.Module):
@@ -30,6 +30,15 @@ class Block(torch.nn.Module):
 
     def forward(self, x):
         return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Compiled graphs are cached per code object, and the backend is fixed when a graph is traced:
+    # without a reset, the second backend's test would replay the first one's graph.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def lora_model(dropout=0.0):

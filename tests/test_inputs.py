@@ -50,10 +50,20 @@ def test_bad_input(change, error, words):
 
 @pytest.mark.parametrize("alpha,error", [(float("nan"), ValueError), (float("inf"), ValueError),
                                          (-float("inf"), ValueError), (True, TypeError),
-                                         (torch.tensor(1.0), TypeError), ("2", TypeError)])
+                                         (torch.tensor([1.0, 2.0]), TypeError), ("2", TypeError),
+                                         (torch.tensor(float("nan")), ValueError)])
 def test_bad_alpha(alpha, error):
     with pytest.raises(error, match="alpha"):
         call(*good(), alpha=alpha)
+
+
+def test_alpha_forms_the_seed_accepts():
+    """A Python int, a numpy scalar and a 0-d tensor all scale like the float."""
+    import numpy as np
+    args = good()
+    expected = call(*args, alpha=2.0)
+    for alpha in (2, np.float32(2.0), torch.tensor(2.0)):
+        assert torch.equal(call(*args, alpha=alpha), expected)
 
 
 def test_bad_backend_name(monkeypatch):

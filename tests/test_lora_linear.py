@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err
+from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err, use_triton
 from lora_kernels import kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).
@@ -62,17 +62,17 @@ def test_matches_reference_fp32(backend, shape):
     check_all(make_inputs(lead, K, N, r, torch.float32), 0.75, torch.float32)
 
 
+FUSED_SHAPES = SHAPES + [((45,), 70, 50, 16), ((33,), 40, 72, 64)]  # ranks 16 and 64 fill BLOCK_R
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_fused_shrink(shape, dtype_name, monkeypatch):
     """The shrink inside the big product's K loop (LORA_KERNELS_FUSE_SHRINK=1): same numbers;
     ranks above kernels.FUSE_MAX_RANK fall back to the separate shrink."""
-    if not (kernels.INTERPRET or torch.cuda.is_available()):
-        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    use_triton(monkeypatch)
     monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "1")
-    monkeypatch.setattr(kernels, "_empty", lambda s, d, t: torch.full(s, float("nan"), device=d, dtype=t))
     lead, K, N, r = shape
     dtype = getattr(torch, dtype_name)
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
@@ -160,14 +160,7 @@ def test_gradcheck(backend, bias):
 @pytest.mark.parametrize("M,N,K,split", [(50, 37, 70, False), (23, 6, 300, True)])
 def test_kernel_launcher(M, N, K, split, monkeypatch):
     """``lora_matmul`` alone, on transposed operands, with and without the split reduction."""
-    if not (kernels.INTERPRET or torch.cuda.is_available()):
-        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
-    shapes = []
-
-    def nan_empty(shape, device, dtype):
-        shapes.append(shape)
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(kernels, "_empty", nan_empty)
+    shapes = use_triton(monkeypatch)
     x = torch.randn(K, M, device=DEVICE).t()          # column-major X
     w = torch.randn(N, K, device=DEVICE).t()          # column-major W
     L, R = torch.randn(M, 9, device=DEVICE), torch.randn(N, 9, device=DEVICE).t()
@@ -180,3 +173,42 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
         ref = ref + L.double() @ R.double() + bias.double()
     assert rel_err(out, ref) < TOL[torch.float32]
     assert any(len(s) == 3 for s in shapes) == split  # a (split, M, N) partial buffer was used
+
+
+def test_prune_fits_tiles_to_problem_and_shared_memory():
+    """The autotuner's pruning (it only runs with several configs, i.e. on a GPU): tiles shrink to
+    the problem, stages drop until X and W tiles fit in shared memory, and something always stays."""
+    import triton
+    import triton.language as tl
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=8, num_stages=st)
+               for bm, bn, bk, st in [(128, 256, 64, 4), (128, 128, 64, 4), (256, 128, 64, 4), (128, 128, 128, 5),
+                                      (64, 64, 64, 3)]]
+    for dot, size in [(tl.bfloat16, 2), (tl.float32, 4), (tl.float64, 8)]:
+        kept = kernels._prune(configs, {"M": 8192, "N": 4096}, DOT_DTYPE=dot)
+        assert kept
+        for c in kept:
+            k = c.kwargs
+            assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size <= kernels.SMEM_BYTES
+        if dot == tl.bfloat16:
+            assert len(kept) == len(configs)  # all fit in bf16 (one with fewer stages), none lost
+    shrink = kernels._prune(configs, {"M": 8192, "N": 8}, DOT_DTYPE=tl.bfloat16)
+    assert {c.kwargs["BLOCK_N"] for c in shrink} == {16} and len(shrink) < len(configs)  # deduplicated
+    huge = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2)]
+    assert kernels._prune(huge, {"M": 4096, "N": 4096}, DOT_DTYPE=tl.float64)  # never empty
+
+
+@pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
+def test_fp32_precision_follows_pytorch(setting, expected):
+    """Both of PyTorch's switches for fp32 matmuls are honoured, the newer one without raising."""
+    assert kernels._input_precision(torch.float32) == "ieee"  # PyTorch's default: IEEE
+    try:
+        torch.backends.cuda.matmul.fp32_precision = setting
+        assert kernels._input_precision(torch.float32) == expected
+        assert kernels._input_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert kernels._input_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")

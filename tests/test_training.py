@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, reference, rel_err
+from conftest import DEVICE, TOL, make_inputs, reference, rel_err, use_triton
 from lora_kernels import functional, kernels
 
 
@@ -136,6 +136,45 @@ def test_merge_unmerge(backend, dtype_name):
     err = (layer.linear.weight.double() - W0.double()).norm()
     assert err < TOL[dtype] * (W0.double().norm() + delta.double().norm())
     assert rel_err(layer(x), y) < 2 * TOL[dtype]
+
+
+def test_merged_state_dict_is_unmerged():
+    """Saving a merged layer and loading it into a fresh one must not apply the update twice."""
+    torch.manual_seed(1)
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(20, 12), rank=3, alpha=2.0)
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(5, 20)
+    y = layer(x)
+    layer.merge()
+    fresh = lora_kernels.LinearWithLoRA(torch.nn.Linear(20, 12), rank=3, alpha=2.0)
+    fresh.load_state_dict(layer.state_dict())
+    assert not fresh.merged and rel_err(fresh(x), y) < TOL[torch.float32]
+    assert layer.merged and rel_err(layer(x), y) < TOL[torch.float32]  # saving changed nothing
+
+
+def test_backward_keeps_the_forwards_backend(monkeypatch):
+    """The two backends draw different dropout masks from one seed: a backend switch between
+    forward and backward must not mix them."""
+    use_triton(monkeypatch)
+    x, W, b, A, B = make_inputs((30,), 24, 18, 4, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(3)
+    y = lora_kernels.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 1.0, dropout_p=0.5)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    keep = keep_mask("triton", 30, 24, seed_of_next_call(3), 0.5)
+    x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
+    y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + (x64 * keep / 0.5) @ A64 @ B64
+    y_ref.backward(dy.double())
+    for got, ref in zip([t.grad for t in leaves], [x64.grad, A64.grad, B64.grad]):
+        assert rel_err(got, ref) < TOL[torch.float32]
+
+
+def test_autocast_leaves_fp64_alone():
+    x, W, b, A, B = make_inputs((4,), 8, 6, 2, torch.float64)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert lora_kernels.lora_linear(x, W, b, A, B, 1.0).dtype == torch.float64
 
 
 def test_merge_refuses_non_finite():
