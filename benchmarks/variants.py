@@ -40,9 +40,9 @@ def pieces(K, N, M, r, dtype, device):
     x, dy = rnd(M, K), rnd(M, N)
     W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
     A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
-    side = torch.promote_types(dtype, torch.float32)
-    S = kernels.lora_matmul(x, A, scale=2.0, out_dtype=side, dot_dtype=dtype)
-    dS = kernels.lora_matmul(dy, B.t(), scale=2.0, out_dtype=side, dot_dtype=dtype)
+    # S and dS in the activations' dtype, as the layer keeps them (functional.py).
+    S = kernels.lora_matmul(x, A, scale=2.0, out_dtype=dtype, dot_dtype=dtype)
+    dS = kernels.lora_matmul(dy, B.t(), scale=2.0, out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
 
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
@@ -65,9 +65,9 @@ def pieces(K, N, M, r, dtype, device):
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
-        "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=side)),
+        "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=dtype)),
         "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
-        "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, side), B),
+        "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, dtype), B),
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
@@ -75,7 +75,7 @@ def pieces(K, N, M, r, dtype, device):
         # backward pieces, against cuBLAS dX = dY W
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
-        "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=side)),
+        "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype)),
         "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
         "dA = xᵀ dS (split)": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
         "dB = Sᵀ dY (split)": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),

@@ -4,13 +4,17 @@ With no GPU, Triton's interpreter runs the kernels on CPU tensors; it must be sw
 Triton compiles anything, so here, before any test module imports lora_kernels.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 
 # A fresh compile cache per run: Inductor's on-disk cache can outlive a change to the ops' schema
 # and would replay a graph that calls them the old way.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_kernels_inductor_")
+_CACHE = tempfile.mkdtemp(prefix="lora_kernels_inductor_")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
