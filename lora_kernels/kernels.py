@@ -73,22 +73,29 @@ def _fit(block, size):
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
-# Shared memory per block on Hopper (227 KiB); the pipeline holds num_stages tiles of X and W.
+# Shared memory a block may use on Hopper (227 KiB); other GPUs report their own (A100: 163 KiB).
 SMEM_BYTES = 227 * 1024
+
+
+def _smem_bytes(tensor):
+    if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+        return torch.cuda.get_device_properties(tensor.device).shared_memory_per_block_optin
+    return SMEM_BYTES
 
 
 def _prune(configs, named_args, **kwargs):
     """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
-    fit in shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
+    fit in the GPU's shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
     M, N = named_args["M"], named_args["N"]
     size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+    smem = _smem_bytes(named_args.get("x_ptr"))
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
         stages = c.num_stages
-        while stages > 2 and stages * (bm + bn) * bk * size > SMEM_BYTES:
+        while stages > 2 and stages * (bm + bn) * bk * size > smem:
             stages -= 1
-        if stages * (bm + bn) * bk * size > SMEM_BYTES:
+        if stages * (bm + bn) * bk * size > smem:
             continue
         kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
@@ -103,9 +110,11 @@ def _prune(configs, named_args, **kwargs):
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
 # or to the low-rank term at the output (dX's share dS Aᵀ ⊙ m). The 1/(1-p) rescale is not done
 # here: the launcher folds it into ``scale`` (see functional.py), so masks are exact zeros.
-DROP_NONE: tl.constexpr = 0
-DROP_X: tl.constexpr = 1
-DROP_LOWRANK: tl.constexpr = 2
+# (Module-level values a kernel reads must be tl.constexpr objects: the GPU compiler rejects plain
+# globals and annotations, though the interpreter accepts them.)
+DROP_NONE = tl.constexpr(0)
+DROP_X = tl.constexpr(1)
+DROP_LOWRANK = tl.constexpr(2)
 _DROP_MODE = {None: 0, "x": 1, "lowrank": 2}  # the same values, for the launcher
 
 

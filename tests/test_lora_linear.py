@@ -175,9 +175,12 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
     assert any(len(s) == 3 for s in shapes) == split  # a (split, M, N) partial buffer was used
 
 
-def test_prune_fits_tiles_to_problem_and_shared_memory():
+@pytest.mark.parametrize("smem", [kernels.SMEM_BYTES, 99 * 1024])  # Hopper's, and a consumer GPU's
+def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
     """The autotuner's pruning (it only runs with several configs, i.e. on a GPU): tiles shrink to
-    the problem, stages drop until X and W tiles fit in shared memory, and something always stays."""
+    the problem, stages drop until X and W tiles fit in the GPU's shared memory, and something
+    always stays."""
+    monkeypatch.setattr(kernels, "_smem_bytes", lambda tensor: smem)
     import triton
     import triton.language as tl
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=8, num_stages=st)
@@ -188,8 +191,8 @@ def test_prune_fits_tiles_to_problem_and_shared_memory():
         assert kept
         for c in kept:
             k = c.kwargs
-            assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size <= kernels.SMEM_BYTES
-        if dot == tl.bfloat16:
+            assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size <= smem
+        if dot == tl.bfloat16 and smem == kernels.SMEM_BYTES:
             assert len(kept) == len(configs)  # all fit in bf16 (one with fewer stages), none lost
     shrink = kernels._prune(configs, {"M": 8192, "N": 8}, DOT_DTYPE=tl.bfloat16)
     assert {c.kwargs["BLOCK_N"] for c in shrink} == {16} and len(shrink) < len(configs)  # deduplicated

@@ -1,0 +1,252 @@
+"""Compile the fused layer's Triton kernels for an NVIDIA GPU ahead of time, with or without one.
+
+    python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--report FILE]
+                                    [--shapes ...] [--tokens ...] [--ranks ...] [--dtype bf16] [--variants]
+
+It runs the layer's forward and backward for the benchmark sweep's configurations (the same
+defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every kernel launch, and
+compiles each launch's pruned autotune configs for the target into Triton's on-disk cache, N
+processes at a time. No launch runs and no GPU is touched: a stand-in driver names the target.
+
+Two uses:
+
+* anywhere (no GPU needed): proof that every kernel specialization the layer launches compiles for
+  Hopper (sm_90), and a table of each config's registers, spilled bytes and shared memory, as
+  ptxas left them in the binary (read back with the cuobjdump that Triton ships);
+* on the GPU host, right before the benchmark (``scripts/gpu_check.sh``): the autotuner compiles
+  its configs one at a time, so a cold sweep spends minutes compiling; filled in parallel first,
+  the cache leaves it only the timing.
+
+The launches are recorded with the arguments the GPU run will pass (sizes, strides, dtypes, the
+split count for ``--sms`` SMs), so the compiled specializations are the ones it will look up.
+"""
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+# The kernels must be imported for the GPU (autotuned configs), never for Triton's interpreter.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("benchmarks.precompile compiles for a GPU: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+from lora_kernels import functional, kernels  # noqa: E402
+
+from .run import GPU_RANKS, GPU_SHAPES, GPU_TOKENS, _ints, _shapes, plan  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+# H100 and H200 (SXM) both have 132 SMs; the split count of dA and dB depends on it.
+HOPPER_SMS = 132
+
+
+class _StandInDriver:
+    """Just enough of Triton's driver for compiling (``warmup``) without a GPU: it names the target."""
+
+    def __init__(self, arch):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _Recorder:
+    """Stands in for the autotuned kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            # Tensors become their dtype (Triton's warmup accepts that): placeholders then pickle
+            # for free, and a dtype specializes as a 16-byte-aligned pointer, as CUDA memory is.
+            self.launches.append((tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+        return launch
+
+
+def _spec(value):
+    # What Triton specializes an argument on: a pointer's dtype, an integer's width, its
+    # divisibility by 16 and whether it is 1; floats only by type.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value) if not isinstance(value, float) else "fp"
+    return ("i64" if abs(value) >= 2**31 else "i32", value % 16 == 0, value == 1)
+
+
+def record(configs, dtypes, sms, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):
+    """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
+    and dtype: with ``variants``, for both shrink placements and as a plain GEMM too (what
+    ``benchmarks.variants`` times); with ``tf32``, fp32 products on TF32 tensor cores as well."""
+    recorder = _Recorder()
+    seed = torch.tensor(12345) if dropout > 0 else None
+    fuse_options = ("0", "1") if variants else (os.environ.get("LORA_KERNELS_FUSE_SHRINK", "0"),)
+    needs = [True, trainable_base, trainable_base, True, True]
+    with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
+            mock.patch.object(kernels, "_num_sms", lambda device: sms), torch.no_grad():
+        for (K, N, M, r), dtype, fuse in itertools.product(configs, dtypes, fuse_options):
+            # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
+            x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
+            W, b = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
+            A, B = torch.empty(K, r, dtype=dtype), torch.empty(r, N, dtype=dtype)
+            for precision in ("ieee", "tf32") if tf32 and dtype == torch.float32 else (None,):
+                chosen = mock.patch.object(kernels, "_input_precision", lambda d, p=precision: p or _precision(d))
+                with chosen, mock.patch.dict(os.environ, {"LORA_KERNELS_FUSE_SHRINK": fuse}):
+                    _, S = functional._forward(x, W, b, A, B, 2.0, dropout, seed, "triton")
+                    functional._backward(dy, x, W, A, B, S, 2.0, dropout, seed, needs, "triton")
+                    if variants:  # benchmarks.variants also times the kernel as a plain GEMM: forward, dX
+                        kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
+                        kernels.lora_matmul(dy, W, out_dtype=dtype, dot_dtype=dtype)
+    return recorder.launches
+
+
+_precision = kernels._input_precision  # the real choice, for the recorder's patch to fall back on
+
+
+def jobs_for(launches):
+    """(launch, config) pairs: every config the autotuner keeps for each launch, deduplicated."""
+    tuner = kernels._lora_matmul_kernel
+    seen, jobs = set(), []
+    for args, kwargs in launches:
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            configs = tuner.prune_configs(kwargs)
+        finally:
+            tuner.nargs = None
+        for config in configs:
+            spec = (tuple(_spec(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+                    tuple(sorted(config.all_kwargs().items())))
+            if spec not in seen:
+                seen.add(spec)
+                jobs.append((args, kwargs, config.all_kwargs()))
+    return jobs
+
+
+def _init_worker(arch):
+    driver.set_active(_StandInDriver(arch))
+
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resources(cubin):
+    """{"regs", "local"} from the binary's resource usage: local memory is where registers spill."""
+    if not os.path.exists(CUOBJDUMP):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", text))
+    return {"regs": int(found["REG"]), "local": int(found["LOCAL"])} if found else {}
+
+
+def compile_one(job):
+    """Compile one (launch, config) for the target; returns what it cost and what it uses."""
+    args, kwargs, config = job
+    started = time.perf_counter()
+    try:
+        compiled = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config)
+    except Exception as e:  # reported per config: one that fails to compile must not hide the rest
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm.get("ptx", ""),
+            **_resources(compiled.asm["cubin"])}
+
+
+def describe(args, kwargs, config):
+    """A short name for a job: which product, its sizes and its tile config."""
+    named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
+    use = ("GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
+           else "product")
+    if named["K_PER_SPLIT"] < named["K"]:
+        use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
+    tile = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+    dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
+    return use, f"M={named['M']} N={named['N']} K={named['K']}", tile, dot
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes (default: all cores)")
+    p.add_argument("--arch", type=int, help="compute capability as 90 (default: the GPU here, else 90)")
+    p.add_argument("--sms", type=int, help=f"SMs of the GPU (default: the GPU here, else {HOPPER_SMS})")
+    p.add_argument("--shapes", type=_shapes, default=GPU_SHAPES)
+    p.add_argument("--tokens", type=_ints, default=GPU_TOKENS)
+    p.add_argument("--ranks", type=_ints, default=GPU_RANKS)
+    p.add_argument("--full-product", action="store_true")
+    p.add_argument("--dtypes", type=lambda t: [DTYPES[d.strip()] for d in t.split(",")], default=[torch.bfloat16],
+                   help=f"comma-separated, from {','.join(DTYPES)} (default bf16)")
+    p.add_argument("--tf32", action="store_true", help="fp32 products on TF32 tensor cores as well as in IEEE fp32")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (the masked kernels)")
+    p.add_argument("--trainable-base", action="store_true")
+    p.add_argument("--variants", action="store_true", help="also what benchmarks.variants launches")
+    p.add_argument("--limit", type=int, help="compile only the first N jobs (a quick check)")
+    p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    arch = args.arch or (int("%d%d" % torch.cuda.get_device_capability()) if cuda else 90)
+    sms = args.sms or (torch.cuda.get_device_properties(0).multi_processor_count if cuda else HOPPER_SMS)
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if cuda else kernels.SMEM_BYTES
+    configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
+    started = time.perf_counter()
+    launches = record(configs, args.dtypes, sms, trainable_base=args.trainable_base, dropout=args.dropout,
+                      variants=args.variants, tf32=args.tf32)
+    jobs = jobs_for(launches)[:args.limit]
+    print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
+          f"compiles for sm_{arch}, {args.jobs} processes", flush=True)
+
+    # spawn, not fork: the workers must not inherit a CUDA context or torch's thread pools.
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=(arch,)) as pool:
+        results = list(pool.map(compile_one, jobs, chunksize=1))
+    elapsed = time.perf_counter() - started
+
+    for r in results:  # Triton checks shared memory at launch, not at compile time: check it here
+        if r.get("shared", 0) > smem:
+            r["error"] = f"needs {r['shared'] / 1024:.0f} KiB of shared memory, the GPU has {smem / 1024:.0f}"
+    failed = [(job, r) for job, r in zip(jobs, results) if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    spilled = [(job, r) for job, r in zip(jobs, results) if r.get("local")]
+    total = sum(r["seconds"] for r in ok)
+    print(f"compiled {len(ok)} of {len(jobs)} in {elapsed:.1f} s ({total:.1f} s of compiler time, "
+          f"{total / max(len(ok), 1):.2f} s each); {len(failed)} failed; {len(spilled)} spill registers")
+    for job, r in failed:
+        print("FAILED", *describe(*job), r["error"])
+    if args.report:
+        lines = [f"# Ahead-of-time compile for sm_{arch}, triton {triton.__version__}", "",
+                 f"{len(jobs)} (launch, config) pairs from {len(configs)} configurations of the sweep; "
+                 f"{elapsed:.1f} s with {args.jobs} processes.", "",
+                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma |",
+                 "|---|---|---|---|---:|---:|---:|---:|---|"]
+        for job, r in zip(jobs, results):
+            use, sizes, tile, dot = describe(*job)
+            if "error" in r:
+                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | |")
+            else:
+                lines.append(f"| {use} | {sizes} | {dot} | {tile} | {r['seconds']:.2f} | {r.get('regs', '?')} | "
+                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} |")
+        with open(args.report, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The kernels compile for Hopper (sm_90), checked without a GPU.
+
+Triton's interpreter, which runs the kernels in CI, skips the GPU compiler, and so misses what
+only the compiler rejects (once: a module-level constant the kernel read, which the interpreter
+accepted and the compiler refused, so the kernel could not have run on any GPU). Here
+``benchmarks.precompile`` records every launch of a forward and backward (each dtype, TF32,
+dropout, a trainable base, both shrink placements, ranks above and below the fused-shrink limit)
+and compiles each with the GPU suite's fixed tile config for sm_90, with the ptxas Triton ships.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_launch_compiles_for_hopper(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A fresh cache, so each kernel really goes through the compiler; one tile config per launch.
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), LORA_KERNELS_AUTOTUNE="0", PYTHONPATH=ROOT)
+    report = tmp_path / "report.md"
+    cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", "90", "--jobs", str(min(4, os.cpu_count() or 1)),
+           "--shapes", "256x512,512x256", "--tokens", "128", "--ranks", "16,100", "--dtypes", "fp64,fp32,fp16,bf16",
+           "--tf32", "--dropout", "0.1", "--trainable-base", "--variants", "--report", str(report)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| use")]
+    assert len(rows) >= 60, f"too few launches recorded: {len(rows)}"
+    seen = set()
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma in rows:
+        assert float(seconds) > 0 and int(regs) > 0 and 0 < float(smem) <= 227, (use, sizes, dot, tile)
+        seen.add((use.split(",")[0], dot))
+        block_m = int(re.match(r"(\d+)x", tile).group(1))
+        if dot in ("bf16", "fp16", "fp32 tf32") and block_m >= 64:
+            # Tensor cores the Hopper way (warpgroup MMA), not the older mma.sync or plain FMAs.
+            assert wgmma == "yes", (use, sizes, dot, tile)
+        if dot in ("fp32", "fp64"):
+            assert wgmma == "no", (use, sizes, dot, tile)  # IEEE asked for: no TF32 tensor cores
+    uses = {"product", "GEMM + low rank", "GEMM + fused shrink"}
+    dots = {"fp64", "fp32", "fp32 tf32", "fp16", "bf16"}
+    assert seen == {(u, d) for u in uses for d in dots}, seen
