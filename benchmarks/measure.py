@@ -198,6 +198,20 @@ def mode_step(layer, mode, xs, dys):
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 
+def ceilings(device, timer):
+    """This card's two ceilings, measured (METHOD.md: datasheet rates are only leads): device copy
+    bandwidth, counting bytes read plus written, and the bf16 GEMM rate on random 8192³ operands."""
+    n = 8192
+    src = torch.randn(2**28, device=device)  # 1 GiB of fp32
+    dst = torch.empty_like(src)
+    copy_ms = timer(lambda: None, lambda _: dst.copy_(src))[0]
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    gemm_ms = timer(lambda: None, lambda _: a @ b)[0]
+    del src, dst, a, b
+    return {"copy_tb_s": 2 * 2**30 / copy_ms / 1e9, "bf16_tflops": 2 * n**3 / gemm_ms / 1e9,
+            "copy_ms": copy_ms, "gemm_ms": gemm_ms}
+
+
 class Timer:
     """Median milliseconds of ``step(setup())`` after a warm-up, on CUDA events or perf_counter.
 

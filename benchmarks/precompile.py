@@ -176,7 +176,7 @@ def describe(args, kwargs, config):
            else "product")
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
-    tile = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+    tile = kernels.tile_name(config)
     dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
     return use, f"M={named['M']} N={named['N']} K={named['K']}", tile, dot
 

@@ -52,7 +52,7 @@ def versions():
     return out
 
 
-def results_dir(out_flag, card_slug, date):
+def results_dir(out_flag, card_slug, date, name=None):
     """--out DIR wins; else $OUT/benchmarks/results when OUT is set; else benchmarks/results here."""
     if out_flag:
         parent = Path(out_flag)
@@ -60,7 +60,7 @@ def results_dir(out_flag, card_slug, date):
         parent = Path(os.environ["OUT"]) / "benchmarks" / "results"
     else:
         parent = DEFAULT_PARENT
-    return parent / f"{card_slug}-{date}"
+    return parent / (f"{card_slug}-{date}" + (f"-{name}" if name else ""))
 
 
 # --- the table ------------------------------------------------------------------------------------

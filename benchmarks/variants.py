@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import time
 
 import torch
@@ -86,6 +87,35 @@ def pieces(K, N, M, r, dtype, device):
     }
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived (a `timeout` ran out): what was measured is still written."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
+def write(out, meta, rows, started):
+    """variants.json and variants.md under `out`, rewritten after each shape."""
+    meta = {**meta, "elapsed_s": round(time.perf_counter() - started, 1)}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "variants.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Kernel variants on {meta['card']}, {meta['date']}", "",
+             f"{meta['dtype']}, {meta['tokens']} tokens, rank {meta['rank']}; torch {meta['torch']}, "
+             f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
+             "config: the autotuner's choice for the piece's last launch."
+             + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
+             "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        if r["ms"] is None:
+            lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {r['ratio']:.3f} | {r['config'] or ''} |")
+    with open(os.path.join(out, "variants.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
@@ -102,28 +132,34 @@ def main(argv=None):
     timer = Timer(device, warmup_ms=10, rep_ms=40) if device.type == "cuda" else None
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} (interpreter)"
     rows, started = [], time.perf_counter()
-    for K, N in args.shapes:
-        floors = {}
-        for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
-            fn()  # compile and autotune outside the timing
-            ms = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
-            floors.setdefault(kind, ms)  # the first row of each kind is its floor
-            rows.append({"shape": f"{K}→{N}", "piece": name, "ms": ms, "ratio": ms / floors[kind]})
-            print(f"{K}→{N:<6} {name:34s} {ms:9.4f} ms  ×{ms / floors[kind]:.3f}", flush=True)
     meta = {"card": card, "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rank": args.rank,
-            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
-            "elapsed_s": round(time.perf_counter() - started, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "variants.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Kernel variants on {card}, {meta['date']}", "",
-             f"{args.dtype}, {args.tokens} tokens, rank {args.rank}; torch {meta['torch']}, triton {meta['triton']}; "
-             "ratios are to the first row of each group (the floor) in the same run.", "",
-             "| shape | piece | ms | × floor |", "|---|---|---:|---:|"]
-    lines += [f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {r['ratio']:.3f} |" for r in rows]
-    with open(os.path.join(args.out, "variants.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}/variants.md and variants.json in {meta['elapsed_s']} s")
+            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__}
+    signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the shapes done so far
+    try:
+        for K, N in args.shapes:
+            floors = {}
+            for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
+                row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
+                try:
+                    kernels._lora_matmul_kernel.best_config = None
+                    fn()  # compile and autotune outside the timing
+                    # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
+                    best = kernels._lora_matmul_kernel.best_config
+                    row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
+                    row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
+                except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
+                    row["error"] = f"{type(e).__name__}: {e}"
+                if row["ms"] is not None:
+                    floors.setdefault(kind, row["ms"])  # the first row of each kind is its floor
+                    row["ratio"] = row["ms"] / floors[kind]
+                rows.append(row)
+                print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio']:.3f}" if row["ms"] is not None
+                                                  else row["error"]), flush=True)
+            write(args.out, meta, rows, started)
+    except Stopped as e:
+        meta["stopped"] = str(e)
+    write(args.out, meta, rows, started)
+    print(f"wrote {args.out}/variants.md and variants.json in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

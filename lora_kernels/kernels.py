@@ -68,6 +68,12 @@ def _configs():
     ]
 
 
+def tile_name(config):
+    """'BMxBNxBK wWARPS sSTAGES' for a config's ``all_kwargs()``, as the tools report it."""
+    c = config
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+
+
 def _fit(block, size):
     # tl.dot needs every block dimension >= 16; no point in a tile larger than the problem.
     return max(16, min(block, triton.next_power_of_2(size)))

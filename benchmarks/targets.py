@@ -1,0 +1,77 @@
+"""Issue 4's targets, read off benchmark results: ``python -m benchmarks.targets RESULTS.json
+[--dropout DROPOUT_RESULTS.json] [--out FILE]``.
+
+Each ratio comes from one run (times measured side by side); the speedup over peft is taken from
+the dropout run when one is given (peft's common lora_dropout = 0.1, against fused with the same
+dropout), else from the main run. The anchor is 8192 tokens at rank 16; rank 64 and 2048 tokens
+are reported against the same bounds, to show where each target holds and where not.
+"""
+
+import argparse
+import json
+
+# (column, mode, provider whose time is divided by fused's or base's, bound, which way is good)
+TARGETS = [
+    ("forward × base", "forward", "fused/base", 1.05),
+    ("fwd+bwd × base", "forward+backward", "fused/base", 1.10),
+    ("speedup vs peft", "forward+backward", "peft/fused", 1.5),
+    ("speedup vs addmm", "forward+backward", "addmm/fused", 1.2),
+    ("speedup vs compiled", "forward+backward", "compiled/fused", 1.15),
+]
+
+
+def _times(rows):
+    return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]): r["ms"] for r in rows if r["ms"]}
+
+
+def table(results, dropout_results=None):
+    """Markdown: one line per (shape, tokens, rank), a cell per target with its ratio and ✓ or ✗."""
+    times = _times(results["rows"])
+    peft_times = _times(dropout_results["rows"]) if dropout_results else times
+    configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in results["rows"]))
+    lines = ["| shape | tokens | rank | " + " | ".join(t[0] for t in TARGETS) + " |",
+             "|---|---:|---:|" + "---:|" * len(TARGETS)]
+    for K, N, M, r in configs:
+        cells = []
+        for name, mode, ratio, bound in TARGETS:
+            num, den = ratio.split("/")
+            source = peft_times if num == "peft" else times
+            a, b = source.get((K, N, M, r, mode, num)), source.get((K, N, M, r, mode, den))
+            if a is None or b is None:
+                cells.append("—")
+                continue
+            value = a / b
+            # Times over base must stay under the bound; speedups must reach it.
+            ok = value <= bound if den == "base" else value >= bound
+            cells.append(f"{value:.2f} {'✓' if ok else '✗'}")
+        lines.append(f"| {K}→{N} | {M} | {r} | " + " | ".join(cells) + " |")
+    bounds = ", ".join(f"{name} {'≤' if ratio.endswith('base') else '≥'} {bound}"
+                       for name, _, ratio, bound in TARGETS)
+    head = [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
+            "Ratios of times measured side by side in one run"
+            + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both."
+               if dropout_results else "; vs peft without dropout."), ""]
+    return "\n".join(head + lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="results.json of a benchmarks.run sweep")
+    p.add_argument("--dropout", metavar="RESULTS", help="results.json of a run with --dropout (for peft)")
+    p.add_argument("--out", metavar="FILE", help="also write the table here")
+    args = p.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    dropout = None
+    if args.dropout:
+        with open(args.dropout) as f:
+            dropout = json.load(f)
+    text = table(results, dropout)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
