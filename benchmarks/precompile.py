@@ -89,7 +89,7 @@ def _spec(value):
     return ("i64" if abs(value) >= 2**31 else "i32", value % 16 == 0, value == 1)
 
 
-def record(configs, dtypes, sms, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):
+def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):
     """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
     and dtype: with ``variants``, for both shrink placements and as a plain GEMM too (what
     ``benchmarks.variants`` times); with ``tf32``, fp32 products on TF32 tensor cores as well."""
@@ -98,7 +98,8 @@ def record(configs, dtypes, sms, *, trainable_base=False, dropout=0.0, variants=
     fuse_options = ("0", "1") if variants else (os.environ.get("LORA_KERNELS_FUSE_SHRINK", "0"),)
     needs = [True, trainable_base, trainable_base, True, True]
     with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
-            mock.patch.object(kernels, "_num_sms", lambda device: sms), torch.no_grad():
+            mock.patch.object(kernels, "_num_sms", lambda device: sms), \
+            mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), torch.no_grad():
         for (K, N, M, r), dtype, fuse in itertools.product(configs, dtypes, fuse_options):
             # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
             x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
@@ -123,11 +124,13 @@ def jobs_for(launches):
     tuner = kernels._lora_matmul_kernel
     seen, jobs = set(), []
     for args, kwargs in launches:
-        tuner.nargs = dict(zip(tuner.arg_names, args))
-        try:
-            configs = tuner.prune_configs(kwargs)
-        finally:
-            tuner.nargs = None
+        configs = tuner.configs
+        if len(configs) > 1:  # as the autotuner does: a lone config runs as it is, unpruned
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                configs = tuner.prune_configs(kwargs)
+            finally:
+                tuner.nargs = None
         for config in configs:
             spec = (tuple(_spec(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
                     tuple(sorted(config.all_kwargs().items())))
@@ -165,8 +168,9 @@ def compile_one(job):
     except Exception as e:  # reported per config: one that fails to compile must not hide the rest
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm.get("ptx", ""),
-            **_resources(compiled.asm["cubin"])}
+    ptx = compiled.asm.get("ptx", "")
+    return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx, **_resources(compiled.asm["cubin"])}
 
 
 def describe(args, kwargs, config):
@@ -176,7 +180,7 @@ def describe(args, kwargs, config):
            else "product")
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
-    tile = kernels.tile_name(config)
+    tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"]))
     dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
     return use, f"M={named['M']} N={named['N']} K={named['K']}", tile, dot
 
@@ -206,7 +210,7 @@ def main(argv=None):
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if cuda else kernels.SMEM_BYTES
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
     started = time.perf_counter()
-    launches = record(configs, args.dtypes, sms, trainable_base=args.trainable_base, dropout=args.dropout,
+    launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base, dropout=args.dropout,
                       variants=args.variants, tf32=args.tf32)
     jobs = jobs_for(launches)[:args.limit]
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
@@ -233,15 +237,16 @@ def main(argv=None):
         lines = [f"# Ahead-of-time compile for sm_{arch}, triton {triton.__version__}", "",
                  f"{len(jobs)} (launch, config) pairs from {len(configs)} configurations of the sweep; "
                  f"{elapsed:.1f} s with {args.jobs} processes.", "",
-                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma |",
-                 "|---|---|---|---|---:|---:|---:|---:|---|"]
+                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA |",
+                 "|---|---|---|---|---:|---:|---:|---:|---|---|"]
         for job, r in zip(jobs, results):
             use, sizes, tile, dot = describe(*job)
             if "error" in r:
-                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | |")
+                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | | |")
             else:
+                yes = {True: "yes", False: "no"}
                 lines.append(f"| {use} | {sizes} | {dot} | {tile} | {r['seconds']:.2f} | {r.get('regs', '?')} | "
-                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} |")
+                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} |")
         with open(args.report, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.report}")

@@ -24,12 +24,14 @@ autotune (a trial overwrites, it never accumulates).
 """
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 # The interpreter runs on CPU tensors with no GPU driver, where an autotuner with more than one
 # config cannot benchmark: give it one small config. Read once, like Triton itself does.
@@ -44,10 +46,13 @@ SPLIT_CHUNK = 64 if INTERPRET else 256
 
 
 def _configs():
+    # USE_TMA asks for tensor-memory-accelerator loads, taken where the launch allows them (ALLOW_TMA:
+    # the kernel checks both), so the fixed configs below use them wherever they can.
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True}, num_warps=4,
+                              num_stages=3)]
     # Hopper-first tile shapes; the pruner below shrinks them to small problems.
     shapes = [
         # BM, BN, BK, warps, stages
@@ -62,16 +67,19 @@ def _configs():
         (64, 32, 128, 4, 4),
         (32, 64, 128, 4, 4),
     ]
+    # Each tile shape with pointer loads and with TMA loads: which is faster is the measurement's call.
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma}, num_warps=w,
+                      num_stages=s)
+        for bm, bn, bk, w, s in shapes for tma in (False, True)
     ]
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES' for a config's ``all_kwargs()``, as the tools report it."""
+    """'BMxBNxBK wWARPS sSTAGES [tma]' for a config's ``all_kwargs()``, as the tools report it."""
     c = config
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+    return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+            + (" tma" if c.get("USE_TMA") else ""))
 
 
 def _fit(block, size):
@@ -95,6 +103,7 @@ def _prune(configs, named_args, **kwargs):
     M, N = named_args["M"], named_args["N"]
     size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
     smem = _smem_bytes(named_args.get("x_ptr"))
+    allow_tma = kwargs.get("ALLOW_TMA", False)
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
@@ -103,14 +112,14 @@ def _prune(configs, named_args, **kwargs):
             stages -= 1
         if stages * (bm + bn) * bk * size > smem:
             continue
-        kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn)
+        kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
         if key not in seen:
             seen.add(key)
             kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
     # The smallest tile fits any dtype: never leave the autotuner with nothing.
-    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                                  num_stages=2)]
+    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "USE_TMA": False},
+                                  num_warps=4, num_stages=2)]
 
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
@@ -159,7 +168,8 @@ def _bench(fn, quantiles):
     configs=_configs(),
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
     # dA, dB) must not re-run the tuning. The rank changes the epilogue, not which tile shape wins.
-    key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "DROPOUT"],
+    key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
+         "ALLOW_TMA"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
 )
@@ -177,8 +187,11 @@ def _lora_matmul_kernel(
     # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p
     seed, p_drop, drop_si, drop_sj,
     # meta-parameters
-    HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, X_TRANSPOSED: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
+    X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+    # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice
+    ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -200,20 +213,47 @@ def _lora_matmul_kernel(
     mask_m = rm < M
     mask_n = rn < N
 
-    k_lo = pid_split.to(tl.int64) * K_PER_SPLIT
+    # The reduction's own offsets fit int32 (TMA wants int32 coordinates); each is widened before it
+    # meets a stride.
+    k_lo = pid_split * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
         rr = tl.arange(0, BLOCK_R)
         mask_r = rr < R
         shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    if USE_TMA and ALLOW_TMA:  # (a lone config is not pruned, so both are checked here)
+        # Tensor-memory-accelerator loads (Hopper): the copy engine fetches whole tiles into shared
+        # memory and zero-fills past the tensor's edge, with no address arithmetic in the threads. A
+        # descriptor's last dimension must be the contiguous one, so an operand stored the other way
+        # round is described as stored and its tile transposed after the load (the MMA reads either
+        # layout from shared memory). Split chunks are whole BLOCK_Ks, so no tile crosses a split.
+        if X_TRANSPOSED:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[K, M], strides=[stride_xk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_M])
+        else:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        if W_TRANSPOSED:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
         mask_k = rk < k_hi
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        if USE_TMA and ALLOW_TMA:
+            x = x_desc.load([k0, m0]).T if X_TRANSPOSED else x_desc.load([m0, k0])
+            w = w_desc.load([n0, k0]).T if W_TRANSPOSED else w_desc.load([k0, n0])
+            x, w = x.to(DOT_DTYPE), w.to(DOT_DTYPE)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+            w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
         # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
         x_drop = x
         if DROPOUT == DROP_X:
@@ -279,6 +319,36 @@ def _input_precision(dot_dtype):
     if setting != "none":
         return "tf32" if setting == "tf32" else "ieee"
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
+# LORA_KERNELS_TMA=0 keeps every launch on pointer loads (a way around a TMA problem).
+TMA = os.environ.get("LORA_KERNELS_TMA", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_available(device):
+    # Hopper (compute capability 9) and later; the interpreter emulates descriptors, so CI tests them.
+    return torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda" else INTERPRET
+
+
+def _tma_ok(t):
+    """Whether a 2-D operand can be read through a TMA descriptor: one unit stride, the other a
+    multiple of 16 bytes, and a 16-byte-aligned start (an odd slice, say, has none of that)."""
+    s0, s1 = t.stride()
+    other = s0 if s1 == 1 else s1 if s0 == 1 else None
+    return other is not None and other * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator():
+    # A descriptor made inside a kernel needs a few bytes of global scratch per program, from an
+    # allocator Triton keeps per thread (autograd runs the backward on a thread of its own):
+    # install PyTorch's wherever none is set, and leave one a user has set alone.
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _on_device(device):
@@ -356,7 +426,10 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    allow_tma = TMA and _tma_available(x.device) and _tma_ok(x) and _tma_ok(w)
     with _on_device(x.device):  # Triton launches on the current device, not the tensors'
+        if allow_tma and x.is_cuda:
+            _ensure_allocator()
         _lora_matmul_kernel[grid](
             x, w, l_, r_, bias if bias is not None else x, dest, s_out,
             M, N, K, R, k_per_split, *(triton.next_power_of_2(n) for n in (M, N, K)),
@@ -367,7 +440,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
             *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
             HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
             DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
-            X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1,
+            X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1, W_TRANSPOSED=w.stride(1) != 1 and w.stride(0) == 1,
+            ALLOW_TMA=allow_tma,
             DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
             INPUT_PRECISION=_input_precision(dot_dtype),
             BLOCK_R=max(16, triton.next_power_of_2(R)) if fused else max(16, min(64, triton.next_power_of_2(max(R, 1)))),

@@ -78,6 +78,38 @@ def test_fused_shrink(shape, dtype_name, monkeypatch):
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
 
 
+class LaunchSpy:
+    """Stands in for the kernel and records what each launch was told about TMA."""
+
+    def __init__(self, kernel):
+        self.kernel, self.allow_tma = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.allow_tma.append(kwargs["ALLOW_TMA"])
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
+    """Operands whose rows are whole 16 bytes go through TMA descriptors (every one of the six
+    products here, transposed views included), or all through pointer loads with
+    LORA_KERNELS_TMA=0: both give the reference's numbers, split reductions and dW included."""
+    use_triton(monkeypatch)
+    monkeypatch.setattr(kernels, "TMA", tma)
+    spy = LaunchSpy(kernels._lora_matmul_kernel)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    dtype = getattr(torch, dtype_name)
+    check_all(make_inputs((300,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
+    assert len(spy.allow_tma) >= 7  # S, y, dS, dX, dA, dB, dW
+    assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
+
+
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64, 100, 256])
 def test_ranks(backend, rank):
     check_all(make_inputs((29,), 34, 45, rank, torch.float32, seed=rank), 0.5, torch.float32)
