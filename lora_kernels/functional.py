@@ -12,7 +12,9 @@ Every product above is one call of ``matmul``, which runs the Triton kernel
 (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is never
 stored, each product regenerates it from the seed. Forward and backward are registered as custom
 ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
-``torch.compile`` keeps them whole, with no graph break, on both backends.
+``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
+two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
+dispatcher costs more host time per call than the layer's six launches (benchmarks/NOTES.md).
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
 fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored in that dtype too
@@ -169,9 +171,8 @@ class _Dropout:
         return None if self.seed is None else (where, self.seed, self.p, si, sj)
 
 
-@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
-             dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
+                  dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
     dtype = x.dtype
     K = x.shape[-1]
@@ -185,16 +186,18 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0])), S
 
 
+_forward = torch.library.custom_op("lora_kernels::lora_linear_fwd", _forward_impl, mutates_args=())
+
+
 @_forward.register_fake
 def _(x, weight, bias, A, B, alpha, dropout_p, seed, backend):
     M = math.prod(x.shape[:-1])
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1])
 
 
-@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
-def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
-              dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
-              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
+                   dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor.
     ``backend`` is the forward's: the two draw different dropout masks from one seed."""
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
@@ -223,6 +226,9 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Te
     return dx, dw, db, dA, dB
 
 
+_backward = torch.library.custom_op("lora_kernels::lora_linear_bwd", _backward_impl, mutates_args=())
+
+
 @_backward.register_fake
 def _(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs, backend):
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
@@ -235,16 +241,31 @@ def _setup_context(ctx, inputs, output):
     ctx.alpha, ctx.dropout_p, ctx.has_bias, ctx.backend = alpha, dropout_p, bias is not None, backend
 
 
-def _autograd_backward(ctx, dy, _dS):
+def _gradients(ctx, dy, backward):
+    """The nine gradients of the forward's inputs, from ``backward`` (the op or its function)."""
     x, weight, A, B, S, seed = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     needs[2] = needs[2] and ctx.has_bias
-    grads = torch.ops.lora_kernels.lora_linear_bwd(dy, x, weight, A, B, S, ctx.alpha, ctx.dropout_p, seed, needs,
-                                                   ctx.backend)
+    grads = backward(dy, x, weight, A, B, S, ctx.alpha, ctx.dropout_p, seed, needs, ctx.backend)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward.register_autograd(lambda ctx, dy, _dS: _gradients(ctx, dy, _backward), setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """Eager mode: the custom op's forward, context and backward, without the op dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, S = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, (y, S))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no derivative of their own
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, _backward_impl)
 
 
 def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
@@ -270,5 +291,7 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
-    y, _ = _forward(x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
-    return y
+    inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
+    if torch.compiler.is_compiling():  # the op, which the compiler keeps whole
+        return _forward(*inputs)[0]
+    return _EagerLoRALinear.apply(*inputs)

@@ -75,6 +75,17 @@ def _configs():
     ]
 
 
+def _cdiv(a, b):
+    # Host-side ceiling division. (triton.cdiv is a jit function: from Python each call costs a few
+    # microseconds, and a layer's forward and backward made dozens of them; so for _pow2.)
+    return -(-a // b)
+
+
+def _pow2(n):
+    # triton.next_power_of_2, without its constexpr-function wrapper's cost on the host.
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def tile_name(config):
     """'BMxBNxBK wWARPS sSTAGES [tma]' for a config's ``all_kwargs()``, as the tools report it."""
     c = config
@@ -84,7 +95,7 @@ def tile_name(config):
 
 def _fit(block, size):
     # tl.dot needs every block dimension >= 16; no point in a tile larger than the problem.
-    return max(16, min(block, triton.next_power_of_2(size)))
+    return max(16, min(block, _pow2(size)))
 
 
 # Shared memory a block may use on Hopper (227 KiB); other GPUs report their own (A100: 163 KiB).
@@ -154,7 +165,7 @@ def keep_mask(M, K, seed, p, device):
     out = torch.empty((M, K), dtype=torch.bool, device=device)
     if out.numel():
         with _on_device(out.device):
-            _keep_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
+            _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
     return out
 
 
@@ -419,20 +430,20 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     # Split the reduction when the output has too few tiles to fill the GPU (dA, dB: K or N by r).
     split = 1
     if lowrank is None and bias is None:
-        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-        split = max(1, min(triton.cdiv(K, SPLIT_CHUNK), triton.cdiv(2 * _num_sms(x.device), tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
-    split = triton.cdiv(K, k_per_split) if split > 1 else 1
+        tiles = _cdiv(M, 128) * _cdiv(N, 128)
+        split = max(1, min(_cdiv(K, SPLIT_CHUNK), _cdiv(2 * _num_sms(x.device), tiles)))
+    k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
+    split = _cdiv(K, k_per_split) if split > 1 else 1
     dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
 
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), split)
     allow_tma = TMA and _tma_available(x.device) and _tma_ok(x) and _tma_ok(w)
     with _on_device(x.device):  # Triton launches on the current device, not the tensors'
         if allow_tma and x.is_cuda:
             _ensure_allocator()
         _lora_matmul_kernel[grid](
             x, w, l_, r_, bias if bias is not None else x, dest, s_out,
-            M, N, K, R, k_per_split, *(triton.next_power_of_2(n) for n in (M, N, K)),
+            M, N, K, R, k_per_split, *(_pow2(n) for n in (M, N, K)),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
             dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1), s_out.stride(0), s_out.stride(1),
@@ -444,7 +455,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
             ALLOW_TMA=allow_tma,
             DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
             INPUT_PRECISION=_input_precision(dot_dtype),
-            BLOCK_R=max(16, triton.next_power_of_2(R)) if fused else max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+            BLOCK_R=max(16, _pow2(R)) if fused else max(16, min(64, _pow2(max(R, 1)))),
         )
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics.

@@ -180,6 +180,15 @@ def test_deterministic(backend):
         assert torch.equal(g1, g2)
 
 
+def test_double_backward_is_refused(backend):
+    """The kernels have no derivative of their own: differentiating the gradients raises, rather
+    than returning zeros for the missing second-order terms."""
+    x, W, b, A, B = (t.clone().requires_grad_() for t in make_inputs((5,), 6, 7, 2, torch.float32))
+    (dA,) = torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 1.0).square().sum(), A, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|double backward|derivative"):
+        dA.sum().backward()
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck(backend, bias):
     x, W, b, A, B = make_inputs((2, 3), 5, 4, 2, torch.float64, bias=bias)
