@@ -152,6 +152,27 @@ def _keep(seed, p, rows, cols, si, sj):
 
 
 @triton.jit
+def _descriptor(ptr, ROWS, COLS, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    # A TMA descriptor of a (ROWS, COLS) operand. Its last dimension must be the contiguous one, so
+    # an operand stored transposed (a view like xᵀ) is described as stored: (COLS, ROWS).
+    if TRANSPOSED:
+        return tl.make_tensor_descriptor(ptr, shape=[COLS, ROWS], strides=[stride_c, 1],
+                                         block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    return tl.make_tensor_descriptor(ptr, shape=[ROWS, COLS], strides=[stride_r, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS])
+
+
+@triton.jit
+def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
+    # The (BLOCK_ROWS, BLOCK_COLS) tile at (row, col) of an operand described by _descriptor; a
+    # transposed one is loaded as stored and transposed (the MMA reads either layout from shared
+    # memory).
+    if TRANSPOSED:
+        return desc.load([col, row]).T
+    return desc.load([row, col])
+
+
+@triton.jit
 def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
     # The mask itself, for the PyTorch reference in tests: the same _keep as the fused kernels.
     rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -235,31 +256,18 @@ def _lora_matmul_kernel(
         shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     if USE_TMA and ALLOW_TMA:  # (a lone config is not pruned, so both are checked here)
         # Tensor-memory-accelerator loads (Hopper): the copy engine fetches whole tiles into shared
-        # memory and zero-fills past the tensor's edge, with no address arithmetic in the threads. A
-        # descriptor's last dimension must be the contiguous one, so an operand stored the other way
-        # round is described as stored and its tile transposed after the load (the MMA reads either
-        # layout from shared memory). Split chunks are whole BLOCK_Ks, so no tile crosses a split.
-        if X_TRANSPOSED:
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[K, M], strides=[stride_xk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_M])
-        else:
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-        if W_TRANSPOSED:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
+        # memory and zero-fills past the tensor's edge, with no address arithmetic in the threads.
+        # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
+        x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
+        w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
         mask_k = rk < k_hi
         if USE_TMA and ALLOW_TMA:
-            x = x_desc.load([k0, m0]).T if X_TRANSPOSED else x_desc.load([m0, k0])
-            w = w_desc.load([n0, k0]).T if W_TRANSPOSED else w_desc.load([k0, n0])
-            x, w = x.to(DOT_DTYPE), w.to(DOT_DTYPE)
+            x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
+            w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
         else:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
