@@ -10,7 +10,9 @@
 #   all: both, about 9 minutes: give the device call timeout_s=600.
 #
 # Each step has its own time limit and the steps after it run whatever happens to it; the
-# benchmark writes what it measured even when its limit stops it. The device tool returns at most
+# benchmark writes what it measured even when its limit stops it. The whole run ends within
+# GPU_CHECK_SECONDS (default 570, under the device call's 600): a step gets what is left of that at
+# most, and one that would get under 20 s is skipped, so the packing below always happens. The device tool returns at most
 # 8 files, so everything is packed into $OUT/gpu-check.tar.gz, with $OUT/summary.md beside it (the
 # step times, the test lines, the targets), and the summary is printed last.
 set -uo pipefail
@@ -22,6 +24,7 @@ mkdir -p "$OUT" "$W"
 what="${1:-check}"
 status=0
 started=$(date +%s)
+deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 15 ))  # 15 s kept for packing
 
 pack() {
   tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$W")" gpu-check
@@ -35,6 +38,12 @@ step() {
   local name=$1 limit=$2 t0 rc
   shift 2
   t0=$(date +%s)
+  if (( deadline - t0 < limit )); then limit=$(( deadline - t0 )); fi
+  if (( limit < 20 )); then
+    echo "- $name: SKIPPED, out of time" | tee -a "$W/steps.md"
+    status=1
+    return 1
+  fi
   echo "== $name (limit ${limit} s)"
   timeout -k 20 "$limit" "$@" > "$W/$name.log" 2>&1
   rc=$?
@@ -97,7 +106,8 @@ fi
   cat "$W/machine.md"
   echo; echo "## Steps ($(( $(date +%s) - started )) s in all)"; cat "$W/steps.md"
   for log in "$W"/tests-*.log; do
-    [ -e "$log" ] && echo "- $(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -n 1)"
+    [ -e "$log" ] && echo "- $(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -n 1 \
+      | grep . || echo 'no closing line (stopped?)')"
   done
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
   [ -e "$W/targets.md" ] && { echo; echo "## Targets"; cat "$W/targets.md"; }
