@@ -110,8 +110,10 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                 with chosen, mock.patch.dict(os.environ, {"LORA_KERNELS_FUSE_SHRINK": fuse}):
                     _, S = functional._forward(x, W, b, A, B, 2.0, dropout, seed, "triton")
                     functional._backward(dy, x, W, A, B, S, 2.0, dropout, seed, needs, "triton")
-                    if variants:  # benchmarks.variants also times the kernel as a plain GEMM: forward, dX
+                    if variants:  # benchmarks.variants also times plain GEMMs: y (with and without TMA), dX
                         kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
+                        with mock.patch.object(kernels, "TMA", False):
+                            kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(dy, W, out_dtype=dtype, dot_dtype=dtype)
     return recorder.launches
 

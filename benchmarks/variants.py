@@ -3,7 +3,8 @@
     python -m benchmarks.variants [--tokens 8192] [--rank 16] [--dtype bf16] [--out DIR]
 
 For each shape it times, side by side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX),
-this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work), each
+this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work; with
+and without TMA loads), each
 piece of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), and the whole layer with
 the shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``). Every
 ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
@@ -59,6 +60,15 @@ def pieces(K, N, M, r, dtype, device):
                     lora_kernels.lora_linear(x, W, b, A, B, 2.0)
         return run
 
+    def pointers_only(fn):
+        def run():  # tuned apart: ALLOW_TMA is part of the autotuner's key
+            previous, kernels.TMA = kernels.TMA, False
+            try:
+                fn()
+            finally:
+                kernels.TMA = previous
+        return run
+
     def base_fwd_bwd():
         torch.nn.functional.linear(xb, W, b).backward(dy)
 
@@ -66,6 +76,7 @@ def pieces(K, N, M, r, dtype, device):
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
+        "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=dtype)),
         "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, dtype), B),
