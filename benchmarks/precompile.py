@@ -184,7 +184,8 @@ def describe(args, kwargs, config):
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
     tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"]))
     dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
-    return use, f"M={named['M']} N={named['N']} K={named['K']}", tile, dot
+    sizes = f"M={named['M']} N={named['N']} K={named['K']}" + (f" r={named['R']}" if kwargs["HAS_LOWRANK"] else "")
+    return use, sizes, tile, dot
 
 
 def main(argv=None):
