@@ -168,7 +168,10 @@ def compile_one(job):
     try:
         compiled = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config)
     except Exception as e:  # reported per config: one that fails to compile must not hide the rest
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
+        while e.__cause__ is not None:  # the compiler's own complaint, not the source excerpt around it
+            e = e.__cause__
+        message = " ".join(str(e.args[-1] if e.args else e).split())
+        return {"error": f"{type(e).__name__}: {message[:300]}"}
     seconds = time.perf_counter() - started
     ptx = compiled.asm.get("ptx", "")
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
@@ -180,6 +183,8 @@ def describe(args, kwargs, config):
     named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
     use = ("GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
            else "product")
+    layout = [name for name, flag in (("Xᵀ", "X_TRANSPOSED"), ("Wᵀ", "W_TRANSPOSED")) if kwargs[flag]]
+    use += f" ({', '.join(layout)} view)" if layout else ""
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
     tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"]))

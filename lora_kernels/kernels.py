@@ -156,10 +156,14 @@ def _descriptor(ptr, ROWS, COLS, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, B
                 TRANSPOSED: tl.constexpr):
     # A TMA descriptor of a (ROWS, COLS) operand. Its last dimension must be the contiguous one, so
     # an operand stored transposed (a view like xᵀ) is described as stored: (COLS, ROWS).
+    # (One return: the compiler checks every return statement's type, taken or not.)
     if TRANSPOSED:
-        return tl.make_tensor_descriptor(ptr, shape=[COLS, ROWS], strides=[stride_c, 1],
+        desc = tl.make_tensor_descriptor(ptr, shape=[COLS, ROWS], strides=[stride_c, 1],
                                          block_shape=[BLOCK_COLS, BLOCK_ROWS])
-    return tl.make_tensor_descriptor(ptr, shape=[ROWS, COLS], strides=[stride_r, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[ROWS, COLS], strides=[stride_r, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    return desc
 
 
 @triton.jit
@@ -168,8 +172,10 @@ def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
     # transposed one is loaded as stored and transposed (the MMA reads either layout from shared
     # memory).
     if TRANSPOSED:
-        return desc.load([col, row]).T
-    return desc.load([row, col])
+        tile = desc.load([col, row]).T
+    else:
+        tile = desc.load([row, col])
+    return tile
 
 
 @triton.jit

@@ -5,7 +5,8 @@ only the compiler rejects (once: a module-level constant the kernel read, which 
 accepted and the compiler refused, so the kernel could not have run on any GPU). Here
 ``benchmarks.precompile`` records every launch of a forward and backward (each dtype, TF32,
 dropout, a trainable base, both shrink placements, ranks above and below the fused-shrink limit)
-and compiles each with the GPU suite's fixed tile config for sm_90, with the ptxas Triton ships.
+and compiles each for sm_90 with the ptxas Triton ships: every launch with the GPU suite's fixed
+tile config, and every autotune config for bf16 launches.
 """
 
 import os
@@ -19,24 +20,39 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_launch_compiles_for_hopper(tmp_path):
+def compile_for_hopper(tmp_path, autotune, *options):
+    """Run benchmarks.precompile for sm_90 and return its table's rows (one per compiled config)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # A fresh cache, so each kernel really goes through the compiler; one tile config per launch.
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), LORA_KERNELS_AUTOTUNE="0", PYTHONPATH=ROOT)
-    report = tmp_path / "report.md"
+    # A fresh cache, so that each kernel really goes through the compiler.
+    env.update(TRITON_CACHE_DIR=str(tmp_path / f"cache-{autotune}"), LORA_KERNELS_AUTOTUNE=autotune, PYTHONPATH=ROOT)
+    report = tmp_path / f"report-{autotune}.md"
     cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", "90", "--jobs", str(min(4, os.cpu_count() or 1)),
-           "--shapes", "256x512,512x256", "--tokens", "128", "--ranks", "16,100", "--dtypes", "fp64,fp32,fp16,bf16",
-           "--tf32", "--dropout", "0.1", "--trainable-base", "--variants", "--report", str(report)]
+           "--shapes", "256x512,512x256", "--tokens", "128", *options, "--report", str(report)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| use")]
+
+
+def test_autotuned_configs_compile_for_hopper(tmp_path):
+    """Every tile config the autotuner may pick, square or not, with and without TMA (once only
+    square tiles compiled: a helper's two return statements had different types otherwise)."""
+    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16")
+    tiles = {row[3] for row in rows}
+    assert len(rows) >= 60 and any(t.endswith(" tma") for t in tiles) and any(not t.endswith(" tma") for t in tiles)
+    assert any(t.split()[0].split("x")[0] != t.split()[0].split("x")[1] for t in tiles)  # non-square tiles
+
+
+def test_every_launch_compiles_for_hopper(tmp_path):
+    # The GPU suite's fixed tile config, for every kind of launch.
+    rows = compile_for_hopper(tmp_path, "0", "--ranks", "16,100", "--dtypes", "fp64,fp32,fp16,bf16", "--tf32",
+                              "--dropout", "0.1", "--trainable-base", "--variants")
     assert len(rows) >= 60, f"too few launches recorded: {len(rows)}"
-    seen, tma_rows = set(), 0
+    seen, views, tma_rows = set(), set(), 0
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert float(seconds) > 0 and int(regs) > 0 and 0 < float(smem) <= 227, (use, sizes, dot, tile)
-        seen.add((use.split(",")[0], dot))
+        seen.add((re.sub(r" \(.*\)", "", use.split(",")[0]), dot))
+        views.update(re.findall(r"[XW]ᵀ", use))
         # Tiles the launcher cleared for TMA load through the copy engine; the others never do.
         assert (tma == "yes") == tile.endswith(" tma"), (use, sizes, dot, tile)
         tma_rows += tile.endswith(" tma")
@@ -49,5 +65,6 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     uses = {"product", "GEMM + low rank", "GEMM + fused shrink"}
     dots = {"fp64", "fp32", "fp32 tf32", "fp16", "bf16"}
     assert seen == {(u, d) for u in uses for d in dots}, seen
+    assert views == {"Xᵀ", "Wᵀ"}  # transposed operands (xᵀ in dA, Wᵀ in the forward) compiled too
     # TMA and pointer loads both occur: the ranks of 100 (200-byte rows in fp16) rule TMA out.
     assert 0 < tma_rows < len(rows)
