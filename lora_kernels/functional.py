@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 try:  # triton is a Linux-only dependency; elsewhere the PyTorch path serves every call
     from . import kernels
@@ -253,6 +254,13 @@ def _gradients(ctx, dy, backward):
 _forward.register_autograd(lambda ctx, dy, _dS: _gradients(ctx, dy, _backward), setup_context=_setup_context)
 
 
+def _through_ops(t):
+    """Whether a call must go through the custom ops: whenever something traces it (torch.compile,
+    compiled autograd, export) or runs it on fake or meta tensors (memory estimators, models
+    built on the meta device), which only the ops' shape functions serve."""
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+
+
 class _EagerLoRALinear(torch.autograd.Function):
     """Eager mode: the custom op's forward, context and backward, without the op dispatcher."""
 
@@ -265,7 +273,8 @@ class _EagerLoRALinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels have no derivative of their own
     def backward(ctx, dy):
-        return _gradients(ctx, dy, _backward_impl)
+        # An eager forward's backward may still be traced (compiled autograd under DDP, say).
+        return _gradients(ctx, dy, _backward if _through_ops(dy) else _backward_impl)
 
 
 def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
@@ -279,7 +288,7 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     bias when they require grad. Under ``torch.autocast`` the base operands are cast to the
     autocast dtype, as ``F.linear`` would cast them.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and not x.is_meta and torch.is_autocast_enabled(x.device.type):
         # As autocast casts F.linear's operands: floating tensors other than fp64.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
@@ -292,6 +301,6 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
-    if torch.compiler.is_compiling():  # the op, which the compiler keeps whole
+    if _through_ops(x):
         return _forward(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)

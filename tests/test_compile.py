@@ -88,3 +88,40 @@ def test_compile_with_dropout(backend):
         assert rel_err(a, b) < TOL[torch.float32]
     _, g_other = grads_of(compiled, x, seed=6)
     assert not torch.equal(g_other[0], g_comp[0])  # a new seed draws a new mask
+
+
+def test_compiled_autograd_of_an_eager_forward(backend):
+    """Eager forwards run an autograd.Function; when compiled autograd traces their backward (as
+    DDP and FSDP2 users turn on), it must reach the backward op, not trace into the launchers."""
+    from torch._dynamo import compiled_autograd
+
+    model = lora_model(dropout=0.25).train()
+    x = torch.randn(2, 3, 32, device=DEVICE)
+    _, g_eager = grads_of(model, x, seed=3)
+    model.zero_grad()
+    torch.manual_seed(3)
+    y = model(x)
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        y.square().mean().backward()
+    g_comp = [p.grad for p in model.parameters() if p.requires_grad]
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < TOL[torch.float32]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("where", ["fake", "meta"])
+def test_shapes_on_fake_and_meta_tensors(where):
+    """Memory estimators run models on fake tensors, and models are built on the meta device:
+    forward and backward give the right shapes and dtypes there, with dropout too, and no kernel
+    (which needs real memory) is touched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode() if where == "fake" else torch.device("meta")
+    with mode:
+        x, W, b, A, B = (torch.randn(*s) for s in [(2, 5, 8), (6, 8), (6,), (8, 3), (3, 6)])
+        x, A, B = (t.requires_grad_() for t in (x, A, B))
+        y = lora_kernels.lora_linear(x, W, b, A, B, 1.5, dropout_p=0.1)
+        y.sum().backward()
+    assert y.shape == (2, 5, 6) and (x.grad.shape, A.grad.shape, B.grad.shape) == ((2, 5, 8), (8, 3), (3, 6))
+    assert y.dtype == x.grad.dtype == A.grad.dtype == torch.float32
+    assert W.grad is None
