@@ -304,7 +304,7 @@ def main(argv=None):
         notes.append(f"this card's ceilings, measured in this run: {ceiling['copy_tb_s']:.2f} TB/s device copy "
                      f"(bytes read + written), {ceiling['bf16_tflops']:.0f} TFLOP/s bf16 GEMM (8192³, random data)")
     rows = []
-    signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the configurations done so far
+    previous = signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the configurations done
     try:
         with tqdm(total=len(s["configs"]) * len(args.providers), desc="benchmark", unit="layer",
                   file=sys.stderr, dynamic_ncols=True) as progress:
@@ -313,7 +313,8 @@ def main(argv=None):
         done = len({(r["K"], r["N"], r["tokens"], r["rank"]) for r in rows})
         notes.append(f"INCOMPLETE: {e or 'interrupted'} after {done} of {len(s['configs'])} configurations")
         print(f"\n{notes[-1]}", flush=True)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     elapsed = time.perf_counter() - started
     first_calls, spent = time_spent(rows, elapsed, timer)
 

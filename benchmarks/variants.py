@@ -122,7 +122,8 @@ def write(out, meta, rows, started):
         if r["ms"] is None:
             lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {r['error']} | | |")
         else:
-            lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {r['ratio']:.3f} | {r['config'] or ''} |")
+            ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
+            lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {r['config'] or ''} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -160,12 +161,12 @@ def main(argv=None):
                     row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
                     row["error"] = f"{type(e).__name__}: {e}"
-                if row["ms"] is not None:
-                    floors.setdefault(kind, row["ms"])  # the first row of each kind is its floor
+                floors.setdefault(kind, row["ms"])  # the first row of each kind is its floor
+                if row["ms"] is not None and floors[kind] is not None:  # (no ratios if the floor failed)
                     row["ratio"] = row["ms"] / floors[kind]
                 rows.append(row)
-                print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio']:.3f}" if row["ms"] is not None
-                                                  else row["error"]), flush=True)
+                print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio'] or float('nan'):.3f}"
+                                                  if row["ms"] is not None else row["error"]), flush=True)
             write(args.out, meta, rows, started)
     except Stopped as e:
         meta["stopped"] = str(e)

@@ -45,15 +45,17 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 SPLIT_CHUNK = 64 if INTERPRET else 256
 
 
-def _configs():
-    # USE_TMA asks for tensor-memory-accelerator loads, taken where the launch allows them (ALLOW_TMA:
-    # the kernel checks both), so the fixed configs below use them wherever they can.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True}, num_warps=4)]
-    if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True}, num_warps=4,
-                              num_stages=3)]
-    # Hopper-first tile shapes; the pruner below shrinks them to small problems.
+def _check_split_chunk(configs):
+    # The split reduction has no mask at a split's end (TMA tiles cannot have one): every BLOCK_K
+    # must divide the chunk, so that no tile crosses into the next split's rows.
+    assert all(SPLIT_CHUNK % c.kwargs["BLOCK_K"] == 0 for c in configs), "a BLOCK_K does not divide SPLIT_CHUNK"
+    return configs
+
+
+def hopper_configs():
+    """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
+    them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
+    where the launch allows it): which is faster is the measurement's call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -67,12 +69,22 @@ def _configs():
         (64, 32, 128, 4, 4),
         (32, 64, 128, 4, 4),
     ]
-    # Each tile shape with pointer loads and with TMA loads: which is faster is the measurement's call.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma}, num_warps=w,
                       num_stages=s)
         for bm, bn, bk, w, s in shapes for tma in (False, True)
     ]
+
+
+def _configs():
+    # USE_TMA asks for tensor-memory-accelerator loads, taken where the launch allows them (ALLOW_TMA:
+    # the kernel checks both), so the fixed configs below use them wherever they can.
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True}, num_warps=4)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True}, num_warps=4,
+                              num_stages=3)]
+    return hopper_configs()
 
 
 def _cdiv(a, b):
@@ -203,7 +215,7 @@ def _bench(fn, quantiles):
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=_check_split_chunk(_configs()),
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
     # dA, dB) must not re-run the tuning. The rank changes the epilogue, not which tile shape wins.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
@@ -352,16 +364,22 @@ TMA = os.environ.get("LORA_KERNELS_TMA", "1") != "0"
 
 @functools.lru_cache(maxsize=None)
 def _tma_available(device):
-    # Hopper (compute capability 9) and later; the interpreter emulates descriptors, so CI tests them.
-    return torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda" else INTERPRET
+    # NVIDIA Hopper (compute capability 9) and later (ROCm GPUs report 9.x too, without TMA); the
+    # interpreter emulates descriptors, so CI tests them.
+    if device.type == "cuda":
+        return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return INTERPRET
 
 
 def _tma_ok(t):
-    """Whether a 2-D operand can be read through a TMA descriptor: one unit stride, the other a
-    multiple of 16 bytes, and a 16-byte-aligned start (an odd slice, say, has none of that)."""
-    s0, s1 = t.stride()
-    other = s0 if s1 == 1 else s1 if s0 == 1 else None
-    return other is not None and other * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+    """Whether a 2-D operand can be read through a TMA descriptor: not empty, one unit stride, the
+    other a multiple of 16 bytes and at least a row long (a broadcast operand's stride of 0 is
+    no layout a descriptor can state), and a 16-byte-aligned start (an odd slice has none)."""
+    if t.numel() == 0:
+        return False
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    other, row = (s0, n1) if s1 == 1 else (s1, n0) if s0 == 1 else (0, 1)
+    return other >= max(row, 1) and other * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _scratch(size, alignment, stream):

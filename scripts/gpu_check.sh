@@ -4,32 +4,35 @@
 #   bash scripts/gpu_check.sh [check|variants|all]
 #
 #   check (default, about 6 minutes): compile every kernel config in parallel, then the test suite
-#         on CUDA in four shards, then the benchmark sweep, a LoRA-dropout run of peft and fused,
+#         on CUDA in five shards, then the benchmark sweep, a LoRA-dropout run of peft and fused,
 #         and the issue-4 targets table.
 #   variants (about 3 minutes): benchmarks/variants.py, the piece-by-piece timing for tuning.
 #   all: both, about 9 minutes: give the device call timeout_s=600.
 #
 # Each step has its own time limit and the steps after it run whatever happens to it; the
 # benchmark writes what it measured even when its limit stops it. The whole run ends within
-# GPU_CHECK_SECONDS (default 570, under the device call's 600): a step gets what is left of that at
-# most, and one that would get under 20 s is skipped, so the packing below always happens. The device tool returns at most
+# GPU_CHECK_SECONDS (default 570, under the device call's 600; set it below the call's timeout_s
+# when less device time is left): a step gets what is left of that at most, and one that would
+# get under 20 s is skipped, so the packing below always happens. The device tool returns at most
 # 8 files, so everything is packed into $OUT/gpu-check.tar.gz, with $OUT/summary.md beside it (the
 # step times, the test lines, the targets), and the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+what="${1:-check}"
+case "$what" in check|variants|all) ;; *) echo "usage: $0 [check|variants|all]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
 W="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$W"
-what="${1:-check}"
 status=0
 started=$(date +%s)
-deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 15 ))  # 15 s kept for packing
+# Kept for the end: a stopped step's 20 s of grace (timeout -k) and the packing.
+deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 40 ))
 
 pack() {
+  [ -e "$W/summary.md" ] || cp "$W/steps.md" "$W/summary.md" 2>/dev/null  # stopped before the summary
   tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$W")" gpu-check
-  cp "$W/summary.md" "$OUT/summary.md"
-  echo; cat "$W/summary.md"
+  [ -e "$W/summary.md" ] && cp "$W/summary.md" "$OUT/summary.md" && { echo; cat "$W/summary.md"; }
 }
 trap pack EXIT
 
@@ -48,7 +51,7 @@ step() {
   timeout -k 20 "$limit" "$@" > "$W/$name.log" 2>&1
   rc=$?
   status=$(( status | (rc != 0) ))  # (a background step's status comes back through wait)
-  echo "- $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)$([ $rc = 124 ] && echo ', STOPPED by its limit')" \
+  echo "- $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)$( (( rc == 124 || rc == 137 )) && echo ', STOPPED by its limit')" \
     | tee -a "$W/steps.md"
   tail -n 3 "$W/$name.log"
   return "$rc"
@@ -67,11 +70,12 @@ cat "$W/machine.md"
 if [ "$what" = check ] || [ "$what" = all ]; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
   step precompile 60 python -m benchmarks.precompile --variants --report "$W/precompile.md"
+  step precompile-dropout 30 python -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU.
   all_files=$(ls tests/test_*.py)
-  shards=("tests/test_lora_linear.py" "tests/test_compile.py tests/test_gpu.py"
+  shards=("tests/test_lora_linear.py" "tests/test_autotune_configs.py" "tests/test_compile.py tests/test_gpu.py"
           "tests/test_training.py tests/test_inputs.py tests/test_modules.py tests/test_hopper_build.py")
   named=" ${shards[*]} "
   rest=""; for f in $all_files; do [[ "$named" == *" $f "* ]] || rest="$rest $f"; done

@@ -6,6 +6,7 @@ import torch
 import lora_kernels
 from conftest import DEVICE, TOL, make_inputs, reference, rel_err, use_triton
 from lora_kernels import functional, kernels
+from test_lora_linear import LaunchSpy
 
 
 def keep_mask(backend, M, K, seed, p):
@@ -36,10 +37,14 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
     lead, K, N, r = DROPOUT_SHAPES[shape]
     x, W, b, A, B = make_inputs(lead, K, N, r, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
+    spy = LaunchSpy(kernels._lora_matmul_kernel)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     torch.manual_seed(7)
     y = lora_kernels.lora_linear(*leaves, 1.25, dropout_p=p)
     dy = torch.randn_like(y)
     y.backward(dy)
+    if backend == "triton" and kernels._tma_available(torch.device(DEVICE)):
+        assert set(spy.allow_tma) == {shape == "aligned"}  # the masks met TMA-loaded tiles too
 
     keep = keep_mask(backend, x.numel() // K, K, seed_of_next_call(7), p).reshape(x.shape)
     x64 = x.double().requires_grad_()

@@ -1,0 +1,58 @@
+"""Every tile config the GPU autotuner may pick, checked numerically on the layer's products.
+
+The GPU test suite runs one fixed config (LORA_KERNELS_AUTOTUNE=0) and the interpreter another, so
+without this file the configs users get would only meet the benchmark's check. Its own file so
+that scripts/gpu_check.sh gives it a shard of its own: on a GPU each config is compiled here.
+"""
+
+import pytest
+import torch
+
+from conftest import TOL, make_inputs, rel_err, use_triton
+from lora_kernels import kernels
+from test_lora_linear import check_all
+
+
+class EveryConfig:
+    """Stands in for the autotuned kernel: runs each launch once with every tile config the GPU
+    autotuner would try there (pruned as it prunes them), each into NaN-poisoned outputs, checks
+    that they all agree, and leaves the last one's result for the caller."""
+
+    def __init__(self, kernel, dtype):
+        self.kernel, self.tol, self.configs = kernel, TOL[dtype], kernels.hopper_configs()
+        self.tiles = set()
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args))
+            outputs = [named["out_ptr"]] + ([named["s_ptr"]] if kwargs["FUSE_SHRINK"] else [])
+            first = None
+            for config in kernels._prune(self.configs, named, **kwargs):
+                for out in outputs:
+                    out.fill_(float("nan"))
+                self.kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+                self.tiles.add(kernels.tile_name(config.all_kwargs()))
+                got = [out.clone() for out in outputs]
+                if first is None:
+                    first = got
+                for a, b in zip(got, first):
+                    assert rel_err(a, b) < self.tol, kernels.tile_name(config.all_kwargs())
+        return run
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype_name,fuse", [("float16", "0"), ("float32", "1")],
+                         ids=["fp16-separate-shrink", "fp32-fused-shrink"])
+def test_every_autotune_config(dtype_name, fuse, monkeypatch):
+    """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, for
+    each of the layer's products (transposed views and split reductions among them), gives the
+    reference's numbers: the GPU suite itself runs one fixed config, the interpreter another."""
+    use_triton(monkeypatch)
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
+    monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
+    dtype = getattr(torch, dtype_name)
+    spy = EveryConfig(kernels._lora_matmul_kernel, dtype)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    check_all(make_inputs((600,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
+    assert any(t.endswith(" tma") for t in spy.tiles) and any(not t.endswith(" tma") for t in spy.tiles)
+    assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
