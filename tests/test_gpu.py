@@ -9,6 +9,7 @@ import torch
 
 import lora_kernels
 from conftest import make_inputs, record, reference, rel_err
+from lora_kernels import kernels
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,8 +67,11 @@ def test_fp32_ieee_by_default():
     assert max(errs.values()) < 1e-5, errs
 
 
-def test_offsets_past_2_31():
-    """x and y with more than 2^31 elements: the last rows (int32 offsets would wrap) are right."""
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_offsets_past_2_31(tma, monkeypatch):
+    """x and y with more than 2^31 elements: the last rows (int32 offsets would wrap) are right,
+    through TMA descriptors (Hopper) and through pointer loads."""
+    monkeypatch.setattr(kernels, "TMA", tma)
     K = N = 2048
     M = (1 << 31) // K + 300
     free, _ = torch.cuda.mem_get_info()
