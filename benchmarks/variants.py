@@ -4,7 +4,7 @@
 
 For each shape it times, side by side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX),
 this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work; with
-and without TMA loads), each
+and without TMA loads), the host's time per call at a tiny shape (launch overhead), each
 piece of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), and the whole layer with
 the shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``). Every
 ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
@@ -128,6 +128,36 @@ def write(out, meta, rows, started):
         f.write("\n".join(lines) + "\n")
 
 
+def host_pieces(dtype, device):
+    """Pieces at a tiny shape (64×64, rank 16), where the GPU's work is a few µs a launch: their
+    wall time per call, back to back, is the host's time to issue them."""
+    g = torch.Generator(device=device).manual_seed(1)
+    x, W, b, dy = (torch.randn(*s, generator=g, device=device).to(dtype) for s in [(64, 64), (64, 64), (64,), (64, 64)])
+    A, B = (torch.randn(*s, generator=g, device=device).to(dtype).requires_grad_() for s in [(64, 16), (16, 64)])
+    x.requires_grad_()
+
+    def base():
+        torch.autograd.grad(torch.nn.functional.linear(x, W, b), [x], dy)
+
+    def layer():
+        torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy)
+
+    return {"F.linear fwd+bwd, host (floor)": base, "layer fwd+bwd, host": layer,
+            "one kernel launch, host": lambda: kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)}
+
+
+def host_ms(fn, device, calls=300):
+    """Wall milliseconds per call over many calls issued back to back (one sync at the end)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
@@ -148,6 +178,13 @@ def main(argv=None):
             "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__}
     signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the shapes done so far
     try:
+        floor = None
+        for name, fn in host_pieces(dtype, device).items():
+            fn()
+            ms = host_ms(fn, device) if timer else float("nan")
+            floor = floor or ms
+            rows.append({"shape": "64→64", "piece": name, "ms": ms, "ratio": ms / floor, "config": None})
+            print(f"64→64  {name:34s} {ms:9.4f} ms  ×{ms / floor:.3f}", flush=True)
         for K, N in args.shapes:
             floors = {}
             for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
