@@ -55,7 +55,8 @@ def _check_split_chunk(configs):
 def hopper_configs():
     """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
-    where the launch allows it): which is faster is the measurement's call."""
+    where the launch allows it), and the four largest also as a persistent grid with TMA (one
+    program per SM looping over tiles): which is faster is the measurement's call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -69,10 +70,11 @@ def hopper_configs():
         (64, 32, 128, 4, 4),
         (32, 64, 128, 4, 4),
     ]
+    variants = [(False, False), (True, False)]  # (USE_TMA, PERSISTENT)
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma}, num_warps=w,
-                      num_stages=s)
-        for bm, bn, bk, w, s in shapes for tma in (False, True)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma, "PERSISTENT": persistent},
+                      num_warps=w, num_stages=s)
+        for i, (bm, bn, bk, w, s) in enumerate(shapes) for tma, persistent in variants + [(True, True)] * (i < 4)
     ]
 
 
@@ -80,10 +82,11 @@ def _configs():
     # USE_TMA asks for tensor-memory-accelerator loads, taken where the launch allows them (ALLOW_TMA:
     # the kernel checks both), so the fixed configs below use them wherever they can.
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True,
+                               "PERSISTENT": False}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True}, num_warps=4,
-                              num_stages=3)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
+                               "PERSISTENT": False}, num_warps=4, num_stages=3)]
     return hopper_configs()
 
 
@@ -99,10 +102,11 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma]' for a config's ``all_kwargs()``, as the tools report it."""
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent]' for a config's ``all_kwargs()``, as the tools
+    report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-            + (" tma" if c.get("USE_TMA") else ""))
+            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else ""))
 
 
 def _fit(block, size):
@@ -141,8 +145,8 @@ def _prune(configs, named_args, **kwargs):
             seen.add(key)
             kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
     # The smallest tile fits any dtype: never leave the autotuner with nothing.
-    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "USE_TMA": False},
-                                  num_warps=4, num_stages=2)]
+    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "USE_TMA": False,
+                                   "PERSISTENT": False}, num_warps=4, num_stages=2)]
 
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
@@ -244,102 +248,114 @@ def _lora_matmul_kernel(
     ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    # Grouped program order: consecutive programs share rows of X, so W tiles stay in L2.
-    pid = tl.program_id(0)
     pid_split = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
-    # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-
     # The reduction's own offsets fit int32 (TMA wants int32 coordinates); each is widened before it
     # meets a stride.
     k_lo = pid_split * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
-        rr = tl.arange(0, BLOCK_R)
-        mask_r = rr < R
-        shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     if USE_TMA and ALLOW_TMA:  # (a lone config is not pruned, so both are checked here)
         # Tensor-memory-accelerator loads (Hopper): the copy engine fetches whole tiles into shared
         # memory and zero-fills past the tensor's edge, with no address arithmetic in the threads.
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
-        mask_k = rk < k_hi
-        if USE_TMA and ALLOW_TMA:
-            x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
-            w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
-        else:
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-            w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-        # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
-        x_drop = x
-        if DROPOUT == DROP_X:
-            x_drop = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
-        if FUSE_SHRINK:
-            a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
-                        mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-            shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
-    acc = (acc * scale).to(ACC_DTYPE)
 
-    if HAS_LOWRANK:
-        # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
-        # Only a masked update (dropout's share of dX) needs an accumulator of its own.
-        if DROPOUT == DROP_LOWRANK:
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        else:
-            low = acc
-        if FUSE_SHRINK:
-            shrink = (shrink * s_scale).to(ACC_DTYPE)
-            if pid_n == 0:  # every column block computed the same L; one of them saves it
-                tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                         shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-            hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            low = tl.dot(shrink.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
-                         out_dtype=ACC_DTYPE)
-        else:
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                mask_r = rr < R
-                lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    # Each program computes output tiles pid, pid + programs, ...: one tile when the grid has a
+    # program per tile, several when the launcher sizes the grid to the GPU (PERSISTENT configs:
+    # one wave, no tail of half-empty waves, descriptors made once).
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        tile_end = num_m * num_n
+        tile_step = tl.num_programs(0)
+    else:  # bounds the compiler sees as one trip, so it drops the loop: straight-line code as before
+        tile_end = pid + 1
+        tile_step = 1
+    for tile in range(pid, tile_end, tile_step):
+        # Grouped order: consecutive tiles share rows of X, so W tiles stay in L2.
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
+        pid_n = (tile % (GROUP_M * num_n)) // group_size
+
+        # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
+        rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
+            rr = tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        if USE_TMA and ALLOW_TMA:
+            m0 = pid_m * BLOCK_M
+            n0 = pid_n * BLOCK_N
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
+            mask_k = rk < k_hi
+            if USE_TMA and ALLOW_TMA:
+                x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
+                w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
+            else:
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+                w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+            # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
+            x_drop = x
+            if DROPOUT == DROP_X:
+                x_drop = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
+            if FUSE_SHRINK:
+                a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
+                            mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+                shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
+        acc = (acc * scale).to(ACC_DTYPE)
+
+        if HAS_LOWRANK:
+            # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
+            # Only a masked update (dropout's share of dX) needs an accumulator of its own.
+            if DROPOUT == DROP_LOWRANK:
+                low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+            else:
+                low = acc
+            if FUSE_SHRINK:
+                shrink = (shrink * s_scale).to(ACC_DTYPE)
+                if pid_n == 0:  # every column block computed the same L; one of them saves it
+                    tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                             shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
                 hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
+                low = tl.dot(shrink.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
                              out_dtype=ACC_DTYPE)
-        if DROPOUT == DROP_LOWRANK:
-            acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
-        else:
-            acc = low
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+            else:
+                for r0 in range(0, R, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    mask_r = rr < R
+                    lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                    low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
+                                 out_dtype=ACC_DTYPE)
+            if DROPOUT == DROP_LOWRANK:
+                acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
+            else:
+                acc = low
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
-    out = out_ptr + pid_split.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        out = out_ptr + pid_split.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -468,7 +484,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     split = _cdiv(K, k_per_split) if split > 1 else 1
     dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
 
-    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), split)
+    sms = _num_sms(x.device)
+
+    def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
+        tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
     allow_tma = TMA and _tma_available(x.device) and _tma_ok(x) and _tma_ok(w)
     with _on_device(x.device):  # Triton launches on the current device, not the tensors'
         if allow_tma and x.is_cuda:

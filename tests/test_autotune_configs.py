@@ -44,9 +44,10 @@ class EveryConfig:
 @pytest.mark.parametrize("dtype_name,fuse", [("float16", "0"), ("float32", "1")],
                          ids=["fp16-separate-shrink", "fp32-fused-shrink"])
 def test_every_autotune_config(dtype_name, fuse, monkeypatch):
-    """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, for
-    each of the layer's products (transposed views and split reductions among them), gives the
-    reference's numbers: the GPU suite itself runs one fixed config, the interpreter another."""
+    """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, a
+    program per tile or a persistent grid (here 2 programs: the CPU's "SMs"), for each of the
+    layer's products (transposed views and split reductions among them), gives the reference's
+    numbers: the GPU suite itself runs one fixed config, the interpreter another."""
     use_triton(monkeypatch)
     monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
@@ -54,5 +55,6 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     spy = EveryConfig(kernels._lora_matmul_kernel, dtype)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     check_all(make_inputs((600,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
-    assert any(t.endswith(" tma") for t in spy.tiles) and any(not t.endswith(" tma") for t in spy.tiles)
+    assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
+    assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
