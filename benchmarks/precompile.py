@@ -1,7 +1,7 @@
 """Compile the fused layer's Triton kernels for an NVIDIA GPU ahead of time, with or without one.
 
-    python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--report FILE]
-                                    [--shapes ...] [--tokens ...] [--ranks ...] [--dtype bf16] [--variants]
+    python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--report FILE] [--variants]
+        [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
 
 It runs the layer's forward and backward for the benchmark sweep's configurations (the same
 defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every kernel launch, and
