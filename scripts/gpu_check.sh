@@ -71,6 +71,9 @@ if [ "$what" = check ] || [ "$what" = all ]; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
   step precompile 60 python -m benchmarks.precompile --variants --report "$W/precompile.md"
   step precompile-dropout 30 python -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
+  # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
+  step precompile-tests 30 python -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
+    --dtypes fp16,fp32 --trainable-base --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU.
