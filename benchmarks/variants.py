@@ -4,7 +4,8 @@
 
 For each shape it times, side by side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX),
 this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work; with
-and without TMA loads), the host's time per call at a tiny shape (launch overhead), each
+and without TMA loads), the host's time per call at a tiny shape (launch overhead), the steps
+replayed from CUDA graphs (GPU time alone), each
 piece of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), and the whole layer with
 the shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``). Every
 ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
@@ -72,6 +73,33 @@ def pieces(K, N, M, r, dtype, device):
     def base_fwd_bwd():
         torch.nn.functional.linear(xb, W, b).backward(dy)
 
+    def graphed(fn):
+        """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
+        launches (what CUDA graphs or torch.compile's reduce-overhead mode would get)."""
+        graph = []
+
+        def run():
+            if not graph:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # warm up (autotuning, .grad buffers) off the capture
+                    for _ in range(3):
+                        fn()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graph[0]):
+                    fn()
+            graph[0].replay()
+        return run
+
+    graphs = {} if device.type != "cuda" else {
+        # the same steps replayed from CUDA graphs: host time out of the picture
+        "F.linear forward, CUDA graph (floor)": ("graph fwd", graphed(lambda: torch.nn.functional.linear(x, W, b))),
+        "layer forward, separate shrink, CUDA graph": ("graph fwd", graphed(layer("0", False))),
+        "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", graphed(base_fwd_bwd)),
+        "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", graphed(layer("0", True))),
+        "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
+    }
     return {
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
@@ -95,7 +123,7 @@ def pieces(K, N, M, r, dtype, device):
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
-    }
+    } | graphs
 
 
 class Stopped(BaseException):
