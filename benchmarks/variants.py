@@ -2,13 +2,13 @@
 
     python -m benchmarks.variants [--tokens 8192] [--rank 16] [--dtype bf16] [--out DIR]
 
-For each shape it times, side by side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX),
-this package's kernel as a plain GEMM (how far Triton is from cuBLAS before any LoRA work; with
-and without TMA loads), the host's time per call at a tiny shape (launch overhead), the steps
-replayed from CUDA graphs (GPU time alone), each
-piece of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), and the whole layer with
-the shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``). Every
-ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
+First the host's time per call at a tiny shape (launch overhead). Then for each shape, side by
+side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX), this package's kernel as a plain
+GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA loads), each piece
+of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), the whole layer with the
+shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
+forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
+launches). Every ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
 (default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
