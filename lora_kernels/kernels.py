@@ -70,12 +70,12 @@ def hopper_configs():
         (64, 32, 128, 4, 4),
         (32, 64, 128, 4, 4),
     ]
-    variants = [(False, False), (True, False)]  # (USE_TMA, PERSISTENT)
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma, "PERSISTENT": persistent},
-                      num_warps=w, num_stages=s)
-        for i, (bm, bn, bk, w, s) in enumerate(shapes) for tma, persistent in variants + [(True, True)] * (i < 4)
-    ]
+    configs = []
+    for i, (bm, bn, bk, w, s) in enumerate(shapes):
+        loads = [(False, False), (True, False)] + ([(True, True)] if i < 4 else [])  # (USE_TMA, PERSISTENT)
+        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma,
+                                   "PERSISTENT": persistent}, num_warps=w, num_stages=s) for tma, persistent in loads]
+    return configs
 
 
 def _configs():
