@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (issue 4). Uses the machine's own torch and triton (PYTHONPATH, no pip).
+# The one prepared GPU run (issue 4). Uses the machine's own python3, torch and triton (PYTHONPATH,
+# no pip; PYTHON=... picks another interpreter).
 #
 #   bash scripts/gpu_check.sh [check|variants|all]
 #
@@ -19,6 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"  # the device machine's python3 is the one with torch; plain `python` may not be
 what="${1:-check}"
 case "$what" in check|variants|all) ;; *) echo "usage: $0 [check|variants|all]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
@@ -62,17 +64,17 @@ step() {
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.sm,temperature.gpu,power.draw \
     --format=csv 2>&1
-  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1
   echo '```'
 } > "$W/machine.md"
 cat "$W/machine.md"
 
 if [ "$what" = check ] || [ "$what" = all ]; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
-  step precompile 60 python -m benchmarks.precompile --variants --report "$W/precompile.md"
-  step precompile-dropout 30 python -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
+  step precompile 60 "$PY" -m benchmarks.precompile --variants --report "$W/precompile.md"
+  step precompile-dropout 30 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
-  step precompile-tests 30 python -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
+  step precompile-tests 30 "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
     --dtypes fp16,fp32 --trainable-base --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
@@ -86,27 +88,27 @@ if [ "$what" = check ] || [ "$what" = all ]; then
   pids=()
   for i in "${!shards[@]}"; do
     mkdir -p "$W/tests-$i"
-    OUT="$W/tests-$i" LORA_KERNELS_AUTOTUNE=0 step "tests-$i" 200 python -m pytest ${shards[$i]} -q -rs \
+    OUT="$W/tests-$i" LORA_KERNELS_AUTOTUNE=0 step "tests-$i" 200 "$PY" -m pytest ${shards[$i]} -q -rs \
       -p no:cacheprovider > "$W/tests-$i.step" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; status=$(( status | ($? != 0) )); done
   cat "$W"/tests-*.step
   # The sweep (bf16, Llama-3-8B shapes; 2048 and 8192 tokens at rank 16, rank 64 at 8192 tokens).
-  step bench 240 python -m benchmarks.run --out "$W"
+  step bench 240 "$PY" -m benchmarks.run --out "$W"
   # peft with its common lora_dropout = 0.1 against fused with the same: the target vs peft.
-  step bench-dropout 90 python -m benchmarks.run --out "$W" --name dropout --providers base,peft,fused \
+  step bench-dropout 90 "$PY" -m benchmarks.run --out "$W" --name dropout --providers base,peft,fused \
     --dropout 0.1 --tokens 8192 --ranks 16 --modes forward+backward
   results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -- -dropout/ | head -n 1)
   dropout=$(ls "$W"/*-dropout/results.json 2>/dev/null | head -n 1)
   if [ -n "$results" ]; then
-    step targets 30 python -m benchmarks.targets "$results" ${dropout:+--dropout "$dropout"} --out "$W/targets.md"
+    step targets 30 "$PY" -m benchmarks.targets "$results" ${dropout:+--dropout "$dropout"} --out "$W/targets.md"
   fi
 fi
 
 if [ "$what" = variants ] || [ "$what" = all ]; then
-  [ "$what" = variants ] && step precompile 60 python -m benchmarks.precompile --variants --report "$W/precompile.md"
-  step variants 150 python -m benchmarks.variants --out "$W"
+  [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants --report "$W/precompile.md"
+  step variants 150 "$PY" -m benchmarks.variants --out "$W"
 fi
 
 {
