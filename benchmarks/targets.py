@@ -35,21 +35,28 @@ def table(results, dropout_results=None):
         cells = []
         for name, mode, ratio, bound in TARGETS:
             num, den = ratio.split("/")
-            source = peft_times if num == "peft" else times
-            a, b = source.get((K, N, M, r, mode, num)), source.get((K, N, M, r, mode, den))
+            mark = ""
+            a, b = (times.get((K, N, M, r, mode, p)) for p in (num, den))
+            if num == "peft" and dropout_results:
+                with_dropout = [peft_times.get((K, N, M, r, mode, p)) for p in (num, den)]
+                if None in with_dropout:
+                    mark = " †"  # the dropout run did not cover this configuration
+                else:
+                    a, b = with_dropout
             if a is None or b is None:
                 cells.append("—")
                 continue
             value = a / b
             # Times over base must stay under the bound; speedups must reach it.
             ok = value <= bound if den == "base" else value >= bound
-            cells.append(f"{value:.2f} {'✓' if ok else '✗'}")
+            cells.append(f"{value:.2f} {'✓' if ok else '✗'}{mark}")
         lines.append(f"| {K}→{N} | {M} | {r} | " + " | ".join(cells) + " |")
     bounds = ", ".join(f"{name} {'≤' if ratio.endswith('base') else '≥'} {bound}"
                        for name, _, ratio, bound in TARGETS)
     head = [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
             "Ratios of times measured side by side in one run"
-            + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both."
+            + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both "
+               "(†: a configuration that run did not cover, taken without dropout)."
                if dropout_results else "; vs peft without dropout."), ""]
     return "\n".join(head + lines) + "\n"
 

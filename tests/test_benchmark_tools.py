@@ -26,8 +26,11 @@ def test_targets_table_ratios_and_verdicts():
     dropout = {"dropout": 0.1, "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
     assert line == ["| 4096→1024 | 8192 | 16 | 1.04 ✓ | 1.15 ✗ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
-    # Without a dropout run, peft's ratio comes from the main run.
+    # Without a dropout run, peft's ratio comes from the main run; so it does, marked, for a
+    # configuration the dropout run did not cover.
     assert "| 4.34 ✓ |" in targets.table(main)
+    other = {**dropout, "rows": [dict(row, tokens=2048) for row in dropout["rows"]]}
+    assert "| 4.34 ✓ † |" in targets.table(main, other)
 
 
 def test_stopped_sweep_still_writes_its_results(tmp_path, monkeypatch):
