@@ -131,13 +131,17 @@ def _prune(configs, named_args, **kwargs):
     size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
     smem = _smem_bytes(named_args.get("x_ptr"))
     allow_tma = kwargs.get("ALLOW_TMA", False)
+    # Each pipeline stage holds an X tile, a W tile and, with the fused shrink, a BLOCK_K × BLOCK_R
+    # tile of A (at rank 64 that is 64 KiB more in four stages of BLOCK_K = 128: the compiled kernel
+    # would need more than the estimate, and fail to launch on a GPU with less to spare).
+    a_cols = kwargs["BLOCK_R"] if kwargs.get("FUSE_SHRINK") else 0
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
         stages = c.num_stages
-        while stages > 2 and stages * (bm + bn) * bk * size > smem:
+        while stages > 2 and stages * (bm + bn + a_cols) * bk * size > smem:
             stages -= 1
-        if stages * (bm + bn) * bk * size > smem:
+        if stages * (bm + bn + a_cols) * bk * size > smem:
             continue
         kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)

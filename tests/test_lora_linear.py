@@ -219,8 +219,8 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
 @pytest.mark.parametrize("smem", [kernels.SMEM_BYTES, 99 * 1024])  # Hopper's, and a consumer GPU's
 def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
     """The autotuner's pruning (it only runs with several configs, i.e. on a GPU): tiles shrink to
-    the problem, stages drop until X and W tiles fit in the GPU's shared memory, and something
-    always stays."""
+    the problem, stages drop until X and W tiles (and A's, with the fused shrink) fit in the GPU's
+    shared memory, and something always stays."""
     monkeypatch.setattr(kernels, "_smem_bytes", lambda tensor: smem)
     import triton
     import triton.language as tl
@@ -237,6 +237,10 @@ def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
             assert len(kept) == len(configs)  # all fit in bf16 (one with fewer stages), none lost
     shrink = kernels._prune(configs, {"M": 8192, "N": 8}, DOT_DTYPE=tl.bfloat16)
     assert {c.kwargs["BLOCK_N"] for c in shrink} == {16} and len(shrink) < len(configs)  # deduplicated
+    # The fused shrink streams a BLOCK_K × BLOCK_R tile of A beside X and W in every stage.
+    for c in kernels._prune(configs, {"M": 8192, "N": 4096}, DOT_DTYPE=tl.bfloat16, FUSE_SHRINK=True, BLOCK_R=64):
+        k = c.kwargs
+        assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"] + 64) * k["BLOCK_K"] * 2 <= smem
     huge = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2)]
     assert kernels._prune(huge, {"M": 4096, "N": 4096}, DOT_DTYPE=tl.float64)  # never empty
 
