@@ -1,6 +1,6 @@
 """Compile the fused layer's Triton kernels for an NVIDIA GPU ahead of time, with or without one.
 
-    python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--report FILE] [--variants]
+    python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--smem 227] [--report FILE] [--variants]
         [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
 
 It runs the layer's forward and backward for the benchmark sweep's configurations (the same
@@ -11,8 +11,9 @@ processes at a time. No launch runs and no GPU is touched: a stand-in driver nam
 Two uses:
 
 * anywhere (no GPU needed): proof that every kernel specialization the layer launches compiles for
-  Hopper (sm_90), and a table of each config's registers, spilled bytes and shared memory, as
-  ptxas left them in the binary (read back with the cuobjdump that Triton ships);
+  Hopper (sm_90, the default) or another NVIDIA GPU (``--arch 80`` for an A100), and a table of
+  each config's registers, spilled bytes and shared memory, as ptxas left them in the binary (read
+  back with the cuobjdump that Triton ships);
 * on the GPU host, right before the benchmark (``scripts/gpu_check.sh``): the autotuner compiles
   its configs one at a time, so a cold sweep spends minutes compiling; filled in parallel first,
   the cache leaves it only the timing.
@@ -49,6 +50,11 @@ from .run import GPU_RANKS, GPU_SHAPES, GPU_TOKENS, _ints, _shapes, plan  # noqa
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # H100 and H200 (SXM) both have 132 SMs; the split count of dA and dB depends on it.
 HOPPER_SMS = 132
+# Shared memory a block may opt into, in KiB, by compute capability (CUDA's programming guide): the
+# pruner fits each config's pipeline stages to it, so a compile for another GPU must use its figure.
+# T4 (7.5), A100 (8.0), A10/RTX 30x0 (8.6), Orin (8.7), L4/L40/RTX 40x0 (8.9), H100/H200 (9.0),
+# B200 (10.0), RTX 50x0 (12.0).
+SMEM_KIB = {75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
 
 
 class _StandInDriver:
@@ -198,6 +204,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes (default: all cores)")
     p.add_argument("--arch", type=int, help="compute capability as 90 (default: the GPU here, else 90)")
     p.add_argument("--sms", type=int, help=f"SMs of the GPU (default: the GPU here, else {HOPPER_SMS})")
+    p.add_argument("--smem", type=int, help="KiB of shared memory per block (default: the GPU here, else by --arch)")
     p.add_argument("--shapes", type=_shapes, default=GPU_SHAPES)
     p.add_argument("--tokens", type=_ints, default=GPU_TOKENS)
     p.add_argument("--ranks", type=_ints, default=GPU_RANKS)
@@ -215,12 +222,14 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     arch = args.arch or (int("%d%d" % torch.cuda.get_device_capability()) if cuda else 90)
     sms = args.sms or (torch.cuda.get_device_properties(0).multi_processor_count if cuda else HOPPER_SMS)
-    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if cuda else kernels.SMEM_BYTES
+    smem = (args.smem * 1024 if args.smem else torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+            if cuda else SMEM_KIB.get(arch, 99) * 1024)
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
     started = time.perf_counter()
-    launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base, dropout=args.dropout,
-                      variants=args.variants, tf32=args.tf32)
-    jobs = jobs_for(launches)[:args.limit]
+    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):  # the pruner reads it
+        launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
+                          dropout=args.dropout, variants=args.variants, tf32=args.tf32)
+        jobs = jobs_for(launches)[:args.limit]
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
           f"compiles for sm_{arch}, {args.jobs} processes", flush=True)
 

@@ -1,4 +1,4 @@
-"""The kernels compile for Hopper (sm_90), checked without a GPU.
+"""The kernels compile for Hopper (sm_90), and for older NVIDIA GPUs, checked without a GPU.
 
 Triton's interpreter, which runs the kernels in CI, skips the GPU compiler, and so misses what
 only the compiler rejects (once: a module-level constant the kernel read, which the interpreter
@@ -20,14 +20,15 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compile_for_hopper(tmp_path, autotune, *options):
-    """Run benchmarks.precompile for sm_90 and return its table's rows (one per compiled config)."""
+def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256"):
+    """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
+    compiled config)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A fresh cache, so that each kernel really goes through the compiler.
     env.update(TRITON_CACHE_DIR=str(tmp_path / f"cache-{autotune}"), LORA_KERNELS_AUTOTUNE=autotune, PYTHONPATH=ROOT)
     report = tmp_path / f"report-{autotune}.md"
-    cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", "90", "--jobs", str(min(4, os.cpu_count() or 1)),
-           "--shapes", "256x512,512x256", "--tokens", "128", *options, "--report", str(report)]
+    cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
+           "--shapes", shapes, "--tokens", "128", *options, "--report", str(report)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [[c.strip() for c in line.strip().strip("|").split("|")]
@@ -70,3 +71,17 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     assert views == {"Xᵀ", "Wᵀ"}  # transposed operands (xᵀ in dA, Wᵀ in the forward) compiled too
     # TMA and pointer loads both occur: the ranks of 100 (200-byte rows in fp16) rule TMA out.
     assert 0 < tma_rows < len(rows)
+
+
+# (compute capability, dtype, KiB of shared memory a block may use, from CUDA's programming guide)
+@pytest.mark.parametrize("arch, dtypes, smem_kib", [(75, "fp16", 64), (80, "bf16", 163), (89, "bf16", 99)])
+def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_kib):
+    """The GPUs many LoRA users train on besides Hopper: T4 (sm_75, fp16 only in hardware), A100
+    (sm_80), L4 and RTX 40x0 (sm_89). The pruner fits the same candidates to each one's shared
+    memory; none may need TMA or Hopper's wgmma."""
+    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", dtypes, "--trainable-base",
+                              arch=arch, shapes="256x512")
+    assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
+        assert regs.isdigit() and 0 < float(smem) <= smem_kib, (use, sizes, dot, tile, smem)
+        assert (wgmma, tma) == ("no", "no") and " tma" not in tile, (use, sizes, dot, tile)
