@@ -172,15 +172,20 @@ class _Dropout:
         return None if self.seed is None else (where, self.seed, self.p, si, sj)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as (tokens, features). (``reshape(-1, features)`` cannot infer the tokens when a layer
+    has 0 in or out features, which nn.Linear allows.)"""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
     dtype = x.dtype
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
     drop = _Dropout(dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):  # this op chooses its own precision
-        y, S = shrink_expand(backend, x2, weight.t(), A, B, alpha * drop.rescale, dtype,
+        y, S = shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype,
                              bias=bias, dropout=drop.on("x", K, 1), dtype=dtype)
     # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
     # and an in-place op on a view-typed output trips FSDP2's hooks.
@@ -205,8 +210,8 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
     N, K = weight.shape
-    x2 = x.reshape(-1, K)
-    dy2 = dy.reshape(-1, N).to(dtype)
+    x2 = _rows(x)
+    dy2 = _rows(dy).to(dtype)
     drop = _Dropout(dropout_p, seed)
     dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
     with torch.autocast(x.device.type, enabled=False):

@@ -127,9 +127,9 @@ def make_inputs(lead, K, N, r, dtype, adapter_dtype=None, bias=True, device=DEVI
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dt)
 
     x = rnd(*lead, K)
-    W = rnd(N, K, scale=K ** -0.5)
+    W = rnd(N, K, scale=max(K, 1) ** -0.5)
     b = rnd(N) if bias else None
-    A = rnd(K, r, scale=K ** -0.5, dt=adapter_dtype)
+    A = rnd(K, r, scale=max(K, 1) ** -0.5, dt=adapter_dtype)
     B = rnd(r, N, scale=r ** -0.5, dt=adapter_dtype)
     return x, W, b, A, B
 

@@ -161,6 +161,19 @@ def test_zero_tokens(backend):
     assert lora_kernels.lora_linear(x, W, b, A, B, 1.0).shape == (2, 0, 4, 12)
 
 
+@pytest.mark.parametrize("K, N", [(0, 12), (20, 0)], ids=["no-in-features", "no-out-features"])
+def test_zero_features(backend, K, N):
+    """nn.Linear allows 0 in or out features (F.linear returns the bias, or nothing): so does the
+    layer, with every gradient, the base's included, of the right shape and value (zeros where the
+    sum is empty, written over the NaN-poisoned buffers)."""
+    x, W, b, A, B = make_inputs((2, 5), K, N, 3, torch.float32)
+    y, dy, x, W, b, A, B = run(x, W, b, A, B, 1.5, train_base=True)
+    y_ref, grads = reference(x, W, b, A, B, 1.5, dy)
+    assert y.shape == (2, 5, N) and torch.allclose(y, y_ref.float())
+    for got, want in zip((x.grad, W.grad, b.grad, A.grad, B.grad), grads):
+        assert got.shape == want.shape and torch.allclose(got, want.float(), atol=1e-6)
+
+
 def test_inputs_not_modified(backend):
     inputs = make_inputs((17,), 24, 30, 4, torch.float32)
     copies = [t.clone() for t in inputs]
