@@ -22,6 +22,7 @@ fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored 
 own dtype.
 """
 
+import contextlib
 import math
 import numbers
 import os
@@ -178,13 +179,21 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def _autocast_off(device_type):
+    """The op chooses its own precision: autocast off inside it. (Only entered when autocast is on:
+    the context costs microseconds of host time per call, and a layer step makes two.)"""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
     dtype = x.dtype
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
-    with torch.autocast(x.device.type, enabled=False):  # this op chooses its own precision
+    with _autocast_off(x.device.type):
         y, S = shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype,
                              bias=bias, dropout=drop.on("x", K, 1), dtype=dtype)
     # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
@@ -214,7 +223,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     dy2 = _rows(dy).to(dtype)
     drop = _Dropout(dropout_p, seed)
     dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         if need_x:
             dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype)

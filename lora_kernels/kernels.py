@@ -418,6 +418,7 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -453,16 +454,19 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
     then not allowed, and none of the layer's reductions needs them.
     """
+    # (Host time matters here: six launches a layer step, so each tensor's device and strides are
+    # read once.)
     M, K = x.shape
     N = w.shape[1]
+    device = x.device
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
-    out = _empty((M, N), x.device, out_dtype)
+    out = _empty((M, N), device, out_dtype)
     fused = lowrank is not None and isinstance(lowrank[0], Shrink)
     if fused:
         A = lowrank[0].A
         R = A.shape[1]
         assert R <= FUSE_MAX_RANK, "the fused shrink holds the whole rank in one block"
-        s_out = _empty((M, R), x.device, lowrank[0].dtype)
+        s_out = _empty((M, R), device, lowrank[0].dtype)
         l_, r_ = A, lowrank[1]
     elif lowrank is not None:
         l_, r_ = lowrank
@@ -480,34 +484,33 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         return (out, s_out) if fused else out
 
     # Split the reduction when the output has too few tiles to fill the GPU (dA, dB: K or N by r).
+    sms = _num_sms(device)
     split = 1
     if lowrank is None and bias is None:
         tiles = _cdiv(M, 128) * _cdiv(N, 128)
-        split = max(1, min(_cdiv(K, SPLIT_CHUNK), _cdiv(2 * _num_sms(x.device), tiles)))
+        split = max(1, min(_cdiv(K, SPLIT_CHUNK), _cdiv(2 * sms, tiles)))
     k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
     split = _cdiv(K, k_per_split) if split > 1 else 1
-    dest = out if split == 1 else _empty((split, M, N), x.device, acc_dtype)
-
-    sms = _num_sms(x.device)
+    dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)
 
     def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
         tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
-    allow_tma = TMA and _tma_available(x.device) and _tma_ok(x) and _tma_ok(w)
-    with _on_device(x.device):  # Triton launches on the current device, not the tensors'
-        if allow_tma and x.is_cuda:
+    allow_tma = TMA and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
+    (sxm, sxk), (swk, swn) = x.stride(), w.stride()
+    with _on_device(device):  # Triton launches on the current device, not the tensors'
+        if allow_tma and device.type == "cuda":
             _ensure_allocator()
         _lora_matmul_kernel[grid](
             x, w, l_, r_, bias if bias is not None else x, dest, s_out,
-            M, N, K, R, k_per_split, *(_pow2(n) for n in (M, N, K)),
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
-            dest.stride(0) if split > 1 else 0, dest.stride(-2), dest.stride(-1), s_out.stride(0), s_out.stride(1),
+            M, N, K, R, k_per_split, _pow2(M), _pow2(N), _pow2(K),
+            sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
+            dest.stride(0) if split > 1 else 0, *dest.stride()[-2:], *s_out.stride(),
             float(scale), float(lowrank[0].scale) if fused else 1.0,
             *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
             HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
             DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
-            X_TRANSPOSED=x.stride(1) != 1 and x.stride(0) == 1, W_TRANSPOSED=w.stride(1) != 1 and w.stride(0) == 1,
+            X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
             ALLOW_TMA=allow_tma,
             DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
             INPUT_PRECISION=_input_precision(dot_dtype),
