@@ -5,6 +5,7 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 """
 
 import torch
+from torch.nn.modules import module as _module
 
 from . import reference
 from .functional import lora_linear
@@ -19,9 +20,23 @@ class LoRALayer(reference.LoRALayer):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(in_dim, out_dim, rank, alpha)
+        if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 and not alpha.requires_grad:
+            # A constant 0-d tensor (the seed's layer takes one) held as a number: torch.compile
+            # could only read a tensor's value through a data-dependent .item().
+            self.alpha = alpha.item()
 
     def extra_repr(self):
         return f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.A.shape[1]}, alpha={self.alpha}"
+
+
+def _fusable(linear):
+    """Whether ``linear(x)`` is exactly ``F.linear(x, linear.weight, linear.bias)``, which the fused
+    call computes without calling it: a plain ``nn.Linear`` with no hooks and no replaced forward.
+    Subclasses (QAT, bitsandbytes, ...) and hooks (weight_norm's, accelerate's offloading, FSDP2
+    sharding the linear itself) need its own forward."""
+    return (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__
+            and not (linear._forward_hooks or linear._forward_pre_hooks
+                     or _module._global_forward_hooks or _module._global_forward_pre_hooks))
 
 
 class LinearWithLoRA(torch.nn.Module):
@@ -30,6 +45,10 @@ class LinearWithLoRA(torch.nn.Module):
     ``dropout`` is peft's ``lora_dropout``: applied to the LoRA path's input in training mode only.
     ``merge()`` folds the update into ``linear.weight`` for inference (the forward is then the base
     layer alone, at its speed); ``unmerge()`` takes it out again.
+
+    A ``linear`` that is not a plain, unhooked ``nn.Linear`` runs its own forward and the LoRA term
+    beside it in PyTorch, unfused, as the reference does. The adapters start on ``linear``'s device,
+    in fp32 (initialised on the CPU, so the numbers are the reference's).
     """
 
     def __init__(self, linear, rank, alpha, dropout=0.0):
@@ -37,15 +56,23 @@ class LinearWithLoRA(torch.nn.Module):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha).to(linear.weight.device)
         self.dropout = dropout
         self.merged = False
+        # Set by replace_linear_with_lora when the weight is shared with another module.
+        self.weight_tied = False
         self.register_state_dict_post_hook(_save_unmerged)
+        self.register_load_state_dict_pre_hook(_load_unmerged)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def forward(self, x):
         if self.merged:
             return self.linear(x)
         p = self.dropout if self.training else 0.0
+        if not _fusable(self.linear):
+            y = self.linear(x)
+            x = torch.nn.functional.dropout(x, p) if p else x
+            return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
         return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.alpha, p)
 
     def _delta(self):
@@ -55,9 +82,14 @@ class LinearWithLoRA(torch.nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf."""
+        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, or
+        if the weight is tied to another module (it would change that module too)."""
         if self.merged:
             return self
+        if self.weight_tied:
+            raise ValueError("linear.weight is shared with another module (tied weights, e.g. an lm_head "
+                             "tied to the embedding): merging would change that module too; the layer is "
+                             "left unmerged")
         weight = self.linear.weight
         merged = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self._delta()
         merged = merged.to(weight.dtype)  # check after the cast: fp16 overflows to inf here
@@ -93,16 +125,40 @@ def _save_unmerged(module, state_dict, prefix, local_metadata):
         state_dict[key] = (weight.to(torch.promote_types(weight.dtype, torch.float32)) - module._delta()).to(weight.dtype)
 
 
+def _load_unmerged(module, state_dict, prefix, *args):
+    # A state dict holds the weight unmerged (above): a merged layer unmerges before it loads one,
+    # and merges again after (with the adapters it loaded), so it never holds a stale update.
+    module._remerge = module.merged
+    module.unmerge()
+
+
+def _remerge_after_load(module, incompatible_keys):
+    if getattr(module, "_remerge", False):
+        module._remerge = False
+        module.merge()
+
+
 def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     """Replace every ``torch.nn.Linear`` below ``model`` with ``LinearWithLoRA``, in place.
 
-    Layers already wrapped are left alone, so a second call does not wrap them twice.
+    Layers already wrapped are left alone, so a second call does not wrap them twice. A layer whose
+    weight is shared with another module (an lm_head tied to the embedding) is marked so, and its
+    ``merge()`` refuses.
     """
+    counts = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    _replace(model, rank, alpha, dropout, {i for i, n in counts.items() if n > 1})
+    return model
+
+
+def _replace(model, rank, alpha, dropout, shared):
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
             continue
         if isinstance(module, torch.nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha, dropout))
+            layer = LinearWithLoRA(module, rank, alpha, dropout)
+            layer.weight_tied = id(module.weight) in shared
+            setattr(model, name, layer)
         else:
-            replace_linear_with_lora(module, rank, alpha, dropout)
-    return model
+            _replace(module, rank, alpha, dropout, shared)

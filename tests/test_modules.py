@@ -82,3 +82,112 @@ def test_replace_is_idempotent_and_recursive():
 def test_rank_below_one_refused():
     with pytest.raises(ValueError, match="rank"):
         lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), rank=0, alpha=1.0)
+
+
+class ReluLinear(torch.nn.Linear):
+    """An nn.Linear subclass with its own forward (as QAT's LinearReLU): only its forward knows."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def trained_pair(make_linear, seed_=3):
+    """(ours, the seed's) around the same base, adapters trained (B is zero at init)."""
+    layers = []
+    for lib in (lora_kernels, seed):
+        torch.manual_seed(seed_)
+        layer = lib.LinearWithLoRA(make_linear(), 3, 1.5)
+        torch.nn.init.normal_(layer.lora.B)
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("kind", ["subclass", "hooks", "weight_norm"])
+def test_linear_with_its_own_forward_or_hooks_runs_them(backend, kind):
+    """The fused call reads weight and bias and skips linear(x): right only for a plain nn.Linear.
+    Anything else (a subclass's forward, forward hooks, old-style weight_norm's pre-hook, which
+    rebuilds the weight) runs as the reference runs it: linear(x) plus the LoRA term."""
+    make = {"subclass": lambda: ReluLinear(10, 7), "hooks": lambda: torch.nn.Linear(10, 7),
+            "weight_norm": lambda: torch.nn.utils.weight_norm(torch.nn.Linear(10, 7))}[kind]
+    ours, ref = trained_pair(make)
+    calls = []
+    for layer in (ours, ref):
+        if kind == "hooks":
+            layer.linear.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+            layer.linear.register_forward_hook(lambda m, args, out: out * 2)  # changes the output
+        if kind == "weight_norm":
+            with torch.no_grad():
+                layer.linear.weight_g.mul_(3.0)  # the weight the pre-hook rebuilds changes
+    x = torch.randn(4, 6, 10)
+    y, y_ref = ours(x), ref(x)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    if kind == "hooks":
+        assert calls == ["pre", "pre"]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert rel_err(ours.lora.B.grad, ref.lora.B.grad) < TOL[torch.float32]
+
+
+def test_load_state_dict_into_a_merged_layer():
+    """A state dict holds the weight unmerged; loading one into a merged layer (restoring a
+    checkpoint after merge() for inference) must not leave it merged with a stale update."""
+    torch.manual_seed(0)
+    src = lora_kernels.LinearWithLoRA(torch.nn.Linear(12, 8), 3, 2.0)
+    torch.nn.init.normal_(src.lora.B)
+    x = torch.randn(5, 12)
+    expected = src(x).detach()
+    checkpoint = src.state_dict()
+    dst = lora_kernels.LinearWithLoRA(torch.nn.Linear(12, 8), 3, 2.0)
+    torch.nn.init.normal_(dst.lora.B)
+    dst.merge()
+    dst.load_state_dict(checkpoint)
+    assert dst.merged  # still merged for inference, with the loaded adapters
+    assert rel_err(dst(x), expected) < TOL[torch.float32]
+    dst.unmerge()
+    assert rel_err(dst(x), expected) < TOL[torch.float32]
+    assert rel_err(dst.linear.weight, src.linear.weight) < TOL[torch.float32]
+    # Only the adapters (strict=False): the old update comes out, the loaded one goes in.
+    other = lora_kernels.LinearWithLoRA(torch.nn.Linear(12, 8), 3, 2.0)
+    other.load_state_dict({k: v for k, v in checkpoint.items() if k.startswith("linear.")}, strict=False)
+    other.merge()
+    other.load_state_dict({k: v for k, v in checkpoint.items() if k.startswith("lora.")}, strict=False)
+    assert rel_err(other(x), expected) < TOL[torch.float32]
+
+
+def test_merge_refuses_a_tied_weight():
+    """An lm_head tied to the embedding: merging in place would change the embedding too."""
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 30, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = lora_kernels.replace_linear_with_lora(TiedLM(), rank=2, alpha=1.0)
+    assert model.head.weight_tied and not model.mid.weight_tied
+    torch.nn.init.normal_(model.head.lora.B)
+    before = model.emb.weight.clone()
+    with pytest.raises(ValueError, match="shared with another module"):
+        model.head.merge()
+    assert torch.equal(model.emb.weight, before) and not model.head.merged
+    model.mid.merge()  # an untied layer merges as before
+    assert model.mid.merged
+
+
+def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
+    """Wrapping a layer already on its device (a model moved to the GPU first) puts the adapters
+    there too, drawn as the seed draws them."""
+    torch.manual_seed(4)
+    on_meta = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5, device="meta"), 2, 1.0)
+    assert on_meta.lora.A.device.type == "meta" and on_meta.lora.A.dtype == torch.float32
+    ours, ref = trained_pair(lambda: torch.nn.Linear(6, 5), seed_=4)
+    assert torch.equal(ours.lora.A, ref.lora.A)
+
+
+def test_constant_tensor_alpha_is_held_as_a_number():
+    """The seed takes a 0-d tensor alpha; a constant one is kept as a float (torch.compile could
+    only read a tensor's value through .item()), with the same numbers."""
+    ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, torch.tensor(0.5))
+    assert isinstance(ours.lora.alpha, float) and ours.lora.alpha == 0.5
