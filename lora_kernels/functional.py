@@ -151,12 +151,18 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     if A.dtype != B.dtype:
         raise TypeError(f"A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
     if isinstance(alpha, Tensor) and alpha.dim() == 0 and alpha.dtype != torch.bool:
+        if alpha.requires_grad:  # .item() would drop its gradient without a word
+            raise ValueError("alpha is a tensor that requires grad: the fused layer has no gradient for "
+                             "alpha; pass a number or a tensor that does not require grad")
         alpha = alpha.item()  # the seed's layer takes a 0-d tensor too
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    if not math.isfinite(alpha):
+    # Comparisons, not math.isfinite: torch.compile may trace alpha as a symbolic float (dynamic=True,
+    # or an alpha that changed between calls), and then guards on them instead of failing.
+    if not -math.inf < alpha < math.inf:
         raise ValueError(f"alpha must be finite, got {alpha}")
-    return float(alpha)
+    # (float() would pin a symbolic alpha to the value it was traced with.)
+    return alpha * 1.0 if torch.compiler.is_compiling() else float(alpha)
 
 
 class _Dropout:

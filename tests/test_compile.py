@@ -75,6 +75,22 @@ def test_fullgraph_compile_no_graph_breaks(backend):
         assert rel_err(a, b) < TOL[torch.float32]
 
 
+def test_symbolic_alpha_compiles_whole(backend):
+    """With dynamic=True torch.compile traces alpha as a symbolic float (and so after an alpha
+    changed between calls), which once failed in the input checks: the layer compiles whole, a new
+    alpha gives eager's numbers (Dynamo pins the float the op receives, so each new value is a
+    recompile), and a non-finite one is still refused."""
+    layer = lora_model()[0].up
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for alpha, tokens in ((2.0, 5), (-0.75, 5), (3.5, 9)):
+        layer.lora.alpha = alpha
+        x = torch.randn(tokens, 32, device=DEVICE)
+        assert rel_err(compiled(x), layer(x)) < TOL[torch.float32]
+    layer.lora.alpha = float("nan")
+    with pytest.raises(Exception, match="alpha must be finite"):
+        compiled(x)
+
+
 def test_compile_with_dropout(backend):
     """Dropout's seed is drawn inside the graph; aot_eager keeps eager's RNG, so numbers match."""
     model = lora_model(dropout=0.25).train()

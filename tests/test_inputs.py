@@ -51,7 +51,8 @@ def test_bad_input(change, error, words):
 @pytest.mark.parametrize("alpha,error", [(float("nan"), ValueError), (float("inf"), ValueError),
                                          (-float("inf"), ValueError), (True, TypeError),
                                          (torch.tensor([1.0, 2.0]), TypeError), ("2", TypeError),
-                                         (torch.tensor(float("nan")), ValueError)])
+                                         (torch.tensor(float("nan")), ValueError),
+                                         (torch.tensor(2.0, requires_grad=True), ValueError)])  # its grad would be lost
 def test_bad_alpha(alpha, error):
     with pytest.raises(error, match="alpha"):
         call(*good(), alpha=alpha)
