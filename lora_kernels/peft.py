@@ -8,8 +8,11 @@
     ...                            # train / evaluate as usual; peft's API keeps working
     unfuse_lora(model)             # peft's own forwards back
 
-``fuse_lora`` replaces the ``forward`` of each ``peft.tuners.lora.layer.Linear`` instance (the
-original is kept on the instance as ``_lora_kernels_original_forward``). The new forward computes
+``fuse_lora`` changes the class of each ``peft.tuners.lora.layer.Linear`` instance to
+``FusedLinear``, a subclass whose only change is ``forward`` (``unfuse_lora`` changes it back).
+Nothing is stored on the instance, so a pickled model (``torch.save(model)``; loading it needs
+``lora_kernels`` importable), a ``copy.deepcopy`` and an ``nn.DataParallel`` replica (a shallow copy
+of the instance) each run the fused forward on their own weights. The new forward computes
 
     lora_linear(x, base.weight, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
 
@@ -23,8 +26,9 @@ peft's original forward, so results never depend on whether a layer was fused. p
 
 * layers that are not plain LoRA linears: a base that is not exactly ``torch.nn.Linear``
   (bitsandbytes, GPTQ, HQQ, ... bases, GPT-2's ``Conv1D``), ``fan_in_fan_out=True``, peft layer
-  classes other than ``lora.Linear`` (Embedding, Conv, quantized LoRA layers) and subclasses of it
-  with their own forward; these are not patched at all;
+  classes other than ``lora.Linear`` (Embedding, Conv, quantized LoRA layers) and subclasses of it,
+  and layers whose forward is already replaced on the instance (an
+  ``accelerate`` hook keeps peft's forward and would bypass the class's); these are not patched;
 * adapter configurations: DoRA, any other LoRA variant peft implements specially
   (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
   this layer has no weights for;
@@ -45,7 +49,6 @@ it finds the layers through ``named_modules`` and reads their weights to report.
 forward compiles whole with ``torch.compile(fullgraph=True)`` (the checks become guards).
 """
 
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -58,13 +61,12 @@ from .functional import lora_linear
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
-_ORIGINAL = "_lora_kernels_original_forward"
 # Call kwargs peft's forward pops before calling the base layer; None means "not used".
 _PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
 
 # Reasons a layer is never patched (fixed by its structure).
 _NOT_LINEAR = "not a peft lora.Linear (another LoRA layer type: Embedding, Conv, quantized, ...)"
-_OWN_FORWARD = "a subclass of peft's lora.Linear with its own forward"
+_SUBCLASS = "a subclass of peft's lora.Linear (its methods may differ)"
 _FORWARD_TAKEN = "its forward is already replaced on the instance (e.g. by an accelerate hook)"
 _BASE = "base layer is not exactly torch.nn.Linear (quantized or wrapped base)"
 _FAN_IN_FAN_OUT = "fan_in_fan_out=True (weight stored transposed, e.g. GPT-2 Conv1D)"
@@ -114,9 +116,10 @@ def _structural_reason(layer):
     """Why this LoRA layer is never patched, or None."""
     if not isinstance(layer, _PeftLoraLinear):
         return _NOT_LINEAR
-    if type(layer).forward is not _PeftLoraLinear.forward:
-        return _OWN_FORWARD
-    if "forward" in layer.__dict__ and not hasattr(layer, _ORIGINAL):
+    fused = isinstance(layer, FusedLinear)  # already patched (fully_shard may have subclassed it since)
+    if not fused and type(layer) is not _PeftLoraLinear:
+        return _SUBCLASS
+    if not fused and "forward" in layer.__dict__:
         return _FORWARD_TAKEN
     if layer.fan_in_fan_out:
         return _FAN_IN_FAN_OUT
@@ -162,18 +165,23 @@ def _state_reason(layer):
     return None
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    """Replaces ``peft.tuners.lora.layer.Linear.forward`` on the instance (see module doc)."""
-    if (args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items())
-            or not isinstance(x, torch.Tensor) or _state_reason(self) is not None
-            or (x.dtype != self.base_layer.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
-        return getattr(self, _ORIGINAL)(x, *args, **kwargs)
-    adapter = self.active_adapters[0]
-    base = self.base_layer
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
-    return lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight.t(),
-                       self.lora_B[adapter].weight.t(), float(self.scaling[adapter]), p)
+class FusedLinear(_PeftLoraLinear):
+    """peft's ``lora.Linear`` with its forward run through ``lora_linear`` (see module doc)."""
+
+    def forward(self, x, *args, **kwargs):
+        if (args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items())
+                or not isinstance(x, torch.Tensor) or _state_reason(self) is not None
+                or (x.dtype != self.base_layer.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
+            return super().forward(x, *args, **kwargs)
+        adapter = self.active_adapters[0]
+        base = self.base_layer
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
+        return lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight.t(),
+                           self.lora_B[adapter].weight.t(), float(self.scaling[adapter]), p)
+
+    def _get_name(self):  # repr(model) reads as peft's
+        return _PeftLoraLinear.__name__
 
 
 def _lora_layers(model):
@@ -182,7 +190,7 @@ def _lora_layers(model):
 
 def _describe(layer, reason):
     """The reason with the detail that tells layers apart (a class, the active adapters)."""
-    if reason in (_NOT_LINEAR, _OWN_FORWARD):
+    if reason in (_NOT_LINEAR, _SUBCLASS):
         return f"{reason}: {type(layer).__name__}"
     if reason in (_BASE, _FAN_IN_FAN_OUT):
         return f"{reason}: base {type(layer.base_layer).__name__}"
@@ -204,11 +212,8 @@ def fuse_lora(model):
     for name, layer in _lora_layers(model):
         reason = _structural_reason(layer)
         if reason is None:
-            if not hasattr(layer, _ORIGINAL):
-                # The original goes on the instance first, then the bound fused forward: both are
-                # bound methods, which deepcopy rebinds to the copy.
-                object.__setattr__(layer, _ORIGINAL, layer.forward)
-                object.__setattr__(layer, "forward", types.MethodType(_fused_forward, layer))
+            if not isinstance(layer, FusedLinear):
+                layer.__class__ = FusedLinear
             reason = _state_reason(layer)
         if reason is None:
             report.fused.append(name)
@@ -232,16 +237,14 @@ def unfuse_lora(model):
     Returns the number of layers restored."""
     restored = 0
     for name, layer in _lora_layers(model):
-        if not hasattr(layer, _ORIGINAL):
+        if not isinstance(layer, FusedLinear):
             continue
-        current = layer.__dict__.get("forward")
-        if getattr(current, "__func__", None) is not _fused_forward:
-            warnings.warn(f"lora_kernels.unfuse_lora: {name}'s forward was replaced after fuse_lora "
-                          "(by a hook?); left as it is", UserWarning, stacklevel=2)
+        if type(layer) is not FusedLinear or "forward" in layer.__dict__:
+            # Changing the class back would drop the class made since (fully_shard's), and a hook
+            # that replaced forward on the instance would keep calling the fused one.
+            warnings.warn(f"lora_kernels.unfuse_lora: {name}'s forward or class was replaced after "
+                          "fuse_lora (by a hook, fully_shard?); left as it is", UserWarning, stacklevel=2)
             continue
-        # fuse_lora only patches layers whose forward is the class's, so removing the two
-        # instance attributes restores it exactly.
-        del layer.__dict__["forward"]
-        del layer.__dict__[_ORIGINAL]
+        layer.__class__ = _PeftLoraLinear
         restored += 1
     return restored

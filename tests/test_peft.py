@@ -3,6 +3,7 @@
 cannot serve on peft's forward, with one warning naming them."""
 
 import copy
+import io
 import math
 import warnings
 
@@ -381,21 +382,59 @@ def test_unfuse_restores_and_fuse_is_idempotent(spy):
     ids = torch.randint(0, 128, (2, 12))
     want = run_llama(ref, ids)[1]
 
+    text = repr(model)
     assert int(fuse_quietly(model)) == N_LLAMA_LORA
+    fused_classes = {type(m) for _, m in lora_layers(model)}
     assert int(fuse_quietly(model)) == N_LLAMA_LORA  # second call: nothing wrapped twice
+    assert {type(m) for _, m in lora_layers(model)} == fused_classes and len(fused_classes) == 1
     for _, m in lora_layers(model):
-        assert m.forward.__func__ is lkpeft._fused_forward
-        assert m._lora_kernels_original_forward.__func__ is PeftLoraLinear.forward
+        # The fused forward lives on a subclass of peft's class; nothing is put on the instance.
+        assert type(m).__bases__ == (PeftLoraLinear,) and isinstance(m, PeftLoraLinear)
+        assert "forward" not in vars(m) and m.forward.__func__ is lkpeft.FusedLinear.forward
+    assert repr(model) == text  # print(model) does not change
     assert rel_err(run_llama(model, ids)[1], want) < TOL
     assert len(spy) == N_LLAMA_LORA  # one call per layer, not two
 
     spy.clear()
     assert unfuse_lora(model) == N_LLAMA_LORA
     for _, m in lora_layers(model):
-        assert "forward" not in vars(m) and not hasattr(m, "_lora_kernels_original_forward")
+        assert type(m) is PeftLoraLinear and "forward" not in vars(m)
         assert m.forward.__func__ is PeftLoraLinear.forward
     assert rel_err(run_llama(model, ids)[1], want) < TOL and not spy
     assert unfuse_lora(model) == 0
+
+    # And fused again after that, the same way.
+    assert int(fuse_quietly(model)) == N_LLAMA_LORA
+    assert {type(m) for _, m in lora_layers(model)} == fused_classes
+    assert rel_err(run_llama(model, ids)[1], want) < TOL and len(spy) == N_LLAMA_LORA
+
+
+def test_forward_replaced_on_the_instance(spy):
+    # accelerate's hooks replace forward on the instance and call the one they found: a layer
+    # hooked before fuse_lora is left alone (patching its class would be bypassed) ...
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    up = model.base_model.model.up
+    hooks.add_hook_to_module(up, hooks.ModelHook())
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.mid", "base_model.model.down"]
+    assert "already replaced on the instance" in msg and "base_model.model.up" in msg
+    assert type(up) is PeftLoraLinear
+    x = torch.randn(4, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+    # ... and one hooked after it keeps running fused inside the hook; unfuse_lora leaves it.
+    spy.clear()
+    model = peft_net()
+    fuse_quietly(model)
+    up = model.base_model.model.up
+    hooks.add_hook_to_module(up, hooks.ModelHook())
+    assert int(fuse_quietly(model)) == 3
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 3
+    with pytest.warns(UserWarning, match="up's forward or class was replaced after fuse_lora"):
+        assert unfuse_lora(model) == 2
+    assert type(model.base_model.model.mid) is PeftLoraLinear and isinstance(up, lkpeft.FusedLinear)
 
 
 def test_deepcopy_of_fused_model_is_fused_on_its_own_layers(spy):
@@ -403,7 +442,7 @@ def test_deepcopy_of_fused_model_is_fused_on_its_own_layers(spy):
     fuse_quietly(model)
     twin = copy.deepcopy(model)
     for (_, a), (_, b) in zip(lora_layers(model), lora_layers(twin)):
-        assert b.forward.__self__ is b and b._lora_kernels_original_forward.__self__ is b
+        assert type(b) is type(a) and b.forward.__self__ is b and isinstance(b, lkpeft.FusedLinear)
     with torch.no_grad():
         for n, p in twin.named_parameters():
             if "lora_B" in n:
@@ -412,6 +451,95 @@ def test_deepcopy_of_fused_model_is_fused_on_its_own_layers(spy):
     unfuse_lora(model)
     assert rel_err(twin(x), model(x)) > 1e-3  # the twin computes with its own (zeroed) B
     assert len(spy) == 3
+
+
+def test_pickled_fused_model_loads_fused(spy):
+    # torch.save of the whole model (and so pickle, multiprocessing, ...) as for an unfused one.
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    model(torch.randn(5, 24))  # used before saving
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    spy.clear()
+
+    for (_, a), (_, b) in zip(lora_layers(model), lora_layers(loaded)):
+        assert b is not a and type(b) is type(a) and isinstance(b, lkpeft.FusedLinear)
+    x = torch.randn(5, 24)
+    got = loaded(x)
+    assert len(spy) == 3  # the loaded model runs lora_linear
+    assert rel_err(got, ref(x)) < TOL and rel_err(got, model(x)) < TOL
+    assert unfuse_lora(loaded) == 3 and all(type(m) is PeftLoraLinear for _, m in lora_layers(loaded))
+    assert rel_err(loaded(x), ref(x)) < TOL
+
+
+class TaggedLoraLinear(PeftLoraLinear):
+    """A subclass of peft's lora.Linear without its own forward (as peft's torchao layer is)."""
+
+    def tag(self):
+        return "tagged"
+
+
+def test_subclass_is_left_to_peft(spy):
+    # Its other methods may differ from lora.Linear's (torchao's merge does): fusing would have to
+    # change its class to one without them. It keeps peft's forward, and says so.
+    model = peft_net()
+    mid = model.base_model.model.mid
+    mid.__class__ = TaggedLoraLinear
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="subclass of peft's lora.Linear"):
+        report = fuse_lora(model)
+    assert int(report) == 2 and type(mid) is TaggedLoraLinear and mid.tag() == "tagged"
+    x = torch.randn(4, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+
+def replicate_like_data_parallel(root, params):
+    """What ``nn.parallel.replicate`` does for one device, on CPU: a shallow copy of every module
+    (``_replicate_for_data_parallel``), the copy's parameters set as plain tensor attributes
+    (``params``: name -> tensor), the children re-linked to their copies."""
+    copies = {m: m._replicate_for_data_parallel() for m in root.modules()}
+    for name, m in root.named_modules():
+        for key, p in m._parameters.items():
+            if p is None:
+                copies[m]._parameters[key] = None
+            else:
+                setattr(copies[m], key, params[f"{name}.{key}" if name else key])
+        for key, child in m._modules.items():
+            copies[m]._modules[key] = None if child is None else copies[child]
+    return copies[root]
+
+
+def test_data_parallel_replica_uses_its_own_weights(spy):
+    # nn.DataParallel (HF Trainer wraps in it with several GPUs and no torchrun) runs a replica per
+    # device: each must compute with its own copy of the weights, not the original's.
+    model = peft_net()
+    for m in model.modules():
+        if isinstance(m, PeftLoraLinear):
+            m.base_layer.weight.requires_grad_(True)  # the base weight gets a gradient too
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    new = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    mine = {n: t.clone().requires_grad_() for n, t in new.items()}
+    theirs = {n: t.clone().requires_grad_() for n, t in new.items()}
+    replica = replicate_like_data_parallel(model, mine)
+    ref_replica = replicate_like_data_parallel(ref, theirs)  # peft's own forward on the same weights
+    x = torch.randn(6, 24)
+    got, want = replica(x), ref_replica(x)
+    assert len(spy) == 3
+    assert rel_err(got, want) < TOL
+    assert rel_err(got, model(x)) > 1e-3  # the original's weights give something else
+    dy = torch.randn_like(got)
+    got.backward(dy)
+    want.backward(dy)
+    for n in new:
+        if "lora_" in n or "base_layer.weight" in n:
+            assert mine[n].grad is not None and rel_err(mine[n].grad, theirs[n].grad) < TOL, n
+    assert all(p.grad is None for p in model.parameters())  # nothing reached the original
+    for _, m in lora_layers(replica):
+        assert isinstance(m, lkpeft.FusedLinear) and m.forward.__self__ is m
 
 
 def test_compile_fullgraph(spy):
