@@ -4,6 +4,10 @@ The adapter of a model is the ``A`` and ``B`` of every ``LoRALayer`` in it (the 
 per task, store only these). Their names are the model's own state-dict names, e.g.
 ``blocks.0.attn.qkv.lora.A``, so an adapter file loads into any model built the same way:
 the same base architecture passed through ``replace_linear_with_lora`` with the same rank and alpha.
+Names are taken below the usual wrappers (``torch.compile``'s ``_orig_mod``, the ``.module`` of
+``DistributedDataParallel`` / ``DataParallel``), so an adapter saved from a wrapped model loads into
+the plain one and the other way round. FSDP2 (``fully_shard``) adapters are DTensors: files always
+hold the plain, full tensors, and a sharded model saves and loads them as one (see ``save_adapter``).
 """
 
 import json
@@ -15,6 +19,14 @@ from collections import namedtuple
 import torch
 
 from .modules import LinearWithLoRA, LoRALayer
+
+try:  # FSDP2 parameters are DTensors; torch.distributed.tensor is public from torch 2.5
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    except ImportError:  # torch built without distributed
+        DTensor = distribute_tensor = None
 
 try:  # optional: without it adapters are written with torch.save
     import safetensors.torch as _safetensors
@@ -30,9 +42,25 @@ _FORMAT = "lora_kernels.adapter.v1"
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
 
 
+def _unwrap(model):
+    """The module inside ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrappers,
+    so adapter names do not depend on them (no ``_orig_mod.`` or ``module.`` prefix)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _lora_layers(model):
     """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALayer)]
+
+
+def _is_dtensor(t):
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _key(layer_name, param):
@@ -68,9 +96,11 @@ def format_parameter_count(trainable, total):
 
 
 def lora_state_dict(model):
-    """The adapter tensors only, keyed by their full names in ``model``.
+    """The adapter tensors only, keyed by their full names in ``model`` (below any
+    ``torch.compile`` / DDP / DataParallel wrapper).
 
-    Like ``state_dict()``, the values are detached and share storage with the parameters.
+    Like ``state_dict()``, the values are detached and share storage with the parameters (under
+    FSDP2 they are the sharded DTensors).
     """
     out = {}
     for name, layer in _lora_layers(model):
@@ -79,8 +109,15 @@ def lora_state_dict(model):
     return out
 
 
+def _alpha(layer):
+    """The layer's alpha as a Python float: it may be a 0-d tensor or a numpy scalar, which json
+    cannot write and which compare as tensors."""
+    alpha = layer.alpha
+    return float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
+
+
 def _layer_metadata(model):
-    layers = {name: {"rank": layer.A.shape[1], "alpha": layer.alpha} for name, layer in _lora_layers(model)}
+    layers = {name: {"rank": layer.A.shape[1], "alpha": _alpha(layer)} for name, layer in _lora_layers(model)}
     return {_FORMAT_KEY: _FORMAT, _LAYERS_KEY: json.dumps(layers)}
 
 
@@ -99,19 +136,36 @@ def save_adapter(model, path):
     """Write only the adapter (``lora_state_dict``) plus each layer's rank and alpha to ``path``.
 
     A path ending in ``.safetensors`` is written with safetensors (which must be installed); any
-    other with ``torch.save``. Tensors are stored on the CPU in their own dtype.
+    other with ``torch.save``. Tensors are stored as plain, full tensors on the CPU in their own
+    dtype; alpha is stored as a float.
+
+    Sharded adapters (FSDP2's DTensors) are gathered with ``full_tensor()``, a collective: then
+    every rank must call ``save_adapter`` with the same path, rank 0 alone writes the file, and all
+    ranks return once it is written (a barrier), so any rank can read it next. A model without
+    DTensors (plain, DDP) is written by whichever process calls, with no communication.
     """
     if not _lora_layers(model):
         raise ValueError("model has no LoRA layers to save; call replace_linear_with_lora first")
+    if _is_safetensors(path):  # before the gather, so every rank raises alike
+        _require_safetensors(path)
+    state = lora_state_dict(model)
+    sharded = any(_is_dtensor(v) for v in state.values())
     # Own, contiguous CPU copies: safetensors rejects non-contiguous or storage-sharing tensors,
     # and the adapter is small enough that copying costs nothing.
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {k: (v.full_tensor() if _is_dtensor(v) else v).to("cpu", copy=True).contiguous()
+               for k, v in state.items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return
     metadata = _layer_metadata(model)
-    if _is_safetensors(path):
-        _require_safetensors(path)
-        _safetensors.save_file(tensors, os.fspath(path), metadata=metadata)
-    else:
-        torch.save({"tensors": tensors, "metadata": metadata}, path)
+    try:
+        if _is_safetensors(path):
+            _safetensors.save_file(tensors, os.fspath(path), metadata=metadata)
+        else:
+            torch.save({"tensors": tensors, "metadata": metadata}, path)
+    finally:  # also on failure, so the other ranks are not left waiting until the group's timeout
+        if sharded:
+            torch.distributed.barrier()
 
 
 def _read_adapter(path):
@@ -126,6 +180,10 @@ def _read_adapter(path):
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "tensors" not in blob:
         raise ValueError(f"{os.fspath(path)!r} is not an adapter file written by save_adapter")
+    sharded = sorted(k for k, v in blob["tensors"].items() if _is_dtensor(v))
+    if sharded:  # written by an older save_adapter from an FSDP2 model: each rank's shard only
+        raise ValueError(f"{os.fspath(path)!r} holds sharded DTensors, not full tensors ("
+                         + ", ".join(sharded) + "): save it again with this version's save_adapter")
     return blob["tensors"], blob.get("metadata") or {}
 
 
@@ -140,7 +198,10 @@ def load_adapter(model, path, strict=True):
     load would take out wrongly: ``unmerge()`` first).
     With ``strict=False`` missing and unexpected names are allowed; the rest still raise.
     Values are copied under ``torch.no_grad()`` into the existing parameters, which keep their
-    dtype and device. Returns ``LoadResult(missing_keys, unexpected_keys)``.
+    dtype and device. Into a DTensor parameter (FSDP2), the full tensor from the file is first
+    distributed to the parameter's own mesh and placements (``distribute_tensor``, which scatters
+    rank 0's copy: a collective, so every rank of a sharded model must call ``load_adapter`` with
+    the same file). Returns ``LoadResult(missing_keys, unexpected_keys)``.
     """
     tensors, metadata = _read_adapter(path)
     params = {}
@@ -156,10 +217,10 @@ def load_adapter(model, path, strict=True):
     if _LAYERS_KEY in metadata:  # files from elsewhere may carry tensors only
         stored = json.loads(metadata[_LAYERS_KEY])
         for name, layer in _lora_layers(model):
-            if name in stored and stored[name]["alpha"] != layer.alpha:
-                alpha_diffs.append((name, stored[name]["alpha"], layer.alpha))
+            if name in stored and stored[name]["alpha"] != _alpha(layer):
+                alpha_diffs.append((name, stored[name]["alpha"], _alpha(layer)))
 
-    merged = [name for name, m in model.named_modules()
+    merged = [name for name, m in _unwrap(model).named_modules()
               if isinstance(m, LinearWithLoRA) and getattr(m, "merged", False)]
 
     problems = []
@@ -181,8 +242,12 @@ def load_adapter(model, path, strict=True):
 
     with torch.no_grad():
         for k, p in params.items():
-            if k in tensors:
-                p.copy_(tensors[k])  # copy_ casts to the parameter's dtype and device
+            if k not in tensors:
+                continue
+            value = tensors[k]
+            if _is_dtensor(p):  # copy_ cannot mix a plain tensor into a DTensor
+                value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+            p.copy_(value)  # copy_ casts to the parameter's dtype and device
     return LoadResult(missing, unexpected)
 
 

@@ -77,30 +77,46 @@ def plain_state(model):
     return out
 
 
-def _ddp(model, x, y, rank, world):
+def _ddp(model, x, y, rank, world, out_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     xr, yr = shard(x, rank, world), shard(y, rank, world)
     with torch.no_grad():
         forward = ddp(xr).clone()  # the fused layer's output under DDP, before any step
     losses = train(ddp, xr, yr)
+    if rank == 0:  # saved from the DDP wrapper itself: the names must not carry "module."
+        lora_kernels.save_adapter(ddp, os.path.join(out_dir, "ddp_adapter.pt"))
     return {"forward": forward, "losses": losses, "state": plain_state(model)}
 
 
-def _fsdp2(model, x, y, rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
+def _fully_shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
     for m in model.modules():
         if isinstance(m, lora_kernels.LinearWithLoRA):
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp2(model, x, y, rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    _fully_shard(model, mesh)
     sharded = {n: type(p).__name__ for n, p in model.named_parameters()}
     losses = train(model, shard(x, rank, world), shard(y, rank, world))
-    return {"losses": losses, "state": plain_state(model), "param_types": sharded}
+    # Every rank saves (a collective gather) to the same paths; rank 0 writes them.
+    for ext in ("safetensors", "pt"):
+        lora_kernels.save_adapter(model, os.path.join(out_dir, f"fsdp2_adapter.{ext}"))
+    # A fresh sharded model (other adapter values) loads the plain file.
+    fresh = _fully_shard(build_model(seed=5), mesh)
+    lora_kernels.load_adapter(fresh, os.path.join(out_dir, "fsdp2_adapter.safetensors"))
+    loaded = {n: t for n, t in plain_state(fresh).items() if n.endswith(("lora.A", "lora.B"))}
+    return {"losses": losses, "state": plain_state(model), "param_types": sharded, "loaded": loaded,
+            "loaded_types": {n: type(p).__name__ for n, p in fresh.named_parameters()}}
 
 
-def _fail_on_rank1(model, x, y, rank, world):
+def _fail_on_rank1(model, x, y, rank, world, out_dir):
     """For the harness's own test: rank 1 raises while rank 0 waits for it in a collective."""
     if rank == 1:
         raise RuntimeError("deliberate failure on rank 1")
@@ -127,7 +143,7 @@ def worker(rank, world, port, mode, out_dir, ifname):
         model = build_model()
         x, y = make_data()
         try:
-            result = MODES[mode](model, x, y, rank, world)
+            result = MODES[mode](model, x, y, rank, world, out_dir)
         except Exception:
             # Tell the parent what failed even if the other rank is left waiting in a collective.
             with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

@@ -209,6 +209,88 @@ def test_safetensors_missing_package(tmp_path, monkeypatch):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+ALPHA_FORMS = [pytest.param(lambda: torch.tensor(ALPHA), id="tensor"),
+               pytest.param(lambda: __import__("numpy").float32(ALPHA), id="numpy")]
+
+
+def with_alpha(model, alpha):
+    """Every LoRALayer's alpha set to ``alpha`` as given (the constructor may turn a constant 0-d
+    tensor into a number; an alpha assigned afterwards stays what it is)."""
+    for m in model.modules():
+        if isinstance(m, LoRALayer):
+            m.alpha = alpha
+    return model
+
+
+@pytest.mark.parametrize("make_alpha", ALPHA_FORMS)
+@pytest.mark.parametrize("filename", FORMATS)
+def test_save_load_non_float_alpha(tmp_path, filename, make_alpha):
+    """A layer's alpha may be a 0-d tensor or a numpy scalar; the file stores it as a float."""
+    _need_format(filename)
+    from lora_kernels.adapters import _read_adapter
+    trained = with_alpha(randomize_lora(build(), seed=3), make_alpha())
+    x = torch.randint(0, 10, (2, 6))
+    trained(x)  # the layer takes this alpha
+    path = tmp_path / filename
+    save_adapter(trained, path)
+    assert '"blocks.0.fc.lora": {"rank": 2, "alpha": 0.5}' in _read_adapter(path)[1]["lora_kernels.layers"]
+    for target in (with_alpha(build(), make_alpha()), build(alpha=ALPHA)):  # either form loads
+        load_adapter(target, path)
+        for k, v in lora_state_dict(trained).items():
+            assert torch.equal(lora_state_dict(target)[k], v), k
+    with pytest.raises(ValueError, match=r"trained with alpha=0\.5 but the model has alpha=2\.0"):
+        load_adapter(with_alpha(build(), torch.tensor(2.0)), path)
+
+
+def _compiled(model):
+    return torch.compile(model, backend="eager")
+
+
+WRAPPERS = [pytest.param(_compiled, id="compile"), pytest.param(torch.nn.DataParallel, id="DataParallel"),
+            pytest.param(lambda m: torch.nn.DataParallel(_compiled(m)), id="DataParallel-compile")]
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_save_load_through_wrappers(tmp_path, wrap):
+    """An adapter saved from a wrapped model (torch.compile's _orig_mod, DataParallel's module)
+    has the plain model's names, and loads into the plain model and into a wrapped one."""
+    x = torch.randint(0, 10, (3, 5))
+    trained = randomize_lora(build(), seed=4)
+    wrapped = wrap(trained)
+    assert set(lora_state_dict(wrapped)) == set(lora_state_dict(trained))
+    save_adapter(wrapped, tmp_path / "wrapped.pt")
+    plain = build()
+    load_adapter(plain, tmp_path / "wrapped.pt")
+    assert torch.equal(plain(x), trained(x))
+
+    save_adapter(trained, tmp_path / "plain.pt")
+    target = wrap(build())
+    assert not torch.equal(target(x), trained(x))
+    load_adapter(target, tmp_path / "plain.pt")
+    assert torch.equal(target(x), trained(x))
+
+
+def test_load_refuses_file_with_dtensors(tmp_path):
+    """A .pt written from an FSDP2 model by an older save_adapter holds DTensor shards: a clear
+    error instead of PyTorch's mixed Tensor/DTensor one."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = randomize_lora(build(), seed=5)
+        tensors = {k: distribute_tensor(v.clone(), mesh, [Shard(0)]) for k, v in lora_state_dict(model).items()}
+    finally:
+        dist.destroy_process_group()
+    torch.save({"tensors": tensors, "metadata": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"holds sharded DTensors, not full tensors \(blocks\.0\.fc\.lora\.A"):
+        load_adapter(build(), tmp_path / "old.pt")
+
+
 def test_peft_alpha_values_and_errors():
     assert peft_alpha(16, 8) == 2.0
     assert peft_alpha(8, 4) == 2.0

@@ -7,6 +7,11 @@ same model in one process on the whole batch and compares: DDP averages the rank
 their per-rank mean losses, which is the gradient of the full-batch mean, so the LoRA weights must
 agree to fp32 rounding (only the order of the sums over tokens differs).
 
+The same runs also save the adapters with ``save_adapter``: from the DDP wrapper (the names must
+be the plain model's) and from the FSDP2-sharded model (every rank gathers, rank 0 writes full
+tensors), and the FSDP2 ranks load that file into a fresh sharded model; the parent loads the files
+into plain models.
+
 Ranks talk over 127.0.0.1 only (a port picked by binding to port 0, gloo on the loopback
 interface); process groups time out after 60 s and the parent waits at most DEADLINE seconds, so a
 failing or stuck worker fails the test instead of hanging it.
@@ -25,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dist_worker as W  # noqa: E402
 
-from lora_kernels import LinearWithLoRA  # noqa: E402
+from lora_kernels import LinearWithLoRA, load_adapter, lora_state_dict  # noqa: E402
 from lora_kernels.reference import lora_linear_reference  # noqa: E402
 
 WORLD = 2
@@ -111,8 +116,13 @@ def _check_training(results, label):
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    return _spawn("ddp", tmp_path_factory.mktemp("ddp"))
+def ddp_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(ddp_dir):
+    return _spawn("ddp", ddp_dir)
 
 
 def test_ddp_training_matches_single_process(ddp_results):
@@ -138,16 +148,58 @@ def test_ddp_forward_matches(ddp_results):
         torch.testing.assert_close(res["forward"], W.shard(full, rank, WORLD), rtol=RTOL, atol=ATOL)
 
 
-def test_fsdp2_training_matches_single_process(tmp_path):
+def test_ddp_adapter_saved_from_wrapper(ddp_results, ddp_dir):
+    """save_adapter on the DDP wrapper writes the plain model's names: a plain model loads it."""
+    plain = W.build_model(seed=5)
+    load_adapter(plain, ddp_dir / "ddp_adapter.pt")
+    trained = ddp_results[0]["state"]
+    for name, value in lora_state_dict(plain).items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp2")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results(fsdp2_dir):
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
         from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
     except ImportError as e:
         pytest.skip(f"FSDP2 (torch.distributed.fsdp.fully_shard) is not in torch {torch.__version__}: {e}")
-    results = _spawn("fsdp2", tmp_path)
-    for res in results:  # every parameter really was sharded
+    return _spawn("fsdp2", fsdp2_dir)
+
+
+def test_fsdp2_training_matches_single_process(fsdp2_results):
+    for res in fsdp2_results:  # every parameter really was sharded
         assert set(res["param_types"].values()) == {"DTensor"}, res["param_types"]
-    _check_training(results, "FSDP2")
+    _check_training(fsdp2_results, "FSDP2")
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pt"])
+def test_fsdp2_save_load_adapter(fsdp2_results, fsdp2_dir, ext):
+    """save_adapter from the sharded model writes the full adapters, which load into a plain model
+    and (in the worker) into a fresh sharded one, equal to the one-process training's."""
+    if ext == "safetensors":
+        pytest.importorskip("safetensors")
+    _, _, _, ref = _single_process()
+    plain = W.build_model(seed=5)  # its own random B, so loading nothing would fail
+    load_adapter(plain, fsdp2_dir / f"fsdp2_adapter.{ext}")
+    loaded = lora_state_dict(plain)
+    assert set(loaded) == set(_lora_names(ref))
+    for name, value in loaded.items():
+        assert type(value) is torch.Tensor  # noqa: E721 (a plain tensor, not a DTensor)
+        torch.testing.assert_close(value, ref[name], rtol=RTOL, atol=ATOL)
+        # The training run's adapters, exactly: nothing was lost between the shards and the file.
+        torch.testing.assert_close(value, fsdp2_results[0]["state"][name], rtol=0, atol=0)
+    for rank, res in enumerate(fsdp2_results):  # the plain file loaded into a fresh sharded model
+        assert set(res["loaded_types"].values()) == {"DTensor"}, res["loaded_types"]
+        assert set(res["loaded"]) == set(loaded)
+        for name, value in res["loaded"].items():
+            torch.testing.assert_close(value, loaded[name], rtol=0, atol=0,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
 def test_failing_worker_fails_fast(tmp_path):
