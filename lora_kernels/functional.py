@@ -26,6 +26,7 @@ import contextlib
 import math
 import numbers
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -34,8 +35,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 try:  # triton is a Linux-only dependency; elsewhere the PyTorch path serves every call
     from . import kernels
-except ImportError:  # pragma: no cover
+    _NO_KERNELS = None
+except ImportError as error:  # no triton, or one older than the kernels need (3.6)
     kernels = None
+    _NO_KERNELS = f"the Triton kernels cannot be imported ({error})"
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -97,7 +100,10 @@ def select_backend(x, adapter_dtype):
         raise ValueError(f"LORA_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
     if choice == "torch" or kernels is None:
         if choice == "triton":
-            raise RuntimeError("LORA_KERNELS_BACKEND=triton but triton is not installed")
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but {_NO_KERNELS}")
+        if choice == "auto" and x.is_cuda:  # never a silent fall back to the unfused path
+            warnings.warn(f"lora_kernels: {_NO_KERNELS}; CUDA tensors take the unfused PyTorch path",
+                          RuntimeWarning, stacklevel=3)
         return "torch"
     if x.is_cuda:
         return "triton"

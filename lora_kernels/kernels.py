@@ -31,7 +31,13 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
+
+# Tensor descriptors and the scratch allocator, as used here, need Triton 3.6 (the suite failed
+# with 3.4, and 3.1 has neither): name the problem rather than fail on a missing name.
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+    raise ImportError(f"lora_kernels' Triton kernels need Triton 3.6 or newer, found {triton.__version__}")
+
+from triton.runtime import _allocation  # noqa: E402
 
 # The interpreter runs on CPU tensors with no GPU driver, where an autotuner with more than one
 # config cannot benchmark: give it one small config. Read once, like Triton itself does.

@@ -73,6 +73,22 @@ def test_bad_backend_name(monkeypatch):
         call(*good())
 
 
+def test_kernels_that_cannot_be_imported_are_never_a_silent_fallback(monkeypatch):
+    """Triton missing or too old: CUDA tensors still run (the PyTorch path), with a warning that
+    says why; asking for the kernels by name raises the reason."""
+    from types import SimpleNamespace
+    from lora_kernels import functional
+    monkeypatch.setattr(functional, "kernels", None)
+    monkeypatch.setattr(functional, "_NO_KERNELS", "the Triton kernels cannot be imported (too old)")
+    cuda_like = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))  # no GPU needed
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    with pytest.warns(RuntimeWarning, match=r"cannot be imported \(too old\).*unfused PyTorch path"):
+        assert functional.select_backend(cuda_like, torch.float32) == "torch"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="LORA_KERNELS_BACKEND=triton but the Triton kernels cannot be imported"):
+        functional.select_backend(cuda_like, torch.float32)
+
+
 def test_backends_agree(monkeypatch):
     """The same call through each available backend gives the same numbers (fp64: to rounding)."""
     from conftest import backends
