@@ -4,6 +4,8 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 ``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
 """
 
+import warnings
+
 import torch
 from torch.nn.modules import module as _module
 
@@ -20,7 +22,8 @@ class LoRALayer(reference.LoRALayer):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(in_dim, out_dim, rank, alpha)
-        if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 and not alpha.requires_grad:
+        if (isinstance(alpha, torch.Tensor) and not isinstance(alpha, torch.nn.Parameter) and alpha.dim() == 0
+                and not alpha.requires_grad):
             # A constant 0-d tensor (the seed's layer takes one) held as a number: torch.compile
             # could only read a tensor's value through a data-dependent .item().
             self.alpha = alpha.item()
@@ -31,12 +34,15 @@ class LoRALayer(reference.LoRALayer):
 
 def _fusable(linear):
     """Whether ``linear(x)`` is exactly ``F.linear(x, linear.weight, linear.bias)``, which the fused
-    call computes without calling it: a plain ``nn.Linear`` with no hooks and no replaced forward.
+    call computes without calling it: a plain ``nn.Linear`` with no hooks (forward or backward) and
+    no replaced forward.
     Subclasses (QAT, bitsandbytes, ...) and hooks (weight_norm's, accelerate's offloading, FSDP2
     sharding the linear itself) need its own forward."""
     return (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__
-            and not (linear._forward_hooks or linear._forward_pre_hooks
-                     or _module._global_forward_hooks or _module._global_forward_pre_hooks))
+            and not (linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks
+                     or linear._backward_pre_hooks or _module._global_forward_hooks
+                     or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                     or _module._global_backward_pre_hooks))
 
 
 class LinearWithLoRA(torch.nn.Module):
@@ -51,6 +57,10 @@ class LinearWithLoRA(torch.nn.Module):
     in fp32 (initialised on the CPU, so the numbers are the reference's).
     """
 
+    # Set by replace_linear_with_lora when the weight is shared with another module. (A class
+    # default: a layer pickled before the attribute existed unpickles without it.)
+    weight_tied = False
+
     def __init__(self, linear, rank, alpha, dropout=0.0):
         super().__init__()
         if not 0.0 <= dropout <= 1.0:
@@ -59,8 +69,6 @@ class LinearWithLoRA(torch.nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha).to(linear.weight.device)
         self.dropout = dropout
         self.merged = False
-        # Set by replace_linear_with_lora when the weight is shared with another module.
-        self.weight_tied = False
         self.register_state_dict_post_hook(_save_unmerged)
         self.register_load_state_dict_pre_hook(_load_unmerged)
         self.register_load_state_dict_post_hook(_remerge_after_load)
@@ -82,10 +90,16 @@ class LinearWithLoRA(torch.nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, or
-        if the weight is tied to another module (it would change that module too)."""
+        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, if
+        the weight is tied to another module (it would change that module too), or if ``linear``
+        is not a plain nn.Linear storing its weight (weight_norm's is computed: the merge would be
+        lost)."""
         if self.merged:
             return self
+        if type(self.linear) is not torch.nn.Linear or "weight" not in self.linear._parameters:
+            raise ValueError(f"merge() needs a plain nn.Linear that stores its weight, got "
+                             f"{type(self.linear).__name__} (a subclass with its own forward, or a weight "
+                             "computed from others, as weight_norm's is); the layer is left unmerged")
         if self.weight_tied:
             raise ValueError("linear.weight is shared with another module (tied weights, e.g. an lm_head "
                              "tied to the embedding): merging would change that module too; the layer is "
@@ -125,17 +139,24 @@ def _save_unmerged(module, state_dict, prefix, local_metadata):
         state_dict[key] = (weight.to(torch.promote_types(weight.dtype, torch.float32)) - module._delta()).to(weight.dtype)
 
 
-def _load_unmerged(module, state_dict, prefix, *args):
+def _load_unmerged(module, state_dict, prefix, local_metadata, *args):
     # A state dict holds the weight unmerged (above): a merged layer unmerges before it loads one,
     # and merges again after (with the adapters it loaded), so it never holds a stale update.
     module._remerge = module.merged
+    module._assigned = local_metadata.get("assign_to_params_buffers", False)
     module.unmerge()
 
 
 def _remerge_after_load(module, incompatible_keys):
-    if getattr(module, "_remerge", False):
-        module._remerge = False
+    if not getattr(module, "_remerge", False):
+        return
+    module._remerge = False
+    if module._assigned:  # load_state_dict(assign=True): the weight is the caller's tensor now
+        module.linear.weight.data = module.linear.weight.data.clone()
+    try:
         module.merge()
+    except ValueError as error:  # the load itself went through: stay unmerged, say why
+        warnings.warn(f"loaded, but left unmerged: {error}", UserWarning, stacklevel=2)
 
 
 def replace_linear_with_lora(model, rank, alpha, dropout=0.0):

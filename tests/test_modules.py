@@ -1,5 +1,7 @@
 """The modules are a drop-in for the seed's: same constructor, init, state-dict keys, numbers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -102,12 +104,13 @@ def trained_pair(make_linear, seed_=3):
     return layers
 
 
-@pytest.mark.parametrize("kind", ["subclass", "hooks", "weight_norm"])
+@pytest.mark.parametrize("kind", ["subclass", "hooks", "backward_hook", "weight_norm"])
 def test_linear_with_its_own_forward_or_hooks_runs_them(backend, kind):
     """The fused call reads weight and bias and skips linear(x): right only for a plain nn.Linear.
     Anything else (a subclass's forward, forward hooks, old-style weight_norm's pre-hook, which
     rebuilds the weight) runs as the reference runs it: linear(x) plus the LoRA term."""
     make = {"subclass": lambda: ReluLinear(10, 7), "hooks": lambda: torch.nn.Linear(10, 7),
+            "backward_hook": lambda: torch.nn.Linear(10, 7),
             "weight_norm": lambda: torch.nn.utils.weight_norm(torch.nn.Linear(10, 7))}[kind]
     ours, ref = trained_pair(make)
     calls = []
@@ -115,17 +118,22 @@ def test_linear_with_its_own_forward_or_hooks_runs_them(backend, kind):
         if kind == "hooks":
             layer.linear.register_forward_pre_hook(lambda m, args: calls.append("pre"))
             layer.linear.register_forward_hook(lambda m, args, out: out * 2)  # changes the output
+        if kind in ("hooks", "backward_hook"):
+            layer.linear.register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("backward"))
         if kind == "weight_norm":
             with torch.no_grad():
                 layer.linear.weight_g.mul_(3.0)  # the weight the pre-hook rebuilds changes
     x = torch.randn(4, 6, 10)
     y, y_ref = ours(x), ref(x)
     assert rel_err(y, y_ref) < TOL[torch.float32]
-    if kind == "hooks":
-        assert calls == ["pre", "pre"]
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
+    if kind != "subclass" and kind != "weight_norm":
+        assert calls == (["pre", "pre"] if kind == "hooks" else []) + ["backward", "backward"]
+    if kind == "weight_norm":  # its weight is computed from weight_g and weight_v: no merging into it
+        with pytest.raises(ValueError, match="plain nn.Linear that stores its weight"):
+            ours.merge()
     assert rel_err(ours.lora.B.grad, ref.lora.B.grad) < TOL[torch.float32]
 
 
@@ -153,6 +161,42 @@ def test_load_state_dict_into_a_merged_layer():
     other.merge()
     other.load_state_dict({k: v for k, v in checkpoint.items() if k.startswith("lora.")}, strict=False)
     assert rel_err(other(x), expected) < TOL[torch.float32]
+
+
+def test_load_state_dict_into_merged_layers_finishes_and_leaves_the_source_alone():
+    """A layer that cannot merge the loaded adapters (non-finite) stays unmerged with a warning,
+    the rest of the model still loads; with assign=True the merge does not write into the
+    caller's tensors."""
+    torch.manual_seed(1)
+    src = torch.nn.Sequential(*(lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 6), 2, 1.0) for _ in range(2)))
+    for layer in src:
+        torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(4, 6)
+    expected = src(x).detach()
+    checkpoint = {k: v.clone() for k, v in src.state_dict().items()}
+
+    dst = copy.deepcopy(src)
+    for layer in dst:
+        layer.merge()
+    dst.load_state_dict(checkpoint, assign=True)
+    assert rel_err(src(x), expected) == 0 and all(layer.merged for layer in dst)
+    assert rel_err(dst(x), expected) < TOL[torch.float32]
+
+    huge = dict(checkpoint, **{"0.lora.B": torch.full_like(checkpoint["0.lora.B"], float("inf"))})
+    with pytest.warns(UserWarning, match="left unmerged"):
+        dst.load_state_dict(huge)
+    assert not dst[0].merged and dst[1].merged
+    assert torch.equal(dst[0].lora.B, huge["0.lora.B"])
+    assert rel_err(dst[1](x), src[1](x)) < TOL[torch.float32]
+
+
+def test_parameter_alpha_without_grad_is_accepted():
+    """The seed registers an nn.Parameter alpha as a parameter: one that does not train works."""
+    alpha = torch.nn.Parameter(torch.tensor(0.5), requires_grad=False)
+    ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha)
+    torch.nn.init.normal_(ours.lora.B)
+    x = torch.randn(3, 6)
+    assert rel_err(ours(x), ours.linear(x) + 0.5 * (x @ ours.lora.A @ ours.lora.B)) < TOL[torch.float32]
 
 
 def test_merge_refuses_a_tied_weight():
