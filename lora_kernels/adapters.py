@@ -54,6 +54,15 @@ def _unwrap(model):
             return model
 
 
+def _unprefixed(key, params):
+    """A file's name as the model knows it: files saved by earlier versions from a wrapped model
+    carry the wrappers' prefixes (``module.``, ``_orig_mod.``), dropped where the model has no
+    such name itself."""
+    while key not in params and key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _lora_layers(model):
     """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included."""
     return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALayer)]
@@ -208,6 +217,7 @@ def load_adapter(model, path, strict=True):
     for name, layer in _lora_layers(model):
         params[_key(name, "A")] = layer.A
         params[_key(name, "B")] = layer.B
+    tensors = {_unprefixed(k, params): v for k, v in tensors.items()}
     missing = sorted(k for k in params if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in params)
     mismatched = [(k, tuple(tensors[k].shape), tuple(p.shape))

@@ -270,6 +270,20 @@ def test_save_load_through_wrappers(tmp_path, wrap):
     assert torch.equal(target(x), trained(x))
 
 
+def test_load_file_with_wrapper_prefixes(tmp_path):
+    """Files that earlier versions saved from a wrapped model carry its prefixes (module.,
+    _orig_mod.): they still load into the plain model."""
+    x = torch.randint(0, 10, (3, 5))
+    trained = randomize_lora(build(), seed=6)
+    save_adapter(trained, tmp_path / "plain.pt")
+    blob = torch.load(tmp_path / "plain.pt", weights_only=True)
+    blob["tensors"] = {"module._orig_mod." + k: v for k, v in blob["tensors"].items()}
+    torch.save(blob, tmp_path / "prefixed.pt")
+    plain = build()
+    assert load_adapter(plain, tmp_path / "prefixed.pt") == ([], [])
+    assert torch.equal(plain(x), trained(x))
+
+
 def test_load_refuses_file_with_dtensors(tmp_path):
     """A .pt written from an FSDP2 model by an older save_adapter holds DTensor shards: a clear
     error instead of PyTorch's mixed Tensor/DTensor one."""
