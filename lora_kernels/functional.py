@@ -101,7 +101,8 @@ def select_backend(x, adapter_dtype):
     if choice == "torch" or kernels is None:
         if choice == "triton":
             raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but {_NO_KERNELS}")
-        if choice == "auto" and x.is_cuda:  # never a silent fall back to the unfused path
+        # Never a silent fall back to the unfused path (but torch.compile cannot trace a warning).
+        if choice == "auto" and x.is_cuda and not torch.compiler.is_compiling():
             warnings.warn(f"lora_kernels: {_NO_KERNELS}; CUDA tensors take the unfused PyTorch path",
                           RuntimeWarning, stacklevel=3)
         return "torch"

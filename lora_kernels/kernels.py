@@ -26,6 +26,7 @@ autotune (a trial overwrites, it never accumulates).
 import contextlib
 import functools
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -34,7 +35,8 @@ import triton.language as tl
 
 # Tensor descriptors and the scratch allocator, as used here, need Triton 3.6 (the suite failed
 # with 3.4, and 3.1 has neither): name the problem rather than fail on a missing name.
-if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+_TRITON = re.match(r"(\d+)\.(\d+)", triton.__version__)
+if not _TRITON or tuple(map(int, _TRITON.groups())) < (3, 6):
     raise ImportError(f"lora_kernels' Triton kernels need Triton 3.6 or newer, found {triton.__version__}")
 
 from triton.runtime import _allocation  # noqa: E402

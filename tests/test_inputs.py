@@ -84,6 +84,10 @@ def test_kernels_that_cannot_be_imported_are_never_a_silent_fallback(monkeypatch
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     with pytest.warns(RuntimeWarning, match=r"cannot be imported \(too old\).*unfused PyTorch path"):
         assert functional.select_backend(cuda_like, torch.float32) == "torch"
+    # torch.compile cannot trace a warning: there the choice is made quietly, with no graph break.
+    step = torch.compile(lambda t: t * 2 if functional.select_backend(cuda_like, torch.float32) == "torch" else t,
+                         fullgraph=True, backend="eager")
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="LORA_KERNELS_BACKEND=triton but the Triton kernels cannot be imported"):
         functional.select_backend(cuda_like, torch.float32)
