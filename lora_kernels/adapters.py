@@ -4,9 +4,9 @@ The adapter of a model is the ``A`` and ``B`` of every ``LoRALayer`` in it (the 
 per task, store only these). Their names are the model's own state-dict names, e.g.
 ``blocks.0.attn.qkv.lora.A``, so an adapter file loads into any model built the same way:
 the same base architecture passed through ``replace_linear_with_lora`` with the same rank and alpha.
-Names are taken below the usual wrappers (``torch.compile``'s ``_orig_mod``, the ``.module`` of
-``DistributedDataParallel`` / ``DataParallel``), so an adapter saved from a wrapped model loads into
-the plain one and the other way round. FSDP2 (``fully_shard``) adapters are DTensors: files always
+Names are taken below the usual wrappers (``torch.compile``'s ``_orig_mod``, also where a compiled
+submodule sits, and the ``.module`` of ``DistributedDataParallel`` / ``DataParallel``), so an
+adapter saved from a wrapped model loads into the plain one and the other way round. FSDP2 (``fully_shard``) adapters are DTensors: files always
 hold the plain, full tensors, and a sharded model saves and loads them as one (see ``save_adapter``).
 """
 
@@ -54,18 +54,26 @@ def _unwrap(model):
             return model
 
 
+def _without_compile(name):
+    """``name`` without torch.compile's ``_orig_mod`` parts, which sit wherever a submodule was
+    compiled and put back (``layers.0._orig_mod.attn...``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _unprefixed(key, params):
     """A file's name as the model knows it: files saved by earlier versions from a wrapped model
-    carry the wrappers' prefixes (``module.``, ``_orig_mod.``), dropped where the model has no
-    such name itself."""
-    while key not in params and key.startswith(("module.", "_orig_mod.")):
+    carry the wrappers' names (``module.`` in front, ``_orig_mod.`` anywhere), dropped where the
+    model has no such name itself."""
+    key = _without_compile(key)
+    while key not in params and key.startswith("module."):
         key = key.split(".", 1)[1]
     return key
 
 
 def _lora_layers(model):
-    """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included."""
-    return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALayer)]
+    """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included, named as in
+    the plain model (no wrapper's ``module.`` or ``_orig_mod.``)."""
+    return [(_without_compile(name), m) for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALayer)]
 
 
 def _is_dtensor(t):
@@ -230,7 +238,7 @@ def load_adapter(model, path, strict=True):
             if name in stored and stored[name]["alpha"] != _alpha(layer):
                 alpha_diffs.append((name, stored[name]["alpha"], _alpha(layer)))
 
-    merged = [name for name, m in _unwrap(model).named_modules()
+    merged = [_without_compile(name) for name, m in _unwrap(model).named_modules()
               if isinstance(m, LinearWithLoRA) and getattr(m, "merged", False)]
 
     problems = []

@@ -246,14 +246,23 @@ def _compiled(model):
     return torch.compile(model, backend="eager")
 
 
+def _layers_compiled(model):
+    # Each layer compiled and put back, as per-block compilation does: names gain an _orig_mod inside.
+    for block in model.blocks:
+        for name in block:
+            block[name] = _compiled(block[name])
+    return model
+
+
 WRAPPERS = [pytest.param(_compiled, id="compile"), pytest.param(torch.nn.DataParallel, id="DataParallel"),
-            pytest.param(lambda m: torch.nn.DataParallel(_compiled(m)), id="DataParallel-compile")]
+            pytest.param(lambda m: torch.nn.DataParallel(_compiled(m)), id="DataParallel-compile"),
+            pytest.param(_layers_compiled, id="compiled-layers")]
 
 
 @pytest.mark.parametrize("wrap", WRAPPERS)
 def test_save_load_through_wrappers(tmp_path, wrap):
-    """An adapter saved from a wrapped model (torch.compile's _orig_mod, DataParallel's module)
-    has the plain model's names, and loads into the plain model and into a wrapped one."""
+    """An adapter saved from a wrapped model (torch.compile's _orig_mod, at the top or inside,
+    DataParallel's module) has the plain model's names, and loads into the plain model and into a wrapped one."""
     x = torch.randint(0, 10, (3, 5))
     trained = randomize_lora(build(), seed=4)
     wrapped = wrap(trained)
@@ -277,7 +286,8 @@ def test_load_file_with_wrapper_prefixes(tmp_path):
     trained = randomize_lora(build(), seed=6)
     save_adapter(trained, tmp_path / "plain.pt")
     blob = torch.load(tmp_path / "plain.pt", weights_only=True)
-    blob["tensors"] = {"module._orig_mod." + k: v for k, v in blob["tensors"].items()}
+    blob["tensors"] = {"module._orig_mod." + k.replace("blocks.0.fc.", "blocks.0.fc._orig_mod."): v
+                       for k, v in blob["tensors"].items()}
     torch.save(blob, tmp_path / "prefixed.pt")
     plain = build()
     assert load_adapter(plain, tmp_path / "prefixed.pt") == ([], [])
