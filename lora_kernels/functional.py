@@ -45,9 +45,10 @@ BACKENDS = ("auto", "triton", "torch")
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):
     """LoRA-dropout keep mask on the PyTorch path: element (i, j) is entry i·si + j·sj of one
-    stream drawn from ``seed``, so forward and backward (which index it differently) agree."""
+    stream drawn from ``seed`` (an int, or a 0-d tensor on the CPU), so forward and backward (which
+    index it differently) agree."""
     numel = (rows - 1) * si + (cols - 1) * sj + 1 if rows and cols else 0
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(int(seed))
     return (torch.rand(numel, generator=g, device=device) >= p).as_strided((rows, cols), (si, sj))
 
 
@@ -177,7 +178,7 @@ class _Dropout:
     the shrinks' ``scale`` so the kernels only ever zero elements; p = 1 drops the LoRA term."""
 
     def __init__(self, p, seed):
-        self.p, self.seed = p, None if p == 0.0 or seed is None else int(seed)
+        self.p, self.seed = p, None if p == 0.0 else seed
         self.rescale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
     def on(self, where, si, sj):
@@ -323,10 +324,15 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     alpha = _check_inputs(x, weight, bias, A, B, alpha)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    seed = torch.randint(2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
+    # The dropout seed is drawn where it is read: the kernels read it from x's device, so no host
+    # sync, and a CUDA graph replay draws a new one (a host-side number would be baked into the
+    # graph: the same mask every replay); the PyTorch path seeds a generator with it, on the CPU.
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(2**31 - 1, (), dtype=torch.int64, device=x.device if backend == "triton" else "cpu")
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
         return _forward(*inputs)[0]

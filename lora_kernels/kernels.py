@@ -207,11 +207,12 @@ def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
-    # The mask itself, for the PyTorch reference in tests: the same _keep as the fused kernels.
+def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr):
+    # The mask itself, for the PyTorch reference in tests: the same seed load and _keep as the
+    # fused kernels.
     rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(seed, p, rm, rk, K, 1)
+    keep = _keep(tl.load(seed_ptr), p, rm, rk, K, 1)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep, mask=(rm < M)[:, None] & (rk < K)[None, :])
 
 
@@ -219,6 +220,7 @@ def keep_mask(M, K, seed, p, device):
     """The (M, K) boolean mask that the kernels apply for this seed and p."""
     out = torch.empty((M, K), dtype=torch.bool, device=device)
     if out.numel():
+        seed = torch.tensor(seed, dtype=torch.int64, device=device)
         with _on_device(out.device):
             _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
     return out
@@ -250,8 +252,9 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_os, stride_om, stride_on, stride_sm, stride_sr,
     scale, s_scale,
-    # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p
-    seed, p_drop, drop_si, drop_sj,
+    # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p,
+    # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
+    seed_ptr, p_drop, drop_si, drop_sj,
     # meta-parameters
     HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
@@ -263,6 +266,8 @@ def _lora_matmul_kernel(
     GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
+    if DROPOUT != DROP_NONE:
+        seed = tl.load(seed_ptr)
     # The reduction's own offsets fit int32 (TMA wants int32 coordinates); each is widened before it
     # meets a stride.
     k_lo = pid_split * K_PER_SPLIT
@@ -457,7 +462,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
     ``dropout`` is None or ``(where, seed, p, si, sj)``: zero element (i, j) of ``x`` (where="x";
     with a Shrink, only the x feeding L) or of ``L @ R`` (where="lowrank") unless
-    ``rand(seed, i·si + j·sj) >= p``. Operands are cast to ``dot_dtype`` for the tensor cores and
+    ``rand(seed, i·si + j·sj) >= p``, with ``seed`` a 0-d int64 tensor (on x's device, or copied
+    there). Operands are cast to ``dot_dtype`` for the tensor cores and
     accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
     then not allowed, and none of the layer's reductions needs them.
@@ -506,6 +512,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
     allow_tma = TMA and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
+    # The kernel reads the dropout seed from memory on its own device; without dropout x stands in, unread.
+    drop_args = (x, 0.0, 0, 0)
+    if dropout:
+        _, seed, p, si, sj = dropout
+        drop_args = (seed if seed.device == device else seed.to(device), p, si, sj)
     with _on_device(device):  # Triton launches on the current device, not the tensors'
         if allow_tma and device.type == "cuda":
             _ensure_allocator()
@@ -515,7 +526,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
             dest.stride(0) if split > 1 else 0, *dest.stride()[-2:], *s_out.stride(),
             float(scale), float(lowrank[0].scale) if fused else 1.0,
-            *(dropout[1:] if dropout else (0, 0.0, 0, 0)),
+            *drop_args,
             HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
             DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
             X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,

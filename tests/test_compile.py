@@ -12,7 +12,8 @@ from conftest import DEVICE, TOL, make_inputs, rel_err
 def test_opcheck(backend, dropout_p):
     x, W, b, A, B = make_inputs((3, 5), 24, 20, 4, torch.float32)
     x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
-    seed = torch.tensor(1234) if dropout_p else None
+    # (where lora_linear draws it: on the kernels' device, on the CPU for the PyTorch path)
+    seed = torch.tensor(1234, device=DEVICE if backend == "triton" else "cpu") if dropout_p else None
     fwd = torch.ops.lora_kernels.lora_linear_fwd.default
     torch.library.opcheck(fwd, (x, W, b, A, B, 0.5, dropout_p, seed, backend))
     y, S = fwd(x.detach(), W, b, A.detach(), B.detach(), 0.5, dropout_p, seed, backend)

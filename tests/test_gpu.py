@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import make_inputs, record, reference, rel_err
+from conftest import TOL, make_inputs, record, reference, rel_err
 from lora_kernels import kernels
 
 pytestmark = [pytest.mark.triton,
@@ -136,3 +136,45 @@ def test_cuda_graph_replay_matches_eager():
         eager = step()
         for got, want in zip(replayed, (eager, x.grad, A.grad, B.grad)):
             assert torch.equal(got, want)  # the same kernels on the same data: bitwise equal
+
+
+def test_cuda_graph_replays_draw_new_dropout_masks(monkeypatch):
+    """With LoRA dropout, each replay of a captured forward draws a new seed on the GPU, where the
+    kernels read it (a seed drawn on the host would be baked into the graph: one mask for every
+    replay), and its output is the layer's for the mask of the seed it drew."""
+    p, alpha = 0.5, 1.5
+    x, W, b, A, B = make_inputs((256,), 128, 192, 16, torch.float32)
+    seeds = []
+    matmul = kernels.lora_matmul
+
+    def spy(*args, dropout=None, **kwargs):  # keeps the seed buffer the graph will write
+        if dropout is not None:
+            seeds.append(dropout[1])
+        return matmul(*args, dropout=dropout, **kwargs)
+    monkeypatch.setattr(kernels, "lora_matmul", spy)
+
+    def step():
+        return lora_kernels.lora_linear(x, W, b, A, B, alpha, dropout_p=p)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    seeds.clear()
+    with torch.cuda.graph(graph):
+        y_static = step()
+    assert seeds and all(s is seeds[0] for s in seeds) and seeds[0].is_cuda
+
+    x64, W64, b64, A64, B64 = (t.double() for t in (x, W, b, A, B))
+    drawn = []
+    for _ in range(3):
+        graph.replay()
+        seed = int(seeds[0])
+        keep = kernels.keep_mask(256, 128, seed, p, "cuda")
+        want = torch.nn.functional.linear(x64, W64, b64) + alpha * ((x64 * keep / (1 - p)) @ A64 @ B64)
+        assert rel_err(y_static, want) < TOL[torch.float32]
+        drawn.append(seed)
+    assert len(set(drawn)) == 3, drawn

@@ -16,10 +16,11 @@ def keep_mask(backend, M, K, seed, p):
     return functional.torch_keep_mask(M, K, K, 1, seed, p, DEVICE)
 
 
-def seed_of_next_call(torch_seed):
-    # lora_linear draws its dropout seed first thing from torch's generator.
+def seed_of_next_call(torch_seed, backend):
+    # lora_linear draws its dropout seed first thing from torch's generator: the kernels' on their
+    # device, the PyTorch path's on the CPU.
     torch.manual_seed(torch_seed)
-    return int(torch.randint(2**31 - 1, (), dtype=torch.int64))
+    return int(torch.randint(2**31 - 1, (), dtype=torch.int64, device=DEVICE if backend == "triton" else "cpu"))
 
 
 # Odd sizes (pointer loads), and sizes whose rows are whole 16 bytes (TMA loads where the kernels
@@ -46,7 +47,7 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
     if backend == "triton" and kernels._tma_available(torch.device(DEVICE)):
         assert set(spy.allow_tma) == {shape == "aligned"}  # the masks met TMA-loaded tiles too
 
-    keep = keep_mask(backend, x.numel() // K, K, seed_of_next_call(7), p).reshape(x.shape)
+    keep = keep_mask(backend, x.numel() // K, K, seed_of_next_call(7, backend), p).reshape(x.shape)
     x64 = x.double().requires_grad_()
     W64, b64 = W.double().requires_grad_(), b.double().requires_grad_()
     A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
@@ -175,7 +176,7 @@ def test_backward_keeps_the_forwards_backend(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     dy = torch.randn_like(y)
     y.backward(dy)
-    keep = keep_mask("triton", 30, 24, seed_of_next_call(3), 0.5)
+    keep = keep_mask("triton", 30, 24, seed_of_next_call(3, "triton"), 0.5)
     x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
     y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + (x64 * keep / 0.5) @ A64 @ B64
     y_ref.backward(dy.double())
