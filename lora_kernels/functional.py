@@ -121,6 +121,15 @@ def select_backend(x, adapter_dtype):
     return "triton"
 
 
+def draw_seed(device, backend):
+    """A call's LoRA-dropout seed (0-d int64), from torch's generator, drawn where it is read: the
+    kernels read it on their device, so no host sync, and a CUDA graph replay draws a new one (a
+    host-side number would be baked into the graph: one mask for every replay); the PyTorch path
+    seeds a generator with it, on the CPU. ``lora_linear`` draws it first thing, so after
+    ``torch.manual_seed(s)`` this returns the seed of the next call."""
+    return torch.randint(2**31 - 1, (), dtype=torch.int64, device=device if backend == "triton" else "cpu")
+
+
 def _check_inputs(x, weight, bias, A, B, alpha):
     """Raise TypeError/ValueError naming the problem before anything runs; return alpha as a float.
     Modifies nothing."""
@@ -327,12 +336,7 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
-    # The dropout seed is drawn where it is read: the kernels read it from x's device, so no host
-    # sync, and a CUDA graph replay draws a new one (a host-side number would be baked into the
-    # graph: the same mask every replay); the PyTorch path seeds a generator with it, on the CPU.
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(2**31 - 1, (), dtype=torch.int64, device=x.device if backend == "triton" else "cpu")
+    seed = draw_seed(x.device, backend) if dropout_p > 0 else None
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
         return _forward(*inputs)[0]

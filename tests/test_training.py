@@ -17,10 +17,8 @@ def keep_mask(backend, M, K, seed, p):
 
 
 def seed_of_next_call(torch_seed, backend):
-    # lora_linear draws its dropout seed first thing from torch's generator: the kernels' on their
-    # device, the PyTorch path's on the CPU.
     torch.manual_seed(torch_seed)
-    return int(torch.randint(2**31 - 1, (), dtype=torch.int64, device=DEVICE if backend == "triton" else "cpu"))
+    return int(functional.draw_seed(torch.device(DEVICE), backend))
 
 
 # Odd sizes (pointer loads), and sizes whose rows are whole 16 bytes (TMA loads where the kernels
