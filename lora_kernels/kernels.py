@@ -250,7 +250,7 @@ def _lora_matmul_kernel(
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
-    stride_os, stride_om, stride_on, stride_sm, stride_sr,
+    stride_os, stride_om, stride_on, stride_sm, stride_sr, stride_b,
     scale, s_scale,
     # LoRA dropout: element (i, j) of the masked operand keeps iff rand(seed, i·drop_si + j·drop_sj) >= p,
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
@@ -369,7 +369,7 @@ def _lora_matmul_kernel(
             else:
                 acc = low
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+            acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
         out = out_ptr + pid_split.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -525,6 +525,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
             M, N, K, R, k_per_split, _pow2(M), _pow2(N), _pow2(K),
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
             dest.stride(0) if split > 1 else 0, *dest.stride()[-2:], *s_out.stride(),
+            bias.stride(0) if bias is not None else 0,
             float(scale), float(lowrank[0].scale) if fused else 1.0,
             *drop_args,
             HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,

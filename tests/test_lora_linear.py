@@ -26,11 +26,13 @@ def dtypes_for(backend):
 
 
 def run(x, W, b, A, B, alpha, train_base=False):
-    x = x.clone().requires_grad_()
-    A = A.clone().requires_grad_()
-    B = B.clone().requires_grad_()
-    W = W.clone().requires_grad_(train_base)
-    b = b.clone().requires_grad_(train_base) if b is not None else None
+    # New leaves that share the inputs' storage and strides (a clone of a strided view would be
+    # contiguous, and the layouts are what some tests are about).
+    x = x.detach().requires_grad_()
+    A = A.detach().requires_grad_()
+    B = B.detach().requires_grad_()
+    W = W.detach().requires_grad_(train_base)
+    b = b.detach().requires_grad_(train_base) if b is not None else None
     y = lora_kernels.lora_linear(x, W, b, A, B, alpha)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -149,6 +151,19 @@ def test_non_contiguous_x(backend):
         before = xv.clone()
         check_all((xv, W, b, A, B), 1.25, torch.float32)
         assert torch.equal(xv, before)
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded", "column"])
+def test_non_contiguous_bias(backend, layout):
+    """A bias given as a view (every other element, one value broadcast, a matrix's column) is
+    added element by element as given, never read as if it were contiguous."""
+    x, W, _, A, B = make_inputs((3, 13), 30, 26, 4, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(26, 3, generator=g).to(DEVICE)
+    b = {"strided": full.t().reshape(-1)[::3], "expanded": full[:1, 0].expand(26), "column": full[:, 1]}[layout]
+    assert b.shape == (26,) and b.stride() != (1,)
+    for train_base in (False, True):
+        check_all((x, W, b, A, B), 0.75, torch.float32, train_base=train_base)
 
 
 def test_zero_tokens(backend):
