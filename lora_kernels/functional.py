@@ -270,7 +270,7 @@ _backward = torch.library.custom_op("lora_kernels::lora_linear_bwd", _backward_i
 @_backward.register_fake
 def _(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs, backend):
     return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
-                 for t, need in zip((x, weight, weight[:, 0], A, B), needs))
+                 for t, need in zip((x, weight, weight.new_empty(weight.shape[0]), A, B), needs))
 
 
 def _setup_context(ctx, inputs, output):

@@ -126,19 +126,25 @@ def test_compiled_autograd_of_an_eager_forward(backend):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])
 @pytest.mark.parametrize("where", ["fake", "meta"])
-def test_shapes_on_fake_and_meta_tensors(where):
+def test_shapes_on_fake_and_meta_tensors(where, K):
     """Memory estimators run models on fake tensors, and models are built on the meta device:
-    forward and backward give the right shapes and dtypes there, with dropout too, and no kernel
-    (which needs real memory) is touched."""
+    forward and backward give the right shapes and dtypes there, with dropout too, for a frozen
+    and a trainable base, and no kernel (which needs real memory) is touched."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode() if where == "fake" else torch.device("meta")
-    with mode:
-        x, W, b, A, B = (torch.randn(*s) for s in [(2, 5, 8), (6, 8), (6,), (8, 3), (3, 6)])
-        x, A, B = (t.requires_grad_() for t in (x, A, B))
-        y = lora_kernels.lora_linear(x, W, b, A, B, 1.5, dropout_p=0.1)
-        y.sum().backward()
-    assert y.shape == (2, 5, 6) and (x.grad.shape, A.grad.shape, B.grad.shape) == ((2, 5, 8), (8, 3), (3, 6))
-    assert y.dtype == x.grad.dtype == A.grad.dtype == torch.float32
-    assert W.grad is None
+    for train_base in (False, True):
+        mode = FakeTensorMode() if where == "fake" else torch.device("meta")
+        with mode:
+            x, W, b, A, B = (torch.randn(*s) for s in [(2, 5, K), (6, K), (6,), (K, 3), (3, 6)])
+            x, A, B = (t.requires_grad_() for t in (x, A, B))
+            W.requires_grad_(train_base), b.requires_grad_(train_base)
+            y = lora_kernels.lora_linear(x, W, b, A, B, 1.5, dropout_p=0.1)
+            y.sum().backward()
+        assert y.shape == (2, 5, 6) and (x.grad.shape, A.grad.shape, B.grad.shape) == ((2, 5, K), (K, 3), (3, 6))
+        assert y.dtype == x.grad.dtype == A.grad.dtype == torch.float32
+        if train_base:
+            assert (W.grad.shape, b.grad.shape) == ((6, K), (6,))
+        else:
+            assert W.grad is None and b.grad is None
