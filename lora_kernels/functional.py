@@ -41,6 +41,8 @@ except ImportError as error:  # no triton, or one older than the kernels need (3
     _NO_KERNELS = f"the Triton kernels cannot be imported ({error})"
 
 BACKENDS = ("auto", "triton", "torch")
+# What the kernels compute in (float8 and other floating types have no accumulation path here).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):
@@ -139,8 +141,9 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must have a floating-point dtype the kernels compute in (float16, "
+                            f"bfloat16, float32 or float64), got {t.dtype}")
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         raise ValueError("all tensors must be on one device, got "
@@ -310,6 +313,12 @@ class _EagerLoRALinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels have no derivative of their own
     def backward(ctx, dy):
+        # is_grads_batched runs the backward under (legacy) vmap: the kernels need real storage.
+        if ctx.backend == "triton" and (torch._C._functorch.is_legacy_batchedtensor(dy)
+                                        or torch._C._functorch.is_batchedtensor(dy)):
+            raise RuntimeError("lora_kernels: batched gradients (autograd.grad(is_grads_batched=True), "
+                               "jacobian(vectorize=True)) cannot run the Triton kernels, which take one "
+                               "gradient at a time: compute them one by one, or set LORA_KERNELS_BACKEND=torch")
         # An eager forward's backward may still be traced (compiled autograd under DDP, say).
         return _gradients(ctx, dy, _backward if _through_ops(dy) else _backward_impl)
 

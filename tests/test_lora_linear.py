@@ -217,6 +217,22 @@ def test_double_backward_is_refused(backend):
         dA.sum().backward()
 
 
+def test_batched_gradients(backend):
+    """autograd.grad(is_grads_batched=True), which jacobian(vectorize=True) uses, runs the backward
+    under vmap: the PyTorch path computes it, the kernels (one gradient at a time) refuse clearly."""
+    x, W, b, A, B = make_inputs((4,), 6, 5, 2, torch.float64)
+    x.requires_grad_()
+    jac = torch.autograd.functional.jacobian
+    want = jac(lambda x: torch.nn.functional.linear(x, W, b) + 0.5 * (x @ A @ B), x)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="batched gradients .* LORA_KERNELS_BACKEND=torch"):
+            jac(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x, vectorize=True)
+    else:
+        assert rel_err(jac(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x, vectorize=True), want) < 1e-12
+    # One gradient at a time works on both.
+    assert rel_err(jac(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x), want) < 1e-12
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck(backend, bias):
     x, W, b, A, B = make_inputs((2, 3), 5, 4, 2, torch.float64, bias=bias)
