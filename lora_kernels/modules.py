@@ -32,15 +32,15 @@ class LoRALayer(reference.LoRALayer):
         return f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.A.shape[1]}, alpha={self.alpha}"
 
 
-def _fusable(linear):
-    """Whether ``linear(x)`` is exactly ``F.linear(x, linear.weight, linear.bias)``, which the fused
-    call computes without calling it: a plain ``nn.Linear`` with no hooks (forward or backward) and
-    no replaced forward.
+def plain_module(module, cls):
+    """Whether calling ``module`` runs ``cls.forward`` and nothing else, so that a fused call may
+    compute it from its weights without calling it: exactly ``cls`` (not a subclass), no forward
+    replaced on the instance, no hooks of its own (forward or backward) and no global module hooks.
     Subclasses (QAT, bitsandbytes, ...) and hooks (weight_norm's, accelerate's offloading, FSDP2
-    sharding the linear itself) need its own forward."""
-    return (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__
-            and not (linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks
-                     or linear._backward_pre_hooks or _module._global_forward_hooks
+    sharding the layer itself, activation-statistics tools) need the module's own call."""
+    return (type(module) is cls and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or _module._global_forward_hooks
                      or _module._global_forward_pre_hooks or _module._global_backward_hooks
                      or _module._global_backward_pre_hooks))
 
@@ -52,8 +52,9 @@ class LinearWithLoRA(torch.nn.Module):
     ``merge()`` folds the update into ``linear.weight`` for inference (the forward is then the base
     layer alone, at its speed); ``unmerge()`` takes it out again.
 
-    A ``linear`` that is not a plain, unhooked ``nn.Linear`` runs its own forward and the LoRA term
-    beside it in PyTorch, unfused, as the reference does. The adapters start on ``linear``'s device,
+    A ``linear`` that is not a plain, unhooked ``nn.Linear`` (or a ``lora`` that is not a plain,
+    unhooked ``LoRALayer``) runs its own forward and the LoRA term beside it in PyTorch, unfused,
+    as the reference does. The adapters start on ``linear``'s device,
     in fp32 (initialised on the CPU, so the numbers are the reference's).
     """
 
@@ -77,7 +78,10 @@ class LinearWithLoRA(torch.nn.Module):
         if self.merged:
             return self.linear(x)
         p = self.dropout if self.training else 0.0
-        if not _fusable(self.linear):
+        # The reference's own calls where the fused one would skip something (see plain_module), and
+        # for torch.fx's symbolic tracing (x a Proxy), which records them as the reference's graph.
+        if not (isinstance(x, torch.Tensor) and plain_module(self.linear, torch.nn.Linear)
+                and plain_module(self.lora, LoRALayer)):
             y = self.linear(x)
             x = torch.nn.functional.dropout(x, p) if p else x
             return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)

@@ -33,16 +33,19 @@ peft's original forward, so results never depend on whether a layer was fused. p
   (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
   this layer has no weights for;
 * states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), weights that are
-  tensor subclasses (torchao, sharded DTensors), hooks on ``base_layer`` / ``lora_A`` / ``lora_B``
-  (accelerate offloading would be bypassed otherwise);
+  tensor subclasses (torchao, sharded DTensors), hooks on ``base_layer`` / ``lora_A`` / ``lora_B`` /
+  ``lora_dropout`` (accelerate offloading would be bypassed otherwise), and global module hooks
+  (``register_module_forward_hook``: calibration and activation-statistics tools);
 * calls: extra arguments (``adapter_names`` for mixed-batch inference, ``alora_offsets``, ...),
   and an input whose dtype differs from the base weight's outside autocast: ``F.linear`` raises
   there, so peft's forward runs and raises its own error rather than a different one from us.
 
 Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters, peft casts x up
 and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
-accumulation, so the LoRA term can differ from peft's at the 16-bit rounding level (both are
-that far from a float64 evaluation). Under autocast both run the products in the autocast dtype.
+accumulation. Outputs and input gradients then differ from peft's at the 16-bit rounding level
+(both are that far from a float64 evaluation); the adapters' gradients carry 16-bit rounding
+error here (bf16: about 3e-3 relative) where peft's carry fp32's. Under autocast both run the
+products in the autocast dtype.
 
 Call ``fuse_lora`` on the peft model before wrapping it (DDP, ``fully_shard``, ``torch.compile``):
 it finds the layers through ``named_modules`` and reads their weights to report. The patched
@@ -58,6 +61,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 
 from .functional import lora_linear
+from .modules import plain_module
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -81,7 +85,8 @@ _LORA_BIAS = "lora_bias=True (lora_B carries a bias)"
 _MODULES = "lora_A / lora_B / lora_dropout are not plain nn.Linear / nn.Dropout / nn.Identity"
 _WEIGHTS = ("weights are not plain floating-point tensors (tensor subclass, e.g. torchao or a "
             "sharded DTensor), or lora_A and lora_B differ in dtype")
-_HOOKS = "hooks or a replaced forward on base_layer / lora_A / lora_B (e.g. accelerate offloading)"
+_HOOKS = ("hooks or a replaced forward on base_layer / lora_A / lora_B / lora_dropout (e.g. accelerate "
+          "offloading), or global module hooks")
 _SCALING = "scaling is not a Python number"
 
 
@@ -100,12 +105,6 @@ class FuseReport:
 
     def __len__(self):
         return len(self.fused)
-
-
-def _plain_module(m, cls):
-    # Exactly ``cls``, with nothing that its forward call would run and we would skip.
-    return (type(m) is cls and "forward" not in m.__dict__ and not m._forward_pre_hooks
-            and not m._forward_hooks and not m._backward_pre_hooks and not m._backward_hooks)
 
 
 def _plain_weight(t):
@@ -152,8 +151,8 @@ def _state_reason(layer):
             and type(dropout) in (torch.nn.Dropout, torch.nn.Identity)
             and lora_A.bias is None and lora_B.bias is None):
         return _MODULES
-    if not (_plain_module(base, torch.nn.Linear) and _plain_module(lora_A, torch.nn.Linear)
-            and _plain_module(lora_B, torch.nn.Linear)):
+    if not (plain_module(base, torch.nn.Linear) and plain_module(lora_A, torch.nn.Linear)
+            and plain_module(lora_B, torch.nn.Linear) and plain_module(dropout, type(dropout))):
         return _HOOKS
     if not (_plain_weight(base.weight) and (base.bias is None or _plain_weight(base.bias))
             and _plain_weight(lora_A.weight) and _plain_weight(lora_B.weight)

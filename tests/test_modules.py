@@ -137,6 +137,43 @@ def test_linear_with_its_own_forward_or_hooks_runs_them(backend, kind):
     assert rel_err(ours.lora.B.grad, ref.lora.B.grad) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kind", ["lora_hook", "global_hook"])
+def test_lora_hooks_and_global_hooks_run(backend, kind):
+    """The reference calls its lora sub-module and every module's global hooks: a hook on
+    ``layer.lora`` (scaling its term) or a global forward hook (on every module's output) must run
+    as it does there, so such layers take the unfused path."""
+    ours, ref = trained_pair(lambda: torch.nn.Linear(10, 7))
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(type(module).__name__)
+        return -2 * out
+
+    handles = []
+    if kind == "lora_hook":
+        handles = [layer.lora.register_forward_hook(hook) for layer in (ours, ref)]
+    else:
+        handles = [torch.nn.modules.module.register_module_forward_hook(hook)]
+    try:
+        x = torch.randn(4, 6, 10)
+        y, y_ref = ours(x), ref(x)
+    finally:
+        for h in handles:
+            h.remove()
+    expected = ["LoRALayer"] * 2 if kind == "lora_hook" else ["Linear", "LoRALayer", "LinearWithLoRA"] * 2
+    assert sorted(calls) == sorted(expected)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
+def test_fx_symbolic_trace(backend):
+    """torch.fx's symbolic tracing (x is a Proxy) records the reference's calls, with its numbers."""
+    ours, _ = trained_pair(lambda: torch.nn.Linear(10, 7))
+    model = torch.nn.Sequential(ours, torch.nn.ReLU())
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 10)
+    assert rel_err(traced(x), model(x)) < TOL[torch.float32]
+
+
 def test_load_state_dict_into_a_merged_layer():
     """A state dict holds the weight unmerged; loading one into a merged layer (restoring a
     checkpoint after merge() for inference) must not leave it merged with a stale update."""

@@ -18,6 +18,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 
 import lora_kernels.peft as lkpeft  # noqa: E402
 from conftest import DEVICE, rel_err  # noqa: E402
+from conftest import TOL as DTYPE_TOL  # noqa: E402
 from lora_kernels.peft import fuse_lora, unfuse_lora  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -324,6 +325,30 @@ def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
     model(x)
     assert seen == [1] and len(spy) == 2
 
+    # So would one on lora_dropout, and global module hooks (calibration, activation statistics),
+    # which peft's forward runs on every nn.Linear it calls: then every layer runs peft's forward.
+    for where in ("dropout", "global"):
+        spy.clear()
+        model = peft_net(lora_dropout=0.1).eval()
+        ref = copy.deepcopy(model)
+        if where == "dropout":
+            handle = model.base_model.model.mid.lora_dropout["default"].register_forward_hook(
+                lambda m, a, out: out * 3)
+            ref.base_model.model.mid.lora_dropout["default"].register_forward_hook(lambda m, a, out: out * 3)
+            report = fuse_warning(model)[0]
+            assert report.fused == ["base_model.model.up", "base_model.model.down"]
+            assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+        else:
+            report = fuse_quietly(model)
+            handle = torch.nn.modules.module.register_module_forward_hook(
+                lambda m, a, out: out * 3 if isinstance(m, torch.nn.Linear) else None)
+            try:
+                assert rel_err(model(x), ref(x)) < TOL and not spy
+            finally:
+                handle.remove()
+            assert rel_err(model(x), ref(x)) < TOL and len(spy) == 3  # fused again once it is gone
+        handle.remove()
+
 
 def test_a_model_without_lora_layers_warns():
     with pytest.warns(UserWarning, match="no peft LoRA layers"):
@@ -563,3 +588,45 @@ def test_compile_fullgraph(spy):
     ref_loss.backward()
     assert_grads_match(model, ref)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_base_fp32_adapters_precision(dtype):
+    """peft's default, a 16-bit base with fp32 adapters, without autocast: peft runs the LoRA path
+    in fp32, the fused layer in the base's dtype with fp32 accumulation. Output and dX are as far
+    from float64 in both; the adapters' gradients carry 16-bit rounding here, fp32's in peft (the
+    README's figures: printed with -s)."""
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(512, 512)).to(dtype),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=["0"])).to(DEVICE)
+    layer = model.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # peft's autocast_adapter_dtype
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)
+    x, dy = (torch.randn(256, 512).to(DEVICE, dtype) for _ in range(2))
+
+    W, b = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+    A, B = (layer.lora_A["default"].weight.detach().double().requires_grad_(),
+            layer.lora_B["default"].weight.detach().double().requires_grad_())
+    x64 = x.double().requires_grad_()
+    y64 = torch.nn.functional.linear(x64, W, b) + layer.scaling["default"] * (x64 @ A.t() @ B.t())
+    y64.backward(dy.double())
+    want = {"y": y64, "dx": x64.grad, "dA": A.grad, "dB": B.grad}
+
+    def errors():
+        xl = x.clone().requires_grad_()
+        y = layer(xl)
+        y.backward(dy)
+        got = {"y": y, "dx": xl.grad, "dA": layer.lora_A["default"].weight.grad,
+               "dB": layer.lora_B["default"].weight.grad}
+        layer.zero_grad()
+        return {k: rel_err(got[k], want[k]) for k in want}
+
+    peft_err = errors()
+    fuse_quietly(model)
+    fused_err = errors()
+    print(f"\n{dtype}: peft {peft_err}\n{dtype}: fused {fused_err}")
+    for k in ("y", "dx"):  # the same 16-bit rounding of the output and of dX
+        assert fused_err[k] < 1.5 * peft_err[k] + 1e-5, k
+    for k in ("dA", "dB"):  # 16-bit rounding of the adapters' products, within the dtype's bound
+        assert peft_err[k] < 1e-5 and fused_err[k] < DTYPE_TOL[dtype], k
