@@ -95,9 +95,10 @@ class LinearWithLoRA(torch.nn.Module):
     @torch.no_grad()
     def merge(self):
         """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, if
-        the weight is tied to another module (it would change that module too), or if ``linear``
-        is not a plain nn.Linear storing its weight (weight_norm's is computed: the merge would be
-        lost)."""
+        the weight is tied to another module (it would change that module too: ``weight_tied``,
+        set by ``replace_linear_with_lora`` for ties inside the module it was given, or by hand),
+        or if ``linear`` is not a plain nn.Linear storing its weight (weight_norm's is computed:
+        the merge would be lost)."""
         if self.merged:
             return self
         if type(self.linear) is not torch.nn.Linear or "weight" not in self.linear._parameters:
