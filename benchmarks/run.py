@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import torch
 
@@ -136,6 +137,13 @@ def _row(device, K, N, M, r, provider, mode, status):
             "check_s": None, "status": status}
 
 
+def describe_error(e, limit=300):
+    """``ExcType: message`` on one line (CUDA's messages span several, which would break a
+    markdown table row), cut to `limit` characters."""
+    text = f"{type(e).__name__}: " + " ".join(str(e).split()).replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
     """One row per mode for one provider: checked, then measured, then timed."""
     device = xs[0].device
@@ -149,12 +157,12 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
     except ProviderUnavailable as e:
         return rows(f"SKIPPED: {e}")
     except Exception as e:  # a provider that cannot even be built is reported, not fatal
-        return rows(f"ERROR: {type(e).__name__}: {e}")
+        return rows(f"ERROR: {describe_error(e)}")
     started = time.perf_counter()
     try:  # the first call: compilation and autotuning happen here, outside the timings
         errors = check(layer, xs[0], dys[0], refs[layer.lora])
     except Exception as e:
-        return rows(f"ERROR: {type(e).__name__}: {e}")
+        return rows(f"ERROR: {describe_error(e)}")
     check_s = time.perf_counter() - started
     max_err = max(errors.values())
     checked = layer.dropout == 0
@@ -168,7 +176,10 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
         status = "ok (PyTorch path)"
     else:
         status = "ok"
-    peak, saved, activations = memory(layer, xs[-1], dys[-1])
+    try:  # (an out-of-memory here is this provider's, reported in its rows)
+        peak, saved, activations = memory(layer, xs[-1], dys[-1])
+    except Exception as e:
+        return rows(f"ERROR: in memory(): {describe_error(e)}", errors=errors, max_err=max_err, check_s=check_s)
     shared = {"check_s": check_s, "errors": errors, "max_err": max_err, "peak_mib": None if peak is None else peak / 2**20,
               "saved_mib": activations / 2**20, "saved_all_mib": saved / 2**20}
     out = []
@@ -177,7 +188,7 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
         try:
             ms, reps = timer(*mode_step(layer, mode, xs, dys))
         except Exception as e:
-            row["status"] = f"ERROR: {type(e).__name__}: {e}"
+            row["status"] = f"ERROR: {describe_error(e)}"
         else:
             flops = flop_count(M, K, N, r, mode, lora=layer.lora, trainable_base=args.trainable_base)
             row.update(ms=ms, reps=reps, tflops=flops / ms / 1e9)
@@ -299,19 +310,34 @@ def main(argv=None):
     from tqdm import tqdm
 
     timer = Timer(device, warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"])
-    ceiling = ceilings(device, timer) if device.type == "cuda" else None
+    ceiling = None
+    if device.type == "cuda":
+        try:  # a figure for the report, not a reason to lose the sweep
+            ceiling = ceilings(device, timer)
+        except Exception as e:
+            notes.append(f"the card's ceilings were not measured: {describe_error(e)}")
+            traceback.print_exc()
     if ceiling:
         notes.append(f"this card's ceilings, measured in this run: {ceiling['copy_tb_s']:.2f} TB/s device copy "
                      f"(bytes read + written), {ceiling['bf16_tflops']:.0f} TFLOP/s bf16 GEMM (8192³, random data)")
-    rows = []
+    rows, failed = [], False
     previous = signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the configurations done
     try:
         with tqdm(total=len(s["configs"]) * len(args.providers), desc="benchmark", unit="layer",
                   file=sys.stderr, dynamic_ncols=True) as progress:
             sweep(s["configs"], args, device, dtype, timer, progress, rows)
-    except (Stopped, KeyboardInterrupt) as e:
+    # Anything else that escapes the sweep (an out-of-memory, or a sticky CUDA error raised by the
+    # next configuration's inputs) must not lose the configurations already measured either.
+    except (Stopped, KeyboardInterrupt, Exception) as e:
         done = len({(r["K"], r["N"], r["tokens"], r["rank"]) for r in rows})
-        notes.append(f"INCOMPLETE: {e or 'interrupted'} after {done} of {len(s['configs'])} configurations")
+        if isinstance(e, Exception):
+            failed = True
+            print(file=sys.stderr)
+            traceback.print_exc()
+            why = describe_error(e)
+        else:
+            why = str(e) or "interrupted"
+        notes.append(f"INCOMPLETE: {why} after {done} of {len(s['configs'])} configurations")
         print(f"\n{notes[-1]}", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -347,6 +373,8 @@ def main(argv=None):
     if device.type == "cuda" and s["default_sweep"] and elapsed > 240:
         print("note: the default GPU sweep went over its 4-minute budget")
     print(f"total, reports included: {time.perf_counter() - started:.1f} s")
+    if failed:  # written above, but the exit status says the sweep did not finish
+        raise SystemExit(1)
     return rows
 
 

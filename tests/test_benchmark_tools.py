@@ -1,11 +1,12 @@
 """The benchmark's own bookkeeping: the issue-4 targets table, and a sweep stopped by its time
-limit still writing what it measured (the GPU run is too short to lose a sweep to a timeout)."""
+limit or by an error still writing what it measured (the GPU run is too short to lose a sweep)."""
 
 import json
 import os
 import signal
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 
@@ -53,3 +54,54 @@ def test_stopped_sweep_still_writes_its_results(tmp_path, monkeypatch):
     assert all(r["ms"] > 0 for r in saved["rows"])
     assert any("INCOMPLETE: stopped by signal 15 after 1 of 2" in n for n in saved["notes"])
     assert "INCOMPLETE" in (folder / "report.md").read_text()
+
+
+SMALL_RUN = ["--device", "cpu", "--shapes", "32x48,64x32", "--tokens", "16", "--ranks", "4",
+             "--providers", "base,fused", "--warmup-ms", "1", "--rep-ms", "2"]
+
+
+def test_failed_sweep_still_writes_its_results(tmp_path, monkeypatch, capsys):
+    """Any exception escaping the sweep (a CUDA out-of-memory, or a sticky illegal memory access
+    raised by the next configuration's inputs) ends it like a timeout: the configurations measured
+    are written, marked INCOMPLETE, and the exit status is 1."""
+    real = run.make_inputs
+    calls = []
+
+    def fail_in_second_config(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors "
+                               "might be asynchronously reported")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "make_inputs", fail_in_second_config)
+    with pytest.raises(SystemExit) as stopped:
+        run.main([*SMALL_RUN, "--out", str(tmp_path)])
+    assert stopped.value.code == 1
+    (folder,) = tmp_path.iterdir()
+    saved = json.loads((folder / "results.json").read_text())
+    assert {(r["K"], r["N"]) for r in saved["rows"]} == {(32, 48)}  # the first configuration, whole
+    assert all(r["ms"] > 0 for r in saved["rows"])
+    assert any(n.startswith("INCOMPLETE: RuntimeError: CUDA error: an illegal memory access was encountered "
+                            "CUDA kernel errors") and n.endswith("after 1 of 2 configurations")
+               for n in saved["notes"])
+    assert "Traceback" in capsys.readouterr().err
+    assert "INCOMPLETE: RuntimeError" in (folder / "report.md").read_text()
+
+
+def test_a_provider_failing_in_memory_is_an_error_row(tmp_path, monkeypatch):
+    """memory() raising (an out-of-memory) for one provider: its rows say ERROR, the others are timed."""
+    real = run.memory
+
+    def fail_for_fused(layer, x, dy):
+        if layer.dropout == 0 and layer.lora:  # base is the only non-LoRA provider here
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(layer, x, dy)
+
+    monkeypatch.setattr(run, "memory", fail_for_fused)
+    rows = run.main([*SMALL_RUN, "--out", str(tmp_path)])
+    statuses = {r["provider"]: r["status"] for r in rows}
+    assert statuses["fused"].startswith("ERROR: in memory(): OutOfMemoryError: CUDA out of memory"), statuses
+    assert statuses["base"] == "ok"
+    assert all(r["ms"] > 0 for r in rows if r["provider"] == "base")
+    assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
