@@ -51,11 +51,14 @@ def pieces(K, N, M, r, dtype, device):
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
     xb = x.clone().requires_grad_()
 
+    # Gradients through torch.autograd.grad, as measure.py takes them: .backward() on the same
+    # leaves would add each step's gradients into .grad (an M×K in-place add from the second call
+    # on), work that neither the floor's nor the layer's step defines.
     def layer(fuse, backward):
         def run():
             os.environ["LORA_KERNELS_FUSE_SHRINK"] = fuse
             if backward:
-                lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0).backward(dy)
+                torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0), [xg, Ag, Bg], dy)
             else:
                 with torch.no_grad():
                     lora_kernels.lora_linear(x, W, b, A, B, 2.0)
@@ -70,8 +73,8 @@ def pieces(K, N, M, r, dtype, device):
                 kernels.TMA = previous
         return run
 
-    def base_fwd_bwd():
-        torch.nn.functional.linear(xb, W, b).backward(dy)
+    def base_fwd_bwd():  # dX only: the base is frozen
+        torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
     def graphed(fn):
         """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
@@ -82,7 +85,7 @@ def pieces(K, N, M, r, dtype, device):
             if not graph:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):  # warm up (autotuning, .grad buffers) off the capture
+                with torch.cuda.stream(side):  # warm up (autotuning, cuBLAS workspaces) off the capture
                     for _ in range(3):
                         fn()
                 torch.cuda.current_stream(device).wait_stream(side)
