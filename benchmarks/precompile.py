@@ -1,7 +1,7 @@
 """Compile the fused layer's Triton kernels for an NVIDIA GPU ahead of time, with or without one.
 
     python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--smem 227] [--report FILE] [--variants]
-        [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
+        [--host] [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
 
 It runs the layer's forward and backward for the benchmark sweep's configurations (the same
 defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every kernel launch, and
@@ -127,6 +127,23 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
 _precision = kernels._input_precision  # the real choice, for the recorder's patch to fall back on
 
 
+def record_host(dtypes, sms, arch):
+    """The launches of ``benchmarks.variants``' host-time pieces (64×64, rank 16: the layer's
+    forward+backward, and one plain GEMM without bias), recorded by running those very pieces on
+    CPU placeholders, so that they are exactly what the variants step will look up."""
+    from .variants import host_pieces
+
+    recorder = _Recorder()
+    with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
+            mock.patch.object(kernels, "_num_sms", lambda device: sms), \
+            mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), \
+            mock.patch.object(functional, "select_backend", lambda x, adapter_dtype: "triton"):
+        for dtype in dtypes:
+            for fn in host_pieces(dtype, torch.device("cpu")).values():
+                fn()
+    return recorder.launches
+
+
 def jobs_for(launches):
     """(launch, config) pairs: every config the autotuner keeps for each launch, deduplicated."""
     tuner = kernels._lora_matmul_kernel
@@ -214,7 +231,9 @@ def main(argv=None):
     p.add_argument("--tf32", action="store_true", help="fp32 products on TF32 tensor cores as well as in IEEE fp32")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (the masked kernels)")
     p.add_argument("--trainable-base", action="store_true")
-    p.add_argument("--variants", action="store_true", help="also what benchmarks.variants launches")
+    p.add_argument("--variants", action="store_true", help="also what benchmarks.variants launches at these shapes")
+    p.add_argument("--host", action="store_true",
+                   help="also benchmarks.variants' host-time pieces (64x64, 64 tokens, rank 16), in --dtypes")
     p.add_argument("--limit", type=int, help="compile only the first N jobs (a quick check)")
     p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
     args = p.parse_args(argv)
@@ -229,6 +248,8 @@ def main(argv=None):
     with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):  # the pruner reads it
         launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
                           dropout=args.dropout, variants=args.variants, tf32=args.tf32)
+        if args.host:
+            launches += record_host(args.dtypes, sms, arch)
         jobs = jobs_for(launches)[:args.limit]
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
           f"compiles for sm_{arch}, {args.jobs} processes", flush=True)

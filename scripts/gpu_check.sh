@@ -72,9 +72,11 @@ step() {
 } > "$W/machine.md"
 cat "$W/machine.md"
 
+host=""; [ "$what" = check ] || host="--host"
 if [ "$what" = check ] || [ "$what" = all ]; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
-  step precompile 45 "$PY" -m benchmarks.precompile --variants --report "$W/precompile.md"
+  # (--host: also the variants step's host-time pieces at 64x64, when it runs.)
+  step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step precompile-dropout 25 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   step precompile-tests 25 "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
@@ -109,7 +111,7 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = variants ] || [ "$what" = all ]; then
-  [ "$what" = variants ] && step precompile 45 "$PY" -m benchmarks.precompile --variants --report "$W/precompile.md"
+  [ "$what" = variants ] && step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step variants 150 "$PY" -m benchmarks.variants --out "$W"
 fi
 

@@ -4,6 +4,8 @@ limit or by an error still writing what it measured (the GPU run is too short to
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +107,36 @@ def test_a_provider_failing_in_memory_is_an_error_row(tmp_path, monkeypatch):
     assert statuses["base"] == "ok"
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "base")
     assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
+
+
+HOST_LAUNCHES = r"""
+import torch
+from unittest import mock
+from benchmarks import precompile
+from lora_kernels import kernels
+
+def jobs(launches):  # compile jobs, keyed as precompile.jobs_for tells them apart
+    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: 227 * 1024):
+        return {(tuple(map(precompile._spec, args)), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+                 tuple(sorted(config.items()))): precompile.describe(args, kwargs, config)[:2]
+                for args, kwargs, config in precompile.jobs_for(launches)}
+
+host = jobs(precompile.record_host([torch.bfloat16], 132, 90))
+layer = jobs(precompile.record([(64, 64, 64, 16)], [torch.bfloat16], 132, 90))
+print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] for k in layer.keys() - host.keys()}))
+"""
+
+
+def test_precompile_host_records_the_variants_host_pieces():
+    """`precompile --host` (the variants step's host-time pieces, 64x64) compiles what the layer's
+    forward+backward at that shape needs, as `--shapes 64x64 --tokens 64 --ranks 16` would, and the
+    plain GEMM without bias that the latter misses. (A subprocess: precompile refuses the
+    interpreter, which these tests run under without a GPU; autotuned, as the variants step is.)"""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, LORA_KERNELS_AUTOTUNE="1")
+    done = subprocess.run([sys.executable, "-c", HOST_LAUNCHES], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[('product (Wᵀ view)', 'M=64 N=64 K=64')] []", done.stdout
