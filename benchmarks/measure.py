@@ -94,8 +94,9 @@ def forward_backward(layer, x, dy):
 # --- correctness ----------------------------------------------------------------------------------
 
 
-def expected(weights, x, dy, *, lora):
-    """The float64 answer from the same (already rounded) inputs: the seed's formula, or F.linear."""
+def expected(weights, x, dy, *, lora, keep=None, dropout=0.0):
+    """The float64 answer from the same (already rounded) inputs: the seed's formula, or F.linear;
+    with a LoRA-dropout keep mask, ``F.linear(x, W, b) + alpha · ((x ⊙ keep / (1 − p)) A) B``."""
     def up(t):
         return t.detach().double().requires_grad_(t.requires_grad)
 
@@ -103,6 +104,9 @@ def expected(weights, x, dy, *, lora):
     params = {"W": W, "b": b, "A": A, "B": B} if lora else {"W": W, "b": b}
 
     def fn(x64):
+        if lora and keep is not None:
+            dropped = x64 * keep / (1 - dropout)
+            return torch.nn.functional.linear(x64, W, b) + weights.alpha * (dropped @ A @ B)
         if lora:
             return lora_linear_reference(x64, W, b, A, B, weights.alpha)
         return torch.nn.functional.linear(x64, W, b)

@@ -1,19 +1,20 @@
 """The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
 
 ``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft` and
-`fused` have a LoRA dropout, the others ignore it. A ``Layer`` holds the
+`fused` have a LoRA dropout, the others ignore it (`fused` can name its next call's mask, so it
+is still checked; peft's nn.Dropout mask cannot be rebuilt). A ``Layer`` holds the
 forward callable and the tensors it trains, so the measurement code can run any of them the same way:
 ``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
 """
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import lora_linear
+from lora_kernels import functional, lora_linear
 from lora_kernels.reference import lora_linear_reference
 
 
@@ -65,8 +66,12 @@ class Layer(NamedTuple):
     transposed: tuple = ()
     # Whether the layer computes the LoRA layer (False for `base`, which is checked against F.linear).
     lora: bool = True
-    # LoRA dropout probability the layer applies: above 0 its output is random, so it is not checked.
+    # LoRA dropout probability the layer applies: above 0 its output is random, so it is checked
+    # only if the layer can say which mask its next call draws (next_mask), else only timed.
     dropout: float = 0.0
+    # next_mask(x, torch_seed) -> the keep mask (x's shape, bool) that the layer's next call on x
+    # applies once torch.manual_seed(torch_seed) has run; it leaves torch's generator so seeded.
+    next_mask: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
 
 
 # --- the providers -------------------------------------------------------------------------------
@@ -173,7 +178,23 @@ def _fused(w, dropout=0.0, **_):
     # On CUDA tensors this runs the Triton kernels; on CPU the package's PyTorch path.
     # dropout_p is passed only when asked for, so the default call is the plain six-argument one.
     kwargs = {"dropout_p": dropout} if dropout > 0 else {}
-    return Layer(lambda x: lora_linear(x, w.W, w.b, w.A, w.B, w.alpha, **kwargs), w.as_dict(), dropout=dropout)
+
+    def next_mask(x, torch_seed):
+        # lora_linear draws its seed with functional.draw_seed first thing, so after manual_seed
+        # the same draw here is the next call's seed; the mask is the backend's for that seed.
+        backend = functional.select_backend(x, w.A.dtype)
+        torch.manual_seed(torch_seed)
+        seed = int(functional.draw_seed(x.device, backend))
+        torch.manual_seed(torch_seed)  # (neither mask below draws from torch's generator)
+        M, K = x.numel() // x.shape[-1], x.shape[-1]
+        if backend == "triton":
+            keep = functional.kernels.keep_mask(M, K, seed, dropout, x.device)
+        else:
+            keep = functional.torch_keep_mask(M, K, K, 1, seed, dropout, x.device)
+        return keep.view(x.shape)
+
+    return Layer(lambda x: lora_linear(x, w.W, w.b, w.A, w.B, w.alpha, **kwargs), w.as_dict(), dropout=dropout,
+                 next_mask=next_mask if dropout > 0 else None)
 
 
 PROVIDERS = {

@@ -97,8 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=2.0, help="the LoRA scale, used as is (default 2.0)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="LoRA dropout of peft (lora_dropout) and fused (dropout_p), e.g. 0.1, peft's common "
-                        "setting; above 0 their outputs are random, so they are timed but not checked, and "
-                        "the other providers still run without dropout")
+                        "setting; above 0 their outputs are random: fused is checked with the mask its call "
+                        "draws (rebuilt from torch's seed), peft is timed but not checked (its nn.Dropout mask "
+                        "cannot be rebuilt), and the other providers still run without dropout")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--warmup-ms", type=float, help="warm-up per measurement (default 10)")
     p.add_argument("--rep-ms", type=float, help="timed runs per measurement (default 60 on GPU, 50 on CPU)")
@@ -158,24 +159,32 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
         return rows(f"SKIPPED: {e}")
     except Exception as e:  # a provider that cannot even be built is reported, not fatal
         return rows(f"ERROR: {describe_error(e)}")
-    started = time.perf_counter()
-    try:  # the first call: compilation and autotuning happen here, outside the timings
-        errors = check(layer, xs[0], dys[0], refs[layer.lora])
+    try:
+        ref, checked, masked = refs[layer.lora], layer.dropout == 0, False
+        if layer.dropout > 0 and layer.next_mask is not None:
+            # A random output, but the layer names the mask its next call draws: checked with it.
+            keep = layer.next_mask(xs[0], args.seed)  # (torch's generator now seeded for that call)
+            ref = expected(weights, xs[0], dys[0], lora=layer.lora, keep=keep, dropout=layer.dropout)
+            checked = masked = True
+            del keep
+        started = time.perf_counter()
+        # The first call: compilation and autotuning happen here, outside the timings.
+        errors = check(layer, xs[0], dys[0], ref)
     except Exception as e:
         return rows(f"ERROR: {describe_error(e)}")
     check_s = time.perf_counter() - started
     max_err = max(errors.values())
-    checked = layer.dropout == 0
     if checked and not max_err <= tolerance(weights.A.dtype, device):  # `not <=` also catches NaN
         worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
-        return rows(f"WRONG ({worst} off by {errors[worst]:.1e})", errors=errors, max_err=max_err, check_s=check_s)
+        return rows(f"WRONG ({worst} off by {errors[worst]:.1e}" + (", with its dropout mask)" if masked else ")"),
+                    errors=errors, max_err=max_err, check_s=check_s)
 
     if not checked:
-        status = f"timed, not checked (dropout {layer.dropout} is random)"
-    elif name == "fused" and device.type != "cuda":
-        status = "ok (PyTorch path)"
+        status = f"timed, not checked (dropout {layer.dropout} is random, and {name}'s mask cannot be rebuilt)"
     else:
-        status = "ok"
+        details = (["PyTorch path"] if name == "fused" and device.type != "cuda" else []) \
+            + ([f"dropout {layer.dropout} checked with its mask"] if masked else [])
+        status = "ok" + (f" ({', '.join(details)})" if details else "")
     try:  # (an out-of-memory here is this provider's, reported in its rows)
         peak, saved, activations = memory(layer, xs[-1], dys[-1])
     except Exception as e:
@@ -266,8 +275,10 @@ def run_notes(args, s):
         notes.append("peft: its lora.Linear layer called directly (built by get_peft_model), r = rank, "
                      "lora_alpha = alpha·rank")
     if args.dropout > 0:
-        notes.append(f"peft and fused run with LoRA dropout {args.dropout}: timed, but not checked (the output "
-                     "is random) and not comparable with the providers without dropout")
+        notes.append(f"peft and fused run with LoRA dropout {args.dropout}, not comparable with the providers "
+                     "without dropout: fused is checked against float64 with the mask its call draws (rebuilt "
+                     "from torch's seed: F.linear(x, W, b) + alpha·((x·keep/(1-p)) A) B, output and gradients); "
+                     "peft is timed but not checked (its nn.Dropout mask cannot be rebuilt)")
     if "compiled" in args.providers:
         notes.append("compiled: torch.compile(dynamic=True) of the reference, compiled once for the sweep "
                      "(and again where K = N changes: duck sizing)")

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import run, targets  # noqa: E402
+from benchmarks import providers, run, targets  # noqa: E402
 
 
 def _rows(times, K=4096, N=1024, M=8192, r=16):
@@ -140,3 +140,43 @@ def test_precompile_host_records_the_variants_host_pieces():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[('product (Wᵀ view)', 'M=64 N=64 K=64')] []", done.stdout
+
+
+def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
+    """With --dropout, fused is checked against float64 with the mask its call draws (rebuilt from
+    torch's seed), so a kernel that masks wrong is WRONG, not timed; peft's mask cannot be rebuilt."""
+    pytest.importorskip("peft")
+    argv = ["--device", "cpu", "--shapes", "48x40", "--tokens", "24", "--ranks", "4", "--dropout", "0.3",
+            "--providers", "base,peft,fused", "--modes", "forward+backward", "--warmup-ms", "1", "--rep-ms", "2"]
+    rows = {r["provider"]: r for r in run.main([*argv, "--out", str(tmp_path / "right")])}
+    assert rows["fused"]["status"] == "ok (PyTorch path, dropout 0.3 checked with its mask)"
+    assert rows["fused"]["max_err"] < 1e-5 and rows["fused"]["ms"] > 0
+    assert set(rows["fused"]["errors"]) == {"out", "dX", "dA", "dB"}
+    assert rows["peft"]["status"].startswith("timed, not checked") and rows["peft"]["ms"] > 0
+
+    # A layer whose mask is not the one the seed names (here: drawn with another p) is caught.
+    real = providers.lora_linear
+    monkeypatch.setattr(providers, "lora_linear", lambda *a, dropout_p=0.0: real(*a, dropout_p=dropout_p / 2))
+    rows = {r["provider"]: r for r in run.main([*argv, "--out", str(tmp_path / "wrong")])}
+    assert rows["fused"]["status"].startswith("WRONG (") and rows["fused"]["status"].endswith("with its dropout mask)")
+    assert rows["fused"]["ms"] is None
+
+
+def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
+    """The same check on the kernels' own mask (kernels.keep_mask), as on a GPU: here through
+    Triton's interpreter, on CPU tensors."""
+    from benchmarks import measure
+    from lora_kernels import functional, kernels
+
+    if not kernels.INTERPRET:
+        pytest.skip("Triton on CPU tensors needs the interpreter (the GPU run checks it in benchmarks.run)")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    g = torch.Generator().manual_seed(0)
+    w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu", generator=g)
+    xs, dys = measure.make_inputs(24, 48, 40, dtype=torch.float32, device="cpu", generator=g)
+    assert functional.select_backend(xs[0], w.A.dtype) == "triton"
+    refs = {lora: measure.expected(w, xs[0], dys[0], lora=lora) for lora in (True, False)}
+    timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=2)
+    (row,) = run.bench_provider("fused", w, xs, dys, refs, run.parse_args(["--dropout", "0.3"]), timer,
+                                (48, 40, 24, 4), ["forward+backward"])
+    assert "dropout 0.3 checked with its mask" in row["status"] and row["max_err"] < 1e-5, row
