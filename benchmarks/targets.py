@@ -24,10 +24,28 @@ def _times(rows):
     return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]): r["ms"] for r in rows if r["ms"]}
 
 
+def _statuses(rows):
+    return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]): r.get("status") for r in rows}
+
+
+def _missing(statuses, key, provider):
+    """Why a provider has no time here: "fused WRONG" (ERROR, SKIPPED), or "—" when it did not run."""
+    status = statuses.get((*key, provider))
+    return f"{provider} {status.split()[0].rstrip(':,')}" if status else "—"
+
+
+def _incomplete(results, which):
+    return [f"**INCOMPLETE** ({which}): {n.removeprefix('INCOMPLETE: ')}." for n in results.get("notes", [])
+            if n.startswith("INCOMPLETE")]
+
+
 def table(results, dropout_results=None):
-    """Markdown: one line per (shape, tokens, rank), a cell per target with its ratio and ✓ or ✗."""
-    times = _times(results["rows"])
-    peft_times = _times(dropout_results["rows"]) if dropout_results else times
+    """Markdown: one line per (shape, tokens, rank), a cell per target with its ratio and ✓ or ✗;
+    where a provider has no time, its status (WRONG, ERROR, SKIPPED) instead."""
+    times, statuses = _times(results["rows"]), _statuses(results["rows"])
+    if dropout_results:
+        peft_times, peft_statuses = _times(dropout_results["rows"]), _statuses(dropout_results["rows"])
+        covered = {(r["K"], r["N"], r["tokens"], r["rank"]) for r in dropout_results["rows"]}
     configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in results["rows"]))
     lines = ["| shape | tokens | rank | " + " | ".join(t[0] for t in TARGETS) + " |",
              "|---|---:|---:|" + "---:|" * len(TARGETS)]
@@ -35,16 +53,18 @@ def table(results, dropout_results=None):
         cells = []
         for name, mode, ratio, bound in TARGETS:
             num, den = ratio.split("/")
-            mark = ""
+            mark, why = "", statuses
             a, b = (times.get((K, N, M, r, mode, p)) for p in (num, den))
             if num == "peft" and dropout_results:
-                with_dropout = [peft_times.get((K, N, M, r, mode, p)) for p in (num, den)]
-                if None in with_dropout:
-                    mark = " †"  # the dropout run did not cover this configuration
+                if (K, N, M, r) in covered:
+                    a, b = (peft_times.get((K, N, M, r, mode, p)) for p in (num, den))
+                    why = peft_statuses
                 else:
-                    a, b = with_dropout
-            if a is None or b is None:
-                cells.append("—")
+                    mark = " †"  # the dropout run did not cover this configuration
+            if a is None or b is None:  # say why (fused WRONG, peft SKIPPED, ...), not just "—"
+                missing = [_missing(why, (K, N, M, r, mode), p) for p, t in ((num, a), (den, b)) if t is None]
+                text = " / ".join(m for m in missing if m != "—") or "—"
+                cells.append(text + (" (dropout run)" if why is not statuses and text != "—" else mark))
                 continue
             value = a / b
             # Times over base must stay under the bound; speedups must reach it.
@@ -53,7 +73,8 @@ def table(results, dropout_results=None):
         lines.append(f"| {K}→{N} | {M} | {r} | " + " | ".join(cells) + " |")
     bounds = ", ".join(f"{name} {'≤' if ratio.endswith('base') else '≥'} {bound}"
                        for name, _, ratio, bound in TARGETS)
-    head = [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
+    head = _incomplete(results, "the main run") + (_incomplete(dropout_results, "the dropout run") if dropout_results else [])
+    head += [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
             "Ratios of times measured side by side in one run"
             + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both "
                "(†: a configuration that run did not cover, taken without dropout)."

@@ -36,6 +36,29 @@ def test_targets_table_ratios_and_verdicts():
     assert "| 4.34 ✓ † |" in targets.table(main, other)
 
 
+def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete():
+    times = {("forward", "base"): 1.0, ("forward", "fused"): 1.04, ("forward+backward", "base"): 2.0,
+             ("forward+backward", "fused"): None, ("forward+backward", "addmm"): 2.8}
+    rows = [dict(row, status="ERROR: RuntimeError: boom" if row["ms"] is None else "ok") for row in _rows(times)]
+    main = {"card": "GPU", "date": "2026-11-28", "dtype": "bfloat16", "rows": rows,
+            "notes": ["INCOMPLETE: OutOfMemoryError: CUDA out of memory after 1 of 12 configurations"]}
+    text = targets.table(main)
+    assert text.startswith("**INCOMPLETE** (the main run): OutOfMemoryError: CUDA out of memory after 1 of 12 "
+                           "configurations.\n")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("| 4096→1024")]
+    # (peft and compiled did not run at all: fused's error is the reason given)
+    assert line == "| 4096→1024 | 8192 | 16 | 1.04 ✓ | fused ERROR | fused ERROR | fused ERROR | fused ERROR |"
+    # The dropout run covered the configuration, but its fused was WRONG: said, not replaced by the main run.
+    dropout = {"dropout": 0.1, "notes": [], "rows": [
+        dict(row, status="WRONG (dA off by 3.0e-01, with its dropout mask)" if row["provider"] == "fused" else
+             "timed, not checked") for row in _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): None})]}
+    main_ok = {**main, "notes": [], "rows": [dict(row, status="ok") for row in _rows(
+        {("forward+backward", "base"): 2.0, ("forward+backward", "fused"): 2.2, ("forward+backward", "peft"): 4.4})]}
+    text = targets.table(main_ok, dropout)
+    assert "INCOMPLETE" not in text
+    assert "| fused WRONG (dropout run) |" in text
+
+
 def test_stopped_sweep_still_writes_its_results(tmp_path, monkeypatch):
     """A SIGTERM (what `timeout` sends) in the second configuration: the first is written."""
     calls = []
