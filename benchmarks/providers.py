@@ -150,7 +150,9 @@ def _peft(w, dropout=0.0, **_):
 
     Built through ``get_peft_model`` on a module holding one nn.Linear (the public API, stable across
     peft versions); the layer is then called directly, so PeftModel's wrapper is not timed.
-    peft's scale is lora_alpha / r, so lora_alpha = alpha · r gives the seed's alpha.
+    peft's scale is lora_alpha / r, so lora_alpha = alpha · r gives the seed's alpha. The adapters
+    are ours, in the base's dtype: get_peft_model's default (autocast_adapter_dtype) leaves them in
+    fp32 beside a bf16 base, and peft's forward then casts x up and runs the LoRA path in fp32.
     """
     try:
         from peft import LoraConfig, get_peft_model

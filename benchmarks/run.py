@@ -272,8 +272,13 @@ def run_notes(args, s):
     """Lines for the report that say how this run was made."""
     notes = [s["plan_note"]] if s["plan_note"] else []
     if "peft" in args.providers:
-        notes.append("peft: its lora.Linear layer called directly (built by get_peft_model), r = rank, "
-                     "lora_alpha = alpha·rank")
+        note = ("peft: its lora.Linear layer called directly (built by get_peft_model), r = rank, "
+                "lora_alpha = alpha·rank, adapters in the base's dtype")
+        if s["dtype"] != torch.float32:
+            note += (f" ({str(s['dtype']).removeprefix('torch.')}): peft's own default keeps them in fp32 beside a "
+                     "16-bit base and runs the LoRA path in fp32 (x cast up), which is slower, so the comparison "
+                     "is conservative for fused")
+        notes.append(note)
     if args.dropout > 0:
         notes.append(f"peft and fused run with LoRA dropout {args.dropout}, not comparable with the providers "
                      "without dropout: fused is checked against float64 with the mask its call draws (rebuilt "

@@ -203,3 +203,13 @@ def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
     (row,) = run.bench_provider("fused", w, xs, dys, refs, run.parse_args(["--dropout", "0.3"]), timer,
                                 (48, 40, 24, 4), ["forward+backward"])
     assert "dropout 0.3 checked with its mask" in row["status"] and row["max_err"] < 1e-5, row
+
+
+def test_peft_adapters_are_in_the_base_dtype():
+    """What the run notes say: peft's adapters are cast to the base's dtype (peft's own default
+    would leave them fp32 beside a bf16 base, and its LoRA path in fp32)."""
+    pytest.importorskip("peft")
+    w = providers.make_weights(64, 48, 8, dtype=torch.bfloat16, device="cpu")
+    layer = providers.PROVIDERS["peft"](w)
+    assert {name: t.dtype for name, t in layer.params.items()} == dict.fromkeys("WbAB", torch.bfloat16)
+    assert layer.fn(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
