@@ -230,6 +230,7 @@ class Timer:
         self.cuda = device.type == "cuda"
         self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
         self.spent_s = 0.0  # wall time inside the timer, to tell timing from the rest of the sweep
+        self.spread = None  # (20th, 80th percentile) ms of the last measurement's timed runs
 
     def _sync(self):
         if self.cuda:
@@ -259,6 +260,8 @@ class Timer:
             one()
         reps = max(5, min(1000, round(self.rep_ms / per_iter_ms)))
         times = self._cuda_times(setup, step, reps) if self.cuda else self._cpu_times(setup, step, reps)
+        deciles = statistics.quantiles(times, n=5, method="inclusive")  # (reps >= 5)
+        self.spread = (deciles[0], deciles[-1])
         return statistics.median(times), reps
 
     def _cuda_times(self, setup, step, reps):

@@ -12,7 +12,7 @@ import torch
 
 DEFAULT_PARENT = Path(__file__).resolve().parent / "results"
 
-COLUMNS = ["shape", "tokens", "rank", "mode", "provider", "ms", "TFLOP/s", "×base", "fused speedup",
+COLUMNS = ["shape", "tokens", "rank", "mode", "provider", "ms", "p20–p80", "TFLOP/s", "×base", "fused speedup",
            "peak MiB", "saved MiB", "max err", "status"]
 
 
@@ -80,6 +80,7 @@ def table_cells(row):
         row["mode"],
         row["provider"],
         _fmt(row["ms"], ".4g"),
+        "—" if row.get("ms_p20") is None else f"{row['ms_p20']:.4g}–{row['ms_p80']:.4g}",
         _fmt(row["tflops"], ".3g"),
         _fmt(row["x_base"], ".2f"),
         _fmt(row["fused_speedup"], ".2f"),
@@ -92,7 +93,7 @@ def table_cells(row):
 
 def markdown_table(rows):
     lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" if c in ("tokens", "rank", "ms", "TFLOP/s", "×base", "fused speedup",
+             "|" + "|".join("---:" if c in ("tokens", "rank", "ms", "p20–p80", "TFLOP/s", "×base", "fused speedup",
                                              "peak MiB", "saved MiB", "max err") else "---"
                             for c in COLUMNS) + "|"]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
@@ -100,7 +101,7 @@ def markdown_table(rows):
 
 
 TABLE_NOTES = """\
-- ms: median time of one step; TFLOP/s: the layer's FLOPs over that time, counted as
+- ms: median time of one step, p20–p80 the 20th and 80th percentiles of the same timed runs; TFLOP/s: the layer's FLOPs over that time, counted as
   forward 2MKN + 2Mr(K+N); backward 2MKN (dX) [+ 2MKN for dW when the base trains] + 4Mr(K+N);
   `base` is credited with its GEMMs only. Products only, no bias or elementwise work.
 - ×base: time over `base`'s time in the same mode (the floor: F.linear alone; its backward is dX only

@@ -133,9 +133,9 @@ def plan(shapes, tokens, ranks, full_product):
 
 def _row(device, K, N, M, r, provider, mode, status):
     return {"device": device.type, "K": K, "N": N, "tokens": M, "rank": r, "mode": mode, "provider": provider,
-            "ms": None, "reps": None, "tflops": None, "x_base": None, "fused_speedup": None,
+            "ms": None, "ms_p20": None, "ms_p80": None, "reps": None, "tflops": None, "x_base": None, "fused_speedup": None,
             "peak_mib": None, "saved_mib": None, "saved_all_mib": None, "max_err": None, "errors": None,
-            "check_s": None, "status": status}
+            "check_s": None, "base_again_ms": None, "status": status}
 
 
 def describe_error(e, limit=300):
@@ -200,7 +200,7 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
             row["status"] = f"ERROR: {describe_error(e)}"
         else:
             flops = flop_count(M, K, N, r, mode, lora=layer.lora, trainable_base=args.trainable_base)
-            row.update(ms=ms, reps=reps, tflops=flops / ms / 1e9)
+            row.update(ms=ms, ms_p20=timer.spread[0], ms_p80=timer.spread[1], reps=reps, tflops=flops / ms / 1e9)
         out.append(row)
     return out
 
@@ -214,6 +214,26 @@ def add_ratios(rows):
             row["x_base"] = row["ms"] / base if base else None
             if row["provider"] != "fused" and fused:
                 row["fused_speedup"] = row["ms"] / fused
+
+
+def time_base_again(config_rows, weights, xs, dys, timer):
+    """`base` timed again once the configuration's other providers are done (base_again_ms on its
+    rows): against its first time, the drift (clocks, temperature) and noise the ratios to base carry."""
+    layer = PROVIDERS["base"](weights)
+    for row in config_rows:
+        if row["provider"] == "base" and row["ms"] is not None:
+            try:
+                row["base_again_ms"] = timer(*mode_step(layer, row["mode"], xs, dys))[0]
+            except Exception:  # a figure for the notes only
+                pass
+
+
+def drift_note(rows):
+    drift = [r["base_again_ms"] / r["ms"] - 1 for r in rows if r.get("base_again_ms") and r["ms"]]
+    if drift:
+        return (f"base timed again at the end of each configuration: {min(drift):+.1%} to {max(drift):+.1%} "
+                "from its first time (the drift and noise that the ratios to base carry)")
+    return None
 
 
 class Stopped(BaseException):  # not Exception: a provider's error handling must not swallow it
@@ -239,6 +259,8 @@ def sweep(configs, args, device, dtype, timer, progress, rows):
             config_rows += bench_provider(name, weights, xs, dys, refs, args, timer, config, args.modes)
             progress.update()
         add_ratios(config_rows)
+        if "base" in args.providers and len(args.providers) > 1:
+            time_base_again(config_rows, weights, xs, dys, timer)
         rows += config_rows
         del weights, xs, dys, refs
         if device.type == "cuda":
@@ -357,6 +379,8 @@ def main(argv=None):
         print(f"\n{notes[-1]}", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if drift_note(rows):
+        notes.append(drift_note(rows))
     elapsed = time.perf_counter() - started
     first_calls, spent = time_spent(rows, elapsed, timer)
 
@@ -368,7 +392,7 @@ def main(argv=None):
         "shapes": s["shapes"], "tokens": s["tokens"], "ranks": s["ranks"],
         "configs": s["configs"], "providers": args.providers, "modes": args.modes,
         "tolerance": tolerance(dtype, device),
-        "timing": (f"median after a warm-up, {s['warmup_ms']:g} ms of warm-up and {s['rep_ms']:g} ms of timed runs "
+        "timing": (f"median (and 20th-80th percentiles) after a warm-up, {s['warmup_ms']:g} ms of warm-up and {s['rep_ms']:g} ms of timed runs "
                    "per measurement, inputs rotated among copies, "
                    + ("CUDA events, L2 flushed before each run" if device.type == "cuda" else "time.perf_counter")),
         "flop_counting": flop_count.__doc__.strip(),

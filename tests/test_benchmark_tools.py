@@ -213,3 +213,14 @@ def test_peft_adapters_are_in_the_base_dtype():
     layer = providers.PROVIDERS["peft"](w)
     assert {name: t.dtype for name, t in layer.params.items()} == dict.fromkeys("WbAB", torch.bfloat16)
     assert layer.fn(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_rows_carry_a_spread_and_base_timed_again(tmp_path):
+    rows = run.main([*SMALL_RUN[:3], "32x48", *SMALL_RUN[4:], "--out", str(tmp_path)])
+    assert rows and all(r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in rows)
+    assert all(r["base_again_ms"] > 0 for r in rows if r["provider"] == "base")
+    assert all(r["base_again_ms"] is None for r in rows if r["provider"] != "base")
+    (folder,) = tmp_path.iterdir()
+    saved = json.loads((folder / "results.json").read_text())
+    assert any(n.startswith("base timed again at the end of each configuration") for n in saved["notes"])
+    assert "| p20–p80 |" in (folder / "report.md").read_text()
