@@ -174,9 +174,6 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if alpha.requires_grad:  # .item() would drop its gradient without a word
             raise ValueError("alpha is a tensor that requires grad: the fused layer has no gradient for "
                              "alpha; pass a number or a tensor that does not require grad")
-        if torch.compiler.is_compiling():  # its value is data: .item() would break the graph, or fail in it
-            raise TypeError("alpha is a tensor: under torch.compile pass it as a Python number "
-                            "(LinearWithLoRA holds a constant tensor alpha as a number itself)")
         alpha = alpha.item()  # the seed's layer takes a 0-d tensor too
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")

@@ -92,22 +92,6 @@ def test_symbolic_alpha_compiles_whole(backend):
         compiled(x)
 
 
-def test_tensor_alpha_under_compile(backend):
-    """A 0-d tensor alpha (eager takes one) holds a value the graph cannot know: fullgraph names the
-    problem instead of failing inside the tracer, and without fullgraph the call runs eagerly."""
-    x, W, b, A, B = make_inputs((5,), 8, 6, 2, torch.float32)
-    alpha = torch.tensor(0.5, device=DEVICE)
-    want = lora_kernels.lora_linear(x, W, b, A, B, 0.5)
-    torch._dynamo.reset()
-    loose = torch.compile(lambda x: lora_kernels.lora_linear(x, W, b, A, B, alpha), backend="aot_eager")
-    assert rel_err(loose(x), want) < TOL[torch.float32]
-    strict = torch.compile(lambda x: lora_kernels.lora_linear(x, W, b, A, B, alpha), backend="aot_eager",
-                           fullgraph=True)
-    with pytest.raises(Exception, match="alpha is a tensor: under torch.compile pass it as a Python number"):
-        strict(x)
-    torch._dynamo.reset()
-
-
 def test_compile_with_dropout(backend):
     """Dropout's seed is drawn inside the graph; aot_eager keeps eager's RNG, so numbers match."""
     model = lora_model(dropout=0.25).train()
