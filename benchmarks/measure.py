@@ -105,7 +105,7 @@ def expected(weights, x, dy, *, lora, keep=None, dropout=0.0):
 
     def fn(x64):
         if lora and keep is not None:
-            dropped = x64 * keep / (1 - dropout)
+            dropped = x64 * keep / (1 - dropout) if dropout < 1 else x64 * 0  # p = 1 drops the LoRA term
             return torch.nn.functional.linear(x64, W, b) + weights.alpha * (dropped @ A @ B)
         if lora:
             return lora_linear_reference(x64, W, b, A, B, weights.alpha)
@@ -260,8 +260,8 @@ class Timer:
             one()
         reps = max(5, min(1000, round(self.rep_ms / per_iter_ms)))
         times = self._cuda_times(setup, step, reps) if self.cuda else self._cpu_times(setup, step, reps)
-        deciles = statistics.quantiles(times, n=5, method="inclusive")  # (reps >= 5)
-        self.spread = (deciles[0], deciles[-1])
+        cuts = statistics.quantiles(times, n=5, method="inclusive")  # the 20th, ..., 80th percentiles (reps >= 5)
+        self.spread = (cuts[0], cuts[-1])
         return statistics.median(times), reps
 
     def _cuda_times(self, setup, step, reps):

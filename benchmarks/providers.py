@@ -188,12 +188,8 @@ def _fused(w, dropout=0.0, **_):
         torch.manual_seed(torch_seed)
         seed = int(functional.draw_seed(x.device, backend))
         torch.manual_seed(torch_seed)  # (neither mask below draws from torch's generator)
-        M, K = x.numel() // x.shape[-1], x.shape[-1]
-        if backend == "triton":
-            keep = functional.kernels.keep_mask(M, K, seed, dropout, x.device)
-        else:
-            keep = functional.torch_keep_mask(M, K, K, 1, seed, dropout, x.device)
-        return keep.view(x.shape)
+        return functional.keep_mask(x.numel() // x.shape[-1], x.shape[-1], seed, dropout, x.device,
+                                    backend).view(x.shape)
 
     return Layer(lambda x: lora_linear(x, w.W, w.b, w.A, w.B, w.alpha, **kwargs), w.as_dict(), dropout=dropout,
                  next_mask=next_mask if dropout > 0 else None)

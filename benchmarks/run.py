@@ -379,8 +379,9 @@ def main(argv=None):
         print(f"\n{notes[-1]}", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if drift_note(rows):
-        notes.append(drift_note(rows))
+    drift = drift_note(rows)
+    if drift:
+        notes.append(drift)
     elapsed = time.perf_counter() - started
     first_calls, spent = time_spent(rows, elapsed, timer)
 

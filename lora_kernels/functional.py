@@ -54,6 +54,14 @@ def torch_keep_mask(rows, cols, si, sj, seed, p, device):
     return (torch.rand(numel, generator=g, device=device) >= p).as_strided((rows, cols), (si, sj))
 
 
+def keep_mask(rows, cols, seed, p, device, backend):
+    """The (rows, cols) keep mask that a dropout call drawing ``seed`` applies to its x on this
+    backend, for tests and the benchmark's check (the calls themselves never build it)."""
+    if backend == "triton":
+        return kernels.keep_mask(rows, cols, seed, p, device)
+    return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
+
+
 def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
     ``addmm`` keeps it to one output buffer, as the kernel does."""

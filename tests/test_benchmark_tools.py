@@ -177,6 +177,11 @@ def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     assert set(rows["fused"]["errors"]) == {"out", "dX", "dA", "dB"}
     assert rows["peft"]["status"].startswith("timed, not checked") and rows["peft"]["ms"] > 0
 
+    # p = 1 drops the LoRA term, which the check's float64 formula must do too (not divide by 0).
+    argv1 = [a if a != "0.3" else "1.0" for a in argv]
+    rows = {r["provider"]: r for r in run.main([*argv1, "--out", str(tmp_path / "all-dropped")])}
+    assert rows["fused"]["status"] == "ok (PyTorch path, dropout 1.0 checked with its mask)", rows["fused"]
+
     # A layer whose mask is not the one the seed names (here: drawn with another p) is caught.
     real = providers.lora_linear
     monkeypatch.setattr(providers, "lora_linear", lambda *a, dropout_p=0.0: real(*a, dropout_p=dropout_p / 2))

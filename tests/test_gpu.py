@@ -166,7 +166,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks(monkeypatch):
     seeds.clear()
     with torch.cuda.graph(graph):
         y_static = step()
-    assert seeds and all(s is seeds[0] for s in seeds) and seeds[0].is_cuda
+    assert len(seeds) == 1 and seeds[0].is_cuda  # the forward's one masked product: the shrink
 
     x64, W64, b64, A64, B64 = (t.double() for t in (x, W, b, A, B))
     drawn = []

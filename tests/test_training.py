@@ -9,13 +9,6 @@ from lora_kernels import functional, kernels
 from test_lora_linear import LaunchSpy
 
 
-def keep_mask(backend, M, K, seed, p):
-    """The mask a dropout call with this seed applies to x (M, K), on the given backend."""
-    if backend == "triton":
-        return kernels.keep_mask(M, K, seed, p, DEVICE)
-    return functional.torch_keep_mask(M, K, K, 1, seed, p, DEVICE)
-
-
 def seed_of_next_call(torch_seed, backend):
     torch.manual_seed(torch_seed)
     return int(functional.draw_seed(torch.device(DEVICE), backend))
@@ -45,7 +38,8 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
     if backend == "triton" and kernels._tma_available(torch.device(DEVICE)):
         assert set(spy.allow_tma) == {shape == "aligned"}  # the masks met TMA-loaded tiles too
 
-    keep = keep_mask(backend, x.numel() // K, K, seed_of_next_call(7, backend), p).reshape(x.shape)
+    seed = seed_of_next_call(7, backend)
+    keep = functional.keep_mask(x.numel() // K, K, seed, p, DEVICE, backend).reshape(x.shape)
     x64 = x.double().requires_grad_()
     W64, b64 = W.double().requires_grad_(), b.double().requires_grad_()
     A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
@@ -58,7 +52,7 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
 
 def test_dropout_keep_rate_and_unbiased_mean(backend):
     p, M, K, N = 0.3, 96, 64, 48
-    keep = keep_mask(backend, M, K, 2024, p)
+    keep = functional.keep_mask(M, K, 2024, p, DEVICE, backend)
     n = keep.numel()
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate
@@ -174,7 +168,7 @@ def test_backward_keeps_the_forwards_backend(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     dy = torch.randn_like(y)
     y.backward(dy)
-    keep = keep_mask("triton", 30, 24, seed_of_next_call(3, "triton"), 0.5)
+    keep = functional.keep_mask(30, 24, seed_of_next_call(3, "triton"), 0.5, DEVICE, "triton")
     x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
     y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + (x64 * keep / 0.5) @ A64 @ B64
     y_ref.backward(dy.double())
