@@ -45,6 +45,13 @@ def plain_module(module, cls):
                      or _module._global_backward_pre_hooks))
 
 
+def plain_tensors(*tensors):
+    """Whether each tensor (None allowed) is a plain ``torch.Tensor`` or ``nn.Parameter``, whose
+    storage the kernels may read. A subclass (a torchao quantized weight, tensor parallelism's
+    DTensor) means something else by its storage and computes through its own ops."""
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 class LinearWithLoRA(torch.nn.Module):
     """``linear(x) + alpha · (dropout(x) A) B`` in one fused call.
 
@@ -53,8 +60,8 @@ class LinearWithLoRA(torch.nn.Module):
     layer alone, at its speed); ``unmerge()`` takes it out again.
 
     A ``linear`` that is not a plain, unhooked ``nn.Linear`` (or a ``lora`` that is not a plain,
-    unhooked ``LoRALayer``) runs its own forward and the LoRA term beside it in PyTorch, unfused,
-    as the reference does. The adapters start on ``linear``'s device,
+    unhooked ``LoRALayer``), or weights or an input that are tensor subclasses, run the
+    reference's calls, ``linear(x) + lora(x)``, unfused. The adapters start on ``linear``'s device,
     in fp32 (initialised on the CPU, so the numbers are the reference's).
     """
 
@@ -78,14 +85,16 @@ class LinearWithLoRA(torch.nn.Module):
         if self.merged:
             return self.linear(x)
         p = self.dropout if self.training else 0.0
-        # The reference's own calls where the fused one would skip something (see plain_module), and
-        # for torch.fx's symbolic tracing (x a Proxy), which records them as the reference's graph.
-        if not (isinstance(x, torch.Tensor) and plain_module(self.linear, torch.nn.Linear)
-                and plain_module(self.lora, LoRALayer)):
+        # The reference's own calls where the fused one would skip something (see plain_module and
+        # plain_tensors), and for torch.fx's symbolic tracing (x a Proxy), which records them as the
+        # reference's graph.
+        linear, lora = self.linear, self.lora
+        if not (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer)
+                and plain_tensors(x, linear.weight, linear.bias, lora.A, lora.B)):
             y = self.linear(x)
             x = torch.nn.functional.dropout(x, p) if p else x
             return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
-        return lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.alpha, p)
+        return lora_linear(x, linear.weight, linear.bias, lora.A, lora.B, lora.alpha, p)
 
     def _delta(self):
         # alpha · (A B)ᵀ, in fp32 at least so merging and unmerging round only once, into W's dtype.

@@ -37,8 +37,9 @@ peft's original forward, so results never depend on whether a layer was fused. p
   ``lora_dropout`` (accelerate offloading would be bypassed otherwise), and global module hooks
   (``register_module_forward_hook``: calibration and activation-statistics tools);
 * calls: extra arguments (``adapter_names`` for mixed-batch inference, ``alora_offsets``, ...),
-  and an input whose dtype differs from the base weight's outside autocast: ``F.linear`` raises
-  there, so peft's forward runs and raises its own error rather than a different one from us.
+  an input that is a tensor subclass (tensor parallelism's DTensor activations), and an input
+  whose dtype differs from the base weight's outside autocast: ``F.linear`` raises there, so
+  peft's forward runs and raises its own error rather than a different one from us.
 
 Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters, peft casts x up
 and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
@@ -61,7 +62,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 
 from .functional import lora_linear
-from .modules import plain_module
+from .modules import plain_module, plain_tensors
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -108,7 +109,7 @@ class FuseReport:
 
 
 def _plain_weight(t):
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point()
+    return plain_tensors(t) and t.is_floating_point()
 
 
 def _structural_reason(layer):
@@ -169,7 +170,7 @@ class FusedLinear(_PeftLoraLinear):
 
     def forward(self, x, *args, **kwargs):
         if (args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items())
-                or not isinstance(x, torch.Tensor) or _state_reason(self) is not None
+                or not (isinstance(x, torch.Tensor) and plain_tensors(x)) or _state_reason(self) is not None
                 or (x.dtype != self.base_layer.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
             return super().forward(x, *args, **kwargs)
         adapter = self.active_adapters[0]

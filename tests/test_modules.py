@@ -165,6 +165,38 @@ def test_lora_hooks_and_global_hooks_run(backend, kind):
     assert rel_err(y, y_ref) < TOL[torch.float32]
 
 
+class Doubled(torch.Tensor):
+    """A weight that F.linear sees doubled, as a quantized weight's ops see its scales: its storage
+    alone does not say what it computes."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            args = [a.as_subclass(torch.Tensor) * 2 if isinstance(a, Doubled) else a for a in args]
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_tensor_subclass_weight_runs_its_own_ops(backend):
+    """A base weight that is a tensor subclass computes through its own ops, as in the reference;
+    reading its storage in the kernels would give other numbers."""
+    def make():
+        linear = torch.nn.Linear(10, 7)
+        linear.weight = torch.nn.Parameter(linear.weight.detach().as_subclass(Doubled), requires_grad=False)
+        return linear
+
+    ours, ref = trained_pair(make)
+    x = torch.randn(4, 10)
+    y, y_ref = ours(x), ref(x)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    plain = torch.nn.functional.linear(x, ours.linear.weight.as_subclass(torch.Tensor), ours.linear.bias)
+    assert rel_err(y - ours.lora(x), plain) > 0.1  # the subclass's meaning did change the output
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert rel_err(ours.lora.A.grad, ref.lora.A.grad) < TOL[torch.float32]
+
+
 def test_fx_symbolic_trace(backend):
     """torch.fx's symbolic tracing (x is a Proxy) records the reference's calls, with its numbers."""
     ours, _ = trained_pair(lambda: torch.nn.Linear(10, 7))

@@ -350,6 +350,19 @@ def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
         handle.remove()
 
 
+class Tagged(torch.Tensor):
+    """An input tensor subclass (as tensor parallelism's DTensor activations are)."""
+
+
+def test_tensor_subclass_input_runs_peft(spy):
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(4, 24)
+    assert rel_err(model(x.as_subclass(Tagged)), ref(x)) < TOL and not spy
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 3
+
+
 def test_a_model_without_lora_layers_warns():
     with pytest.warns(UserWarning, match="no peft LoRA layers"):
         assert int(fuse_lora(BiasNet())) == 0
