@@ -149,6 +149,10 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if type(t) not in (Tensor, torch.nn.Parameter) and not (torch.compiler.is_compiling() or is_fake(t)):
+            raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
+                            "bypass by reading its storage: pass plain tensors (LinearWithLoRA and fuse_lora "
+                            "run the unfused reference for such weights and inputs)")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must have a floating-point dtype the kernels compute in (float16, "
                             f"bfloat16, float32 or float64), got {t.dtype}")

@@ -128,6 +128,19 @@ def _fail_on_rank1(model, x, y, rank, world, out_dir):
 MODES = {"ddp": _ddp, "fsdp2": _fsdp2, "fail_on_rank1": _fail_on_rank1}
 
 
+def _count_fused_calls():
+    """A list that grows by one per fused call of a LinearWithLoRA: the unfused path (taken for
+    hooks or tensor-subclass weights) gives the same numbers, so only this tells them apart."""
+    calls = []
+    fused = lora_kernels.modules.lora_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+    lora_kernels.modules.lora_linear = counted
+    return calls
+
+
 def worker(rank, world, port, mode, out_dir, ifname):
     """Entry point of each spawned process: run ``mode`` and save its results to
     ``out_dir/rank{rank}.pt``. Any exception propagates, so the process exits non-zero and
@@ -142,8 +155,10 @@ def worker(rank, world, port, mode, out_dir, ifname):
     try:
         model = build_model()
         x, y = make_data()
+        fused_calls = _count_fused_calls()
         try:
             result = MODES[mode](model, x, y, rank, world, out_dir)
+            result["fused_calls"] = len(fused_calls)
         except Exception:
             # Tell the parent what failed even if the other rank is left waiting in a collective.
             with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

@@ -127,6 +127,8 @@ def ddp_results(ddp_dir):
 
 def test_ddp_training_matches_single_process(ddp_results):
     _check_training(ddp_results, "DDP")
+    for res in ddp_results:  # the fused call in every layer: the forward, then each step's
+        assert res["fused_calls"] == 3 * (1 + W.STEPS), res["fused_calls"]
 
 
 def test_ddp_forward_matches(ddp_results):
@@ -173,8 +175,9 @@ def fsdp2_results(fsdp2_dir):
 
 
 def test_fsdp2_training_matches_single_process(fsdp2_results):
-    for res in fsdp2_results:  # every parameter really was sharded
+    for res in fsdp2_results:  # every parameter really was sharded, and gathered for plain fused calls
         assert set(res["param_types"].values()) == {"DTensor"}, res["param_types"]
+        assert res["fused_calls"] == 3 * W.STEPS, res["fused_calls"]
     _check_training(fsdp2_results, "FSDP2")
 
 

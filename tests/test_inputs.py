@@ -15,6 +15,10 @@ def call(x, W, b, A, B, alpha=1.0):
     return lora_kernels.lora_linear(x, W, b, A, B, alpha)
 
 
+class Subclass(torch.Tensor):
+    """A tensor subclass (a quantized weight, a DTensor), whose storage the kernels must not read."""
+
+
 @pytest.mark.parametrize("change,error,words", [
     (lambda a: a.__setitem__(0, torch.randn(4, 6, 11)), ValueError, ["(..., 10)", "(4, 6, 11)"]),
     (lambda a: a.__setitem__(0, torch.randn(())), ValueError, ["(..., 10)", "()"]),
@@ -32,11 +36,12 @@ def call(x, W, b, A, B, alpha=1.0):
     (lambda a: a.__setitem__(2, a[2].half()), TypeError, ["bias", "float16"]),
     (lambda a: a.__setitem__(4, a[4].double()), TypeError, ["A and B", "float64"]),
     (lambda a: a.__setitem__(0, a[0].numpy()), TypeError, ["x must be a torch.Tensor", "ndarray"]),
+    (lambda a: a.__setitem__(1, a[1].as_subclass(Subclass)), TypeError, ["weight is a tensor subclass", "Subclass"]),
     (lambda a: [a.__setitem__(i, a[i].to(torch.float8_e4m3fn)) for i in range(3)], TypeError,
      ["x must have a floating-point dtype", "float8_e4m3fn"]),
     (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, ["one device", "bias on meta"]),
 ], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
-        "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "float8", "device"])
+        "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device"])
 def test_bad_input(change, error, words):
     args = good()
     change(args)
