@@ -6,8 +6,9 @@ per task, store only these). Their names are the model's own state-dict names, e
 the same base architecture passed through ``replace_linear_with_lora`` with the same rank and alpha.
 Names are taken below the usual wrappers (``torch.compile``'s ``_orig_mod``, also where a compiled
 submodule sits, and the ``.module`` of ``DistributedDataParallel`` / ``DataParallel``), so an
-adapter saved from a wrapped model loads into the plain one and the other way round. FSDP2 (``fully_shard``) adapters are DTensors: files always
-hold the plain, full tensors, and a sharded model saves and loads them as one (see ``save_adapter``).
+adapter saved from a wrapped model loads into the plain one and the other way round. FSDP2
+(``fully_shard``) adapters are DTensors: files always hold the plain, full tensors, and a sharded
+model saves and loads them as one (see ``save_adapter``).
 """
 
 import json
@@ -73,7 +74,8 @@ def _unprefixed(key, params):
 def _lora_layers(model):
     """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included, named as in
     the plain model (no wrapper's ``module.`` or ``_orig_mod.``)."""
-    return [(_without_compile(name), m) for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALayer)]
+    return [(_without_compile(name), m) for name, m in _unwrap(model).named_modules()
+            if isinstance(m, LoRALayer)]
 
 
 def _is_dtensor(t):
