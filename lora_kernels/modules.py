@@ -187,6 +187,31 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     return model
 
 
+def merge_and_unload(model):
+    """Fold every ``LinearWithLoRA``'s update into its linear and put that linear back where the
+    layer was, in place: the model ``replace_linear_with_lora`` was given, with merged weights and
+    its own state-dict keys, for inference and export (peft's ``merge_and_unload``). Returns the
+    model (the linear itself when ``model`` is one LinearWithLoRA). If a layer cannot merge (see
+    ``merge``), the layers merged before it are unmerged and the error is raised: nothing is
+    replaced."""
+    slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, LinearWithLoRA)]
+    layers = [layer for *_, layer in slots] + ([model] if isinstance(model, LinearWithLoRA) else [])
+    done = []
+    try:
+        for layer in layers:
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except ValueError:
+        for layer in done:
+            layer.unmerge()
+        raise
+    for parent, name, layer in slots:
+        setattr(parent, name, layer.linear)
+    return model.linear if isinstance(model, LinearWithLoRA) else model
+
+
 def _replace(model, rank, alpha, dropout, shared):
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):

@@ -289,6 +289,49 @@ def test_merge_refuses_a_tied_weight():
     assert model.mid.merged
 
 
+def test_merge_and_unload():
+    """The model replace_linear_with_lora was given, with merged weights: the same outputs, its own
+    state-dict keys, no LinearWithLoRA left; a single layer gives back its linear."""
+    def build():
+        torch.manual_seed(2)
+        return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.GELU(),
+                                   torch.nn.Sequential(torch.nn.Linear(12, 6, bias=False)))
+    plain_keys = build().state_dict().keys()
+    model = lora_kernels.replace_linear_with_lora(build(), rank=3, alpha=0.7)
+    for layer in (model[0], model[2][0]):
+        torch.nn.init.normal_(layer.lora.B)
+    model[2][0].merge()  # one already merged: folded once, not twice
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        y = model(x)
+        assert lora_kernels.merge_and_unload(model) is model
+        assert rel_err(model(x), y) < TOL[torch.float32] and rel_err(y, build()(x)) > 0.01
+    assert not any(isinstance(m, lora_kernels.LinearWithLoRA) for m in model.modules())
+    assert model.state_dict().keys() == plain_keys
+
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 3), 2, 1.0)
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        y = layer(x)
+        linear = lora_kernels.merge_and_unload(layer)
+        assert type(linear) is torch.nn.Linear and rel_err(linear(x), y) < TOL[torch.float32]
+
+
+def test_merge_and_unload_changes_nothing_when_a_layer_cannot_merge():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    for layer in model:
+        torch.nn.init.normal_(layer.lora.B)
+    before = [layer.linear.weight.clone() for layer in model]
+    model[1].weight_tied = True  # as for an lm_head tied to the embedding
+    with pytest.raises(ValueError, match="shared with another module"):
+        lora_kernels.merge_and_unload(model)
+    assert all(isinstance(layer, lora_kernels.LinearWithLoRA) and not layer.merged for layer in model)
+    for layer, w in zip(model, before):  # the first layer's merge was taken back out
+        assert rel_err(layer.linear.weight, w) < 1e-6
+
+
 def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
     """Wrapping a layer already on its device (a model moved to the GPU first) puts the adapters
     there too, drawn as the seed draws them."""
