@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import TOL, rel_err
+from conftest import DEVICE, TOL, rel_err
 from lora_kernels import reference as seed
 
 
@@ -47,13 +47,13 @@ def test_state_dict_loads_both_ways_strict():
 
 
 def test_same_outputs_and_grads_as_seed(backend):
-    ref = build(seed)
+    ref = build(seed).to(DEVICE)
     with torch.no_grad():  # B starts at zero: make the LoRA path count
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    ours = build(lora_kernels, 5)
+    ours = build(lora_kernels, 5).to(DEVICE)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 11, 24)
+    x = torch.randn(3, 11, 24, device=DEVICE)
     y_ref, y = ref(x), ours(x)
     dy = torch.randn_like(y)
     y_ref.backward(dy)
@@ -200,9 +200,9 @@ def test_tensor_subclass_weight_runs_its_own_ops(backend):
 def test_fx_symbolic_trace(backend):
     """torch.fx's symbolic tracing (x is a Proxy) records the reference's calls, with its numbers."""
     ours, _ = trained_pair(lambda: torch.nn.Linear(10, 7))
-    model = torch.nn.Sequential(ours, torch.nn.ReLU())
+    model = torch.nn.Sequential(ours, torch.nn.ReLU()).to(DEVICE)
     traced = torch.fx.symbolic_trace(model)
-    x = torch.randn(4, 10)
+    x = torch.randn(4, 10, device=DEVICE)
     assert rel_err(traced(x), model(x)) < TOL[torch.float32]
 
 
