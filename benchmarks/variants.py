@@ -15,6 +15,7 @@ Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -99,6 +100,7 @@ def pieces(K, N, M, r, dtype, device):
         # the same steps replayed from CUDA graphs: host time out of the picture
         "F.linear forward, CUDA graph (floor)": ("graph fwd", graphed(lambda: torch.nn.functional.linear(x, W, b))),
         "layer forward, separate shrink, CUDA graph": ("graph fwd", graphed(layer("0", False))),
+        "layer forward, fused shrink, CUDA graph": ("graph fwd", graphed(layer("1", False))),
         "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", graphed(base_fwd_bwd)),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", graphed(layer("0", True))),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
@@ -173,8 +175,38 @@ def host_pieces(dtype, device):
     def layer():
         torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy)
 
+    def launch():
+        kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)
+
+    def separate():
+        os.environ["LORA_KERNELS_FUSE_SHRINK"] = "0"
+        try:
+            layer()
+        finally:
+            del os.environ["LORA_KERNELS_FUSE_SHRINK"]
+
     return {"F.linear fwd+bwd, host (floor)": base, "layer fwd+bwd, host": layer,
-            "one kernel launch, host": lambda: kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)}
+            "layer fwd+bwd, separate shrink, host": separate,
+            "layer fwd+bwd, host, Triton's dispatch (no direct launch)": tritons_dispatch(layer),
+            "one kernel launch, host": launch,
+            "one kernel launch, host, Triton's dispatch": tritons_dispatch(launch)}
+
+
+@contextlib.contextmanager
+def _no_direct_launch():
+    previous, kernels.FAST_LAUNCH = kernels.FAST_LAUNCH, False
+    try:
+        yield
+    finally:
+        kernels.FAST_LAUNCH = previous
+
+
+def tritons_dispatch(fn):
+    """fn with every launch through Triton's own dispatch (kernels.FAST_LAUNCH off)."""
+    def run():
+        with _no_direct_launch():
+            fn()
+    return run
 
 
 def host_ms(fn, device, calls=300):
@@ -222,7 +254,8 @@ def main(argv=None):
                 row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
                 try:
                     kernels._lora_matmul_kernel.best_config = None
-                    fn()  # compile and autotune outside the timing
+                    with _no_direct_launch():  # (a direct launch would leave best_config unset)
+                        fn()  # compile and autotune outside the timing
                     # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
                     best = kernels._lora_matmul_kernel.best_config
                     row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())

@@ -89,10 +89,12 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_
 
 def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype):
     """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``: y with S in the forward, dX with dS in
-    the backward. With ``LORA_KERNELS_FUSE_SHRINK=1`` the Triton path computes L inside the big
-    product's K loop (one pass over x, redundant rank-r MMAs in every column block); otherwise L
-    is its own small product first. Which wins depends on the shape: see benchmarks/NOTES.md."""
-    fuse = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "0") == "1"
+    the backward. The Triton path computes L inside the big product's K loop (one launch and one
+    pass over x, at the cost of redundant rank-r MMAs in every column block) for ranks up to
+    ``kernels.FUSE_MAX_RANK``: on the H200 the launch saved mattered more in eager mode, where
+    host time sets the pace (benchmarks/NOTES.md). ``LORA_KERNELS_FUSE_SHRINK=0`` makes L its own
+    small product first, as it is on the PyTorch path and for larger ranks."""
+    fuse = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "1") != "0"
     if backend == "triton" and fuse and A.shape[1] <= kernels.FUSE_MAX_RANK:
         return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), bias=bias,
                                    dropout=dropout, out_dtype=dtype, dot_dtype=dtype)

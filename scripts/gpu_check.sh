@@ -2,7 +2,7 @@
 # The one prepared GPU run (issue 4). Uses the machine's own python3, torch and triton (PYTHONPATH,
 # no pip; PYTHON=... picks another interpreter).
 #
-#   bash scripts/gpu_check.sh [check|variants|all]
+#   bash scripts/gpu_check.sh [check|perf|tests|variants|all]
 #
 #   check (default): compile every kernel config in parallel, then the test suite on CUDA in five
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
@@ -13,6 +13,12 @@
 #         did not finish in 160 s either; their -v logs still say how far they got.)
 #   variants (at most about 3.5 minutes: precompile 45 s, variants 150 s): benchmarks/variants.py,
 #         the piece-by-piece timing for tuning.
+#   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
+#         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
+#         precompiles, the sweep, the dropout run, then variants in what is left (limits 40 + 45 +
+#         45 + 180 + 110 + 150).
+#   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
+#         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
 #
@@ -28,7 +34,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"  # the device machine's python3 is the one with torch; plain `python` may not be
 what="${1:-check}"
-case "$what" in check|variants|all) ;; *) echo "usage: $0 [check|variants|all]" >&2; exit 2 ;; esac
+case "$what" in check|perf|tests|variants|all) ;; *) echo "usage: $0 [check|perf|tests|variants|all]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
 W="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$W"
@@ -76,11 +82,21 @@ step() {
 cat "$W/machine.md"
 
 host=""; [ "$what" = check ] || host="--host"
-if [ "$what" = check ] || [ "$what" = all ]; then
+has() { [[ " $* " == *" $what "* ]]; }  # has MODE...: this run's mode is one of them
+if has perf; then
+  # The direct launch path (kernels._launch) is new on the GPU: if its own tests fail, keep the
+  # figures coming through Triton's dispatch and say so.
+  LORA_KERNELS_AUTOTUNE=0 step smoke 40 "$PY" -m pytest tests/test_launch.py \
+    tests/test_gpu.py::test_direct_launches_match_tritons_path -q -p no:cacheprovider \
+    || { export LORA_KERNELS_FAST_LAUNCH=0; echo "- the rest ran with LORA_KERNELS_FAST_LAUNCH=0" >> "$W/steps.md"; }
+fi
+if has check all perf; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
   # (--host: also the variants step's host-time pieces at 64x64, when it runs.)
   step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step precompile-dropout 45 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
+fi
+if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   step precompile-tests 20 "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
     --dtypes fp16,fp32 --trainable-base --variants
@@ -97,15 +113,19 @@ if [ "$what" = check ] || [ "$what" = all ]; then
   rest=""; for f in $all_files; do [[ "$named" == *" $f "* ]] || rest="$rest $f"; done
   # (an empty shard would run pytest on no file, i.e. on the whole suite)
   [ -n "${rest// /}" ] && shards+=("$rest")
+  tests_limit=130
+  has tests && tests_limit=$(( deadline - $(date +%s) )) && tests_limit=$(( tests_limit < ${TESTS_SECONDS:-400} ? tests_limit : ${TESTS_SECONDS:-400} ))
   pids=()
   for i in "${!shards[@]}"; do
     mkdir -p "$W/tests-$i"
-    OUT="$W/tests-$i" LORA_KERNELS_AUTOTUNE=0 step "tests-$i" 130 "$PY" -m pytest ${shards[$i]} -v -rs \
+    OUT="$W/tests-$i" LORA_KERNELS_AUTOTUNE=0 step "tests-$i" "$tests_limit" "$PY" -m pytest ${shards[$i]} -v -rs \
       -p no:cacheprovider > "$W/tests-$i.step" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; status=$(( status | ($? != 0) )); done
   cat "$W"/tests-*.step
+fi
+if has check all perf; then
   # The sweep (bf16, Llama-3-8B shapes; 2048 and 8192 tokens at rank 16, rank 64 at 8192 tokens).
   step bench 180 "$PY" -m benchmarks.run --out "$W"
   # peft with its common lora_dropout = 0.1 against fused with the same: the target vs peft.
@@ -113,7 +133,7 @@ if [ "$what" = check ] || [ "$what" = all ]; then
     --dropout 0.1 --tokens 8192 --ranks 16 --modes forward+backward
 fi
 
-if [ "$what" = variants ] || [ "$what" = all ]; then
+if has variants all perf; then
   [ "$what" = variants ] && step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step variants 150 "$PY" -m benchmarks.variants --out "$W"
 fi

@@ -152,8 +152,9 @@ print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] fo
 
 def test_precompile_host_records_the_variants_host_pieces():
     """`precompile --host` (the variants step's host-time pieces, 64x64) compiles what the layer's
-    forward+backward at that shape needs, as `--shapes 64x64 --tokens 64 --ranks 16` would, and the
-    plain GEMM without bias that the latter misses. (A subprocess: precompile refuses the
+    forward+backward at that shape needs, as `--shapes 64x64 --tokens 64 --ranks 16` would, and what
+    the latter misses: the plain GEMM without bias, and the separate shrink's launches (S, y with S
+    given, dS, dX with dS given) beside the default fused ones. (A subprocess: precompile refuses the
     interpreter, which these tests run under without a GPU; autotuned, as the variants step is.)"""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +163,10 @@ def test_precompile_host_records_the_variants_host_pieces():
     done = subprocess.run([sys.executable, "-c", HOST_LAUNCHES], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "[('product (Wᵀ view)', 'M=64 N=64 K=64')] []", done.stdout
+    assert done.stdout.strip() == (
+        "[('GEMM + low rank', 'M=64 N=64 K=64 r=16'), ('GEMM + low rank (Wᵀ view)', 'M=64 N=64 K=64 r=16'), "
+        "('product', 'M=64 N=16 K=64'), ('product (Wᵀ view)', 'M=64 N=16 K=64'), "
+        "('product (Wᵀ view)', 'M=64 N=64 K=64')] []"), done.stdout
 
 
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):

@@ -178,3 +178,44 @@ def test_cuda_graph_replays_draw_new_dropout_masks(monkeypatch):
         assert rel_err(y_static, want) < TOL[torch.float32]
         drawn.append(seed)
     assert len(set(drawn)) == 3, drawn
+
+
+def test_direct_launches_match_tritons_path(monkeypatch):
+    """The direct launch path (kernels._launch) on real kernels: a key's first launch goes through
+    Triton and is remembered, the next ones call the compiled kernel. Every call, first or later,
+    with aligned and unaligned inputs (another specialization), on another stream too, into
+    NaN-filled outputs, matches float64."""
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                     device=device, dtype=dtype))
+    triton_path = []
+    kernel = kernels._lora_matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            triton_path.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", Spy())
+    x, W, b, A, B = make_inputs((300,), 256, 192, 16, torch.float32)
+    flat = torch.randn(300 * 256 + 1, device=x.device)
+    unaligned = flat[1:].view(300, 256)  # 4 bytes past a 16-byte boundary: Triton compiles another kernel
+    unaligned.copy_(x)
+    dy = torch.randn(300, 192, device=x.device)
+    y_ref, g = reference(x, W, b, A, B, 0.75, dy)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    seen = set()
+    for inputs, stream in [(x, None), (x, None), (unaligned, None), (unaligned, side), (x, side)]:
+        before = len(triton_path)
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            xi, Ai, Bi = (t.detach().requires_grad_() for t in (inputs, A, B))  # (views keep their offset)
+            y = lora_kernels.lora_linear(xi, W, b, Ai, Bi, 0.75)
+            y.backward(dy)
+        torch.cuda.synchronize()
+        for name, got, want in [("y", y, y_ref), ("dx", xi.grad, g[0]), ("dA", Ai.grad, g[3]), ("dB", Bi.grad, g[4])]:
+            assert rel_err(got, want) < TOL[torch.float32], (name, rel_err(got, want))
+        if inputs.data_ptr() in seen:  # a repeat: all six launches direct
+            assert len(triton_path) == before, len(triton_path) - before
+        seen.add(inputs.data_ptr())
+    assert len(kernels._COMPILED) >= 6

@@ -70,11 +70,13 @@ FUSED_SHAPES = SHAPES + [((45,), 70, 50, 16), ((33,), 40, 72, 64)]  # ranks 16 a
 @pytest.mark.triton
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
-def test_fused_shrink(shape, dtype_name, monkeypatch):
-    """The shrink inside the big product's K loop (LORA_KERNELS_FUSE_SHRINK=1): same numbers;
-    ranks above kernels.FUSE_MAX_RANK fall back to the separate shrink."""
+@pytest.mark.parametrize("fuse", ["1", "0"], ids=["fused", "separate"])
+def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
+    """The shrink inside the big product's K loop (the default, LORA_KERNELS_FUSE_SHRINK=1) and in
+    a pass of its own (=0): same numbers; ranks above kernels.FUSE_MAX_RANK take the separate
+    shrink either way."""
     use_triton(monkeypatch)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "1")
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
     lead, K, N, r = shape
     dtype = getattr(torch, dtype_name)
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
@@ -104,6 +106,7 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     LORA_KERNELS_TMA=0: both give the reference's numbers, split reductions and dW included."""
     use_triton(monkeypatch)
     monkeypatch.setattr(kernels, "TMA", tma)
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # all six products in launches of their own
     spy = LaunchSpy(kernels._lora_matmul_kernel)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     dtype = getattr(torch, dtype_name)

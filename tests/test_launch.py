@@ -1,0 +1,152 @@
+"""The direct launch path (kernels._launch): a launch whose compiled kernel is known skips Triton's
+dispatch. Only a GPU runs it for real (tests/test_gpu.py); here its key is checked against
+Triton's own specialization rules, and its plumbing against a stand-in compiled kernel."""
+
+import inspect
+import types
+
+import pytest
+import torch
+import triton
+
+from lora_kernels import kernels
+
+INTS = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 4096, 8192 * 4096, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 1]
+
+
+def _tensors():
+    base = {dt: torch.zeros(64, dtype=dt) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                                   torch.int64)}
+    return [t[offset:] for t in base.values() for offset in (0, 1, 2, 4, 8)]
+
+
+def test_arg_class_determines_triton_specialization():
+    """Arguments in one class must get one specialization from Triton's binder, or the direct path
+    would run a kernel compiled for another (an int taken as the constant 1, a pointer assumed
+    16-byte aligned)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    backends = [BaseBackend]
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        backends.append(CUDABackend)
+    except ImportError:
+        pass
+    values = INTS + [0.0, 0.5, 1.0, 1e300] + _tensors()
+    for backend in backends:
+        seen = {}
+        for v in values:
+            spec = native_specialize_impl(backend, v, False, True, True)
+            cls = kernels._arg_class(v)
+            assert seen.setdefault(cls, spec) == spec, (backend, v, cls, spec, seen[cls])
+        # and the classes are not so coarse that they are empty: ints 1, aligned, unaligned, wide
+        assert len({kernels._arg_class(v) for v in INTS}) >= 5
+
+
+class _Compiled(triton.compiler.CompiledKernel):
+    run = None  # (a property on the real class, which would load a binary)
+
+    def __init__(self, names, constants):
+        self.src = types.SimpleNamespace(fn=types.SimpleNamespace(arg_names=names), constants=constants)
+        self.module = None  # (read by the real class's __del__)
+        self.function, self.packed_metadata, self.calls = "function", "metadata", []
+        self.run = lambda *a: self.calls.append(a)
+
+
+class _Tuner:
+    """Stands in for the autotuner: records Triton-path launches and returns a compiled kernel
+    with a config of its own (as the real one returns the kernel for the config it picked)."""
+
+    def __init__(self, names, n_args):
+        self.names, self.n_args, self.launches, self.kernels = names, n_args, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **flags):
+            assert len(args) == self.n_args
+            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False)
+            values = {**flags, **config}
+            constants = {(i,): values[name] for i, name in enumerate(self.names) if name in values}
+            self.launches.append((grid(config), args, flags))
+            self.kernels.append(_Compiled(self.names, constants))
+            return self.kernels[-1]
+        return launch
+
+
+def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
+    names = kernels._lora_matmul_kernel.arg_names
+    x = torch.zeros(256, 64)
+    M, N = 200, 100
+    args = (x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, x, 0.0, 0, 0)
+    assert len(args) == names.index("HAS_LOWRANK")  # every runtime argument
+    n_args = len(args)
+    tuner = _Tuner(names, n_args)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", tuner)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    cuda = torch.device("cuda", 3)
+    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, X_TRANSPOSED=False,
+                 W_TRANSPOSED=False, ALLOW_TMA=False, DOT_DTYPE=triton.language.float32,
+                 ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
+    grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
+
+    kernels._launch(cuda, grid, args, flags)  # first: Triton's path
+    assert len(tuner.launches) == 1
+    kernel = tuner.kernels[0]
+    args2 = args[:7] + (M + 16,) + args[8:]  # another M of the same classes and M_KEY
+    kernels._launch(cuda, grid, args2, flags)  # second: the compiled kernel, directly
+    assert len(tuner.launches) == 1 and len(kernel.calls) == 1
+    call = kernel.calls[0]
+    tiles = kernels._cdiv(M + 16, 64) * kernels._cdiv(N, 32)
+    assert call[:9] == (tiles, 1, 1, 1003, "function", "metadata", None, None, None)
+    assert call[9:9 + n_args] == args2
+    # then every constexpr, in the signature's order, with the config the kernel was compiled for
+    tail = call[9 + n_args:]
+    assert len(tail) == len(names) - n_args
+    assert dict(zip(names[n_args:], tail)) == {**flags, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
+                                                 "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
+
+    # Anything that selects another kernel goes back through Triton: an unaligned pointer, another
+    # dtype, an int that becomes 1 or leaves a multiple of 16, another autotune size key or flag,
+    # another device.
+    misses = [
+        (cuda, args[:1] + (x.view(-1)[1:],) + args[2:], flags),
+        (cuda, args[:1] + (x.double(),) + args[2:], flags),
+        (cuda, args[:9] + (1,) + args[10:], flags),
+        (cuda, args[:15] + (65,) + args[16:], flags),
+        (cuda, args[:12] + (512,) + args[13:], flags),
+        (cuda, args, {**flags, "HAS_BIAS": True}),
+        (torch.device("cuda", 0), args, flags),
+    ]
+    for i, (device, a, f) in enumerate(misses):
+        kernels._launch(device, grid, a, f)
+        assert len(tuner.launches) == 2 + i, i
+    assert len(kernel.calls) == 1
+
+    # Hooks on Triton's launches, or the switch off: Triton's path every time.
+    count = len(tuner.launches)
+    monkeypatch.setattr(kernels, "_hooked", lambda: True)
+    kernels._launch(cuda, grid, args, flags)
+    monkeypatch.setattr(kernels, "_hooked", lambda: False)
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    kernels._launch(cuda, grid, args, flags)
+    assert len(tuner.launches) == count + 2 and len(kernel.calls) == 1
+
+
+def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):
+    """The direct path appends the constexprs to the launcher's arguments: the launcher's runtime
+    arguments must be exactly the kernel's parameters before its first constexpr, in order."""
+    raw = kernels._lora_matmul_kernel.fn.fn
+    params = list(inspect.signature(raw).parameters.values())
+    constexpr = [p.annotation is triton.language.constexpr for p in params]
+    first = constexpr.index(True)
+    assert all(constexpr[first:])
+    seen = []
+    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags: seen.append((args, flags)))
+    x, w = torch.randn(8, 32), torch.randn(32, 16)
+    kernels.lora_matmul(x, w, lowrank=(torch.randn(8, 4), torch.randn(4, 16)), bias=torch.randn(16),
+                        out_dtype=torch.float32, dot_dtype=torch.float32)
+    args, flags = seen[0]
+    assert len(args) == first
+    assert set(flags) <= {p.name for p in params[first:]}
+    assert [p.name for p in params[12:15]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
