@@ -101,7 +101,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     ``benchmarks.variants`` times); with ``tf32``, fp32 products on TF32 tensor cores as well."""
     recorder = _Recorder()
     seed = torch.tensor(12345) if dropout > 0 else None
-    fuse_options = ("0", "1") if variants else (os.environ.get("LORA_KERNELS_FUSE_SHRINK", "1"),)
+    fuse_options = ("0", "1") if variants else (os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto"),)
     needs = [True, trainable_base, trainable_base, True, True]
     with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
             mock.patch.object(kernels, "_num_sms", lambda device: sms), \

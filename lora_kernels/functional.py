@@ -87,15 +87,33 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_
     return out.to(out_dtype)
 
 
+# The fused shrink saves a launch (host time) and costs redundant rank-r MMAs in every column
+# block (GPU time, growing with the product). On the H200 (benchmarks/NOTES.md, second run, 8192
+# tokens, rank 16) it won at M·N·K = 2^35 (4096→1024: forward+backward 0.88 against 1.16 ms in
+# eager mode, 0.28 against 0.30 under a CUDA graph); from 2^37 up it lost 2-9% under a CUDA graph
+# and 4-11% in the eager forward. With LoRA dropout on x it would also draw the mask once per
+# column block instead of once: forward+backward took 4.5-4.9× the base's time.
+FUSE_MAX_MNK = 2**36
+
+
+def fuse_shrink(x, w, A, dropout):
+    """Whether the Triton path computes the shrink inside the big product: ``auto`` by the rule
+    above, or as ``LORA_KERNELS_FUSE_SHRINK`` says (``1`` forces it, ``0`` never), for ranks up to
+    ``kernels.FUSE_MAX_RANK`` (the whole rank is held in one block)."""
+    choice = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto")
+    if choice == "0" or A.shape[1] > kernels.FUSE_MAX_RANK:
+        return False
+    if choice == "1":
+        return True
+    return (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
+
+
 def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype):
     """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``: y with S in the forward, dX with dS in
-    the backward. The Triton path computes L inside the big product's K loop (one launch and one
-    pass over x, at the cost of redundant rank-r MMAs in every column block) for ranks up to
-    ``kernels.FUSE_MAX_RANK``: on the H200 the launch saved mattered more in eager mode, where
-    host time sets the pace (benchmarks/NOTES.md). ``LORA_KERNELS_FUSE_SHRINK=0`` makes L its own
-    small product first, as it is on the PyTorch path and for larger ranks."""
-    fuse = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "1") != "0"
-    if backend == "triton" and fuse and A.shape[1] <= kernels.FUSE_MAX_RANK:
+    the backward. The Triton path may compute L inside the big product's K loop (one launch and one
+    pass over x, at the cost of redundant rank-r MMAs in every column block; see ``fuse_shrink``);
+    otherwise L is its own small product first."""
+    if backend == "triton" and fuse_shrink(x, w, A, dropout):
         return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), bias=bias,
                                    dropout=dropout, out_dtype=dtype, dot_dtype=dtype)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul

@@ -82,6 +82,26 @@ def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
 
 
+def test_fuse_shrink_rule(monkeypatch):
+    """The shrink fuses into small products (the launch it saves matters more there), not into
+    large ones, not under LoRA dropout on x (the mask would be drawn once per column block), and
+    not past FUSE_MAX_RANK; LORA_KERNELS_FUSE_SHRINK=1 / 0 force either way within the rank limit."""
+    from lora_kernels.functional import FUSE_MAX_MNK, fuse_shrink
+    monkeypatch.delenv("LORA_KERNELS_FUSE_SHRINK", raising=False)
+    big = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 4096)  # M·N·K = 2^37, no storage
+    small = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 1024)  # 2^35
+    assert 8192 * 4096 * 1024 < FUSE_MAX_MNK <= 8192 * 4096 * 4096
+    r16, r65 = torch.empty(1, 1).expand(4096, 16), torch.empty(1, 1).expand(4096, 65)
+    assert fuse_shrink(*small, r16, None) and not fuse_shrink(*big, r16, None)
+    assert fuse_shrink(*small, r16, ("lowrank", 0, 0.1, 1, 1))  # the backward's mask is drawn once anyway
+    assert not fuse_shrink(*small, r16, ("x", 0, 0.1, 1, 1))
+    assert not fuse_shrink(*small, r65, None)
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "1")
+    assert fuse_shrink(*big, r16, ("x", 0, 0.1, 1, 1)) and not fuse_shrink(*small, r65, None)
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")
+    assert not fuse_shrink(*small, r16, None)
+
+
 class LaunchSpy:
     """Stands in for the kernel and records what each launch was told about TMA."""
 
@@ -109,6 +129,8 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # all six products in launches of their own
     spy = LaunchSpy(kernels._lora_matmul_kernel)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     dtype = getattr(torch, dtype_name)
     check_all(make_inputs((300,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
     assert len(spy.allow_tma) >= 7  # S, y, dS, dX, dA, dB, dW
