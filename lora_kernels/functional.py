@@ -280,7 +280,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     x2 = _rows(x)
     dy2 = _rows(dy).to(dtype)
     drop = _Dropout(dropout_p, seed)
-    dx, dw, db, dA, dB = (x.new_empty(0) for _ in range(5))  # outputs may not alias each other
+    dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
         if need_x:
             dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, dtype,
@@ -296,7 +296,9 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)
         if need_b:
             db = dy2.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
-    return dx, dw, db, dA, dB
+    # The op's schema returns tensors: an empty one (each its own, outputs may not alias) for a
+    # gradient not asked for.
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db, dA, dB))
 
 
 _backward = torch.library.custom_op("lora_kernels::lora_linear_bwd", _backward_impl, mutates_args=())
@@ -330,7 +332,8 @@ def _through_ops(t):
     """Whether a call must go through the custom ops: whenever something traces it (torch.compile,
     compiled autograd, export) or runs it on fake or meta tensors (memory estimators, models
     built on the meta device), which only the ops' shape functions serve."""
-    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+    return (torch.compiler.is_compiling() or t.is_meta
+            or (type(t) not in (Tensor, torch.nn.Parameter) and is_fake(t)))  # (a fake tensor is a subclass)
 
 
 class _EagerLoRALinear(torch.autograd.Function):

@@ -557,12 +557,15 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
                                 dot_dtype=dot_dtype)
         return (out, s_out) if fused else out
 
-    # Split the reduction when the output has too few tiles to fill the GPU (dA, dB: K or N by r).
+    # Split the reduction when even the smallest tiles (32 × 32) would leave at least half the SMs
+    # idle (dA, dB: K or N by r). Not whenever the largest tiles would: a split costs a partial
+    # buffer and two more launches to sum it, and eager mode is host-bound (benchmarks/NOTES.md),
+    # while the autotuner can pick small tiles that give dA and dB at 4096 features 128 programs.
     sms = _num_sms(device)
     split = 1
     if lowrank is None and bias is None:
-        tiles = _cdiv(M, 128) * _cdiv(N, 128)
-        split = max(1, min(_cdiv(K, SPLIT_CHUNK), _cdiv(2 * sms, tiles)))
+        tiles = _cdiv(M, 32) * _cdiv(N, 32)
+        split = max(1, min(_cdiv(K, SPLIT_CHUNK), sms // tiles))
     k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
     split = _cdiv(K, k_per_split) if split > 1 else 1
     dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)

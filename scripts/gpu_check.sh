@@ -83,7 +83,7 @@ cat "$W/machine.md"
 
 host=""; [ "$what" = check ] || host="--host"
 has() { [[ " $* " == *" $what "* ]]; }  # has MODE...: this run's mode is one of them
-if has perf; then
+if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skips it when time is short)
   # The direct launch path (kernels._launch) is new on the GPU: if its own tests fail, keep the
   # figures coming through Triton's dispatch and say so.
   LORA_KERNELS_AUTOTUNE=0 step smoke 40 "$PY" -m pytest tests/test_launch.py \
