@@ -25,6 +25,7 @@ autotune (a trial overwrites, it never accumulates).
 
 import contextlib
 import functools
+import operator
 import os
 import re
 from typing import NamedTuple
@@ -479,14 +480,34 @@ def _hooked():
             or getattr(rt, "add_stages_inspection_hook", None) is not None)
 
 
+# The kernel's runtime arguments by kind, from its signature: pointers (tensors), the three floats,
+# and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
+# same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch.
+_ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
+_FLOAT_ARGS = ("scale", "s_scale", "p_drop")
+_POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
+_INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
+_INT_CLASSES = {}
+
+
+def _launch_key(device, flags, args):
+    """Everything that picks the compiled kernel: the device, the flags, the autotuner's size key
+    (M_KEY, N_KEY, K_KEY: args 12-14) and each argument's specialization class (a float has none)."""
+    ints = _INTS(args)
+    classes = _INT_CLASSES.get(ints)
+    if classes is None:
+        if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
+            _INT_CLASSES.clear()
+        classes = _INT_CLASSES[ints] = tuple(map(_arg_class, ints))
+    return (device.index, *flags.values(), *args[12:15], classes, *map(_arg_class, _POINTERS(args)))
+
+
 def _launch(device, grid, args, flags):
-    """``_lora_matmul_kernel[grid](*args, **flags)``; once a key has run that way, later launches
-    with the same key call the compiled kernel directly. The key holds everything that picks the
-    kernel: the device, the flags, the autotuner's size key (M_KEY, N_KEY, K_KEY: args 12-14) and
-    each argument's specialization class; a dtype rides in the flags and the classes."""
+    """``_lora_matmul_kernel[grid](*args, **flags)``; once a key (``_launch_key``) has run that
+    way, later launches with the same key call the compiled kernel directly."""
     fast = FAST_LAUNCH and device.type == "cuda" and not _hooked()
     if fast:
-        key = (device.index, *flags.values(), *args[12:15], *map(_arg_class, args))
+        key = _launch_key(device, flags, args)
         hit = _COMPILED.get(key)
         if hit is not None:
             kernel, meta = hit

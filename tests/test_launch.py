@@ -148,5 +148,9 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
                         out_dtype=torch.float32, dot_dtype=torch.float32)
     args, flags = seen[0]
     assert len(args) == first
+    # _launch_key sorts the arguments by their names: pointers are tensors, three floats, ints the rest
+    kinds = [torch.Tensor if n.endswith("_ptr") else float if n in kernels._FLOAT_ARGS else int
+             for n in kernels._ARG_NAMES]
+    assert [type(a) if type(a) in (int, float) else torch.Tensor for a in args] == kinds
     assert set(flags) <= {p.name for p in params[first:]}
     assert [p.name for p in params[12:15]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
