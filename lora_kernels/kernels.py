@@ -474,10 +474,18 @@ def _set(hook):
 
 def _hooked():
     # Anything that watches or alters Triton's launches (a profiler's hooks, a stage-inspection
-    # hook) must see them, so such launches go through Triton's own path.
+    # hook, a pre-run hook on the kernel) must see them, so such launches go through Triton's own path.
     rt = triton.knobs.runtime
     return (_set(rt.launch_enter_hook) or _set(rt.launch_exit_hook)
-            or getattr(rt, "add_stages_inspection_hook", None) is not None)
+            or getattr(rt, "add_stages_inspection_hook", None) is not None
+            or bool(getattr(getattr(_lora_matmul_kernel, "fn", None), "pre_run_hooks", None)))
+
+
+def _options():
+    # The compile options Triton reads from its knobs on every launch (JITFunction.run, 3.6-3.9):
+    # one set after a kernel was cached must select another kernel.
+    c = triton.knobs.compilation
+    return (triton.knobs.runtime.debug, c.instrumentation_mode, getattr(c, "fpsan_homomorphic_casts", None))
 
 
 # The kernel's runtime arguments by kind, from its signature: pointers (tensors), the three floats,
@@ -488,6 +496,9 @@ _FLOAT_ARGS = ("scale", "s_scale", "p_drop")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _INT_CLASSES = {}
+# NVIDIA only: ROCm's Triton also specializes a pointer on its storage fitting 2 GiB (32-bit
+# buffer offsets), which _arg_class does not capture.
+_DIRECT_OK = torch.version.hip is None
 
 
 def _launch_key(device, flags, args):
@@ -499,13 +510,13 @@ def _launch_key(device, flags, args):
         if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
             _INT_CLASSES.clear()
         classes = _INT_CLASSES[ints] = tuple(map(_arg_class, ints))
-    return (device.index, *flags.values(), *args[12:15], classes, *map(_arg_class, _POINTERS(args)))
+    return (device.index, *flags.values(), *args[12:15], classes, *map(_arg_class, _POINTERS(args)), *_options())
 
 
 def _launch(device, grid, args, flags):
     """``_lora_matmul_kernel[grid](*args, **flags)``; once a key (``_launch_key``) has run that
     way, later launches with the same key call the compiled kernel directly."""
-    fast = FAST_LAUNCH and device.type == "cuda" and not _hooked()
+    fast = FAST_LAUNCH and device.type == "cuda" and _DIRECT_OK and not _hooked()
     if fast:
         key = _launch_key(device, flags, args)
         hit = _COMPILED.get(key)

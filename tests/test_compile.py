@@ -1,6 +1,8 @@
 """torch.compile: the custom ops pass opcheck, and a model compiles whole (fullgraph, no graph
 break) with the same numbers as eager, forward and backward."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,6 +126,23 @@ def test_compiled_autograd_of_an_eager_forward(backend):
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) < TOL[torch.float32]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("transform", ["functionalize", "vmap"])
+def test_fake_tensors_inside_functorch_transforms(transform):
+    """Under functionalization or vmap a fake tensor arrives wrapped in a plain Tensor: the call
+    must still see it is fake and take the custom op's shape function (not the eager
+    autograd.Function, which these transforms refuse)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's "no batching rule" performance warning
+        x, W, A, B = torch.randn(8, 32), torch.randn(16, 32), torch.randn(32, 4), torch.randn(4, 16)
+
+        def f(x):
+            return lora_kernels.lora_linear(x, W, None, A, B, 1.0)
+        y = torch.func.functionalize(f)(x) if transform == "functionalize" else torch.func.vmap(f)(x[None])
+    assert y.shape == ((8, 16) if transform == "functionalize" else (1, 8, 16))
 
 
 @pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])

@@ -123,14 +123,23 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
         assert len(tuner.launches) == 2 + i, i
     assert len(kernel.calls) == 1
 
-    # Hooks on Triton's launches, or the switch off: Triton's path every time.
+    # A compile option Triton reads on every launch, set after the kernel was cached: another kernel.
     count = len(tuner.launches)
-    monkeypatch.setattr(kernels, "_hooked", lambda: True)
+    monkeypatch.setattr(triton.knobs.runtime, "debug", True)
     kernels._launch(cuda, grid, args, flags)
-    monkeypatch.setattr(kernels, "_hooked", lambda: False)
-    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    assert len(tuner.launches) == count + 1 and len(kernel.calls) == 1
+    monkeypatch.setattr(triton.knobs.runtime, "debug", False)
     kernels._launch(cuda, grid, args, flags)
-    assert len(tuner.launches) == count + 2 and len(kernel.calls) == 1
+    assert len(kernel.calls) == 2  # and back
+
+    # Hooks on Triton's launches, ROCm (whose Triton also specializes pointers on their storage's
+    # size), or the switch off: Triton's path every time.
+    count = len(tuner.launches)
+    for name, value in [("_hooked", lambda: True), ("_DIRECT_OK", False), ("FAST_LAUNCH", False)]:
+        with monkeypatch.context() as m:
+            m.setattr(kernels, name, value)
+            kernels._launch(cuda, grid, args, flags)
+    assert len(tuner.launches) == count + 3 and len(kernel.calls) == 2
 
 
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):
