@@ -122,8 +122,8 @@ def pieces(K, N, M, r, dtype, device):
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
         "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype)),
         "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
-        "dA = xᵀ dS (split)": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
-        "dB = Sᵀ dY (split)": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
+        "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
+        "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lora_kernels
 from conftest import DEVICE, TOL, make_inputs, reference, rel_err, use_triton
@@ -70,6 +72,58 @@ def test_dropout_keep_rate_and_unbiased_mean(backend):
     t = d.mean() / (d.std() / len(d) ** 0.5)
     assert abs(t.item()) < 5, t.item()
     assert d.std() > 0  # dropout did something
+
+
+def _hash32(x):
+    # kernels._hash32 in int64 arithmetic, wrapped to 32 bits
+    state = (x * 747796405 + 2891336453) & 0xFFFFFFFF
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & 0xFFFFFFFF
+    return (word >> 22) ^ word
+
+
+def _keep_reference(offsets, seed, p):
+    """kernels._keep's mask, recomputed in PyTorch from its definition."""
+    o = offsets.to(torch.int64)
+    mixed = (o & 0xFFFFFFFF) ^ (((o >> 32) * 0x9E3779B9) & 0xFFFFFFFF) ^ _hash32(torch.tensor(seed))
+    return (_hash32(mixed) >> 8).to(torch.float32) * (1.0 / 16777216) >= torch.tensor(p, dtype=torch.float32)
+
+
+@triton.jit
+def _keep_at(out_ptr, seed_ptr, p, row0, n, si, BLOCK: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK).to(tl.int64)
+    keep = kernels._keep(tl.load(seed_ptr), p, rows, tl.arange(0, 1).to(tl.int64), si, 1)
+    tl.store(out_ptr + tl.arange(0, BLOCK)[:, None], keep, mask=(tl.arange(0, BLOCK) < n)[:, None])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+def test_kernel_mask_is_its_definition(p):
+    """The kernels' keep mask is exactly _keep's hash, here recomputed in PyTorch: for a mask of
+    x (offsets i·K + j), and for offsets past 2^32 (rows of a huge x), where the high word mixes in."""
+    seed = 987654321
+    keep = functional.keep_mask(37, 53, seed, p, DEVICE, "triton").cpu()
+    assert torch.equal(keep, _keep_reference(torch.arange(37 * 53).reshape(37, 53), seed, p))
+    si, row0 = 2**31 + 7, 3
+    out = torch.zeros(64, 1, dtype=torch.bool, device=DEVICE)
+    _keep_at[(1,)](out, torch.tensor(seed, device=DEVICE), p, row0, 64, si, BLOCK=64)
+    offsets = (row0 + torch.arange(64)) * si
+    assert offsets.max() > 2**33
+    assert torch.equal(out.cpu()[:, 0], _keep_reference(offsets, seed, p))
+
+
+@pytest.mark.triton
+def test_kernel_mask_statistics():
+    """The hash-based mask behaves as independent draws: its rate, and the joint rates of each
+    element with its right and lower neighbours and with itself under the next seed, are within
+    5 standard errors of independence."""
+    p, M, K = 0.5, 256, 256
+    a = functional.keep_mask(M, K, 1234, p, DEVICE, "triton").double()
+    b = functional.keep_mask(M, K, 1235, p, DEVICE, "triton").double()
+    q = 1 - p
+    for name, joint, n in [("rate", a.mean(), a.numel()), ("right", (a[:, 1:] * a[:, :-1]).mean(), M * (K - 1)),
+                           ("below", (a[1:] * a[:-1]).mean(), (M - 1) * K), ("next seed", (a * b).mean(), M * K)]:
+        want = q if name == "rate" else q * q
+        assert abs(joint.item() - want) < 5 * (want * (1 - want) / n) ** 0.5, (name, joint.item())
 
 
 def test_dropout_repeatable_under_manual_seed(backend):
