@@ -1,5 +1,7 @@
-"""Host time of the layer's Python path, with every kernel launch stubbed out: ``python -m
-benchmarks.host_overhead``. Runs anywhere (CPU tensors, no GPU, no Triton compile).
+"""Host time of the layer's Python path: ``python -m benchmarks.host_overhead [--device cuda]
+[--profile FILE]``. By default on CPU tensors with every kernel launch stubbed out (runs anywhere,
+no GPU, no Triton compile); with ``--device cuda``, real bf16 launches at 64×64, where the GPU's
+work is a few µs, so a step's time is the host's. ``--profile`` writes cProfile tables of a step.
 
 On a GPU the host must enqueue a step's launches faster than the GPU runs them, or the GPU waits:
 at 8192 tokens a 4096→1024 projection's forward+backward is about 0.2 ms of GPU work, so a few
@@ -9,6 +11,12 @@ comparison) the custom-op route that torch.compile takes. Triton's own launch pa
 (it needs a GPU); F.linear's forward+backward on the same tiny CPU tensors is printed beside it.
 """
 
+import argparse
+import contextlib
+import cProfile
+import functools
+import io
+import pstats
 import time
 from unittest import mock
 
@@ -22,24 +30,44 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _median_us(fn, n=2000, rounds=5):
+def _median_us(fn, n=2000, rounds=5, sync=None):
+    """Median over rounds of the µs per call of ``n`` calls back to back (with ``sync`` after the
+    last: on a GPU, the time to issue them, once the GPU keeps up)."""
     for _ in range(100):
         fn()
     times = []
     for _ in range(rounds):
+        if sync:
+            sync()
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        if sync:
+            sync()
         times.append((time.perf_counter() - t0) / n * 1e6)
     return sorted(times)[rounds // 2]
 
 
-def main():
-    torch.set_num_threads(1)
+def _profile(step, calls=300):
+    """cProfile of ``calls`` steps, the 30 functions with the most time of their own."""
+    for _ in range(30):
+        step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
+
+
+def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
-    x = torch.randn(M, K, requires_grad=True)
-    W, b, dy = torch.randn(N, K), torch.randn(N), torch.randn(M, N)
-    A, B = torch.randn(K, r, requires_grad=True), torch.randn(r, N, requires_grad=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    x, W, b, dy = (torch.randn(*s, generator=g, device=device).to(dtype) for s in [(M, K), (N, K), (N,), (M, N)])
+    A, B = (torch.randn(*s, generator=g, device=device).to(dtype).requires_grad_() for s in [(K, r), (r, N)])
+    x.requires_grad_()
     inputs = (x, W, b, A, B, 2.0, 0.0, None, "triton")
 
     def eager_step():
@@ -54,16 +82,59 @@ def main():
         y = torch.nn.functional.linear(x, W, b)
         torch.autograd.grad(y, [x], dy)
 
-    with mock.patch.object(kernels, "_lora_matmul_kernel", _NoLaunch()), \
-            mock.patch.object(functional, "select_backend", lambda *args: "triton"):
-        rows = [("lora_linear forward+backward, eager (autograd.Function)", _median_us(eager_step)),
-                ("the same through the custom ops", _median_us(op_step)),
-                ("one launcher's argument preparation (lora_matmul)",
-                 _median_us(lambda: kernels.lora_matmul(x.detach(), W.t(), out_dtype=torch.float32,
-                                                        dot_dtype=torch.float32)))]
-    rows.append(("F.linear forward+backward, computed (64×64, CPU)", _median_us(base_step)))
-    for name, us in rows:
-        print(f"{us:8.1f} µs  {name}")
+    def launch():
+        kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)
+
+    S = torch.randn(M, r, generator=g, device=device).to(dtype)
+
+    def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
+        functional._backward_impl(dy, x.detach(), W, A.detach(), B.detach(), S, 2.0, 0.0, None,
+                                  [True, False, False, True, True], "triton")
+    return eager_step, op_step, base_step, launch, backward_body
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (launches stubbed out, the default) or cuda (real launches, bf16, at 64×64, where the "
+                             "GPU's work is a few µs: the time per step is the host's)")
+    parser.add_argument("--profile", metavar="FILE", help="also write a cProfile of the eager step and of F.linear's")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    cuda = device.type == "cuda"
+    eager_step, op_step, base_step, launch, backward_body = _steps(device, torch.bfloat16 if cuda else torch.float32)
+    # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
+    stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
+    if not cuda:
+        stubs.enter_context(mock.patch.object(kernels, "_lora_matmul_kernel", _NoLaunch()))
+        stubs.enter_context(mock.patch.object(functional, "select_backend", lambda *args: "triton"))
+    # (300 calls a round on a GPU, where a step is a millisecond of host time; 2000 on the CPU)
+    timer = functools.partial(_median_us, n=300 if cuda else 2000, sync=torch.cuda.synchronize if cuda else None)
+    with stubs:
+        rows = [("lora_linear forward+backward, eager (autograd.Function)", timer(eager_step)),
+                ("the same through the custom ops", timer(op_step)),
+                ("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)",
+                 timer(launch))]
+        # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so
+        # the backward's body is also profiled called directly.)
+        profiles = [("lora_linear forward+backward, eager", _profile(eager_step)),
+                    ("the backward's body (functional._backward_impl), called directly", _profile(backward_body))
+                    ] if args.profile else []
+    rows.append((f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", timer(base_step)))
+    if args.profile:
+        profiles.append(("F.linear forward+backward", _profile(base_step)))
+    lines = [f"{us:8.1f} µs  {name}" for name, us in rows]
+    print("\n".join(lines))
+    if args.profile:
+        where = torch.cuda.get_device_name(device) if cuda else "CPU, launches stubbed out"
+        with open(args.profile, "w") as f:
+            f.write(f"# Host time of one layer step ({where}), {time.strftime('%Y-%m-%d')}\n\n"
+                    f"torch {torch.__version__}; `python -m benchmarks.host_overhead "
+                    f"--device {args.device} --profile FILE`\n\n```\n" + "\n".join(lines) + "\n```\n")
+            for name, text in profiles:
+                f.write(f"\n## cProfile of 300 calls: {name}\n\n```\n{text.strip()}\n```\n")
+        print(f"wrote {args.profile}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@
 #         the piece-by-piece timing for tuning.
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
-#         precompiles, the sweep, the dropout run, then variants in what is left (limits 40 + 45 +
-#         45 + 180 + 110 + 150).
+#         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
+#         dropout run, then variants in what is left (limits 40 + 45 + 45 + 30 + 180 + 110, and
+#         variants 150).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -96,6 +97,11 @@ if has check all perf; then
   step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step precompile-dropout 45 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
 fi
+if has perf; then
+  # Where a layer step's host time goes (cProfile at 64x64, real launches, one fixed config).
+  LORA_KERNELS_AUTOTUNE=0 step host-profile 30 "$PY" -m benchmarks.host_overhead --device cuda \
+    --profile "$W/host-profile.md"
+fi
 if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   step precompile-tests 20 "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
@@ -155,6 +161,7 @@ fi
     echo "- $(basename "$log" .log): ${closing:-no closing line (stopped?), last test started: $(grep -E '^tests/\S+::' "$log" | tail -n 1)}"
   done
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
+  [ -e "$W/host-profile.md" ] && { echo; sed -n '1,12p' "$W/host-profile.md"; }
   [ -e "$W/targets.md" ] && { echo; echo "## Targets"; cat "$W/targets.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }
   echo; echo "gpu_check exit status: $status"

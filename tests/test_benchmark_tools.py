@@ -233,3 +233,20 @@ def test_rows_carry_a_spread_and_base_timed_again(tmp_path):
     saved = json.loads((folder / "results.json").read_text())
     assert any(n.startswith("base timed again at the end of each configuration") for n in saved["notes"])
     assert "| p20–p80 |" in (folder / "report.md").read_text()
+
+
+def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch, capsys):
+    """`benchmarks.host_overhead --profile` (CPU: launches stubbed out) writes the step times and
+    cProfile tables of the eager step, of the backward's body and of F.linear's step, each table
+    listing the functions that took the time (lora_matmul among the layer's)."""
+    from benchmarks import host_overhead
+    monkeypatch.setattr(host_overhead, "_median_us", lambda fn, n=0, rounds=0, sync=None: (fn(), 1.0)[1])
+    out = tmp_path / "host.md"
+    host_overhead.main(["--profile", str(out)])
+    text = out.read_text()
+    tables = text.split("## cProfile of 300 calls: ")[1:]
+    assert [t.splitlines()[0] for t in tables] == [
+        "lora_linear forward+backward, eager",
+        "the backward's body (functional._backward_impl), called directly", "F.linear forward+backward"]
+    assert "lora_matmul" in tables[0] and "lora_matmul" in tables[1] and "lora_matmul" not in tables[2]
+    assert "1.0 µs  lora_linear forward+backward, eager" in capsys.readouterr().out
