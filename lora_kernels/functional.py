@@ -92,7 +92,7 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_
 # tokens, rank 16) it won at M·N·K = 2^35 (4096→1024: forward+backward 0.88 against 1.16 ms in
 # eager mode, 0.28 against 0.30 under a CUDA graph); from 2^37 up it lost 2-9% under a CUDA graph
 # and 4-11% in the eager forward. With LoRA dropout on x it would also draw the mask once per
-# column block instead of once: forward+backward took 4.5-4.9× the base's time.
+# column block instead of once: forward+backward took 4.5-5.9× the base's time.
 FUSE_MAX_MNK = 2**36
 
 

@@ -104,7 +104,8 @@ if has perf; then
 fi
 if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
-  step precompile-tests 20 "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
+  # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
+  step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
     --dtypes fp16,fp32 --trainable-base --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel

@@ -20,11 +20,12 @@ class EveryConfig:
 
     def __init__(self, kernel, dtype):
         self.kernel, self.tol, self.configs = kernel, TOL[dtype], kernels.hopper_configs()
-        self.tiles = set()
+        self.tiles, self.split = set(), False
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             named = dict(zip(self.kernel.arg_names, args))
+            self.split |= named["K_PER_SPLIT"] < named["K"]
             outputs = [named["out_ptr"]] + ([named["s_ptr"]] if kwargs["FUSE_SHRINK"] else [])
             first = None
             for config in kernels._prune(self.configs, named, **kwargs):
@@ -45,7 +46,7 @@ class EveryConfig:
                          ids=["fp16-separate-shrink", "fp32-fused-shrink"])
 def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, a
-    program per tile or a persistent grid (here 2 programs: the CPU's "SMs"), for each of the
+    program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), for each of the
     layer's products (transposed views and split reductions among them), gives the reference's
     numbers: the GPU suite itself runs one fixed config, the interpreter another."""
     use_triton(monkeypatch)
@@ -59,4 +60,5 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     check_all(make_inputs((600,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
     assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
     assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
+    assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them

@@ -103,16 +103,19 @@ def test_fuse_shrink_rule(monkeypatch):
 
 
 class LaunchSpy:
-    """Stands in for the kernel and records what each launch was told about TMA."""
+    """Stands in for the kernel and records what each launch was told about TMA, and whether it
+    split its reduction."""
 
     def __init__(self, kernel):
-        self.kernel, self.allow_tma = kernel, []
+        self.kernel, self.allow_tma, self.splits = kernel, [], []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args))
             self.allow_tma.append(kwargs["ALLOW_TMA"])
+            self.splits.append(named["K_PER_SPLIT"] < named["K"])
             return launch(*args, **kwargs)
         return run
 
@@ -134,6 +137,7 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     dtype = getattr(torch, dtype_name)
     check_all(make_inputs((300,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
     assert len(spy.allow_tma) >= 7  # S, y, dS, dX, dA, dB, dW
+    assert any(spy.splits)
     assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
 
 
