@@ -185,14 +185,17 @@ def _hash32(x):
 @triton.jit
 def _keep(seed, p, rows, cols, si, sj):
     # A pure function of the seed and the element's offset o = i·si + j·sj in x: the backward
-    # regenerates the forward's mask instead of saving M×K bits of it. u = hash(lo(o) ^ C·hi(o) ^
-    # hash(seed)), 24 bits of it as a uniform in [0, 1): one hash per element. (tl.rand runs 10
-    # Philox rounds per element and keeps one of its four words: at 8192 tokens, 4096→4096, the
-    # three masks of a step cost about 0.4 ms on the H200, half the base GEMM's step.) Below 2^32
-    # offsets (high word 0) the hash is a bijection: no two elements share a draw.
+    # regenerates the forward's mask instead of saving M×K bits of it. With k = hash(seed) and an
+    # odd m = hash(k) | 1: u = hash(((lo(o) ^ C·hi(o)) ^ k) · m), 24 bits of it as a uniform in
+    # [0, 1), one hash per element. (tl.rand runs 10 Philox rounds per element and keeps one of
+    # its four words: at 8192 tokens, 4096→4096, the three masks of a step cost about 0.4 ms on the
+    # H200, half the base GEMM's step.) Below 2^32 offsets (high word 0) the map is a bijection: no
+    # two elements share a draw. The multiply by m keeps two seeds' masks from being shifted
+    # copies of each other (with k alone, mask_s2(o) = mask_s1(o ^ D) for a D fixed by the seeds).
+    k = _hash32(seed.to(tl.uint32))
+    m = _hash32(k) | 1
     o = rows[:, None] * si + cols[None, :] * sj
-    h = _hash32((o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)
-                ^ _hash32(seed.to(tl.uint32)))
+    h = _hash32((((o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)) ^ k) * m)
     return (h >> 8).to(tl.float32) * (1.0 / 16777216) >= p
 
 

@@ -86,7 +86,9 @@ def _hash32(x):
 def _keep_reference(offsets, seed, p):
     """kernels._keep's mask, recomputed in PyTorch from its definition."""
     o = offsets.to(torch.int64)
-    mixed = (o & 0xFFFFFFFF) ^ (((o >> 32) * 0x9E3779B9) & 0xFFFFFFFF) ^ _hash32(torch.tensor(seed))
+    k = _hash32(torch.tensor(seed))
+    m = _hash32(k) | 1
+    mixed = (((o & 0xFFFFFFFF) ^ (((o >> 32) * 0x9E3779B9) & 0xFFFFFFFF) ^ k) * m) & 0xFFFFFFFF
     return (_hash32(mixed) >> 8).to(torch.float32) * (1.0 / 16777216) >= torch.tensor(p, dtype=torch.float32)
 
 
