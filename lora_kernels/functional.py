@@ -332,8 +332,9 @@ def _through_ops(t):
     """Whether a call must go through the custom ops: whenever something traces it (torch.compile,
     compiled autograd, export) or runs it on fake or meta tensors (memory estimators, models
     built on the meta device), which only the ops' shape functions serve."""
-    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)  # (is_fake also sees through
-    # functionalization's and vmap's wrappers, which are plain Tensors)
+    # (is_fake for every tensor: it also sees through functionalization's and vmap's wrappers,
+    # which are plain Tensors)
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
 
 
 class _EagerLoRALinear(torch.autograd.Function):
