@@ -198,7 +198,8 @@ def compile_one(job):
     seconds = time.perf_counter() - started
     ptx = compiled.asm.get("ptx", "")
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
-            "tma": "cp.async.bulk.tensor" in ptx, **_resources(compiled.asm["cubin"])}
+            "tma": "cp.async.bulk.tensor" in ptx, "warps": compiled.metadata.num_warps,
+            **_resources(compiled.asm["cubin"])}
 
 
 def describe(args, kwargs, config):
@@ -275,16 +276,17 @@ def main(argv=None):
         lines = [f"# Ahead-of-time compile for sm_{arch}, triton {triton.__version__}", "",
                  f"{len(jobs)} (launch, config) pairs from {len(configs)} configurations of the sweep; "
                  f"{elapsed:.1f} s with {args.jobs} processes.", "",
-                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA |",
-                 "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA | warps |",
+                 "|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
         for job, r in zip(jobs, results):
             use, sizes, tile, dot = describe(*job)
             if "error" in r:
-                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | | |")
+                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | | | |")
             else:
                 yes = {True: "yes", False: "no"}
                 lines.append(f"| {use} | {sizes} | {dot} | {tile} | {r['seconds']:.2f} | {r.get('regs', '?')} | "
-                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} |")
+                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} | "
+                             f"{r['warps']} |")
         with open(args.report, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.report}")

@@ -65,7 +65,8 @@ def hopper_configs():
     """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
     where the launch allows it), and the four largest also as a persistent grid with TMA (one
-    program per SM looping over tiles): which is faster is the measurement's call."""
+    program per SM looping over tiles), then warp-specialized TMA tiles (where the launch allows
+    them, see ``WARP_SPEC``): which is faster is the measurement's call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -83,7 +84,20 @@ def hopper_configs():
     for i, (bm, bn, bk, w, s) in enumerate(shapes):
         loads = [(False, False), (True, False)] + ([(True, True)] if i < 4 else [])  # (USE_TMA, PERSISTENT)
         configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma,
-                                   "PERSISTENT": persistent}, num_warps=w, num_stages=s) for tma, persistent in loads]
+                                   "PERSISTENT": persistent, "WARP_SPEC": False}, num_warps=w, num_stages=s)
+                    for tma, persistent in loads]
+    # The two largest tiles in four stages as well, with TMA (192 KiB of tiles in bf16: deeper
+    # prefetch where a GEMM waits on memory; untimed so far, the autotuner decides).
+    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
+                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=8, num_stages=4)
+                for bm, bn in ((128, 256), (256, 128))]
+    # Warp-specialized (Triton's Hopper pass, 3.5 and up): it applies at num_warps = 4 only, and
+    # then runs 12 warps (a producer and two consumer warpgroups); it also stages its output tile
+    # in shared memory (see _prune), so the largest tiles get no fourth stage.
+    ws_shapes = [(128, 256, 64, 4, 3), (256, 128, 64, 4, 3), (128, 128, 64, 4, 4)]
+    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True,
+                               "PERSISTENT": persistent, "WARP_SPEC": True}, num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in ws_shapes for persistent in (False, True)]
     return configs
 
 
@@ -92,10 +106,10 @@ def _configs():
     # the kernel checks both), so the fixed configs below use them wherever they can.
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True,
-                               "PERSISTENT": False}, num_warps=4)]
+                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4)]
     if not AUTOTUNE:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
-                               "PERSISTENT": False}, num_warps=4, num_stages=3)]
+                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=3)]
     return hopper_configs()
 
 
@@ -111,11 +125,12 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent]' for a config's ``all_kwargs()``, as the tools
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [ws]' for a config's ``all_kwargs()``, as the tools
     report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else ""))
+            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else "")
+            + (" ws" if c.get("WARP_SPEC") else ""))
 
 
 def _fit(block, size):
@@ -133,6 +148,11 @@ def _smem_bytes(tensor):
     return SMEM_BYTES
 
 
+def _dtype(tensor):
+    # (The ahead-of-time compiler, benchmarks/precompile.py, prunes with dtypes in place of tensors.)
+    return tensor if isinstance(tensor, torch.dtype) else tensor.dtype
+
+
 def _prune(configs, named_args, **kwargs):
     """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
     fit in the GPU's shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
@@ -147,10 +167,22 @@ def _prune(configs, named_args, **kwargs):
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
+        per_stage, extra = (bm + bn + a_cols) * bk * size, 0
+        if c.kwargs.get("WARP_SPEC"):
+            if not (kwargs.get("ALLOW_WS") and bm >= 128):
+                # (The compiler gives each consumer warpgroup 64 rows; below that it does not
+                # specialize, and the config would repeat another. Other launches: the other configs.)
+                continue
+            # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also buffers the L
+            # and R tiles once per stage, and stages its output tile in shared memory: BM·BN bytes
+            # for a 16-bit output, 4·BM·BN for fp32, and a few barriers (benchmarks/NOTES.md).
+            per_stage += (bm + bn) * kwargs["BLOCK_R"] * size if kwargs["HAS_LOWRANK"] else 0
+            out_size = _dtype(named_args["out_ptr"]).itemsize
+            extra = bm * bn * (1 if out_size == 2 else out_size) + 2048
         stages = c.num_stages
-        while stages > 2 and stages * (bm + bn + a_cols) * bk * size > smem:
+        while stages > 2 and stages * per_stage + extra > smem:
             stages -= 1
-        if stages * (bm + bn + a_cols) * bk * size > smem:
+        if stages * per_stage + extra > smem:
             continue
         kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
@@ -159,7 +191,7 @@ def _prune(configs, named_args, **kwargs):
             kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
     # The smallest tile fits any dtype: never leave the autotuner with nothing.
     return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "USE_TMA": False,
-                                   "PERSISTENT": False}, num_warps=4, num_stages=2)]
+                                   "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=2)]
 
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
@@ -257,7 +289,7 @@ def _bench(fn, quantiles):
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
     # dA, dB) must not re-run the tuning. The rank changes the epilogue, not which tile shape wins.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA"],
+         "ALLOW_TMA", "ALLOW_WS"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
 )
@@ -281,9 +313,12 @@ def _lora_matmul_kernel(
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice
     ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
+    # ALLOW_WS: the launch can be warp-specialized (see hopper_configs; L and R fit TMA too, R stored
+    # transposed when R_TRANSPOSED); WARP_SPEC: the config's choice
+    ALLOW_WS: tl.constexpr, R_TRANSPOSED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
     if DROPOUT != DROP_NONE:
@@ -298,6 +333,12 @@ def _lora_matmul_kernel(
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
+    WS: tl.constexpr = WARP_SPEC and ALLOW_WS and USE_TMA and ALLOW_TMA
+    if WS and HAS_LOWRANK:
+        # Triton 3.6's Hopper warp specialization fails to compile a kernel whose other dot (the
+        # low-rank update) reads pointer loads, and compiles it with descriptor loads.
+        l_desc = _descriptor(l_ptr, M, R, stride_lm, stride_lr, BLOCK_M, BLOCK_R, False)
+        r_desc = _descriptor(r_ptr, R, N, stride_rr, stride_rn, BLOCK_R, BLOCK_N, R_TRANSPOSED)
 
     # Each program computes output tiles pid, pid + programs, ...: one tile when the grid has a
     # program per tile, several when the launcher sizes the grid to the GPU (PERSISTENT configs:
@@ -333,7 +374,9 @@ def _lora_matmul_kernel(
         if USE_TMA and ALLOW_TMA:
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        # WS: the compiler splits this loop into a producer warp issuing the TMA loads and two
+        # consumer warpgroups running the MMAs, the layout of cuBLAS's own Hopper GEMMs.
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
             rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
             mask_k = rk < k_hi
             if USE_TMA and ALLOW_TMA:
@@ -376,12 +419,16 @@ def _lora_matmul_kernel(
                              out_dtype=ACC_DTYPE)
             else:
                 for r0 in range(0, R, BLOCK_R):
-                    rr = r0 + tl.arange(0, BLOCK_R)
-                    mask_r = rr < R
-                    lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                    hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                    if WS:
+                        lo = _load_tile(l_desc, m0, r0, False)
+                        hi = _load_tile(r_desc, r0, n0, R_TRANSPOSED)
+                    else:
+                        rr = r0 + tl.arange(0, BLOCK_R)
+                        mask_r = rr < R
+                        lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                     low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
                                  out_dtype=ACC_DTYPE)
             if DROPOUT == DROP_LOWRANK:
@@ -413,6 +460,9 @@ def _input_precision(dot_dtype):
 
 # LORA_KERNELS_TMA=0 keeps every launch on pointer loads (a way around a TMA problem).
 TMA = os.environ.get("LORA_KERNELS_TMA", "1") != "0"
+# LORA_KERNELS_WARP_SPEC=1 lets the autotuner try warp-specialized configs: they compile for sm_90
+# and pass the interpreter's checks, but have not run on a GPU yet (benchmarks/NOTES.md).
+WARP_SPEC = os.environ.get("LORA_KERNELS_WARP_SPEC", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -624,6 +674,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)
 
     allow_tma = TMA and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
+    # Warp specialization (hopper_configs) compiles for 16-bit products through TMA with one dot in
+    # the K loop (no fused shrink), L and R fit for TMA too, and no dropout mask (one in the
+    # epilogue fails the compiler as well).
+    allow_ws = (WARP_SPEC and allow_tma and dot_dtype in (torch.float16, torch.bfloat16) and not fused and dropout is None
+                and (lowrank is None or (l_.stride(1) == 1 and _tma_ok(l_) and _tma_ok(r_))))
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
     # The kernel reads the dropout seed from memory on its own device; without dropout x stands in, unread.
     drop_args = (x, 0.0, 0, 0)
@@ -641,7 +696,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
         DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
-        ALLOW_TMA=allow_tma,
+        ALLOW_TMA=allow_tma, ALLOW_WS=allow_ws,
+        R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
         BLOCK_R=max(16, _pow2(R)) if fused else max(16, min(64, _pow2(max(R, 1)))),

@@ -46,7 +46,8 @@ class EveryConfig:
                          ids=["fp16-separate-shrink", "fp32-fused-shrink"])
 def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, a
-    program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), for each of the
+    program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), warp-specialized
+    or not (the interpreter runs such a loop as any other, but not its other loads), for each of the
     layer's products (transposed views and split reductions among them), gives the reference's
     numbers: the GPU suite itself runs one fixed config, the interpreter another."""
     use_triton(monkeypatch)
@@ -57,8 +58,11 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
     check_all(make_inputs((600,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
     assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
     assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
     assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
+    if dtype == torch.float16:  # (16-bit products only; their low-rank operands through descriptors)
+        assert any(t.endswith(" ws") for t in spy.tiles)

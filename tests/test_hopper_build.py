@@ -20,12 +20,13 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256"):
+def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256", warp_spec="0"):
     """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
     compiled config)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A fresh cache, so that each kernel really goes through the compiler.
-    env.update(TRITON_CACHE_DIR=str(tmp_path / f"cache-{autotune}"), LORA_KERNELS_AUTOTUNE=autotune, PYTHONPATH=ROOT)
+    env.update(TRITON_CACHE_DIR=str(tmp_path / f"cache-{autotune}"), LORA_KERNELS_AUTOTUNE=autotune, PYTHONPATH=ROOT,
+               LORA_KERNELS_WARP_SPEC=warp_spec)
     report = tmp_path / f"report-{autotune}.md"
     cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
            "--shapes", shapes, "--tokens", "128", *options, "--report", str(report)]
@@ -37,12 +38,20 @@ def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,51
 
 def test_autotuned_configs_compile_for_hopper(tmp_path):
     """Every tile config the autotuner may pick, square or not, with and without TMA (once only
-    square tiles compiled: a helper's two return statements had different types otherwise)."""
-    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16")
+    square tiles compiled: a helper's two return statements had different types otherwise), and
+    warp-specialized (LORA_KERNELS_WARP_SPEC=1): those the compiler did specialize, into a TMA
+    producer warp beside two consumer warpgroups (12 warps for the config's 4), for the plain
+    product and for the GEMM whose low-rank term is read through descriptors (Wᵀ in the forward, Aᵀ
+    in dX), in the shared memory Hopper has."""
+    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16", "--variants", warp_spec="1")
     tiles = {row[3] for row in rows}
     assert len(rows) >= 60 and any(" tma" in t for t in tiles) and any(" tma" not in t for t in tiles)
     assert any(t.endswith(" persistent") for t in tiles)
     assert any(t.split()[0].split("x")[0] != t.split()[0].split("x")[1] for t in tiles)  # non-square tiles
+    specialized = {row[0] for row in rows if row[3].endswith(" ws") and row[10] == "12"}
+    assert {"product", "GEMM + low rank (Wᵀ view)", "GEMM + low rank"} <= specialized, specialized
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+        assert regs.isdigit() and int(spilled) == 0 and 0 < float(smem) <= 227, (use, sizes, tile, smem)
 
 
 def test_every_launch_compiles_for_hopper(tmp_path):
@@ -51,7 +60,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
                               "--dropout", "0.1", "--trainable-base", "--variants")
     assert len(rows) >= 60, f"too few launches recorded: {len(rows)}"
     seen, views, tma_rows = set(), set(), 0
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
         assert regs.isdigit(), "no register count: is cuobjdump missing from Triton's package?"
         assert float(seconds) > 0 and int(regs) > 0 and 0 < float(smem) <= 227, (use, sizes, dot, tile)
         seen.add((re.sub(r" \(.*\)", "", use.split(",")[0]), dot))
@@ -82,6 +91,6 @@ def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_k
     rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", dtypes, "--trainable-base",
                               arch=arch, shapes="256x512")
     assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
         assert regs.isdigit() and 0 < float(smem) <= smem_kib, (use, sizes, dot, tile, smem)
         assert (wgmma, tma) == ("no", "no") and " tma" not in tile, (use, sizes, dot, tile)

@@ -63,7 +63,8 @@ class _Tuner:
     def __getitem__(self, grid):
         def launch(*args, **flags):
             assert len(args) == self.n_args
-            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False)
+            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False,
+                          WARP_SPEC=False)
             values = {**flags, **config}
             constants = {(i,): values[name] for i, name in enumerate(self.names) if name in values}
             self.launches.append((grid(config), args, flags))
@@ -86,7 +87,8 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
     cuda = torch.device("cuda", 3)
     flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, X_TRANSPOSED=False,
-                 W_TRANSPOSED=False, ALLOW_TMA=False, DOT_DTYPE=triton.language.float32,
+                 W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_WS=False, R_TRANSPOSED=False,
+                 DOT_DTYPE=triton.language.float32,
                  ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
     grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
 
@@ -104,7 +106,8 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     tail = call[9 + n_args:]
     assert len(tail) == len(names) - n_args
     assert dict(zip(names[n_args:], tail)) == {**flags, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
-                                                 "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
+                                                 "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False,
+                                                 "WARP_SPEC": False}
 
     # Anything that selects another kernel goes back through Triton: an unaligned pointer, another
     # dtype, an int that becomes 1 or leaves a multiple of 16, another autotune size key or flag,
