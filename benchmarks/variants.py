@@ -8,7 +8,8 @@ GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA l
 of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), the whole layer with the
 shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
-launches). Every ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
+launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
+autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
 (default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
@@ -65,14 +66,21 @@ def pieces(K, N, M, r, dtype, device):
                     lora_kernels.lora_linear(x, W, b, A, B, 2.0)
         return run
 
-    def pointers_only(fn):
-        def run():  # tuned apart: ALLOW_TMA is part of the autotuner's key
-            previous, kernels.TMA = kernels.TMA, False
+    def switched(fn, flag, value):
+        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA, ALLOW_WS) is in the autotuner's key
+            previous = getattr(kernels, flag)
+            setattr(kernels, flag, value)
             try:
                 fn()
             finally:
-                kernels.TMA = previous
+                setattr(kernels, flag, previous)
         return run
+
+    def pointers_only(fn):
+        return switched(fn, "TMA", False)
+
+    def warp_specialized(fn):  # the autotuner's candidates with the warp-specialized ones among them
+        return switched(fn, "WARP_SPEC", True)
 
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
@@ -104,30 +112,41 @@ def pieces(K, N, M, r, dtype, device):
         "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", graphed(base_fwd_bwd)),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", graphed(layer("0", True))),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
+        "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
+            ("graph step", graphed(warp_specialized(layer("0", True)))),
     }
     return {
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
         "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
+        "Triton GEMM + bias, warp-specialized candidates": ("fwd", warp_specialized(
+            lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=dtype)),
         "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
+        "GEMM + SB + bias, warp-specialized candidates": ("fwd", warp_specialized(
+            lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype))),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, dtype), B),
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
+        "layer forward, separate shrink, warp-specialized candidates": ("fwd", warp_specialized(layer("0", False))),
         "cuBLAS + addmm_ forward": ("fwd", lambda: torch.nn.functional.linear(x, W, b).addmm_(x @ A, B, alpha=2.0)),
         # backward pieces, against cuBLAS dX = dY W
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
+        "Triton dY W, warp-specialized candidates": ("dx", warp_specialized(lambda: mm(dy, W, out_dtype=dtype))),
         "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype)),
         "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
+        "dX = dY W + dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
+            lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype))),
         "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
         "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
+        "layer fwd+bwd, separate shrink, warp-specialized candidates": ("step", warp_specialized(layer("0", True))),
     } | graphs
 
 
