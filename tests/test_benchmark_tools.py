@@ -1,6 +1,7 @@
 """The benchmark's own bookkeeping: the issue-4 targets table, and a sweep stopped by its time
 limit or by an error still writing what it measured (the GPU run is too short to lose a sweep)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -250,3 +251,25 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
         "the backward's body (functional._backward_impl), called directly", "F.linear forward+backward"]
     assert "lora_matmul" in tables[0] and "lora_matmul" in tables[1] and "lora_matmul" not in tables[2]
     assert "1.0 µs  lora_linear forward+backward, eager" in capsys.readouterr().out
+
+
+def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
+    """`benchmarks.model_step` (CPU stand-in: the layer's widths / 16): each provider's seven
+    projections are checked against float64 before one step of all seven is timed, with ratios to
+    the base's step of the same run; a provider that computes a wrong projection is reported
+    WRONG and not timed."""
+    from benchmarks import model_step
+
+    def wrong_addmm(w, **kwargs):  # addmm with the LoRA term scaled 10% off in every projection
+        return providers.PROVIDERS["addmm"](dataclasses.replace(w, alpha=w.alpha * 1.1), **kwargs)
+
+    monkeypatch.setitem(model_step.PROVIDERS, "wrong", wrong_addmm)
+    model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong", "--rep-ms", "5", "--warmup-ms", "1",
+                     "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "model-step.json").read_text())["rows"]}
+    for name in ("base", "fused", "peft"):
+        assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0 and rows[name]["max_err"] < 1e-5, rows[name]
+        assert rows[name]["x_base"] == pytest.approx(rows[name]["ms"] / rows["base"]["ms"])
+        assert rows[name]["fused_speedup"] == pytest.approx(rows[name]["ms"] / rows["fused"]["ms"])
+    assert rows["wrong"]["status"].startswith("WRONG") and rows["wrong"]["ms"] is None
+    assert "| 48 | fused |" in (tmp_path / "model-step.md").read_text()
