@@ -11,13 +11,14 @@
 #         (Set from the H200 run of 2026-11-28: the sweep took 150 s, the dropout run needs its
 #         kernels precompiled in full, and the test shards, which compile kernels one at a time,
 #         did not finish in 160 s either; their -v logs still say how far they got.)
-#   variants (at most about 3.5 minutes: precompile 45 s, variants 150 s): benchmarks/variants.py,
-#         the piece-by-piece timing for tuning.
+#   variants (at most about 4 minutes: precompiles 45 + 45 s, variants 150 s): benchmarks/variants.py,
+#         the piece-by-piece timing for tuning, with and without the warp-specialized configs.
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
-#         dropout run, then variants in what is left (limits 40 + 45 + 45 + 30 + 180 + 110, and
-#         variants 150).
+#         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
+#         in what is left (limits 40 + 45 + 45 + 30 + 180 + 110, 45 + 150 for variants and their
+#         precompile, 75).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -105,8 +106,9 @@ fi
 if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
-  step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile --shapes 64x96 --tokens 600 --ranks 16 \
-    --dtypes fp16,fp32 --trainable-base --variants
+  # (LORA_KERNELS_WARP_SPEC=1: that test also runs the warp-specialized configs.)
+  LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile \
+    --shapes 64x96 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU. Not tests/test_hopper_build.py:
@@ -142,7 +144,16 @@ fi
 
 if has variants all perf; then
   [ "$what" = variants ] && step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
+  # The variants' warp-specialized rows (8192 tokens, rank 16): their launches are keyed apart
+  # (ALLOW_WS), so every config of theirs compiles anew.
+  LORA_KERNELS_WARP_SPEC=1 step precompile-ws 45 "$PY" -m benchmarks.precompile --variants --tokens 8192 --ranks 16 \
+    --report "$W/precompile-ws.md"
   step variants 150 "$PY" -m benchmarks.variants --out "$W"
+fi
+if has perf; then
+  # A decoder layer's seven projections in one training step: how much of the small shapes' host
+  # time a model's step pays (the host runs ahead behind the large projections' GPU time).
+  step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
 fi
 
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).
@@ -164,6 +175,7 @@ fi
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
   [ -e "$W/host-profile.md" ] && { echo; sed -n '1,12p' "$W/host-profile.md"; }
   [ -e "$W/targets.md" ] && { echo; echo "## Targets"; cat "$W/targets.md"; }
+  [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }
   echo; echo "gpu_check exit status: $status"
 } > "$W/summary.md"
