@@ -157,28 +157,34 @@ def _prune(configs, named_args, **kwargs):
     """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
     fit in the GPU's shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
     M, N = named_args["M"], named_args["N"]
-    size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
     smem = _smem_bytes(named_args.get("x_ptr"))
     allow_tma = kwargs.get("ALLOW_TMA", False)
+
+    def size(name):  # an operand's bytes per element as stored, as its tiles sit in shared memory
+        return _dtype(named_args[name]).itemsize
+
     # Each pipeline stage holds an X tile, a W tile and, with the fused shrink, a BLOCK_K × BLOCK_R
     # tile of A (at rank 64 that is 64 KiB more in four stages of BLOCK_K = 128: the compiled kernel
-    # would need more than the estimate, and fail to launch on a GPU with less to spare).
-    a_cols = kwargs["BLOCK_R"] if kwargs.get("FUSE_SHRINK") else 0
+    # would need more than the estimate, and fail to launch on a GPU with less to spare). A may be
+    # fp32 beside bf16 activations (peft's adapters).
+    a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") else 0
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
-        per_stage, extra = (bm + bn + a_cols) * bk * size, 0
+        per_stage, extra = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk, 0
         if c.kwargs.get("WARP_SPEC"):
             if not (kwargs.get("ALLOW_WS") and bm >= 128):
-                # (The compiler gives each consumer warpgroup 64 rows; below that it does not
-                # specialize, and the config would repeat another. Other launches: the other configs.)
+                # (Not for fewer than 128 rows, dB's r among them: the other configs serve those
+                # launches, and the candidates stay few.)
                 continue
             # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also buffers the L
-            # and R tiles once per stage, and stages its output tile in shared memory: BM·BN bytes
-            # for a 16-bit output, 4·BM·BN for fp32, and a few barriers (benchmarks/NOTES.md).
-            per_stage += (bm + bn) * kwargs["BLOCK_R"] * size if kwargs["HAS_LOWRANK"] else 0
-            out_size = _dtype(named_args["out_ptr"]).itemsize
-            extra = bm * bn * (1 if out_size == 2 else out_size) + 2048
+            # and R tiles once per stage, and stages its output tile in shared memory: 4·BM·BN
+            # bytes for an fp32 output, and for a 16-bit one a fitted 2·BM·BN up to 32 KiB; then a
+            # few barriers (benchmarks/NOTES.md).
+            if kwargs["HAS_LOWRANK"]:
+                per_stage += (bm * size("l_ptr") + bn * size("r_ptr")) * kwargs["BLOCK_R"]
+            out_size = size("out_ptr")
+            extra = (bm * bn * out_size if out_size > 2 else min(2 * bm * bn, 32 * 1024)) + 2048
         stages = c.num_stages
         while stages > 2 and stages * per_stage + extra > smem:
             stages -= 1
@@ -287,9 +293,11 @@ def _bench(fn, quantiles):
 @triton.autotune(
     configs=_check_split_chunk(_configs()),
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
-    # dA, dB) must not re-run the tuning. The rank changes the epilogue, not which tile shape wins.
+    # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64, or the fused
+    # shrink's whole rank): it sets the shared memory of the fused shrink's and the warp-specialized
+    # tiles, so a tile tuned at one rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA", "ALLOW_WS"],
+         "ALLOW_TMA", "ALLOW_WS", "BLOCK_R"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
 )

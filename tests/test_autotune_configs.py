@@ -41,6 +41,20 @@ class EveryConfig:
         return run
 
 
+def _every_config(monkeypatch, dtype, fuse, rank, train_base):
+    """Run the layer's forward and backward with every config at each launch; return the spy."""
+    use_triton(monkeypatch)
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
+    monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
+    spy = EveryConfig(kernels._lora_matmul_kernel, dtype)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
+    check_all(make_inputs((600,), 64, 96, rank, dtype), 0.75, dtype, train_base=train_base)
+    return spy
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype_name,fuse", [("float16", "0"), ("float32", "1")],
                          ids=["fp16-separate-shrink", "fp32-fused-shrink"])
@@ -50,19 +64,20 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     or not (the interpreter runs such a loop as any other, but not its other loads), for each of the
     layer's products (transposed views and split reductions among them), gives the reference's
     numbers: the GPU suite itself runs one fixed config, the interpreter another."""
-    use_triton(monkeypatch)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
-    monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
     dtype = getattr(torch, dtype_name)
-    spy = EveryConfig(kernels._lora_matmul_kernel, dtype)
-    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
-    # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
-    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
-    monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
-    check_all(make_inputs((600,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
+    spy = _every_config(monkeypatch, dtype, fuse, 16, train_base=True)
     assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
     assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
     assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
     if dtype == torch.float16:  # (16-bit products only; their low-rank operands through descriptors)
         assert any(t.endswith(" ws") for t in spy.tiles)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rank", [8, 80])
+def test_warp_specialized_configs_at_ranks_that_leave_a_partial_block(rank, monkeypatch):
+    """The warp-specialized configs read L and R through descriptors, whose tiles run past the
+    rank (BLOCK_R = 16 at rank 8; 64 and 64 at rank 80) where the copy engine must fill zeros."""
+    spy = _every_config(monkeypatch, torch.float16, "0", rank, train_base=False)
+    assert any(t.endswith(" ws") for t in spy.tiles)

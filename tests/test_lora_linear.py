@@ -292,30 +292,71 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
 @pytest.mark.parametrize("smem", [kernels.SMEM_BYTES, 99 * 1024])  # Hopper's, and a consumer GPU's
 def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
     """The autotuner's pruning (it only runs with several configs, i.e. on a GPU): tiles shrink to
-    the problem, stages drop until X and W tiles (and A's, with the fused shrink) fit in the GPU's
-    shared memory, and something always stays."""
+    the problem, stages drop until X and W tiles (and A's, with the fused shrink, in A's own dtype)
+    fit in the GPU's shared memory, and something always stays."""
     monkeypatch.setattr(kernels, "_smem_bytes", lambda tensor: smem)
     import triton
     import triton.language as tl
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=8, num_stages=st)
                for bm, bn, bk, st in [(128, 256, 64, 4), (128, 128, 64, 4), (256, 128, 64, 4), (128, 128, 128, 5),
                                       (64, 64, 64, 3)]]
-    for dot, size in [(tl.bfloat16, 2), (tl.float32, 4), (tl.float64, 8)]:
-        kept = kernels._prune(configs, {"M": 8192, "N": 4096}, DOT_DTYPE=dot)
+
+    def named(M, N, dtype, adapters=None):  # the pruner reads sizes and each operand's dtype
+        return {"M": M, "N": N, "x_ptr": dtype, "w_ptr": dtype, "l_ptr": adapters or dtype, "r_ptr": adapters or dtype,
+                "out_ptr": dtype}
+
+    for dot, dtype in [(tl.bfloat16, torch.bfloat16), (tl.float32, torch.float32), (tl.float64, torch.float64)]:
+        kept = kernels._prune(configs, named(8192, 4096, dtype), DOT_DTYPE=dot)
         assert kept
         for c in kept:
             k = c.kwargs
-            assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size <= smem
+            assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= smem
         if dot == tl.bfloat16 and smem == kernels.SMEM_BYTES:
             assert len(kept) == len(configs)  # all fit in bf16 (one with fewer stages), none lost
-    shrink = kernels._prune(configs, {"M": 8192, "N": 8}, DOT_DTYPE=tl.bfloat16)
+    shrink = kernels._prune(configs, named(8192, 8, torch.bfloat16), DOT_DTYPE=tl.bfloat16)
     assert {c.kwargs["BLOCK_N"] for c in shrink} == {16} and len(shrink) < len(configs)  # deduplicated
-    # The fused shrink streams a BLOCK_K × BLOCK_R tile of A beside X and W in every stage.
-    for c in kernels._prune(configs, {"M": 8192, "N": 4096}, DOT_DTYPE=tl.bfloat16, FUSE_SHRINK=True, BLOCK_R=64):
-        k = c.kwargs
-        assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"] + 64) * k["BLOCK_K"] * 2 <= smem
+    # The fused shrink streams a BLOCK_K × BLOCK_R tile of A beside X and W in every stage, in A's
+    # dtype (fp32 adapters beside bf16 activations: twice the bytes).
+    for a_dtype in (torch.bfloat16, torch.float32):
+        fused = kernels._prune(configs, named(8192, 4096, torch.bfloat16, a_dtype), DOT_DTYPE=tl.bfloat16,
+                               FUSE_SHRINK=True, BLOCK_R=64)
+        for c in fused:
+            k = c.kwargs
+            assert c.num_stages * ((k["BLOCK_M"] + k["BLOCK_N"]) * 2 + 64 * a_dtype.itemsize) * k["BLOCK_K"] <= smem
+        if smem == kernels.SMEM_BYTES:  # (fp32 A: a stage fewer for 128x256's four)
+            stages = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c.num_stages for c in fused}
+            assert stages[128, 256] == (4 if a_dtype == torch.bfloat16 else 3)
     huge = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2)]
-    assert kernels._prune(huge, {"M": 4096, "N": 4096}, DOT_DTYPE=tl.float64)  # never empty
+    assert kernels._prune(huge, named(4096, 4096, torch.float64), DOT_DTYPE=tl.float64)  # never empty
+
+
+def test_prune_budgets_warp_specialized_tiles():
+    """Warp-specialized configs stay only where the launch allows them and the tile has 128 rows,
+    and the pruner counts what the compiled kernels showed beyond the tiles (benchmarks/NOTES.md):
+    L and R once per stage in their own dtypes, and the output's staging buffer."""
+    import triton
+    import triton.language as tl
+    ws = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
+                         "PERSISTENT": False, "WARP_SPEC": True}, num_warps=4, num_stages=st)
+          for bm, bn, st in [(128, 256, 3), (256, 128, 3), (128, 128, 4)]]
+    bf16, fp32 = torch.bfloat16, torch.float32
+
+    def kept(M, N, R, allow=True, has_lowrank=True, r_dtype=bf16, out=bf16):
+        named = {"M": M, "N": N, "x_ptr": bf16, "w_ptr": bf16, "l_ptr": bf16, "r_ptr": r_dtype, "out_ptr": out}
+        configs = kernels._prune(ws, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, ALLOW_WS=allow,
+                                 HAS_LOWRANK=has_lowrank, BLOCK_R=R)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c.num_stages for c in configs if c.kwargs["WARP_SPEC"]}
+
+    # Compiled for sm_90 (Triton 3.6): 213, 197 and 177 KiB at rank 16, in these stages.
+    assert kept(8192, 4096, 16) == {(128, 256): 3, (256, 128): 3, (128, 128): 4}
+    # Rank 64: 321, 305 and 273 KiB in those stages, so a stage or two fewer (224, 208, 209 compiled).
+    assert kept(8192, 4096, 64) == {(128, 256): 2, (256, 128): 2, (128, 128): 3}
+    # fp32 B beside bf16 activations (peft's default adapters) at rank 16: 237 KiB in three stages.
+    assert kept(8192, 4096, 16, r_dtype=fp32)[128, 256] == 2
+    # An fp32 output (a split reduction's partials): 272 KiB for 128x256 in three stages.
+    assert kept(8192, 4096, 16, has_lowrank=False, out=fp32)[128, 256] == 2
+    assert kept(8192, 4096, 16, allow=False) == {}  # a launch that cannot be specialized
+    assert kept(16, 4096, 16) == {}  # dB: 16 rows
 
 
 @pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
