@@ -18,6 +18,7 @@ on CPU (fused then runs its PyTorch path: a check of the code, not of the kernel
 import argparse
 import json
 import os
+import signal
 import time
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from . import report
 from .measure import Timer, check, expected, tolerance
 from .providers import PROVIDERS, ProviderUnavailable, make_weights
-from .run import DTYPES, _ints, _names, describe_error
+from .run import DTYPES, Stopped, _ints, _names, _stop, describe_error
 
 # name, input (h: the hidden state, a: attention's output, m: the MLP's activation), out features
 # (Llama-3-8B: hidden 4096, 8 KV heads of 128, MLP 14336).
@@ -60,7 +61,9 @@ def check_layers(layers, weights, inputs, dys, lora):
     return worst
 
 
-def run(args):
+def run(args, out, started):
+    """Check, then time, each provider at each token count; the results are rewritten after each
+    row, so a run stopped by its time limit (SIGTERM) keeps what it measured."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     scale = 1 if device.type == "cuda" else 16  # the CPU's stand-in: every width / 16
@@ -68,46 +71,64 @@ def run(args):
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {name: make_weights(WIDTHS[source] // scale, n // scale, args.rank, dtype=dtype, device=device,
                                   generator=gen) for name, source, n in PROJECTIONS}
-    rows = []
-    for M in args.tokens:
-        inputs = {s: torch.randn(M, w // scale, generator=gen, device=device).to(dtype).requires_grad_()
-                  for s, w in WIDTHS.items()}
-        dys = {name: torch.randn(M, n // scale, generator=gen, device=device).to(dtype) for name, _, n in PROJECTIONS}
-        for provider in args.providers:
-            row = {"tokens": M, "provider": provider, "ms": None, "x_base": None, "fused_speedup": None,
-                   "max_err": None, "status": "ok"}
-            rows.append(row)
-            try:
-                layers = build(provider, weights, args.dropout)
-                lora = provider != "base"
-                if args.dropout == 0 or not lora:
-                    row["max_err"] = check_layers(layers, weights, inputs, dys, lora)
-                    if not row["max_err"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
-                        row["status"] = f"WRONG (off by {row['max_err']:.1e})"
-                        continue
-                else:
-                    row["status"] = f"timed, not checked (dropout {args.dropout})"
-                row["ms"] = timer(lambda: None, make_step(layers, inputs, dys))[0]
-            except ProviderUnavailable as e:
-                row["status"] = f"SKIPPED: {e}"
-            except Exception as e:  # one provider's failure must not hide the others
-                row["status"] = f"ERROR: {describe_error(e)}"
-            finally:
-                layers = None
-            print(f"{M:6d} tokens  {provider:10s} " + (f"{row['ms']:9.3f} ms" if row["ms"] else row["status"]),
-                  flush=True)
-        this = {r["provider"]: r["ms"] for r in rows if r["tokens"] == M}
-        for r in rows:
-            if r["tokens"] == M and r["ms"]:
-                r["x_base"] = r["ms"] / this["base"] if this.get("base") else None
-                r["fused_speedup"] = r["ms"] / this["fused"] if this.get("fused") else None
-    return rows
+    rows, stopped = [], None
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for M in args.tokens:
+            inputs = {s: torch.randn(M, w // scale, generator=gen, device=device).to(dtype).requires_grad_()
+                      for s, w in WIDTHS.items()}
+            dys = {name: torch.randn(M, n // scale, generator=gen, device=device).to(dtype)
+                   for name, _, n in PROJECTIONS}
+            for provider in args.providers:
+                row = {"tokens": M, "provider": provider, "ms": None, "x_base": None, "fused_speedup": None,
+                       "max_err": None, "status": "ok"}
+                rows.append(row)
+                measure(row, provider, weights, inputs, dys, args, timer)
+                print(f"{M:6d} tokens  {provider:10s} " + (f"{row['ms']:9.3f} ms" if row["ms"] else row["status"]),
+                      flush=True)
+                ratios(rows, M)
+                write(rows, args, out, started)
+    except Stopped as e:
+        stopped = str(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return write(rows, args, out, started, stopped)
 
 
-def write(rows, args, out, started):
+def measure(row, provider, weights, inputs, dys, args, timer):
+    """Check the provider's seven layers against float64, then time one step of them, into ``row``."""
+    dtype, device = DTYPES[args.dtype], next(iter(inputs.values())).device
+    try:
+        layers = build(provider, weights, args.dropout)
+        lora = provider != "base"
+        if args.dropout == 0 or not lora:
+            row["max_err"] = check_layers(layers, weights, inputs, dys, lora)
+            if not row["max_err"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
+                row["status"] = f"WRONG (off by {row['max_err']:.1e})"
+                return
+        else:
+            row["status"] = f"timed, not checked (dropout {args.dropout})"
+        row["ms"] = timer(lambda: None, make_step(layers, inputs, dys))[0]
+    except ProviderUnavailable as e:
+        row["status"] = f"SKIPPED: {e}"
+    except Exception as e:  # one provider's failure must not hide the others
+        row["status"] = f"ERROR: {describe_error(e)}"
+
+
+def ratios(rows, M):
+    """×base and fused's speedup for the rows of M tokens measured so far."""
+    this = {r["provider"]: r["ms"] for r in rows if r["tokens"] == M}
+    for r in rows:
+        if r["tokens"] == M and r["ms"]:
+            r["x_base"] = r["ms"] / this["base"] if this.get("base") else None
+            r["fused_speedup"] = r["ms"] / this["fused"] if this.get("fused") else None
+
+
+def write(rows, args, out, started, stopped=None):
     name, _ = report.card(torch.device(args.device))
     meta = {"card": name, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype, "rank": args.rank,
-            "dropout": args.dropout, "versions": report.versions(), "elapsed_s": round(time.perf_counter() - started, 1)}
+            "dropout": args.dropout, "versions": report.versions(), "elapsed_s": round(time.perf_counter() - started, 1),
+            "stopped": stopped}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "model-step.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -115,7 +136,8 @@ def write(rows, args, out, started):
     lines = [f"# Seven projections of a Llama-3-8B layer, one training step, on {name}, {meta['date']}", "",
              f"q, k, v, o, gate, up, down as LoRA layers, forward and one backward together; {args.dtype}, "
              f"rank {args.rank}, LoRA dropout {args.dropout}; ×base: to the bare base layers (frozen, dX only) "
-             f"in the same run; fused speedup: the provider's time over fused's.{scaled}", "",
+             f"in the same run; fused speedup: the provider's time over fused's.{scaled}"
+             + (f" INCOMPLETE: {stopped}." if stopped else ""), "",
              "| tokens | provider | ms | ×base | fused speedup | max err | status |", "|---:|---|---:|---:|---:|---:|---|"]
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
@@ -142,7 +164,7 @@ def main(argv=None):
     if "base" not in args.providers:
         p.error("--providers must include base, the floor every ratio is to")
     started = time.perf_counter()
-    path = write(run(args), args, args.out, started)
+    path = run(args, args.out, started)
     print(f"wrote {path} in {time.perf_counter() - started:.1f} s")
 
 

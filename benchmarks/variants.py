@@ -29,8 +29,8 @@ import triton
 import lora_kernels
 from lora_kernels import kernels
 
-from .measure import Timer
-from .run import DTYPES, _shapes
+from .measure import Timer, rel_err, tolerance
+from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
 
@@ -60,10 +60,9 @@ def pieces(K, N, M, r, dtype, device):
         def run():
             os.environ["LORA_KERNELS_FUSE_SHRINK"] = fuse
             if backward:
-                torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0), [xg, Ag, Bg], dy)
-            else:
-                with torch.no_grad():
-                    lora_kernels.lora_linear(x, W, b, A, B, 2.0)
+                return torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0), [xg, Ag, Bg], dy)
+            with torch.no_grad():
+                return lora_kernels.lora_linear(x, W, b, A, B, 2.0)
         return run
 
     def switched(fn, flag, value):
@@ -71,7 +70,7 @@ def pieces(K, N, M, r, dtype, device):
             previous = getattr(kernels, flag)
             setattr(kernels, flag, value)
             try:
-                fn()
+                return fn()
             finally:
                 setattr(kernels, flag, previous)
         return run
@@ -150,12 +149,23 @@ def pieces(K, N, M, r, dtype, device):
     } | graphs
 
 
-class Stopped(BaseException):
-    """SIGTERM arrived (a `timeout` ran out): what was measured is still written."""
+# Each warp-specialized row and the default row that computes the same thing: its result must
+# agree with that row's before it is timed (nothing warp-specialized has run on a GPU before, and
+# a miscompiled kernel must not be timed as a fast one).
+TWINS = {
+    "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
+    "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
+    "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",
+    "Triton dY W, warp-specialized candidates": "Triton dY W, no LoRA",
+    "dX = dY W + dS Aᵀ, warp-specialized candidates": "dX = dY W + dS Aᵀ",
+    "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
+}
 
 
-def _stop(signum, frame):
-    raise Stopped(f"stopped by signal {signum}")
+def disagreement(got, want):
+    """The largest relative Frobenius difference between two results (tensors, or tuples of them)."""
+    pairs = zip(got, want) if isinstance(got, (tuple, list)) else [(got, want)]
+    return max(rel_err(a, b) for a, b in pairs)
 
 
 def write(out, meta, rows, started):
@@ -167,7 +177,8 @@ def write(out, meta, rows, started):
     lines = [f"# Kernel variants on {meta['card']}, {meta['date']}", "",
              f"{meta['dtype']}, {meta['tokens']} tokens, rank {meta['rank']}; torch {meta['torch']}, "
              f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
-             "config: the autotuner's choice for the piece's last launch."
+             "config: the autotuner's choice for the piece's last launch; each warp-specialized row's result "
+             "was compared with its default row's before it was timed (relative Frobenius difference)."
              + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
     for r in rows:
@@ -175,7 +186,9 @@ def write(out, meta, rows, started):
             lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {r['error']} | | |")
         else:
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
-            lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {r['config'] or ''} |")
+            config = (r["config"] or "") + (f"; differs from its default row by {r['differs']:.1e}"
+                                            if r.get("differs") is not None else "")
+            lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -268,13 +281,22 @@ def main(argv=None):
             rows.append({"shape": "64→64", "piece": name, "ms": ms, "ratio": ms / floor, "config": None})
             print(f"64→64  {name:34s} {ms:9.4f} ms  ×{ms / floor:.3f}", flush=True)
         for K, N in args.shapes:
-            floors = {}
+            floors, results = {}, {}
             for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
                 row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
                 try:
                     kernels._lora_matmul_kernel.best_config = None
                     with _no_direct_launch():  # (a direct launch would leave best_config unset)
-                        fn()  # compile and autotune outside the timing
+                        result = fn()  # compile and autotune outside the timing
+                    if name in TWINS.values():
+                        results[name] = result
+                    if name in TWINS:
+                        if TWINS[name] not in results:
+                            raise RuntimeError(f"unchecked: '{TWINS[name]}' has no result to compare with")
+                        row["differs"] = disagreement(result, results[TWINS[name]])
+                        if not row["differs"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
+                            raise RuntimeError(f"WRONG: differs from '{TWINS[name]}' by {row['differs']:.1e}")
+                    del result
                     # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
                     best = kernels._lora_matmul_kernel.best_config
                     row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())

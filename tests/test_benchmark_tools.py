@@ -258,6 +258,7 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
     projections are checked against float64 before one step of all seven is timed, with ratios to
     the base's step of the same run; a provider that computes a wrong projection is reported
     WRONG and not timed."""
+    pytest.importorskip("peft")
     from benchmarks import model_step
 
     def wrong_addmm(w, **kwargs):  # addmm with the LoRA term scaled 10% off in every projection
@@ -273,3 +274,42 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
         assert rows[name]["fused_speedup"] == pytest.approx(rows[name]["ms"] / rows["fused"]["ms"])
     assert rows["wrong"]["status"].startswith("WRONG") and rows["wrong"]["ms"] is None
     assert "| 48 | fused |" in (tmp_path / "model-step.md").read_text()
+
+
+def test_stopped_model_step_still_writes_what_it_measured(tmp_path, monkeypatch):
+    """A time limit's SIGTERM during `benchmarks.model_step` keeps the rows measured before it."""
+    from benchmarks import model_step
+    measure = model_step.measure
+
+    def stop_at_fused(row, provider, *args):
+        if provider == "fused":
+            raise run.Stopped("stopped by signal 15")
+        measure(row, provider, *args)
+
+    monkeypatch.setattr(model_step, "measure", stop_at_fused)
+    model_step.main(["--tokens", "32", "--providers", "base,fused", "--rep-ms", "5", "--warmup-ms", "1",
+                     "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "model-step.json").read_text())
+    assert saved["meta"]["stopped"] == "stopped by signal 15"
+    assert saved["rows"][0]["provider"] == "base" and saved["rows"][0]["ms"] > 0
+    assert "INCOMPLETE: stopped by signal 15" in (tmp_path / "model-step.md").read_text()
+
+
+def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(tmp_path, monkeypatch):
+    """`benchmarks.variants` compares each warp-specialized row's result with its default row's
+    before timing it: one that disagrees is reported WRONG, untimed; one that agrees carries the
+    difference."""
+    from benchmarks import variants
+    t = torch.randn(8, 8)
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
+    monkeypatch.setattr(variants, "pieces", lambda *args: {
+        "floor": ("fwd", lambda: t), "default": ("fwd", lambda: t),
+        "ws, wrong": ("fwd", lambda: t * 1.1), "ws, right": ("fwd", lambda: t.clone())})
+    monkeypatch.setattr(variants, "TWINS", {"ws, wrong": "default", "ws, right": "default"})
+    monkeypatch.setattr(variants.kernels, "INTERPRET", True)  # (the CPU check mode: no timing)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")  # (main sets it; restored after the test)
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)  # (nor its SIGTERM handler)
+    variants.main(["--shapes", "8x8", "--tokens", "8", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {r["piece"]: r for r in json.loads((tmp_path / "variants.json").read_text())["rows"]}
+    assert rows["ws, wrong"]["ms"] is None and "WRONG: differs from 'default' by 1.0e-01" in rows["ws, wrong"]["error"]
+    assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
