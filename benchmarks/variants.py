@@ -86,8 +86,9 @@ def pieces(K, N, M, r, dtype, device):
 
     def graphed(fn):
         """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
-        launches (what CUDA graphs or torch.compile's reduce-overhead mode would get)."""
-        graph = []
+        launches (what CUDA graphs or torch.compile's reduce-overhead mode would get). Returns the
+        graph's output tensors, which each replay rewrites."""
+        graph, out = [], []
 
         def run():
             if not graph:
@@ -99,8 +100,9 @@ def pieces(K, N, M, r, dtype, device):
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph.append(torch.cuda.CUDAGraph())
                 with torch.cuda.graph(graph[0]):
-                    fn()
+                    out.append(fn())
             graph[0].replay()
+            return out[0]
         return run
 
     graphs = {} if device.type != "cuda" else {
@@ -159,6 +161,7 @@ TWINS = {
     "Triton dY W, warp-specialized candidates": "Triton dY W, no LoRA",
     "dX = dY W + dS Aᵀ, warp-specialized candidates": "dX = dY W + dS Aᵀ",
     "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
+    "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph": "layer fwd+bwd, separate shrink",
 }
 
 

@@ -293,9 +293,9 @@ def _bench(fn, quantiles):
 @triton.autotune(
     configs=_check_split_chunk(_configs()),
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
-    # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64, or the fused
-    # shrink's whole rank): it sets the shared memory of the fused shrink's and the warp-specialized
-    # tiles, so a tile tuned at one rank may not fit at another.
+    # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64): it sets the
+    # shared memory of the fused shrink's and the warp-specialized tiles, so a tile tuned at one
+    # rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
          "ALLOW_TMA", "ALLOW_WS", "BLOCK_R"],
     prune_configs_by={"early_config_prune": _prune},
