@@ -115,8 +115,20 @@ def expected(weights, x, dy, *, lora, keep=None, dropout=0.0):
 
 
 def rel_err(got, ref):
+    """‖got − ref‖ / ‖ref‖; NaN if got has a NaN. A reference of zeros (dA and dB when dropout
+    drops every element) gives 0 for zeros and infinity for anything else, not 0/0."""
     got, ref = got.detach().double(), ref.detach().double()
-    return (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+    diff, norm = torch.linalg.vector_norm(got - ref).item(), torch.linalg.vector_norm(ref).item()
+    if norm == 0:
+        return 0.0 if diff == 0 else diff * math.inf  # (NaN stays NaN)
+    return diff / norm
+
+
+def worst(errors):
+    """The largest of ``errors`` (a dict of relative errors), NaN if any is NaN: ``max`` alone keeps
+    the first value it meets when a later one is NaN, so a NaN gradient would pass a check."""
+    values = list(errors.values())
+    return math.nan if any(v != v for v in values) else max(values)
 
 
 def check(layer, x, dy, ref):

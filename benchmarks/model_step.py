@@ -24,7 +24,7 @@ import time
 import torch
 
 from . import report
-from .measure import Timer, check, expected, tolerance
+from .measure import Timer, check, expected, tolerance, worst
 from .providers import PROVIDERS, ProviderUnavailable, make_weights
 from .run import DTYPES, Stopped, _ints, _names, _stop, describe_error
 
@@ -52,13 +52,14 @@ def make_step(layers, inputs, dys):
 
 
 def check_layers(layers, weights, inputs, dys, lora):
-    """The largest relative error, over the seven layers, of the output and every gradient."""
-    worst = 0.0
+    """The largest relative error, over the seven layers, of the output and every gradient (NaN if
+    any is NaN)."""
+    errors = {}
     for name, source, _ in PROJECTIONS:
         x = inputs[source]
-        errors = check(layers[name], x, dys[name], expected(weights[name], x, dys[name], lora=lora))
-        worst = max(worst, *errors.values())
-    return worst
+        found = check(layers[name], x, dys[name], expected(weights[name], x, dys[name], lora=lora))
+        errors.update({(name, what): err for what, err in found.items()})
+    return worst(errors)
 
 
 def run(args, out, started):

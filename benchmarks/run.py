@@ -21,7 +21,8 @@ import traceback
 import torch
 
 from . import report
-from .measure import MODES, Timer, ceilings, check, expected, flop_count, make_inputs, memory, mode_step, tolerance
+from .measure import (MODES, Timer, ceilings, check, expected, flop_count, make_inputs, memory, mode_step,
+                      tolerance, worst)
 from .providers import PROVIDERS, ProviderUnavailable, make_weights
 
 # (K in-features, N out-features) of Llama-3-8B's projections: q/o, k/v, gate/up, down.
@@ -173,10 +174,10 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
     except Exception as e:
         return rows(f"ERROR: {describe_error(e)}")
     check_s = time.perf_counter() - started
-    max_err = max(errors.values())
+    max_err = worst(errors)
     if checked and not max_err <= tolerance(weights.A.dtype, device):  # `not <=` also catches NaN
-        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
-        return rows(f"WRONG ({worst} off by {errors[worst]:.1e}" + (", with its dropout mask)" if masked else ")"),
+        off = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+        return rows(f"WRONG ({off} off by {errors[off]:.1e}" + (", with its dropout mask)" if masked else ")"),
                     errors=errors, max_err=max_err, check_s=check_s)
 
     if not checked:

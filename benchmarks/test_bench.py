@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from .measure import MODES, check, expected, flop_count, make_inputs, mode_step, tolerance  # noqa: E402
+from .measure import MODES, check, expected, flop_count, make_inputs, mode_step, tolerance, worst  # noqa: E402
 from .providers import PROVIDERS, ProviderUnavailable, make_weights  # noqa: E402
 from .run import ANCHOR_RANK, ANCHOR_TOKENS, CPU_SHAPES, GPU_SHAPES  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_bench(benchmark, config, provider, mode):
         layer, errors = _checked_layer(config, provider)
     except ProviderUnavailable as e:
         pytest.skip(str(e))
-    assert max(errors.values()) <= tolerance(DTYPE, DEVICE), f"{provider} disagrees with float64: {errors}"
+    assert worst(errors) <= tolerance(DTYPE, DEVICE), f"{provider} disagrees with float64: {errors}"
 
     _, xs, dys, _ = _inputs(config)
     setup, step = mode_step(layer, mode, xs, dys)
@@ -94,6 +94,6 @@ def test_bench(benchmark, config, provider, mode):
     K, N, M, r = config
     benchmark.group = f"{K}→{N} M={M} r={r} {mode}"
     benchmark.extra_info.update(
-        provider=provider, mode=mode, dtype=str(DTYPE), max_err=max(errors.values()),
+        provider=provider, mode=mode, dtype=str(DTYPE), max_err=worst(errors),
         flops=flop_count(M, K, N, r, mode, lora=layer.lora, trainable_base=False))
     benchmark.pedantic(timed, setup=untimed_setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)

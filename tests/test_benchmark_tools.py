@@ -3,6 +3,7 @@ limit or by an error still writing what it measured (the GPU run is too short to
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import providers, run, targets  # noqa: E402
+from benchmarks import measure, providers, run, targets  # noqa: E402
 
 
 def _rows(times, K=4096, N=1024, M=8192, r=16):
@@ -130,6 +131,24 @@ def test_a_provider_failing_in_memory_is_an_error_row(tmp_path, monkeypatch):
     assert statuses["fused"].startswith("ERROR: in memory(): OutOfMemoryError: CUDA out of memory"), statuses
     assert statuses["base"] == "ok"
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "base")
+    assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
+
+
+def test_a_nan_in_any_gradient_fails_the_check(tmp_path, monkeypatch):
+    """A NaN error anywhere makes a provider WRONG (max() over the errors kept the output's when a
+    later gradient's was NaN, and such a provider was timed as correct)."""
+    assert math.isnan(measure.worst({"out": 1e-7, "dX": math.nan})) and math.isnan(measure.worst({"out": math.nan}))
+    assert measure.worst({"out": 1e-7, "dX": 3e-7}) == 3e-7
+    real = run.check
+
+    def nan_dx_for_fused(layer, x, dy, ref):
+        errors = real(layer, x, dy, ref)
+        return dict(errors, dX=math.nan) if layer.lora else errors
+
+    monkeypatch.setattr(run, "check", nan_dx_for_fused)
+    rows = run.main([*SMALL_RUN, "--out", str(tmp_path)])
+    statuses = {r["provider"]: r["status"] for r in rows}
+    assert statuses["fused"] == "WRONG (dX off by nan)" and statuses["base"] == "ok", statuses
     assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
 
 
@@ -264,8 +283,13 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
     def wrong_addmm(w, **kwargs):  # addmm with the LoRA term scaled 10% off in every projection
         return providers.PROVIDERS["addmm"](dataclasses.replace(w, alpha=w.alpha * 1.1), **kwargs)
 
+    def nan_addmm(w, **kwargs):  # addmm whose outputs are all NaN
+        layer = providers.PROVIDERS["addmm"](w, **kwargs)
+        return layer._replace(fn=lambda x: layer.fn(x) + math.nan)
+
     monkeypatch.setitem(model_step.PROVIDERS, "wrong", wrong_addmm)
-    model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong", "--rep-ms", "5", "--warmup-ms", "1",
+    monkeypatch.setitem(model_step.PROVIDERS, "nan", nan_addmm)
+    model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong,nan", "--rep-ms", "5", "--warmup-ms", "1",
                      "--out", str(tmp_path)])
     rows = {r["provider"]: r for r in json.loads((tmp_path / "model-step.json").read_text())["rows"]}
     for name in ("base", "fused", "peft"):
@@ -273,6 +297,7 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
         assert rows[name]["x_base"] == pytest.approx(rows[name]["ms"] / rows["base"]["ms"])
         assert rows[name]["fused_speedup"] == pytest.approx(rows[name]["ms"] / rows["fused"]["ms"])
     assert rows["wrong"]["status"].startswith("WRONG") and rows["wrong"]["ms"] is None
+    assert rows["nan"]["status"] == "WRONG (off by nan)" and rows["nan"]["ms"] is None
     assert "| 48 | fused |" in (tmp_path / "model-step.md").read_text()
 
 
