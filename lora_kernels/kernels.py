@@ -48,6 +48,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # LORA_KERNELS_AUTOTUNE=0 uses one fixed GPU config: the correctness suite meets dozens of
 # shapes, and autotuning each one would spend minutes compiling configs it never times again.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+# The autotuner's timings are kept on disk (Triton's cache, keyed by Triton's version, the GPU
+# target, the kernel's source, the tuning key and the candidate configs): a training run meets a
+# few dozen keys and each costs its candidates' timings, again in every new process without it.
+# LORA_KERNELS_AUTOTUNE_CACHE=0 times them afresh in every process.
+AUTOTUNE_CACHE = os.environ.get("LORA_KERNELS_AUTOTUNE_CACHE", "1") != "0"
 
 # Split reductions into chunks of this many rows of the reduced dimension (a multiple of every
 # BLOCK_K below, so a chunk boundary never cuts a tile).
@@ -300,6 +305,7 @@ def _bench(fn, quantiles):
          "ALLOW_TMA", "ALLOW_WS", "BLOCK_R"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
+    cache_results=AUTOTUNE_CACHE,
 )
 @triton.jit
 def _lora_matmul_kernel(

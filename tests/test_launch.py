@@ -166,3 +166,47 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
     assert [type(a) if type(a) in (int, float) else torch.Tensor for a in args] == kinds
     assert set(flags) <= {p.name for p in params[first:]}
     assert [p.name for p in params[12:15]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
+
+
+AUTOTUNE_CACHE = r"""
+import sys
+from triton.runtime import driver
+from benchmarks.precompile import _StandInDriver
+from lora_kernels import kernels
+driver.set_active(_StandInDriver(90))  # (the disk cache's key names the GPU target)
+tuner = kernels._lora_matmul_kernel
+print(tuner.cache_results)
+if not tuner.cache_results:
+    sys.exit()
+configs, key, timed = kernels.hopper_configs()[:3], ("M_KEY", 8192, "N_KEY", 4096), []
+
+def bench():  # stands in for timing each config: the last one is the fastest
+    timed.append(key)
+    tuner.configs_timings = {c: [float(3 - i)] * 3 for i, c in enumerate(configs)}
+    tuner.cache[key] = min(tuner.configs_timings, key=tuner.configs_timings.get)
+
+assert tuner.check_disk_cache(key, configs, bench) is False and len(timed) == 1  # timed, then written
+tuner.cache.clear()  # as in a new process
+assert tuner.check_disk_cache(key, configs, bench) is True and len(timed) == 1  # read back, not timed
+assert tuner.cache[key].all_kwargs() == configs[-1].all_kwargs()
+assert tuner.check_disk_cache(key, configs[:2], bench) is False and len(timed) == 2  # other candidates: timed
+print("read back")
+"""
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_autotune_timings_are_kept_on_disk(tmp_path, setting):
+    """With LORA_KERNELS_AUTOTUNE_CACHE unset (or 1), the autotuner keeps its timings in Triton's
+    cache, and a new process reads its choice back instead of timing the candidates again (a GPU is
+    needed to time them; here a stand-in does, with Triton's own disk-cache code); other
+    candidates are timed anew. With 0, nothing is kept. (Triton never caches under its interpreter.)"""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=root, LORA_KERNELS_AUTOTUNE_CACHE=setting)
+    done = subprocess.run([sys.executable, "-c", AUTOTUNE_CACHE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == (["True", "read", "back"] if setting == "1" else ["False"])
