@@ -206,14 +206,15 @@ def describe(args, kwargs, config):
     """A short name for a job: which product, its sizes and its tile config."""
     named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
     use = ("GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
-           else "product")
+           else "two products (paired)" if kwargs["PAIRED"] else "product")
     layout = [name for name, flag in (("Xᵀ", "X_TRANSPOSED"), ("Wᵀ", "W_TRANSPOSED")) if kwargs[flag]]
     use += f" ({', '.join(layout)} view)" if layout else ""
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
     tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"]))
     dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
-    sizes = f"M={named['M']} N={named['N']} K={named['K']}" + (f" r={named['R']}" if kwargs["HAS_LOWRANK"] else "")
+    rows = f"{named['M']}+{named['M2']}" if kwargs["PAIRED"] else named["M"]
+    sizes = f"M={rows} N={named['N']} K={named['K']}" + (f" r={named['R']}" if kwargs["HAS_LOWRANK"] else "")
     return use, sizes, tile, dot
 
 

@@ -5,7 +5,8 @@
 First the host's time per call at a tiny shape (launch overhead). Then for each shape, side by
 side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX), this package's kernel as a plain
 GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA loads), each piece
-of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB), the whole layer with the
+of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB, and dA with dB in two launches
+or the layer's one paired launch), the whole layer with the
 shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
 launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
@@ -143,6 +144,8 @@ def pieces(K, N, M, r, dtype, device):
             lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype))),
         "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
         "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
+        "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype))),
+        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, also=(dy.t(), S), out_dtype=dtype)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
@@ -151,10 +154,11 @@ def pieces(K, N, M, r, dtype, device):
     } | graphs
 
 
-# Each warp-specialized row and the default row that computes the same thing: its result must
-# agree with that row's before it is timed (nothing warp-specialized has run on a GPU before, and
-# a miscompiled kernel must not be timed as a fast one).
+# Each row of a new kernel variant and the row that computes the same thing the established way: its
+# result must agree with that row's before it is timed (neither the warp-specialized kernels nor the
+# paired launch has run on a GPU before, and a miscompiled kernel must not be timed as a fast one).
 TWINS = {
+    "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
     "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
     "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
     "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",

@@ -62,9 +62,12 @@ def keep_mask(rows, cols, seed, p, device, backend):
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
 
 
-def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
+def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=None, out_dtype, dot_dtype):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
     ``addmm`` keeps it to one output buffer, as the kernel does."""
+    if also is not None:
+        second = torch_matmul(*also, out_dtype=out_dtype, dot_dtype=dot_dtype)
+        return torch_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype), second.t().contiguous()
     if dropout is not None:
         where, seed, p, si, sj = dropout
         shape = x.shape if where == "x" else (x.shape[0], w.shape[1])
@@ -288,9 +291,12 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
             dx = dx.reshape(x.shape)
         elif need_A:
             dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
-        if need_A:
+        if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = dYᵀ S (see kernels.lora_matmul)
+            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), also=(dy2.t(), S), out_dtype=A.dtype,
+                            dot_dtype=dtype)
+        elif need_A:
             dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
-        if need_B:
+        elif need_B:
             dB = matmul(S.t(), dy2, out_dtype=B.dtype, dot_dtype=dtype)
         if need_w:
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)

@@ -12,13 +12,14 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dS = alpha · dY Bᵀ          shrink:            X = dY,  W = Bᵀ,   scale = alpha
     dX = dY W + dS Aᵀ           GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ
     dA = xᵀ dS                  reduction over M:  X = xᵀ,  W = dS    (split, see below)
-    dB = Sᵀ dY                  reduction over M:  X = Sᵀ,  W = dY    (split)
+    dBᵀ = dYᵀ S                 the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
 
-Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle, so the K
-loop can be split across a second grid axis. Each split writes its own fp32 slice of a partial
+Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle: the two
+share one launch (PAIRED, one grid over both outputs' tiles), and the K loop can be split across a
+second grid axis. Each split writes its own fp32 slice of a partial
 buffer and the launcher sums the slices in a fixed order: deterministic, no atomics, and safe to
 autotune (a trial overwrites, it never accumulates).
 """
@@ -161,7 +162,7 @@ def _dtype(tensor):
 def _prune(configs, named_args, **kwargs):
     """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
     fit in the GPU's shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
-    M, N = named_args["M"], named_args["N"]
+    M, N = named_args["M"] + named_args.get("M2", 0), named_args["N"]  # (a paired launch: both products' rows)
     smem = _smem_bytes(named_args.get("x_ptr"))
     allow_tma = kwargs.get("ALLOW_TMA", False)
 
@@ -302,7 +303,7 @@ def _bench(fn, quantiles):
     # shared memory of the fused shrink's and the warp-specialized tiles, so a tile tuned at one
     # rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA", "ALLOW_WS", "BLOCK_R"],
+         "ALLOW_TMA", "ALLOW_WS", "BLOCK_R", "PAIRED"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
     cache_results=AUTOTUNE_CACHE,
@@ -321,8 +322,13 @@ def _lora_matmul_kernel(
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
     seed_ptr, p_drop, drop_si, drop_sj,
+    # PAIRED: a second product out2 = X2 @ W2 (M2, N) in the same launch, same N and K, its row blocks
+    # after the first's (the layer's dA and dBᵀ: two small reductions that alone fill a fraction of
+    # the GPU each, and cost a launch each)
+    x2_ptr, w2_ptr, out2_ptr, M2, stride_x2m, stride_x2k, stride_w2k, stride_w2n, stride_o2s, stride_o2m, stride_o2n,
     # meta-parameters
     HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    PAIRED: tl.constexpr,
     # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice
@@ -359,9 +365,12 @@ def _lora_matmul_kernel(
     # one wave, no tail of half-empty waves, descriptors made once).
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
+    num_rows = num_m  # row blocks, the second product's after the first's
+    if PAIRED:
+        num_rows += tl.cdiv(M2, BLOCK_M)
     pid = tl.program_id(0)
     if PERSISTENT:
-        tile_end = num_m * num_n
+        tile_end = num_rows * num_n
         tile_step = tl.num_programs(0)
     else:  # bounds the compiler sees as one trip, so it drops the loop: straight-line code as before
         tile_end = pid + 1
@@ -370,14 +379,26 @@ def _lora_matmul_kernel(
         # Grouped order: consecutive tiles share rows of X, so W tiles stay in L2.
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
-        group_size = min(num_m - first_m, GROUP_M)
+        group_size = min(num_rows - first_m, GROUP_M)
         pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
         pid_n = (tile % (GROUP_M * num_n)) // group_size
+        # This tile's product: its operands, output and row count (scalar selects, no branch).
+        xp, wp, op, rows = x_ptr, w_ptr, out_ptr, M
+        sxm, sxk, swk, swn, sos, som, son = stride_xm, stride_xk, stride_wk, stride_wn, stride_os, stride_om, stride_on
+        if PAIRED:
+            second = pid_m >= num_m
+            pid_m = tl.where(second, pid_m - num_m, pid_m)
+            xp, wp = tl.where(second, x2_ptr, x_ptr), tl.where(second, w2_ptr, w_ptr)
+            op, rows = tl.where(second, out2_ptr, out_ptr), tl.where(second, M2, M)
+            sxm, sxk = tl.where(second, stride_x2m, stride_xm), tl.where(second, stride_x2k, stride_xk)
+            swk, swn = tl.where(second, stride_w2k, stride_wk), tl.where(second, stride_w2n, stride_wn)
+            sos, som = tl.where(second, stride_o2s, stride_os), tl.where(second, stride_o2m, stride_om)
+            son = tl.where(second, stride_o2n, stride_on)
 
         # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
         rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = rm < M
+        mask_m = rm < rows
         mask_n = rn < N
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -397,14 +418,17 @@ def _lora_matmul_kernel(
                 x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
                 w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
             else:
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-                w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                w = tl.load(wp + rk[:, None] * swk + rn[None, :] * swn,
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
             # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
             x_drop = x
             if DROPOUT == DROP_X:
-                x_drop = tl.where(_keep(seed, p_drop, rm, rk, drop_si, drop_sj), x, 0.0)
+                keep = _keep(seed, p_drop, rm, rk, drop_si, drop_sj)
+                if PAIRED:  # the mask is the first product's (dA's x̃); the second's X is not masked
+                    keep = keep | second
+                x_drop = tl.where(keep, x, 0.0)
             if FUSE_SHRINK:
                 a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
                             mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
@@ -452,7 +476,7 @@ def _lora_matmul_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
-        out = out_ptr + pid_split.to(tl.int64) * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
+        out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -633,7 +657,7 @@ class Shrink(NamedTuple):
 FUSE_MAX_RANK = 64
 
 
-def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_dtype, dot_dtype):
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=None, out_dtype, dot_dtype):
     """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
 
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
@@ -644,6 +668,12 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
     then not allowed, and none of the layer's reductions needs them.
+
+    ``also=(x2, w2)`` computes a second product of the same K and N in the same launch (its row
+    blocks after the first's; plain products only, and a dropout on x masks the first's x alone)
+    and returns ``(out, out2)`` with ``out2 = (x2 @ w2)ᵀ`` stored contiguous: the layer's dA and
+    dB = (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone fill a fraction of the
+    GPU each.
     """
     # (Host time matters here: six launches a layer step, so each tensor's device and strides are
     # read once.)
@@ -667,6 +697,16 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         R = 0
     if not fused:
         s_out = x  # never written
+    M2 = 0
+    if also is not None:
+        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
+        x2, w2 = also
+        M2 = x2.shape[0]
+        assert tuple(w2.shape) == (K, N) and x2.shape[1] == K, "paired products share K and N"
+        out2 = _empty((N, M2), device, out_dtype).t()  # (M2, N), stored as its transpose
+        if out.numel() == 0 or out2.numel() == 0:  # one of them is empty: nothing to pair
+            return (lora_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
+                    lora_matmul(w2.t(), x2.t(), out_dtype=out_dtype, dot_dtype=dot_dtype))
     if out.numel() == 0:
         if fused:  # no column block to compute L in, yet L may have rows (N = 0)
             x_drop = dropout if dropout and dropout[0] == "x" else None
@@ -681,13 +721,20 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     sms = _num_sms(device)
     split = 1
     if lowrank is None and bias is None:
-        tiles = _cdiv(M, 32) * _cdiv(N, 32)
+        tiles = (_cdiv(M, 32) + _cdiv(M2, 32)) * _cdiv(N, 32)
         split = max(1, min(_cdiv(K, SPLIT_CHUNK), sms // tiles))
     k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
     split = _cdiv(K, k_per_split) if split > 1 else 1
     dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)
+    if also is not None:
+        dest2 = out2 if split == 1 else _empty((split, M2, N), device, acc_dtype)
+        pair_args = (x2, w2, dest2, M2, *x2.stride(), *w2.stride(), dest2.stride(0) if split > 1 else 0,
+                     *dest2.stride()[-2:])
+    else:  # never read: PAIRED is off
+        pair_args = (x, x, x, 0, 0, 0, 0, 0, 0, 0, 0)
 
-    allow_tma = TMA and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
+    # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
+    allow_tma = TMA and also is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
     # Warp specialization (hopper_configs) compiles for 16-bit products through TMA with one dot in
     # the K loop (no fused shrink), L and R fit for TMA too, and no dropout mask (one in the
     # epilogue fails the compiler as well).
@@ -700,15 +747,15 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         _, seed, p, si, sj = dropout
         drop_args = (seed if seed.device == device else seed.to(device), p, si, sj)
     args = (x, w, l_, r_, bias if bias is not None else x, dest, s_out,
-            M, N, K, R, k_per_split, _pow2(M), _pow2(N), _pow2(K),
+            M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K),
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
             dest.stride(0) if split > 1 else 0, *dest.stride()[-2:], *s_out.stride(),
             bias.stride(0) if bias is not None else 0,
             float(scale), float(lowrank[0].scale) if fused else 1.0,
-            *drop_args)
+            *drop_args, *pair_args)
     flags = dict(
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
-        DROPOUT=_DROP_MODE[dropout[0] if dropout else None],
+        DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=also is not None,
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
         ALLOW_TMA=allow_tma, ALLOW_WS=allow_ws,
         R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
@@ -718,7 +765,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
     )
 
     def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
-        tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
+        tiles = (_cdiv(M, meta["BLOCK_M"]) + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"])
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
     with _on_device(device):  # Triton launches on the current device, not the tensors'
         if allow_tma and device.type == "cuda":
@@ -728,8 +775,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, out_d
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out when
         # it is fp32 (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
         # into a 16-bit out would round every split first).
-        if out.dtype == dest.dtype:
-            torch.sum(dest, 0, out=out)
-        else:
-            out.copy_(dest.sum(0))
+        for o, d in [(out, dest)] + ([(out2, dest2)] if also is not None else []):
+            if o.dtype == d.dtype:
+                torch.sum(d, 0, out=o)
+            else:
+                o.copy_(d.sum(0))
+    if also is not None:
+        return out, out2.t()
     return (out, s_out) if fused else out

@@ -74,7 +74,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
             assert wgmma == "yes", (use, sizes, dot, tile)
         if dot in ("fp32", "fp64"):
             assert wgmma == "no", (use, sizes, dot, tile)  # IEEE asked for: no TF32 tensor cores
-    uses = {"product", "GEMM + low rank", "GEMM + fused shrink"}
+    uses = {"product", "GEMM + low rank", "GEMM + fused shrink", "two products"}  # (the last: dA with dB)
     dots = {"fp64", "fp32", "fp32 tf32", "fp16", "bf16"}
     assert seen == {(u, d) for u in uses for d in dots}, seen
     assert views == {"Xᵀ", "Wᵀ"}  # transposed operands (xᵀ in dA, Wᵀ in the forward) compiled too

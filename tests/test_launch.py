@@ -77,7 +77,8 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     names = kernels._lora_matmul_kernel.arg_names
     x = torch.zeros(256, 64)
     M, N = 200, 100
-    args = (x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, x, 0.0, 0, 0)
+    args = ((x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, x, 0.0, 0, 0)
+            + (x, x, x, 0) + (64, 1) * 3 + (0,))
     assert len(args) == names.index("HAS_LOWRANK")  # every runtime argument
     n_args = len(args)
     tuner = _Tuner(names, n_args)
@@ -86,7 +87,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
     cuda = torch.device("cuda", 3)
-    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, X_TRANSPOSED=False,
+    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, PAIRED=False, X_TRANSPOSED=False,
                  W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_WS=False, R_TRANSPOSED=False,
                  DOT_DTYPE=triton.language.float32,
                  ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)

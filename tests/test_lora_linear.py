@@ -103,18 +103,23 @@ def test_fuse_shrink_rule(monkeypatch):
 
 
 class LaunchSpy:
-    """Stands in for the kernel and records what each launch was told about TMA, and whether it
-    split its reduction."""
+    """Stands in for the kernel and records what each launch was told about TMA (``allow_tma``:
+    the launches of one product; a paired launch never uses TMA), and whether it split its
+    reduction."""
 
     def __init__(self, kernel):
-        self.kernel, self.allow_tma, self.splits = kernel, [], []
+        self.kernel, self.allow_tma, self.paired, self.splits = kernel, [], 0, []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
             named = dict(zip(self.kernel.arg_names, args))
-            self.allow_tma.append(kwargs["ALLOW_TMA"])
+            if kwargs["PAIRED"]:
+                self.paired += 1
+                assert not kwargs["ALLOW_TMA"]
+            else:
+                self.allow_tma.append(kwargs["ALLOW_TMA"])
             self.splits.append(named["K_PER_SPLIT"] < named["K"])
             return launch(*args, **kwargs)
         return run
@@ -124,8 +129,8 @@ class LaunchSpy:
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
-    """Operands whose rows are whole 16 bytes go through TMA descriptors (every one of the six
-    products here, transposed views included), or all through pointer loads with
+    """Operands whose rows are whole 16 bytes go through TMA descriptors (every product here but
+    the paired dA and dB, transposed views included), or all through pointer loads with
     LORA_KERNELS_TMA=0: both give the reference's numbers, split reductions and dW included."""
     use_triton(monkeypatch)
     monkeypatch.setattr(kernels, "TMA", tma)
@@ -135,8 +140,8 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     dtype = getattr(torch, dtype_name)
-    check_all(make_inputs((300,), 64, 96, 16, dtype), 0.75, dtype, train_base=True)
-    assert len(spy.allow_tma) >= 7  # S, y, dS, dX, dA, dB, dW
+    check_all(make_inputs((300,), 64, 32, 16, dtype), 0.75, dtype, train_base=True)
+    assert len(spy.allow_tma) == 5 and spy.paired == 1  # S, y, dS, dX, dW; dA with dB
     assert any(spy.splits)
     assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
 
@@ -287,6 +292,35 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
         ref = ref + L.double() @ R.double() + bias.double()
     assert rel_err(out, ref) < TOL[torch.float32]
     assert any(len(s) == 3 for s in shapes) == split  # a (split, M, N) partial buffer was used
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tokens,K,N,r,split,p,dtype_name", [
+    (90, 48, 80, 5, False, 0.0, "float32"),      # uneven tiles in both products
+    (700, 40, 24, 3, True, 0.3, "float16"),      # split over the tokens, masked first product, 16-bit out
+    (300, 0, 24, 4, True, 0.0, "float32"),       # one product empty (0 in-features): dB alone (split)
+])
+def test_paired_launch(tokens, K, N, r, split, p, dtype_name, monkeypatch):
+    """``also=``: the layer's dA = x̃ᵀ dS and dB = (dYᵀ S)ᵀ from one launch (the mask on the first
+    product only), dB stored contiguous, each against float64."""
+    shapes = use_triton(monkeypatch)
+    spy = LaunchSpy(kernels._lora_matmul_kernel)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    dtype = getattr(torch, dtype_name)
+    x, dy = torch.randn(tokens, K, device=DEVICE, dtype=dtype), torch.randn(tokens, N, device=DEVICE, dtype=dtype)
+    dS, S = (torch.randn(tokens, r, device=DEVICE, dtype=dtype) for _ in range(2))
+    inputs = [t.clone() for t in (x, dy, dS, S)]
+    seed = torch.tensor(1234, device=DEVICE)
+    dropout = ("x", seed, p, 1, K) if p else None
+    dA, dB = kernels.lora_matmul(x.t(), dS, dropout=dropout, also=(dy.t(), S), out_dtype=dtype, dot_dtype=dtype)
+    keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool)
+    assert rel_err(dA, (x.double() * keep).t() @ dS.double()) < TOL[dtype]
+    assert rel_err(dB, S.double().t() @ dy.double()) < TOL[dtype]
+    assert dB.shape == (r, N) and dB.is_contiguous() and dA.shape == (K, r)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (x, dy, dS, S)))  # inputs untouched
+    assert (spy.paired, len(spy.allow_tma)) == ((1, 0) if K else (0, 1))  # (an empty dA: no launch)
+    assert any(len(s) == 3 for s in shapes) == split  # (split, rows, r) partial buffers
 
 
 @pytest.mark.parametrize("smem", [kernels.SMEM_BYTES, 99 * 1024])  # Hopper's, and a consumer GPU's
