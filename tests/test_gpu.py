@@ -215,7 +215,8 @@ def test_direct_launches_match_tritons_path(monkeypatch):
         torch.cuda.synchronize()
         for name, got, want in [("y", y, y_ref), ("dx", xi.grad, g[0]), ("dA", Ai.grad, g[3]), ("dB", Bi.grad, g[4])]:
             assert rel_err(got, want) < TOL[torch.float32], (name, rel_err(got, want))
-        if inputs.data_ptr() in seen:  # a repeat: all six launches direct
+        if inputs.data_ptr() in seen:  # a repeat: every launch direct
             assert len(triton_path) == before, len(triton_path) - before
         seen.add(inputs.data_ptr())
-    assert len(kernels._COMPILED) >= 6
+    # (y with S, dX with dS, dA with dB: three keys, and two more for the unaligned x's y and dA)
+    assert len(kernels._COMPILED) >= 5
