@@ -14,7 +14,7 @@ stored, each product regenerates it from the seed. Forward and backward are regi
 ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
 two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
-dispatcher costs more host time per call than the layer's six launches (benchmarks/NOTES.md).
+dispatcher costs more host time per call than the layer's launches (benchmarks/NOTES.md).
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
 fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored in that dtype too

@@ -556,7 +556,7 @@ def _empty(shape, device, dtype):
 
 # Triton's per-call dispatch (the autotuner's wrapper, then JITFunction.run binding and
 # specializing ~35 arguments) cost more host time than the package's own launcher, and a layer step
-# makes six launches: on the first H200 run, ~91 µs per launch against a GPU time of tens of µs
+# made six launches: on the first H200 run, ~91 µs per launch against a GPU time of tens of µs
 # (benchmarks/NOTES.md). So a launch whose compiled kernel is already known goes straight to it.
 # LORA_KERNELS_FAST_LAUNCH=0 always takes Triton's own path.
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
@@ -675,8 +675,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
     dB = (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone fill a fraction of the
     GPU each.
     """
-    # (Host time matters here: six launches a layer step, so each tensor's device and strides are
-    # read once.)
+    # (Host time matters here: three to five launches a layer step, so each tensor's device and
+    # strides are read once.)
     M, K = x.shape
     N = w.shape[1]
     device = x.device
