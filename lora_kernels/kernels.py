@@ -456,7 +456,11 @@ def _lora_matmul_kernel(
                 low = tl.dot(shrink.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
                              out_dtype=ACC_DTYPE)
             else:
-                for r0 in range(0, R, BLOCK_R):
+                # Not software-pipelined (num_stages=1): up to rank 64 the loop runs once, and a
+                # pipeline buys nothing there but a copy of the L and R tiles per stage (compiled
+                # for sm_90, fp32 adapters at rank 64 then pushed the 4-stage tiles to 240-288 KiB
+                # of shared memory; one copy fits in the freed K-loop buffers).
+                for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
                     if WS:
                         lo = _load_tile(l_desc, m0, r0, False)
                         hi = _load_tile(r_desc, r0, n0, R_TRANSPOSED)
