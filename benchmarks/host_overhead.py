@@ -6,7 +6,7 @@ work is a few µs, so a step's time is the host's. ``--profile`` writes cProfile
 On a GPU the host must enqueue a step's launches faster than the GPU runs them, or the GPU waits:
 at 8192 tokens a 4096→1024 projection's forward+backward is about 0.2 ms of GPU work, so a few
 hundred microseconds of Python per step would show in every timing. This measures that Python:
-lora_linear's checks, the autograd wrapper, the six launchers' argument preparation, and (for
+lora_linear's checks, the autograd wrapper, the launchers' argument preparation, and (for
 comparison) the custom-op route that torch.compile takes. Triton's own launch path is not in it
 (it needs a GPU); F.linear's forward+backward on the same tiny CPU tensors is printed beside it.
 """

@@ -145,7 +145,7 @@ def pieces(K, N, M, r, dtype, device):
         "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
         "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
         "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype))),
-        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, also=(dy.t(), S), out_dtype=dtype)),
+        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, pair=(dy.t(), S), out_dtype=dtype)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),

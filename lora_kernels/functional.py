@@ -8,9 +8,9 @@ LoRA-dropout input (m the keep mask, c = alpha / (1-p); without dropout m = 1, c
                                      dA = x̃ᵀ dS,   dB = Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-Every product above is one call of ``matmul``, which runs the Triton kernel
-(``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is never
-stored, each product regenerates it from the seed. Forward and backward are registered as custom
+Every product above is one call of ``matmul`` (dA and dB one call together), which runs the
+Triton kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask
+is never stored, each product regenerates it from the seed. Forward and backward are registered as custom
 ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
 two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
@@ -62,12 +62,14 @@ def keep_mask(rows, cols, seed, p, device, backend):
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
 
 
-def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=None, out_dtype, dot_dtype):
+def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
     ``addmm`` keeps it to one output buffer, as the kernel does."""
-    if also is not None:
-        second = torch_matmul(*also, out_dtype=out_dtype, dot_dtype=dot_dtype)
-        return torch_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype), second.t().contiguous()
+    if pair is not None:
+        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
+        x2, w2 = pair
+        return (torch_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
+                torch_matmul(w2.t(), x2.t(), out_dtype=out_dtype, dot_dtype=dot_dtype))
     if dropout is not None:
         where, seed, p, si, sj = dropout
         shape = x.shape if where == "x" else (x.shape[0], w.shape[1])
@@ -292,7 +294,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
         elif need_A:
             dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
         if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = dYᵀ S (see kernels.lora_matmul)
-            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), also=(dy2.t(), S), out_dtype=A.dtype,
+            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), out_dtype=A.dtype,
                             dot_dtype=dtype)
         elif need_A:
             dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)

@@ -162,7 +162,8 @@ def _dtype(tensor):
 def _prune(configs, named_args, **kwargs):
     """Shrink tiles to the problem (a shrink has N = rank), trim pipeline stages until the tiles
     fit in the GPU's shared memory (fp32 and fp64 tiles are 2-4× bf16's), and drop the duplicates."""
-    M, N = named_args["M"] + named_args.get("M2", 0), named_args["N"]  # (a paired launch: both products' rows)
+    # (A paired launch's tile covers rows of one product: fit it to the larger one.)
+    M, N = max(named_args["M"], named_args.get("M2", 0)), named_args["N"]
     smem = _smem_bytes(named_args.get("x_ptr"))
     allow_tma = kwargs.get("ALLOW_TMA", False)
 
@@ -241,6 +242,12 @@ def _keep(seed, p, rows, cols, si, sj):
     o = rows[:, None] * si + cols[None, :] * sj
     h = _hash32((((o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)) ^ k) * m)
     return (h >> 8).to(tl.float32) * (1.0 / 16777216) >= p
+
+
+@triton.jit
+def _dropped(x, seed, p, rows, cols, si, sj):
+    # x with the elements that _keep drops zeroed
+    return tl.where(_keep(seed, p, rows, cols, si, sj), x, 0.0)
 
 
 @triton.jit
@@ -425,10 +432,11 @@ def _lora_matmul_kernel(
             # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
             x_drop = x
             if DROPOUT == DROP_X:
-                keep = _keep(seed, p_drop, rm, rk, drop_si, drop_sj)
-                if PAIRED:  # the mask is the first product's (dA's x̃); the second's X is not masked
-                    keep = keep | second
-                x_drop = tl.where(keep, x, 0.0)
+                if PAIRED:  # the mask is the first product's (dA's x̃): the second's tiles skip its hash
+                    if not second:
+                        x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj)
+                else:
+                    x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj)
             if FUSE_SHRINK:
                 a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
                             mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
@@ -661,7 +669,7 @@ class Shrink(NamedTuple):
 FUSE_MAX_RANK = 64
 
 
-def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=None, out_dtype, dot_dtype):
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype):
     """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
 
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
@@ -673,13 +681,13 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
     over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
     then not allowed, and none of the layer's reductions needs them.
 
-    ``also=(x2, w2)`` computes a second product of the same K and N in the same launch (its row
-    blocks after the first's; plain products only, and a dropout on x masks the first's x alone)
-    and returns ``(out, out2)`` with ``out2 = (x2 @ w2)ᵀ`` stored contiguous: the layer's dA and
+    ``pair=(x2, w2)`` computes a second product of the same K, N and dtypes in the same launch (its
+    row blocks after the first's; plain products only, and a dropout on x masks the first's x
+    alone) and returns ``(out, out2)`` with ``out2 = (x2 @ w2)ᵀ``, contiguous: the layer's dA and
     dB = (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone fill a fraction of the
     GPU each.
     """
-    # (Host time matters here: three to five launches a layer step, so each tensor's device and
+    # (Host time matters here: three to six launches a layer step, so each tensor's device and
     # strides are read once.)
     M, K = x.shape
     N = w.shape[1]
@@ -702,12 +710,15 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
     if not fused:
         s_out = x  # never written
     M2 = 0
-    if also is not None:
-        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
-        x2, w2 = also
+    if pair is not None:
+        x2, w2 = pair
         M2 = x2.shape[0]
+        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
         assert tuple(w2.shape) == (K, N) and x2.shape[1] == K, "paired products share K and N"
-        out2 = _empty((N, M2), device, out_dtype).t()  # (M2, N), stored as its transpose
+        assert (x2.dtype, w2.dtype, x2.device, w2.device) == (x.dtype, w.dtype, device, device), \
+            "paired products share dtypes and device"
+        out2_t = _empty((N, M2), device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
+        out2 = out2_t.t()  # what the kernel writes: (M2, N)
         if out.numel() == 0 or out2.numel() == 0:  # one of them is empty: nothing to pair
             return (lora_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
                     lora_matmul(w2.t(), x2.t(), out_dtype=out_dtype, dot_dtype=dot_dtype))
@@ -730,7 +741,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
     k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
     split = _cdiv(K, k_per_split) if split > 1 else 1
     dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)
-    if also is not None:
+    if pair is not None:
         dest2 = out2 if split == 1 else _empty((split, M2, N), device, acc_dtype)
         pair_args = (x2, w2, dest2, M2, *x2.stride(), *w2.stride(), dest2.stride(0) if split > 1 else 0,
                      *dest2.stride()[-2:])
@@ -738,7 +749,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
         pair_args = (x, x, x, 0, 0, 0, 0, 0, 0, 0, 0)
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
-    allow_tma = TMA and also is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
+    allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
     # Warp specialization (hopper_configs) compiles for 16-bit products through TMA with one dot in
     # the K loop (no fused shrink), L and R fit for TMA too, and no dropout mask (one in the
     # epilogue fails the compiler as well).
@@ -759,7 +770,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
             *drop_args, *pair_args)
     flags = dict(
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
-        DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=also is not None,
+        DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=pair is not None,
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
         ALLOW_TMA=allow_tma, ALLOW_WS=allow_ws,
         R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
@@ -779,11 +790,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, also=
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out when
         # it is fp32 (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
         # into a 16-bit out would round every split first).
-        for o, d in [(out, dest)] + ([(out2, dest2)] if also is not None else []):
+        for o, d in [(out, dest)] + ([(out2, dest2)] if pair is not None else []):
             if o.dtype == d.dtype:
                 torch.sum(d, 0, out=o)
             else:
                 o.copy_(d.sum(0))
-    if also is not None:
-        return out, out2.t()
+    if pair is not None:
+        return out, out2_t
     return (out, s_out) if fused else out

@@ -53,8 +53,8 @@ def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
-    # (32 out-features: the paired dA and dB have few enough tiles to split over the 600 tokens)
-    check_all(make_inputs((600,), 64, 32, rank, dtype), 0.75, dtype, train_base=train_base)
+    # (48 out-features: partial N tiles, and the paired dA and dB few enough to split the 600 tokens)
+    check_all(make_inputs((600,), 64, 48, rank, dtype), 0.75, dtype, train_base=train_base)
     return spy
 
 

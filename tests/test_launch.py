@@ -120,6 +120,8 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
         (cuda, args[:15] + (65,) + args[16:], flags),
         (cuda, args[:12] + (512,) + args[13:], flags),
         (cuda, args, {**flags, "HAS_BIAS": True}),
+        (cuda, args, {**flags, "PAIRED": True}),
+        (cuda, args[:-11] + (x.view(-1)[1:],) + args[-10:], flags),  # the second product's X unaligned
         (torch.device("cuda", 0), args, flags),
     ]
     for i, (device, a, f) in enumerate(misses):

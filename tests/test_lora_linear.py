@@ -134,13 +134,14 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     LORA_KERNELS_TMA=0: both give the reference's numbers, split reductions and dW included."""
     use_triton(monkeypatch)
     monkeypatch.setattr(kernels, "TMA", tma)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # all six products in launches of their own
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # S and y, dS and dX in launches of their own
     spy = LaunchSpy(kernels._lora_matmul_kernel)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     dtype = getattr(torch, dtype_name)
-    check_all(make_inputs((300,), 64, 32, 16, dtype), 0.75, dtype, train_base=True)
+    # (48 out-features: partial N tiles, and few enough tiles that dA with dB and dW split)
+    check_all(make_inputs((300,), 64, 48, 16, dtype), 0.75, dtype, train_base=True)
     assert len(spy.allow_tma) == 5 and spy.paired == 1  # S, y, dS, dX, dW; dA with dB
     assert any(spy.splits)
     assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
@@ -295,13 +296,14 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("tokens,K,N,r,split,p,dtype_name", [
-    (90, 48, 80, 5, False, 0.0, "float32"),      # uneven tiles in both products
-    (700, 40, 24, 3, True, 0.3, "float16"),      # split over the tokens, masked first product, 16-bit out
-    (300, 0, 24, 4, True, 0.0, "float32"),       # one product empty (0 in-features): dB alone (split)
+@pytest.mark.parametrize("tokens,K,N,r,split,p,dtype_name,out_name", [
+    (90, 48, 80, 5, False, 0.0, "float32", "float32"),    # uneven tiles in both products
+    (700, 40, 24, 3, True, 0.3, "float16", "float16"),    # split over the tokens, masked first product
+    (700, 40, 24, 3, True, 0.3, "float16", "float32"),    # 16-bit products into fp32 (peft's adapters)
+    (300, 0, 24, 4, True, 0.0, "float32", "float32"),     # one product empty (0 in-features): dB alone
 ])
-def test_paired_launch(tokens, K, N, r, split, p, dtype_name, monkeypatch):
-    """``also=``: the layer's dA = x̃ᵀ dS and dB = (dYᵀ S)ᵀ from one launch (the mask on the first
+def test_paired_launch(tokens, K, N, r, split, p, dtype_name, out_name, monkeypatch):
+    """``pair=``: the layer's dA = x̃ᵀ dS and dB = (dYᵀ S)ᵀ from one launch (the mask on the first
     product only), dB stored contiguous, each against float64."""
     shapes = use_triton(monkeypatch)
     spy = LaunchSpy(kernels._lora_matmul_kernel)
@@ -313,11 +315,13 @@ def test_paired_launch(tokens, K, N, r, split, p, dtype_name, monkeypatch):
     inputs = [t.clone() for t in (x, dy, dS, S)]
     seed = torch.tensor(1234, device=DEVICE)
     dropout = ("x", seed, p, 1, K) if p else None
-    dA, dB = kernels.lora_matmul(x.t(), dS, dropout=dropout, also=(dy.t(), S), out_dtype=dtype, dot_dtype=dtype)
+    out_dtype = getattr(torch, out_name)
+    dA, dB = kernels.lora_matmul(x.t(), dS, dropout=dropout, pair=(dy.t(), S), out_dtype=out_dtype, dot_dtype=dtype)
     keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool)
     assert rel_err(dA, (x.double() * keep).t() @ dS.double()) < TOL[dtype]
     assert rel_err(dB, S.double().t() @ dy.double()) < TOL[dtype]
-    assert dB.shape == (r, N) and dB.is_contiguous() and dA.shape == (K, r)
+    assert dB.shape == (r, N) and dB.is_contiguous() and dB._base is None and dA.shape == (K, r)
+    assert dA.dtype == dB.dtype == out_dtype
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x, dy, dS, S)))  # inputs untouched
     assert (spy.paired, len(spy.allow_tma)) == ((1, 0) if K else (0, 1))  # (an empty dA: no launch)
     assert any(len(s) == 3 for s in shapes) == split  # (split, rows, r) partial buffers
