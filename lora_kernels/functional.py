@@ -8,10 +8,10 @@ LoRA-dropout input (m the keep mask, c = alpha / (1-p); without dropout m = 1, c
                                      dA = x̃ᵀ dS,   dB = Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-Every product above is one call of ``matmul`` (dA and dB one call together), which runs the
-Triton kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask
-is never stored, each product regenerates it from the seed. Forward and backward are registered as custom
-ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
+Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
+kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
+never stored, each product regenerates it from the seed. Forward and backward are registered as
+custom ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
 two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
 dispatcher costs more host time per call than the layer's launches (benchmarks/NOTES.md).

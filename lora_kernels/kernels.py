@@ -19,9 +19,9 @@ keys on the flags and sizes, so each use still gets its own tile shape.
 
 Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle: the two
 share one launch (PAIRED, one grid over both outputs' tiles), and the K loop can be split across a
-second grid axis. Each split writes its own fp32 slice of a partial
-buffer and the launcher sums the slices in a fixed order: deterministic, no atomics, and safe to
-autotune (a trial overwrites, it never accumulates).
+second grid axis. Each split writes its own fp32 slice of a partial buffer and the launcher sums the
+slices in a fixed order: deterministic, no atomics, and safe to autotune (a trial overwrites, it
+never accumulates).
 """
 
 import contextlib
