@@ -6,7 +6,8 @@ First the host's time per call at a tiny shape (launch overhead). Then for each 
 side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX), this package's kernel as a plain
 GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA loads), each piece
 of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB, and dA with dB in two launches
-or the layer's one paired launch), the whole layer with the
+or the layer's one paired launch; the thin ones also without the deep tiles that
+``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the whole layer with the
 shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
 launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
@@ -34,6 +35,26 @@ from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
+
+
+def without_deep_tiles(fn):
+    """fn with the autotuner's candidates as they were before the thin outputs' deep tiles
+    (``kernels.DEEP_K``), tuned apart: its own choices, and its own compiled kernels for the direct
+    launch, swapped in for each call."""
+    tuner = kernels._lora_matmul_kernel
+    own = {"configs": [c for c in tuner.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K], "cache": {}}
+    own_compiled = {}
+
+    def run():
+        saved, saved_compiled = {k: getattr(tuner, k) for k in own}, kernels._COMPILED
+        tuner.__dict__.update(own)
+        kernels._COMPILED = own_compiled
+        try:
+            return fn()
+        finally:
+            tuner.__dict__.update(saved)
+            kernels._COMPILED = saved_compiled
+    return run
 
 
 def pieces(K, N, M, r, dtype, device):
@@ -82,6 +103,7 @@ def pieces(K, N, M, r, dtype, device):
     def warp_specialized(fn):  # the autotuner's candidates with the warp-specialized ones among them
         return switched(fn, "WARP_SPEC", True)
 
+
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
@@ -116,6 +138,8 @@ def pieces(K, N, M, r, dtype, device):
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
         "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
             ("graph step", graphed(warp_specialized(layer("0", True)))),
+        "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
+            ("graph step", graphed(without_deep_tiles(layer("0", True)))),
     }
     return {
         # forward
@@ -124,7 +148,9 @@ def pieces(K, N, M, r, dtype, device):
         "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "Triton GEMM + bias, warp-specialized candidates": ("fwd", warp_specialized(
             lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
+        "shrink S = αxA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, scale=2.0, out_dtype=dtype))),
         "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=dtype)),
+        "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
         "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
         "GEMM + SB + bias, warp-specialized candidates": ("fwd", warp_specialized(
             lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype))),
@@ -138,14 +164,22 @@ def pieces(K, N, M, r, dtype, device):
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
         "Triton dY W, warp-specialized candidates": ("dx", warp_specialized(lambda: mm(dy, W, out_dtype=dtype))),
+        "dS = α dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(
+            lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype))),
         "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype)),
+        "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
         "dX = dY W + dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
             lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype))),
         "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
         "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
+        "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
+            lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype)))),
         "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype))),
         "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, pair=(dy.t(), S), out_dtype=dtype)),
+        "dA and dB, one paired launch, without the deep tiles": ("dx", without_deep_tiles(
+            lambda: mm(x.t(), dS, pair=(dy.t(), S), out_dtype=dtype))),
+        "cuBLAS xᵀ @ dS and Sᵀ @ dY": ("dx", lambda: (x.t() @ dS, S.t() @ dy)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
@@ -155,10 +189,11 @@ def pieces(K, N, M, r, dtype, device):
 
 
 # Each row of a new kernel variant and the row that computes the same thing the established way: its
-# result must agree with that row's before it is timed (neither the warp-specialized kernels nor the
-# paired launch has run on a GPU before, and a miscompiled kernel must not be timed as a fast one).
+# result must agree with that row's before it is timed (none of the warp-specialized kernels, the
+# paired launch and the deep tiles has run on a GPU before, and a miscompiled kernel must not be
+# timed as a fast one).
 TWINS = {
-    "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
+    "dA and dB, one paired launch (the layer's)": "dA and dB, two launches, without the deep tiles",
     "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
     "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
     "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",
@@ -166,6 +201,11 @@ TWINS = {
     "dX = dY W + dS Aᵀ, warp-specialized candidates": "dX = dY W + dS Aᵀ",
     "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
     "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph": "layer fwd+bwd, separate shrink",
+    # (the thin outputs' deep tiles are new too: checked against the candidates before them)
+    "shrink S = αxA": "shrink S = αxA, without the deep tiles",
+    "dS = α dY Bᵀ": "dS = α dY Bᵀ, without the deep tiles",
+    "dA and dB, two launches": "dA and dB, two launches, without the deep tiles",
+    "dA and dB, one paired launch, without the deep tiles": "dA and dB, two launches, without the deep tiles",
 }
 
 

@@ -67,12 +67,18 @@ def _check_split_chunk(configs):
     return configs
 
 
+# How deep the thin outputs' tiles are (hopper_configs), and the widest output they serve.
+DEEP_K = 256
+THIN_N = 64
+
+
 def hopper_configs():
     """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
     where the launch allows it), and the four largest also as a persistent grid with TMA (one
-    program per SM looping over tiles), then warp-specialized TMA tiles (where the launch allows
-    them, see ``WARP_SPEC``): which is faster is the measurement's call."""
+    program per SM looping over tiles), deep tiles for thin outputs, then warp-specialized TMA
+    tiles (where the launch allows them, see ``WARP_SPEC``): which is faster is the measurement's
+    call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -97,6 +103,15 @@ def hopper_configs():
     configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
                                "PERSISTENT": False, "WARP_SPEC": False}, num_warps=8, num_stages=4)
                 for bm, bn in ((128, 256), (256, 128))]
+    # Thin outputs (N up to THIN_N: the shrink, dS, dA beside dB, whose N is the rank) stream one
+    # long operand through few tiles. In the second H200 run the shrink at 8192 tokens read x at
+    # 1.2-1.9 TB/s (4096 features: 64 programs of 128 rows, 16 KiB a stage) and 2.9 TB/s (14336;
+    # 64 rows, 16 KiB a stage in four), against a 4.2 TB/s device copy: too few bytes in flight to
+    # cover the memory's latency. Tiles DEEP_K deep hold 24-72 KiB a stage, in 3-4 stages, and
+    # the smaller ones give more programs; the pruner offers them to thin outputs only.
+    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": DEEP_K, "GROUP_M": 8, "USE_TMA": tma,
+                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=w, num_stages=s)
+                for bm, w, s in ((128, 8, 3), (64, 4, 4), (32, 4, 4)) for tma in (False, True)]
     # Warp-specialized (Triton's Hopper pass, 3.5 and up): it applies at num_warps = 4 only, and
     # then runs 12 warps (a producer and two consumer warpgroups); it also stages its output tile
     # in shared memory (see _prune), so the largest tiles get no fourth stage.
@@ -178,6 +193,8 @@ def _prune(configs, named_args, **kwargs):
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
+        if bk >= DEEP_K and N > THIN_N:  # (the deep tiles are for thin outputs, see hopper_configs)
+            continue
         per_stage, extra = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk, 0
         if c.kwargs.get("WARP_SPEC"):
             if not (kwargs.get("ALLOW_WS") and bm >= 128):

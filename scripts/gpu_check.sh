@@ -6,18 +6,19 @@
 #
 #   check (default): compile every kernel config in parallel, then the test suite on CUDA in five
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
-#         targets table. Its steps' limits add up to 530 s (precompiles 45 + 45 + 20, tests 130,
-#         bench 180, bench-dropout 110), so at most about 9 minutes; less when the steps end early.
+#         targets table. Its steps' limits add up to 545 s (precompiles 60 + 45 + 20, tests 130,
+#         bench 180, bench-dropout 110; the last gets what is left of 530), so at most about 9
+#         minutes; less when the steps end early.
 #         (Set from the H200 run of 2026-11-28: the sweep took 150 s, the dropout run needs its
 #         kernels precompiled in full, and the test shards, which compile kernels one at a time,
 #         did not finish in 160 s either; their -v logs still say how far they got.)
-#   variants (at most about 4 minutes: precompiles 45 + 45 s, variants 150 s): benchmarks/variants.py,
+#   variants (at most about 4 minutes: precompiles 60 + 45 s, variants 150 s): benchmarks/variants.py,
 #         the piece-by-piece timing for tuning, with and without the warp-specialized configs.
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         in what is left (limits 40 + 45 + 45 + 30 + 180 + 110, 45 + 150 for variants and their
+#         in what is left (limits 40 + 60 + 45 + 30 + 180 + 110, 45 + 150 for variants and their
 #         precompile, 75).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
@@ -95,7 +96,8 @@ fi
 if has check all perf; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
   # (--host: also the variants step's host-time pieces at 64x64, when it runs.)
-  step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
+  # (60 s: 37 s of 45 in the third run, and version 8 adds the thin outputs' deep tiles.)
+  step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step precompile-dropout 45 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
 fi
 if has perf; then
@@ -144,7 +146,7 @@ if has check all perf; then
 fi
 
 if has variants all perf; then
-  [ "$what" = variants ] && step precompile 45 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
+  [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   # The variants' warp-specialized rows (8192 tokens, rank 16): their launches are keyed apart
   # (ALLOW_WS), so every config of theirs compiles anew.
   LORA_KERNELS_WARP_SPEC=1 step precompile-ws 45 "$PY" -m benchmarks.precompile --variants --tokens 8192 --ranks 16 \

@@ -73,6 +73,7 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
     assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
+    assert any(f"x{kernels.DEEP_K} " in t for t in spy.tiles)  # the thin outputs' deep tiles
     if dtype == torch.float16:  # (16-bit products only; their low-rank operands through descriptors)
         assert any(t.endswith(" ws") for t in spy.tiles)
 

@@ -338,3 +338,35 @@ def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(t
     rows = {r["piece"]: r for r in json.loads((tmp_path / "variants.json").read_text())["rows"]}
     assert rows["ws, wrong"]["ms"] is None and "WRONG: differs from 'default' by 1.0e-01" in rows["ws, wrong"]["error"]
     assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
+
+
+def test_variants_rows_without_the_deep_tiles_tune_apart(monkeypatch):
+    """`benchmarks.variants`' rows "without the deep tiles" run with the autotuner's candidates less
+    the thin outputs' deep tiles, with choices and compiled kernels of their own, kept from call to
+    call, and leave the layer's candidates, choices and kernels as they were."""
+    from benchmarks import variants
+    from lora_kernels import kernels
+    all_configs = kernels.hopper_configs()
+    deep = [c for c in all_configs if c.kwargs["BLOCK_K"] >= kernels.DEEP_K]
+    assert deep and all(c.kwargs["BLOCK_N"] <= kernels.THIN_N for c in deep)
+
+    class Tuner:  # what the rows read and write of Triton's autotuner
+        configs, cache = all_configs, {"layer's key": "layer's choice"}
+
+    tuner, compiled = Tuner(), {"layer's launch": "layer's kernel"}
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", tuner)
+    monkeypatch.setattr(kernels, "_COMPILED", compiled)
+    seen = []
+
+    def piece():
+        seen.append((list(tuner.configs), dict(tuner.cache), dict(kernels._COMPILED)))
+        tuner.cache["row's key"] = "row's choice"
+        kernels._COMPILED["row's launch"] = "row's kernel"
+        return "result"
+
+    row = variants.without_deep_tiles(piece)
+    assert row() == "result" and row() == "result"
+    assert seen[0][0] == [c for c in all_configs if c not in deep] and seen[0][1:] == ({}, {})
+    assert seen[1][1:] == ({"row's key": "row's choice"}, {"row's launch": "row's kernel"})
+    assert tuner.configs is all_configs and tuner.cache == {"layer's key": "layer's choice"}
+    assert kernels._COMPILED is compiled and compiled == {"layer's launch": "layer's kernel"}

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+from lora_kernels import kernels  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +39,8 @@ def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,51
 
 def test_autotuned_configs_compile_for_hopper(tmp_path):
     """Every tile config the autotuner may pick, square or not, with and without TMA (once only
-    square tiles compiled: a helper's two return statements had different types otherwise), and
+    square tiles compiled: a helper's two return statements had different types otherwise), the
+    deep ones for thin outputs, and
     warp-specialized (LORA_KERNELS_WARP_SPEC=1): those the compiler did specialize, into a TMA
     producer warp beside two consumer warpgroups (12 warps for the config's 4), for the plain
     product and for the GEMM whose low-rank term is read through descriptors (Wᵀ in the forward, Aᵀ
@@ -48,6 +50,7 @@ def test_autotuned_configs_compile_for_hopper(tmp_path):
     assert len(rows) >= 60 and any(" tma" in t for t in tiles) and any(" tma" not in t for t in tiles)
     assert any(t.endswith(" persistent") for t in tiles)
     assert any(t.split()[0].split("x")[0] != t.split()[0].split("x")[1] for t in tiles)  # non-square tiles
+    assert any(f"x{kernels.DEEP_K} " in t for t in tiles)  # the thin outputs' deep tiles
     specialized = {row[0] for row in rows if row[3].endswith(" ws") and row[10] == "12"}
     assert {"product", "GEMM + low rank (Wᵀ view)", "GEMM + low rank"} <= specialized, specialized
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:

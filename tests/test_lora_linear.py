@@ -368,6 +368,27 @@ def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
     assert kernels._prune(huge, named(4096, 4096, torch.float64), DOT_DTYPE=tl.float64)  # never empty
 
 
+def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
+    """The tiles ``kernels.DEEP_K`` deep serve outputs of up to ``THIN_N`` columns (the rank: the
+    shrink, dS, dA beside dB), within shared memory in every dtype; a wider output never gets one."""
+    import triton.language as tl
+
+    def deep(M, N, dtype=torch.bfloat16):
+        named = {"M": M, "N": N, "x_ptr": dtype, "w_ptr": dtype, "l_ptr": dtype, "r_ptr": dtype, "out_ptr": dtype}
+        kept = kernels._prune(kernels.hopper_configs(), named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True)
+        return [c for c in kept if c.kwargs["BLOCK_K"] >= kernels.DEEP_K]
+
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["USE_TMA"]) for c in deep(8192, 16)} == {
+        (bm, 16, tma) for bm in (128, 64, 32) for tma in (False, True)}
+    assert {c.kwargs["BLOCK_N"] for c in deep(8192, 64)} == {64}
+    assert deep(8192, 65) == [] and deep(8192, 4096) == [] and deep(16, 4096) == []
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        for N in (16, 64):
+            for c in deep(8192, N, dtype):
+                k = c.kwargs
+                assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= kernels.SMEM_BYTES
+
+
 def test_prune_budgets_warp_specialized_tiles():
     """Warp-specialized configs stay only where the launch allows them and the tile has 128 rows,
     and the pruner counts what the compiled kernels showed beyond the tiles (benchmarks/NOTES.md):
