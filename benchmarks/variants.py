@@ -224,8 +224,9 @@ def write(out, meta, rows, started):
     lines = [f"# Kernel variants on {meta['card']}, {meta['date']}", "",
              f"{meta['dtype']}, {meta['tokens']} tokens, rank {meta['rank']}; torch {meta['torch']}, "
              f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
-             "config: the autotuner's choice for the piece's last launch; each warp-specialized row's result "
-             "was compared with its default row's before it was timed (relative Frobenius difference)."
+             "config: the autotuner's choice for the piece's last launch; the result of each row of a new "
+             "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
+             "difference)."
              + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
     for r in rows:
@@ -233,7 +234,7 @@ def write(out, meta, rows, started):
             lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {r['error']} | | |")
         else:
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
-            config = (r["config"] or "") + (f"; differs from its default row by {r['differs']:.1e}"
+            config = (r["config"] or "") + (f"; differs from '{TWINS[r['piece']]}' by {r['differs']:.1e}"
                                             if r.get("differs") is not None else "")
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:

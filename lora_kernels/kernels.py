@@ -106,9 +106,10 @@ def hopper_configs():
     # Thin outputs (N up to THIN_N: the shrink, dS, dA beside dB, whose N is the rank) stream one
     # long operand through few tiles. In the second H200 run the shrink at 8192 tokens read x at
     # 1.2-1.9 TB/s (4096 features: 64 programs of 128 rows, 16 KiB a stage) and 2.9 TB/s (14336;
-    # 64 rows, 16 KiB a stage in four), against a 4.2 TB/s device copy: too few bytes in flight to
-    # cover the memory's latency. Tiles DEEP_K deep hold 24-72 KiB a stage, in 3-4 stages, and
-    # the smaller ones give more programs; the pruner offers them to thin outputs only.
+    # 64 rows, 16 KiB a stage in four), against a 4.2 TB/s device copy. Tiles DEEP_K deep hold
+    # 24-72 KiB a stage (rank 16, bf16) in 3-4 stages: more of the stream in flight against the
+    # memory's latency, and 2-4× fewer loop trips (waits, barriers) per byte; the smaller ones give
+    # more programs. The pruner offers them to thin outputs only; the autotuner decides.
     configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": DEEP_K, "GROUP_M": 8, "USE_TMA": tma,
                                "PERSISTENT": False, "WARP_SPEC": False}, num_warps=w, num_stages=s)
                 for bm, w, s in ((128, 8, 3), (64, 4, 4), (32, 4, 4)) for tma in (False, True)]

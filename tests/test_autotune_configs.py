@@ -8,9 +8,11 @@ that scripts/gpu_check.sh gives it a shard of its own: on a GPU each config is c
 import pytest
 import torch
 
-from conftest import TOL, make_inputs, rel_err, use_triton
-from lora_kernels import kernels
+import lora_kernels
+from conftest import DEVICE, TOL, make_inputs, rel_err, use_triton
+from lora_kernels import functional, kernels
 from test_lora_linear import check_all
+from test_training import seed_of_next_call
 
 
 class EveryConfig:
@@ -42,9 +44,9 @@ class EveryConfig:
         return run
 
 
-def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
-    """Run the layer's forward and backward with every config (of ``configs``, default all the GPU
-    autotuner's) at each launch; return the spy."""
+def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):
+    """From here on, every launch runs every config (of ``configs``, default all the GPU
+    autotuner's); return the spy."""
     use_triton(monkeypatch)
     monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
@@ -53,6 +55,12 @@ def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
+    return spy
+
+
+def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
+    """Run the layer's forward and backward with every config at each launch; return the spy."""
+    spy = _spy_on_every_launch(monkeypatch, dtype, fuse, configs)
     # (48 out-features: partial N tiles, and the paired dA and dB few enough to split the 600 tokens)
     check_all(make_inputs((600,), 64, 48, rank, dtype), 0.75, dtype, train_base=train_base)
     return spy
@@ -88,3 +96,27 @@ def test_warp_specialized_configs_at_ranks_that_leave_a_partial_block(rank, monk
     ws = [c for c in kernels.hopper_configs() if c.kwargs["WARP_SPEC"]]
     spy = _every_config(monkeypatch, torch.float16, "0", rank, train_base=False, configs=ws)
     assert any(t.endswith(" ws") for t in spy.tiles)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
+def test_every_autotune_config_drops_the_same_elements(fuse, monkeypatch):
+    """LoRA dropout's masks (on x in the shrink and in dA, on dX's low-rank term) in every tile
+    config, the deep ones among them: each mask is a function of the element's position, so every
+    tile shape must drop the same elements, those of the float64 reference with the same mask."""
+    p, alpha = 0.3, 0.75
+    spy = _spy_on_every_launch(monkeypatch, torch.float32, fuse)
+    x, W, b, A, B = make_inputs((600,), 64, 48, 16, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(7)
+    y = lora_kernels.lora_linear(leaves[0], W, b, leaves[1], leaves[2], alpha, dropout_p=p)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert any(f"x{kernels.DEEP_K} " in t for t in spy.tiles) and spy.split
+
+    keep = functional.keep_mask(600, 64, seed_of_next_call(7, "triton"), p, DEVICE, "triton")
+    x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
+    y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + alpha * ((x64 * keep / (1 - p)) @ A64 @ B64)
+    y_ref.backward(dy.double())
+    for got, want in [(y, y_ref), (leaves[0].grad, x64.grad), (leaves[1].grad, A64.grad), (leaves[2].grad, B64.grad)]:
+        assert rel_err(got, want) < TOL[torch.float32]

@@ -321,9 +321,9 @@ def test_stopped_model_step_still_writes_what_it_measured(tmp_path, monkeypatch)
 
 
 def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(tmp_path, monkeypatch):
-    """`benchmarks.variants` compares each warp-specialized row's result with its default row's
-    before timing it: one that disagrees is reported WRONG, untimed; one that agrees carries the
-    difference."""
+    """`benchmarks.variants` compares each new variant's row (warp-specialized, paired, deep tiles)
+    with its twin's before timing it: one that disagrees is reported WRONG, untimed; one that agrees
+    carries the difference."""
     from benchmarks import variants
     t = torch.randn(8, 8)
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
