@@ -111,8 +111,13 @@ if has check all tests; then
   # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
   # (LORA_KERNELS_WARP_SPEC=1: that test also runs the warp-specialized configs. Not its ranks 8
   # and 80, which run only those: 1,050 compiles instead of about 350, where 20 s are given.)
+  # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
+  # compiles other tiles)
   LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile \
-    --shapes 64x96 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
+    --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
+  # ... and its dropout test's masked kernels (tests mode only: 30 s)
+  has tests && step precompile-tests-dropout 30 "$PY" -m benchmarks.precompile \
+    --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp32 --dropout 0.3 --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU. Not tests/test_hopper_build.py:
