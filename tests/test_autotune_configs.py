@@ -5,6 +5,9 @@ without this file the configs users get would only meet the benchmark's check. I
 that scripts/gpu_check.sh gives it a shard of its own: on a GPU each config is compiled here.
 """
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -13,6 +16,10 @@ from conftest import DEVICE, TOL, make_inputs, rel_err, use_triton
 from lora_kernels import functional, kernels
 from test_lora_linear import check_all
 from test_training import seed_of_next_call
+
+# The layer's sizes here (48 out-features: partial N tiles, and the paired dA and dB few enough to
+# split the 600 tokens). scripts/gpu_check.sh compiles for exactly these ahead of the GPU run.
+TOKENS, IN_FEATURES, OUT_FEATURES = 600, 64, 48
 
 
 class EveryConfig:
@@ -61,8 +68,7 @@ def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):
 def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
     """Run the layer's forward and backward with every config at each launch; return the spy."""
     spy = _spy_on_every_launch(monkeypatch, dtype, fuse, configs)
-    # (48 out-features: partial N tiles, and the paired dA and dB few enough to split the 600 tokens)
-    check_all(make_inputs((600,), 64, 48, rank, dtype), 0.75, dtype, train_base=train_base)
+    check_all(make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, rank, dtype), 0.75, dtype, train_base=train_base)
     return spy
 
 
@@ -106,7 +112,7 @@ def test_every_autotune_config_drops_the_same_elements(fuse, monkeypatch):
     tile shape must drop the same elements, those of the float64 reference with the same mask."""
     p, alpha = 0.3, 0.75
     spy = _spy_on_every_launch(monkeypatch, torch.float32, fuse)
-    x, W, b, A, B = make_inputs((600,), 64, 48, 16, torch.float32)
+    x, W, b, A, B = make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, 16, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, A, B)]
     torch.manual_seed(7)
     y = lora_kernels.lora_linear(leaves[0], W, b, leaves[1], leaves[2], alpha, dropout_p=p)
@@ -114,9 +120,18 @@ def test_every_autotune_config_drops_the_same_elements(fuse, monkeypatch):
     y.backward(dy)
     assert any(f"x{kernels.DEEP_K} " in t for t in spy.tiles) and spy.split
 
-    keep = functional.keep_mask(600, 64, seed_of_next_call(7, "triton"), p, DEVICE, "triton")
+    keep = functional.keep_mask(TOKENS, IN_FEATURES, seed_of_next_call(7, "triton"), p, DEVICE, "triton")
     x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
     y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + alpha * ((x64 * keep / (1 - p)) @ A64 @ B64)
     y_ref.backward(dy.double())
     for got, want in [(y, y_ref), (leaves[0].grad, x64.grad), (leaves[1].grad, A64.grad), (leaves[2].grad, B64.grad)]:
         assert rel_err(got, want) < TOL[torch.float32]
+
+
+def test_gpu_check_compiles_ahead_for_these_sizes():
+    """`scripts/gpu_check.sh tests` compiles this file's kernels in parallel before the shards run
+    (on a GPU each config otherwise compiles here, one at a time): for this file's sizes, since the
+    pruner fits tiles to them (a precompile for 96 out-features once missed 67 of 232 compiles)."""
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.sh")).read()
+    found = re.findall(r"step precompile-tests\S* .*?--shapes (\d+)x(\d+) --tokens (\d+) --ranks 16 ", script, re.S)
+    assert len(found) == 2 and set(found) == {(str(IN_FEATURES), str(OUT_FEATURES), str(TOKENS))}
