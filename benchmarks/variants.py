@@ -11,7 +11,8 @@ or the layer's one paired launch; the thin ones also without the deep tiles that
 shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
 launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
-autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run. Writes ``variants.md`` and ``variants.json`` under --out
+autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
+each new variant's row is also timed in turn with its twin (``TWINS``) for a drift-free ratio. Writes ``variants.md`` and ``variants.json`` under --out
 (default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import time
 
 import torch
@@ -215,6 +217,23 @@ def disagreement(got, want):
     return max(rel_err(a, b) for a, b in pairs)
 
 
+def alternate(shape_pieces, timed, timer, rounds=4):
+    """Each timed row of a new variant and its timed twin of the same kind again, in ``rounds``
+    rounds of the two in turn (row, twin, then twin, row, ...: a steady drift then weighs on both
+    alike): the ratio of their medians goes in the row as ``vs_twin``. Rows timed apart drift with
+    the GPU's clocks (on the H200 the base's own timings moved by up to 48% within one
+    configuration), which must not decide which variant wins."""
+    for name, twin in TWINS.items():
+        if name not in timed or twin not in timed or shape_pieces[name][0] != shape_pieces[twin][0]:
+            continue
+        ms = {name: [], twin: []}
+        for i in range(rounds):
+            for piece in (name, twin) if i % 2 == 0 else (twin, name):
+                fn = shape_pieces[piece][1]
+                ms[piece].append(timer(lambda: None, lambda _: fn())[0])
+        timed[name]["vs_twin"] = statistics.median(ms[name]) / statistics.median(ms[twin])
+
+
 def write(out, meta, rows, started):
     """variants.json and variants.md under `out`, rewritten after each shape."""
     meta = {**meta, "elapsed_s": round(time.perf_counter() - started, 1)}
@@ -226,7 +245,8 @@ def write(out, meta, rows, started):
              f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
              "config: the autotuner's choice for the piece's last launch; the result of each row of a new "
              "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
-             "difference)."
+             "difference), and the two were then timed again in turn, four rounds, for the ratio of their "
+             "medians (× twin, timed alternately)."
              + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
     for r in rows:
@@ -236,6 +256,8 @@ def write(out, meta, rows, started):
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
             config = (r["config"] or "") + (f"; differs from '{TWINS[r['piece']]}' by {r['differs']:.1e}"
                                             if r.get("differs") is not None else "")
+            if r.get("vs_twin") is not None:
+                config += f"; × twin, timed alternately: {r['vs_twin']:.3f}"
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -329,8 +351,9 @@ def main(argv=None):
             rows.append({"shape": "64→64", "piece": name, "ms": ms, "ratio": ms / floor, "config": None})
             print(f"64→64  {name:34s} {ms:9.4f} ms  ×{ms / floor:.3f}", flush=True)
         for K, N in args.shapes:
-            floors, results = {}, {}
-            for name, (kind, fn) in pieces(K, N, args.tokens, args.rank, dtype, device).items():
+            floors, results, timed = {}, {}, {}
+            shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device)
+            for name, (kind, fn) in shape_pieces.items():
                 row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
                 try:
                     kernels._lora_matmul_kernel.best_config = None
@@ -351,12 +374,16 @@ def main(argv=None):
                     row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
                     row["error"] = f"{type(e).__name__}: {e}"
+                if row["ms"] is not None:
+                    timed[name] = row
                 floors.setdefault(kind, row["ms"])  # the first row of each kind is its floor
                 if row["ms"] is not None and floors[kind] is not None:  # (no ratios if the floor failed)
                     row["ratio"] = row["ms"] / floors[kind]
                 rows.append(row)
                 print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio'] or float('nan'):.3f}"
                                                   if row["ms"] is not None else row["error"]), flush=True)
+            if timer:
+                alternate(shape_pieces, timed, timer)
             write(args.out, meta, rows, started)
     except Stopped as e:
         meta["stopped"] = str(e)

@@ -370,3 +370,26 @@ def test_variants_rows_without_the_deep_tiles_tune_apart(monkeypatch):
     assert seen[1][1:] == ({"row's key": "row's choice"}, {"row's launch": "row's kernel"})
     assert tuner.configs is all_configs and tuner.cache == {"layer's key": "layer's choice"}
     assert kernels._COMPILED is compiled and compiled == {"layer's launch": "layer's kernel"}
+
+
+def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
+    """`benchmarks.variants.alternate` times a new variant's row and its twin in turn (row, twin,
+    twin, row, ...), so a steady drift of the GPU's clocks leaves two equal pieces at a ratio of 1,
+    and skips twins of another kind (a CUDA graph against an eager step) or without a timing."""
+    from benchmarks import variants
+    clock = {"now": 0.0}
+
+    def drifting_timer(setup, step):  # each call 10% slower than the one before, plus the piece's cost
+        clock["now"] += 0.1
+        return (step(setup()) + clock["now"],)
+
+    shape_pieces = {"default": ("fwd", lambda: 1.0), "ws, same": ("fwd", lambda: 1.0),
+                    "ws, slower": ("fwd", lambda: 2.0), "ws, graph": ("graph fwd", lambda: 1.0),
+                    "ws, failed": ("fwd", lambda: 1.0)}
+    timed = {name: {} for name in shape_pieces if name != "ws, failed"}
+    monkeypatch.setattr(variants, "TWINS", {"ws, same": "default", "ws, slower": "default", "ws, graph": "default",
+                                            "ws, failed": "default"})
+    variants.alternate(shape_pieces, timed, drifting_timer)
+    assert timed["ws, same"]["vs_twin"] == pytest.approx(1.0)
+    assert timed["ws, slower"]["vs_twin"] > 1.3
+    assert "vs_twin" not in timed["ws, graph"] and "vs_twin" not in timed["default"]
