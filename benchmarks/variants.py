@@ -12,7 +12,8 @@ shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRI
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
 launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
 autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
-each new variant's row is also timed in turn with its twin (``TWINS``) for a drift-free ratio. Writes ``variants.md`` and ``variants.json`` under --out
+each new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind,
+timed in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and ``variants.json`` under --out
 (default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
@@ -60,7 +61,7 @@ def without_deep_tiles(fn):
 
 
 def pieces(K, N, M, r, dtype, device):
-    """name -> (floor name or None, zero-argument callable)."""
+    """name -> (kind, zero-argument callable); the first row of each kind is its floor."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -136,12 +137,12 @@ def pieces(K, N, M, r, dtype, device):
         "layer forward, separate shrink, CUDA graph": ("graph fwd", graphed(layer("0", False))),
         "layer forward, fused shrink, CUDA graph": ("graph fwd", graphed(layer("1", False))),
         "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", graphed(base_fwd_bwd)),
+        "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
+            ("graph step", graphed(without_deep_tiles(layer("0", True)))),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", graphed(layer("0", True))),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
         "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
             ("graph step", graphed(warp_specialized(layer("0", True)))),
-        "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
-            ("graph step", graphed(without_deep_tiles(layer("0", True)))),
     }
     return {
         # forward
@@ -195,7 +196,7 @@ def pieces(K, N, M, r, dtype, device):
 # paired launch and the deep tiles has run on a GPU before, and a miscompiled kernel must not be
 # timed as a fast one).
 TWINS = {
-    "dA and dB, one paired launch (the layer's)": "dA and dB, two launches, without the deep tiles",
+    "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
     "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
     "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
     "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",
@@ -208,6 +209,7 @@ TWINS = {
     "dS = α dY Bᵀ": "dS = α dY Bᵀ, without the deep tiles",
     "dA and dB, two launches": "dA and dB, two launches, without the deep tiles",
     "dA and dB, one paired launch, without the deep tiles": "dA and dB, two launches, without the deep tiles",
+    "layer fwd+bwd, separate shrink, CUDA graph": "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph",
 }
 
 
@@ -245,7 +247,7 @@ def write(out, meta, rows, started):
              f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
              "config: the autotuner's choice for the piece's last launch; the result of each row of a new "
              "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
-             "difference), and the two were then timed again in turn, four rounds, for the ratio of their "
+             "difference), and, the two of one kind, timed again in turn, four rounds, for the ratio of their "
              "medians (× twin, timed alternately)."
              + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]

@@ -202,14 +202,17 @@ def _prune(configs, named_args, **kwargs):
                 # (Not for fewer than 128 rows, dB's r among them: the other configs serve those
                 # launches, and the candidates stay few.)
                 continue
-            # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also buffers the L
-            # and R tiles once per stage, and stages its output tile in shared memory: 4·BM·BN
-            # bytes for an fp32 output, and for a 16-bit one a fitted 2·BM·BN up to 32 KiB; then a
-            # few barriers (benchmarks/NOTES.md).
-            if kwargs["HAS_LOWRANK"]:
-                per_stage += (bm * size("l_ptr") + bn * size("r_ptr")) * kwargs["BLOCK_R"]
+            # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also stages its
+            # output tile in shared memory: 4·BM·BN bytes for an fp32 output, and for a 16-bit one
+            # a fitted 2·BM·BN up to 32 KiB; then a few barriers; and it buffers the L and R tiles
+            # (once: the low-rank loop is not pipelined), plus a copy converted to the product's
+            # dtype of one stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md).
             out_size = size("out_ptr")
             extra = (bm * bn * out_size if out_size > 2 else min(2 * bm * bn, 32 * 1024)) + 2048
+            if kwargs["HAS_LOWRANK"]:
+                dot_size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+                for rows, name in ((bm, "l_ptr"), (bn, "r_ptr")):
+                    extra += rows * kwargs["BLOCK_R"] * (size(name) + (dot_size if size(name) != dot_size else 0))
         stages = c.num_stages
         while stages > 2 and stages * per_stage + extra > smem:
             stages -= 1

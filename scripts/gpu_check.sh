@@ -110,7 +110,7 @@ if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
   # (LORA_KERNELS_WARP_SPEC=1: that test also runs the warp-specialized configs. Not its ranks 8
-  # and 80, which run only those: 1,050 compiles instead of about 350, where 20 s are given.)
+  # and 80, which run only those: about 1,060 compiles instead of 513, where 20 s are given.)
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
   LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile \
