@@ -106,7 +106,6 @@ def pieces(K, N, M, r, dtype, device):
     def warp_specialized(fn):  # the autotuner's candidates with the warp-specialized ones among them
         return switched(fn, "WARP_SPEC", True)
 
-
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
