@@ -101,7 +101,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     ``benchmarks.variants`` times); with ``tf32``, fp32 products on TF32 tensor cores as well."""
     recorder = _Recorder()
     seed = torch.tensor(12345) if dropout > 0 else None
-    fuse_options = ("0", "1") if variants else (os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto"),)
+    fuse_options = ("0", "1") if variants else (functional.FUSE_SHRINK,)
     needs = [True, trainable_base, trainable_base, True, True]
     with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
             mock.patch.object(kernels, "_num_sms", lambda device: sms), \
@@ -113,7 +113,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
             A, B = torch.empty(K, r, dtype=dtype), torch.empty(r, N, dtype=dtype)
             for precision in ("ieee", "tf32") if tf32 and dtype == torch.float32 else (None,):
                 chosen = mock.patch.object(kernels, "_input_precision", lambda d, p=precision: p or _precision(d))
-                with chosen, mock.patch.dict(os.environ, {"LORA_KERNELS_FUSE_SHRINK": fuse}):
+                with chosen, mock.patch.object(functional, "FUSE_SHRINK", fuse):
                     _, S = functional._forward(x, W, b, A, B, 2.0, dropout, seed, "triton")
                     functional._backward(dy, x, W, A, B, S, 2.0, dropout, seed, needs, "triton")
                     if variants:  # benchmarks.variants also times plain GEMMs: y (with and without TMA), dX

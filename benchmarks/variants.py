@@ -8,7 +8,7 @@ GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA l
 of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB, and dA with dB in two launches
 or the layer's one paired launch; the thin ones also without the deep tiles that
 ``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the whole layer with the
-shrink separate or fused into the big product's K loop (``LORA_KERNELS_FUSE_SHRINK``), and the
+shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK``), and the
 forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
 launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
 autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
@@ -32,7 +32,7 @@ import torch
 import triton
 
 import lora_kernels
-from lora_kernels import kernels
+from lora_kernels import functional, kernels
 
 from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
@@ -81,24 +81,23 @@ def pieces(K, N, M, r, dtype, device):
     # Gradients through torch.autograd.grad, as measure.py takes them: .backward() on the same
     # leaves would add each step's gradients into .grad (an M×K in-place add from the second call
     # on), work that neither the floor's nor the layer's step defines.
+    def switched(fn, flag, value, module=kernels):
+        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA, ALLOW_WS) is in the autotuner's key
+            previous = getattr(module, flag)
+            setattr(module, flag, value)
+            try:
+                return fn()
+            finally:
+                setattr(module, flag, previous)
+        return run
+
     def layer(fuse, backward):
         def run():
-            os.environ["LORA_KERNELS_FUSE_SHRINK"] = fuse
             if backward:
                 return torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0), [xg, Ag, Bg], dy)
             with torch.no_grad():
                 return lora_kernels.lora_linear(x, W, b, A, B, 2.0)
-        return run
-
-    def switched(fn, flag, value):
-        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA, ALLOW_WS) is in the autotuner's key
-            previous = getattr(kernels, flag)
-            setattr(kernels, flag, value)
-            try:
-                return fn()
-            finally:
-                setattr(kernels, flag, previous)
-        return run
+        return switched(run, "FUSE_SHRINK", fuse, functional)
 
     def pointers_only(fn):
         return switched(fn, "TMA", False)
@@ -278,15 +277,17 @@ def host_pieces(dtype, device):
     def layer():
         torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy)
 
+    fuse = functional.FUSE_SHRINK  # (the layer's own placement, restored after each "separate" step)
+
     def launch():
         kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)
 
     def separate():
-        os.environ["LORA_KERNELS_FUSE_SHRINK"] = "0"
+        functional.FUSE_SHRINK = "0"
         try:
             layer()
         finally:
-            del os.environ["LORA_KERNELS_FUSE_SHRINK"]
+            functional.FUSE_SHRINK = fuse
 
     return {"F.linear fwd+bwd, host (floor)": base, "layer fwd+bwd, host": layer,
             "layer fwd+bwd, separate shrink, host": separate,

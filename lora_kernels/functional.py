@@ -62,7 +62,8 @@ def keep_mask(rows, cols, seed, p, device, backend):
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
 
 
-def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype):
+def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype,
+                 out_shape=None):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
     ``addmm`` keeps it to one output buffer, as the kernel does."""
     if pair is not None:
@@ -89,7 +90,10 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair
             out.add_(torch.mm(low_x, low_w) * keep)
         else:
             out.addmm_(low_x, low_w)
-    return out.to(out_dtype)
+    out = out.to(out_dtype)
+    # _unsafe_view, as aten's own matmul does: a reshape would hand out a view of a temporary, and an
+    # in-place op on a view-typed output trips FSDP2's hooks.
+    return out if out_shape is None else torch.ops.aten._unsafe_view(out, out_shape)
 
 
 # The fused shrink saves a launch (host time) and costs redundant rank-r MMAs in every column
@@ -99,33 +103,36 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair
 # and 4-11% in the eager forward. With LoRA dropout on x it would also draw the mask once per
 # column block instead of once: forward+backward took 4.5-5.9× the base's time.
 FUSE_MAX_MNK = 2**36
+# LORA_KERNELS_FUSE_SHRINK=1 or 0 forces either placement. Read at import, as the kernels' other
+# switches are: reading the environment on every call cost about 2% of a layer step's host time.
+FUSE_SHRINK = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto")
 
 
 def fuse_shrink(x, w, A, dropout):
     """Whether the Triton path computes the shrink inside the big product: ``auto`` by the rule
-    above, or as ``LORA_KERNELS_FUSE_SHRINK`` says (``1`` forces it, ``0`` never), for ranks up to
+    above, or as ``FUSE_SHRINK`` says (``1`` forces it, ``0`` never), for ranks up to
     ``kernels.FUSE_MAX_RANK`` (the whole rank is held in one block)."""
-    choice = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto")
-    if choice == "0" or A.shape[1] > kernels.FUSE_MAX_RANK:
+    if FUSE_SHRINK == "0" or A.shape[1] > kernels.FUSE_MAX_RANK:
         return False
-    if choice == "1":
+    if FUSE_SHRINK == "1":
         return True
     return (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
 
 
-def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype):
-    """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``: y with S in the forward, dX with dS in
-    the backward. The Triton path may compute L inside the big product's K loop (one launch and one
-    pass over x, at the cost of redundant rank-r MMAs in every column block; see ``fuse_shrink``);
-    otherwise L is its own small product first."""
+def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype, out_shape):
+    """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
+    caller's leading dimensions): y with S in the forward, dX with dS in the backward. The Triton
+    path may compute L inside the big product's K loop (one launch and one pass over x, at the cost
+    of redundant rank-r MMAs in every column block; see ``fuse_shrink``); otherwise L is its own
+    small product first."""
     if backend == "triton" and fuse_shrink(x, w, A, dropout):
         return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), bias=bias,
-                                   dropout=dropout, out_dtype=dtype, dot_dtype=dtype)
+                                   dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     on_x = dropout if dropout is not None and dropout[0] == "x" else None
     L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=s_dtype, dot_dtype=dtype)
     out = matmul(x, w, lowrank=(L, R), bias=bias, dropout=None if on_x else dropout, out_dtype=dtype,
-                 dot_dtype=dtype)
+                 dot_dtype=dtype, out_shape=out_shape)
     return out, L
 
 
@@ -257,11 +264,9 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, 
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
     with _autocast_off(x.device.type):
-        y, S = shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype,
-                             bias=bias, dropout=drop.on("x", K, 1), dtype=dtype)
-    # _unsafe_view, as aten's own matmul does: a plain reshape would hand out a view of a temporary,
-    # and an in-place op on a view-typed output trips FSDP2's hooks.
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0])), S
+        # (y is allocated in x's leading shape: no reshape of it, which would cost host time.)
+        return shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype, bias=bias,
+                             dropout=drop.on("x", K, 1), dtype=dtype, out_shape=(*x.shape[:-1], weight.shape[0]))
 
 
 _forward = torch.library.custom_op("lora_kernels::lora_linear_fwd", _forward_impl, mutates_args=())
@@ -289,8 +294,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     with _autocast_off(x.device.type):
         if need_x:
             dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, dtype,
-                                   dropout=drop.on("lowrank", K, 1), dtype=dtype)
-            dx = dx.reshape(x.shape)
+                                   dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
             dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
         if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = dYᵀ S (see kernels.lora_matmul)
@@ -393,4 +397,8 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
         return _forward(*inputs)[0]
+    # Evaluation, generation: no graph to record, and apply costs host time. (Under torch.func's
+    # transforms apply raises, as the README says: those must still reach it.)
+    if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+        return _forward_impl(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)

@@ -569,7 +569,11 @@ def _ensure_allocator():
 
 
 def _on_device(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Switch devices only where the current one differs: torch.cuda.device's context costs host
+    # time on every launch, and in a model on one GPU the current device is already the tensors'.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -690,7 +694,8 @@ class Shrink(NamedTuple):
 FUSE_MAX_RANK = 64
 
 
-def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype):
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype,
+                out_shape=None):
     """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
 
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
@@ -707,6 +712,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
     alone) and returns ``(out, out2)`` with ``out2 = (x2 @ w2)ᵀ``, contiguous: the layer's dA and
     dB = (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone fill a fraction of the
     GPU each.
+
+    ``out_shape`` allocates out in another shape of the same rows (the layer's leading dimensions,
+    as ``(*x.shape[:-1], N)`` of the caller's x): the kernel writes it as (M, N) all the same.
     """
     # (Host time matters here: three to six launches a layer step, so each tensor's device and
     # strides are read once.)
@@ -714,7 +722,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
     N = w.shape[1]
     device = x.device
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
-    out = _empty((M, N), device, out_dtype)
+    out = _empty((M, N) if out_shape is None else out_shape, device, out_dtype)
     fused = lowrank is not None and isinstance(lowrank[0], Shrink)
     if fused:
         A = lowrank[0].A
@@ -785,7 +793,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
     args = (x, w, l_, r_, bias if bias is not None else x, dest, s_out,
             M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K),
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
-            dest.stride(0) if split > 1 else 0, *dest.stride()[-2:], *s_out.stride(),
+            dest.stride(0) if split > 1 else 0, N, 1, *s_out.stride(),  # (dest: fresh, rows N apart)
             bias.stride(0) if bias is not None else 0,
             float(scale), float(lowrank[0].scale) if fused else 1.0,
             *drop_args, *pair_args)
@@ -811,7 +819,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out when
         # it is fp32 (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
         # into a 16-bit out would round every split first).
-        for o, d in [(out, dest)] + ([(out2, dest2)] if pair is not None else []):
+        for o, d in [(out.view(M, N), dest)] + ([(out2, dest2)] if pair is not None else []):
             if o.dtype == d.dtype:
                 torch.sum(d, 0, out=o)
             else:

@@ -55,7 +55,7 @@ def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):
     """From here on, every launch runs every config (of ``configs``, default all the GPU
     autotuner's); return the spy."""
     use_triton(monkeypatch)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
     spy = EveryConfig(kernels._lora_matmul_kernel, dtype, configs or kernels.hopper_configs())
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)

@@ -213,3 +213,13 @@ def test_autotune_timings_are_kept_on_disk(tmp_path, setting):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == (["True", "read", "back"] if setting == "1" else ["False"])
+
+
+def test_launches_switch_device_only_where_the_current_one_differs(monkeypatch):
+    """Triton launches on the current CUDA device: a launch on another GPU's tensors switches to it
+    for the launch; on the current device (every launch of a model on one GPU) no switch is made."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    switch = kernels._on_device(torch.device("cuda", 1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+    assert not isinstance(kernels._on_device(torch.device("cuda", 0)), torch.cuda.device)
+    assert not isinstance(kernels._on_device(torch.device("cpu")), torch.cuda.device)

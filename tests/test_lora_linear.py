@@ -5,7 +5,7 @@ import torch
 
 import lora_kernels
 from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err, use_triton
-from lora_kernels import kernels
+from lora_kernels import functional, kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).
 SHAPES = [
@@ -72,11 +72,11 @@ FUSED_SHAPES = SHAPES + [((45,), 70, 50, 16), ((33,), 40, 72, 64)]  # ranks 16 a
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 @pytest.mark.parametrize("fuse", ["1", "0"], ids=["fused", "separate"])
 def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
-    """The shrink inside the big product's K loop (the default, LORA_KERNELS_FUSE_SHRINK=1) and in
-    a pass of its own (=0): same numbers; ranks above kernels.FUSE_MAX_RANK take the separate
+    """The shrink inside the big product's K loop (functional.FUSE_SHRINK = "1") and in a pass of
+    its own ("0"): same numbers; ranks above kernels.FUSE_MAX_RANK take the separate
     shrink either way."""
     use_triton(monkeypatch)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     lead, K, N, r = shape
     dtype = getattr(torch, dtype_name)
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
@@ -85,9 +85,10 @@ def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
 def test_fuse_shrink_rule(monkeypatch):
     """The shrink fuses into small products (the launch it saves matters more there), not into
     large ones, not under LoRA dropout on x (the mask would be drawn once per column block), and
-    not past FUSE_MAX_RANK; LORA_KERNELS_FUSE_SHRINK=1 / 0 force either way within the rank limit."""
+    not past FUSE_MAX_RANK; FUSE_SHRINK = "1" / "0" (LORA_KERNELS_FUSE_SHRINK) force either way within
+    the rank limit."""
     from lora_kernels.functional import FUSE_MAX_MNK, fuse_shrink
-    monkeypatch.delenv("LORA_KERNELS_FUSE_SHRINK", raising=False)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "auto")
     big = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 4096)  # M·N·K = 2^37, no storage
     small = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 1024)  # 2^35
     assert 8192 * 4096 * 1024 < FUSE_MAX_MNK <= 8192 * 4096 * 4096
@@ -96,9 +97,9 @@ def test_fuse_shrink_rule(monkeypatch):
     assert fuse_shrink(*small, r16, ("lowrank", 0, 0.1, 1, 1))  # the backward's mask is drawn once anyway
     assert not fuse_shrink(*small, r16, ("x", 0, 0.1, 1, 1))
     assert not fuse_shrink(*small, r65, None)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "1")
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "1")
     assert fuse_shrink(*big, r16, ("x", 0, 0.1, 1, 1)) and not fuse_shrink(*small, r65, None)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
     assert not fuse_shrink(*small, r16, None)
 
 
@@ -134,7 +135,7 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     LORA_KERNELS_TMA=0: both give the reference's numbers, split reductions and dW included."""
     use_triton(monkeypatch)
     monkeypatch.setattr(kernels, "TMA", tma)
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # S and y, dS and dX in launches of their own
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "0")  # S and y, dS and dX in launches of their own
     spy = LaunchSpy(kernels._lora_matmul_kernel)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
@@ -266,6 +267,28 @@ def test_batched_gradients(backend):
         assert rel_err(jac(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x, vectorize=True), want) < 1e-12
     # One gradient at a time works on both.
     assert rel_err(jac(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x), want) < 1e-12
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_torch_func_transforms_raise(backend, grad):
+    """torch.func transforms raise, as the README says, with or without grad mode: the forward
+    that skips the autograd.Function under no_grad must not hand the kernels vmap's wrappers."""
+    x, W, b, A, B = make_inputs((3, 4), 6, 5, 2, torch.float32)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.vmap(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5))(x)
+
+
+def test_no_grad_forward_skips_autograd(backend, monkeypatch):
+    """Under no_grad (evaluation, generation) the forward runs without the autograd.Function, whose
+    apply costs host time: the same numbers as with grad mode on, against float64 too."""
+    x, W, b, A, B = (t.requires_grad_() for t in make_inputs((2, 5), 16, 24, 4, torch.float32))
+    with_grad = lora_kernels.lora_linear(x, W, b, A, B, 0.75)
+    monkeypatch.setattr(functional._EagerLoRALinear, "apply", None)  # a call would fail
+    with torch.no_grad():
+        y = lora_kernels.lora_linear(x, W, b, A, B, 0.75)
+    want, _ = reference(x, W, b, A, B, 0.75, torch.ones_like(y))
+    assert not y.requires_grad and y.shape == (2, 5, 24)
+    assert torch.equal(y, with_grad.detach()) and rel_err(y, want) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

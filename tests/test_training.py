@@ -27,7 +27,7 @@ DROPOUT_SHAPES = {"odd": ((3, 41), 37, 29, 6), "aligned": ((2, 40), 64, 48, 8)}
 def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monkeypatch):
     if fuse == "1" and backend == "torch":
         pytest.skip("the fused shrink is a Triton kernel variant")
-    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", fuse)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     lead, K, N, r = DROPOUT_SHAPES[shape]
     x, W, b, A, B = make_inputs(lead, K, N, r, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
