@@ -65,7 +65,9 @@ def _profile(step, calls=300):
 def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
     g = torch.Generator(device=device).manual_seed(0)
-    x, W, b, dy = (torch.randn(*s, generator=g, device=device).to(dtype) for s in [(M, K), (N, K), (N,), (M, N)])
+    # x as a model passes it, (batch, tokens, features): 2 sequences of 32 tokens
+    x, W, b, dy = (torch.randn(*s, generator=g, device=device).to(dtype)
+                   for s in [(2, M // 2, K), (N, K), (N,), (2, M // 2, N)])
     A, B = (torch.randn(*s, generator=g, device=device).to(dtype).requires_grad_() for s in [(K, r), (r, N)])
     x.requires_grad_()
     inputs = (x, W, b, A, B, 2.0, 0.0, None, "triton")
@@ -73,6 +75,10 @@ def _steps(device, dtype):
     def eager_step():
         y = functional.lora_linear(x, W, b, A, B, 2.0)
         torch.autograd.grad(y, [x, A, B], dy)
+
+    def eval_forward():  # evaluation or generation: the forward alone, under no_grad
+        with torch.no_grad():
+            functional.lora_linear(x, W, b, A, B, 2.0)
 
     def op_step():  # the custom ops, as a compiled graph calls them
         y = functional._forward(*inputs)[0]
@@ -82,15 +88,17 @@ def _steps(device, dtype):
         y = torch.nn.functional.linear(x, W, b)
         torch.autograd.grad(y, [x], dy)
 
+    x2 = x.detach().reshape(M, K)
+
     def launch():
-        kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)
+        kernels.lora_matmul(x2, W.t(), out_dtype=dtype, dot_dtype=dtype)
 
     S = torch.randn(M, r, generator=g, device=device).to(dtype)
 
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
         functional._backward_impl(dy, x.detach(), W, A.detach(), B.detach(), S, 2.0, 0.0, None,
                                   [True, False, False, True, True], "triton")
-    return eager_step, op_step, base_step, launch, backward_body
+    return eager_step, eval_forward, op_step, base_step, launch, backward_body
 
 
 def main(argv=None):
@@ -103,7 +111,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
-    eager_step, op_step, base_step, launch, backward_body = _steps(device, torch.bfloat16 if cuda else torch.float32)
+    eager_step, eval_forward, op_step, base_step, launch, backward_body = _steps(device, torch.bfloat16 if cuda else torch.float32)
     # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
     stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
     if not cuda:
@@ -113,6 +121,7 @@ def main(argv=None):
     timer = functools.partial(_median_us, n=300 if cuda else 2000, sync=torch.cuda.synchronize if cuda else None)
     with stubs:
         rows = [("lora_linear forward+backward, eager (autograd.Function)", timer(eager_step)),
+                ("lora_linear forward under no_grad (evaluation)", timer(eval_forward)),
                 ("the same through the custom ops", timer(op_step)),
                 ("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)",
                  timer(launch))]
