@@ -45,11 +45,14 @@ def plain_module(module, cls):
                      or _module._global_backward_pre_hooks))
 
 
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_tensors(*tensors):
     """Whether each tensor (None allowed) is a plain ``torch.Tensor`` or ``nn.Parameter``, whose
     storage the kernels may read. A subclass (a torchao quantized weight, tensor parallelism's
     DTensor) means something else by its storage and computes through its own ops."""
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
 class LinearWithLoRA(torch.nn.Module):

@@ -62,7 +62,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 
 from .functional import lora_linear
-from .modules import plain_module, plain_tensors
+from .modules import PLAIN_TENSORS, plain_module
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -109,7 +109,7 @@ class FuseReport:
 
 
 def _plain_weight(t):
-    return plain_tensors(t) and t.is_floating_point()
+    return type(t) in PLAIN_TENSORS and t.is_floating_point()
 
 
 def _structural_reason(layer):
@@ -128,8 +128,10 @@ def _structural_reason(layer):
     return None
 
 
-def _state_reason(layer):
-    """Why a patched layer must run peft's forward in its current state, or None (fused)."""
+def _fused_call(layer):
+    """For a patched layer in its current state: why it must run peft's forward (a str), or the
+    arguments of its ``lora_linear`` call after x (one pass over the layer's attributes: they are
+    looked up on every call, and each lookup costs host time)."""
     if layer.disable_adapters:
         return _DISABLED
     if layer.merged:
@@ -138,7 +140,8 @@ def _state_reason(layer):
     if len(active) != 1:
         return _NOT_ONE
     adapter = active[0]
-    if adapter not in layer.lora_A:
+    lora_As = layer.lora_A
+    if adapter not in lora_As:
         return _ABSENT
     if layer.use_dora.get(adapter, False):
         return _DORA
@@ -146,7 +149,7 @@ def _state_reason(layer):
         return _VARIANT
     if layer.lora_bias.get(adapter, False):
         return _LORA_BIAS
-    base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
+    base, lora_A, lora_B = layer.base_layer, lora_As[adapter], layer.lora_B[adapter]
     dropout = layer.lora_dropout[adapter]
     if not (type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
             and type(dropout) in (torch.nn.Dropout, torch.nn.Identity)
@@ -155,30 +158,28 @@ def _state_reason(layer):
     if not (plain_module(base, torch.nn.Linear) and plain_module(lora_A, torch.nn.Linear)
             and plain_module(lora_B, torch.nn.Linear) and plain_module(dropout, type(dropout))):
         return _HOOKS
-    if not (_plain_weight(base.weight) and (base.bias is None or _plain_weight(base.bias))
-            and _plain_weight(lora_A.weight) and _plain_weight(lora_B.weight)
-            and lora_A.weight.dtype == lora_B.weight.dtype):
+    weight, bias, A, B = base.weight, base.bias, lora_A.weight, lora_B.weight
+    if not (_plain_weight(weight) and (bias is None or _plain_weight(bias)) and _plain_weight(A)
+            and _plain_weight(B) and A.dtype == B.dtype):
         return _WEIGHTS
     scaling = layer.scaling[adapter]
     if type(scaling) not in (float, int):
         return _SCALING
-    return None
+    p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
+    return weight, bias, A.t(), B.t(), float(scaling), p
 
 
 class FusedLinear(_PeftLoraLinear):
     """peft's ``lora.Linear`` with its forward run through ``lora_linear`` (see module doc)."""
 
     def forward(self, x, *args, **kwargs):
-        if (args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items())
-                or not (isinstance(x, torch.Tensor) and plain_tensors(x)) or _state_reason(self) is not None
-                or (x.dtype != self.base_layer.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
+        call = None
+        if not args and all(k in _PEFT_CALL_KWARGS and v is None for k, v in kwargs.items()) \
+                and type(x) in PLAIN_TENSORS:
+            call = _fused_call(self)
+        if type(call) is not tuple or (x.dtype != call[0].dtype and not torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)
-        adapter = self.active_adapters[0]
-        base = self.base_layer
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
-        return lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight.t(),
-                           self.lora_B[adapter].weight.t(), float(self.scaling[adapter]), p)
+        return lora_linear(x, *call)
 
     def _get_name(self):  # repr(model) reads as peft's
         return _PeftLoraLinear.__name__
@@ -214,7 +215,8 @@ def fuse_lora(model):
         if reason is None:
             if not isinstance(layer, FusedLinear):
                 layer.__class__ = FusedLinear
-            reason = _state_reason(layer)
+            call = _fused_call(layer)
+            reason = call if isinstance(call, str) else None
         if reason is None:
             report.fused.append(name)
         else:
