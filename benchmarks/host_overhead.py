@@ -7,8 +7,9 @@ On a GPU the host must enqueue a step's launches faster than the GPU runs them, 
 at 8192 tokens a 4096→1024 projection's forward+backward is about 0.2 ms of GPU work, so a few
 hundred microseconds of Python per step would show in every timing. This measures that Python:
 lora_linear's checks, the autograd wrapper, the launchers' argument preparation, and (for
-comparison) the custom-op route that torch.compile takes. Triton's own launch path is not in it
-(it needs a GPU); F.linear's forward+backward on the same tiny CPU tensors is printed beside it.
+comparison) the custom-op route that torch.compile takes, and peft's LoRA Linear with its own
+forward and after ``fuse_lora``. Triton's own launch path is not in it (it needs a GPU); F.linear's
+forward+backward and peft's own forward on the same tiny CPU tensors are computed.
 """
 
 import argparse
@@ -98,7 +99,31 @@ def _steps(device, dtype):
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
         functional._backward_impl(dy, x.detach(), W, A.detach(), B.detach(), S, 2.0, 0.0, None,
                                   [True, False, False, True, True], "triton")
-    return eager_step, eval_forward, op_step, base_step, launch, backward_body
+    return eager_step, eval_forward, op_step, base_step, launch, backward_body, _peft_steps(x, W, b, dy)
+
+
+def _peft_steps(x, W, b, dy):
+    """peft's LoRA Linear on the same base (rank 16, alpha 32), forward+backward: its own forward,
+    and after ``fuse_lora`` (our layer as most users reach it). {} without peft."""
+    try:
+        import peft
+        from lora_kernels.peft import fuse_lora
+    except ImportError:
+        return {}
+    steps = {}
+    for name, fuse in [("peft LoRA Linear, its own forward (forward+backward)", False),
+                       ("peft LoRA Linear after fuse_lora (forward+backward)", True)]:
+        base = torch.nn.Sequential(torch.nn.Linear(W.shape[1], W.shape[0]))
+        with torch.no_grad():
+            base[0].weight.copy_(W.float()), base[0].bias.copy_(b.float())
+        model = peft.get_peft_model(base.to(x.device, x.dtype), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        torch.nn.init.normal_(layer.lora_B["default"].weight)  # (peft starts B at zero)
+        if fuse:
+            fuse_lora(model)
+        leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        steps[name] = lambda layer=layer, leaves=leaves: torch.autograd.grad(layer(x), leaves, dy)
+    return steps
 
 
 def main(argv=None):
@@ -111,7 +136,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
-    eager_step, eval_forward, op_step, base_step, launch, backward_body = _steps(device, torch.bfloat16 if cuda else torch.float32)
+    eager_step, eval_forward, op_step, base_step, launch, backward_body, peft_steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
     # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
     stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
     if not cuda:
@@ -125,6 +150,7 @@ def main(argv=None):
                 ("the same through the custom ops", timer(op_step)),
                 ("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)",
                  timer(launch))]
+        rows += [(name, timer(step)) for name, step in peft_steps.items()]
         # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so
         # the backward's body is also profiled called directly.)
         profiles = [("lora_linear forward+backward, eager", _profile(eager_step)),
