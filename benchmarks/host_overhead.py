@@ -136,7 +136,8 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
-    eager_step, eval_forward, op_step, base_step, launch, backward_body, peft_steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
+    steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
+    eager_step, eval_forward, op_step, base_step, launch, backward_body, peft_steps = steps
     # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
     stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
     if not cuda:
@@ -144,23 +145,27 @@ def main(argv=None):
         stubs.enter_context(mock.patch.object(functional, "select_backend", lambda *args: "triton"))
     # (300 calls a round on a GPU, where a step is a millisecond of host time; 2000 on the CPU)
     timer = functools.partial(_median_us, n=300 if cuda else 2000, sync=torch.cuda.synchronize if cuda else None)
+    lines = []
+
+    def row(name, step):  # printed as it is measured: a run stopped by a time limit keeps what it had
+        lines.append(f"{timer(step):8.1f} µs  {name}")
+        print(lines[-1], flush=True)
+
     with stubs:
-        rows = [("lora_linear forward+backward, eager (autograd.Function)", timer(eager_step)),
-                ("lora_linear forward under no_grad (evaluation)", timer(eval_forward)),
-                ("the same through the custom ops", timer(op_step)),
-                ("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)",
-                 timer(launch))]
-        rows += [(name, timer(step)) for name, step in peft_steps.items()]
+        row("lora_linear forward+backward, eager (autograd.Function)", eager_step)
+        row("lora_linear forward under no_grad (evaluation)", eval_forward)
+        row("the same through the custom ops", op_step)
+        row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
+        for name, step in peft_steps.items():
+            row(name, step)
         # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so
         # the backward's body is also profiled called directly.)
         profiles = [("lora_linear forward+backward, eager", _profile(eager_step)),
                     ("the backward's body (functional._backward_impl), called directly", _profile(backward_body))
                     ] if args.profile else []
-    rows.append((f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", timer(base_step)))
+    row(f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", base_step)
     if args.profile:
         profiles.append(("F.linear forward+backward", _profile(base_step)))
-    lines = [f"{us:8.1f} µs  {name}" for name, us in rows]
-    print("\n".join(lines))
     if args.profile:
         where = torch.cuda.get_device_name(device) if cuda else "CPU, launches stubbed out"
         with open(args.profile, "w") as f:

@@ -18,7 +18,7 @@
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         in what is left (limits 40 + 60 + 55 + 30 + 180 + 110, 45 + 150 for variants and their
+#         in what is left (limits 40 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
 #         precompile, 75).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
@@ -102,8 +102,10 @@ if has check all perf; then
   step precompile-dropout 55 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
 fi
 if has perf; then
-  # Where a layer step's host time goes (cProfile at 64x64, real launches, one fixed config).
-  LORA_KERNELS_AUTOTUNE=0 step host-profile 30 "$PY" -m benchmarks.host_overhead --device cuda \
+  # Where a layer step's host time goes (cProfile at 64x64, real launches, one fixed config), and
+  # peft's own layer beside ours. (45 s: it imports peft and transformers and compiles about six
+  # kernels, fp32 adapters beside bf16 for the peft rows; each row is logged as it is measured.)
+  LORA_KERNELS_AUTOTUNE=0 step host-profile 45 "$PY" -m benchmarks.host_overhead --device cuda \
     --profile "$W/host-profile.md"
 fi
 if has check all tests; then
