@@ -14,7 +14,8 @@ never stored, each product regenerates it from the seed. Forward and backward ar
 custom ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
 two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
-dispatcher costs more host time per call than the layer's launches (benchmarks/NOTES.md).
+dispatcher costs more host time per call than the layer's launches (benchmarks/NOTES.md). Under
+``no_grad`` the forward function runs alone.
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
 fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored in that dtype too
@@ -397,8 +398,10 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
         return _forward(*inputs)[0]
-    # Evaluation, generation: no graph to record, and apply costs host time. (Under torch.func's
-    # transforms apply raises, as the README says: those must still reach it.)
-    if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+    # Evaluation, generation: no graph to record, and apply costs host time. But torch.func's
+    # transforms and forward-mode AD must still reach apply, which raises (as the README says), and
+    # torch.jit.trace must record the call, not the ops it runs on these shapes.
+    if (not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0 and not torch._C._get_tracing_state()):
         return _forward_impl(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)

@@ -1,5 +1,7 @@
 """Outputs and every gradient of ``lora_linear`` against the float64 oracle, on both backends."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -270,12 +272,28 @@ def test_batched_gradients(backend):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_torch_func_transforms_raise(backend, grad):
-    """torch.func transforms raise, as the README says, with or without grad mode: the forward
-    that skips the autograd.Function under no_grad must not hand the kernels vmap's wrappers."""
+def test_torch_func_transforms_and_forward_ad_raise(backend, grad):
+    """torch.func transforms and forward-mode AD raise, as the README says, with or without grad
+    mode: the forward that skips the autograd.Function under no_grad must not hand the kernels
+    vmap's wrappers, nor drop (Triton) or compute (PyTorch) a tangent no backward would match."""
     x, W, b, A, B = make_inputs((3, 4), 6, 5, 2, torch.float32)
     with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.vmap(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5))(x)
+    import torch.autograd.forward_ad as fwAD
+    with torch.set_grad_enabled(grad), fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        lora_kernels.lora_linear(fwAD.make_dual(x, torch.ones_like(x)), W, b, A, B, 0.5)
+
+
+def test_jit_trace_under_no_grad_records_the_call(monkeypatch):
+    """torch.jit.trace (usually run under no_grad) records the layer as one call, as with grad
+    mode on, not the PyTorch path's ops with the traced batch size fixed in them."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    x, W, b, A, B = make_inputs((3, 4), 6, 5, 2, torch.float64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings about Python values)
+        traced = torch.jit.trace(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x)
+        other = make_inputs((7, 2), 6, 5, 2, torch.float64, seed=1)[0]
+        assert torch.equal(traced(other), lora_kernels.lora_linear(other, W, b, A, B, 0.5))
 
 
 def test_no_grad_forward_skips_autograd(backend, monkeypatch):
