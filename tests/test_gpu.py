@@ -220,3 +220,41 @@ def test_direct_launches_match_tritons_path(monkeypatch):
         seen.add(inputs.data_ptr())
     # (y with S, dX with dS, dA with dB: three keys, and two more for the unaligned x's y and dA)
     assert len(kernels._COMPILED) >= 5
+
+
+def test_reduce_overhead_compile_trains_like_eager():
+    """torch.compile(mode="reduce-overhead"), the README's way out where eager mode is host-bound:
+    a model of fused layers runs its training steps from CUDA graphs (none skipped) with eager's
+    outputs and adapter gradients."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 192), torch.nn.GELU(), torch.nn.Linear(192, 64))
+    lora_kernels.replace_linear_with_lora(model, rank=16, alpha=2.0)
+    model = model.to("cuda", torch.bfloat16)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora." in name)
+    for m in model.modules():
+        if isinstance(m, lora_kernels.LoRALayer):
+            torch.nn.init.normal_(m.B, std=0.1)  # (the seed starts B at zero)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    compiled = torch.compile(model, mode="reduce-overhead")
+    counters.clear()
+
+    def step(fn, x, dy):  # copies: a later replay rewrites the graphs' outputs
+        for p in adapters:
+            p.grad = None
+        y = fn(x)
+        y.backward(dy)
+        return [y.detach().clone()] + [p.grad.clone() for p in adapters]
+
+    for i in range(4):  # the first calls warm up and record the graphs, the later ones replay them
+        g = torch.Generator(device="cuda").manual_seed(i)
+        x = torch.randn(2, 96, 128, device="cuda", generator=g).bfloat16()
+        dy = torch.randn(2, 96, 64, device="cuda", generator=g).bfloat16()
+        torch.compiler.cudagraph_mark_step_begin()
+        got = step(compiled, x, dy)
+        want = step(model, x, dy)
+        assert len(got) == 5  # y, and A and B of both layers
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < TOL[torch.bfloat16]
+    assert counters["inductor"]["cudagraph_skips"] == 0
