@@ -29,6 +29,7 @@ import functools
 import operator
 import os
 import re
+import threading
 from typing import NamedTuple
 
 import torch
@@ -598,6 +599,11 @@ def _empty(shape, device, dtype):
 # LORA_KERNELS_FAST_LAUNCH=0 always takes Triton's own path.
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
 _COMPILED = {}  # launch key (see _launch) -> (compiled kernel, its constexpr values by name, in order)
+# Triton's autotuner keeps a call's arguments on itself while it tunes (Autotuner.nargs, 3.6-3.9)
+# and clears them when any call ends: two threads in it at once (DataParallel's replicas, each
+# device's autograd thread) would make one fail with a TypeError mid-tuning, or tune with the
+# other's arguments. Launches through Triton's dispatch take turns; direct launches need no lock.
+_TRITON_DISPATCH = threading.Lock()
 
 
 def _arg_class(a):
@@ -672,7 +678,8 @@ def _launch(device, grid, args, flags):
             kernel.run(g0, g1, 1, torch._C._cuda_getCurrentRawStream(device.index), kernel.function,
                        kernel.packed_metadata, None, None, None, *args, *meta.values())
             return
-    kernel = _lora_matmul_kernel[grid](*args, **flags)
+    with _TRITON_DISPATCH:
+        kernel = _lora_matmul_kernel[grid](*args, **flags)
     if fast and isinstance(kernel, triton.compiler.CompiledKernel):
         # The config comes from the compiled kernel itself, not the autotuner's best_config, which
         # another thread (DataParallel's replicas) may have set in between.

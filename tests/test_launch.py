@@ -223,3 +223,34 @@ def test_launches_switch_device_only_where_the_current_one_differs(monkeypatch):
     assert isinstance(switch, torch.cuda.device) and switch.idx == 1
     assert not isinstance(kernels._on_device(torch.device("cuda", 0)), torch.cuda.device)
     assert not isinstance(kernels._on_device(torch.device("cpu")), torch.cuda.device)
+
+
+def test_launches_through_tritons_dispatch_take_turns(monkeypatch):
+    """Triton's autotuner keeps a call's arguments on itself while it tunes and clears them when
+    any call ends, so threads (DataParallel's replicas) must not be inside it at once: launches
+    through Triton's dispatch are serialized (here on the CPU, where every launch takes it)."""
+    import threading
+    import time
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.002)  # long enough for the other threads to arrive
+                with lock:
+                    inside[0] -= 1
+            return run
+
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", Kernel())
+    x = torch.randn(8, 16)
+    threads = [threading.Thread(target=lambda: [kernels.lora_matmul(x, x.t(), out_dtype=x.dtype, dot_dtype=x.dtype)
+                                                for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
