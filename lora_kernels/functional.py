@@ -400,8 +400,11 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
         return _forward(*inputs)[0]
     # Evaluation, generation: no graph to record, and apply costs host time. But torch.func's
     # transforms and forward-mode AD must still reach apply, which raises (as the README says), and
-    # torch.jit.trace must record the call, not the ops it runs on these shapes.
+    # torch.jit.trace must record the call, not the ops it runs on these shapes. (The dual level is
+    # a private variable: read with a default, so a torch without it loses only this shortcut's
+    # guard, which tests/test_lora_linear.py would then report, and not every forward.)
     if (not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
-            and torch.autograd.forward_ad._current_level < 0 and not torch._C._get_tracing_state()):
+            and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
+            and not torch._C._get_tracing_state()):
         return _forward_impl(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)
