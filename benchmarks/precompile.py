@@ -97,9 +97,10 @@ def _spec(value):
 
 def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):
     """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
-    and dtype: with ``variants``, for both shrink placements and as a plain GEMM too (what
-    ``benchmarks.variants`` times); with ``tf32``, fp32 products on TF32 tensor cores as well."""
-    recorder = _Recorder()
+    and dtype: with ``variants``, for both shrink placements, as plain GEMMs and with dA and dB
+    unpaired too (what ``benchmarks.variants`` times; a test checks that against its pieces); with
+    ``tf32``, fp32 products on TF32 tensor cores as well."""
+    recorder, extra = _Recorder(), _Recorder()  # the layer's launches, then what only variants adds
     seed = torch.tensor(12345) if dropout > 0 else None
     fuse_options = ("0", "1") if variants else (functional.FUSE_SHRINK,)
     needs = [True, trainable_base, trainable_base, True, True]
@@ -116,12 +117,23 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                 with chosen, mock.patch.object(functional, "FUSE_SHRINK", fuse):
                     _, S = functional._forward(x, W, b, A, B, 2.0, dropout, seed, "triton")
                     functional._backward(dy, x, W, A, B, S, 2.0, dropout, seed, needs, "triton")
-                    if variants:  # benchmarks.variants also times plain GEMMs: y (with and without TMA), dX
+                    if not variants:
+                        continue
+                    # benchmarks.variants also times plain GEMMs: y (with and without TMA), dX ...
+                    # (recorded apart and compiled last: a precompile stopped by its time limit
+                    # has then compiled the sweep's launches of every shape first)
+                    with mock.patch.object(kernels, "_lora_matmul_kernel", extra):
                         kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         with mock.patch.object(kernels, "TMA", False):
                             kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(dy, W, out_dtype=dtype, dot_dtype=dtype)
-    return recorder.launches
+                        # ... and dA = xᵀ dS and dB = Sᵀ dY in launches of their own, which the layer
+                        # pairs: compiled one at a time inside the variants step, their candidates
+                        # would take minutes of its time.
+                        S_ = torch.empty(M, r, dtype=dtype)
+                        kernels.lora_matmul(x.t(), S_, out_dtype=dtype, dot_dtype=dtype)
+                        kernels.lora_matmul(S_.t(), dy, out_dtype=dtype, dot_dtype=dtype)
+    return recorder.launches + extra.launches
 
 
 _precision = kernels._input_precision  # the real choice, for the recorder's patch to fall back on

@@ -97,7 +97,9 @@ if has check all perf; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
   # (--host: also the variants step's host-time pieces at 64x64, when it runs.)
   # (60 and 55 s: each took 37 s of 45 in the third run, and version 8's deep tiles for the thin
-  # products add about 15% more compiles.)
+  # products add about 15% more compiles; the first also has variants' unpaired dA and dB since
+  # version 9, 676 compiles against 546, recorded last with the other launches only variants
+  # makes, so a precompile cut by its limit misses those, not the sweep's.)
   step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   step precompile-dropout 55 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
 fi

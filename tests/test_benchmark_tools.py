@@ -189,6 +189,51 @@ def test_precompile_host_records_the_variants_host_pieces():
         "('product (Wᵀ view)', 'M=64 N=64 K=64')] []"), done.stdout
 
 
+VARIANT_LAUNCHES = r"""
+import torch
+from unittest import mock
+from benchmarks import precompile, variants
+from lora_kernels import functional, kernels
+
+def jobs(launches):  # compile jobs, keyed as precompile.jobs_for tells them apart
+    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: 227 * 1024):
+        return {(tuple(map(precompile._spec, args)), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+                 tuple(sorted(config.items()))): precompile.describe(args, kwargs, config)[:2]
+                for args, kwargs, config in precompile.jobs_for(launches)}
+
+class Recorder(precompile._Recorder):  # with the candidates, which variants.without_deep_tiles reads
+    configs, cache = kernels._lora_matmul_kernel.configs, {}
+
+recorder = Recorder()
+with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
+        mock.patch.object(kernels, "_num_sms", lambda device: 132), \
+        mock.patch.object(kernels, "_tma_available", lambda device: True), \
+        mock.patch.object(functional, "select_backend", lambda *args: "triton"):
+    for name, (kind, run) in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).items():
+        if "warp-specialized" not in name:  # (their own precompile step records those)
+            run()
+launched = jobs(recorder.launches)
+recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True))
+print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.keys()}))
+"""
+
+
+def test_precompile_variants_records_every_launch_of_the_variants_step():
+    """`precompile --variants` compiles every (launch, config) that `benchmarks.variants` times
+    (here at 128 tokens, 64 -> 48 features, rank 16, on CPU placeholders): a launch it misses
+    compiles its candidates one at a time inside the variants step's time limit (dA and dB in
+    launches of their own, which the layer pairs, once did). (A subprocess, as above.)"""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, LORA_KERNELS_AUTOTUNE="1")
+    done = subprocess.run([sys.executable, "-c", VARIANT_LAUNCHES], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, missing = done.stdout.strip().split(" ", 1)
+    assert int(count) > 100 and missing == "[]", done.stdout
+
+
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     """With --dropout, fused is checked against float64 with the mask its call draws (rebuilt from
     torch's seed), so a kernel that masks wrong is WRONG, not timed; peft's mask cannot be rebuilt."""
