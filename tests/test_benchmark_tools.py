@@ -152,86 +152,74 @@ def test_a_nan_in_any_gradient_fails_the_check(tmp_path, monkeypatch):
     assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
 
 
-HOST_LAUNCHES = r"""
+# Scripts run in a subprocess: precompile refuses the interpreter, which these tests run under
+# without a GPU; autotuned, as the variants step is. JOBS keys compile jobs as precompile.jobs_for
+# tells them apart, each with its (use, sizes).
+JOBS = r"""
 import torch
 from unittest import mock
-from benchmarks import precompile
-from lora_kernels import kernels
+from benchmarks import precompile, variants
+from lora_kernels import functional, kernels
 
-def jobs(launches):  # compile jobs, keyed as precompile.jobs_for tells them apart
+def jobs(launches):
     with mock.patch.object(kernels, "_smem_bytes", lambda tensor: 227 * 1024):
         return {(tuple(map(precompile._spec, args)), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
                  tuple(sorted(config.items()))): precompile.describe(args, kwargs, config)[:2]
                 for args, kwargs, config in precompile.jobs_for(launches)}
-
-host = jobs(precompile.record_host([torch.bfloat16], 132, 90))
-layer = jobs(precompile.record([(64, 64, 64, 16)], [torch.bfloat16], 132, 90))
-print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] for k in layer.keys() - host.keys()}))
 """
+
+
+def run_jobs_script(script):
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, LORA_KERNELS_AUTOTUNE="1")
+    done = subprocess.run([sys.executable, "-c", JOBS + script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
 
 
 def test_precompile_host_records_the_variants_host_pieces():
     """`precompile --host` (the variants step's host-time pieces, 64x64) compiles what the layer's
     forward+backward at that shape needs, as `--shapes 64x64 --tokens 64 --ranks 16` would, and what
     the latter misses: the plain GEMM without bias, and the separate shrink's launches (S, y with S
-    given, dS, dX with dS given) beside the default fused ones. (A subprocess: precompile refuses the
-    interpreter, which these tests run under without a GPU; autotuned, as the variants step is.)"""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=root, LORA_KERNELS_AUTOTUNE="1")
-    done = subprocess.run([sys.executable, "-c", HOST_LAUNCHES], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == (
+    given, dS, dX with dS given) beside the default fused ones."""
+    out = run_jobs_script("""
+host = jobs(precompile.record_host([torch.bfloat16], 132, 90))
+layer = jobs(precompile.record([(64, 64, 64, 16)], [torch.bfloat16], 132, 90))
+print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] for k in layer.keys() - host.keys()}))
+""")
+    assert out == (
         "[('GEMM + low rank', 'M=64 N=64 K=64 r=16'), ('GEMM + low rank (Wᵀ view)', 'M=64 N=64 K=64 r=16'), "
         "('product', 'M=64 N=16 K=64'), ('product (Wᵀ view)', 'M=64 N=16 K=64'), "
-        "('product (Wᵀ view)', 'M=64 N=64 K=64')] []"), done.stdout
-
-
-VARIANT_LAUNCHES = r"""
-import torch
-from unittest import mock
-from benchmarks import precompile, variants
-from lora_kernels import functional, kernels
-
-def jobs(launches):  # compile jobs, keyed as precompile.jobs_for tells them apart
-    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: 227 * 1024):
-        return {(tuple(map(precompile._spec, args)), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
-                 tuple(sorted(config.items()))): precompile.describe(args, kwargs, config)[:2]
-                for args, kwargs, config in precompile.jobs_for(launches)}
-
-class Recorder(precompile._Recorder):  # with the candidates, which variants.without_deep_tiles reads
-    configs, cache = kernels._lora_matmul_kernel.configs, {}
-
-recorder = Recorder()
-with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
-        mock.patch.object(kernels, "_num_sms", lambda device: 132), \
-        mock.patch.object(kernels, "_tma_available", lambda device: True), \
-        mock.patch.object(functional, "select_backend", lambda *args: "triton"):
-    for name, (kind, run) in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).items():
-        if "warp-specialized" not in name:  # (their own precompile step records those)
-            run()
-launched = jobs(recorder.launches)
-recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True))
-print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.keys()}))
-"""
+        "('product (Wᵀ view)', 'M=64 N=64 K=64')] []"), out
 
 
 def test_precompile_variants_records_every_launch_of_the_variants_step():
     """`precompile --variants` compiles every (launch, config) that `benchmarks.variants` times
-    (here at 128 tokens, 64 -> 48 features, rank 16, on CPU placeholders): a launch it misses
-    compiles its candidates one at a time inside the variants step's time limit (dA and dB in
-    launches of their own, which the layer pairs, once did). (A subprocess, as above.)"""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=root, LORA_KERNELS_AUTOTUNE="1")
-    done = subprocess.run([sys.executable, "-c", VARIANT_LAUNCHES], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    count, missing = done.stdout.strip().split(" ", 1)
-    assert int(count) > 100 and missing == "[]", done.stdout
+    (here at 128 tokens, 64 -> 48 features, rank 16, on CPU placeholders; not the warp-specialized
+    rows, which have a precompile of their own): a launch it misses compiles its candidates one at a
+    time inside the variants step's time limit (dA and dB in launches of their own, which the layer
+    pairs, once did)."""
+    out = run_jobs_script("""
+class Recorder(precompile._Recorder):  # with the candidates, which variants.without_deep_tiles reads
+    configs, cache = kernels._lora_matmul_kernel.configs, {}
+
+recorder = Recorder()
+with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \\
+        mock.patch.object(kernels, "_num_sms", lambda device: 132), \\
+        mock.patch.object(kernels, "_tma_available", lambda device: True), \\
+        mock.patch.object(functional, "select_backend", lambda *args: "triton"):
+    for name, (kind, run) in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).items():
+        if "warp-specialized" not in name:
+            run()
+launched = jobs(recorder.launches)
+recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True))
+print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.keys()}))
+""")
+    count, missing = out.split(" ", 1)
+    assert int(count) > 100 and missing == "[]", out
 
 
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
