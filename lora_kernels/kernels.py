@@ -599,10 +599,11 @@ def _empty(shape, device, dtype):
 # LORA_KERNELS_FAST_LAUNCH=0 always takes Triton's own path.
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
 _COMPILED = {}  # launch key (see _launch) -> (compiled kernel, its constexpr values by name, in order)
-# Triton's autotuner keeps a call's arguments on itself while it tunes (Autotuner.nargs, 3.6-3.9)
-# and clears them when any call ends: two threads in it at once (DataParallel's replicas, each
-# device's autograd thread) would make one fail with a TypeError mid-tuning, or tune with the
-# other's arguments. Launches through Triton's dispatch take turns; direct launches need no lock.
+# Triton's autotuner keeps a call's arguments on itself while it tunes (Autotuner.nargs) and
+# clears them when any call ends: with Triton 3.6, two threads in it at once (DataParallel's
+# replicas, each device's autograd thread) made one fail with a TypeError mid-tuning (reproduced on
+# the CPU with the kernel stubbed; not with 3.9). Launches through Triton's dispatch take turns;
+# direct launches need no lock.
 _TRITON_DISPATCH = threading.Lock()
 
 
