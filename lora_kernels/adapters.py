@@ -19,7 +19,8 @@ from collections import namedtuple
 
 import torch
 
-from .modules import LinearWithLoRA, LoRALayer
+from . import reference
+from .modules import LinearWithLoRA
 
 try:  # FSDP2 parameters are DTensors; torch.distributed.tensor is public from torch 2.5
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -73,9 +74,11 @@ def _unprefixed(key, params):
 
 def _lora_layers(model):
     """(name, LoRALayer) for every adapter below ``model``, ``model`` itself included, named as in
-    the plain model (no wrapper's ``module.`` or ``_orig_mod.``)."""
+    the plain model (no wrapper's ``module.`` or ``_orig_mod.``). ``lora_kernels.reference``'s
+    LoRALayer (the seed's code) counts too: this package's derives from it, with the same A, B
+    and alpha."""
     return [(_without_compile(name), m) for name, m in _unwrap(model).named_modules()
-            if isinstance(m, LoRALayer)]
+            if isinstance(m, reference.LoRALayer)]
 
 
 def _is_dtensor(t):
@@ -90,9 +93,15 @@ def mark_only_lora_as_trainable(model):
     """Set ``requires_grad`` on the LoRA ``A`` and ``B`` only, every other parameter frozen.
 
     Returns ``model``. Build the optimizer afterwards (or from ``requires_grad`` parameters) so it
-    does not hold state for the frozen base.
+    does not hold state for the frozen base. A model without LoRA layers raises ``ValueError``:
+    freezing all of it would leave nothing to train, without a word (a peft model's adapters are
+    peft's own modules: peft marks them trainable itself).
     """
-    lora = {id(p) for _, layer in _lora_layers(model) for p in (layer.A, layer.B)}
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers (lora_kernels.LoRALayer or its reference's): freezing "
+                         "every parameter would leave nothing to train; call replace_linear_with_lora first")
+    lora = {id(p) for _, layer in layers for p in (layer.A, layer.B)}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora)
     return model
@@ -228,6 +237,10 @@ def load_adapter(model, path, strict=True):
         params[_key(name, "A")] = layer.A
         params[_key(name, "B")] = layer.B
     tensors = {_unprefixed(k, params): v for k, v in tensors.items()}
+
+    def layer_name(name):  # a layer named in the metadata, as its A is named in the model
+        key = _unprefixed(_key(name, "A"), params)
+        return key[:-len(".A")] if key != "A" else ""
     missing = sorted(k for k in params if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in params)
     mismatched = [(k, tuple(tensors[k].shape), tuple(p.shape))
@@ -235,7 +248,8 @@ def load_adapter(model, path, strict=True):
 
     alpha_diffs = []
     if _LAYERS_KEY in metadata:  # files from elsewhere may carry tensors only
-        stored = json.loads(metadata[_LAYERS_KEY])
+        # (Earlier versions wrote the layers' names with the wrappers' prefixes, as their tensors'.)
+        stored = {layer_name(n): v for n, v in json.loads(metadata[_LAYERS_KEY]).items()}
         for name, layer in _lora_layers(model):
             if name in stored and stored[name]["alpha"] != _alpha(layer):
                 alpha_diffs.append((name, stored[name]["alpha"], _alpha(layer)))

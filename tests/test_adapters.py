@@ -1,6 +1,7 @@
 """Adapter utilities: freezing, counting, saving/loading only A and B, and peft's alpha convention."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -67,6 +68,23 @@ def test_mark_only_lora_as_trainable():
     # Gradients then reach only the adapters.
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     assert all((p.grad is not None) == (n in lora) for n, p in model.named_parameters())
+
+
+def test_mark_only_lora_as_trainable_without_lora_layers_raises():
+    """Freezing a model with no LoRA layers (a plain or a peft model) would leave nothing to train,
+    silently: it raises, and changes nothing."""
+    plain = Tiny()
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        mark_only_lora_as_trainable(plain)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_mark_only_lora_as_trainable_takes_the_reference_layers():
+    """A model built with the seed's classes (lora_kernels.reference) has the same A and B."""
+    from lora_kernels import reference
+    model = torch.nn.Sequential(reference.LinearWithLoRA(torch.nn.Linear(4, 3), 2, ALPHA))
+    mark_only_lora_as_trainable(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora.A", "0.lora.B"}
 
 
 def test_count_parameters_and_format():
@@ -295,6 +313,24 @@ def test_load_file_with_wrapper_prefixes(tmp_path):
     plain = build()
     assert load_adapter(plain, tmp_path / "prefixed.pt") == ([], [])
     assert torch.equal(plain(x), trained(x))
+
+
+def test_load_checks_alpha_of_files_with_wrapper_prefixes(tmp_path):
+    """Such files name their layers in the metadata with the same prefixes: the alpha check must
+    still find them, or a different alpha would silently rescale the adapter."""
+    trained = randomize_lora(build(), seed=6)
+    save_adapter(trained, tmp_path / "plain.pt")
+    blob = torch.load(tmp_path / "plain.pt", weights_only=True)
+    blob["tensors"] = {"module." + k: v for k, v in blob["tensors"].items()}
+    layers = json.loads(blob["metadata"]["lora_kernels.layers"])
+    blob["metadata"]["lora_kernels.layers"] = json.dumps({"module." + n: v for n, v in layers.items()})
+    torch.save(blob, tmp_path / "prefixed.pt")
+    assert load_adapter(build(), tmp_path / "prefixed.pt") == ([], [])
+    other = build(alpha=4 * ALPHA)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"alpha mismatch: blocks\.0\.fc\.lora was trained with alpha=0\.5"):
+        load_adapter(other, tmp_path / "prefixed.pt")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
 def test_load_refuses_file_with_dtensors(tmp_path):
