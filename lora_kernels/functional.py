@@ -215,11 +215,14 @@ def _check_inputs(x, weight, bias, A, B, alpha):
                         + (f", bias {bias.dtype}" if bias is not None else ""))
     if A.dtype != B.dtype:
         raise TypeError(f"A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
-    if isinstance(alpha, Tensor) and alpha.dim() == 0 and alpha.dtype != torch.bool:
+    if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool:
         if alpha.requires_grad:  # .item() would drop its gradient without a word
             raise ValueError("alpha is a tensor that requires grad: the fused layer has no gradient for "
                              "alpha; pass a number or a tensor that does not require grad")
-        alpha = alpha.item()  # the seed's layer takes a 0-d tensor too
+        if alpha.dim() > x.dim():  # the seed's alpha · (x A B) would broadcast y to more dimensions
+            raise ValueError(f"alpha of shape {tuple(alpha.shape)} has more dimensions than x "
+                             f"{tuple(x.shape)}: pass a number")
+        alpha = alpha.item()  # the seed's layer takes a one-element tensor too
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     # Comparisons, not math.isfinite: torch.compile may trace alpha as a symbolic float (dynamic=True,

@@ -22,10 +22,11 @@ class LoRALayer(reference.LoRALayer):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(in_dim, out_dim, rank, alpha)
-        if (isinstance(alpha, torch.Tensor) and not isinstance(alpha, torch.nn.Parameter) and alpha.dim() == 0
-                and not alpha.requires_grad):
-            # A constant 0-d tensor (the seed's layer takes one) held as a number: torch.compile
-            # could only read a tensor's value through a data-dependent .item().
+        if (isinstance(alpha, torch.Tensor) and not isinstance(alpha, torch.nn.Parameter) and alpha.numel() == 1
+                and alpha.dim() <= 1 and not alpha.requires_grad):
+            # A constant one-element tensor (the seed's layer takes one; with one dimension at most
+            # it scales without broadcasting any x) held as a number: torch.compile could only read
+            # a tensor's value through a data-dependent .item().
             self.alpha = alpha.item()
 
     def extra_repr(self):

@@ -66,6 +66,7 @@ def test_bad_input(change, error, words):
 @pytest.mark.parametrize("alpha,error", [(float("nan"), ValueError), (float("inf"), ValueError),
                                          (-float("inf"), ValueError), (True, TypeError),
                                          (torch.tensor([1.0, 2.0]), TypeError), ("2", TypeError),
+                                         (torch.ones(1, 1, 1, 1), ValueError),  # would broadcast y (3-D) to 4-D
                                          (torch.tensor(float("nan")), ValueError),
                                          (torch.tensor(2.0, requires_grad=True), ValueError)])  # its grad would be lost
 def test_bad_alpha(alpha, error):
@@ -74,11 +75,12 @@ def test_bad_alpha(alpha, error):
 
 
 def test_alpha_forms_the_seed_accepts():
-    """A Python int, a numpy scalar and a 0-d tensor all scale like the float."""
+    """A Python int, a numpy scalar and a one-element tensor (of no more dimensions than x) all
+    scale like the float."""
     import numpy as np
     args = good()
     expected = call(*args, alpha=2.0)
-    for alpha in (2, np.float32(2.0), torch.tensor(2.0)):
+    for alpha in (2, np.float32(2.0), torch.tensor(2.0), torch.tensor([2.0]), torch.full((1, 1), 2.0)):
         assert torch.equal(call(*args, alpha=alpha), expected)
 
 

@@ -347,3 +347,13 @@ def test_constant_tensor_alpha_is_held_as_a_number():
     only read a tensor's value through .item()), with the same numbers."""
     ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, torch.tensor(0.5))
     assert isinstance(ours.lora.alpha, float) and ours.lora.alpha == 0.5
+    # A one-element tensor of one dimension too; one of more is kept, and checked when called.
+    assert lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, torch.tensor([0.5])).lora.alpha == 0.5
+    x = torch.randn(3, 6)
+    for alpha in (torch.tensor([0.5]), torch.full((1, 1), 0.5)):
+        torch.manual_seed(0)
+        ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha)
+        torch.manual_seed(0)
+        ref = seed.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha)
+        torch.nn.init.normal_(ours.lora.B), ref.lora.B.data.copy_(ours.lora.B)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
