@@ -182,12 +182,22 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
 
     Layers already wrapped are left alone, so a second call does not wrap them twice. A layer whose
     weight is shared with another module (an lm_head tied to the embedding) is marked so, and its
-    ``merge()`` refuses.
+    ``merge()`` refuses. PyTorch's ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerDecoderLayer`` are left alone, with a warning: they read their Linears' weights
+    themselves (MultiheadAttention always, the layers' fast path in eval mode), past any adapter.
     """
     counts = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    _replace(model, rank, alpha, dropout, {i for i, n in counts.items() if n > 1})
+    skipped = []
+    if isinstance(model, _READ_THEIR_LINEARS):
+        skipped.append("the module given")
+    else:
+        _replace(model, rank, alpha, dropout, {i for i, n in counts.items() if n > 1}, "", skipped)
+    if skipped:
+        warnings.warn("replace_linear_with_lora left these modules without LoRA (PyTorch's attention and "
+                      "transformer layers read their Linears' weights directly, past any adapter): "
+                      + ", ".join(skipped), UserWarning, stacklevel=2)
     return model
 
 
@@ -216,13 +226,19 @@ def merge_and_unload(model):
     return model.linear if isinstance(model, LinearWithLoRA) else model
 
 
-def _replace(model, rank, alpha, dropout, shared):
+# Modules whose forward reads their Linear children's weight and bias itself instead of calling them.
+_READ_THEIR_LINEARS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+def _replace(model, rank, alpha, dropout, shared, prefix, skipped):
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
             continue
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, _READ_THEIR_LINEARS):
+            skipped.append(prefix + name)
+        elif isinstance(module, torch.nn.Linear):
             layer = LinearWithLoRA(module, rank, alpha, dropout)
             layer.weight_tied = id(module.weight) in shared
             setattr(model, name, layer)
         else:
-            _replace(module, rank, alpha, dropout, shared)
+            _replace(module, rank, alpha, dropout, shared, f"{prefix}{name}.", skipped)

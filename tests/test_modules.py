@@ -342,6 +342,27 @@ def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
     assert torch.equal(ours.lora.A, ref.lora.A)
 
 
+def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_warning():
+    """nn.MultiheadAttention reads its out_proj's weight itself, and nn.TransformerEncoderLayer its
+    Linears' in eval mode (its fast path): the seed's replacement breaks them (AttributeError) and
+    an adapter there would never run. Ours leaves them as they are, says so, and wraps the rest."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    x = torch.randn(2, 3, 8)
+    expected = model.eval()(x)
+    with pytest.warns(UserWarning, match=r"without LoRA .*: 1\.layers\.0, 1\.layers\.1$"):
+        lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    assert isinstance(model[0], lora_kernels.LinearWithLoRA)
+    assert not any(isinstance(m, lora_kernels.LinearWithLoRA) for m in model[1].modules())
+    torch.testing.assert_close(model(x), expected)  # eval mode, where the fast path reads the weights
+    model.train()(x)
+    mha = torch.nn.MultiheadAttention(8, 2)
+    with pytest.warns(UserWarning, match="the module given"):
+        lora_kernels.replace_linear_with_lora(mha, rank=2, alpha=1.0)
+    assert type(mha.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
 def test_constant_tensor_alpha_is_held_as_a_number():
     """The seed takes a 0-d tensor alpha; a constant one is kept as a float (torch.compile could
     only read a tensor's value through .item()), with the same numbers."""
