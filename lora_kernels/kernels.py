@@ -131,8 +131,13 @@ def _configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True,
                                "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
-                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=3)]
+        # One fixed tile, fitted like any candidate to the problem and the GPU's shared memory by
+        # _prune, which Triton's autotuner calls only on a list of several configs (a lone one runs
+        # as it is: in fp64, 64×64×64 in three stages needs 192 KiB, more than an A100 or an L4
+        # has). So the list holds it twice, and the pruner drops the duplicate.
+        fixed = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
+                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=3)
+        return [fixed, fixed]
     return hopper_configs()
 
 
@@ -347,7 +352,9 @@ def _lora_matmul_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_os, stride_om, stride_on, stride_sm, stride_sr, stride_b,
-    scale, s_scale,
+    # fp64 whatever the dtypes: Triton would pass a Python float as fp32, and round an fp64 product's
+    # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15
+    scale: tl.float64, s_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
     seed_ptr, p_drop, drop_si, drop_sj,
@@ -466,8 +473,11 @@ def _lora_matmul_kernel(
                 acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
                 acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        # scale may arrive as fp64 (torch.compile passes Python floats so): cast back before the next dot.
-        acc = (acc * scale).to(ACC_DTYPE)
+        # (fp32 tiles take scale cast first: an fp64 scalar would promote the whole tile to fp64)
+        if ACC_DTYPE == tl.float64:
+            acc = acc * scale
+        else:
+            acc = acc * tl.cast(scale, ACC_DTYPE)
 
         if HAS_LOWRANK:
             # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
@@ -477,7 +487,10 @@ def _lora_matmul_kernel(
             else:
                 low = acc
             if FUSE_SHRINK:
-                shrink = (shrink * s_scale).to(ACC_DTYPE)
+                if ACC_DTYPE == tl.float64:
+                    shrink = shrink * s_scale
+                else:
+                    shrink = shrink * tl.cast(s_scale, ACC_DTYPE)
                 if pid_n == 0:  # every column block computed the same L; one of them saves it
                     tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                              shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
@@ -610,7 +623,7 @@ _TRITON_DISPATCH = threading.Lock()
 def _arg_class(a):
     """What Triton's binder specializes a runtime argument on (3.6 to 3.9): a tensor's dtype and
     16-byte alignment; an int's being 1 (a constant), a multiple of 16 and its width (i32/i64);
-    nothing for a float (always fp32). Two launches whose arguments agree on these get the same
+    nothing for a float (its type is fixed: fp32, or fp64 as annotated). Two launches whose arguments agree on these get the same
     compiled kernel (tests/test_launch.py checks this against Triton's own function)."""
     if type(a) is int:
         return (a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000)

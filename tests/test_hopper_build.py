@@ -85,6 +85,28 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     assert 0 < tma_rows < len(rows)
 
 
+def test_scales_reach_the_compiled_kernel_as_fp64(tmp_path):
+    """Triton passes a Python float as fp32 unless the kernel says otherwise: alpha = 0.1 reached
+    fp64 products as 0.10000000149 (1.5e-8 off, where fp64 is good to 1e-15). The interpreter
+    passes floats as fp64, so only the compiled kernel shows it."""
+    script = (
+        "import re, torch\n"
+        "from triton.runtime import driver\n"
+        "from benchmarks import precompile as p\n"
+        "from lora_kernels import kernels\n"
+        "driver.set_active(p._StandInDriver(90))\n"
+        "launches = p.record([(64, 32, 128, 4)], [torch.float64], 132, 90)\n"
+        "args, kwargs, config = p.jobs_for(launches)[0]\n"
+        "k = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config)\n"
+        "print(sorted(set(re.findall(r'%(scale|s_scale): (\\w+)', k.asm['ttir']))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "[('s_scale', 'f64'), ('scale', 'f64')]", done.stdout
+
+
 # (compute capability, dtype, KiB of shared memory a block may use, from CUDA's programming guide)
 @pytest.mark.parametrize("arch, dtypes, smem_kib", [(75, "fp16", 64), (80, "bf16", 163), (89, "bf16", 99)])
 def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_kib):
@@ -97,3 +119,13 @@ def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_k
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
         assert regs.isdigit() and 0 < float(smem) <= smem_kib, (use, sizes, dot, tile, smem)
         assert (wgmma, tma) == ("no", "no") and " tma" not in tile, (use, sizes, dot, tile)
+
+
+def test_fixed_config_fits_older_gpus(tmp_path):
+    """LORA_KERNELS_AUTOTUNE=0's one tile is fitted to the GPU like any candidate: Triton's
+    autotuner runs a lone config unpruned, and in fp64 that tile needed 128-192 KiB of shared
+    memory, which an L4 (99 KiB) or an A100 (163 KiB) does not have, so every fp64 launch there failed."""
+    rows = compile_for_hopper(tmp_path, "0", "--ranks", "16,64", "--dtypes", "fp64,fp32", arch=89, shapes="256x512")
+    assert {row[2] for row in rows} == {"fp64", "fp32"} and len(rows) >= 8, rows
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+        assert regs.isdigit() and 0 < float(smem) <= 99, (use, sizes, dot, tile, smem)
