@@ -150,7 +150,7 @@ def select_backend(x, adapter_dtype):
             warnings.warn(f"lora_kernels: {_NO_KERNELS}; CUDA tensors take the unfused PyTorch path",
                           RuntimeWarning, stacklevel=3)
         return "torch"
-    if x.is_cuda:
+    if x.is_cuda and not kernels.INTERPRET:
         return "triton"
     if choice == "auto":
         return "torch"
@@ -189,6 +189,8 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must have a floating-point dtype the kernels compute in (float16, "
                             f"bfloat16, float32 or float64), got {t.dtype}")
+        if t.layout is not torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: call .to_dense()")
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         raise ValueError("all tensors must be on one device, got "
@@ -292,6 +294,10 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     dtype = x.dtype
     N, K = weight.shape
     x2 = _rows(x)
+    if backend == "triton" and (dy.is_neg() or dy._is_zerotensor()):
+        # The kernels read storage: a negative view stores -dY, and autograd's lazy zeros (some
+        # ops' gradients) have none.
+        dy = torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device) if dy._is_zerotensor() else dy.resolve_neg()
     dy2 = _rows(dy).to(dtype)
     drop = _Dropout(dropout_p, seed)
     dx = dw = db = dA = dB = None
@@ -397,6 +403,10 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
+    if backend == "triton" and (x.is_neg() or weight.is_neg() or A.is_neg() or B.is_neg()
+                                or (bias is not None and bias.is_neg())):
+        # A negative view (the .imag of a conj()) stores -t, and the kernels read storage as it is.
+        x, weight, bias, A, B = (t if t is None else t.resolve_neg() for t in (x, weight, bias, A, B))
     seed = draw_seed(x.device, backend) if dropout_p > 0 else None
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
@@ -406,7 +416,9 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # torch.jit.trace must record the call, not the ops it runs on these shapes. (The dual level is
     # a private variable: read with a default, so a torch without it loses only this shortcut's
     # guard, which tests/test_lora_linear.py would then report, and not every forward.)
-    if (not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+    # (Inference mode records no graph either, even under enable_grad.)
+    if ((not torch.is_grad_enabled() or torch.is_inference_mode_enabled())
+            and not torch._C._are_functorch_transforms_active()
             and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
             and not torch._C._get_tracing_state()):
         return _forward_impl(*inputs)[0]

@@ -90,11 +90,11 @@ class LinearWithLoRA(torch.nn.Module):
             return self.linear(x)
         p = self.dropout if self.training else 0.0
         # The reference's own calls where the fused one would skip something (see plain_module and
-        # plain_tensors), and for torch.fx's symbolic tracing (x a Proxy), which records them as the
-        # reference's graph.
+        # plain_tensors) or cannot read x (a sparse one), and for torch.fx's symbolic tracing (x a
+        # Proxy), which records them as the reference's graph.
         linear, lora = self.linear, self.lora
         if not (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer)
-                and plain_tensors(x, linear.weight, linear.bias, lora.A, lora.B)):
+                and plain_tensors(x, linear.weight, linear.bias, lora.A, lora.B) and x.layout is torch.strided):
             y = self.linear(x)
             x = torch.nn.functional.dropout(x, p) if p else x
             return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)

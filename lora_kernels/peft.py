@@ -175,7 +175,7 @@ class FusedLinear(_PeftLoraLinear):
     def forward(self, x, *args, **kwargs):
         call = None
         if not args and all(k in _PEFT_CALL_KWARGS and v is None for k, v in kwargs.items()) \
-                and type(x) in PLAIN_TENSORS:
+                and type(x) in PLAIN_TENSORS and x.layout is torch.strided:
             call = _fused_call(self)
         if type(call) is not tuple or (x.dtype != call[0].dtype and not torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)

@@ -48,12 +48,16 @@ class Subclass(torch.Tensor):
     (lambda a: [a.__setitem__(i, a[i].to(torch.float8_e4m3fn)) for i in range(3)], TypeError,
      ["x must have a floating-point dtype", "float8_e4m3fn"]),
     (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, ["one device", "bias on meta"]),
+    (lambda a: a.__setitem__(1, a[1].to_sparse()), TypeError, ["weight must be a dense", "sparse_coo"]),
+    (lambda a: a.__setitem__(3, a[3].to_sparse_csr()), TypeError, ["A must be a dense", "sparse_csr"]),
 ], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
-        "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device"])
+        "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device",
+        "W-sparse", "A-sparse"])
 def test_bad_input(change, error, words):
     args = good()
     change(args)
-    snapshot = [t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" else None for t in args]
+    snapshot = [t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided
+                else None for t in args]
     with pytest.raises(error) as info:
         call(*args)
     for w in words:
@@ -82,6 +86,21 @@ def test_alpha_forms_the_seed_accepts():
     expected = call(*args, alpha=2.0)
     for alpha in (2, np.float32(2.0), torch.tensor(2.0), torch.tensor([2.0]), torch.full((1, 1), 2.0)):
         assert torch.equal(call(*args, alpha=alpha), expected)
+
+
+def test_interpreter_keeps_bf16_off_the_kernels_for_cuda_tensors_too(monkeypatch):
+    """With TRITON_INTERPRET=1 on a GPU machine, CUDA tensors would run the kernels through the
+    interpreter too, which computes bf16 wrong: the same rule as for CPU tensors."""
+    from types import SimpleNamespace
+    from lora_kernels import functional
+    monkeypatch.setattr(functional.kernels, "INTERPRET", True)
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # only what the choice reads
+    for choice, want in (("auto", "torch"), ("triton", "torch")):
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", choice)
+        assert functional.select_backend(x, torch.float32) == want
+    assert functional.select_backend(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.float32) == "triton"
+    monkeypatch.setattr(functional.kernels, "INTERPRET", False)
+    assert functional.select_backend(x, torch.float32) == "triton"
 
 
 def test_bad_backend_name(monkeypatch):
@@ -118,8 +137,8 @@ def test_backends_agree(monkeypatch):
     for b in backends():
         monkeypatch.setenv("LORA_KERNELS_BACKEND", b.values[0])
         outs.append(call(*args, alpha=0.3))
-    # On a GPU the kernels take alpha as a 32-bit float argument (Triton's type for a Python
-    # float), so there fp64 agrees to about 1e-8 of alpha's term; the interpreter keeps 64 bits.
-    tol = 1e-12 if DEVICE == "cpu" else 1e-6
+    # (alpha = 0.3 is not a float32: a kernel taking it as one, Triton's type for a Python float
+    # unless annotated, would agree to about 1e-8 only, as the kernels did on a GPU until fixed.)
+    tol = 1e-12
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=tol, atol=tol)

@@ -309,6 +309,41 @@ def test_no_grad_forward_skips_autograd(backend, monkeypatch):
     assert torch.equal(y, with_grad.detach()) and rel_err(y, want) < TOL[torch.float32]
 
 
+def test_inference_mode_under_enable_grad(backend):
+    """Inference mode records no graph even under enable_grad: the forward alone, as the reference
+    gives it, not a graph that would try to save inference tensors."""
+    x, W, b, A, B = make_inputs((3,), 16, 24, 4, torch.float32)
+    A.requires_grad_(), B.requires_grad_()
+    with torch.inference_mode(), torch.enable_grad():
+        y = lora_kernels.lora_linear(x, W, b, A, B, 0.75)
+    want, _ = reference(x, W, b, A, B, 0.75, torch.ones(3, 24, device=DEVICE))
+    assert not y.requires_grad and rel_err(y, want) < TOL[torch.float32]
+
+
+def test_negative_views_and_lazy_zero_gradients(backend):
+    """Tensors with PyTorch's negative bit (the .imag of a conj(), whose storage holds -t) as every
+    input and as dY, and autograd's lazy zero tensors (no storage) as dY: the numbers of their
+    values, not of their storage."""
+    x, W, b, A, B = make_inputs((7,), 16, 24, 4, torch.float32)
+
+    def neg_view(t):  # the same values, stored negated
+        return torch.complex(torch.zeros_like(t), -t).conj().imag
+
+    views = [neg_view(t) for t in (x, W, b, A, B)]
+    assert all(v.is_neg() and torch.equal(v, t) for v, t in zip(views, (x, W, b, A, B)))
+    check_all(views, 0.75, torch.float32)
+    dy = torch.randn(7, 24, device=DEVICE)
+    for t in (x, A, B):
+        t.requires_grad_()
+    lora_kernels.lora_linear(x, W, b, A, B, 0.75).backward(neg_view(dy))
+    _, grads = reference(x, W, b, A, B, 0.75, dy)
+    for got, want in zip((x.grad, A.grad, B.grad), (grads[0], grads[3], grads[4])):
+        assert rel_err(got, want) < TOL[torch.float32]
+    zero = torch._efficientzerotensor(7, 24, device=DEVICE)
+    got = torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 0.75), (x, A, B), zero)
+    assert all(g.shape == t.shape and not g.isnan().any() and g.count_nonzero() == 0 for g, t in zip(got, (x, A, B)))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_gradcheck(backend, bias):
     x, W, b, A, B = make_inputs((2, 3), 5, 4, 2, torch.float64, bias=bias)

@@ -342,6 +342,16 @@ def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
     assert torch.equal(ours.lora.A, ref.lora.A)
 
 
+def test_sparse_input_runs_the_reference_calls():
+    """The seed's layer takes a sparse x (F.linear does); the kernels cannot read one, so the layer
+    runs the reference's calls for it, with the seed's numbers."""
+    torch.manual_seed(0)
+    ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, 0.5)
+    torch.nn.init.normal_(ours.lora.B)
+    x = torch.randn(4, 6) * (torch.rand(4, 6) > 0.5)
+    torch.testing.assert_close(ours(x.to_sparse()), ours(x), rtol=1e-5, atol=1e-6)
+
+
 def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_warning():
     """nn.MultiheadAttention reads its out_proj's weight itself, and nn.TransformerEncoderLayer its
     Linears' in eval mode (its fast path): the seed's replacement breaks them (AttributeError) and
