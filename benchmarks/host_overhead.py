@@ -18,12 +18,15 @@ import cProfile
 import functools
 import io
 import pstats
+import signal
 import time
 from unittest import mock
 
 import torch
 
 from lora_kernels import functional, kernels
+
+from .run import Stopped, _stop
 
 
 class _NoLaunch:
@@ -111,8 +114,9 @@ def _peft_steps(x, W, b, dy):
     except ImportError:
         return {}
     steps = {}
-    for name, fuse in [("peft LoRA Linear, its own forward (forward+backward)", False),
-                       ("peft LoRA Linear after fuse_lora (forward+backward)", True)]:
+    # (Adapters as get_peft_model makes them: fp32 beside a bf16 base on the GPU, peft's default.)
+    for name, fuse in [("peft LoRA Linear, fp32 adapters (peft's default), its own forward (forward+backward)", False),
+                       ("peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)", True)]:
         base = torch.nn.Sequential(torch.nn.Linear(W.shape[1], W.shape[0]))
         with torch.no_grad():
             base[0].weight.copy_(W.float()), base[0].bias.copy_(b.float())
@@ -145,37 +149,54 @@ def main(argv=None):
         stubs.enter_context(mock.patch.object(functional, "select_backend", lambda *args: "triton"))
     # (300 calls a round on a GPU, where a step is a millisecond of host time; 2000 on the CPU)
     timer = functools.partial(_median_us, n=300 if cuda else 2000, sync=torch.cuda.synchronize if cuda else None)
-    lines = []
+    lines, profiles = [], []
+    where = torch.cuda.get_device_name(device) if cuda else "CPU, launches stubbed out"
 
-    def row(name, step):  # printed as it is measured: a run stopped by a time limit keeps what it had
-        lines.append(f"{timer(step):8.1f} µs  {name}")
-        print(lines[-1], flush=True)
-
-    with stubs:
-        row("lora_linear forward+backward, eager (autograd.Function)", eager_step)
-        row("lora_linear forward under no_grad (evaluation)", eval_forward)
-        row("the same through the custom ops", op_step)
-        row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
-        for name, step in peft_steps.items():
-            row(name, step)
-        # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so
-        # the backward's body is also profiled called directly.)
-        profiles = [("lora_linear forward+backward, eager", _profile(eager_step)),
-                    ("the backward's body (functional._backward_impl), called directly", _profile(backward_body))
-                    ] if args.profile else []
-    row(f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", base_step)
-    if args.profile:
-        profiles.append(("F.linear forward+backward", _profile(base_step)))
-    if args.profile:
-        where = torch.cuda.get_device_name(device) if cuda else "CPU, launches stubbed out"
+    def write():  # after every row and profile: a run stopped by its time limit keeps what it had
+        if not args.profile:
+            return
         with open(args.profile, "w") as f:
             f.write(f"# Host time of one layer step ({where}), {time.strftime('%Y-%m-%d')}\n\n"
                     f"torch {torch.__version__}; `python -m benchmarks.host_overhead "
                     f"--device {args.device} --profile FILE`\n\n```\n" + "\n".join(lines) + "\n```\n")
             for name, text in profiles:
                 f.write(f"\n## cProfile of 300 calls: {name}\n\n```\n{text.strip()}\n```\n")
-        print(f"wrote {args.profile}")
 
+    def row(name, step):
+        try:
+            lines.append(f"{timer(step):8.1f} µs  {name}")
+        except Exception as e:  # one row that fails (peft's, say) must not cost the others
+            lines.append(f"  FAILED  {name}: {type(e).__name__}: {e}")
+        print(lines[-1], flush=True)
+        write()
+
+    def profile(name, step):
+        if args.profile:
+            profiles.append((name, _profile(step)))
+            write()
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with stubs:
+            row("lora_linear forward+backward, eager (autograd.Function)", eager_step)
+            row("lora_linear forward under no_grad (evaluation)", eval_forward)
+            row("the same through the custom ops", op_step)
+            row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
+            for name, step in peft_steps.items():
+                row(name, step)
+            # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so
+            # the backward's body is also profiled called directly.)
+            profile("lora_linear forward+backward, eager", eager_step)
+            profile("the backward's body (functional._backward_impl), called directly", backward_body)
+        row(f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", base_step)
+        profile("F.linear forward+backward", base_step)
+    except Stopped as e:
+        lines.append(f"INCOMPLETE: {e}")
+        write()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.profile:
+        print(f"wrote {args.profile}")
 
 if __name__ == "__main__":
     main()

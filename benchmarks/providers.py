@@ -171,6 +171,9 @@ def _peft(w, dropout=0.0, **_):
     layer.lora_A["default"].weight = torch.nn.Parameter(w.A.detach().t().contiguous())
     layer.lora_B["default"].weight = torch.nn.Parameter(w.B.detach().t().contiguous())
     assert abs(layer.scaling["default"] - w.alpha) <= 1e-6 * abs(w.alpha), layer.scaling
+    # Timed unchecked with dropout (its mask cannot be rebuilt): at least make sure it drops.
+    drop = layer.lora_dropout["default"]
+    assert (dropout == 0 or (type(drop) is torch.nn.Dropout and drop.p == dropout and drop.training)), drop
     params = {"W": layer.base_layer.weight, "b": layer.base_layer.bias,
               "A": layer.lora_A["default"].weight, "B": layer.lora_B["default"].weight}
     return Layer(layer, params, transposed=("A", "B"), dropout=dropout)

@@ -52,6 +52,16 @@ def versions():
     return out
 
 
+def settings():
+    """The LORA_KERNELS_* variables of this run (direct launches off, warp specialization on, ...):
+    they change what is measured, so every report names them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORA_KERNELS_")}
+
+
+def describe_settings(values):
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "no LORA_KERNELS_* variable set (the defaults)"
+
+
 def results_dir(out_flag, card_slug, date, name=None):
     """--out DIR wins; else $OUT/benchmarks/results when OUT is set; else benchmarks/results here."""
     if out_flag:
@@ -82,7 +92,7 @@ def table_cells(row):
         _fmt(row["ms"], ".4g"),
         "—" if row.get("ms_p20") is None else f"{row['ms_p20']:.4g}–{row['ms_p80']:.4g}",
         _fmt(row["tflops"], ".3g"),
-        _fmt(row["x_base"], ".2f"),
+        _fmt(row["x_base"], ".2f") + (f" ({row['x_base_in_turn']:.2f})" if row.get("x_base_in_turn") else ""),
         _fmt(row["fused_speedup"], ".2f"),
         _fmt(row["peak_mib"], ".1f", missing="n/a" if row["device"] == "cpu" else "—"),
         _fmt(row["saved_mib"], ".2f"),
@@ -105,7 +115,8 @@ TABLE_NOTES = """\
   forward 2MKN + 2Mr(K+N); backward 2MKN (dX) [+ 2MKN for dW when the base trains] + 4Mr(K+N);
   `base` is credited with its GEMMs only. Products only, no bias or elementwise work.
 - ×base: time over `base`'s time in the same mode (the floor: F.linear alone; its backward is dX only
-  while the base is frozen). fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
+  while the base is frozen); for fused, in parentheses, the same from base and fused timed again in turn
+  (base, fused, fused, base) at the end of the configuration, which the targets use. fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
 - peak MiB: peak CUDA memory allocated during one forward+backward, over what was allocated before it
   (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own
   parameters left out (the JSON also has the total with them).
@@ -144,6 +155,7 @@ def report_markdown(meta, rows, plot_names):
         f"- device: {meta['card']} ({meta['device']}{threads}); dtype {meta['dtype']}; alpha {meta['alpha']}; "
         f"base {'trainable' if meta['trainable_base'] else 'frozen'}",
         f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, peft {v['peft']}, CUDA {v['cuda']}",
+        f"- settings: {describe_settings(meta.get('settings', {}))}",
         f"- timing: {meta['timing']}",
         f"- command: `{meta['command']}`",
         f"- {meta['elapsed_note']}",

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -21,8 +22,8 @@ import traceback
 import torch
 
 from . import report
-from .measure import (MODES, Timer, ceilings, check, expected, flop_count, make_inputs, memory, mode_step,
-                      tolerance, worst)
+from .measure import (MODES, Timer, ceilings, check, expected, flop_count, forward_backward, make_inputs, memory,
+                      mode_step, tolerance, worst)
 from .providers import PROVIDERS, ProviderUnavailable, make_weights
 
 # (K in-features, N out-features) of Llama-3-8B's projections: q/o, k/v, gate/up, down.
@@ -136,7 +137,7 @@ def _row(device, K, N, M, r, provider, mode, status):
     return {"device": device.type, "K": K, "N": N, "tokens": M, "rank": r, "mode": mode, "provider": provider,
             "ms": None, "ms_p20": None, "ms_p80": None, "reps": None, "tflops": None, "x_base": None, "fused_speedup": None,
             "peak_mib": None, "saved_mib": None, "saved_all_mib": None, "max_err": None, "errors": None,
-            "check_s": None, "base_again_ms": None, "status": status}
+            "check_s": None, "base_again_ms": None, "x_base_in_turn": None, "status": status}
 
 
 def describe_error(e, limit=300):
@@ -161,6 +162,10 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
     except Exception as e:  # a provider that cannot even be built is reported, not fatal
         return rows(f"ERROR: {describe_error(e)}")
     try:
+        started = time.perf_counter()
+        # The first call compiles and autotunes, outside the timings. It is not the one checked: on a
+        # GPU the later calls launch the compiled kernels directly (kernels._launch), and those are timed.
+        forward_backward(layer, xs[0], dys[0])
         ref, checked, masked = refs[layer.lora], layer.dropout == 0, False
         if layer.dropout > 0 and layer.next_mask is not None:
             # A random output, but the layer names the mask its next call draws: checked with it.
@@ -168,8 +173,6 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
             ref = expected(weights, xs[0], dys[0], lora=layer.lora, keep=keep, dropout=layer.dropout)
             checked = masked = True
             del keep
-        started = time.perf_counter()
-        # The first call: compilation and autotuning happen here, outside the timings.
         errors = check(layer, xs[0], dys[0], ref)
     except Exception as e:
         return rows(f"ERROR: {describe_error(e)}")
@@ -217,23 +220,34 @@ def add_ratios(rows):
                 row["fused_speedup"] = row["ms"] / fused
 
 
-def time_base_again(config_rows, weights, xs, dys, timer):
-    """`base` timed again once the configuration's other providers are done (base_again_ms on its
-    rows): against its first time, the drift (clocks, temperature) and noise the ratios to base carry."""
-    layer = PROVIDERS["base"](weights)
-    for row in config_rows:
-        if row["provider"] == "base" and row["ms"] is not None:
-            try:
-                row["base_again_ms"] = timer(*mode_step(layer, row["mode"], xs, dys))[0]
-            except Exception:  # a figure for the notes only
-                pass
+def time_in_turn(config_rows, weights, xs, dys, timer, args):
+    """`base` and `fused` timed again in turn, once the configuration's providers are done: base,
+    fused, fused, base in each mode (a steady drift then weighs on both alike). The ratio of their
+    medians goes in fused's rows as x_base_in_turn, which the targets use: timed minutes apart, in
+    the sweep's fixed order, the two drifted with the GPU's clocks and the host's load (the base's
+    own time moved by -64% to +48% within one configuration on the H200). The base's rows get
+    base_again_ms, its median here, for the drift note."""
+    rows = {(r["provider"], r["mode"]): r for r in config_rows if r["ms"] is not None}
+    layers = {name: PROVIDERS[name](weights, dropout=args.dropout) for name in ("base", "fused")}
+    for mode in args.modes:
+        if ("base", mode) not in rows or ("fused", mode) not in rows:
+            continue
+        ms = {"base": [], "fused": []}
+        try:
+            for name in ("base", "fused", "fused", "base"):
+                ms[name].append(timer(*mode_step(layers[name], mode, xs, dys))[0])
+        except Exception:  # figures for the ratios' noise only: the sequential ones stand
+            continue
+        rows[("base", mode)]["base_again_ms"] = statistics.median(ms["base"])
+        rows[("fused", mode)]["x_base_in_turn"] = statistics.median(ms["fused"]) / statistics.median(ms["base"])
 
 
 def drift_note(rows):
     drift = [r["base_again_ms"] / r["ms"] - 1 for r in rows if r.get("base_again_ms") and r["ms"]]
     if drift:
-        return (f"base timed again at the end of each configuration: {min(drift):+.1%} to {max(drift):+.1%} "
-                "from its first time (the drift and noise that the ratios to base carry)")
+        return (f"base timed again at the end of each configuration, in turn with fused: {min(drift):+.1%} to "
+                f"{max(drift):+.1%} from its first time (the drift and noise that the sequential ratios to base "
+                "carry; fused's ×base in parentheses, and the targets, come from the times in turn)")
     return None
 
 
@@ -260,8 +274,8 @@ def sweep(configs, args, device, dtype, timer, progress, rows):
             config_rows += bench_provider(name, weights, xs, dys, refs, args, timer, config, args.modes)
             progress.update()
         add_ratios(config_rows)
-        if "base" in args.providers and len(args.providers) > 1:
-            time_base_again(config_rows, weights, xs, dys, timer)
+        if "base" in args.providers and "fused" in args.providers:
+            time_in_turn(config_rows, weights, xs, dys, timer, args)
         rows += config_rows
         del weights, xs, dys, refs
         if device.type == "cuda":
@@ -388,7 +402,7 @@ def main(argv=None):
 
     meta = {
         "card": card_name, "card_slug": card_slug, "device": device.type,
-        "date": datetime.date.today().isoformat(), "versions": report.versions(),
+        "date": datetime.date.today().isoformat(), "versions": report.versions(), "settings": report.settings(),
         "dtype": str(dtype).removeprefix("torch."), "alpha": args.alpha, "trainable_base": args.trainable_base,
         "dropout": args.dropout, "cpu_threads": torch.get_num_threads() if banner else None,
         "shapes": s["shapes"], "tokens": s["tokens"], "ranks": s["ranks"],

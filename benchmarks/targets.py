@@ -24,6 +24,12 @@ def _times(rows):
     return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]): r["ms"] for r in rows if r["ms"]}
 
 
+def _in_turn(rows):
+    """fused / base from the two timed in turn (benchmarks.run.time_in_turn), where the run has it."""
+    return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"]): r["x_base_in_turn"] for r in rows
+            if r["provider"] == "fused" and r.get("x_base_in_turn")}
+
+
 def _statuses(rows):
     return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]): r.get("status") for r in rows}
 
@@ -42,7 +48,7 @@ def _incomplete(results, which):
 def table(results, dropout_results=None):
     """Markdown: one line per (shape, tokens, rank), a cell per target with its ratio and ✓ or ✗;
     where a provider has no time, its status (WRONG, ERROR, SKIPPED) instead."""
-    times, statuses = _times(results["rows"]), _statuses(results["rows"])
+    times, statuses, in_turn = _times(results["rows"]), _statuses(results["rows"]), _in_turn(results["rows"])
     if dropout_results:
         peft_times, peft_statuses = _times(dropout_results["rows"]), _statuses(dropout_results["rows"])
         covered = {(r["K"], r["N"], r["tokens"], r["rank"]) for r in dropout_results["rows"]}
@@ -66,7 +72,7 @@ def table(results, dropout_results=None):
                 text = " / ".join(m for m in missing if m != "—") or "—"
                 cells.append(text + (" (dropout run)" if why is not statuses and text != "—" else mark))
                 continue
-            value = a / b
+            value = in_turn.get((K, N, M, r, mode), a / b) if ratio == "fused/base" else a / b
             # Times over base must stay under the bound; speedups must reach it.
             ok = value <= bound if den == "base" else value >= bound
             cells.append(f"{value:.2f} {'✓' if ok else '✗'}{mark}")
@@ -75,7 +81,8 @@ def table(results, dropout_results=None):
                        for name, _, ratio, bound in TARGETS)
     head = _incomplete(results, "the main run") + (_incomplete(dropout_results, "the dropout run") if dropout_results else [])
     head += [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
-            "Ratios of times measured side by side in one run"
+            "Ratios of times measured side by side in one run (× base: base and fused timed in turn, base, "
+            "fused, fused, base, where the run did so)"
             + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both "
                "(†: a configuration that run did not cover, taken without dropout)."
                if dropout_results else "; vs peft without dropout."), ""]

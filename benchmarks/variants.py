@@ -34,6 +34,7 @@ import triton
 import lora_kernels
 from lora_kernels import functional, kernels
 
+from . import report
 from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
@@ -235,7 +236,7 @@ def alternate(shape_pieces, timed, timer, rounds=4):
 
 
 def write(out, meta, rows, started):
-    """variants.json and variants.md under `out`, rewritten after each shape."""
+    """variants.json and variants.md under `out`, rewritten after each piece."""
     meta = {**meta, "elapsed_s": round(time.perf_counter() - started, 1)}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "variants.json"), "w") as f:
@@ -247,7 +248,9 @@ def write(out, meta, rows, started):
              "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
              "difference), and, the two of one kind, timed again in turn, four rounds, for the ratio of their "
              "medians (× twin, timed alternately)."
-             + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else ""), "",
+             + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else "")
+             + "".join(f" {e}." for e in meta.get("errors", [])), "",
+             f"Settings: {report.describe_settings(meta['settings'])}.", "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
     for r in rows:
         if r["ms"] is None:
@@ -342,25 +345,44 @@ def main(argv=None):
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} (interpreter)"
     rows, started = [], time.perf_counter()
     meta = {"card": card, "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rank": args.rank,
-            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__}
-    signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the shapes done so far
+            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
+            "settings": report.settings()}
+    signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the pieces done so far
+    # (Written after every piece, and whatever ends the run: a piece that hangs the GPU, which a
+    # SIGTERM cannot interrupt and the SIGKILL after it ends, loses only itself.)
     try:
         floor = None
         for name, fn in host_pieces(dtype, device).items():
-            fn()
-            ms = host_ms(fn, device) if timer else float("nan")
-            floor = floor or ms
-            rows.append({"shape": "64→64", "piece": name, "ms": ms, "ratio": ms / floor, "config": None})
-            print(f"64→64  {name:34s} {ms:9.4f} ms  ×{ms / floor:.3f}", flush=True)
+            row = {"shape": "64→64", "piece": name, "ms": None, "ratio": None, "config": None}
+            try:
+                fn()
+                row["ms"] = host_ms(fn, device) if timer else float("nan")
+                floor = floor or row["ms"]
+                row["ratio"] = row["ms"] / floor
+            except Exception as e:  # one piece that fails must not hide the rest
+                row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            write(args.out, meta, rows, started)
+            print(f"64→64  {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio']:.3f}" if row["ms"] is not None
+                                           else row["error"]), flush=True)
         for K, N in args.shapes:
             floors, results, timed = {}, {}, {}
-            shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device)
+            try:
+                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device)
+            except Exception as e:  # (its setup launches kernels too)
+                rows.append({"shape": f"{K}→{N}", "piece": "setup", "ms": None, "ratio": None, "config": None,
+                             "error": f"{type(e).__name__}: {e}"})
+                continue
             for name, (kind, fn) in shape_pieces.items():
                 row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
                 try:
                     kernels._lora_matmul_kernel.best_config = None
                     with _no_direct_launch():  # (a direct launch would leave best_config unset)
-                        result = fn()  # compile and autotune outside the timing
+                        fn()  # compile and autotune outside the timing
+                    # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
+                    best = kernels._lora_matmul_kernel.best_config
+                    row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
+                    result = fn()  # checked as timed: the compiled kernels called directly
                     if name in TWINS.values():
                         results[name] = result
                     if name in TWINS:
@@ -370,9 +392,6 @@ def main(argv=None):
                         if not row["differs"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
                             raise RuntimeError(f"WRONG: differs from '{TWINS[name]}' by {row['differs']:.1e}")
                     del result
-                    # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
-                    best = kernels._lora_matmul_kernel.best_config
-                    row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
                     row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
                     row["error"] = f"{type(e).__name__}: {e}"
@@ -382,14 +401,21 @@ def main(argv=None):
                 if row["ms"] is not None and floors[kind] is not None:  # (no ratios if the floor failed)
                     row["ratio"] = row["ms"] / floors[kind]
                 rows.append(row)
+                write(args.out, meta, rows, started)
                 print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio'] or float('nan'):.3f}"
                                                   if row["ms"] is not None else row["error"]), flush=True)
             if timer:
-                alternate(shape_pieces, timed, timer)
-            write(args.out, meta, rows, started)
+                try:
+                    alternate(shape_pieces, timed, timer)
+                except Exception as e:  # the rows stand without their × twin
+                    meta.setdefault("errors", []).append(f"{K}→{N} alternate: {type(e).__name__}: {e}")
     except Stopped as e:
         meta["stopped"] = str(e)
-    write(args.out, meta, rows, started)
+    except Exception as e:  # anything else: said, and what was measured is still written
+        meta["stopped"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        write(args.out, meta, rows, started)
     print(f"wrote {args.out}/variants.md and variants.json in {time.perf_counter() - started:.1f} s")
 
 

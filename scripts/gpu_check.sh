@@ -89,7 +89,8 @@ has() { [[ " $* " == *" $what "* ]]; }  # has MODE...: this run's mode is one of
 if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skips it when time is short)
   # The direct launch path (kernels._launch) is new on the GPU: if its own tests fail, keep the
   # figures coming through Triton's dispatch and say so.
-  LORA_KERNELS_AUTOTUNE=0 step smoke 40 "$PY" -m pytest tests/test_launch.py \
+  mkdir -p "$W/smoke"  # (its accuracy table goes into the pack, not beside it into $OUT)
+  OUT="$W/smoke" LORA_KERNELS_AUTOTUNE=0 step smoke 40 "$PY" -m pytest tests/test_launch.py \
     tests/test_gpu.py::test_direct_launches_match_tritons_path -q -p no:cacheprovider \
     || { export LORA_KERNELS_FAST_LAUNCH=0; echo "- the rest ran with LORA_KERNELS_FAST_LAUNCH=0" >> "$W/steps.md"; }
 fi
@@ -117,11 +118,15 @@ if has check all tests; then
   # and 80, which run only those: about 1,060 compiles instead of 513, where 20 s are given.)
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
-  LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$(has tests && echo 60 || echo 20)" "$PY" -m benchmarks.precompile \
+  # In tests mode, after perf, little time may be left: the precompiles get a quarter of it at most
+  # (60 and 30 s from 360 s up), the dropout one only from 240 s, and the shards the rest.
+  left=$(( deadline - $(date +%s) ))
+  pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))
+  LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$pre" "$PY" -m benchmarks.precompile \
     --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
-  # ... and its dropout test's masked kernels (tests mode only: 30 s)
-  has tests && step precompile-tests-dropout 30 "$PY" -m benchmarks.precompile \
-    --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp32 --dropout 0.3 --variants
+  # ... and its dropout test's masked kernels (tests mode only)
+  has tests && (( left >= 240 )) && step precompile-tests-dropout $(( left / 8 < 30 ? left / 8 : 30 )) "$PY" \
+    -m benchmarks.precompile --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp32 --dropout 0.3 --variants
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU. Not tests/test_hopper_build.py:

@@ -36,6 +36,12 @@ def test_targets_table_ratios_and_verdicts():
     assert "| 4.34 ✓ |" in targets.table(main)
     other = {**dropout, "rows": [dict(row, tokens=2048) for row in dropout["rows"]]}
     assert "| 4.34 ✓ † |" in targets.table(main, other)
+    # Where base and fused were timed again in turn, × base is theirs (the sequential times drift).
+    for row in main["rows"]:
+        if row["provider"] == "fused":
+            row["x_base_in_turn"] = {"forward": 1.07, "forward+backward": 1.09}[row["mode"]]
+    line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
+    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
 
 
 def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete():
@@ -282,10 +288,16 @@ def test_rows_carry_a_spread_and_base_timed_again(tmp_path):
     assert rows and all(r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in rows)
     assert all(r["base_again_ms"] > 0 for r in rows if r["provider"] == "base")
     assert all(r["base_again_ms"] is None for r in rows if r["provider"] != "base")
+    # fused and base timed again in turn: the ratio of those medians on fused's rows, and in the report
+    assert all(r["x_base_in_turn"] > 0 for r in rows if r["provider"] == "fused")
+    assert all(r["x_base_in_turn"] is None for r in rows if r["provider"] != "fused")
     (folder,) = tmp_path.iterdir()
     saved = json.loads((folder / "results.json").read_text())
     assert any(n.startswith("base timed again at the end of each configuration") for n in saved["notes"])
-    assert "| p20–p80 |" in (folder / "report.md").read_text()
+    report_text = (folder / "report.md").read_text()
+    assert "| p20–p80 |" in report_text
+    fused = next(r for r in rows if r["provider"] == "fused")
+    assert f"| {fused['x_base']:.2f} ({fused['x_base_in_turn']:.2f}) |" in report_text
 
 
 def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch, capsys):
@@ -304,7 +316,27 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     assert "lora_matmul" in tables[0] and "lora_matmul" in tables[1] and "lora_matmul" not in tables[2]
     printed = capsys.readouterr().out
     assert "1.0 µs  lora_linear forward+backward, eager" in printed
-    assert "1.0 µs  peft LoRA Linear after fuse_lora (forward+backward)" in printed  # peft is a test dependency
+    assert "1.0 µs  peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)" in printed  # peft is a test dependency
+
+
+def test_host_overhead_row_that_fails_leaves_the_others(tmp_path, monkeypatch):
+    """One row that raises (peft's, say) is written as FAILED, and the rows and profiles after it
+    are still measured and written."""
+    from benchmarks import host_overhead
+    calls = []
+
+    def timer(fn, n=0, rounds=0, sync=None):
+        calls.append(fn)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return 1.0
+
+    monkeypatch.setattr(host_overhead, "_median_us", timer)
+    out = tmp_path / "host.md"
+    host_overhead.main(["--profile", str(out)])
+    text = out.read_text()
+    assert "  FAILED  the same through the custom ops: RuntimeError: boom" in text
+    assert "1.0 µs  F.linear forward+backward" in text and "## cProfile of 300 calls: F.linear" in text
 
 
 def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
@@ -373,6 +405,39 @@ def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(t
     rows = {r["piece"]: r for r in json.loads((tmp_path / "variants.json").read_text())["rows"]}
     assert rows["ws, wrong"]["ms"] is None and "WRONG: differs from 'default' by 1.0e-01" in rows["ws, wrong"]["error"]
     assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
+
+
+def test_variants_check_the_timed_path_and_survive_a_failing_piece(tmp_path, monkeypatch):
+    """The result checked is a later call's, which on a GPU launches the compiled kernels directly
+    as the timed calls do (the first goes through Triton's dispatch, to compile and tune); a host
+    piece or a shape's setup that raises is reported and the rest still runs and is written."""
+    from benchmarks import variants
+    t = torch.randn(8, 8)
+    calls = {"n": 0}
+
+    def right_only_first():  # right through the first call's path, wrong after it
+        calls["n"] += 1
+        return t.clone() if calls["n"] == 1 else t * 1.1
+
+    def broken():
+        raise RuntimeError("boom")
+
+    def pieces(K, N, *args):
+        if K == 9:
+            raise RuntimeError("setup boom")
+        return {"floor": ("fwd", lambda: t), "default": ("fwd", lambda: t), "ws": ("fwd", right_only_first)}
+
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {"broken": broken, "fine": lambda: None})
+    monkeypatch.setattr(variants, "pieces", pieces)
+    monkeypatch.setattr(variants, "TWINS", {"ws": "default"})
+    monkeypatch.setattr(variants.kernels, "INTERPRET", True)  # (the CPU check mode: no timing)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")  # (main sets it; restored after the test)
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)  # (nor its SIGTERM handler)
+    variants.main(["--shapes", "9x8,8x8", "--tokens", "8", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path)])
+    rows = [(r["shape"], r["piece"], r.get("error")) for r in json.loads((tmp_path / "variants.json").read_text())["rows"]]
+    assert ("64→64", "broken", "RuntimeError: boom") in rows and ("64→64", "fine", None) in rows
+    assert ("9→8", "setup", "RuntimeError: setup boom") in rows and ("8→8", "floor", None) in rows
+    assert any(shape == "8→8" and piece == "ws" and "WRONG" in (error or "") for shape, piece, error in rows)
 
 
 def test_variants_rows_without_the_deep_tiles_tune_apart(monkeypatch):
