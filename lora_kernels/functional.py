@@ -255,6 +255,15 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def _by_value(*tensors):
+    """The tensors as the kernels read them, through their storage: a negative view (the .imag of a
+    conj()) stores -t, so it is resolved. (Here, in the ops' bodies, not in lora_linear: torch.compile
+    would break its graph on is_neg.)"""
+    if any(t is not None and t.is_neg() for t in tensors):
+        return [t if t is None else t.resolve_neg() for t in tensors]
+    return tensors
+
+
 def _autocast_off(device_type):
     """The op chooses its own precision: autocast off inside it. (Only entered when autocast is on:
     the context costs microseconds of host time per call, and a layer step makes two.)"""
@@ -269,6 +278,8 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, 
     dtype = x.dtype
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
+    if backend == "triton":
+        x, weight, bias, A, B = _by_value(x, weight, bias, A, B)
     with _autocast_off(x.device.type):
         # (y is allocated in x's leading shape: no reshape of it, which would cost host time.)
         return shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype, bias=bias,
@@ -293,11 +304,11 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
     N, K = weight.shape
+    if backend == "triton":
+        if dy._is_zerotensor():  # autograd's lazy zeros (some ops' gradients) have no storage to read
+            dy = torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device)
+        dy, x, weight, A, B = _by_value(dy, x, weight, A, B)
     x2 = _rows(x)
-    if backend == "triton" and (dy.is_neg() or dy._is_zerotensor()):
-        # The kernels read storage: a negative view stores -dY, and autograd's lazy zeros (some
-        # ops' gradients) have none.
-        dy = torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device) if dy._is_zerotensor() else dy.resolve_neg()
     dy2 = _rows(dy).to(dtype)
     drop = _Dropout(dropout_p, seed)
     dx = dw = db = dA = dB = None
@@ -403,10 +414,6 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
     backend = select_backend(x, A.dtype)
-    if backend == "triton" and (x.is_neg() or weight.is_neg() or A.is_neg() or B.is_neg()
-                                or (bias is not None and bias.is_neg())):
-        # A negative view (the .imag of a conj()) stores -t, and the kernels read storage as it is.
-        x, weight, bias, A, B = (t if t is None else t.resolve_neg() for t in (x, weight, bias, A, B))
     seed = draw_seed(x.device, backend) if dropout_p > 0 else None
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
