@@ -107,6 +107,34 @@ def test_scales_reach_the_compiled_kernel_as_fp64(tmp_path):
     assert done.stdout.split("\n")[-2] == "[('s_scale', 'f64'), ('scale', 'f64')]", done.stdout
 
 
+def test_compiled_kernels_use_no_atomics(tmp_path):
+    """The README's bitwise-repeatable gradients rest on reductions without atomics: split ones are
+    summed afterwards in a fixed order. The interpreter runs one program at a time, so atomics would
+    pass every CPU test; here the compiled code of a step whose dA and dB split over 8192 tokens is
+    searched for atomic or reducing instructions."""
+    script = (
+        "import re, torch\n"
+        "from triton.runtime import driver\n"
+        "from benchmarks import precompile as p\n"
+        "from lora_kernels import kernels\n"
+        "driver.set_active(p._StandInDriver(90))\n"
+        "jobs = p.jobs_for(p.record([(64, 48, 8192, 4)], [torch.float32, torch.bfloat16], 132, 90))\n"
+        "names = kernels._lora_matmul_kernel.arg_names\n"
+        "split = sum(dict(zip(names, a))['K_PER_SPLIT'] < dict(zip(names, a))['K'] for a, _, _ in jobs)\n"
+        "found = set()\n"
+        "for args, kwargs, config in jobs:\n"
+        "    ptx = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config).asm['ptx']\n"
+        "    found |= set(re.findall(r'\\b(atom|red|cp\\.reduce)\\.', ptx))\n"
+        "print(len(jobs), split, sorted(found))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT, LORA_KERNELS_AUTOTUNE="0")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs, split, found = done.stdout.split("\n")[-2].split(" ", 2)
+    assert int(jobs) >= 4 and int(split) >= 2 and found == "[]", done.stdout
+
+
 # (compute capability, dtype, KiB of shared memory a block may use, from CUDA's programming guide)
 @pytest.mark.parametrize("arch, dtypes, smem_kib", [(75, "fp16", 64), (80, "bf16", 163), (89, "bf16", 99)])
 def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_kib):

@@ -179,6 +179,40 @@ def test_trainable_base(backend):
     check_all(make_inputs((3, 23), 40, 35, 4, torch.float32), 0.5, torch.float32, train_base=True)
 
 
+@pytest.mark.parametrize("trained", [("A",), ("B",), ("x",), ("bias",), ("weight",), ("x", "bias"), ("weight", "A")],
+                         ids=lambda t: "+".join(t))
+def test_each_gradient_alone(backend, trained):
+    """Any subset of the inputs may require grad (a frozen A or B, a bias trained beside a frozen
+    weight): each gradient asked for matches float64, and the others stay None."""
+    names = ("x", "weight", "bias", "A", "B")
+    inputs = [t.requires_grad_(n in trained) for n, t in zip(names, make_inputs((3, 13), 40, 35, 4, torch.float32))]
+    y = lora_kernels.lora_linear(*inputs, 0.5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    _, want = reference(*inputs, 0.5, dy)
+    for name, t, w in zip(names, inputs, want):
+        if name in trained:
+            assert rel_err(t.grad, w) < TOL[torch.float32], name
+        else:
+            assert t.grad is None, name
+
+
+def test_half_products_accumulate_in_fp32(backend):
+    """fp16 products accumulate in fp32 (the README's promise), which only a long reduction of
+    same-signed terms tells apart from fp16 accumulation: here the output's own rounding (2.3e-4 to
+    2.7e-4 on both paths on the CPU) is about all the error allowed, where fp16 partial sums (one
+    rounding per 32-deep tile, as the interpreter computes them) gave 1.0e-3."""
+    g = torch.Generator().manual_seed(3)
+    M, K, N, r = 16, 8192, 16, 4
+    x = torch.rand(M, K, generator=g).half().to(DEVICE)
+    W = (torch.rand(N, K, generator=g) / K).half().to(DEVICE)
+    A = (torch.rand(K, r, generator=g) / K).half().to(DEVICE)
+    B = torch.rand(r, N, generator=g).half().to(DEVICE)
+    y = lora_kernels.lora_linear(x, W, None, A, B, 0.5)
+    want, _ = reference(x, W, None, A, B, 0.5, torch.ones_like(y))
+    assert rel_err(y, want) < 4e-4
+
+
 def test_non_contiguous_x(backend):
     x, W, b, A, B = make_inputs((40,), 30, 26, 4, torch.float32)
     big = torch.randn(30, 40, dtype=torch.float32, device=DEVICE)
@@ -235,7 +269,9 @@ def test_inputs_not_modified(backend):
 
 
 def test_deterministic(backend):
-    """Two backward passes give bitwise equal gradients (the split reduction, no atomics)."""
+    """Two backward passes give bitwise equal gradients (the split reduction, no atomics). (The
+    interpreter runs one program at a time, so on the CPU atomics would pass this too: the compiled
+    code is searched for them in test_hopper_build.py; on a GPU this test sees them.)"""
     inputs = make_inputs((300,), 24, 40, 8, torch.float32)
     grads = []
     for _ in range(2):
@@ -509,7 +545,8 @@ def test_fp32_precision_follows_pytorch(setting, expected):
     finally:
         torch.backends.cuda.matmul.fp32_precision = "none"
     try:
-        torch.set_float32_matmul_precision("high")
-        assert kernels._input_precision(torch.float32) == "tf32"
+        for level in ("high", "medium"):  # (the README: TF32 at "high" and at "medium")
+            torch.set_float32_matmul_precision(level)
+            assert kernels._input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision("highest")

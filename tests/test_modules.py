@@ -342,6 +342,16 @@ def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
     assert torch.equal(ours.lora.A, ref.lora.A)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_start_in_fp32_beside_a_half_base(dtype):
+    """The README: the adapters start in fp32 whatever the base's dtype (as the reference's are
+    drawn), as peft keeps them, and train in fp32."""
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(8, 6).to(dtype), 2, 0.5)
+    assert layer.linear.weight.dtype == dtype and layer.lora.A.dtype == layer.lora.B.dtype == torch.float32
+    model = lora_kernels.replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(8, 6)).to(dtype), 2, 0.5)
+    assert model[0].lora.A.dtype == torch.float32
+
+
 def test_sparse_input_runs_the_reference_calls():
     """The seed's layer takes a sparse x (F.linear does); the kernels cannot read one, so the layer
     runs the reference's calls for it, with the seed's numbers."""

@@ -56,6 +56,27 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
         assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-trained", "x-frozen"])
+def test_dropout_on_a_transposed_x(backend, x_grad):
+    """The mask is drawn by each element's place in x as the caller sees it, whatever x's strides
+    (here a transposed view); with x frozen, dA takes the backward's other branch (dS alone)."""
+    M, K, N, r, p = 37, 29, 24, 5, 0.3
+    _, W, b, A, B = make_inputs((M,), K, N, r, torch.float32)
+    x = torch.randn(K, M, device=DEVICE).t().requires_grad_(x_grad)  # strides (1, M)
+    A_, B_ = A.clone().requires_grad_(), B.clone().requires_grad_()
+    torch.manual_seed(11)
+    y = lora_kernels.lora_linear(x, W, b, A_, B_, 0.75, dropout_p=p)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    keep = functional.keep_mask(M, K, seed_of_next_call(11, backend), p, DEVICE, backend).reshape(M, K)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    y_ref = torch.nn.functional.linear(x64, W.double(), b.double()) + 0.75 * ((x64 * keep / (1 - p)) @ A64 @ B64)
+    y_ref.backward(dy.double())
+    pairs = [(y, y_ref), (A_.grad, A64.grad), (B_.grad, B64.grad)] + ([(x.grad, x64.grad)] if x_grad else [])
+    for out, ref in pairs:
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def test_dropout_keep_rate_and_unbiased_mean(backend):
     p, M, K, N = 0.3, 96, 64, 48
     keep = functional.keep_mask(M, K, 2024, p, DEVICE, backend)
@@ -266,8 +287,9 @@ def test_autocast(backend, dtype_name):
     assert y.dtype == base.dtype == dtype
     dy = torch.randn_like(y)
     y.backward(dy)
-    assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.float32
+    assert leaves[0].grad.dtype == leaves[1].grad.dtype == leaves[2].grad.dtype == torch.float32
     y_ref, g = reference(x.to(dtype), W.to(dtype), b.to(dtype), A, B, 0.5, dy)
     assert rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(leaves[0].grad, g[0]) < TOL[dtype]
     assert rel_err(leaves[1].grad, g[3]) < TOL[dtype]
+    assert rel_err(leaves[2].grad, g[4]) < TOL[dtype]
