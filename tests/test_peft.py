@@ -374,6 +374,22 @@ def test_sparse_input_runs_peft(spy):
     assert rel_err(up(x), ref_up(x)) < TOL and len(spy) == 1
 
 
+def test_save_pretrained_of_a_fused_model_loads_into_peft(tmp_path):
+    """The README: saving adapters keeps working. A fused model's save_pretrained writes what peft
+    reads back into a plain model, with the same outputs."""
+    model = peft_net()
+    fuse_quietly(model)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the same base weights as peft_net's; the adapters come from the file
+    loaded = peft.PeftModel.from_pretrained(BiasNet(), tmp_path)
+    x = torch.randn(4, 24)
+    assert not isinstance(loaded.base_model.model.up, lkpeft.FusedLinear)
+    assert rel_err(loaded(x), model(x)) < TOL
+    torch.manual_seed(0)
+    fresh = get_peft_model(BiasNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "mid", "down"]))
+    assert rel_err(fresh(x), model(x)) > 1e-2  # (peft's own start: B = 0, so the adapters did matter)
+
+
 def test_a_model_without_lora_layers_warns():
     with pytest.warns(UserWarning, match="no peft LoRA layers"):
         assert int(fuse_lora(BiasNet())) == 0
