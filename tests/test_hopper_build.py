@@ -85,26 +85,41 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     assert 0 < tma_rows < len(rows)
 
 
+# Compiles the launches of benchmarks.precompile.record(*RECORD) for sm_90 in a process of its own
+# (the stand-in driver stays there), each (launch, config) once, and prints what CHECK makes of them.
+COMPILED_LAUNCHES = """
+import re, sys, torch
+from triton.runtime import driver
+from benchmarks import precompile as p
+from lora_kernels import kernels
+driver.set_active(p._StandInDriver(90))
+jobs = p.jobs_for(p.record(*RECORD))
+names = kernels._lora_matmul_kernel.arg_names
+compiled = [(dict(zip(names, args)), kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config))
+            for args, kwargs, config in jobs]
+print(CHECK)
+"""
+
+
+def inspect_compiled(tmp_path, record, check, **env):
+    """The last line ``check`` (an expression of ``compiled``: (named args, compiled kernel) pairs)
+    printed, for the launches of ``precompile.record(*record)`` compiled for sm_90."""
+    script = COMPILED_LAUNCHES.replace("RECORD", record).replace("CHECK", check)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ROOT, **env}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("\n")[-2]
+
+
 def test_scales_reach_the_compiled_kernel_as_fp64(tmp_path):
     """Triton passes a Python float as fp32 unless the kernel says otherwise: alpha = 0.1 reached
     fp64 products as 0.10000000149 (1.5e-8 off, where fp64 is good to 1e-15). The interpreter
     passes floats as fp64, so only the compiled kernel shows it."""
-    script = (
-        "import re, torch\n"
-        "from triton.runtime import driver\n"
-        "from benchmarks import precompile as p\n"
-        "from lora_kernels import kernels\n"
-        "driver.set_active(p._StandInDriver(90))\n"
-        "launches = p.record([(64, 32, 128, 4)], [torch.float64], 132, 90)\n"
-        "args, kwargs, config = p.jobs_for(launches)[0]\n"
-        "k = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config)\n"
-        "print(sorted(set(re.findall(r'%(scale|s_scale): (\\w+)', k.asm['ttir']))))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[-2] == "[('s_scale', 'f64'), ('scale', 'f64')]", done.stdout
+    found = inspect_compiled(tmp_path, "([(64, 32, 128, 4)], [torch.float64], 132, 90)",
+                             "sorted({t for _, k in compiled for t in re.findall(r'%(scale|s_scale): (\\w+)', k.asm['ttir'])})")
+    assert found == "[('s_scale', 'f64'), ('scale', 'f64')]"
 
 
 def test_compiled_kernels_use_no_atomics(tmp_path):
@@ -112,27 +127,13 @@ def test_compiled_kernels_use_no_atomics(tmp_path):
     summed afterwards in a fixed order. The interpreter runs one program at a time, so atomics would
     pass every CPU test; here the compiled code of a step whose dA and dB split over 8192 tokens is
     searched for atomic or reducing instructions."""
-    script = (
-        "import re, torch\n"
-        "from triton.runtime import driver\n"
-        "from benchmarks import precompile as p\n"
-        "from lora_kernels import kernels\n"
-        "driver.set_active(p._StandInDriver(90))\n"
-        "jobs = p.jobs_for(p.record([(64, 48, 8192, 4)], [torch.float32, torch.bfloat16], 132, 90))\n"
-        "names = kernels._lora_matmul_kernel.arg_names\n"
-        "split = sum(dict(zip(names, a))['K_PER_SPLIT'] < dict(zip(names, a))['K'] for a, _, _ in jobs)\n"
-        "found = set()\n"
-        "for args, kwargs, config in jobs:\n"
-        "    ptx = kernels._lora_matmul_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config).asm['ptx']\n"
-        "    found |= set(re.findall(r'\\b(atom|red|cp\\.reduce)\\.', ptx))\n"
-        "print(len(jobs), split, sorted(found))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT, LORA_KERNELS_AUTOTUNE="0")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    jobs, split, found = done.stdout.split("\n")[-2].split(" ", 2)
-    assert int(jobs) >= 4 and int(split) >= 2 and found == "[]", done.stdout
+    found = inspect_compiled(
+        tmp_path, "([(64, 48, 8192, 4)], [torch.float32, torch.bfloat16], 132, 90)",
+        "len(compiled), sum(a['K_PER_SPLIT'] < a['K'] for a, _ in compiled), "
+        "sorted({m for _, k in compiled for m in re.findall(r'\\b(atom|red|cp\\.reduce)\\.', k.asm['ptx'])})",
+        LORA_KERNELS_AUTOTUNE="0")
+    jobs, split, atomics = found.split(" ", 2)
+    assert int(jobs) >= 4 and int(split) >= 2 and atomics == "[]", found
 
 
 # (compute capability, dtype, KiB of shared memory a block may use, from CUDA's programming guide)
