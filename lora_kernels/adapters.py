@@ -241,6 +241,7 @@ def load_adapter(model, path, strict=True):
     def layer_name(name):  # a layer named in the metadata, as its A is named in the model
         key = _unprefixed(_key(name, "A"), params)
         return key[:-len(".A")] if key != "A" else ""
+
     missing = sorted(k for k in params if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in params)
     mismatched = [(k, tuple(tensors[k].shape), tuple(p.shape))

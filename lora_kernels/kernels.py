@@ -623,8 +623,9 @@ _TRITON_DISPATCH = threading.Lock()
 def _arg_class(a):
     """What Triton's binder specializes a runtime argument on (3.6 to 3.9): a tensor's dtype and
     16-byte alignment; an int's being 1 (a constant), a multiple of 16 and its width (i32/i64);
-    nothing for a float (its type is fixed: fp32, or fp64 as annotated). Two launches whose arguments agree on these get the same
-    compiled kernel (tests/test_launch.py checks this against Triton's own function)."""
+    nothing for a float (its type is fixed: fp32, or fp64 as annotated). Two launches whose
+    arguments agree on these get the same compiled kernel (tests/test_launch.py checks this against
+    Triton's own function)."""
     if type(a) is int:
         return (a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000)
     if type(a) is float:
