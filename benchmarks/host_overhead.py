@@ -198,5 +198,6 @@ def main(argv=None):
     if args.profile:
         print(f"wrote {args.profile}")
 
+
 if __name__ == "__main__":
     main()

@@ -274,9 +274,9 @@ def sweep(configs, args, device, dtype, timer, progress, rows):
             config_rows += bench_provider(name, weights, xs, dys, refs, args, timer, config, args.modes)
             progress.update()
         add_ratios(config_rows)
+        rows += config_rows  # (before the times in turn: a stop there keeps the configuration's rows)
         if "base" in args.providers and "fused" in args.providers:
             time_in_turn(config_rows, weights, xs, dys, timer, args)
-        rows += config_rows
         del weights, xs, dys, refs
         if device.type == "cuda":
             torch.cuda.empty_cache()
