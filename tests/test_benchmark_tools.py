@@ -283,7 +283,31 @@ def test_peft_adapters_are_in_the_base_dtype():
     assert layer.fn(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_rows_carry_a_spread_and_base_timed_again(tmp_path):
+def test_check_runs_the_calls_after_the_first(tmp_path, monkeypatch):
+    """The check is not the provider's first call (which compiles and tunes, through Triton's
+    dispatch on a GPU) but a later one, as the timed calls are: a provider right only on its first
+    call is WRONG, one wrong only on its first call is checked ok."""
+    def first_call(wrong_first):
+        def factory(w, **kwargs):
+            layer, calls = providers.PROVIDERS["addmm"](w, **kwargs), []
+
+            def fn(x):
+                calls.append(1)
+                return layer.fn(x) * (1.5 if (len(calls) == 1) == wrong_first else 1.0)
+            return layer._replace(fn=fn)
+        return factory
+
+    monkeypatch.setitem(run.PROVIDERS, "right-later", first_call(wrong_first=True))
+    monkeypatch.setitem(run.PROVIDERS, "right-first", first_call(wrong_first=False))
+    rows = run.main(["--device", "cpu", "--shapes", "32x48", "--tokens", "16", "--ranks", "4",
+                     "--providers", "base,right-later,right-first", "--modes", "forward", "--warmup-ms", "1",
+                     "--rep-ms", "2", "--out", str(tmp_path)])
+    status = {r["provider"]: r["status"] for r in rows}
+    assert status["right-later"] == "ok" and status["right-first"].startswith("WRONG"), status
+
+
+def test_rows_carry_a_spread_and_base_timed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_FUSE_SHRINK", "0")  # (read at import: here only named in the report)
     rows = run.main([*SMALL_RUN[:3], "32x48", *SMALL_RUN[4:], "--out", str(tmp_path)])
     assert rows and all(r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in rows)
     assert all(r["base_again_ms"] > 0 for r in rows if r["provider"] == "base")
@@ -296,6 +320,8 @@ def test_rows_carry_a_spread_and_base_timed_again(tmp_path):
     assert any(n.startswith("base timed again at the end of each configuration") for n in saved["notes"])
     report_text = (folder / "report.md").read_text()
     assert "| p20–p80 |" in report_text
+    (settings,) = [line for line in report_text.splitlines() if line.startswith("- settings: ")]
+    assert "LORA_KERNELS_FUSE_SHRINK=0" in settings and saved["settings"]["LORA_KERNELS_FUSE_SHRINK"] == "0"
     fused = next(r for r in rows if r["provider"] == "fused")
     assert f"| {fused['x_base']:.2f} ({fused['x_base_in_turn']:.2f}) |" in report_text
 
