@@ -383,7 +383,7 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
     monkeypatch.setitem(model_step.PROVIDERS, "wrong", wrong_addmm)
     monkeypatch.setitem(model_step.PROVIDERS, "nan", nan_addmm)
     model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong,nan", "--rep-ms", "5", "--warmup-ms", "1",
-                     "--out", str(tmp_path)])
+                     "--dtype", "fp32", "--out", str(tmp_path)])  # (fp32 on a GPU too, where bf16 is the default)
     rows = {r["provider"]: r for r in json.loads((tmp_path / "model-step.json").read_text())["rows"]}
     for name in ("base", "fused", "peft"):
         assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0 and rows[name]["max_err"] < 1e-5, rows[name]

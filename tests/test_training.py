@@ -41,8 +41,10 @@ def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monke
     y.backward(dy)
     if backend == "triton" and kernels._tma_available(torch.device(DEVICE)):
         assert set(spy.allow_tma) == {shape == "aligned"}  # the masks met TMA-loaded tiles too
-    if backend == "triton":
-        assert any(spy.splits)  # the masked dA's reduction split: masks past the first chunk of rows
+    if backend == "triton" and kernels.INTERPRET:
+        # the masked dA's reduction split: masks past the first chunk of rows (the interpreter's
+        # 64-row chunks and 8 "SMs" split it; a GPU's 132 SMs and 256-row chunks do not, here)
+        assert any(spy.splits)
 
     seed = seed_of_next_call(7, backend)
     keep = functional.keep_mask(x.numel() // K, K, seed, p, DEVICE, backend).reshape(x.shape)
