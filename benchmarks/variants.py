@@ -7,10 +7,10 @@ side: the cuBLAS floor (``F.linear`` forward; ``dY W`` for dX), this package's k
 GEMM (how far Triton is from cuBLAS before any LoRA work; with and without TMA loads), each piece
 of the fused layer alone (shrink, GEMM + low rank, dS, dX, dA, dB, and dA with dB in two launches
 or the layer's one paired launch; the thin ones also without the deep tiles that
-``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the whole layer with the
-shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK``), and the
-forward and forward+backward replayed from CUDA graphs (the kernels' time, no host time between
-launches). The GEMMs and the layer are also timed with the warp-specialized configs among the
+``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the layer's forward with the
+shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK``): on a GPU
+each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
+Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph. The GEMMs and the layer are also timed with the warp-specialized configs among the
 autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
 each new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind,
 timed in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and ``variants.json`` under --out
@@ -61,6 +61,36 @@ def without_deep_tiles(fn):
     return run
 
 
+def graphed(fn, device):
+    """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
+    launches (what CUDA graphs or torch.compile's reduce-overhead mode would get). Returns the
+    graph's output tensors, which each replay rewrites."""
+    graph, out = [], []
+
+    def run():
+        if not graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm up (autotuning, cuBLAS workspaces) off the capture
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graph[0]):
+                out.append(fn())
+        graph[0].replay()
+        return out[0]
+    return run
+
+
+# Kinds of rows whose pieces are timed replayed from a CUDA graph on a GPU: one launch's host time
+# (67 µs direct, 150-190 through Triton's dispatch, on the H200 host) is longer than a thin
+# product's GPU time, and the timer's L2 flush gives the host only a short head start, so timed
+# eagerly those rows measured the host: in the fourth run the same shrink (x of 8192×4096) took
+# 0.060 ms at 4096→4096 and 0.127 at 4096→1024. "step" stays eager: a user's step.
+GRAPHED_KINDS = ("fwd", "dx", "graph step")
+
+
 def pieces(K, N, M, r, dtype, device):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -109,41 +139,17 @@ def pieces(K, N, M, r, dtype, device):
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
-    def graphed(fn):
-        """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
-        launches (what CUDA graphs or torch.compile's reduce-overhead mode would get). Returns the
-        graph's output tensors, which each replay rewrites."""
-        graph, out = [], []
-
-        def run():
-            if not graph:
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):  # warm up (autotuning, cuBLAS workspaces) off the capture
-                    for _ in range(3):
-                        fn()
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph.append(torch.cuda.CUDAGraph())
-                with torch.cuda.graph(graph[0]):
-                    out.append(fn())
-            graph[0].replay()
-            return out[0]
-        return run
-
     graphs = {} if device.type != "cuda" else {
-        # the same steps replayed from CUDA graphs: host time out of the picture
-        "F.linear forward, CUDA graph (floor)": ("graph fwd", graphed(lambda: torch.nn.functional.linear(x, W, b))),
-        "layer forward, separate shrink, CUDA graph": ("graph fwd", graphed(layer("0", False))),
-        "layer forward, fused shrink, CUDA graph": ("graph fwd", graphed(layer("1", False))),
-        "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", graphed(base_fwd_bwd)),
+        # whole steps replayed from CUDA graphs: host time out of the picture
+        "base F.linear fwd+bwd, CUDA graph (floor)": ("graph step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
-            ("graph step", graphed(without_deep_tiles(layer("0", True)))),
-        "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", graphed(layer("0", True))),
-        "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", graphed(layer("1", True))),
+            ("graph step", without_deep_tiles(layer("0", True))),
+        "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", layer("0", True)),
+        "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", layer("1", True)),
         "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
-            ("graph step", graphed(warp_specialized(layer("0", True)))),
+            ("graph step", warp_specialized(layer("0", True))),
     }
-    return {
+    rows = {
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
@@ -188,6 +194,9 @@ def pieces(K, N, M, r, dtype, device):
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
         "layer fwd+bwd, separate shrink, warp-specialized candidates": ("step", warp_specialized(layer("0", True))),
     } | graphs
+    if device.type == "cuda":
+        rows = {name: (kind, graphed(fn, device) if kind in GRAPHED_KINDS else fn) for name, (kind, fn) in rows.items()}
+    return rows
 
 
 # Each row of a new kernel variant and the row that computes the same thing the established way: its
@@ -244,6 +253,8 @@ def write(out, meta, rows, started):
     lines = [f"# Kernel variants on {meta['card']}, {meta['date']}", "",
              f"{meta['dtype']}, {meta['tokens']} tokens, rank {meta['rank']}; torch {meta['torch']}, "
              f"triton {meta['triton']}; ratios are to the first row of each group (the floor) in the same run; "
+             "the forward's and the backward's pieces (up to the first 'base F.linear fwd+bwd' row) each replayed "
+             "from a CUDA graph on a GPU, the host's time out of them; "
              "config: the autotuner's choice for the piece's last launch; the result of each row of a new "
              "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
              "difference), and, the two of one kind, timed again in turn, four rounds, for the ratio of their "
