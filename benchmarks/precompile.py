@@ -177,6 +177,27 @@ def jobs_for(launches):
     return jobs
 
 
+def first_step(launches, arch):
+    """Seconds the launches' first calls spend compiling in a training step's process: each launch
+    through the autotuner here, which compiles its candidates as in a first step
+    (``kernels.compile_configs``, LORA_KERNELS_COMPILE_THREADS at once), with its timings stubbed
+    out and nothing launched; its choices are kept neither in memory nor on disk."""
+    driver.set_active(_StandInDriver(arch))
+    tuner = kernels._lora_matmul_kernel
+    tuner.cache_results, tuner.cache = False, {}
+    # Each timing calls the candidate once, which compiles it if it is not yet (and launches nothing:
+    # warmup=True); do_bench is a cached_property of Triton's.
+    tuner.__dict__["do_bench"] = lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1]
+    started = time.perf_counter()
+    try:
+        for args, kwargs in launches:
+            tuner.run(*map(triton.runtime.jit.MockTensor.wrap_dtype, args), grid=(1,), warmup=True, **kwargs)
+    finally:
+        tuner.cache = {}
+        del tuner.__dict__["do_bench"]
+    return time.perf_counter() - started
+
+
 def _init_worker(arch):
     driver.set_active(_StandInDriver(arch))
 
@@ -249,6 +270,11 @@ def main(argv=None):
     p.add_argument("--host", action="store_true",
                    help="also benchmarks.variants' host-time pieces (64x64, 64 tokens, rank 16), in --dtypes")
     p.add_argument("--limit", type=int, help="compile only the first N jobs (a quick check)")
+    p.add_argument("--first-step", action="store_true",
+                   help="instead, time what a training process's first step spends compiling these launches' "
+                        "candidates (in this process, through the autotuner, its timings stubbed out); "
+                        "use an empty TRITON_CACHE_DIR")
+    p.add_argument("--launches", type=int, help="only the first N of the launches recorded")
     p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
     args = p.parse_args(argv)
 
@@ -264,9 +290,29 @@ def main(argv=None):
                           dropout=args.dropout, variants=args.variants, tf32=args.tf32)
         if args.host:
             launches += record_host(args.dtypes, sms, arch)
+        launches = launches[:args.launches]
         jobs = jobs_for(launches)[:args.limit]
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
           f"compiles for sm_{arch}, {args.jobs} processes", flush=True)
+    if args.first_step:
+        cache = triton.knobs.cache.dir
+        cold = not (os.path.isdir(cache) and os.listdir(cache))  # (a warm cache compiles nothing)
+        with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):
+            seconds = first_step(launches, arch)
+        print(f"first step: {seconds:.1f} s compiling {len(jobs)} candidates of {len(launches)} launches, "
+              f"{kernels.COMPILE_THREADS} at once (LORA_KERNELS_COMPILE_THREADS), on {os.cpu_count()} CPUs")
+        if args.report:  # a row per run, under one header: run it again with another thread count
+            new = not os.path.exists(args.report)
+            with open(args.report, "a") as f:
+                if new:
+                    f.write(f"# A first step's compiles for sm_{arch}, triton {triton.__version__}, torch "
+                            f"{torch.__version__}\n\n`python -m benchmarks.precompile {' '.join(argv or sys.argv[1:])}`, "
+                            "and again with other settings\n\n"
+                            "| compile threads | CPUs | launches | candidates | Triton's cache empty | seconds |\n"
+                            "|---:|---:|---:|---:|---|---:|\n")
+                f.write(f"| {kernels.COMPILE_THREADS} | {os.cpu_count()} | {len(launches)} | {len(jobs)} | "
+                        f"{'yes' if cold else 'no'} | {seconds:.1f} |\n")
+        return 0
 
     # spawn, not fork: the workers must not inherit a CUDA context or torch's thread pools.
     context = multiprocessing.get_context("spawn")

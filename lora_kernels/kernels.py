@@ -30,6 +30,7 @@ import operator
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -42,7 +43,7 @@ _TRITON = re.match(r"(\d+)\.(\d+)", triton.__version__)
 if not _TRITON or tuple(map(int, _TRITON.groups())) < (3, 6):
     raise ImportError(f"lora_kernels' Triton kernels need Triton 3.6 or newer, found {triton.__version__}")
 
-from triton.runtime import _allocation  # noqa: E402
+from triton.runtime import _allocation, _async_compile  # noqa: E402
 
 # The interpreter runs on CPU tensors with no GPU driver, where an autotuner with more than one
 # config cannot benchmark: give it one small config. Read once, like Triton itself does.
@@ -55,6 +56,22 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 # few dozen keys and each costs its candidates' timings, again in every new process without it.
 # LORA_KERNELS_AUTOTUNE_CACHE=0 times them afresh in every process.
 AUTOTUNE_CACHE = os.environ.get("LORA_KERNELS_AUTOTUNE_CACHE", "1") != "0"
+
+
+def _compile_threads():
+    # LORA_KERNELS_COMPILE_THREADS=N: how many of a new launch's candidate configs compile at once
+    # (compile_configs); default, the CPUs this process may run on, at most 16; 1 compiles them one at
+    # a time, as Triton's autotuner does.
+    setting = os.environ.get("LORA_KERNELS_COMPILE_THREADS", "")
+    if not setting:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        return min(16, len(cpus))
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"LORA_KERNELS_COMPILE_THREADS must be a whole number of threads, 1 or more, not {setting!r}")
+    return int(setting)
+
+
+COMPILE_THREADS = _compile_threads()
 
 # Split reductions into chunks of this many rows of the reduced dimension (a multiple of every
 # BLOCK_K below, so a chunk boundary never cuts a tile).
@@ -526,6 +543,46 @@ def _lora_matmul_kernel(
         out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+
+
+def compile_configs(args, flags, configs):
+    """Compile ``_lora_matmul_kernel`` for the launch ``args``/``flags`` with each config, on up to
+    COMPILE_THREADS threads at once (Triton's AsyncCompileMode: its compiler lets go of the GIL in
+    the MLIR passes and in ptxas), into the kernel cache its launches look up. A config that fails
+    to compile is left out, to fail again (and be reported) when it is launched."""
+    workers = min(COMPILE_THREADS, len(configs))
+    # (The interpreter compiles nothing; and one AsyncCompileMode at a time: a caller's own stands.)
+    if INTERPRET or workers < 2 or _async_compile.active_mode.get() is not None:
+        return
+    flags = {k: v for k, v in flags.items() if k not in ("grid", "warmup")}  # (the autotuner's call has them)
+    with ThreadPoolExecutor(workers) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        for config in configs:
+            _lora_matmul_kernel.fn.warmup(*args, grid=(1,), **flags, **config.all_kwargs())
+
+
+def _compile_before_timing(tuner):
+    """Triton's autotuner compiles each candidate right before timing it, one after another, inside
+    the first call that meets a new launch: for a Llama-3-8B's projections, 169 candidates at about
+    half a second each on the H200 machine (benchmarks/NOTES.md). Here the first timing of a tuning
+    run compiles all of that run's candidates at once (compile_configs); the timings then find
+    them compiled. Only when the autotuner really times them: a tuning found in its disk cache
+    compiles just the chosen config, as before."""
+    prune, time_one = tuner.prune_configs, tuner._bench
+    candidates = []  # the tuning run in progress (launches through the autotuner take turns)
+
+    def prune_configs(kwargs):
+        candidates[:] = configs = prune(kwargs)
+        return configs
+
+    def _bench(*args, config, **flags):
+        configs, candidates[:] = list(candidates), []
+        compile_configs(args, flags, configs)
+        return time_one(*args, config=config, **flags)
+
+    tuner.prune_configs, tuner._bench = prune_configs, _bench
+
+
+_compile_before_timing(_lora_matmul_kernel)
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}

@@ -18,8 +18,9 @@
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         in what is left (limits 40 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75).
+#         and what a first step spends compiling on the host's CPUs (first-step.md), in what is
+#         left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their precompile,
+#         75, 3 × 40).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -177,6 +178,18 @@ if has perf; then
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
+  # What a first training step spends compiling on this host's CPUs, in empty caches (nothing runs
+  # on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them, and on
+  # the default threads (kernels.compile_configs), then the whole 4096->1024 step's on them.
+  first_step() {  # NAME THREADS (empty: the default) ARGS...
+    local name=$1 threads=$2
+    shift 2
+    step "$name" 40 env ${threads:+LORA_KERNELS_COMPILE_THREADS=$threads} TRITON_CACHE_DIR="$(mktemp -d)" "$PY" \
+      -m benchmarks.precompile --first-step --shapes 4096x1024 --tokens 8192 --ranks 16 --report "$W/first-step.md" "$@"
+  }
+  first_step first-step-one-launch-one-thread 1 --launches 1
+  first_step first-step-one-launch "" --launches 1
+  first_step first-step ""
 fi
 
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).
@@ -199,6 +212,7 @@ fi
   [ -e "$W/host-profile.md" ] && { echo; sed -n '1,12p' "$W/host-profile.md"; }
   [ -e "$W/targets.md" ] && { echo; echo "## Targets"; cat "$W/targets.md"; }
   [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
+  [ -e "$W/first-step.md" ] && { echo; cat "$W/first-step.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }
   echo; echo "gpu_check exit status: $status"
 } > "$W/summary.md"

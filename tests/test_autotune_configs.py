@@ -38,7 +38,9 @@ class EveryConfig:
             outputs = ([named["out_ptr"]] + ([named["s_ptr"]] if kwargs["FUSE_SHRINK"] else [])
                        + ([named["out2_ptr"]] if kwargs["PAIRED"] else []))
             first = None
-            for config in kernels._prune(self.configs, named, **kwargs):
+            configs = kernels._prune(self.configs, named, **kwargs)
+            kernels.compile_configs(args, kwargs, configs)  # (on a GPU: all at once, on threads)
+            for config in configs:
                 for out in outputs:
                     out.fill_(float("nan"))
                 self.kernel.fn[grid](*args, **kwargs, **config.all_kwargs())

@@ -101,10 +101,11 @@ print(CHECK)
 """
 
 
-def inspect_compiled(tmp_path, record, check, **env):
+def inspect_compiled(tmp_path, record, check, script=None, **env):
     """The last line ``check`` (an expression of ``compiled``: (named args, compiled kernel) pairs)
-    printed, for the launches of ``precompile.record(*record)`` compiled for sm_90."""
-    script = COMPILED_LAUNCHES.replace("RECORD", record).replace("CHECK", check)
+    printed, for the launches of ``precompile.record(*record)`` compiled for sm_90 (or that of
+    ``script``, run in place of that one)."""
+    script = script or COMPILED_LAUNCHES.replace("RECORD", record).replace("CHECK", check)
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ROOT, **env}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -158,3 +159,32 @@ def test_fixed_config_fits_older_gpus(tmp_path):
     assert {row[2] for row in rows} == {"fp64", "fp32"} and len(rows) >= 8, rows
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
         assert regs.isdigit() and 0 < float(smem) <= 99, (use, sizes, dot, tile, smem)
+
+
+FIRST_STEP = """
+import threading, torch, triton.compiler
+from benchmarks import precompile as p
+launches = p.record([(64, 64, 64, 16)], [torch.bfloat16], 132, 90)[-1:]  # (one launch: dA with dB)
+compiles, compile = [], triton.compiler.compile
+def spy(*args, **kwargs):
+    compiles.append(threading.get_ident())
+    return compile(*args, **kwargs)
+triton.compiler.compile = spy  # (what a kernel's first launch binds as its compiler)
+p.first_step(launches, 90)
+main = threading.get_ident()
+print(len(p.jobs_for(launches)), len(compiles), len(set(compiles) - {main}), compiles.count(main))
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_first_step_compiles_candidates_on_threads(tmp_path, threads):
+    """A new launch's candidate configs compile on LORA_KERNELS_COMPILE_THREADS threads before the
+    autotuner times the first of them (the timings then find them compiled: each compiles once),
+    where Triton's autotuner compiles them one by one on the calling thread (still so with 1)."""
+    found = inspect_compiled(tmp_path, None, None, script=FIRST_STEP, LORA_KERNELS_COMPILE_THREADS=threads)
+    candidates, compiles, workers, on_main = map(int, found.split())
+    assert candidates >= 8 and compiles == candidates, found
+    if threads == "1":
+        assert (workers, on_main) == (0, candidates), found
+    else:  # (the launch's chosen config, compiled already, is found in the cache: none on the caller's thread)
+        assert workers == 2 and on_main == 0, found

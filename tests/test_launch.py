@@ -259,28 +259,42 @@ def test_launches_through_tritons_dispatch_take_turns(monkeypatch):
 SWITCHES = """
 from lora_kernels import functional, kernels
 print(functional.FUSE_SHRINK, kernels.TMA, kernels.FAST_LAUNCH, kernels.WARP_SPEC, kernels.AUTOTUNE,
-      len(kernels._lora_matmul_kernel.configs))
+      kernels.COMPILE_THREADS, len(kernels._lora_matmul_kernel.configs))
 """
+
+
+def _import_with(env):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("LORA_KERNELS_")}
+    return subprocess.run([sys.executable, "-c", SWITCHES], cwd=root, env={**base, "PYTHONPATH": root, **env},
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("env,expected", [
     ({}, "auto True True False True"),
     ({"LORA_KERNELS_FUSE_SHRINK": "0", "LORA_KERNELS_TMA": "0", "LORA_KERNELS_FAST_LAUNCH": "0",
-      "LORA_KERNELS_WARP_SPEC": "1", "LORA_KERNELS_AUTOTUNE": "0"}, "0 False False True False"),
+      "LORA_KERNELS_WARP_SPEC": "1", "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3"},
+     "0 False False True False 3"),
     ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 True True False True"),
 ], ids=["unset", "all-set", "fuse-1"])
 def test_switches_are_read_from_the_environment_at_import(env, expected):
     """The README's environment variables, as a user sets them (before the import), reach the
     switches the code reads (the tests elsewhere set the module attributes)."""
     import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("LORA_KERNELS_")}
-    done = subprocess.run([sys.executable, "-c", SWITCHES], cwd=root, env={**base, "PYTHONPATH": root, **env},
-                          capture_output=True, text=True, timeout=300)
+    done = _import_with(env)
     assert done.returncode == 0, done.stderr[-3000:]
     *switches, configs = done.stdout.split()
+    # (compile threads by default: the CPUs the process may use, at most 16)
+    expected += "" if "LORA_KERNELS_COMPILE_THREADS" in env else f" {min(16, len(os.sched_getaffinity(0)))}"
     assert " ".join(switches) == expected
     # (LORA_KERNELS_AUTOTUNE=0: the one fixed tile, listed twice so that the autotuner prunes it)
     assert (configs == "2") == (env.get("LORA_KERNELS_AUTOTUNE") == "0") and int(configs) >= 2
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_compile_threads_setting_is_named(value):
+    done = _import_with({"LORA_KERNELS_COMPILE_THREADS": value})
+    assert done.returncode != 0 and "LORA_KERNELS_COMPILE_THREADS must be a whole number" in done.stderr
