@@ -181,10 +181,13 @@ def first_step(launches, arch):
     """Seconds the launches' first calls spend compiling in a training step's process: each launch
     through the autotuner here, which compiles its candidates as in a first step
     (``kernels.compile_configs``, LORA_KERNELS_COMPILE_THREADS at once), with its timings stubbed
-    out and nothing launched; its choices are kept neither in memory nor on disk."""
-    driver.set_active(_StandInDriver(arch))
+    out and nothing launched. The autotuner's choices, in memory and on disk, and Triton's driver
+    are as they were afterwards."""
     tuner = kernels._lora_matmul_kernel
-    tuner.cache_results, tuner.cache = False, {}
+    # (driver._active, not .active: without a GPU, reading .active looks for one and raises)
+    saved = driver._active, tuner.cache, tuner.cache_results, tuner.__dict__.get("do_bench")
+    driver.set_active(_StandInDriver(arch))
+    tuner.cache, tuner.cache_results = {}, False
     # Each timing calls the candidate once, which compiles it if it is not yet (and launches nothing:
     # warmup=True); do_bench is a cached_property of Triton's.
     tuner.__dict__["do_bench"] = lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1]
@@ -192,10 +195,12 @@ def first_step(launches, arch):
     try:
         for args, kwargs in launches:
             tuner.run(*map(triton.runtime.jit.MockTensor.wrap_dtype, args), grid=(1,), warmup=True, **kwargs)
+        return time.perf_counter() - started
     finally:
-        tuner.cache = {}
-        del tuner.__dict__["do_bench"]
-    return time.perf_counter() - started
+        driver._active, tuner.cache, tuner.cache_results, do_bench = saved
+        tuner.__dict__.pop("do_bench")
+        if do_bench is not None:
+            tuner.__dict__["do_bench"] = do_bench
 
 
 def _init_worker(arch):
@@ -293,8 +298,10 @@ def main(argv=None):
         launches = launches[:args.launches]
         jobs = jobs_for(launches)[:args.limit]
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
-          f"compiles for sm_{arch}, {args.jobs} processes", flush=True)
+          f"compiles for sm_{arch}" + ("" if args.first_step else f", {args.jobs} processes"), flush=True)
     if args.first_step:
+        if args.limit is not None:
+            p.error("--limit cuts compile jobs, not launches: with --first-step use --launches")
         cache = triton.knobs.cache.dir
         cold = not (os.path.isdir(cache) and os.listdir(cache))  # (a warm cache compiles nothing)
         with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):

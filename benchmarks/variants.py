@@ -393,7 +393,7 @@ def main(argv=None):
                     # The tile config the autotuner chose for the piece's last launch (none: cuBLAS).
                     best = kernels._lora_matmul_kernel.best_config
                     row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
-                    result = fn()  # checked as timed: the compiled kernels called directly
+                    result = fn()  # checked as timed: the compiled kernels called directly, or the graph replayed
                     if name in TWINS.values():
                         results[name] = result
                     if name in TWINS:

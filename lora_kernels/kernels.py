@@ -545,8 +545,9 @@ def _lora_matmul_kernel(
 
 
 
-def compile_configs(args, flags, configs):
-    """Compile ``_lora_matmul_kernel`` for the launch ``args``/``flags`` with each config, on up to
+def compile_configs(kernel, args, flags, configs):
+    """Compile ``kernel`` (the JITFunction the autotuner wraps) for the launch ``args``/``flags``
+    with each config, on up to
     COMPILE_THREADS threads at once (Triton's AsyncCompileMode: its compiler lets go of the GIL in
     the MLIR passes and in ptxas), into the kernel cache its launches look up. A config that fails
     to compile is left out, to fail again (and be reported) when it is launched."""
@@ -557,7 +558,7 @@ def compile_configs(args, flags, configs):
     flags = {k: v for k, v in flags.items() if k not in ("grid", "warmup")}  # (the autotuner's call has them)
     with ThreadPoolExecutor(workers) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
         for config in configs:
-            _lora_matmul_kernel.fn.warmup(*args, grid=(1,), **flags, **config.all_kwargs())
+            kernel.warmup(*args, grid=(1,), **flags, **config.all_kwargs())
 
 
 def _compile_before_timing(tuner):
@@ -576,7 +577,7 @@ def _compile_before_timing(tuner):
 
     def _bench(*args, config, **flags):
         configs, candidates[:] = list(candidates), []
-        compile_configs(args, flags, configs)
+        compile_configs(tuner.fn, args, flags, configs)
         return time_one(*args, config=config, **flags)
 
     tuner.prune_configs, tuner._bench = prune_configs, _bench

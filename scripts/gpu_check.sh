@@ -18,9 +18,9 @@
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         and what a first step spends compiling on the host's CPUs (first-step.md), in what is
-#         left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their precompile,
-#         75, 3 × 40).
+#         in what is left; what a launch's first call spends compiling on the host's CPUs
+#         (first-step.md) comes right after the smoke test (limits 60 + 2 × 40 + 60 + 55 + 45 + 180
+#         + 110, 45 + 150 for variants and their precompile, 75).
 #   tests: the suite's precompile, then the five shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -93,12 +93,25 @@ if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skip
   mkdir -p "$W/smoke"  # (its accuracy table goes into the pack, not beside it into $OUT)
   # (Only a failure turns them off: in the fourth run the step was stopped by its 40 s limit while
   # compiling, and that alone sent every later figure through Triton's dispatch.)
+  # (Not test_launch's environment-switch tests: each imports the package in a new process, CPU
+  # work that CI does.)
   OUT="$W/smoke" LORA_KERNELS_AUTOTUNE=0 step smoke 60 "$PY" -m pytest tests/test_launch.py \
-    tests/test_gpu.py::test_direct_launches_match_tritons_path -q -p no:cacheprovider
+    tests/test_gpu.py::test_direct_launches_match_tritons_path -q -p no:cacheprovider \
+    -k "not environment_at_import and not compile_threads_setting"
   smoke=$?
   if (( smoke != 0 && smoke != 124 && smoke != 137 )); then
     export LORA_KERNELS_FAST_LAUNCH=0; echo "- the rest ran with LORA_KERNELS_FAST_LAUNCH=0" >> "$W/steps.md"
   fi
+fi
+if has perf; then
+  # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
+  # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
+  # then on the default threads (kernels.compile_configs). Early, so that it is not cut: about 25 s.
+  for threads in 1 ""; do
+    step "first-step${threads:+-one-thread}" 40 env ${threads:+LORA_KERNELS_COMPILE_THREADS=$threads} \
+      TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m benchmarks.precompile --first-step --launches 1 --shapes 4096x1024 \
+      --tokens 8192 --ranks 16 --report "$W/first-step.md"
+  done
 fi
 if has check all perf; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
@@ -178,18 +191,6 @@ if has perf; then
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
-  # What a first training step spends compiling on this host's CPUs, in empty caches (nothing runs
-  # on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them, and on
-  # the default threads (kernels.compile_configs), then the whole 4096->1024 step's on them.
-  first_step() {  # NAME THREADS (empty: the default) ARGS...
-    local name=$1 threads=$2
-    shift 2
-    step "$name" 40 env ${threads:+LORA_KERNELS_COMPILE_THREADS=$threads} TRITON_CACHE_DIR="$(mktemp -d)" "$PY" \
-      -m benchmarks.precompile --first-step --shapes 4096x1024 --tokens 8192 --ranks 16 --report "$W/first-step.md" "$@"
-  }
-  first_step first-step-one-launch-one-thread 1 --launches 1
-  first_step first-step-one-launch "" --launches 1
-  first_step first-step ""
 fi
 
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).

@@ -39,7 +39,7 @@ class EveryConfig:
                        + ([named["out2_ptr"]] if kwargs["PAIRED"] else []))
             first = None
             configs = kernels._prune(self.configs, named, **kwargs)
-            kernels.compile_configs(args, kwargs, configs)  # (on a GPU: all at once, on threads)
+            kernels.compile_configs(self.kernel.fn, args, kwargs, configs)  # (on a GPU: all at once, on threads)
             for config in configs:
                 for out in outputs:
                     out.fill_(float("nan"))
