@@ -82,6 +82,25 @@ def _launch_counted(device, grid, args, flags):
 kernels._launch = _launch_counted
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", help="run only the I-th of N consecutive slices of the collected "
+                     "tests (0-based): scripts/gpu_check.sh runs a long file in parallel processes this way")
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    i, n = map(int, shard.split("/"))
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--shard {shard}: I must be in 0..N-1")
+    # Consecutive slices, not every N-th test: one test's parametrizations share compiled kernels,
+    # which on a GPU each process compiles for itself.
+    lo, hi = i * len(items) // n, (i + 1) * len(items) // n
+    config.hook.pytest_deselected(items=items[:lo] + items[hi:])
+    items[:] = items[lo:hi]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     before = LAUNCHES[0]

@@ -519,3 +519,20 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
     assert timed["ws, same"]["vs_twin"] == pytest.approx(1.0)
     assert timed["ws, slower"]["vs_twin"] > 1.3
     assert "vs_twin" not in timed["ws, graph"] and "vs_twin" not in timed["default"]
+
+
+def _collected(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lora_linear.py", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_shards_split_a_file_into_consecutive_slices():
+    """`pytest --shard I/N` (tests/conftest.py), as scripts/gpu_check.sh splits the longest file
+    over parallel processes: the slices cover every test once, in order."""
+    everything = _collected()
+    slices = [_collected("--shard", f"{i}/3") for i in range(3)]
+    assert len(everything) > 30 and all(len(s) >= len(everything) // 3 for s in slices)
+    assert slices[0] + slices[1] + slices[2] == everything
