@@ -58,14 +58,25 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 AUTOTUNE_CACHE = os.environ.get("LORA_KERNELS_AUTOTUNE_CACHE", "1") != "0"
 
 
+def _cpu_quota(path="/sys/fs/cgroup/cpu.max"):
+    """CPUs' worth of time a container's quota grants (cgroup v2 "QUOTA PERIOD"), or None: a
+    Kubernetes pod limited to 2 CPUs still sees every core of its node in its affinity mask."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
 def _compile_threads():
     # LORA_KERNELS_COMPILE_THREADS=N: how many of a new launch's candidate configs compile at once
-    # (compile_configs); default, the CPUs this process may run on, at most 16; 1 compiles them one at
-    # a time, as Triton's autotuner does.
+    # (compile_configs); default, the CPUs this process may use, at most 16 (each compile holds its
+    # own compiler state, ~0.1-0.2 GB); 1 compiles them one at a time, as Triton's autotuner does.
     setting = os.environ.get("LORA_KERNELS_COMPILE_THREADS", "")
     if not setting:
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-        return min(16, len(cpus))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(16, cpus, _cpu_quota() or cpus)
     if not setting.isdigit() or int(setting) < 1:
         raise ValueError(f"LORA_KERNELS_COMPILE_THREADS must be a whole number of threads, 1 or more, not {setting!r}")
     return int(setting)

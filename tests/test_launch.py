@@ -298,3 +298,15 @@ def test_switches_are_read_from_the_environment_at_import(env, expected):
 def test_a_bad_compile_threads_setting_is_named(value):
     done = _import_with({"LORA_KERNELS_COMPILE_THREADS": value})
     assert done.returncode != 0 and "LORA_KERNELS_COMPILE_THREADS must be a whole number" in done.stderr
+
+
+@pytest.mark.parametrize("text, cpus", [("200000 100000\n", 2), ("50000 100000", 1), ("max 100000", None),
+                                        ("", None), ("garbled", None)])
+def test_compile_threads_respect_a_containers_cpu_quota(tmp_path, text, cpus):
+    """cgroup v2's cpu.max ("QUOTA PERIOD", or "max") bounds the default compile threads: a pod
+    limited to 2 CPUs sees every core of its node in its affinity mask."""
+    from lora_kernels import kernels
+    path = tmp_path / "cpu.max"
+    path.write_text(text)
+    assert kernels._cpu_quota(str(path)) == cpus
+    assert kernels._cpu_quota(str(tmp_path / "missing")) is None
