@@ -282,6 +282,8 @@ def main(argv=None):
     p.add_argument("--launches", type=int, help="only the first N of the launches recorded")
     p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
     args = p.parse_args(argv)
+    if args.first_step and args.limit is not None:
+        p.error("--limit cuts compile jobs, not launches: with --first-step use --launches")
 
     cuda = torch.cuda.is_available()
     arch = args.arch or (int("%d%d" % torch.cuda.get_device_capability()) if cuda else 90)
@@ -300,8 +302,6 @@ def main(argv=None):
     print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
           f"compiles for sm_{arch}" + ("" if args.first_step else f", {args.jobs} processes"), flush=True)
     if args.first_step:
-        if args.limit is not None:
-            p.error("--limit cuts compile jobs, not launches: with --first-step use --launches")
         cache = triton.knobs.cache.dir
         cold = not (os.path.isdir(cache) and os.listdir(cache))  # (a warm cache compiles nothing)
         with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):

@@ -10,8 +10,9 @@ or the layer's one paired launch; the thin ones also without the deep tiles that
 ``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the layer's forward with the
 shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK``): on a GPU
 each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
-Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph. The GEMMs and the layer are also timed with the warp-specialized configs among the
-autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
+Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph. The
+GEMMs and the layer are also timed with the warp-specialized configs among the autotuner's
+candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
 each new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind,
 timed in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and ``variants.json`` under --out
 (default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.

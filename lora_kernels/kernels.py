@@ -555,13 +555,12 @@ def _lora_matmul_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-
 def compile_configs(kernel, args, flags, configs):
     """Compile ``kernel`` (the JITFunction the autotuner wraps) for the launch ``args``/``flags``
-    with each config, on up to
-    COMPILE_THREADS threads at once (Triton's AsyncCompileMode: its compiler lets go of the GIL in
-    the MLIR passes and in ptxas), into the kernel cache its launches look up. A config that fails
-    to compile is left out, to fail again (and be reported) when it is launched."""
+    with each config, on up to COMPILE_THREADS threads at once (Triton's AsyncCompileMode: its
+    compiler lets go of the GIL in the MLIR passes and in ptxas), into the kernel cache its
+    launches look up. A config that fails to compile is left out, to fail again (and be reported)
+    when it is launched."""
     workers = min(COMPILE_THREADS, len(configs))
     # (The interpreter compiles nothing; and one AsyncCompileMode at a time: a caller's own stands.)
     if INTERPRET or workers < 2 or _async_compile.active_mode.get() is not None:
@@ -595,6 +594,7 @@ def _compile_before_timing(tuner):
 
 
 _compile_before_timing(_lora_matmul_kernel)
+
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
