@@ -103,7 +103,7 @@ def pieces(K, N, M, r, dtype, device):
     W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
     A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
     # S and dS in the activations' dtype, as the layer keeps them (functional.py).
-    S = kernels.lora_matmul(x, A, scale=2.0, out_dtype=dtype, dot_dtype=dtype)
+    S = kernels.lora_matmul(x, A, out_dtype=dtype, dot_dtype=dtype)
     dS = kernels.lora_matmul(dy, B.t(), scale=2.0, out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
 
@@ -157,12 +157,13 @@ def pieces(K, N, M, r, dtype, device):
         "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "Triton GEMM + bias, warp-specialized candidates": ("fwd", warp_specialized(
             lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
-        "shrink S = αxA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, scale=2.0, out_dtype=dtype))),
-        "shrink S = αxA": ("fwd", lambda: mm(x, A, scale=2.0, out_dtype=dtype)),
+        "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
+        "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
-        "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype)),
+        "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b,
+                                                        out_dtype=dtype)),
         "GEMM + SB + bias, warp-specialized candidates": ("fwd", warp_specialized(
-            lambda: mm(x, W.t(), lowrank=(S, B), bias=b, out_dtype=dtype))),
+            lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype))),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, dtype), B),
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
@@ -214,7 +215,7 @@ TWINS = {
     "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
     "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph": "layer fwd+bwd, separate shrink",
     # (the thin outputs' deep tiles are new too: checked against the candidates before them)
-    "shrink S = αxA": "shrink S = αxA, without the deep tiles",
+    "shrink S = xA": "shrink S = xA, without the deep tiles",
     "dS = α dY Bᵀ": "dS = α dY Bᵀ, without the deep tiles",
     "dA and dB, two launches": "dA and dB, two launches, without the deep tiles",
     "dA and dB, one paired launch, without the deep tiles": "dA and dB, two launches, without the deep tiles",

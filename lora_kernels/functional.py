@@ -63,15 +63,15 @@ def keep_mask(rows, cols, seed, p, device, backend):
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
 
 
-def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype,
-                 out_shape=None):
+def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
+                 out_dtype, dot_dtype, out_shape=None):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
     ``addmm`` keeps it to one output buffer, as the kernel does."""
     if pair is not None:
-        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
+        assert lowrank is None and bias is None, "a paired launch runs plain products"
         x2, w2 = pair
-        return (torch_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
-                torch_matmul(w2.t(), x2.t(), out_dtype=out_dtype, dot_dtype=dot_dtype))
+        return (torch_matmul(x, w, scale=scale, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
+                torch_matmul(w2.t(), x2.t(), scale=pair_scale, out_dtype=out_dtype, dot_dtype=dot_dtype))
     if dropout is not None:
         where, seed, p, si, sj = dropout
         shape = x.shape if where == "x" else (x.shape[0], w.shape[1])
@@ -83,10 +83,13 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair
         out = torch.addmm(bias.to(dot_dtype), x, w, alpha=scale)
     else:
         out = torch.mm(x, w)
-        if scale != 1.0:
-            out.mul_(scale)
+        if scale != 1.0:  # (scaled in the output's dtype where that is wider, as the kernel scales in fp32:
+            # alpha · Sᵀ dY for fp32 adapters may pass fp16's range where Sᵀ dY does not)
+            out = out.to(torch.promote_types(out.dtype, out_dtype)).mul_(scale)
     if lowrank is not None:
-        low_x, low_w = lowrank[0].to(dot_dtype), lowrank[1].to(dot_dtype)
+        # (R scaled in the accumulator's dtype, then cast, as the kernel does)
+        low_w = lowrank[1].to(torch.promote_types(dot_dtype, torch.float32)) * r_scale
+        low_x, low_w = lowrank[0].to(dot_dtype).to(out.dtype), low_w.to(dot_dtype).to(out.dtype)
         if dropout is not None and where == "lowrank":
             out.add_(torch.mm(low_x, low_w) * keep)
         else:
@@ -120,20 +123,20 @@ def fuse_shrink(x, w, A, dropout):
     return (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
 
 
-def shrink_expand(backend, x, w, A, R, s_scale, s_dtype, *, bias=None, dropout=None, dtype, out_shape):
-    """``(x w + L R + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
+def shrink_expand(backend, x, w, A, R, s_scale, r_scale, s_dtype, *, bias=None, dropout=None, dtype, out_shape):
+    """``(x w + L (r_scale · R) + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
     caller's leading dimensions): y with S in the forward, dX with dS in the backward. The Triton
     path may compute L inside the big product's K loop (one launch and one pass over x, at the cost
     of redundant rank-r MMAs in every column block; see ``fuse_shrink``); otherwise L is its own
     small product first."""
     if backend == "triton" and fuse_shrink(x, w, A, dropout):
-        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), bias=bias,
-                                   dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
+        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), r_scale=r_scale,
+                                   bias=bias, dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     on_x = dropout if dropout is not None and dropout[0] == "x" else None
     L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=s_dtype, dot_dtype=dtype)
-    out = matmul(x, w, lowrank=(L, R), bias=bias, dropout=None if on_x else dropout, out_dtype=dtype,
-                 dot_dtype=dtype, out_shape=out_shape)
+    out = matmul(x, w, lowrank=(L, R), r_scale=r_scale, bias=bias, dropout=None if on_x else dropout,
+                 out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     return out, L
 
 
@@ -274,7 +277,8 @@ def _autocast_off(device_type):
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (y, S). S = alpha/(1-p) · x̃ A is saved for the backward."""
+    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales B in the
+    product (S is the reference's own x A, which a large alpha cannot overflow)."""
     dtype = x.dtype
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
@@ -282,7 +286,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, 
         x, weight, bias, A, B = _by_value(x, weight, bias, A, B)
     with _autocast_off(x.device.type):
         # (y is allocated in x's leading shape: no reshape of it, which would cost host time.)
-        return shrink_expand(backend, _rows(x), weight.t(), A, B, alpha * drop.rescale, dtype, bias=bias,
+        return shrink_expand(backend, _rows(x), weight.t(), A, B, drop.rescale, alpha, dtype, bias=bias,
                              dropout=drop.on("x", K, 1), dtype=dtype, out_shape=(*x.shape[:-1], weight.shape[0]))
 
 
@@ -314,17 +318,17 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, dtype,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, 1.0, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
             dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
-        if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = dYᵀ S (see kernels.lora_matmul)
-            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), out_dtype=A.dtype,
-                            dot_dtype=dtype)
+        if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
+            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
+                            out_dtype=A.dtype, dot_dtype=dtype)
         elif need_A:
             dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         elif need_B:
-            dB = matmul(S.t(), dy2, out_dtype=B.dtype, dot_dtype=dtype)
+            dB = matmul(S.t(), dy2, scale=alpha, out_dtype=B.dtype, dot_dtype=dtype)
         if need_w:
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)
         if need_b:

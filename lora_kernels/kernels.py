@@ -2,17 +2,20 @@
 
 Every product in the LoRA layer, forward and backward, has one shape:
 
-    out = scale · (X @ W) + L @ R + bias          X (M, K), W (K, N), L (M, r), R (r, N)
+    out = scale · (X @ W) + L @ (r_scale · R) + bias          X (M, K), W (K, N), L (M, r), R (r, N)
 
 with each operand given by its strides, so a transpose is free. The layer uses it six ways
 (see ``functional.py``):
 
-    S  = alpha · x A            shrink:            X = x,   W = A,    scale = alpha
-    y  = x Wᵀ + S B + b         GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B
+    S  = x A                    shrink:            X = x,   W = A
+    y  = x Wᵀ + alpha · S B + b GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B,  r_scale = alpha
     dS = alpha · dY Bᵀ          shrink:            X = dY,  W = Bᵀ,   scale = alpha
     dX = dY W + dS Aᵀ           GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ
     dA = xᵀ dS                  reduction over M:  X = xᵀ,  W = dS    (split, see below)
-    dBᵀ = dYᵀ S                 the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
+    dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
+
+S is x A as the reference computes it, unscaled: alpha joins B's tiles inside the product (in
+fp32), so a large alpha cannot overflow a 16-bit S where the reference's x A does not.
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
@@ -306,6 +309,17 @@ def _dropped(x, seed, p, rows, cols, si, sj):
 
 
 @triton.jit
+def _times(tile, factor, ACC_DTYPE: tl.constexpr):
+    # tile · factor (an fp64 scalar) in the accumulator's dtype: an fp32 tile takes the factor cast
+    # first, since an fp64 scalar would promote the whole tile to fp64
+    if ACC_DTYPE == tl.float64:
+        out = tile.to(tl.float64) * factor
+    else:
+        out = tile.to(ACC_DTYPE) * tl.cast(factor, ACC_DTYPE)
+    return out
+
+
+@triton.jit
 def _descriptor(ptr, ROWS, COLS, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                 TRANSPOSED: tl.constexpr):
     # A TMA descriptor of a (ROWS, COLS) operand. Its last dimension must be the contiguous one, so
@@ -381,15 +395,17 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_os, stride_om, stride_on, stride_sm, stride_sr, stride_b,
     # fp64 whatever the dtypes: Triton would pass a Python float as fp32, and round an fp64 product's
-    # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15
-    scale: tl.float64, s_scale: tl.float64,
+    # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15. r_scale multiplies
+    # R's tiles as they are loaded (the layer's alpha: S is stored unscaled, see the module docstring).
+    scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
     seed_ptr, p_drop, drop_si, drop_sj,
     # PAIRED: a second product out2 = X2 @ W2 (M2, N) in the same launch, same N and K, its row blocks
     # after the first's (the layer's dA and dBᵀ: two small reductions that alone fill a fraction of
-    # the GPU each, and cost a launch each)
+    # the GPU each, and cost a launch each), scaled by scale2 instead of scale
     x2_ptr, w2_ptr, out2_ptr, M2, stride_x2m, stride_x2k, stride_w2k, stride_w2n, stride_o2s, stride_o2m, stride_o2n,
+    scale2: tl.float64,
     # meta-parameters
     HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PAIRED: tl.constexpr,
@@ -501,11 +517,10 @@ def _lora_matmul_kernel(
                 acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
                 acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        # (fp32 tiles take scale cast first: an fp64 scalar would promote the whole tile to fp64)
-        if ACC_DTYPE == tl.float64:
-            acc = acc * scale
+        if PAIRED:
+            acc = _times(acc, tl.where(second, scale2, scale), ACC_DTYPE)
         else:
-            acc = acc * tl.cast(scale, ACC_DTYPE)
+            acc = _times(acc, scale, ACC_DTYPE)
 
         if HAS_LOWRANK:
             # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
@@ -515,17 +530,14 @@ def _lora_matmul_kernel(
             else:
                 low = acc
             if FUSE_SHRINK:
-                if ACC_DTYPE == tl.float64:
-                    shrink = shrink * s_scale
-                else:
-                    shrink = shrink * tl.cast(s_scale, ACC_DTYPE)
+                shrink = _times(shrink, s_scale, ACC_DTYPE)
                 if pid_n == 0:  # every column block computed the same L; one of them saves it
                     tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                              shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
                 hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                low = tl.dot(shrink.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
-                             out_dtype=ACC_DTYPE)
+                low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
+                             input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
                 # Not software-pipelined (num_stages=1): up to rank 64 the loop runs once, and a
                 # pipeline buys nothing there but a copy of the L and R tiles per stage (compiled
@@ -542,8 +554,8 @@ def _lora_matmul_kernel(
                                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
                         hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    low = tl.dot(lo.to(DOT_DTYPE), hi.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION,
-                                 out_dtype=ACC_DTYPE)
+                    low = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
+                                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if DROPOUT == DROP_LOWRANK:
                 acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
             else:
@@ -728,7 +740,7 @@ def _options():
 # and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
 # same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch.
 _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
-_FLOAT_ARGS = ("scale", "s_scale", "p_drop")
+_FLOAT_ARGS = ("scale", "s_scale", "r_scale", "p_drop", "scale2")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _INT_CLASSES = {}
@@ -785,9 +797,10 @@ class Shrink(NamedTuple):
 FUSE_MAX_RANK = 64
 
 
-def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=None, out_dtype, dot_dtype,
-                out_shape=None):
-    """``scale · (x @ w) + L @ R + bias`` for 2-D operands of any strides, through the Triton kernel.
+def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
+                out_dtype, dot_dtype, out_shape=None):
+    """``scale · (x @ w) + L @ (r_scale · R) + bias`` for 2-D operands of any strides, through the
+    Triton kernel.
 
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
     ``dropout`` is None or ``(where, seed, p, si, sj)``: zero element (i, j) of ``x`` (where="x";
@@ -800,9 +813,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
 
     ``pair=(x2, w2)`` computes a second product of the same K, N and dtypes in the same launch (its
     row blocks after the first's; plain products only, and a dropout on x masks the first's x
-    alone) and returns ``(out, out2)`` with ``out2 = (x2 @ w2)ᵀ``, contiguous: the layer's dA and
-    dB = (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone fill a fraction of the
-    GPU each.
+    alone) and returns ``(out, out2)`` with ``out2 = pair_scale · (x2 @ w2)ᵀ``, contiguous: the
+    layer's dA and dB = alpha · (dYᵀ S)ᵀ, two reductions over the tokens with r columns that alone
+    fill a fraction of the GPU each.
 
     ``out_shape`` allocates out in another shape of the same rows (the layer's leading dimensions,
     as ``(*x.shape[:-1], N)`` of the caller's x): the kernel writes it as (M, N) all the same.
@@ -833,15 +846,15 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
     if pair is not None:
         x2, w2 = pair
         M2 = x2.shape[0]
-        assert lowrank is None and bias is None and scale == 1.0, "a paired launch runs plain products"
+        assert lowrank is None and bias is None, "a paired launch runs plain products"
         assert tuple(w2.shape) == (K, N) and x2.shape[1] == K, "paired products share K and N"
         assert (x2.dtype, w2.dtype, x2.device, w2.device) == (x.dtype, w.dtype, device, device), \
             "paired products share dtypes and device"
         out2_t = _empty((N, M2), device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
         out2 = out2_t.t()  # what the kernel writes: (M2, N)
         if out.numel() == 0 or out2.numel() == 0:  # one of them is empty: nothing to pair
-            return (lora_matmul(x, w, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
-                    lora_matmul(w2.t(), x2.t(), out_dtype=out_dtype, dot_dtype=dot_dtype))
+            return (lora_matmul(x, w, scale=scale, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
+                    lora_matmul(w2.t(), x2.t(), scale=pair_scale, out_dtype=out_dtype, dot_dtype=dot_dtype))
     if out.numel() == 0:
         if fused:  # no column block to compute L in, yet L may have rows (N = 0)
             x_drop = dropout if dropout and dropout[0] == "x" else None
@@ -864,9 +877,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
     if pair is not None:
         dest2 = out2 if split == 1 else _empty((split, M2, N), device, acc_dtype)
         pair_args = (x2, w2, dest2, M2, *x2.stride(), *w2.stride(), dest2.stride(0) if split > 1 else 0,
-                     *dest2.stride()[-2:])
+                     *dest2.stride()[-2:], float(pair_scale))
     else:  # never read: PAIRED is off
-        pair_args = (x, x, x, 0, 0, 0, 0, 0, 0, 0, 0)
+        pair_args = (x, x, x, 0, 0, 0, 0, 0, 0, 0, 0, 1.0)
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
     allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
@@ -886,7 +899,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, bias=None, dropout=None, pair=
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
             dest.stride(0) if split > 1 else 0, N, 1, *s_out.stride(),  # (dest: fresh, rows N apart)
             bias.stride(0) if bias is not None else 0,
-            float(scale), float(lowrank[0].scale) if fused else 1.0,
+            float(scale), float(lowrank[0].scale) if fused else 1.0, float(r_scale),
             *drop_args, *pair_args)
     flags = dict(
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,

@@ -550,3 +550,17 @@ def test_fp32_precision_follows_pytorch(setting, expected):
             assert kernels._input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_a_large_alpha_leaves_a_16_bit_s_in_range(backend, fuse, monkeypatch):
+    """S is kept as the reference computes x A, unscaled, and alpha scales B's tiles inside the
+    product (in fp32): with alpha · x A past fp16's range (65504) while x A and the output are
+    within it, the reference's numbers come out. (S stored as alpha · x A overflowed to inf there,
+    and B's zeros at initialisation would have made NaN of it.) Both shrink placements."""
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+    x, W, b, A, B = make_inputs((64,), 96, 80, 16, torch.float16, adapter_dtype=torch.float32)
+    x, B, alpha = x * 300, B * 1e-3, 400.0
+    xA = x.double() @ A.double()
+    assert xA.abs().max() < 65504 < alpha * xA.abs().max()  # the premise
+    check_all((x, W, b, A, B), alpha, torch.float16)
