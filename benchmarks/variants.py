@@ -164,7 +164,7 @@ def pieces(K, N, M, r, dtype, device):
                                                         out_dtype=dtype)),
         "GEMM + SB + bias, warp-specialized candidates": ("fwd", warp_specialized(
             lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype))),
-        "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 2.0, dtype), B),
+        "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
@@ -182,13 +182,15 @@ def pieces(K, N, M, r, dtype, device):
         "dX = dY W + dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
             lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype))),
         "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
-        "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, out_dtype=dtype)),
+        "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
         "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
-            lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype)))),
-        "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, out_dtype=dtype))),
-        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, pair=(dy.t(), S), out_dtype=dtype)),
+            lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, scale=2.0, out_dtype=dtype)))),
+        "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype),
+                                                   mm(S.t(), dy, scale=2.0, out_dtype=dtype))),
+        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, pair=(dy.t(), S), pair_scale=2.0,
+                                                                       out_dtype=dtype)),
         "dA and dB, one paired launch, without the deep tiles": ("dx", without_deep_tiles(
-            lambda: mm(x.t(), dS, pair=(dy.t(), S), out_dtype=dtype))),
+            lambda: mm(x.t(), dS, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
         "cuBLAS xᵀ @ dS and Sᵀ @ dY": ("dx", lambda: (x.t() @ dS, S.t() @ dy)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),

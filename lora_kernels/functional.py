@@ -1,12 +1,15 @@
 """``lora_linear``: input checks, backend choice, the two custom ops and their autograd.
 
 The math (design.md §1), with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
-LoRA-dropout input (m the keep mask, c = alpha / (1-p); without dropout m = 1, c = alpha):
+LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1):
 
-    S  = c · x̃ A                     dS = c · dY Bᵀ
-    y  = x Wᵀ + S B + b              dX = dY W + (dS Aᵀ) ⊙ m
-                                     dA = x̃ᵀ dS,   dB = Sᵀ dY
+    S  = q · x̃ A                     dS = alpha · q · dY Bᵀ
+    y  = x Wᵀ + alpha · S B + b      dX = dY W + (dS Aᵀ) ⊙ m
+                                     dA = x̃ᵀ dS,   dB = alpha · Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
+
+S is the reference's own (dropped-out) x A: alpha enters the products with B in fp32 inside the
+kernel (``r_scale``, ``pair_scale``), so a 16-bit S overflows only where the reference's x A does.
 
 Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
 kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is

@@ -15,7 +15,10 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
 
 S is x A as the reference computes it, unscaled: alpha joins B's tiles inside the product (in
-fp32), so a large alpha cannot overflow a 16-bit S where the reference's x A does not.
+fp32, before their cast to the dot's dtype), so a large alpha cannot overflow a 16-bit S where
+the reference's x A does not. In fp16 that asks alpha · B to stay in range instead (|alpha · B| <
+65504, and above fp16's smallest normal, 6e-5, for full precision), which B, a small adapter
+matrix, is far likelier to than x A, which grows with the activations.
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
