@@ -287,8 +287,9 @@ def test_switches_are_read_from_the_environment_at_import(env, expected):
     done = _import_with(env)
     assert done.returncode == 0, done.stderr[-3000:]
     *switches, configs = done.stdout.split()
-    # (compile threads by default: the CPUs the process may use, at most 16)
-    expected += "" if "LORA_KERNELS_COMPILE_THREADS" in env else f" {min(16, len(os.sched_getaffinity(0)))}"
+    # (compile threads by default: the CPUs the process may use, within a container's quota, at most 16)
+    cpus = len(os.sched_getaffinity(0))
+    expected += "" if "LORA_KERNELS_COMPILE_THREADS" in env else f" {min(16, cpus, kernels._cpu_quota() or cpus)}"
     assert " ".join(switches) == expected
     # (LORA_KERNELS_AUTOTUNE=0: the one fixed tile, listed twice so that the autotuner prunes it)
     assert (configs == "2") == (env.get("LORA_KERNELS_AUTOTUNE") == "0") and int(configs) >= 2
