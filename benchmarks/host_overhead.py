@@ -9,7 +9,9 @@ hundred microseconds of Python per step would show in every timing. This measure
 lora_linear's checks, the autograd wrapper, the launchers' argument preparation, and (for
 comparison) the custom-op route that torch.compile takes, and peft's LoRA Linear with its own
 forward and after ``fuse_lora``. Triton's own launch path is not in it (it needs a GPU); F.linear's
-forward+backward and peft's own forward on the same tiny CPU tensors are computed.
+forward+backward and peft's own forward on the same tiny CPU tensors are computed. On CUDA it also
+takes a direct launch apart (``_launch_parts``): the package's Python and allocations, Triton's
+launcher with the driver, and the step with every launch stubbed out.
 """
 
 import argparse
@@ -32,6 +34,52 @@ from .run import Stopped, _stop
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+class _StubKernel:
+    """Stands in for a compiled kernel in ``kernels._COMPILED``: the direct path calls its ``run``,
+    which launches nothing and keeps the arguments it was given."""
+
+    def __init__(self, kernel):
+        self.function, self.packed_metadata, self.args = kernel.function, kernel.packed_metadata, None
+
+    def run(self, *args):
+        self.args = args
+
+
+def _launch_parts(launch, eager_step, device, dtype):
+    """What a direct launch's host time is made of, once the steps have run (so ``kernels._COMPILED``
+    holds their kernels): ``[(name, step, context)]``, each step timed inside its context.
+
+    The second H200 run measured 67 µs per direct launch and 0.86 ms per eager step at 64×64, where
+    this CPU with the launches stubbed takes 10-20 µs and about 0.2 ms: these rows say where the
+    rest goes. Triton's launcher asks the driver about every tensor it is given
+    (cuPointerGetAttribute, for 11 pointers a launch), which addresses given as ints skip."""
+    stubs, real = {}, {}
+    for key, (kernel, meta) in kernels._COMPILED.items():
+        stub = _StubKernel(kernel)
+        stubs[key], real[stub] = (stub, meta), kernel
+
+    def stubbed():
+        return mock.patch.object(kernels, "_COMPILED", stubs)
+
+    with stubbed():
+        launch()  # to learn which kernel it calls, with which arguments
+    called = [stub for stub in real if stub.args is not None]
+    if len(called) != 1:
+        raise RuntimeError(f"one launch called {len(called)} compiled kernels directly, not one: "
+                           "is the direct path off (LORA_KERNELS_FAST_LAUNCH=0, a launch hook)?")
+    kernel, args = real[called[0]], called[0].args
+    addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+    none = contextlib.nullcontext
+    return [
+        ("  of which lora_matmul's Python and allocations (kernel.run stubbed out)", launch, stubbed()),
+        ("  of which kernel.run alone: Triton's launcher, scratch allocation, driver", lambda: kernel.run(*args), none()),
+        ("  the same with the pointers passed as addresses (no driver query per tensor)",
+         lambda: kernel.run(*addresses), none()),
+        ("one torch.empty (64×64)", functools.partial(torch.empty, (64, 64), device=device, dtype=dtype), none()),
+        ("lora_linear forward+backward, eager, every launch stubbed out (kernel.run)", eager_step, stubbed()),
+    ]
 
 
 def _median_us(fn, n=2000, rounds=5, sync=None):
@@ -182,6 +230,16 @@ def main(argv=None):
             row("lora_linear forward under no_grad (evaluation)", eval_forward)
             row("the same through the custom ops", op_step)
             row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
+            if cuda:
+                try:
+                    parts = _launch_parts(launch, eager_step, device, torch.bfloat16)
+                except Exception as e:  # (as a row's failure: the rows after it still run)
+                    parts = []
+                    lines.append(f"  FAILED  the launch's parts: {type(e).__name__}: {e}")
+                    print(lines[-1], flush=True)
+                for name, step, context in parts:
+                    with context:
+                        row(name, step)
             for name, step in peft_steps.items():
                 row(name, step)
             # (cProfile sees one thread: on CUDA the autograd engine runs the backward on its own, so

@@ -365,6 +365,53 @@ def test_host_overhead_row_that_fails_leaves_the_others(tmp_path, monkeypatch):
     assert "1.0 µs  F.linear forward+backward" in text and "## cProfile of 300 calls: F.linear" in text
 
 
+def test_host_overhead_takes_a_direct_launch_apart(monkeypatch):
+    """On CUDA, `_launch_parts` times one direct launch with the compiled kernels stubbed out, that
+    launch's kernel.run alone with the arguments it was given and with its tensors as addresses,
+    and the eager step with every launch stubbed out. Stand-in compiled kernels record their calls:
+    only the two kernel.run rows may reach a real one, and only the launch's own."""
+    from benchmarks import host_overhead
+    from lora_kernels import kernels
+
+    class Kernel:  # a compiled kernel as the direct path calls it
+        function, packed_metadata = "function", "metadata"
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, *args):
+            self.calls.append(args)
+
+    other, mine = Kernel(), Kernel()
+    monkeypatch.setattr(kernels, "_COMPILED", {"other": (other, {}), "mine": (mine, {})})
+    x = torch.randn(4, 4)
+
+    def launch():  # the direct path, for a key it knows
+        kernel, _ = kernels._COMPILED["mine"]
+        kernel.run(1, 1, 1, 0, kernel.function, kernel.packed_metadata, None, None, None, x, 64, 0.5)
+
+    def eager_step():
+        for key in ("other", "mine"):
+            kernels._COMPILED[key][0].run("step")
+
+    parts = host_overhead._launch_parts(launch, eager_step, torch.device("cpu"), torch.float32)
+    assert other.calls == mine.calls == []
+    for name, step, context in parts:
+        with context:
+            step()
+    assert other.calls == []
+    assert mine.calls == [(1, 1, 1, 0, "function", "metadata", None, None, None, x, 64, 0.5),
+                          (1, 1, 1, 0, "function", "metadata", None, None, None, x.data_ptr(), 64, 0.5)]
+    assert [n.split(" (")[0].strip() for n, _, _ in parts] == [
+        "of which lora_matmul's Python and allocations", "of which kernel.run alone: Triton's launcher, scratch "
+        "allocation, driver", "the same with the pointers passed as addresses", "one torch.empty",
+        "lora_linear forward+backward, eager, every launch stubbed out"]
+    assert kernels._COMPILED["mine"][0] is mine  # the stubs are gone after each row
+    # A launch that never reaches a compiled kernel directly (the direct path off) is named.
+    with pytest.raises(RuntimeError, match="called 0 compiled kernels directly"):
+        host_overhead._launch_parts(lambda: None, eager_step, torch.device("cpu"), torch.float32)
+
+
 def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
     """`benchmarks.model_step` (CPU stand-in: the layer's widths / 16): each provider's seven
     projections are checked against float64 before one step of all seven is timed, with ratios to
