@@ -213,7 +213,7 @@ fi
     echo "- $(basename "$log" .log): ${closing:-no closing line (stopped?), last test started: $(grep -E '^tests/\S+::' "$log" | tail -n 1)}"
   done
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
-  [ -e "$W/host-profile.md" ] && { echo; sed -n '1,12p' "$W/host-profile.md"; }
+  [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows
   [ -e "$W/targets.md" ] && { echo; echo "## Targets"; cat "$W/targets.md"; }
   [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
   [ -e "$W/first-step.md" ] && { echo; cat "$W/first-step.md"; }
