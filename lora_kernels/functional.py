@@ -370,11 +370,13 @@ _forward.register_autograd(lambda ctx, dy, _dS: _gradients(ctx, dy, _backward), 
 
 def _through_ops(t):
     """Whether a call must go through the custom ops: whenever something traces it (torch.compile,
-    compiled autograd, export) or runs it on fake or meta tensors (memory estimators, models
-    built on the meta device), which only the ops' shape functions serve."""
+    compiled autograd, export, torch.jit.trace) or runs it on fake or meta tensors (memory
+    estimators, models built on the meta device), which only the ops' shape functions serve."""
     # (is_fake for every tensor: it also sees through functionalization's and vmap's wrappers,
-    # which are plain Tensors)
-    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+    # which are plain Tensors. torch.jit.trace records an op as one call that a saved module can
+    # make again, where an autograd.Function would be a Python call it cannot save; and the op's
+    # body runs untraced, where the tracer would hand the launcher its sizes as tensors.)
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t) or torch._C._get_tracing_state() is not None
 
 
 class _EagerLoRALinear(torch.autograd.Function):
@@ -426,14 +428,12 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     if _through_ops(x):
         return _forward(*inputs)[0]
     # Evaluation, generation: no graph to record, and apply costs host time. But torch.func's
-    # transforms and forward-mode AD must still reach apply, which raises (as the README says), and
-    # torch.jit.trace must record the call, not the ops it runs on these shapes. (The dual level is
-    # a private variable: read with a default, so a torch without it loses only this shortcut's
-    # guard, which tests/test_lora_linear.py would then report, and not every forward.)
-    # (Inference mode records no graph either, even under enable_grad.)
+    # transforms and forward-mode AD must still reach apply, which raises (as the README says).
+    # (The dual level is a private variable: read with a default, so a torch without it loses only
+    # this shortcut's guard, which tests/test_lora_linear.py would then report, and not every
+    # forward.) (Inference mode records no graph either, even under enable_grad.)
     if ((not torch.is_grad_enabled() or torch.is_inference_mode_enabled())
             and not torch._C._are_functorch_transforms_active()
-            and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
-            and not torch._C._get_tracing_state()):
+            and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0):
         return _forward_impl(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)

@@ -320,16 +320,33 @@ def test_torch_func_transforms_and_forward_ad_raise(backend, grad):
         lora_kernels.lora_linear(fwAD.make_dual(x, torch.ones_like(x)), W, b, A, B, 0.5)
 
 
-def test_jit_trace_under_no_grad_records_the_call(monkeypatch):
-    """torch.jit.trace (usually run under no_grad) records the layer as one call, as with grad
-    mode on, not the PyTorch path's ops with the traced batch size fixed in them."""
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_jit_trace_records_the_op_and_saves(backend, grad, tmp_path):
+    """torch.jit.trace, with grad mode on or off (it usually runs under no_grad), records the layer
+    as one call of its custom op: not the PyTorch path's ops with the traced batch size fixed in
+    them, nor a Python autograd.Function, which torch.jit.save cannot export. The op's body runs
+    untraced (the tracer would hand the Triton launcher its sizes as tensors). Saved and loaded
+    again, the module computes the layer and its gradients at another batch shape."""
     x, W, b, A, B = make_inputs((3, 4), 6, 5, 2, torch.float64)
-    with torch.no_grad(), warnings.catch_warnings():
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, 0.5).to(DEVICE, torch.float64)
+    with torch.no_grad():
+        for p, t in [(layer.linear.weight, W), (layer.linear.bias, b), (layer.lora.A, A), (layer.lora.B, B)]:
+            p.copy_(t)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the tracer's warnings about Python values)
-        traced = torch.jit.trace(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), x)
-        other = make_inputs((7, 2), 6, 5, 2, torch.float64, seed=1)[0]
-        assert torch.equal(traced(other), lora_kernels.lora_linear(other, W, b, A, B, 0.5))
+        traced = torch.jit.trace(layer, x)
+    graph = str(traced.graph)
+    assert "lora_kernels::lora_linear_fwd" in graph and "aten::" not in graph, graph
+    torch.jit.save(traced, tmp_path / "layer.pt")
+    loaded = torch.jit.load(tmp_path / "layer.pt")
+    other = make_inputs((7, 2), 6, 5, 2, torch.float64, seed=1)[0].requires_grad_()
+    dy = torch.randn(7, 2, 5, dtype=torch.float64, device=DEVICE)
+    y = loaded(other)
+    y.backward(dy)
+    want, (dx, _, _, dA, dB) = reference(other, W, b, A, B, 0.5, dy)
+    assert rel_err(y, want) < TOL[torch.float64]
+    assert rel_err(other.grad, dx) < TOL[torch.float64]
+    assert rel_err(loaded.lora.A.grad, dA) < TOL[torch.float64] and rel_err(loaded.lora.B.grad, dB) < TOL[torch.float64]
 
 
 def test_no_grad_forward_skips_autograd(backend, monkeypatch):
