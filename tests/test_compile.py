@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, rel_err
+from conftest import DEVICE, TOL, make_inputs, reference, rel_err
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -92,6 +92,27 @@ def test_symbolic_alpha_compiles_whole(backend):
     layer.lora.alpha = float("nan")
     with pytest.raises(Exception, match="alpha must be finite"):
         compiled(x)
+
+
+def test_tensor_alpha_compiles_whole(backend):
+    """A one-element tensor alpha (the seed's layer takes one; eager mode reads it as a number)
+    compiles whole too, where it once failed in the input checks: traced, its value is known only
+    when the graph runs, so it scales B in the graph instead of entering the op as a constant. A
+    new value needs no recompile; output and gradients against float64."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    x, W, b, A, B = make_inputs((3, 5), 24, 20, 4, torch.float32)
+    A.requires_grad_(), B.requires_grad_()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x, alpha: lora_kernels.lora_linear(x, W, b, A, B, alpha), backend=counter,
+                      fullgraph=True)
+    dy = torch.randn(3, 5, 20, device=DEVICE)
+    for alpha in (2.0, -0.75, 0.1):
+        y = f(x, torch.tensor(alpha))  # (on the CPU, as a module's alpha usually is)
+        dA, dB = torch.autograd.grad(y, [A, B], dy)
+        want, (_, _, _, want_dA, want_dB) = reference(x, W, b, A, B, alpha, dy)
+        assert rel_err(y, want) < TOL[torch.float32]
+        assert rel_err(dA, want_dA) < TOL[torch.float32] and rel_err(dB, want_dB) < TOL[torch.float32]
+    assert counter.frame_count == 1
 
 
 def test_compile_with_dropout(backend):
