@@ -246,13 +246,18 @@ def _prune(configs, named_args, **kwargs):
             # output tile in shared memory: 4·BM·BN bytes for an fp32 output, and for a 16-bit one
             # a fitted 2·BM·BN up to 32 KiB; then a few barriers; and it buffers the L and R tiles
             # (once: the low-rank loop is not pipelined), plus a copy converted to the product's
-            # dtype of one stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md).
+            # dtype of L stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md), and of
+            # R always: R's tile is scaled by alpha in fp32 and cast back (_times), a new tile for
+            # the MMA. (Compiled for sm_90 at rank 64, bf16, 128x256 in three stages took 256 KiB
+            # with that copy; 256x128 and 128x128 took 16 KiB less than this counts, so the count
+            # bounds them from above.)
             out_size = size("out_ptr")
             extra = (bm * bn * out_size if out_size > 2 else min(2 * bm * bn, 32 * 1024)) + 2048
             if kwargs["HAS_LOWRANK"]:
                 dot_size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
                 for rows, name in ((bm, "l_ptr"), (bn, "r_ptr")):
-                    extra += rows * kwargs["BLOCK_R"] * (size(name) + (dot_size if size(name) != dot_size else 0))
+                    converted = name == "r_ptr" or size(name) != dot_size
+                    extra += rows * kwargs["BLOCK_R"] * (size(name) + (dot_size if converted else 0))
         stages = c.num_stages
         while stages > 2 and stages * per_stage + extra > smem:
             stages -= 1
@@ -896,7 +901,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     drop_args = (x, 0.0, 0, 0)
     if dropout:
         _, seed, p, si, sj = dropout
-        drop_args = (seed if seed.device == device else seed.to(device), p, si, sj)
+        # (p as a float: Triton would compile another kernel for an int p, which the key cannot tell)
+        drop_args = (seed if seed.device == device else seed.to(device), float(p), si, sj)
     args = (x, w, l_, r_, bias if bias is not None else x, dest, s_out,
             M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K),
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),

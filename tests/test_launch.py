@@ -169,6 +169,12 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
     assert [type(a) if type(a) in (int, float) else torch.Tensor for a in args] == kinds
     assert set(flags) <= {p.name for p in params[first:]}
     assert [p.name for p in params[12:15]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
+    # A dropout p given as an int is passed as a float: Triton would specialize an int (1 as a
+    # constant, 0 as i32), which the key, blind to floats, would not tell apart.
+    for p in (0, 1):
+        kernels.lora_matmul(x, w, dropout=("x", torch.tensor(7), p, 32, 1), out_dtype=torch.float32,
+                            dot_dtype=torch.float32)
+        assert type(seen[-1][0][kernels._ARG_NAMES.index("p_drop")]) is float
 
 
 AUTOTUNE_CACHE = r"""
