@@ -230,9 +230,12 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if alpha.dim() > x.dim():  # the seed's alpha · (x A B) would broadcast y to more dimensions
             raise ValueError(f"alpha of shape {tuple(alpha.shape)} has more dimensions than x "
                              f"{tuple(x.shape)}: pass a number")
+        if alpha.is_complex():
+            raise TypeError(f"alpha must be a real number, got a {alpha.dtype} tensor")
         if torch.compiler.is_compiling():
             # Traced, its .item() would be a value known only when the graph runs, which neither
-            # a check nor the op's float argument can take: lora_linear folds it into B instead.
+            # a check (so a NaN one is not refused here) nor the op's float argument can take:
+            # lora_linear folds it into B instead.
             return alpha.reshape(())
         alpha = alpha.item()  # the seed's layer takes a one-element tensor too
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
@@ -422,8 +425,8 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
         x, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
                            else t for t in (x, weight, bias))
     alpha = _check_inputs(x, weight, bias, A, B, alpha)
-    if isinstance(alpha, Tensor):  # (compiling) alpha · B in fp32 then B's dtype, as the kernels scale B
-        B, alpha = B * alpha, 1.0
+    if isinstance(alpha, Tensor):  # (compiling) alpha · B rounded to B's dtype: the kernels round
+        B, alpha = B * alpha, 1.0   # it to the product's, the same where B's dtype is that or wider
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.

@@ -407,6 +407,12 @@ def test_host_overhead_takes_a_direct_launch_apart(monkeypatch):
         "allocation, driver", "the same with the pointers passed as addresses", "one torch.empty",
         "lora_linear forward+backward, eager, every launch stubbed out"]
     assert kernels._COMPILED["mine"][0] is mine  # the stubs are gone after each row
+    # A launch that misses its key while stubbed runs for real, and is cached among the stubs: named.
+    *_, (name, step, context) = host_overhead._launch_parts(
+        launch, lambda: kernels._COMPILED.setdefault("new", (Kernel(), {})), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="ran for real"):
+        with context:
+            step()
     # A launch that never reaches a compiled kernel directly (the direct path off) is named.
     with pytest.raises(RuntimeError, match="called 0 compiled kernels directly"):
         host_overhead._launch_parts(lambda: None, eager_step, torch.device("cpu"), torch.float32)

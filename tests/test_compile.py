@@ -113,6 +113,8 @@ def test_tensor_alpha_compiles_whole(backend):
         assert rel_err(y, want) < TOL[torch.float32]
         assert rel_err(dA, want_dA) < TOL[torch.float32] and rel_err(dB, want_dB) < TOL[torch.float32]
     assert counter.frame_count == 1
+    with pytest.raises(Exception, match="alpha must be a real number"):  # (not a real part alone)
+        f(x, torch.tensor(1 + 2j))
 
 
 def test_compile_with_dropout(backend):

@@ -71,7 +71,7 @@ def test_bad_input(change, error, words):
                                          (-float("inf"), ValueError), (True, TypeError),
                                          (torch.tensor([1.0, 2.0]), TypeError), ("2", TypeError),
                                          (torch.ones(1, 1, 1, 1), ValueError),  # would broadcast y (3-D) to 4-D
-                                         (torch.tensor(float("nan")), ValueError),
+                                         (torch.tensor(float("nan")), ValueError), (torch.tensor(1 + 2j), TypeError),
                                          (torch.tensor(2.0, requires_grad=True), ValueError)])  # its grad would be lost
 def test_bad_alpha(alpha, error):
     with pytest.raises(error, match="alpha"):
