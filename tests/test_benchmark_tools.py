@@ -42,6 +42,16 @@ def test_targets_table_ratios_and_verdicts():
             row["x_base_in_turn"] = {"forward": 1.07, "forward+backward": 1.09}[row["mode"]]
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
     assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
+    # A baseline only 1.10× the base's own time: no layer that runs the base's products (at
+    # cuBLAS's speed) is 1.2× faster than it, which the cell says; a reachable bound (compiled:
+    # 1.25 × base) gets no such note, nor does a ratio whose run has no base time (dropout's here).
+    for row in main["rows"]:
+        if row["provider"] == "addmm":
+            row["ms"] = 2.20
+    line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
+    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ | 0.96 ✗ (at most 1.10) | 1.09 ✗ |"]
+    dropout["rows"] += _rows({("forward+backward", "base"): 2.4})
+    assert "| 1.20 ✗ (at most 1.25) |" in targets.table(main, dropout)
 
 
 def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete():
