@@ -352,6 +352,7 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     assert "lora_matmul" in tables[0] and "lora_matmul" in tables[1] and "lora_matmul" not in tables[2]
     printed = capsys.readouterr().out
     assert "1.0 µs  lora_linear forward+backward, eager" in printed
+    assert "1.0 µs  the backward's body called directly (functional._backward_impl, no autograd engine)" in printed
     assert "1.0 µs  peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)" in printed  # peft is a test dependency
 
 
