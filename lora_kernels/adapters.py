@@ -252,7 +252,8 @@ def load_adapter(model, path, strict=True):
         # (Earlier versions wrote the layers' names with the wrappers' prefixes, as their tensors'.)
         stored = {layer_name(n): v for n, v in json.loads(metadata[_LAYERS_KEY]).items()}
         for name, layer in _lora_layers(model):
-            if name in stored and stored[name]["alpha"] != _alpha(layer):
+            # (equal up to float32 rounding: an alpha given as a float32 scalar is the same setting)
+            if name in stored and not math.isclose(stored[name]["alpha"], _alpha(layer), rel_tol=1e-6):
                 alpha_diffs.append((name, stored[name]["alpha"], _alpha(layer)))
 
     merged = [_without_compile(name) for name, m in _unwrap(model).named_modules()

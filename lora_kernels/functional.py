@@ -188,6 +188,9 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            raise TypeError(f"{name} is a nested tensor, which the kernels cannot read: pass a dense one "
+                            "(torch.nested.to_padded_tensor, or the jagged tensor's values())")
         if type(t) not in (Tensor, torch.nn.Parameter) and not (torch.compiler.is_compiling() or is_fake(t)):
             raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
                             "bypass by reading its storage: pass plain tensors (LinearWithLoRA and fuse_lora "

@@ -4,6 +4,7 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 ``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
 """
 
+import numbers
 import warnings
 
 import torch
@@ -19,6 +20,8 @@ class LoRALayer(reference.LoRALayer):
     The fused path is ``LinearWithLoRA``'s."""
 
     def __init__(self, in_dim, out_dim, rank, alpha):
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(in_dim, out_dim, rank, alpha)
@@ -56,6 +59,12 @@ def plain_tensors(*tensors):
     return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
+def readable_input(x):
+    """Whether the kernels can read the input ``x``: a plain tensor, dense and not nested. A sparse
+    or nested one runs the unfused calls (which serve what they can, a jagged nested tensor say)."""
+    return type(x) in PLAIN_TENSORS and x.layout is torch.strided and not x.is_nested
+
+
 class LinearWithLoRA(torch.nn.Module):
     """``linear(x) + alpha · (dropout(x) A) B`` in one fused call.
 
@@ -75,6 +84,10 @@ class LinearWithLoRA(torch.nn.Module):
 
     def __init__(self, linear, rank, alpha, dropout=0.0):
         super().__init__()
+        # (a number, checked here: a bool or a tensor would pass in eval mode and fail the first
+        # training step)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.linear = linear
@@ -90,11 +103,11 @@ class LinearWithLoRA(torch.nn.Module):
             return self.linear(x)
         p = self.dropout if self.training else 0.0
         # The reference's own calls where the fused one would skip something (see plain_module and
-        # plain_tensors) or cannot read x (a sparse one), and for torch.fx's symbolic tracing (x a
+        # plain_tensors) or cannot read x (readable_input), and for torch.fx's symbolic tracing (x a
         # Proxy), which records them as the reference's graph.
         linear, lora = self.linear, self.lora
         if not (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer)
-                and plain_tensors(x, linear.weight, linear.bias, lora.A, lora.B) and x.layout is torch.strided):
+                and plain_tensors(linear.weight, linear.bias, lora.A, lora.B) and readable_input(x)):
             y = self.linear(x)
             x = torch.nn.functional.dropout(x, p) if p else x
             return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
@@ -180,16 +193,22 @@ def _remerge_after_load(module, incompatible_keys):
 def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     """Replace every ``torch.nn.Linear`` below ``model`` with ``LinearWithLoRA``, in place.
 
-    Layers already wrapped are left alone, so a second call does not wrap them twice. A layer whose
-    weight is shared with another module (an lm_head tied to the embedding) is marked so, and its
-    ``merge()`` refuses. PyTorch's ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
+    Layers already wrapped (by this package or the seed) are left alone, as is ``model`` if it is
+    one, so a second call does not wrap them twice. A layer whose weight is shared with another
+    module (an lm_head tied to the embedding) is marked so, and its ``merge()`` refuses; a block
+    reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
     ``nn.TransformerDecoderLayer`` are left alone, with a warning: they read their Linears' weights
     themselves (MultiheadAttention always, the layers' fast path in eval mode), past any adapter.
     """
+    # A weight is tied when two distinct modules hold it. (modules() lists a block that is reused
+    # in several places once: its Linear gets one wrapper there, and merging it changes nothing else.)
     counts = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
     skipped = []
+    if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
+        return model
     if isinstance(model, _READ_THEIR_LINEARS):
         skipped.append("the module given")
     else:
@@ -232,7 +251,7 @@ _READ_THEIR_LINEARS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderL
 
 def _replace(model, rank, alpha, dropout, shared, prefix, skipped):
     for name, module in model.named_children():
-        if isinstance(module, LinearWithLoRA):
+        if isinstance(module, (LinearWithLoRA, reference.LinearWithLoRA)):
             continue
         if isinstance(module, _READ_THEIR_LINEARS):
             skipped.append(prefix + name)

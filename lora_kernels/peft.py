@@ -62,7 +62,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 
 from .functional import lora_linear
-from .modules import PLAIN_TENSORS, plain_module
+from .modules import PLAIN_TENSORS, plain_module, readable_input
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -175,7 +175,7 @@ class FusedLinear(_PeftLoraLinear):
     def forward(self, x, *args, **kwargs):
         call = None
         if not args and all(k in _PEFT_CALL_KWARGS and v is None for k, v in kwargs.items()) \
-                and type(x) in PLAIN_TENSORS and x.layout is torch.strided:
+                and readable_input(x):
             call = _fused_call(self)
         if type(call) is not tuple or (x.dtype != call[0].dtype and not torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)

@@ -202,6 +202,16 @@ def test_load_error_alpha_mismatch(tmp_path):
         load_adapter(build(alpha=0.5), path)
 
 
+def test_load_takes_an_alpha_equal_up_to_float32_rounding(tmp_path):
+    """An alpha of 0.1 given as a float32 scalar (from a config array, say) is stored as
+    0.10000000149...: a model built with 0.1 has the same setting and loads it; 0.1001 does not."""
+    np = pytest.importorskip("numpy")
+    path = _saved(tmp_path, randomize_lora(build(alpha=np.float32(0.1))))
+    load_adapter(build(alpha=0.1), path)
+    with pytest.raises(ValueError, match="alpha mismatch"):
+        load_adapter(build(alpha=0.1001), path)
+
+
 def test_load_refuses_merged_layers(tmp_path):
     path = _saved(tmp_path, randomize_lora(build()))
     target = randomize_lora(build(), seed=2)

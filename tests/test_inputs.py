@@ -50,14 +50,17 @@ class Subclass(torch.Tensor):
     (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, ["one device", "bias on meta"]),
     (lambda a: a.__setitem__(1, a[1].to_sparse()), TypeError, ["weight must be a dense", "sparse_coo"]),
     (lambda a: a.__setitem__(3, a[3].to_sparse_csr()), TypeError, ["A must be a dense", "sparse_csr"]),
+    (lambda a: a.__setitem__(0, torch.nested.nested_tensor(list(a[0]))), TypeError, ["x is a nested tensor"]),
+    (lambda a: a.__setitem__(0, torch.nested.nested_tensor(list(a[0]), layout=torch.jagged)), TypeError,
+     ["x is a nested tensor"]),
 ], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
         "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device",
-        "W-sparse", "A-sparse"])
+        "W-sparse", "A-sparse", "x-nested", "x-jagged"])
 def test_bad_input(change, error, words):
     args = good()
     change(args)
     snapshot = [t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided
-                else None for t in args]
+                and not t.is_nested else None for t in args]
     with pytest.raises(error) as info:
         call(*args)
     for w in words:

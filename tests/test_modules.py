@@ -79,11 +79,51 @@ def test_replace_is_idempotent_and_recursive():
     lora_kernels.replace_linear_with_lora(model, rank=4, alpha=1.5)
     assert isinstance(model.block[1], lora_kernels.LinearWithLoRA)
     assert isinstance(model.block[1].linear, torch.nn.Linear)  # not wrapped twice
+    keys = list(model.state_dict())
+    # Handed a wrapped layer itself (this package's or the seed's), it leaves it alone as well.
+    for layer in (model.block[1], seed.LinearWithLoRA(torch.nn.Linear(8, 4), 2, 1.0)):
+        assert lora_kernels.replace_linear_with_lora(layer, rank=4, alpha=1.5) is layer
+        assert type(layer.linear) is torch.nn.Linear
+    assert list(model.state_dict()) == keys
+
+
+def test_a_reused_block_is_not_tied_and_merges():
+    """One block used in two places (ALBERT's sharing) gets one wrapper, which is no tie: it merges,
+    and merge_and_unload gives the unmerged model's outputs."""
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    model = lora_kernels.replace_linear_with_lora(torch.nn.Sequential(block, block), rank=2, alpha=1.0)
+    layer = model[0][0]
+    assert model[1][0] is layer and not layer.weight_tied
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        merged = lora_kernels.merge_and_unload(model)
+        assert type(merged[0][0]) is torch.nn.Linear and merged[1][0] is merged[0][0]
+        torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rank_below_one_refused():
     with pytest.raises(ValueError, match="rank"):
         lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), rank=0, alpha=1.0)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(rank=2.0), "rank must be an int, got float"), (dict(rank=True), "rank must be an int, got bool"),
+    (dict(rank=None), "rank must be an int, got NoneType"),
+    (dict(dropout=True), "dropout must be a number in [0, 1], got bool"),
+    (dict(dropout=torch.tensor(0.1)), "dropout must be a number in [0, 1], got Tensor"),
+    (dict(dropout=None), "dropout must be a number in [0, 1], got NoneType")])
+def test_constructor_refuses_wrong_types_by_name(kwargs, words):
+    """At construction, naming the argument: not an error from inside torch.empty, nor (dropout) a
+    layer that works in eval mode and fails its first training step."""
+    with pytest.raises(TypeError) as info:
+        lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), **{"rank": 2, "alpha": 1.0, **kwargs})
+    assert words in str(info.value)
+    # numpy's integers and floats are numbers: accepted
+    np = pytest.importorskip("numpy")
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), np.int64(2), 1.0, dropout=np.float32(0.25))
+    assert layer.lora.A.shape == (4, 2)
 
 
 class ReluLinear(torch.nn.Linear):
@@ -360,6 +400,18 @@ def test_sparse_input_runs_the_reference_calls():
     torch.nn.init.normal_(ours.lora.B)
     x = torch.randn(4, 6) * (torch.rand(4, 6) > 0.5)
     torch.testing.assert_close(ours(x.to_sparse()), ours(x), rtol=1e-5, atol=1e-6)
+
+
+def test_nested_input_runs_the_reference_calls():
+    """A jagged nested x (variable-length sequences) works in the seed's layer; the kernels cannot
+    read one, so the layer runs the reference's calls for it, with the seed's numbers per sequence."""
+    torch.manual_seed(0)
+    ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, 0.5)
+    torch.nn.init.normal_(ours.lora.B)
+    seqs = [torch.randn(3, 6), torch.randn(5, 6)]
+    y = ours(torch.nested.nested_tensor(seqs, layout=torch.jagged))
+    for got, x in zip(y.unbind(), seqs):
+        torch.testing.assert_close(got, ours(x), rtol=1e-5, atol=1e-6)
 
 
 def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_warning():
