@@ -81,14 +81,17 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
         keep = torch_keep_mask(*shape, si, sj, seed, p, x.device)
         if where == "x":
             x = x * keep
-    x, w = x.to(dot_dtype), w.to(dot_dtype)
+    # Operands rounded to dot_dtype, as the kernel's tensor cores read them, and the product formed
+    # in the output's dtype where that is wider, as the kernel writes its fp32 accumulator: fp32
+    # adapters' gradients beside a 16-bit base (token sums past fp16's 65504) stay finite.
+    acc = torch.promote_types(dot_dtype, out_dtype)
+    x, w = x.to(dot_dtype).to(acc), w.to(dot_dtype).to(acc)
     if bias is not None:
-        out = torch.addmm(bias.to(dot_dtype), x, w, alpha=scale)
+        out = torch.addmm(bias.to(dot_dtype).to(acc), x, w, alpha=scale)
     else:
         out = torch.mm(x, w)
-        if scale != 1.0:  # (scaled in the output's dtype where that is wider, as the kernel scales in fp32:
-            # alpha · Sᵀ dY for fp32 adapters may pass fp16's range where Sᵀ dY does not)
-            out = out.to(torch.promote_types(out.dtype, out_dtype)).mul_(scale)
+        if scale != 1.0:
+            out.mul_(scale)
     if lowrank is not None:
         # (R scaled in the accumulator's dtype, then cast, as the kernel does)
         low_w = lowrank[1].to(torch.promote_types(dot_dtype, torch.float32)) * r_scale
@@ -399,8 +402,15 @@ class _EagerLoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels have no derivative of their own
     def backward(ctx, dy):
+        # The engine runs a backward with grad mode on only for create_graph=True. The kernels have
+        # no derivative of their own, so refuse it here: once_differentiable's guard would raise
+        # later only where dy requires grad, and where it does not (y.sum()'s) would return
+        # gradients silently missing the layer's second-order terms.
+        if torch.is_grad_enabled():
+            raise RuntimeError("lora_kernels: double backward (create_graph=True through the layer) is not "
+                               "supported: the kernels have no derivative of their own. Use the reference "
+                               "formula (lora_kernels.reference) where second derivatives are needed")
         # is_grads_batched runs the backward under (legacy) vmap: the kernels need real storage.
         if ctx.backend == "triton" and (torch._C._functorch.is_legacy_batchedtensor(dy)
                                         or torch._C._functorch.is_batchedtensor(dy)):
