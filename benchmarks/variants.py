@@ -268,8 +268,9 @@ def write(out, meta, rows, started):
              f"Settings: {report.describe_settings(meta['settings'])}.", "",
              "| shape | piece | ms | × floor | config |", "|---|---|---:|---:|---|"]
     for r in rows:
-        if r["ms"] is None:
-            lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {r['error']} | | |")
+        if r["ms"] is None:  # (the error on one line: a compiler's spans many, which would break the table)
+            error = " ".join(str(r["error"]).split()).replace("|", "/")
+            lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {error[:400]} | | {r['config'] or ''} |")
         else:
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
             config = (r["config"] or "") + (f"; differs from '{TWINS[r['piece']]}' by {r['differs']:.1e}"
@@ -410,6 +411,8 @@ def main(argv=None):
                     row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
                     row["error"] = f"{type(e).__name__}: {e}"
+                    best = kernels._lora_matmul_kernel.best_config  # (the config it failed with, if one was chosen)
+                    row["config"] = row["config"] or (None if best is None else kernels.tile_name(best.all_kwargs()))
                 if row["ms"] is not None:
                     timed[name] = row
                 floors.setdefault(kind, row["ms"])  # the first row of each kind is its floor

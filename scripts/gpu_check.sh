@@ -18,9 +18,9 @@
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         in what is left; what a launch's first call spends compiling on the host's CPUs
-#         (first-step.md) comes right after the smoke test (limits 60 + 2 × 40 + 60 + 55 + 45 + 180
-#         + 110, 45 + 150 for variants and their precompile, 75).
+#         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in
+#         what is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
+#         precompile, 75 + 2 × 40).
 #   tests: the suite's precompile, then the six shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -32,7 +32,8 @@
 # when less device time is left): a step gets what is left of that at most, and one that would
 # get under 20 s is skipped, so the packing below always happens. The device tool returns at most
 # 8 files, so everything is packed into $OUT/gpu-check.tar.gz, with $OUT/summary.md beside it (the
-# step times, the test lines, the targets), and the summary is printed last.
+# step times, the test lines, the targets), and the summary is printed last; both are also written
+# after every step, so a call stopped from outside keeps what its finished steps wrote.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,17 +41,28 @@ PY="${PYTHON:-python3}"  # the device machine's python3 is the one with torch; p
 what="${1:-check}"
 case "$what" in check|perf|tests|variants|all) ;; *) echo "usage: $0 [check|perf|tests|variants|all]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
+DEST="$OUT"  # (steps below set OUT for their own reports; the pack goes here)
 W="$(mktemp -d)/gpu-check"
-mkdir -p "$OUT" "$W"
+mkdir -p "$DEST" "$W"
 status=0
 started=$(date +%s)
 # Kept for the end: a stopped step's 20 s of grace (timeout -k), the targets table and the packing.
 deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 40 ))
 
+# What is under $DEST comes back even when the device tool stops the whole call at its limit
+# (less device time left than asked for), which no trap sees: so everything written so far is
+# packed there after every step, each pack replacing the last whole (written aside, then moved:
+# the test shards end in parallel).
+snapshot() {
+  local tmp
+  tmp=$(mktemp "$DEST/.pack.XXXXXX") || return
+  tar -czf "$tmp" -C "$(dirname "$W")" gpu-check 2>/dev/null && mv -f "$tmp" "$DEST/gpu-check.tar.gz" || rm -f "$tmp"
+  [ -e "$W/summary.md" ] || cat "$W/machine.md" "$W/steps.md" > "$DEST/summary.md" 2>/dev/null  # (until the end's)
+}
 pack() {
-  [ -e "$W/summary.md" ] || cp "$W/steps.md" "$W/summary.md" 2>/dev/null  # stopped before the summary
-  tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$W")" gpu-check
-  [ -e "$W/summary.md" ] && cp "$W/summary.md" "$OUT/summary.md" && { echo; cat "$W/summary.md"; }
+  [ -e "$W/summary.md" ] || cat "$W/machine.md" "$W/steps.md" > "$W/summary.md" 2>/dev/null  # stopped before the summary
+  snapshot
+  [ -e "$W/summary.md" ] && cp "$W/summary.md" "$DEST/summary.md" && { echo; cat "$W/summary.md"; }
 }
 trap pack EXIT
 
@@ -72,6 +84,7 @@ step() {
   echo "- $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)$( (( rc == 124 || rc == 137 )) && echo ', STOPPED by its limit')" \
     | tee -a "$W/steps.md"
   tail -n 3 "$W/$name.log"
+  snapshot
   return "$rc"
 }
 
@@ -102,16 +115,6 @@ if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skip
   if (( smoke != 0 && smoke != 124 && smoke != 137 )); then
     export LORA_KERNELS_FAST_LAUNCH=0; echo "- the rest ran with LORA_KERNELS_FAST_LAUNCH=0" >> "$W/steps.md"
   fi
-fi
-if has perf; then
-  # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
-  # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
-  # then on the default threads (kernels.compile_configs). Early, so that it is not cut: about 25 s.
-  for threads in 1 ""; do
-    step "first-step${threads:+-one-thread}" 40 env ${threads:+LORA_KERNELS_COMPILE_THREADS=$threads} \
-      TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m benchmarks.precompile --first-step --launches 1 --shapes 4096x1024 \
-      --tokens 8192 --ranks 16 --report "$W/first-step.md"
-  done
 fi
 if has check all perf; then
   # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
@@ -194,6 +197,15 @@ if has perf; then
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
+  # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
+  # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
+  # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s):
+  # it tests version 11's claim about a cold first step, not the targets.
+  for threads in 1 ""; do
+    step "first-step${threads:+-one-thread}" 40 env ${threads:+LORA_KERNELS_COMPILE_THREADS=$threads} \
+      TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m benchmarks.precompile --first-step --launches 1 --shapes 4096x1024 \
+      --tokens 8192 --ranks 16 --report "$W/first-step.md"
+  done
 fi
 
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).

@@ -497,6 +497,27 @@ def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(t
     assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
 
 
+def test_variants_md_names_a_failed_rows_config_on_one_line(tmp_path, monkeypatch):
+    """A row that fails keeps, in variants.md, the config the autotuner chose for it (the fourth
+    run's NaN warp-specialized row had it only in the JSON) and its error on one table line."""
+    from benchmarks import variants
+    config = variants.kernels.hopper_configs()[0]
+
+    def fails_with_its_config():
+        variants.kernels._lora_matmul_kernel.best_config = config
+        raise RuntimeError("first line\nsecond | line")
+
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
+    monkeypatch.setattr(variants, "pieces", lambda *args: {"floor": ("fwd", fails_with_its_config)})
+    monkeypatch.setattr(variants.kernels, "INTERPRET", True)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    variants.main(["--shapes", "8x8", "--tokens", "8", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path)])
+    (line,) = [ln for ln in (tmp_path / "variants.md").read_text().splitlines() if "| floor |" in ln]
+    name = variants.kernels.tile_name(config.all_kwargs())
+    assert line == f"| 8→8 | floor | FAILED: RuntimeError: first line second / line | | {name} |"
+
+
 def test_variants_check_the_timed_path_and_survive_a_failing_piece(tmp_path, monkeypatch):
     """The result checked is a later call's, which on a GPU launches the compiled kernels directly
     as the timed calls do (the first goes through Triton's dispatch, to compile and tune); a host
