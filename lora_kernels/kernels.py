@@ -635,7 +635,7 @@ def _input_precision(dot_dtype):
 # LORA_KERNELS_TMA=0 keeps every launch on pointer loads (a way around a TMA problem).
 TMA = os.environ.get("LORA_KERNELS_TMA", "1") != "0"
 # LORA_KERNELS_WARP_SPEC=1 lets the autotuner try warp-specialized configs: they compile for sm_90
-# and pass the interpreter's checks, but have not run on a GPU yet (benchmarks/NOTES.md).
+# and pass the interpreter's checks, but some wrote NaN on the H200 (fourth run, benchmarks/NOTES.md).
 WARP_SPEC = os.environ.get("LORA_KERNELS_WARP_SPEC", "0") == "1"
 
 
