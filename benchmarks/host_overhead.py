@@ -135,6 +135,9 @@ def _steps(device, dtype):
         y = functional.lora_linear(x, W, b, A, B, 2.0)
         torch.autograd.grad(y, [x, A, B], dy)
 
+    def train_forward():  # the forward with its autograd.Function and saved tensors, no backward
+        functional.lora_linear(x, W, b, A, B, 2.0)
+
     def eval_forward():  # evaluation or generation: the forward alone, under no_grad
         with torch.no_grad():
             functional.lora_linear(x, W, b, A, B, 2.0)
@@ -157,7 +160,7 @@ def _steps(device, dtype):
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
         functional._backward_impl(dy, x.detach(), W, A.detach(), B.detach(), S, 2.0, 0.0, None,
                                   [True, False, False, True, True], "triton")
-    return eager_step, eval_forward, op_step, base_step, launch, backward_body, _peft_steps(x, W, b, dy)
+    return eager_step, train_forward, eval_forward, op_step, base_step, launch, backward_body, _peft_steps(x, W, b, dy)
 
 
 def _peft_steps(x, W, b, dy):
@@ -196,7 +199,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    eager_step, eval_forward, op_step, base_step, launch, backward_body, peft_steps = steps
+    eager_step, train_forward, eval_forward, op_step, base_step, launch, backward_body, peft_steps = steps
     # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
     stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
     if not cuda:
@@ -234,11 +237,12 @@ def main(argv=None):
     try:
         with stubs:
             row("lora_linear forward+backward, eager (autograd.Function)", eager_step)
+            row("lora_linear forward, grad enabled (the autograd.Function, no backward)", train_forward)
             row("lora_linear forward under no_grad (evaluation)", eval_forward)
             row("the same through the custom ops", op_step)
-            # Against the eager step, less the forward: what the autograd engine adds (on CUDA it
-            # runs the backward on a thread of its own; the third H200 run timed the backward alone
-            # at 4096→1024 at 0.81 ms for two launches, against 0.18 ms for the forward's one).
+            # Against the eager step, less the forward with grad: what the autograd engine adds (on
+            # CUDA it runs the backward on a thread of its own; the third H200 run timed the backward
+            # alone at 4096→1024 at 0.81 ms for two launches, against 0.18 ms for the forward's one).
             row("the backward's body called directly (functional._backward_impl, no autograd engine)",
                 backward_body)
             row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
