@@ -196,10 +196,13 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     Layers already wrapped (by this package or the seed) are left alone, as is ``model`` if it is
     one, so a second call does not wrap them twice. A layer whose weight is shared with another
     module (an lm_head tied to the embedding) is marked so, and its ``merge()`` refuses; a block
-    reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
-    ``nn.TransformerDecoderLayer`` are left alone, with a warning: they read their Linears' weights
-    themselves (MultiheadAttention always, the layers' fast path in eval mode), past any adapter.
+    reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are left alone, with a
+    warning: they read their Linears' weights themselves (MultiheadAttention always, the layers'
+    fast path in eval mode), past any adapter.
     """
+    if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
+        return model
     # A weight is tied when two distinct modules hold it. (modules() lists a block that is reused
     # in several places once: its Linear gets one wrapper there, and merging it changes nothing else.)
     counts = {}
@@ -207,8 +210,6 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
         for p in module.parameters(recurse=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
     skipped = []
-    if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
-        return model
     if isinstance(model, _READ_THEIR_LINEARS):
         skipped.append("the module given")
     else:

@@ -54,9 +54,11 @@ deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 40 ))
 # packed there after every step, each pack replacing the last whole (written aside, then moved:
 # the test shards end in parallel).
 snapshot() {
-  local tmp
+  local tmp rc
   tmp=$(mktemp "$DEST/.pack.XXXXXX") || return
-  tar -czf "$tmp" -C "$(dirname "$W")" gpu-check 2>/dev/null && mv -f "$tmp" "$DEST/gpu-check.tar.gz" || rm -f "$tmp"
+  # (GNU tar's exit 1 is "a file changed as we read it": the other shards' logs, still growing)
+  tar -czf "$tmp" -C "$(dirname "$W")" gpu-check 2>/dev/null; rc=$?
+  if (( rc <= 1 )); then mv -f "$tmp" "$DEST/gpu-check.tar.gz"; else rm -f "$tmp"; fi
   [ -e "$W/summary.md" ] || cat "$W/machine.md" "$W/steps.md" > "$DEST/summary.md" 2>/dev/null  # (until the end's)
 }
 pack() {
@@ -174,7 +176,11 @@ if has check all tests; then
       -p no:cacheprovider > "$W/tests-$i.step" 2>&1 &
     pids+=($!)
   done
+  # (and the shards' -v logs packed every 20 s while they run: a call stopped from outside keeps
+  # how far each got)
+  ( while sleep 20; do snapshot; done ) > /dev/null 2>&1 & packer=$!  # (no hold on the call's output)
   for pid in "${pids[@]}"; do wait "$pid"; status=$(( status | ($? != 0) )); done
+  kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
   cat "$W"/tests-*.step
 fi
 if has check all perf; then
