@@ -3,13 +3,15 @@
 The math (design.md §1), with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
 LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1):
 
-    S  = q · x̃ A                     dS = alpha · q · dY Bᵀ
-    y  = x Wᵀ + alpha · S B + b      dX = dY W + (dS Aᵀ) ⊙ m
-                                     dA = x̃ᵀ dS,   dB = alpha · Sᵀ dY
+    S  = q · x̃ A                     dS = q · dY Bᵀ
+    y  = x Wᵀ + alpha · S B + b      dX = dY W + alpha · (dS Aᵀ) ⊙ m
+                                     dA = alpha · x̃ᵀ dS,   dB = alpha · Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-S is the reference's own (dropped-out) x A: alpha enters the products with B in fp32 inside the
-kernel (``r_scale``, ``pair_scale``), so a 16-bit S overflows only where the reference's x A does.
+S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha enters in fp32
+inside the kernel, on B's and Aᵀ's tiles (``r_scale``) and on dA's and dB's accumulators
+(``scale``, ``pair_scale``), so a large alpha cannot overflow a 16-bit S or dS where the
+gradients themselves fit.
 
 Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
 kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
@@ -333,16 +335,19 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     drop = _Dropout(dropout_p, seed)
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
+        # dS = q · dY Bᵀ, stored in the activations' dtype without alpha, as S is in the forward:
+        # alpha scales Aᵀ's tiles in dX and dA's fp32 accumulator, so a large alpha (or a
+        # loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB themselves fit.
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), alpha * drop.rescale, 1.0, dtype,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
-            dS = matmul(dy2, B.t(), scale=alpha * drop.rescale, out_dtype=dtype, dot_dtype=dtype)
-        if need_A and need_B:  # one launch: dA = x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
-            dA, dB = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
+            dS = matmul(dy2, B.t(), scale=drop.rescale, out_dtype=dtype, dot_dtype=dtype)
+        if need_A and need_B:  # one launch: dA = alpha · x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
+            dA, dB = matmul(x2.t(), dS, scale=alpha, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
                             out_dtype=A.dtype, dot_dtype=dtype)
         elif need_A:
-            dA = matmul(x2.t(), dS, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
+            dA = matmul(x2.t(), dS, scale=alpha, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         elif need_B:
             dB = matmul(S.t(), dy2, scale=alpha, out_dtype=B.dtype, dot_dtype=dtype)
         if need_w:

@@ -9,14 +9,14 @@ with each operand given by its strides, so a transpose is free. The layer uses i
 
     S  = x A                    shrink:            X = x,   W = A
     y  = x Wᵀ + alpha · S B + b GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B,  r_scale = alpha
-    dS = alpha · dY Bᵀ          shrink:            X = dY,  W = Bᵀ,   scale = alpha
-    dX = dY W + dS Aᵀ           GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ
-    dA = xᵀ dS                  reduction over M:  X = xᵀ,  W = dS    (split, see below)
+    dS = dY Bᵀ                  shrink:            X = dY,  W = Bᵀ
+    dX = dY W + alpha · dS Aᵀ   GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = alpha
+    dA = alpha · xᵀ dS          reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
     dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
 
-S is x A as the reference computes it, unscaled: alpha joins B's tiles inside the product (in
-fp32, before their cast to the dot's dtype), so a large alpha cannot overflow a 16-bit S where
-the reference's x A does not. In fp16 that asks alpha · B to stay in range instead (|alpha · B| <
+S is x A as the reference computes it, unscaled, and dS likewise: alpha joins B's (Aᵀ's) tiles
+inside the product (in fp32, before their cast to the dot's dtype) or the fp32 accumulator, so a
+large alpha cannot overflow a 16-bit S or dS where the reference's x A and the gradients do not. In fp16 that asks alpha · B to stay in range instead (|alpha · B| <
 65504, and above fp16's smallest normal, 6e-5, for full precision), which B, a small adapter
 matrix, is far likelier to than x A, which grows with the activations.
 

@@ -175,6 +175,22 @@ def test_fp32_adapters_beside_half_base(backend, dtype_name):
     check_all(make_inputs((41,), 36, 52, 7, dtype, adapter_dtype=torch.float32), 2.0, dtype)
 
 
+def test_large_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend):
+    """fp16 base, fp32 adapters, alpha 32 and a loss-scaled dY: alpha · dY Bᵀ passes 65504, while
+    dX (fp16), dA and dB (fp32) fit. dS is kept without alpha (as S is), so all three come back
+    finite and as float64 has them, on both backends."""
+    x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, adapter_dtype=torch.float32, seed=7)
+    x, A, B = x.requires_grad_(), (A * 0.1).requires_grad_(), (B * 0.6).requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, 32.0)
+    dy = (2000 * torch.randn(y.shape, generator=torch.Generator().manual_seed(8))).to(y.device, y.dtype)
+    y.backward(dy)
+    _, grads = reference(x, W, b, A, B, 32.0, dy)
+    assert (32.0 * dy.double() @ B.detach().double().t()).abs().max() > 65504  # (the case in question)
+    assert grads[0].abs().max() < 65504
+    errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
+    assert all(e <= TOL[torch.float16] for e in errs.values()), errs
+
+
 def test_fp32_adapter_grads_past_fp16_range(backend):
     """fp32 adapters beside an fp16 base, with a loss-scaled gradient (GradScaler's): dA and dB sum
     over 2048 tokens past fp16's 65504. They come back finite, as float64 has them (products
