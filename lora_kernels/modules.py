@@ -119,22 +119,17 @@ class LinearWithLoRA(torch.nn.Module):
         return self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype)).t()
 
     @torch.no_grad()
-    def merge(self):
-        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, if
-        the weight is tied to another module (it would change that module too: ``weight_tied``,
-        set by ``replace_linear_with_lora`` for ties inside the module it was given, or by hand),
-        or if ``linear`` is not a plain nn.Linear storing its weight (weight_norm's is computed:
-        the merge would be lost)."""
-        if self.merged:
-            return self
+    def _merged_weight(self):
+        """``linear.weight`` with the update folded in, in its dtype, written nowhere; raises
+        ValueError where ``merge`` refuses."""
         if type(self.linear) is not torch.nn.Linear or "weight" not in self.linear._parameters:
             raise ValueError(f"merge() needs a plain nn.Linear that stores its weight, got "
                              f"{type(self.linear).__name__} (a subclass with its own forward, or a weight "
                              "computed from others, as weight_norm's is); the layer is left unmerged")
         if self.weight_tied:
-            raise ValueError("linear.weight is shared with another module (tied weights, e.g. an lm_head "
-                             "tied to the embedding): merging would change that module too; the layer is "
-                             "left unmerged")
+            raise ValueError("linear.weight is shared with another module or place (tied weights, e.g. an "
+                             "lm_head tied to the embedding, or one nn.Linear used twice): merging would "
+                             "change the other too; the layer is left unmerged")
         weight = self.linear.weight
         merged = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self._delta()
         merged = merged.to(weight.dtype)  # check after the cast: fp16 overflows to inf here
@@ -142,8 +137,18 @@ class LinearWithLoRA(torch.nn.Module):
             bad = (~torch.isfinite(merged)).sum().item()
             raise ValueError(f"merging would put {bad} non-finite values into linear.weight "
                              f"({tuple(weight.shape)}, {weight.dtype}); the layer is left unmerged")
-        weight.copy_(merged)
-        self.merged = True
+        return merged
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold ``alpha · (A B)ᵀ`` into ``linear.weight``; refuses if that would hold NaN or Inf, if
+        the weight is tied (it would change another module or place too: ``weight_tied``, set by
+        ``replace_linear_with_lora`` for ties inside the module it was given, or by hand), or if
+        ``linear`` is not a plain nn.Linear storing its weight (weight_norm's is computed: the
+        merge would be lost)."""
+        if not self.merged:
+            self.linear.weight.copy_(self._merged_weight())
+            self.merged = True
         return self
 
     @torch.no_grad()
@@ -203,12 +208,21 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     """
     if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
         return model
-    # A weight is tied when two distinct modules hold it. (modules() lists a block that is reused
-    # in several places once: its Linear gets one wrapper there, and merging it changes nothing else.)
+    # A weight is tied when it serves more than one place: two distinct modules hold it, or its
+    # module fills two slots (one nn.Linear under two parents, or under two names of one; each
+    # parent's wrapper then has its own adapter around the one weight, as the seed's does). A
+    # block reused in several places is no tie: its Linear fills one slot, in the block, and gets
+    # one wrapper, so merging changes every place alike. (modules() lists each module once;
+    # _modules keeps every name.)
+    slots = {}
+    for parent in model.modules():
+        for child in parent._modules.values():
+            if child is not None:
+                slots[id(child)] = slots.get(id(child), 0) + 1
     counts = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
+            counts[id(p)] = counts.get(id(p), 0) + slots.get(id(module), 1)
     skipped = []
     if isinstance(model, _READ_THEIR_LINEARS):
         skipped.append("the module given")
@@ -226,21 +240,18 @@ def merge_and_unload(model):
     layer was, in place: the model ``replace_linear_with_lora`` was given, with merged weights and
     its own state-dict keys, for inference and export (peft's ``merge_and_unload``). Returns the
     model (the linear itself when ``model`` is one LinearWithLoRA). If a layer cannot merge (see
-    ``merge``), the layers merged before it are unmerged and the error is raised: nothing is
-    replaced."""
+    ``merge``), the error is raised before any weight is written: nothing changes."""
     slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, LinearWithLoRA)]
     layers = [layer for *_, layer in slots] + ([model] if isinstance(model, LinearWithLoRA) else [])
-    done = []
-    try:
-        for layer in layers:
-            if not layer.merged:
-                layer.merge()
-                done.append(layer)
-    except ValueError:
-        for layer in done:
-            layer.unmerge()
-        raise
+    pending = [layer for layer in dict.fromkeys(layers) if not layer.merged]
+    # Every layer's checks first, one merged weight at a time (holding them all would double a
+    # model's memory), then the writes: merging some and unmerging them on a refusal would round
+    # a 16-bit weight twice, changing weights the call promised to leave alone.
+    for layer in pending:
+        layer._merged_weight()
+    for layer in pending:
+        layer.merge()
     for parent, name, layer in slots:
         setattr(parent, name, layer.linear)
     return model.linear if isinstance(model, LinearWithLoRA) else model

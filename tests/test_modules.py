@@ -358,9 +358,11 @@ def test_merge_and_unload():
         assert type(linear) is torch.nn.Linear and rel_err(linear(x), y) < TOL[torch.float32]
 
 
-def test_merge_and_unload_changes_nothing_when_a_layer_cannot_merge():
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
-    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_and_unload_changes_nothing_when_a_layer_cannot_merge(dtype):
+    """Bit for bit, in bf16 too: a merge taken back out would round the first layer's weight twice."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    lora_kernels.replace_linear_with_lora(model, rank=4, alpha=2.0).to(dtype)
     for layer in model:
         torch.nn.init.normal_(layer.lora.B)
     before = [layer.linear.weight.clone() for layer in model]
@@ -368,8 +370,41 @@ def test_merge_and_unload_changes_nothing_when_a_layer_cannot_merge():
     with pytest.raises(ValueError, match="shared with another module"):
         lora_kernels.merge_and_unload(model)
     assert all(isinstance(layer, lora_kernels.LinearWithLoRA) and not layer.merged for layer in model)
-    for layer, w in zip(model, before):  # the first layer's merge was taken back out
-        assert rel_err(layer.linear.weight, w) < 1e-6
+    for layer, w in zip(model, before):
+        assert torch.equal(layer.linear.weight, w)
+
+
+def test_one_linear_in_two_places_is_tied():
+    """One nn.Linear under two parents gets a wrapper (and adapter) in each, as the seed's
+    replacement gives it; under two names of one parent only the first is wrapped, as the seed's.
+    Either way the weight serves two places, so merging one would change the other's output."""
+    class Holder(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.proj = linear
+
+    shared = torch.nn.Linear(6, 6)
+    model = torch.nn.ModuleDict({"enc": Holder(shared), "dec": Holder(shared), "own": Holder(torch.nn.Linear(6, 6))})
+    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    enc, dec = model["enc"].proj, model["dec"].proj
+    assert enc is not dec and enc.linear is dec.linear is shared
+    assert enc.weight_tied and dec.weight_tied and not model["own"].proj.weight_tied
+    torch.nn.init.normal_(enc.lora.B)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = dec(x)
+    with pytest.raises(ValueError, match="shared with another module"):
+        enc.merge()
+    with pytest.raises(ValueError, match="shared with another module"):
+        lora_kernels.merge_and_unload(model)
+    with torch.no_grad():
+        assert torch.equal(dec(x), before)
+
+    aliased = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    aliased.add_module("again", aliased[0])
+    lora_kernels.replace_linear_with_lora(aliased, rank=2, alpha=1.0)
+    assert isinstance(aliased[0], lora_kernels.LinearWithLoRA) and aliased[0].weight_tied
+    assert type(aliased.again) is torch.nn.Linear
 
 
 def test_adapters_start_on_the_base_device_with_the_seeds_numbers():
