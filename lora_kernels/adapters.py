@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover
     except ImportError:  # torch built without distributed
         DTensor = distribute_tensor = None
 
+try:  # FSDP1's flat parameters: refused by name (below)
+    from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1
+except ImportError:  # pragma: no cover
+    _FSDP1 = None
+
 try:  # optional: without it adapters are written with torch.save
     import safetensors.torch as _safetensors
 except ImportError:  # pragma: no cover
@@ -81,6 +86,16 @@ def _lora_layers(model):
             if isinstance(m, reference.LoRALayer)]
 
 
+def _refuse_fsdp1(model):
+    """FSDP1 (``FullyShardedDataParallel``) keeps each rank's slice of flattened parameters: A and B
+    there are 1-D shards (some empty), which would be saved as such or fail deep inside."""
+    if _FSDP1 is not None and any(isinstance(m, _FSDP1) for m in model.modules()):
+        raise ValueError("the model is wrapped in FullyShardedDataParallel (FSDP1), whose parameters are "
+                         "flattened shards that lora_kernels does not gather: use FSDP2 (fully_shard), whose "
+                         "sharded adapters save_adapter gathers and load_adapter distributes, or save and "
+                         "load with the model unwrapped")
+
+
 def _is_dtensor(t):
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -130,6 +145,7 @@ def lora_state_dict(model):
     Like ``state_dict()``, the values are detached and share storage with the parameters (under
     FSDP2 they are the sharded DTensors).
     """
+    _refuse_fsdp1(model)
     out = {}
     for name, layer in _lora_layers(model):
         out[_key(name, "A")] = layer.A.detach()
@@ -150,7 +166,18 @@ def _layer_metadata(model):
 
 
 def _is_safetensors(path):
-    return os.fspath(path).endswith(".safetensors")
+    """Whether ``save_adapter`` writes ``path`` with safetensors: by its extension, in any case."""
+    return os.fspath(path).lower().endswith(".safetensors")
+
+
+def _holds_safetensors(path):
+    """Whether the file at ``path`` is in safetensors' format, by its content (a renamed file too):
+    an 8-byte little-endian header length, then the JSON header's "{". torch.save writes a zip
+    ("PK") or, in its legacy format, a pickle; neither starts so."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _require_safetensors(path):
@@ -163,8 +190,8 @@ def _require_safetensors(path):
 def save_adapter(model, path):
     """Write only the adapter (``lora_state_dict``) plus each layer's rank and alpha to ``path``.
 
-    A path ending in ``.safetensors`` is written with safetensors (which must be installed); any
-    other with ``torch.save``. Tensors are stored as plain, full tensors on the CPU in their own
+    A path ending in ``.safetensors`` (in any case) is written with safetensors (which must be
+    installed); any other with ``torch.save``. (``load_adapter`` reads either by the content.) Tensors are stored as plain, full tensors on the CPU in their own
     dtype; alpha is stored as a float.
 
     Sharded adapters (FSDP2's DTensors) are gathered with ``full_tensor()``, a collective: then
@@ -197,8 +224,8 @@ def save_adapter(model, path):
 
 
 def _read_adapter(path):
-    """(tensors, metadata) from a file written by ``save_adapter``."""
-    if _is_safetensors(path):
+    """(tensors, metadata) from a file written by ``save_adapter``, in either format whatever its name."""
+    if _holds_safetensors(path):
         _require_safetensors(path)
         tensors = _safetensors.load_file(os.fspath(path), device="cpu")
         with _safetensors.safe_open(os.fspath(path), framework="pt") as f:
@@ -231,6 +258,7 @@ def load_adapter(model, path, strict=True):
     rank 0's copy: a collective, so every rank of a sharded model must call ``load_adapter`` with
     the same file). Returns ``LoadResult(missing_keys, unexpected_keys)``.
     """
+    _refuse_fsdp1(model)
     tensors, metadata = _read_adapter(path)
     params = {}
     for name, layer in _lora_layers(model):
@@ -258,6 +286,8 @@ def load_adapter(model, path, strict=True):
 
     merged = [_without_compile(name) for name, m in _unwrap(model).named_modules()
               if isinstance(m, LinearWithLoRA) and getattr(m, "merged", False)]
+    # (copy_ into a meta tensor does nothing: the adapter would be lost without a word)
+    on_meta = sorted(k for k, p in params.items() if k in tensors and p.is_meta)
 
     problems = []
     if strict and missing:
@@ -272,6 +302,9 @@ def load_adapter(model, path, strict=True):
             f"{n} was trained with alpha={f} but the model has alpha={m}" for n, f, m in alpha_diffs))
     if merged:
         problems.append("merged layers (call unmerge() before loading): " + ", ".join(merged))
+    if on_meta:
+        problems.append("parameters on the meta device, which hold no values (materialize the model "
+                        "first, e.g. model.to_empty(device=...)): " + ", ".join(on_meta))
     if problems:
         hint = "" if params else " (the model has no LoRA layers: call replace_linear_with_lora first)"
         raise ValueError(f"cannot load adapter {os.fspath(path)!r}{hint}:\n  " + "\n  ".join(problems))

@@ -254,6 +254,10 @@ def merge_and_unload(model):
         layer.merge()
     for parent, name, layer in slots:
         setattr(parent, name, layer.linear)
+    seed_layers = [name for name, m in model.named_modules() if isinstance(m, reference.LinearWithLoRA)]
+    if seed_layers:  # (the seed's layer has no merge: say so rather than hand back a model still wrapped)
+        warnings.warn("merge_and_unload left the seed's LinearWithLoRA layers (lora_kernels.reference) "
+                      "unmerged, which it cannot merge: " + ", ".join(seed_layers), UserWarning, stacklevel=2)
     return model.linear if isinstance(model, LinearWithLoRA) else model
 
 

@@ -229,6 +229,54 @@ def test_load_into_model_without_lora(tmp_path):
         load_adapter(Tiny(), path)
 
 
+def test_load_refuses_parameters_on_the_meta_device(tmp_path):
+    """copy_ into a meta tensor does nothing: a model built on the meta device (accelerate's
+    init_empty_weights) would load without a word and hold nothing after to_empty()."""
+    path = _saved(tmp_path, randomize_lora(build()))
+    with torch.device("meta"):
+        skeleton = build()
+    with pytest.raises(ValueError, match=r"meta device.*blocks\.0\.fc\.lora\.A"):
+        load_adapter(skeleton, path)
+    skeleton.to_empty(device="cpu")
+    load_adapter(skeleton, path)
+    for k, v in lora_state_dict(randomize_lora(build())).items():
+        assert torch.equal(lora_state_dict(skeleton)[k], v), k
+
+
+@pytest.mark.parametrize("filename", FORMATS)
+def test_load_reads_the_format_by_content(tmp_path, filename):
+    """A file renamed (or a name in capitals) is read in the format it holds."""
+    _need_format(filename)
+    trained = randomize_lora(build())
+    save_adapter(trained, tmp_path / filename.upper())
+    renamed = tmp_path / "adapter"
+    (tmp_path / filename.upper()).rename(renamed)
+    fresh = build()
+    load_adapter(fresh, renamed)
+    for k, v in lora_state_dict(trained).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v), k
+    if filename.endswith(".safetensors"):  # written as safetensors whatever the case of its extension
+        assert renamed.read_bytes()[8:9] == b"{"
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp1_is_refused_by_name(tmp_path):
+    """FSDP1's parameters are flat shards: A and B would be saved as 1-D slices, or fail inside."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    path = _saved(tmp_path, randomize_lora(build()))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        wrapped = FullyShardedDataParallel(build(), use_orig_params=True, device_id=torch.device("cpu"))
+        for call in (lambda: save_adapter(wrapped, tmp_path / "b.pt"), lambda: load_adapter(wrapped, path),
+                     lambda: lora_state_dict(wrapped)):
+            with pytest.raises(ValueError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard"):
+                call()
+        assert not (tmp_path / "b.pt").exists()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_safetensors_missing_package(tmp_path, monkeypatch):
     import lora_kernels.adapters as adapters
     monkeypatch.setattr(adapters, "_safetensors", None)

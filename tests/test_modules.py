@@ -358,6 +358,15 @@ def test_merge_and_unload():
         assert type(linear) is torch.nn.Linear and rel_err(linear(x), y) < TOL[torch.float32]
 
 
+def test_merge_and_unload_says_it_left_the_seeds_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+    model[1] = lora_kernels.reference.LinearWithLoRA(model[1], 2, 1.0)
+    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    with pytest.warns(UserWarning, match=r"seed's LinearWithLoRA.*unmerged.*: 1$"):
+        lora_kernels.merge_and_unload(model)
+    assert type(model[0]) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_and_unload_changes_nothing_when_a_layer_cannot_merge(dtype):
     """Bit for bit, in bf16 too: a merge taken back out would round the first layer's weight twice."""
