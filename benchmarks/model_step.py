@@ -161,14 +161,19 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
     p.add_argument("--providers", type=_names(list(PROVIDERS)), default=["base", "fused", "peft", "addmm"])
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of peft and fused (timed, not checked)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of peft and fused (timed, not checked: its masks are not rebuilt here)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--warmup-ms", type=float, default=20.0)
     # (the bare base's seven projections, forward+backward at 8192 tokens, add up to about 10 ms in
     # the third H200 run's sweep: 300 ms gives some 25 timed steps per provider)
     p.add_argument("--rep-ms", type=float, default=300.0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU only: torch threads (default 1, as benchmarks.run's: a parallel GEMM stalls at "
+                        "every barrier when another process takes a core; 0 keeps torch's default)")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
+    if args.device == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     if "base" not in args.providers:
         p.error("--providers must include base, the floor every ratio is to")
     started = time.perf_counter()

@@ -1,8 +1,8 @@
 """The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
 
 ``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft` and
-`fused` have a LoRA dropout, the others ignore it (`fused` can name its next call's mask, so it
-is still checked; peft's nn.Dropout mask cannot be rebuilt). A ``Layer`` holds the
+`fused` have a LoRA dropout, the others ignore it (both are still checked with the mask their next
+call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the same seed). A ``Layer`` holds the
 forward callable and the tensors it trains, so the measurement code can run any of them the same way:
 ``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
 """
@@ -72,6 +72,9 @@ class Layer(NamedTuple):
     # next_mask(x, torch_seed) -> the keep mask (x's shape, bool) that the layer's next call on x
     # applies once torch.manual_seed(torch_seed) has run; it leaves torch's generator so seeded.
     next_mask: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+    # Whether next_mask repeats the layer's draw from outside (peft's nn.Dropout) rather than the
+    # layer naming it: a failed check may then be the mask's, not the layer's (see run.py).
+    mask_inferred: bool = False
 
 
 # --- the providers -------------------------------------------------------------------------------
@@ -171,12 +174,22 @@ def _peft(w, dropout=0.0, **_):
     layer.lora_A["default"].weight = torch.nn.Parameter(w.A.detach().t().contiguous())
     layer.lora_B["default"].weight = torch.nn.Parameter(w.B.detach().t().contiguous())
     assert abs(layer.scaling["default"] - w.alpha) <= 1e-6 * abs(w.alpha), layer.scaling
-    # Timed unchecked with dropout (its mask cannot be rebuilt): at least make sure it drops.
     drop = layer.lora_dropout["default"]
     assert (dropout == 0 or (type(drop) is torch.nn.Dropout and drop.p == dropout and drop.training)), drop
+
+    def next_mask(x, torch_seed):
+        # peft's forward draws nothing before its nn.Dropout, which draws from torch's generator
+        # for x's device: the same draw, from the same seed, on a tensor of x's shape, dtype and
+        # device is its mask (dropout's kernels draw by element count, not by the values).
+        torch.manual_seed(torch_seed)
+        keep = F.dropout(torch.ones_like(x), dropout, training=True) != 0
+        torch.manual_seed(torch_seed)
+        return keep
+
     params = {"W": layer.base_layer.weight, "b": layer.base_layer.bias,
               "A": layer.lora_A["default"].weight, "B": layer.lora_B["default"].weight}
-    return Layer(layer, params, transposed=("A", "B"), dropout=dropout)
+    return Layer(layer, params, transposed=("A", "B"), dropout=dropout,
+                 next_mask=next_mask if dropout > 0 else None, mask_inferred=True)
 
 
 def _fused(w, dropout=0.0, **_):

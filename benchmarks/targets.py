@@ -47,9 +47,25 @@ def _incomplete(results, which):
             if n.startswith("INCOMPLETE")]
 
 
+# What a dropout run must share with the main run for its speedup over peft to stand beside the rest.
+SAME_SETUP = ("card", "device", "versions", "settings", "dtype", "alpha", "trainable_base")
+
+
+def check_same_setup(results, dropout_results):
+    """Raise ValueError naming each setting in which the dropout run differs from the main run."""
+    diffs = [f"{k}: {results.get(k)!r} in the main run, {dropout_results.get(k)!r} in the dropout run"
+             for k in SAME_SETUP if results.get(k) != dropout_results.get(k)]
+    if diffs:
+        raise ValueError("the dropout run was not made like the main run, so its speedup over peft would "
+                         "not stand beside the other targets: " + "; ".join(diffs))
+
+
 def table(results, dropout_results=None):
     """Markdown: one line per (shape, tokens, rank), a cell per target with its ratio and ✓ or ✗;
-    where a provider has no time, its status (WRONG, ERROR, SKIPPED) instead."""
+    where a provider has no time, its status (WRONG, ERROR, SKIPPED) instead. A dropout run made
+    otherwise than the main run (``SAME_SETUP``) raises ValueError."""
+    if dropout_results:
+        check_same_setup(results, dropout_results)
     times, statuses, in_turn = _times(results["rows"]), _statuses(results["rows"]), _in_turn(results["rows"])
     if dropout_results:
         peft_times, peft_statuses = _times(dropout_results["rows"]), _statuses(dropout_results["rows"])
@@ -111,7 +127,10 @@ def main(argv=None):
     if args.dropout:
         with open(args.dropout) as f:
             dropout = json.load(f)
-    text = table(results, dropout)
+    try:
+        text = table(results, dropout)
+    except ValueError as e:
+        p.error(str(e))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -102,9 +102,10 @@ def pieces(K, N, M, r, dtype, device):
     x, dy = rnd(M, K), rnd(M, N)
     W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
     A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
-    # S and dS in the activations' dtype, as the layer keeps them (functional.py).
+    # S and dS in the activations' dtype and without alpha, as the layer keeps them (functional.py):
+    # alpha (2.0) scales B's tiles in y, Aᵀ's in dX, and dA's and dB's accumulators, as there.
     S = kernels.lora_matmul(x, A, out_dtype=dtype, dot_dtype=dtype)
-    dS = kernels.lora_matmul(dy, B.t(), scale=2.0, out_dtype=dtype, dot_dtype=dtype)
+    dS = kernels.lora_matmul(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
 
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
@@ -174,23 +175,22 @@ def pieces(K, N, M, r, dtype, device):
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
         "Triton dY W, warp-specialized candidates": ("dx", warp_specialized(lambda: mm(dy, W, out_dtype=dtype))),
-        "dS = α dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(
-            lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype))),
-        "dS = α dY Bᵀ": ("dx", lambda: mm(dy, B.t(), scale=2.0, out_dtype=dtype)),
+        "dS = dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(lambda: mm(dy, B.t(), out_dtype=dtype))),
+        "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
-        "dX = dY W + dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype)),
-        "dX = dY W + dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
-            lambda: mm(dy, W, lowrank=(dS, A.t()), out_dtype=dtype))),
-        "dA = xᵀ dS": ("dx", lambda: mm(x.t(), dS, out_dtype=dtype)),
-        "dB = Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
+        "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
+        "dX = dY W + α dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
+            lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype))),
+        "dA = α xᵀ dS": ("dx", lambda: mm(x.t(), dS, scale=2.0, out_dtype=dtype)),
+        "dB = α Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
         "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
-            lambda: (mm(x.t(), dS, out_dtype=dtype), mm(S.t(), dy, scale=2.0, out_dtype=dtype)))),
-        "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, out_dtype=dtype),
+            lambda: (mm(x.t(), dS, scale=2.0, out_dtype=dtype), mm(S.t(), dy, scale=2.0, out_dtype=dtype)))),
+        "dA and dB, two launches": ("dx", lambda: (mm(x.t(), dS, scale=2.0, out_dtype=dtype),
                                                    mm(S.t(), dy, scale=2.0, out_dtype=dtype))),
-        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, pair=(dy.t(), S), pair_scale=2.0,
-                                                                       out_dtype=dtype)),
+        "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S),
+                                                                       pair_scale=2.0, out_dtype=dtype)),
         "dA and dB, one paired launch, without the deep tiles": ("dx", without_deep_tiles(
-            lambda: mm(x.t(), dS, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
+            lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
         "cuBLAS xᵀ @ dS and Sᵀ @ dY": ("dx", lambda: (x.t() @ dS, S.t() @ dy)),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
@@ -213,12 +213,12 @@ TWINS = {
     "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
     "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",
     "Triton dY W, warp-specialized candidates": "Triton dY W, no LoRA",
-    "dX = dY W + dS Aᵀ, warp-specialized candidates": "dX = dY W + dS Aᵀ",
+    "dX = dY W + α dS Aᵀ, warp-specialized candidates": "dX = dY W + α dS Aᵀ",
     "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
     "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph": "layer fwd+bwd, separate shrink",
     # (the thin outputs' deep tiles are new too: checked against the candidates before them)
     "shrink S = xA": "shrink S = xA, without the deep tiles",
-    "dS = α dY Bᵀ": "dS = α dY Bᵀ, without the deep tiles",
+    "dS = dY Bᵀ": "dS = dY Bᵀ, without the deep tiles",
     "dA and dB, two launches": "dA and dB, two launches, without the deep tiles",
     "dA and dB, one paired launch, without the deep tiles": "dA and dB, two launches, without the deep tiles",
     "layer fwd+bwd, separate shrink, CUDA graph": "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph",

@@ -28,9 +28,14 @@ def test_targets_table_ratios_and_verdicts():
         ("forward+backward", "base"): 2.00, ("forward+backward", "fused"): 2.30,     # 1.15 > 1.10: missed
         ("forward+backward", "peft"): 9.99, ("forward+backward", "addmm"): 2.80,     # 1.22 >= 1.2: met
         ("forward+backward", "compiled"): 2.50})}                                    # 1.09 < 1.15: missed
-    dropout = {"dropout": 0.1, "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
+    dropout = {"card": "GPU", "dtype": "bfloat16", "dropout": 0.1,
+               "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
     assert line == ["| 4096→1024 | 8192 | 16 | 1.04 ✓ | 1.15 ✗ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
+    # A dropout run made otherwise (another dtype, a trainable base, ...) is refused by name.
+    for setting, value in (("dtype", "float16"), ("trainable_base", True), ("card", "other GPU")):
+        with pytest.raises(ValueError, match=f"{setting}: .* in the main run, .* in the dropout run"):
+            targets.table(main, {**dropout, setting: value})
     # Without a dropout run, peft's ratio comes from the main run; so it does, marked, for a
     # configuration the dropout run did not cover.
     assert "| 4.34 ✓ |" in targets.table(main)
@@ -67,7 +72,7 @@ def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete(
     # (peft and compiled did not run at all: fused's error is the reason given)
     assert line == "| 4096→1024 | 8192 | 16 | 1.04 ✓ | fused ERROR | fused ERROR | fused ERROR | fused ERROR |"
     # The dropout run covered the configuration, but its fused was WRONG: said, not replaced by the main run.
-    dropout = {"dropout": 0.1, "notes": [], "rows": [
+    dropout = {"card": "GPU", "dtype": "bfloat16", "dropout": 0.1, "notes": [], "rows": [
         dict(row, status="WRONG (dA off by 3.0e-01, with its dropout mask)" if row["provider"] == "fused" else
              "timed, not checked") for row in _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): None})]}
     main_ok = {**main, "notes": [], "rows": [dict(row, status="ok") for row in _rows(
@@ -239,8 +244,8 @@ print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.key
 
 
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
-    """With --dropout, fused is checked against float64 with the mask its call draws (rebuilt from
-    torch's seed), so a kernel that masks wrong is WRONG, not timed; peft's mask cannot be rebuilt."""
+    """With --dropout, fused and peft are checked against float64 with the mask their call draws
+    (drawn again from torch's seed), so a kernel that masks wrong is WRONG, not timed."""
     pytest.importorskip("peft")
     argv = ["--device", "cpu", "--shapes", "48x40", "--tokens", "24", "--ranks", "4", "--dropout", "0.3",
             "--providers", "base,peft,fused", "--modes", "forward+backward", "--warmup-ms", "1", "--rep-ms", "2"]
@@ -248,7 +253,8 @@ def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     assert rows["fused"]["status"] == "ok (PyTorch path, dropout 0.3 checked with its mask)"
     assert rows["fused"]["max_err"] < 1e-5 and rows["fused"]["ms"] > 0
     assert set(rows["fused"]["errors"]) == {"out", "dX", "dA", "dB"}
-    assert rows["peft"]["status"].startswith("timed, not checked") and rows["peft"]["ms"] > 0
+    assert rows["peft"]["status"] == "ok (dropout 0.3 checked with its mask)", rows["peft"]
+    assert rows["peft"]["max_err"] < 1e-5 and rows["peft"]["ms"] > 0
 
     # p = 1 drops the LoRA term, which the check's float64 formula must do too (not divide by 0).
     argv1 = [a if a != "0.3" else "1.0" for a in argv]
@@ -261,6 +267,19 @@ def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     rows = {r["provider"]: r for r in run.main([*argv, "--out", str(tmp_path / "wrong")])}
     assert rows["fused"]["status"].startswith("WRONG (") and rows["fused"]["status"].endswith("with its dropout mask)")
     assert rows["fused"]["ms"] is None
+
+    # peft's mask is drawn again from outside the layer: where that draw is not its own (here,
+    # a draw made first), the row says the check failed and is still timed.
+    real_peft = providers.PROVIDERS["peft"]
+
+    def peft_drawing_first(*a, **k):
+        layer = real_peft(*a, **k)
+        return layer._replace(fn=lambda x: (torch.rand(1), layer.fn(x))[1])
+    monkeypatch.setitem(providers.PROVIDERS, "peft", peft_drawing_first)
+    monkeypatch.setitem(run.PROVIDERS, "peft", peft_drawing_first)
+    rows = {r["provider"]: r for r in run.main([*argv, "--out", str(tmp_path / "peft-mask")])}
+    assert rows["peft"]["status"].startswith("timed, check FAILED with the dropout mask drawn again"), rows["peft"]
+    assert rows["peft"]["ms"] > 0 and rows["peft"]["max_err"] > 0.01
 
 
 def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
@@ -280,7 +299,8 @@ def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
     timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=2)
     (row,) = run.bench_provider("fused", w, xs, dys, refs, run.parse_args(["--dropout", "0.3"]), timer,
                                 (48, 40, 24, 4), ["forward+backward"])
-    assert "dropout 0.3 checked with its mask" in row["status"] and row["max_err"] < 1e-5, row
+    # (the kernels ran, through the interpreter: not labelled the PyTorch path)
+    assert row["status"] == "ok (dropout 0.3 checked with its mask)" and row["max_err"] < 1e-5, row
 
 
 def test_peft_adapters_are_in_the_base_dtype():
