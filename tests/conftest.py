@@ -170,8 +170,19 @@ def backend(request, monkeypatch):
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
+    # (unless the test pairs the backend with other arguments itself: see backends_with)
+    named = [m.args[0] for m in metafunc.definition.iter_markers("parametrize")]
+    named = {n.strip() for ns in named for n in (ns.split(",") if isinstance(ns, str) else ns)}
+    if "backend" in metafunc.fixturenames and "backend" not in named:
         metafunc.parametrize("backend", backends(), indirect=True)
+
+
+def backends_with(values_for):
+    """``(backend, value)`` parameters, for ``@pytest.mark.parametrize("backend,NAME", ...,
+    indirect=["backend"])``: each available backend with each of ``values_for(backend)`` (id'ed
+    ``backend-value``), where a value means something on one backend only."""
+    return [pytest.param(b.values[0], v, id=f"{b.id}-{v}", marks=b.marks)
+            for b in backends() for v in values_for(b.values[0])]
 
 
 def make_inputs(lead, K, N, r, dtype, adapter_dtype=None, bias=True, device=DEVICE, seed=0):

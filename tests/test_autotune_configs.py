@@ -137,3 +137,11 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
     script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.sh")).read()
     found = re.findall(r"step precompile-tests\S* .*?--shapes (\d+)x(\d+) --tokens (\d+) --ranks 16 ", script, re.S)
     assert len(found) == 2 and set(found) == {(str(IN_FEATURES), str(OUT_FEATURES), str(TOKENS))}
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter computes bf16 wrong (design.md §4): on a GPU only")
+def test_every_autotune_config_in_bf16(monkeypatch):
+    """bf16, the dtype most users train in, through every config on a GPU (last in this file: its
+    configs are not compiled ahead, so a shard stopped by its limit loses only this test)."""
+    _every_config(monkeypatch, torch.bfloat16, "0", 16, train_base=True)

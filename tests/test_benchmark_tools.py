@@ -290,7 +290,8 @@ def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
 
     if not kernels.INTERPRET:
         pytest.skip("Triton on CPU tensors needs the interpreter (the GPU run checks it in benchmarks.run)")
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    from conftest import use_triton
+    use_triton(monkeypatch)  # the kernels, their outputs poisoned first
     g = torch.Generator().manual_seed(0)
     w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu", generator=g)
     xs, dys = measure.make_inputs(24, 48, 40, dtype=torch.float32, device="cpu", generator=g)

@@ -207,8 +207,10 @@ def test_fsdp2_save_load_adapter(fsdp2_results, fsdp2_dir, ext):
 
 def test_failing_worker_fails_fast(tmp_path):
     """The harness itself: a rank that raises while the other waits in a collective fails the
-    test with the worker's traceback, well before the group timeout."""
-    start = time.monotonic()
+    test with the worker's traceback, and the rank left waiting ends without the group timeout
+    (stopped by the harness, or by its peer's closed connection, not by "Timed out waiting")."""
     with pytest.raises(pytest.fail.Exception, match="deliberate failure on rank 1"):
         _spawn("fail_on_rank1", tmp_path)
-    assert time.monotonic() - start < 45
+    assert (tmp_path / "rank1.err").exists()
+    waiting = tmp_path / "rank0.err"
+    assert not waiting.exists() or "timed out" not in waiting.read_text().lower()

@@ -47,7 +47,7 @@ def check_all(inputs, alpha, dtype, train_base=False):
     tol = TOL[dtype]
     errs = {"y": rel_err(y, y_ref), "dx": rel_err(x.grad, grads[0]),
             "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
-    assert y.dtype == x.dtype and A.grad.dtype == A.dtype and B.grad.dtype == B.dtype
+    assert y.dtype == x.dtype  # (the gradients' dtypes: test_backward_returns_each_gradient_in_its_parameters_dtype)
     if train_base:
         errs["dW"] = rel_err(W.grad, grads[1])
         if b is not None:
@@ -157,13 +157,26 @@ def test_ranks(backend, rank):
 
 @pytest.mark.parametrize("dtype_name", ["float16", "float64", "bfloat16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[5:], ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
 def test_dtypes(backend, dtype_name, bias, shape):
+    """Every gradient, dW and db included, in each dtype; the 300-token shape takes the split
+    reductions (dA, dB, dW), whose partial sums fp64 must keep in fp64."""
     dtype = getattr(torch, dtype_name)
     if dtype not in dtypes_for(backend):
         pytest.skip("bf16 through the kernels needs a GPU (the interpreter computes bf16 wrong)")
     lead, K, N, r = shape
-    check_all(make_inputs(lead, K, N, r, dtype, bias=bias), 1.5, dtype)
+    check_all(make_inputs(lead, K, N, r, dtype, bias=bias), 1.5, dtype, train_base=True)
+
+
+@pytest.mark.parametrize("adapter_name", ["float32", "float16"])
+def test_backward_returns_each_gradient_in_its_parameters_dtype(backend, adapter_name):
+    """The backward's own outputs (autograd would cast a wrong dtype back to the parameter's, so
+    A.grad's dtype cannot tell): dx, dW, db in the base's dtype, dA and dB in the adapters'."""
+    adapter = getattr(torch, adapter_name)
+    x, W, b, A, B = make_inputs((21,), 18, 14, 3, torch.float16, adapter_dtype=adapter)
+    y, S = functional._forward_impl(x, W, b, A, B, 1.5, 0.0, None, backend)
+    grads = functional._backward_impl(torch.randn_like(y), x, W, A, B, S, 1.5, 0.0, None, [True] * 5, backend)
+    assert [g.dtype for g in grads] == [torch.float16] * 3 + [adapter] * 2
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
@@ -250,9 +263,10 @@ def test_non_contiguous_x(backend):
     x, W, b, A, B = make_inputs((40,), 30, 26, 4, torch.float32)
     big = torch.randn(30, 40, dtype=torch.float32, device=DEVICE)
     transposed = big.t()                      # (40, 30), strides (1, 40)
-    sliced = torch.randn(3, 11, 61, device=DEVICE)[:, ::2, 1:61:2]  # strided in every dim
-    assert not transposed.is_contiguous() and not sliced.is_contiguous()
-    for xv in (transposed, sliced):
+    sliced = torch.randn(3, 11, 61, device=DEVICE)[:, ::2, 1:61:2]  # strided in every dim (copied by reshape)
+    every_other = torch.randn(40, 60, device=DEVICE)[:, ::2]  # 2-D: reaches the kernels with strides (60, 2)
+    assert not transposed.is_contiguous() and not sliced.is_contiguous() and every_other.stride() == (60, 2)
+    for xv in (transposed, sliced, every_other):
         before = xv.clone()
         check_all((xv, W, b, A, B), 1.25, torch.float32)
         assert torch.equal(xv, before)
@@ -481,10 +495,12 @@ def test_paired_launch(tokens, K, N, r, split, p, dtype_name, out_name, monkeypa
     seed = torch.tensor(1234, device=DEVICE)
     dropout = ("x", seed, p, 1, K) if p else None
     out_dtype = getattr(torch, out_name)
-    dA, dB = kernels.lora_matmul(x.t(), dS, dropout=dropout, pair=(dy.t(), S), out_dtype=out_dtype, dot_dtype=dtype)
+    # (two scales, as a direct caller may pass them: the layer's are both alpha)
+    dA, dB = kernels.lora_matmul(x.t(), dS, scale=0.5, dropout=dropout, pair=(dy.t(), S), pair_scale=2.0,
+                                 out_dtype=out_dtype, dot_dtype=dtype)
     keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool)
-    assert rel_err(dA, (x.double() * keep).t() @ dS.double()) < TOL[dtype]
-    assert rel_err(dB, S.double().t() @ dy.double()) < TOL[dtype]
+    assert rel_err(dA, 0.5 * (x.double() * keep).t() @ dS.double()) < TOL[dtype]
+    assert rel_err(dB, 2.0 * S.double().t() @ dy.double()) < TOL[dtype]
     assert dB.shape == (r, N) and dB.is_contiguous() and dB._base is None and dA.shape == (K, r)
     assert dA.dtype == dB.dtype == out_dtype
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x, dy, dS, S)))  # inputs untouched

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, reference, rel_err, use_triton
+from conftest import DEVICE, TOL, backends_with, make_inputs, reference, rel_err, use_triton
 from lora_kernels import functional, kernels
 from test_lora_linear import LaunchSpy
 
@@ -22,12 +22,12 @@ DROPOUT_SHAPES = {"odd": ((3, 41), 37, 29, 6), "aligned": ((2, 40), 64, 48, 8)}
 
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES)
-@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
+# (the fused shrink is a Triton kernel variant: the PyTorch path has the separate one only)
+@pytest.mark.parametrize("backend,shrink", backends_with(lambda b: ["separate", "fused"] if b == "triton" else ["separate"]),
+                         indirect=["backend"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
-def test_dropout_matches_reference_with_same_mask(backend, p, fuse, shape, monkeypatch):
-    if fuse == "1" and backend == "torch":
-        pytest.skip("the fused shrink is a Triton kernel variant")
-    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+def test_dropout_matches_reference_with_same_mask(backend, p, shrink, shape, monkeypatch):
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "1" if shrink == "fused" else "0")
     lead, K, N, r = DROPOUT_SHAPES[shape]
     x, W, b, A, B = make_inputs(lead, K, N, r, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
