@@ -9,9 +9,9 @@ LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
 S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha enters in fp32
-inside the kernel, on B's and Aᵀ's tiles (``r_scale``) and on dA's and dB's accumulators
-(``scale``, ``pair_scale``), so a large alpha cannot overflow a 16-bit S or dS where the
-gradients themselves fit.
+inside the kernel, on the accumulators of y and dX (``r_scale``, see ``kernels``) and of dA and
+dB (``scale``, ``pair_scale``), never on a 16-bit number, so a large alpha overflows nothing in
+fp16 that the reference's own order of operations keeps in range.
 
 Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
 kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
@@ -95,13 +95,13 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
         if scale != 1.0:
             out.mul_(scale)
     if lowrank is not None:
-        # (R scaled in the accumulator's dtype, then cast, as the kernel does)
-        low_w = lowrank[1].to(torch.promote_types(dot_dtype, torch.float32)) * r_scale
-        low_x, low_w = lowrank[0].to(dot_dtype).to(out.dtype), low_w.to(dot_dtype).to(out.dtype)
+        # r_scale through the GEMM's own factor, on its fp32 sum as the kernel applies it: never on
+        # R rounded to a 16-bit dtype, where a large one overflowed fp16 while the product fitted.
+        low_x, low_w = (t.to(dot_dtype).to(out.dtype) for t in lowrank)
         if dropout is not None and where == "lowrank":
-            out.add_(torch.mm(low_x, low_w) * keep)
+            out.add_(torch.addmm(out.new_zeros(()), low_x, low_w, beta=0, alpha=r_scale) * keep)
         else:
-            out.addmm_(low_x, low_w)
+            out.addmm_(low_x, low_w, alpha=r_scale)
     out = out.to(out_dtype)
     # _unsafe_view, as aten's own matmul does: a reshape would hand out a view of a temporary, and an
     # in-place op on a view-typed output trips FSDP2's hooks.
@@ -132,7 +132,7 @@ def fuse_shrink(x, w, A, dropout):
 
 
 def shrink_expand(backend, x, w, A, R, s_scale, r_scale, s_dtype, *, bias=None, dropout=None, dtype, out_shape):
-    """``(x w + L (r_scale · R) + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
+    """``(x w + r_scale · L R + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
     caller's leading dimensions): y with S in the forward, dX with dS in the backward. The Triton
     path may compute L inside the big product's K loop (one launch and one pass over x, at the cost
     of redundant rank-r MMAs in every column block; see ``fuse_shrink``); otherwise L is its own
@@ -295,8 +295,8 @@ def _autocast_off(device_type):
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales B in the
-    product (S is the reference's own x A, which a large alpha cannot overflow)."""
+    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales S B in
+    the product's fp32 accumulator (S is the reference's own x A, which a large alpha cannot overflow)."""
     dtype = x.dtype
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
@@ -336,8 +336,8 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
         # dS = q · dY Bᵀ, stored in the activations' dtype without alpha, as S is in the forward:
-        # alpha scales Aᵀ's tiles in dX and dA's fp32 accumulator, so a large alpha (or a
-        # loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB themselves fit.
+        # alpha scales dX's and dA's fp32 accumulators, so a large alpha (or a loss-scaled dY)
+        # cannot overflow a 16-bit dS where dX, dA and dB themselves fit.
         if need_x:
             dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
@@ -443,8 +443,8 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
         x, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
                            else t for t in (x, weight, bias))
     alpha = _check_inputs(x, weight, bias, A, B, alpha)
-    if isinstance(alpha, Tensor):  # (compiling) alpha · B rounded to B's dtype: the kernels round
-        B, alpha = B * alpha, 1.0   # it to the product's, the same where B's dtype is that or wider
+    if isinstance(alpha, Tensor):  # (compiling) alpha · B rounded to B's dtype, which for fp16
+        B, alpha = B * alpha, 1.0   # adapters overflows past |alpha · B| = 65504 (a float alpha does not)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.

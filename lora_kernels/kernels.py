@@ -2,7 +2,7 @@
 
 Every product in the LoRA layer, forward and backward, has one shape:
 
-    out = scale · (X @ W) + L @ (r_scale · R) + bias          X (M, K), W (K, N), L (M, r), R (r, N)
+    out = scale · (X @ W) + r_scale · (L @ R) + bias          X (M, K), W (K, N), L (M, r), R (r, N)
 
 with each operand given by its strides, so a transpose is free. The layer uses it six ways
 (see ``functional.py``):
@@ -14,11 +14,13 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dA = alpha · xᵀ dS          reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
     dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
 
-S is x A as the reference computes it, unscaled, and dS likewise: alpha joins B's (Aᵀ's) tiles
-inside the product (in fp32, before their cast to the dot's dtype) or the fp32 accumulator, so a
-large alpha cannot overflow a 16-bit S or dS where the reference's x A and the gradients do not. In fp16 that asks alpha · B to stay in range instead (|alpha · B| <
-65504, and above fp16's smallest normal, 6e-5, for full precision), which B, a small adapter
-matrix, is far likelier to than x A, which grows with the activations.
+S is x A as the reference computes it, unscaled, and dS likewise, and alpha never meets a 16-bit
+number: it scales the fp32 accumulator. With a low-rank term the accumulator holds
+scale/alpha · X W + L R and is multiplied by alpha once, before the bias; alpha on R's 16-bit tiles
+instead (as until the fourteenth session) overflowed fp16 where |alpha · B| passed 65504 while the
+output itself fitted. So a large alpha overflows neither a 16-bit S or dS nor anything else the
+reference's own order of operations keeps in range. (alpha = 0, or so small that 1/alpha would
+overflow fp32, rides on R's tiles: zeros, or nothing a 16-bit number could hold.)
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
@@ -403,9 +405,10 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_os, stride_om, stride_on, stride_sm, stride_sr, stride_b,
     # fp64 whatever the dtypes: Triton would pass a Python float as fp32, and round an fp64 product's
-    # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15. r_scale multiplies
-    # R's tiles as they are loaded (the layer's alpha: S is stored unscaled, see the module docstring).
-    scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64,
+    # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15. With a low-rank
+    # term the accumulator is scale · X W + L (r_scale · R), then times sum_scale (the
+    # launcher puts the layer's alpha in sum_scale, see the module docstring).
+    scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64, sum_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
     seed_ptr, p_drop, drop_si, drop_sj,
@@ -525,8 +528,8 @@ def _lora_matmul_kernel(
                 acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
                 acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if PAIRED:
-            acc = _times(acc, tl.where(second, scale2, scale), ACC_DTYPE)
+        if PAIRED:  # (the tiles selected, not the scales: the interpreter rounds a select of fp64 scalars to fp32)
+            acc = tl.where(second, _times(acc, scale2, ACC_DTYPE), _times(acc, scale, ACC_DTYPE))
         else:
             acc = _times(acc, scale, ACC_DTYPE)
 
@@ -568,6 +571,7 @@ def _lora_matmul_kernel(
                 acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
             else:
                 acc = low
+            acc = _times(acc, sum_scale, ACC_DTYPE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -748,7 +752,7 @@ def _options():
 # and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
 # same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch.
 _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
-_FLOAT_ARGS = ("scale", "s_scale", "r_scale", "p_drop", "scale2")
+_FLOAT_ARGS = ("scale", "s_scale", "r_scale", "sum_scale", "p_drop", "scale2")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _INT_CLASSES = {}
@@ -793,6 +797,10 @@ def _launch(device, grid, args, flags):
         _COMPILED[key] = (kernel, meta)
 
 
+# Below this, 1/alpha could overflow fp32 (a product of 2^68 over it): such an alpha stays on R's tiles.
+_TINY_SCALE = 2.0 ** -60
+
+
 class Shrink(NamedTuple):
     """In place of a ready L in ``lowrank=(L, R)``: have the kernel compute L = scale · x̃ A inside
     its K loop (x̃: x under ``dropout="x"``), store it as ``dtype``, and return it beside out."""
@@ -807,7 +815,7 @@ FUSE_MAX_RANK = 64
 
 def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
                 out_dtype, dot_dtype, out_shape=None):
-    """``scale · (x @ w) + L @ (r_scale · R) + bias`` for 2-D operands of any strides, through the
+    """``scale · (x @ w) + r_scale · (L @ R) + bias`` for 2-D operands of any strides, through the
     Triton kernel.
 
     ``lowrank`` is ``(L, R)``, ``(Shrink(...), R)`` (then the result is ``(out, L)``) or None.
@@ -897,6 +905,10 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     allow_ws = (WARP_SPEC and allow_tma and dot_dtype in (torch.float16, torch.bfloat16) and not fused and dropout is None
                 and (lowrank is None or (l_.stride(1) == 1 and _tma_ok(l_) and _tma_ok(r_))))
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
+    # r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
+    sum_scale = 1.0
+    if lowrank is not None and abs(r_scale) > _TINY_SCALE:
+        scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
     # The kernel reads the dropout seed from memory on its own device; without dropout x stands in, unread.
     drop_args = (x, 0.0, 0, 0)
     if dropout:
@@ -908,7 +920,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
             sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
             dest.stride(0) if split > 1 else 0, N, 1, *s_out.stride(),  # (dest: fresh, rows N apart)
             bias.stride(0) if bias is not None else 0,
-            float(scale), float(lowrank[0].scale) if fused else 1.0, float(r_scale),
+            float(scale), float(lowrank[0].scale) if fused else 1.0, float(r_scale), float(sum_scale),
             *drop_args, *pair_args)
     flags = dict(
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,

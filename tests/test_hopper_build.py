@@ -120,7 +120,7 @@ def test_scales_reach_the_compiled_kernel_as_fp64(tmp_path):
     passes floats as fp64, so only the compiled kernel shows it."""
     found = inspect_compiled(tmp_path, "([(64, 32, 128, 4)], [torch.float64], 132, 90)",
                              "sorted({t for _, k in compiled for t in re.findall(r'%(\\w*scale\\w*): (\\w+)', k.asm['ttir'])})")
-    assert found == "[('r_scale', 'f64'), ('s_scale', 'f64'), ('scale', 'f64'), ('scale2', 'f64')]", found
+    assert found == "[('r_scale', 'f64'), ('s_scale', 'f64'), ('scale', 'f64'), ('scale2', 'f64'), ('sum_scale', 'f64')]", found
 
 
 def test_compiled_kernels_use_no_atomics(tmp_path):

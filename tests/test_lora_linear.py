@@ -480,6 +480,7 @@ def test_kernel_launcher(M, N, K, split, monkeypatch):
     (700, 40, 24, 3, True, 0.3, "float16", "float16"),    # split over the tokens, masked first product
     (700, 40, 24, 3, True, 0.3, "float16", "float32"),    # 16-bit products into fp32 (peft's adapters)
     (300, 0, 24, 4, True, 0.0, "float32", "float32"),     # one product empty (0 in-features): dB alone
+    (300, 40, 24, 3, True, 0.0, "float64", "float64"),    # fp64: scales not exact in fp32 stay fp64
 ])
 def test_paired_launch(tokens, K, N, r, split, p, dtype_name, out_name, monkeypatch):
     """``pair=``: the layer's dA = x̃ᵀ dS and dB = (dYᵀ S)ᵀ from one launch (the mask on the first
@@ -495,12 +496,14 @@ def test_paired_launch(tokens, K, N, r, split, p, dtype_name, out_name, monkeypa
     seed = torch.tensor(1234, device=DEVICE)
     dropout = ("x", seed, p, 1, K) if p else None
     out_dtype = getattr(torch, out_name)
-    # (two scales, as a direct caller may pass them: the layer's are both alpha)
-    dA, dB = kernels.lora_matmul(x.t(), dS, scale=0.5, dropout=dropout, pair=(dy.t(), S), pair_scale=2.0,
+    # (two scales, as a direct caller may pass them: the layer's are both alpha; in fp64 neither is
+    # a float32, so one rounded to it is seen)
+    scale, pair_scale = (0.3, 0.1) if dtype == torch.float64 else (0.5, 2.0)
+    dA, dB = kernels.lora_matmul(x.t(), dS, scale=scale, dropout=dropout, pair=(dy.t(), S), pair_scale=pair_scale,
                                  out_dtype=out_dtype, dot_dtype=dtype)
     keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool)
-    assert rel_err(dA, 0.5 * (x.double() * keep).t() @ dS.double()) < TOL[dtype]
-    assert rel_err(dB, 2.0 * S.double().t() @ dy.double()) < TOL[dtype]
+    assert rel_err(dA, scale * (x.double() * keep).t() @ dS.double()) < TOL[dtype]
+    assert rel_err(dB, pair_scale * S.double().t() @ dy.double()) < TOL[dtype]
     assert dB.shape == (r, N) and dB.is_contiguous() and dB._base is None and dA.shape == (K, r)
     assert dA.dtype == dB.dtype == out_dtype
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x, dy, dS, S)))  # inputs untouched
@@ -623,10 +626,35 @@ def test_fp32_precision_follows_pytorch(setting, expected):
         torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.parametrize("adapter_name", ["float16", "float32"])
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_name, monkeypatch):
+    """alpha scales the fp32 accumulators, never a 16-bit operand: with alpha · B past fp16's
+    65504 while y fits, and alpha · A past it while dX fits, y and dX are the reference's, on both
+    backends and shrink placements. (alpha on B's and Aᵀ's tiles, rounded to fp16 before the
+    product, made inf and NaN of them.)"""
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+    adapter, alpha = getattr(torch, adapter_name), 1000.0
+    x, W, b, A, B = make_inputs((40,), 48, 56, 4, torch.float16, adapter_dtype=adapter, seed=3)
+    dy = torch.randn(40, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.float16)
+    # (alpha · B large: y, whose dX does not fit fp16 here; alpha · A large: y and dX)
+    for x_, A_, B_, big in ((x * 1e-3, A, B * 100, "B"), (x, A * 200, B * 1e-3, "A")):
+        A_, B_ = A_.to(adapter), B_.to(adapter)
+        assert alpha * {"A": A_, "B": B_}[big].double().abs().max() > 65504  # the premise
+        x_ = x_.clone().requires_grad_()
+        y = lora_kernels.lora_linear(x_, W, b, A_, B_, alpha)
+        y.backward(dy)
+        y_ref, grads = reference(x_, W, b, A_, B_, alpha, dy)
+        pairs = {"y": (y, y_ref)} | ({"dx": (x_.grad, grads[0])} if big == "A" else {})
+        assert all(want.abs().max() < 65504 for _, want in pairs.values())  # what is compared fits fp16
+        errs = {k: rel_err(got, want) for k, (got, want) in pairs.items()}
+        assert all(e <= TOL[torch.float16] for e in errs.values()), (big, errs)
+
+
 @pytest.mark.parametrize("fuse", ["0", "1"])
 def test_a_large_alpha_leaves_a_16_bit_s_in_range(backend, fuse, monkeypatch):
-    """S is kept as the reference computes x A, unscaled, and alpha scales B's tiles inside the
-    product (in fp32): with alpha · x A past fp16's range (65504) while x A and the output are
+    """S is kept as the reference computes x A, unscaled, and alpha scales the product's fp32
+    accumulator: with alpha · x A past fp16's range (65504) while x A and the output are
     within it, the reference's numbers come out. (S stored as alpha · x A overflowed to inf there,
     and B's zeros at initialisation would have made NaN of it.) Both shrink placements."""
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
