@@ -59,6 +59,13 @@ def plain_tensors(*tensors):
     return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
+def fusable_alpha(alpha):
+    """Whether the fused call takes ``alpha``: a number, or a constant one-element tensor. The seed's
+    layer also trains an alpha given as a Parameter, or broadcasts a tensor of several (per column,
+    say): those run its own calls."""
+    return not isinstance(alpha, torch.Tensor) or (alpha.numel() == 1 and not alpha.requires_grad)
+
+
 def readable_input(x):
     """Whether the kernels can read the input ``x``: a plain tensor, dense and not nested. A sparse
     or nested one runs the unfused calls (which serve what they can, a jagged nested tensor say)."""
@@ -103,11 +110,12 @@ class LinearWithLoRA(torch.nn.Module):
             return self.linear(x)
         p = self.dropout if self.training else 0.0
         # The reference's own calls where the fused one would skip something (see plain_module and
-        # plain_tensors) or cannot read x (readable_input), and for torch.fx's symbolic tracing (x a
-        # Proxy), which records them as the reference's graph.
+        # plain_tensors), cannot read x (readable_input) or take alpha (fusable_alpha), and for
+        # torch.fx's symbolic tracing (x a Proxy), which records them as the reference's graph.
         linear, lora = self.linear, self.lora
         if not (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer)
-                and plain_tensors(linear.weight, linear.bias, lora.A, lora.B) and readable_input(x)):
+                and plain_tensors(linear.weight, linear.bias, lora.A, lora.B) and readable_input(x)
+                and fusable_alpha(lora.alpha)):
             y = self.linear(x)
             x = torch.nn.functional.dropout(x, p) if p else x
             return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
@@ -116,7 +124,9 @@ class LinearWithLoRA(torch.nn.Module):
     def _delta(self):
         # alpha · (A B)ᵀ, in fp32 at least so merging and unmerging round only once, into W's dtype.
         dtype = torch.promote_types(self.linear.weight.dtype, torch.float32)
-        return self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype)).t()
+        # (alpha on A B, then transposed: a per-column alpha, shape (out,), scales its columns, as in
+        # the seed's alpha · (x A B))
+        return (self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype))).t()
 
     @torch.no_grad()
     def _merged_weight(self):

@@ -37,6 +37,34 @@ def test_state_dict_keys_and_init_match_seed():
     assert isinstance(ours.inp, lora_kernels.LinearWithLoRA)
 
 
+@pytest.mark.parametrize("kind", ["trainable", "per-column"])
+def test_alphas_the_fused_call_does_not_take_run_as_the_seed_does(backend, kind):
+    """An alpha given as a Parameter (the seed's layer trains it, and saves it as lora.alpha) or
+    as a tensor of one value per output column (it broadcasts) runs the reference's calls: the
+    seed's outputs and gradients, alpha's too, and its state-dict keys; merge folds it in."""
+    def alpha():
+        return torch.nn.Parameter(torch.tensor(1.5)) if kind == "trainable" else torch.linspace(0.5, 2.0, 5)
+
+    torch.manual_seed(0)
+    ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha())
+    torch.manual_seed(0)
+    ref = seed.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.lora.B.copy_(torch.randn(2, 5, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(3, 6, device=DEVICE)
+    ours.to(DEVICE), ref.to(DEVICE)
+    y, y_ref = ours(x), ref(x)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad is not None and rel_err(p.grad, q.grad) < TOL[torch.float32], name
+    with torch.no_grad():
+        assert rel_err(ours.merge()(x), y_ref) < TOL[torch.float32]
+
+
 def test_state_dict_loads_both_ways_strict():
     ours, ref = build(lora_kernels, 1), build(seed, 2)
     ours.load_state_dict(ref.state_dict(), strict=True)
