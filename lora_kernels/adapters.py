@@ -231,8 +231,10 @@ def _read_adapter(path):
         with _safetensors.safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return tensors, metadata
-    # weights_only: an adapter is tensors and strings, so never unpickle arbitrary objects.
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only: an adapter is tensors and strings, so never unpickle arbitrary objects. (From an
+    # open file: torch.load hands a path ending in .safetensors to safetensors, whatever it holds.)
+    with open(path, "rb") as f:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "tensors" not in blob:
         raise ValueError(f"{os.fspath(path)!r} is not an adapter file written by save_adapter")
     sharded = sorted(k for k, v in blob["tensors"].items() if _is_dtensor(v))

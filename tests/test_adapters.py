@@ -249,14 +249,18 @@ def test_load_reads_the_format_by_content(tmp_path, filename):
     _need_format(filename)
     trained = randomize_lora(build())
     save_adapter(trained, tmp_path / filename.upper())
-    renamed = tmp_path / "adapter"
-    (tmp_path / filename.upper()).rename(renamed)
-    fresh = build()
-    load_adapter(fresh, renamed)
-    for k, v in lora_state_dict(trained).items():
-        assert torch.equal(lora_state_dict(fresh)[k], v), k
     if filename.endswith(".safetensors"):  # written as safetensors whatever the case of its extension
-        assert renamed.read_bytes()[8:9] == b"{"
+        assert (tmp_path / filename.upper()).read_bytes()[8:9] == b"{"
+    # (renamed to no extension, and to the other format's: torch.load alone would take a name
+    # ending in .safetensors for safetensors)
+    other = "adapter.pt" if filename.endswith(".safetensors") else "adapter.safetensors"
+    for name in ("adapter", other):
+        renamed = tmp_path / name
+        renamed.write_bytes((tmp_path / filename.upper()).read_bytes())
+        fresh = build()
+        load_adapter(fresh, renamed)
+        for k, v in lora_state_dict(trained).items():
+            assert torch.equal(lora_state_dict(fresh)[k], v), (name, k)
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
