@@ -139,6 +139,7 @@ def write(folder, meta, rows):
         json.dump({**meta, "rows": rows}, f, indent=1, default=str)
         f.write("\n")
     png = folder / "plots.png"
+    png.unlink(missing_ok=True)  # (an earlier run's, in the same card-and-date folder, is not this one's)
     plotted = plot(rows, meta["modes"], png, title=f"{meta['card']}, {meta['dtype']}")
     with open(paths[1], "w") as f:
         f.write(report_markdown(meta, rows, [png.name] if plotted else []))

@@ -60,7 +60,11 @@ thousands of times slower than compiled: these numbers say nothing about the ker
 
 
 def _ints(text):
-    return [int(v) for v in text.split(",") if v.strip()]
+    """Comma-separated counts, each at least 1 (a sweep of zero tokens or rank 0 has no ratio to give)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return values
 
 
 def _shapes(text):
@@ -68,7 +72,16 @@ def _shapes(text):
     for item in text.split(","):
         k, _, n = item.strip().lower().replace("→", "x").replace(":", "x").partition("x")
         out.append((int(k), int(n)))
+        if min(out[-1]) < 1:
+            raise argparse.ArgumentTypeError(f"in and out features must be at least 1, got {item.strip()!r}")
     return out
+
+
+def _probability(text):
+    p = float(text)
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"a dropout probability is in [0, 1], got {text}")
+    return p
 
 
 def _names(choices):
@@ -103,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--trainable-base", action="store_true",
                    help="W and b require grad too (default: frozen, the LoRA case)")
     p.add_argument("--alpha", type=float, default=2.0, help="the LoRA scale, used as is (default 2.0)")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=_probability, default=0.0,
                    help="LoRA dropout of peft (lora_dropout) and fused (dropout_p), e.g. 0.1, peft's common "
                         "setting; above 0 their outputs are random: both are checked with the mask their call "
                         "draws, drawn again from torch's seed, and the other providers still run without "

@@ -239,17 +239,21 @@ def parse_args(argv):
                    help="peft-style lora_alpha; the layer's scale is lora_alpha / rank (default 2 * rank)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None, help="print the loss every N steps (1: every step)")
-    p.add_argument("--plot", default="examples/loss.png", help="where to write the loss plot PNG ('' for none)")
+    p.add_argument("--plot", default="", metavar="PNG",
+                   help="write the loss plot here (default: none; the README's is examples/loss.png, a full run's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quick = args.quick
     args.cfg = Config(d_model=64, n_head=4, block_size=32) if quick else Config()
-    args.steps = args.steps or (40 if quick else 150)
-    args.pretrain_steps = args.pretrain_steps or (60 if quick else 200)
-    args.rank = args.rank or (2 if quick else 8)
+    defaults = {"steps": (40, 150), "pretrain_steps": (60, 200), "rank": (2, 8), "batch_size": (16, 32),
+                "log_every": (10, 25)}
+    for name, (small, full) in defaults.items():  # (an explicit 0 is kept, and refused below)
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    for name in ("steps", "pretrain_steps", "rank", "batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.rank
-    args.batch_size = args.batch_size or (16 if quick else 32)
-    args.log_every = args.log_every or (10 if quick else 25)
     return args
 
 

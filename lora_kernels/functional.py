@@ -1,6 +1,6 @@
 """``lora_linear``: input checks, backend choice, the two custom ops and their autograd.
 
-The math (design.md §1), with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
+The math, with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
 LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1):
 
     S  = q · x̃ A                     dS = q · dY Bᵀ
@@ -117,7 +117,9 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
 FUSE_MAX_MNK = 2**36
 # LORA_KERNELS_FUSE_SHRINK=1 or 0 forces either placement. Read at import, as the kernels' other
 # switches are: reading the environment on every call cost about 2% of a layer step's host time.
-FUSE_SHRINK = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto")
+FUSE_SHRINK = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto").strip().lower() or "auto"
+if FUSE_SHRINK not in ("auto", "0", "1"):  # (a typo, "true" say, would otherwise mean auto without a word)
+    raise ValueError(f"LORA_KERNELS_FUSE_SHRINK must be auto, 0 or 1, not {FUSE_SHRINK!r}")
 
 
 def fuse_shrink(x, w, A, dropout):
@@ -169,7 +171,7 @@ def select_backend(x, adapter_dtype):
         raise RuntimeError(
             f"LORA_KERNELS_BACKEND=triton with {x.device.type} tensors needs CUDA tensors, or "
             "TRITON_INTERPRET=1 set before lora_kernels is imported to run the kernels on the CPU")
-    # Triton's interpreter computes bfloat16 wrong (design.md §4): keep bf16 on the PyTorch path.
+    # Triton's interpreter computes bfloat16 wrong: keep bf16 on the PyTorch path.
     if torch.bfloat16 in (x.dtype, adapter_dtype):
         return "torch"
     return "triton"
@@ -454,13 +456,16 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):
         return _forward(*inputs)[0]
-    # Evaluation, generation: no graph to record, and apply costs host time. But torch.func's
-    # transforms and forward-mode AD must still reach apply, which raises (as the README says).
-    # (The dual level is a private variable: read with a default, so a torch without it loses only
-    # this shortcut's guard, which tests/test_lora_linear.py would then report, and not every
-    # forward.) (Inference mode records no graph either, even under enable_grad.)
+    if torch._C._are_functorch_transforms_active():  # (apply's own error reads as advice to implement them)
+        raise RuntimeError("lora_kernels: torch.func transforms (functorch transforms: vmap, grad, jacrev, jvp, "
+                           "functionalize) cannot run the fused layer, which has no rules for them: call "
+                           "lora_kernels.reference.lora_linear_reference inside them")
+    # Evaluation, generation: no graph to record, and apply costs host time. But forward-mode AD
+    # must still reach apply, which raises (as the README says). (The dual level is a private
+    # variable: read with a default, so a torch without it loses only this shortcut's guard,
+    # which tests/test_lora_linear.py would then report, and not every forward.) (Inference mode
+    # records no graph either, even under enable_grad.)
     if ((not torch.is_grad_enabled() or torch.is_inference_mode_enabled())
-            and not torch._C._are_functorch_transforms_active()
             and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0):
         return _forward_impl(*inputs)[0]
     return _EagerLoRALinear.apply(*inputs)

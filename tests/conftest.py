@@ -26,7 +26,7 @@ from lora_kernels import kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Relative Frobenius error allowed per dtype (design.md §4). Largest seen on the CPU paths:
+# Relative Frobenius error allowed per dtype. Largest seen on the CPU paths:
 # fp64 6e-16, fp32 3.3e-7, fp16 4.3e-4, bf16 4.5e-3; each bound is a few times that, so a real
 # bug (a wrong scale, a missed tile, a term dropped) still fails by orders of magnitude.
 TOL = {torch.float64: 1e-14, torch.float32: 3e-6, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}

@@ -140,7 +140,7 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter computes bf16 wrong (design.md §4): on a GPU only")
+@pytest.mark.skipif(kernels.INTERPRET, reason="Triton's interpreter computes bf16 wrong: on a GPU only")
 def test_every_autotune_config_in_bf16(monkeypatch):
     """bf16, the dtype most users train in, through every config on a GPU (last in this file: its
     configs are not compiled ahead, so a shard stopped by its limit loses only this test)."""

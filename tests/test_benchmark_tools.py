@@ -643,3 +643,26 @@ def test_shards_split_a_file_into_consecutive_slices():
     slices = [_collected("--shard", f"{i}/3") for i in range(3)]
     assert len(everything) > 30 and all(len(s) >= len(everything) // 3 for s in slices)
     assert slices[0] + slices[1] + slices[2] == everything
+
+
+@pytest.mark.parametrize("bad", [["--tokens", "0"], ["--ranks", "0"], ["--shapes", "64x0"], ["--dropout", "2"]])
+def test_sweep_options_out_of_range_are_refused_up_front(bad, capsys):
+    """Before any configuration runs (a zero-token or rank-0 sweep divided by zero mid-run; a
+    dropout of 2 ran the whole sweep to report ERROR rows)."""
+    with pytest.raises(SystemExit):
+        run.parse_args(bad)
+    err = capsys.readouterr().err
+    assert "at least 1" in err or "[0, 1]" in err, err
+
+
+def test_a_run_leaves_no_stale_plot_beside_its_report(tmp_path, monkeypatch):
+    """Runs on one day share a card-and-date folder: a run that plots nothing must not leave an
+    earlier run's plots.png beside its own report."""
+    from benchmarks import report
+    folder = tmp_path / "card-date"
+    folder.mkdir()
+    (folder / "plots.png").write_bytes(b"an earlier run's")
+    monkeypatch.setattr(report, "plot", lambda *a, **k: False)  # (a run that plots nothing)
+    monkeypatch.setattr(report, "report_markdown", lambda meta, rows, plots: f"plots: {plots}")
+    paths = report.write(folder, {"card": "CPU", "dtype": "float32", "modes": ["forward"]}, [])
+    assert not (folder / "plots.png").exists() and (folder / "report.md").read_text() == "plots: []", paths

@@ -42,3 +42,13 @@ def test_quick_run(example, tmp_path, capsys):
         assert plot.stat().st_size > 1000
     else:  # the example still runs without matplotlib, and says so
         assert "matplotlib is not installed" in printed
+
+
+def test_plot_only_where_asked_and_counts_checked(example, tmp_path):
+    """No plot unless --plot names one (a run must not rewrite the README's committed picture), and
+    an explicit 0 is refused by name, not replaced by the default."""
+    assert example.parse_args([]).plot == ""
+    for flag in ("--rank", "--steps"):
+        with pytest.raises(SystemExit):
+            example.parse_args(["--quick", flag, "0"])
+    assert example.parse_args(["--quick", "--rank", "3"]).rank == 3

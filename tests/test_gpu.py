@@ -35,7 +35,7 @@ def errors_vs_reference(inputs, alpha, dtype_run=None):
 
 
 def seed_formula(x, W, b, A, B, alpha):
-    # PyTorch in the same dtype: the yardstick for 16-bit error (design.md §4).
+    # PyTorch in the same dtype, the seed's own formula: the yardstick for 16-bit error.
     return torch.nn.functional.linear(x, W, b) + alpha * (x @ A.to(x.dtype) @ B.to(x.dtype))
 
 

@@ -307,6 +307,13 @@ def test_a_bad_compile_threads_setting_is_named(value):
     assert done.returncode != 0 and "LORA_KERNELS_COMPILE_THREADS must be a whole number" in done.stderr
 
 
+@pytest.mark.parametrize("value", ["true", "yes", "2"])
+def test_a_bad_fuse_shrink_setting_is_named(value):
+    """A typo would otherwise mean "auto" without a word."""
+    done = _import_with({"LORA_KERNELS_FUSE_SHRINK": value})
+    assert done.returncode != 0 and "LORA_KERNELS_FUSE_SHRINK must be auto, 0 or 1" in done.stderr
+
+
 @pytest.mark.parametrize("text, cpus", [("200000 100000\n", 2), ("50000 100000", 1), ("max 100000", None),
                                         ("", None), ("garbled", None)])
 def test_compile_threads_respect_a_containers_cpu_quota(tmp_path, text, cpus):

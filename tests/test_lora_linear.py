@@ -21,7 +21,7 @@ SHAPES = [
 
 
 def dtypes_for(backend):
-    # bf16 is tested on the PyTorch path here; the interpreter computes it wrong (design.md §4)
+    # bf16 is tested on the PyTorch path here; Triton's interpreter computes it wrong
     # and the GPU check runs it through the kernels.
     out = [torch.float32, torch.float16, torch.float64]
     return out + [torch.bfloat16] if backend == "torch" or DEVICE == "cuda" else out
@@ -363,8 +363,9 @@ def test_torch_func_transforms_and_forward_ad_raise(backend, grad):
     mode: the forward that skips the autograd.Function under no_grad must not hand the kernels
     vmap's wrappers, nor drop (Triton) or compute (PyTorch) a tangent no backward would match."""
     x, W, b, A, B = make_inputs((3, 4), 6, 5, 2, torch.float32)
-    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.vmap(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5))(x)
+    for transform in (torch.func.vmap, torch.func.grad):  # (named: not PyTorch's advice to write setup_context)
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="lora_kernels: torch.func transforms"):
+            transform(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5).sum())(x)
     import torch.autograd.forward_ad as fwAD
     with torch.set_grad_enabled(grad), fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
         lora_kernels.lora_linear(fwAD.make_dual(x, torch.ones_like(x)), W, b, A, B, 0.5)
