@@ -255,7 +255,12 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     if not -math.inf < alpha < math.inf:
         raise ValueError(f"alpha must be finite, got {alpha}")
     # (float() would pin a symbolic alpha to the value it was traced with.)
-    return alpha * 1.0 if torch.compiler.is_compiling() else float(alpha)
+    if torch.compiler.is_compiling():
+        return alpha * 1.0
+    try:
+        return float(alpha)
+    except OverflowError:  # a Python int past float's range passes the comparisons above
+        raise ValueError(f"alpha must be finite, got an integer of {len(str(abs(alpha)))} digits, too large for a float") from None
 
 
 class _Dropout:

@@ -75,7 +75,8 @@ def test_bad_input(change, error, words):
                                          (torch.tensor([1.0, 2.0]), TypeError), ("2", TypeError),
                                          (torch.ones(1, 1, 1, 1), ValueError),  # would broadcast y (3-D) to 4-D
                                          (torch.tensor(float("nan")), ValueError), (torch.tensor(1 + 2j), TypeError),
-                                         (torch.tensor(2.0, requires_grad=True), ValueError)])  # its grad would be lost
+                                         (torch.tensor(2.0, requires_grad=True), ValueError),  # its grad would be lost
+                                         (10 ** 400, ValueError)])  # an int no float can hold
 def test_bad_alpha(alpha, error):
     with pytest.raises(error, match="alpha"):
         call(*good(), alpha=alpha)

@@ -77,7 +77,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     names = kernels._lora_matmul_kernel.arg_names
     x = torch.zeros(256, 64)
     M, N = 200, 100
-    args = ((x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, 2.0, x, 0.0, 0, 0)
+    args = ((x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, 2.0, 1.0, x, 0.0, 0, 0)
             + (x, x, x, 0) + (64, 1) * 3 + (0, 1.0))
     assert len(args) == names.index("HAS_LOWRANK")  # every runtime argument
     n_args = len(args)
