@@ -154,10 +154,19 @@ def lora_state_dict(model):
 
 
 def _alpha(layer):
-    """The layer's alpha as a Python float: it may be a 0-d tensor or a numpy scalar, which json
-    cannot write and which compare as tensors."""
+    """The layer's alpha as a Python float (it may be a 0-d tensor or a numpy scalar, which json
+    cannot write and which compare as tensors), or a list of them for one of several values (one
+    per output column, which the seed's layer broadcasts)."""
     alpha = layer.alpha
+    if isinstance(alpha, torch.Tensor) and alpha.numel() != 1:
+        return alpha.detach().cpu().double().reshape(-1).tolist()
     return float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
+
+
+def _same_alpha(a, b):
+    """Equal up to float32 rounding (an alpha given as a float32 scalar is the same setting), value by value."""
+    a, b = (v if isinstance(v, list) else [v] for v in (a, b))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
 
 
 def _layer_metadata(model):
@@ -282,8 +291,7 @@ def load_adapter(model, path, strict=True):
         # (Earlier versions wrote the layers' names with the wrappers' prefixes, as their tensors'.)
         stored = {layer_name(n): v for n, v in json.loads(metadata[_LAYERS_KEY]).items()}
         for name, layer in _lora_layers(model):
-            # (equal up to float32 rounding: an alpha given as a float32 scalar is the same setting)
-            if name in stored and not math.isclose(stored[name]["alpha"], _alpha(layer), rel_tol=1e-6):
+            if name in stored and not _same_alpha(stored[name]["alpha"], _alpha(layer)):
                 alpha_diffs.append((name, stored[name]["alpha"], _alpha(layer)))
 
     merged = [_without_compile(name) for name, m in _unwrap(model).named_modules()

@@ -9,9 +9,10 @@ LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
 S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha enters in fp32
-inside the kernel, on the accumulators of y and dX (``r_scale``, see ``kernels``) and of dA and
-dB (``scale``, ``pair_scale``), never on a 16-bit number, so a large alpha overflows nothing in
-fp16 that the reference's own order of operations keeps in range.
+inside the kernel, on B's and Aᵀ's tiles before their cast (in fp16, on the accumulators of y and
+dX instead: ``r_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``,
+``pair_scale``), so a large alpha overflows nothing in fp16 that the reference's own order of
+operations keeps in range.
 
 Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
 kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
@@ -260,7 +261,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
     try:
         return float(alpha)
     except OverflowError:  # a Python int past float's range passes the comparisons above
-        raise ValueError(f"alpha must be finite, got an integer of {len(str(abs(alpha)))} digits, too large for a float") from None
+        raise ValueError(f"alpha must be finite, got a {type(alpha).__name__} too large for a float") from None
 
 
 class _Dropout:
@@ -302,8 +303,8 @@ def _autocast_off(device_type):
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales S B in
-    the product's fp32 accumulator (S is the reference's own x A, which a large alpha cannot overflow)."""
+    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales S B inside
+    the product (S is the reference's own x A, which a large alpha cannot overflow)."""
     dtype = x.dtype
     K = x.shape[-1]
     drop = _Dropout(dropout_p, seed)
@@ -343,8 +344,8 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
         # dS = q · dY Bᵀ, stored in the activations' dtype without alpha, as S is in the forward:
-        # alpha scales dX's and dA's fp32 accumulators, so a large alpha (or a loss-scaled dY)
-        # cannot overflow a 16-bit dS where dX, dA and dB themselves fit.
+        # alpha scales Aᵀ's tiles (fp16: the accumulator) in dX and dA's fp32 accumulator, so a
+        # large alpha (or a loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB fit.
         if need_x:
             dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha, dtype,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)

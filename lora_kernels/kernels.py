@@ -14,13 +14,15 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dA = alpha · xᵀ dS          reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
     dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
 
-S is x A as the reference computes it, unscaled, and dS likewise, and alpha never meets a 16-bit
-number: it scales the fp32 accumulator. With a low-rank term the accumulator holds
-scale/alpha · X W + L R and is multiplied by alpha once, before the bias; alpha on R's 16-bit tiles
-instead (as until the fourteenth session) overflowed fp16 where |alpha · B| passed 65504 while the
-output itself fitted. So a large alpha overflows neither a 16-bit S or dS nor anything else the
-reference's own order of operations keeps in range. (alpha = 0, or so small that 1/alpha would
-overflow fp32, rides on R's tiles: zeros, or nothing a 16-bit number could hold.)
+S is x A as the reference computes it, unscaled, and dS likewise: alpha (r_scale) multiplies R's
+tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range
+ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost
+digits) where the output fitted; there the accumulator holds scale/alpha · X W + L R and is
+multiplied by alpha once, before the bias (``sum_scale``), for 2^-20 <= |alpha| <= 2^20, where for
+any fp16 operands X W / alpha stays a normal fp32 number. bf16 has fp32's range, and fp32 and fp64
+are the accumulator's own dtype: they keep alpha on R's tiles, as does an fp16 alpha outside that
+range. So a large alpha overflows neither a 16-bit S or dS nor anything else the reference's own
+order of operations keeps in range.
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
@@ -406,8 +408,8 @@ def _lora_matmul_kernel(
     stride_os, stride_om, stride_on, stride_sm, stride_sr, stride_b,
     # fp64 whatever the dtypes: Triton would pass a Python float as fp32, and round an fp64 product's
     # alpha (0.1 to 0.10000000149) to 1.5e-8 where its numbers are good to 1e-15. With a low-rank
-    # term the accumulator is scale · X W + L (r_scale · R), then times sum_scale (the
-    # launcher puts the layer's alpha in sum_scale, see the module docstring).
+    # term the accumulator is scale · X W + L (r_scale · R), then times sum_scale (the layer's
+    # alpha is r_scale, or in fp16 sum_scale: see the module docstring).
     scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64, sum_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
@@ -797,8 +799,9 @@ def _launch(device, grid, args, flags):
         _COMPILED[key] = (kernel, meta)
 
 
-# Below this, 1/alpha could overflow fp32 (a product of 2^68 over it): such an alpha stays on R's tiles.
-_TINY_SCALE = 2.0 ** -60
+# fp16 alphas that go on the accumulator (the module docstring): over this range, fp16 products'
+# sums (at most 65504² · K, at least 6e-8²) divided by alpha, and then multiplied, stay normal fp32.
+_SUM_SCALED = (2.0 ** -20, 2.0 ** 20)
 
 
 class Shrink(NamedTuple):
@@ -905,9 +908,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     allow_ws = (WARP_SPEC and allow_tma and dot_dtype in (torch.float16, torch.bfloat16) and not fused and dropout is None
                 and (lowrank is None or (l_.stride(1) == 1 and _tma_ok(l_) and _tma_ok(r_))))
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
-    # r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
+    # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
     sum_scale = 1.0
-    if lowrank is not None and abs(r_scale) > _TINY_SCALE:
+    if lowrank is not None and dot_dtype == torch.float16 and _SUM_SCALED[0] <= abs(r_scale) <= _SUM_SCALED[1]:
         scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
     # The kernel reads the dropout seed from memory on its own device; without dropout x stands in, unread.
     drop_args = (x, 0.0, 0, 0)

@@ -60,10 +60,14 @@ def plain_tensors(*tensors):
 
 
 def fusable_alpha(alpha):
-    """Whether the fused call takes ``alpha``: a number, or a constant one-element tensor. The seed's
-    layer also trains an alpha given as a Parameter, or broadcasts a tensor of several (per column,
-    say): those run its own calls."""
-    return not isinstance(alpha, torch.Tensor) or (alpha.numel() == 1 and not alpha.requires_grad)
+    """Whether the fused call takes ``alpha``: a real number, or a constant one-element real tensor
+    of at most one dimension. The seed's layer also trains an alpha given as a Parameter,
+    broadcasts a tensor of several values (one per column, say) or of more dimensions, and takes
+    a bool or complex one: those run its own calls."""
+    if isinstance(alpha, torch.Tensor):
+        return (alpha.numel() == 1 and alpha.dim() <= 1 and not alpha.requires_grad
+                and not alpha.is_complex() and alpha.dtype != torch.bool)
+    return isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
 
 
 def readable_input(x):
@@ -126,7 +130,11 @@ class LinearWithLoRA(torch.nn.Module):
         dtype = torch.promote_types(self.linear.weight.dtype, torch.float32)
         # (alpha on A B, then transposed: a per-column alpha, shape (out,), scales its columns, as in
         # the seed's alpha · (x A B))
-        return (self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype))).t()
+        delta = self.lora.alpha * (self.lora.A.to(dtype) @ self.lora.B.to(dtype))
+        if delta.shape != self.lora.A.shape[:1] + self.lora.B.shape[1:] or delta.is_complex():
+            raise ValueError(f"an alpha of shape {tuple(getattr(self.lora.alpha, 'shape', ()))} (or complex) does not "
+                             "fold into linear.weight: the layer is left unmerged")
+        return delta.t()
 
     @torch.no_grad()
     def _merged_weight(self):

@@ -229,6 +229,28 @@ def test_load_into_model_without_lora(tmp_path):
         load_adapter(Tiny(), path)
 
 
+@pytest.mark.parametrize("filename", FORMATS)
+def test_save_load_per_column_alpha(tmp_path, filename):
+    """An alpha of one value per output column (the seed's layer broadcasts it) is stored value by
+    value, and a model whose alphas differ in one value is refused."""
+    _need_format(filename)
+    def per_column(model, last=2.0):
+        for m in model.modules():
+            if isinstance(m, LoRALayer):
+                m.alpha = torch.linspace(0.5, last, m.B.shape[1])
+        return model
+    trained = per_column(randomize_lora(build()))
+    save_adapter(trained, tmp_path / filename)
+    fresh = per_column(build())
+    load_adapter(fresh, tmp_path / filename)
+    for k, v in lora_state_dict(trained).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v), k
+    with pytest.raises(ValueError, match="alpha mismatch"):
+        load_adapter(per_column(build(), last=2.5), tmp_path / filename)
+    with pytest.raises(ValueError, match="alpha mismatch"):
+        load_adapter(build(), tmp_path / filename)  # (one number against several)
+
+
 def test_load_refuses_parameters_on_the_meta_device(tmp_path):
     """copy_ into a meta tensor does nothing: a model built on the meta device (accelerate's
     init_empty_weights) would load without a word and hold nothing after to_empty()."""

@@ -652,6 +652,13 @@ def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_na
         assert all(e <= TOL[torch.float16] for e in errs.values()), (big, errs)
 
 
+def test_a_tiny_alpha_beside_a_huge_product_stays_finite_in_fp32(backend):
+    """Outside fp16 alpha stays on R's tiles: x W / alpha on the accumulator would pass fp32's
+    range here (x W about 1e22, alpha 1e-18) where y itself fits."""
+    x, W, b, A, B = make_inputs((16,), 32, 16, 4, torch.float32)
+    check_all((x * 1e22, W, b, A, B), 1e-18, torch.float32)
+
+
 @pytest.mark.parametrize("fuse", ["0", "1"])
 def test_a_large_alpha_leaves_a_16_bit_s_in_range(backend, fuse, monkeypatch):
     """S is kept as the reference computes x A, unscaled, and alpha scales the product's fp32

@@ -37,13 +37,16 @@ def test_state_dict_keys_and_init_match_seed():
     assert isinstance(ours.inp, lora_kernels.LinearWithLoRA)
 
 
-@pytest.mark.parametrize("kind", ["trainable", "per-column"])
+@pytest.mark.parametrize("kind", ["trainable", "per-column", "3-d"])
 def test_alphas_the_fused_call_does_not_take_run_as_the_seed_does(backend, kind):
-    """An alpha given as a Parameter (the seed's layer trains it, and saves it as lora.alpha) or
-    as a tensor of one value per output column (it broadcasts) runs the reference's calls: the
-    seed's outputs and gradients, alpha's too, and its state-dict keys; merge folds it in."""
+    """An alpha given as a Parameter (the seed's layer trains it, and saves it as lora.alpha), as a
+    tensor of one value per output column, or of more dimensions than x (both broadcast) runs the
+    reference's calls: the seed's outputs and gradients, alpha's too, and its state-dict keys;
+    merge folds it in where it fits the weight, and refuses by name where it does not."""
     def alpha():
-        return torch.nn.Parameter(torch.tensor(1.5)) if kind == "trainable" else torch.linspace(0.5, 2.0, 5)
+        return {"trainable": lambda: torch.nn.Parameter(torch.tensor(1.5)),
+                "per-column": lambda: torch.linspace(0.5, 2.0, 5),
+                "3-d": lambda: torch.full((1, 1, 1), 1.5)}[kind]()
 
     torch.manual_seed(0)
     ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha())
@@ -62,7 +65,12 @@ def test_alphas_the_fused_call_does_not_take_run_as_the_seed_does(backend, kind)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert p.grad is not None and rel_err(p.grad, q.grad) < TOL[torch.float32], name
     with torch.no_grad():
-        assert rel_err(ours.merge()(x), y_ref) < TOL[torch.float32]
+        if kind == "3-d":  # (the seed's output gained a dimension: no weight gives that)
+            with pytest.raises(ValueError, match=r"alpha of shape \(1, 1, 1\).*does not fold"):
+                ours.merge()
+            assert not ours.merged
+        else:
+            assert rel_err(ours.merge()(x), y_ref) < TOL[torch.float32]
 
 
 def test_state_dict_loads_both_ways_strict():
