@@ -201,7 +201,7 @@ def save_adapter(model, path):
 
     A path ending in ``.safetensors`` (in any case) is written with safetensors (which must be
     installed); any other with ``torch.save``. (``load_adapter`` reads either by the content.) Tensors are stored as plain, full tensors on the CPU in their own
-    dtype; alpha is stored as a float.
+    dtype; alpha is stored as a float (a list of them for one value per output column).
 
     Sharded adapters (FSDP2's DTensors) are gathered with ``full_tensor()``, a collective: then
     every rank must call ``save_adapter`` with the same path, rank 0 alone writes the file, and all
