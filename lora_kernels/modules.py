@@ -259,7 +259,8 @@ def merge_and_unload(model):
     its own state-dict keys, for inference and export (peft's ``merge_and_unload``). Returns the
     model (the linear itself when ``model`` is one LinearWithLoRA). If a layer cannot merge (see
     ``merge``), the error is raised before any weight is written: nothing changes."""
-    slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    # (every name a layer has: named_children() would list a layer under two names of one parent once)
+    slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if isinstance(child, LinearWithLoRA)]
     layers = [layer for *_, layer in slots] + ([model] if isinstance(model, LinearWithLoRA) else [])
     pending = [layer for layer in dict.fromkeys(layers) if not layer.merged]

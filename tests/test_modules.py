@@ -394,6 +394,19 @@ def test_merge_and_unload():
         assert type(linear) is torch.nn.Linear and rel_err(linear(x), y) < TOL[torch.float32]
 
 
+def test_merge_and_unload_unwraps_a_layer_under_every_name():
+    """One LinearWithLoRA placed under two names of one parent: both places get the linear back."""
+    model = torch.nn.Sequential(lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 6), 2, 1.0))
+    model.add_module("again", model[0])
+    torch.nn.init.normal_(model[0].lora.B)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        y = model(x)
+        lora_kernels.merge_and_unload(model)
+        assert type(model[0]) is torch.nn.Linear and model.again is model[0]
+        assert rel_err(model(x), y) < TOL[torch.float32]
+
+
 def test_merge_and_unload_says_it_left_the_seeds_layers():
     model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
     model[1] = lora_kernels.reference.LinearWithLoRA(model[1], 2, 1.0)
