@@ -88,7 +88,7 @@ _WEIGHTS = ("weights are not plain floating-point tensors (tensor subclass, e.g.
             "sharded DTensor), or lora_A and lora_B differ in dtype")
 _HOOKS = ("hooks or a replaced forward on base_layer / lora_A / lora_B / lora_dropout (e.g. accelerate "
           "offloading), or global module hooks")
-_SCALING = "scaling is not a Python number"
+_SCALING = "scaling is not a finite Python number"
 
 
 @dataclass
@@ -163,7 +163,9 @@ def _fused_call(layer):
             and _plain_weight(B) and A.dtype == B.dtype):
         return _WEIGHTS
     scaling = layer.scaling[adapter]
-    if type(scaling) not in (float, int):
+    # (a NaN or infinite one, or an int no float holds, which lora_linear refuses: peft's forward
+    # gives what peft gives, so fusing never changes a layer's result)
+    if type(scaling) not in (float, int) or not abs(scaling) <= 1.7976931348623157e308:
         return _SCALING
     p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
     return weight, bias, A.t(), B.t(), float(scaling), p

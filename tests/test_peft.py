@@ -418,6 +418,19 @@ def test_merged_and_disabled_adapters_run_peft(spy):
     assert len(spy) == N_LLAMA_LORA
 
 
+def test_a_non_finite_scaling_runs_peft(spy):
+    """A scaling lora_linear refuses (NaN, say, through set_scale) runs peft's forward, which gives
+    what peft gives: fusing never changes a layer's result, nor turns it into an error."""
+    model, ref = peft_net(), peft_net()
+    fuse_quietly(model)
+    for m in (model, ref):
+        m.base_model.model.mid.scaling["default"] = float("nan")
+    x = torch.randn(5, 24)
+    got, want = model(x), ref(x)
+    assert torch.isnan(want).all() and torch.equal(got.isnan(), want.isnan())
+    assert len(spy) == 2  # (up and down still fused)
+
+
 def test_input_dtype_mismatch_errors_as_peft_does(spy):
     torch.manual_seed(0)
     model = get_peft_model(BiasNet().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["up"]))
