@@ -69,6 +69,15 @@ def keep_mask(rows, cols, seed, p, device, backend):
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
 
 
+def _through(t, *dtypes):
+    """``t.to(d1).to(d2)...``, skipping each cast that changes nothing: an unneeded ``to`` still costs
+    a dispatch (about 1 µs of host time), and a layer step on this path made some forty."""
+    for dtype in dtypes:
+        if t.dtype != dtype:
+            t = t.to(dtype)
+    return t
+
+
 def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
                  out_dtype, dot_dtype, out_shape=None):
     """PyTorch twin of ``kernels.lora_matmul``: same contract (its RNG stream differs). In-place
@@ -88,9 +97,9 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
     # in the output's dtype where that is wider, as the kernel writes its fp32 accumulator: fp32
     # adapters' gradients beside a 16-bit base (token sums past fp16's 65504) stay finite.
     acc = torch.promote_types(dot_dtype, out_dtype)
-    x, w = x.to(dot_dtype).to(acc), w.to(dot_dtype).to(acc)
+    x, w = _through(x, dot_dtype, acc), _through(w, dot_dtype, acc)
     if bias is not None:
-        out = torch.addmm(bias.to(dot_dtype).to(acc), x, w, alpha=scale)
+        out = torch.addmm(_through(bias, dot_dtype, acc), x, w, alpha=scale)
     else:
         out = torch.mm(x, w)
         if scale != 1.0:
@@ -98,12 +107,12 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
     if lowrank is not None:
         # r_scale through the GEMM's own factor, on its fp32 sum as the kernel applies it: never on
         # R rounded to a 16-bit dtype, where a large one overflowed fp16 while the product fitted.
-        low_x, low_w = (t.to(dot_dtype).to(out.dtype) for t in lowrank)
+        low_x, low_w = (_through(t, dot_dtype, out.dtype) for t in lowrank)
         if dropout is not None and where == "lowrank":
             out.add_(torch.addmm(out.new_zeros(()), low_x, low_w, beta=0, alpha=r_scale) * keep)
         else:
             out.addmm_(low_x, low_w, alpha=r_scale)
-    out = out.to(out_dtype)
+    out = _through(out, out_dtype)
     # _unsafe_view, as aten's own matmul does: a reshape would hand out a view of a temporary, and an
     # in-place op on a view-typed output trips FSDP2's hooks.
     return out if out_shape is None else torch.ops.aten._unsafe_view(out, out_shape)
@@ -339,7 +348,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
             dy = torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device)
         dy, x, weight, A, B = _by_value(dy, x, weight, A, B)
     x2 = _rows(x)
-    dy2 = _rows(dy).to(dtype)
+    dy2 = _through(_rows(dy), dtype)
     drop = _Dropout(dropout_p, seed)
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
