@@ -28,6 +28,8 @@ import torch
 
 from lora_kernels import functional, kernels
 
+from . import providers
+
 from .run import Stopped, _stop
 
 
@@ -150,6 +152,14 @@ def _steps(device, dtype):
         y = torch.nn.functional.linear(x, W, b)
         torch.autograd.grad(y, [x], dy)
 
+    def torch_path_step():  # the same eager step, each product a cuBLAS call instead of a Triton launch
+        with providers._backend("torch"):
+            eager_step()
+
+    def addmm_step():  # the benchmark's addmm baseline: a bare autograd.Function over cuBLAS calls
+        y = providers.AddmmLoRA.apply(x, W, b, A, B, 2.0)
+        torch.autograd.grad(y, [x, A, B], dy)
+
     x2 = x.detach().reshape(M, K)
 
     def launch():
@@ -160,7 +170,11 @@ def _steps(device, dtype):
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
         functional._backward_impl(dy, x.detach(), W, A.detach(), B.detach(), S, 2.0, 0.0, None,
                                   [True, False, False, True, True], "triton")
-    return eager_step, train_forward, eval_forward, op_step, base_step, launch, backward_body, _peft_steps(x, W, b, dy)
+    baselines = {"lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)": torch_path_step,
+                 "addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)": addmm_step,
+                 "F.linear forward+backward": base_step}
+    return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines,
+            _peft_steps(x, W, b, dy))
 
 
 def _peft_steps(x, W, b, dy):
@@ -199,7 +213,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    eager_step, train_forward, eval_forward, op_step, base_step, launch, backward_body, peft_steps = steps
+    eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, peft_steps = steps
     # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
     stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
     if not cuda:
@@ -269,8 +283,12 @@ def main(argv=None):
             # the backward's body is also profiled called directly.)
             profile("lora_linear forward+backward, eager", eager_step)
             profile("the backward's body (functional._backward_impl), called directly", backward_body)
-        row(f"F.linear forward+backward ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", base_step)
-        profile("F.linear forward+backward", base_step)
+        # Outside the stubs: each of these computes (cuBLAS calls on CUDA). The layer on its PyTorch
+        # path against addmm's bare autograd.Function over the same calls is what lora_linear's own
+        # Python costs; against the eager step, what the Triton launches cost beyond cuBLAS calls.
+        for name, step in baselines.items():
+            row(f"{name} ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", step)
+        profile("F.linear forward+backward", baselines["F.linear forward+backward"])
     except Stopped as e:
         lines.append(f"INCOMPLETE: {e}")
         write()

@@ -1,14 +1,17 @@
 """The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
 
-``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft` and
-`fused` have a LoRA dropout, the others ignore it (both are still checked with the mask their next
-call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the same seed). A ``Layer`` holds the
+``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft`,
+`fused` and `fused-torch` have a LoRA dropout, the others ignore it (all three are still checked with
+the mask their next call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the
+same seed). A ``Layer`` holds the
 forward callable and the tensors it trains, so the measurement code can run any of them the same way:
 ``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
 """
 
+import contextlib
 import dataclasses
 import functools
+import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -211,6 +214,39 @@ def _fused(w, dropout=0.0, **_):
                  next_mask=next_mask if dropout > 0 else None)
 
 
+@contextlib.contextmanager
+def _backend(name):
+    """``LORA_KERNELS_BACKEND=name`` for the calls inside (read by lora_linear on every call)."""
+    before = os.environ.get("LORA_KERNELS_BACKEND")
+    os.environ["LORA_KERNELS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LORA_KERNELS_BACKEND"]
+        else:
+            os.environ["LORA_KERNELS_BACKEND"] = before
+
+
+def _fused_torch(w, dropout=0.0, **_):
+    """``fused`` on its PyTorch path (LORA_KERNELS_BACKEND=torch): the same checks, autograd.Function
+    and math, each product a cuBLAS call instead of a Triton launch. Where a step's GPU work is
+    shorter than its host time (small token counts), it asks whether the layer should hand small
+    products to cuBLAS, whose calls cost the host less than a Triton launch. (Setting the
+    variable around each call costs the host a few µs, which this row carries.)"""
+    layer = _fused(w, dropout=dropout)
+
+    def fn(x):
+        with _backend("torch"):  # (the backward keeps the forward's backend)
+            return layer.fn(x)
+
+    def next_mask(x, torch_seed):
+        with _backend("torch"):
+            return layer.next_mask(x, torch_seed)
+
+    return layer._replace(fn=fn, next_mask=next_mask if layer.next_mask else None)
+
+
 PROVIDERS = {
     "base": _base,
     "reference": _reference,
@@ -218,4 +254,7 @@ PROVIDERS = {
     "addmm": _addmm,
     "peft": _peft,
     "fused": _fused,
+    "fused-torch": _fused_torch,
 }
+# Without a GPU, fused runs its PyTorch path already: fused-torch would repeat it.
+GPU_ONLY = ("fused-torch",)

@@ -304,6 +304,48 @@ def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
     assert row["status"] == "ok (dropout 0.3 checked with its mask)" and row["max_err"] < 1e-5, row
 
 
+def test_fused_torch_runs_the_pytorch_path_where_fused_runs_the_kernels(monkeypatch):
+    """`fused-torch` is the layer on its PyTorch path even where `fused` would launch the kernels
+    (here the interpreter's, set up as a GPU's would be), forward and backward, checked with its own
+    dropout mask; the backend setting is put back after each call; and without a GPU it is not
+    in the default sweep, whose fused already runs that path."""
+    from lora_kernels import functional, kernels
+
+    if not kernels.INTERPRET:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    from conftest import use_triton
+    use_triton(monkeypatch)
+    launched = []
+    real = kernels.lora_matmul
+    monkeypatch.setattr(kernels, "lora_matmul", lambda *a, **k: (launched.append(1), real(*a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu", generator=g)
+    xs, dys = measure.make_inputs(24, 48, 40, dtype=torch.float32, device="cpu", generator=g)
+    refs = {lora: measure.expected(w, xs[0], dys[0], lora=lora) for lora in (True, False)}
+    timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=2)
+    args = run.parse_args(["--dropout", "0.3"])
+    (row,) = run.bench_provider("fused-torch", w, xs, dys, refs, args, timer, (48, 40, 24, 4), ["forward+backward"])
+    assert row["status"] == "ok (PyTorch path, dropout 0.3 checked with its mask)" and row["max_err"] < 1e-5, row
+    assert not launched and os.environ["LORA_KERNELS_BACKEND"] == "triton"
+    with pytest.raises(ValueError, match="x must have shape"):  # (put back after a call that raises too)
+        providers.PROVIDERS["fused-torch"](w).fn(torch.randn(3, 7))
+    assert os.environ["LORA_KERNELS_BACKEND"] == "triton"
+    (row,) = run.bench_provider("fused", w, xs, dys, refs, args, timer, (48, 40, 24, 4), ["forward+backward"])
+    assert row["status"] == "ok (dropout 0.3 checked with its mask)" and launched  # (the twin: the kernels)
+
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")  # and an unset variable is left unset
+    layer = providers.PROVIDERS["fused-torch"](w)
+    torch.autograd.grad(layer.fn(xs[0]), [w.A], dys[0])
+    assert "LORA_KERNELS_BACKEND" not in os.environ
+
+    args = run.parse_args(["--device", "cpu"])
+    run.settings(args)
+    assert args.providers == [p for p in providers.PROVIDERS if p != "fused-torch"]
+    args = run.parse_args(["--device", "cpu", "--providers", "base,fused-torch"])
+    run.settings(args)
+    assert args.providers == ["base", "fused-torch"]
+
+
 def test_peft_adapters_are_in_the_base_dtype():
     """What the run notes say: peft's adapters are cast to the base's dtype (peft's own default
     would leave them fp32 beside a bf16 base, and its LoRA path in fp32)."""
@@ -376,6 +418,9 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     assert "1.0 µs  the backward's body called directly (functional._backward_impl, no autograd engine)" in printed
     assert "1.0 µs  lora_linear forward, grad enabled (the autograd.Function, no backward)" in printed
     assert "1.0 µs  peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)" in printed  # peft is a test dependency
+    # (and, computed, the same step on the PyTorch path beside the addmm baseline's over the same calls)
+    assert "1.0 µs  lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)" in printed
+    assert "1.0 µs  addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)" in printed
 
 
 def test_host_overhead_row_that_fails_leaves_the_others(tmp_path, monkeypatch):
