@@ -292,7 +292,9 @@ def main(argv=None):
         model.to(args.device)  # the new A and B are created on the CPU
         mark_only_lora_as_trainable(model)
         trainable, total = count_parameters(model)
-        backend = select_backend(eval_bwd[0][0].float(), torch.float32)
+        # (the path a block's output projection takes: d_model features in and out, a batch's tokens)
+        probe = torch.empty(*eval_bwd[0][0].shape, args.cfg.d_model, device=args.device)
+        backend = select_backend(probe, torch.float32, args.cfg.d_model)
         print(f"\nLoRA fine-tuning (rank {args.rank}, lora_alpha {args.lora_alpha:g} -> alpha {alpha:g}, "
               f"LoRA layers run on the {'fused Triton kernels' if backend == 'triton' else 'PyTorch path'}): "
               f"{format_parameter_count(trainable, total)}")

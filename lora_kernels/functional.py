@@ -33,6 +33,7 @@ import contextlib
 import math
 import numbers
 import os
+import re
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -160,8 +161,37 @@ def shrink_expand(backend, x, w, A, R, s_scale, r_scale, s_dtype, *, bias=None, 
     return out, L
 
 
-def select_backend(x, adapter_dtype):
-    """'triton' or 'torch' for these inputs, honouring ``LORA_KERNELS_BACKEND``."""
+def _read_torch_below(text):
+    # (ASCII digits only, as int() would take others; and no 9**999999999 to compute)
+    match = re.fullmatch(r"\s*([0-9]{1,40})\s*(?:\*\*\s*([0-9]{1,3})\s*)?", text)
+    if not match:
+        raise ValueError("LORA_KERNELS_TORCH_BELOW must be a whole number of multiply-adds (M·N·K), "
+                         f"such as 137438953472 or 2**37, not {text!r}")
+    return int(match[1]) ** int(match[2] or 1)
+
+
+# Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
+# features) take the PyTorch path: its cuBLAS calls cost the host less than Triton launches, and
+# in a small step the host's time, not the GPU's, sets the pace (benchmarks/NOTES.md, fifteenth
+# session). Under torch.compile and CUDA graph capture a launch costs no host time per step, and
+# the kernels stay. LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured
+# the crossover, keeps every CUDA call on the kernels.
+TORCH_BELOW = _read_torch_below(os.environ.get("LORA_KERNELS_TORCH_BELOW", "0"))
+
+
+def _host_bound(x, out_features):
+    """Whether an eager CUDA call is small enough (``TORCH_BELOW``) for the PyTorch path. Never a
+    traced or fake call (``_through_ops``: its choice would be baked into the graph, whatever the
+    size it later runs at). (A checkpointed layer's recompute chooses again: the same choice, at
+    the same size, unless one of the two runs in CUDA graph capture, where the dropout masks of
+    the two paths, drawn from one seed, would differ.)"""
+    return (TORCH_BELOW > 0 and out_features is not None and not _through_ops(x)
+            and x.numel() * out_features < TORCH_BELOW and not torch.cuda.is_current_stream_capturing())
+
+
+def select_backend(x, adapter_dtype, out_features=None):
+    """'triton' or 'torch' for these inputs (x: (..., in_features); the layer's ``out_features``),
+    honouring ``LORA_KERNELS_BACKEND`` and, under ``auto``, ``TORCH_BELOW``."""
     choice = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
@@ -174,7 +204,7 @@ def select_backend(x, adapter_dtype):
                           RuntimeWarning, stacklevel=3)
         return "torch"
     if x.is_cuda and not kernels.INTERPRET:
-        return "triton"
+        return "torch" if choice == "auto" and _host_bound(x, out_features) else "triton"
     if choice == "auto":
         return "torch"
     if not kernels.INTERPRET:
@@ -466,7 +496,7 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     # Chosen once, here, for both passes: the backends draw different dropout masks from one seed.
     # (Under torch.compile this choice is fixed when the graph is traced.)
-    backend = select_backend(x, A.dtype)
+    backend = select_backend(x, A.dtype, weight.shape[0])
     seed = draw_seed(x.device, backend) if dropout_p > 0 else None
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     if _through_ops(x):

@@ -265,3 +265,39 @@ def test_reduce_overhead_compile_trains_like_eager():
         for a, b in zip(got, want):
             assert rel_err(a, b) < TOL[torch.bfloat16]
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_small_calls_take_cublas_below_the_threshold(monkeypatch):
+    """With ``TORCH_BELOW`` set (LORA_KERNELS_TORCH_BELOW) and the backend on auto, a call with
+    fewer multiply-adds than it runs its forward and backward as cuBLAS calls and a larger one the
+    kernels, both right against float64; in CUDA graph capture the small one keeps the kernels."""
+    from lora_kernels import functional
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(functional, "TORCH_BELOW", 2**22)
+    launches = []
+    real = kernels.lora_matmul
+    monkeypatch.setattr(kernels, "lora_matmul", lambda *a, **k: (launches.append(1), real(*a, **k))[1])
+    for lead, K, N, kernels_run in [((2, 32), 256, 128, False), ((4096,), 512, 512, True)]:  # 2^21, 2^30
+        launches.clear()
+        errs = errors_vs_reference(make_inputs(lead, K, N, 8, torch.float32), 0.75)
+        assert bool(launches) == kernels_run, (lead, K, N, len(launches))
+        assert max(errs.values()) < TOL[torch.float32], errs
+    x, W, b, A, B = make_inputs((64,), 256, 128, 8, torch.float32)
+    launches.clear()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")  # (compiles and tunes the kernel, outside the capture)
+        lora_kernels.lora_linear(x, W, b, A, B, 0.75)
+        warm_up = len(launches)
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lora_kernels.lora_linear(x, W, b, A, B, 0.75)
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert launches and len(launches) == 2 * warm_up  # (the captured call's launches are the kernels', not cuBLAS)
+    y_ref = reference(x, W, b, A, B, 0.75, torch.ones_like(y))[0]
+    assert rel_err(y, y_ref) < TOL[torch.float32]

@@ -113,6 +113,74 @@ def test_bad_backend_name(monkeypatch):
         call(*good())
 
 
+def test_small_eager_cuda_calls_take_the_pytorch_path_below_the_threshold(monkeypatch):
+    """``TORCH_BELOW``: under ``auto``, a CUDA call with fewer multiply-adds (x's elements × out
+    features) than it takes the PyTorch path; one at it, a call without out features, a compiled
+    one, one in CUDA graph capture, a named backend, or a threshold of 0 (the default) keep the kernels."""
+    from types import SimpleNamespace
+    from lora_kernels import functional
+    if functional.kernels is None:
+        pytest.skip("no Triton: every call takes the PyTorch path")
+    monkeypatch.setattr(functional.kernels, "INTERPRET", False)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    x = SimpleNamespace(is_cuda=True, is_meta=False, dtype=torch.bfloat16, numel=lambda: 64 * 4096)  # 64 tokens, 4096 features
+    choose = functional.select_backend
+    assert functional.TORCH_BELOW == 0 and choose(x, torch.bfloat16, 1024) == "triton"
+    monkeypatch.setattr(functional, "TORCH_BELOW", 64 * 4096 * 1024)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (CPU builds: a stub that raises)
+    assert choose(x, torch.bfloat16, 1023) == "torch" and choose(x, torch.bfloat16, 1024) == "triton"
+    assert choose(x, torch.bfloat16) == "triton"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert choose(x, torch.bfloat16, 8) == "triton"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert choose(x, torch.bfloat16, 8) == "torch"
+    step = torch.compile(lambda t: t * 2 if choose(x, torch.bfloat16, 8) == "triton" else t,
+                         fullgraph=True, backend="eager")
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    assert choose(x, torch.bfloat16, 8) == "triton"
+
+    # Fake CUDA tensors (a memory estimate, say; here on a CPU build, whose capture query raises)
+    # and traced calls keep the kernels' path, whatever their size.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+
+    def stub():
+        raise RuntimeError("a CPU build's stub")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", stub)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, device="cuda")
+        assert choose(fake, torch.float32, 4) == "triton"
+        assert lora_kernels.lora_linear(fake, torch.empty(5, 3, device="cuda"), None, torch.empty(3, 2, device="cuda"),
+                                        torch.empty(2, 5, device="cuda"), 1.0).shape == (2, 5)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert choose(x, torch.bfloat16, 8) == "torch"
+    monkeypatch.setattr(torch._C, "_get_tracing_state", lambda: object())  # (torch.jit.trace)
+    assert choose(x, torch.bfloat16, 8) == "triton"
+    monkeypatch.undo()
+
+    # lora_linear asks with the layer's out features (weight's rows)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    seen = []
+    monkeypatch.setattr(functional, "select_backend", lambda x, dtype, n=None: (seen.append(n), "torch")[1])
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    call(*good())
+    assert seen == [good()[1].shape[0]]
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("137438953472", 2**37), (" 2**37 ", 2**37), ("2 ** 36", 2**36)])
+def test_torch_below_setting_reads_a_number_or_a_power(text, value):
+    from lora_kernels import functional
+    assert functional._read_torch_below(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "2^37", "-5", "1e9", "9**99999", "\uff12**\uff13\uff17"])  # (full-width digits)
+def test_a_bad_torch_below_setting_is_named(text):
+    from lora_kernels import functional
+    with pytest.raises(ValueError, match="LORA_KERNELS_TORCH_BELOW must be a whole number"):
+        functional._read_torch_below(text)
+
+
 def test_kernels_that_cannot_be_imported_are_never_a_silent_fallback(monkeypatch):
     """Triton missing or too old: CUDA tensors still run (the PyTorch path), with a warning that
     says why; asking for the kernels by name raises the reason."""

@@ -264,7 +264,7 @@ def test_launches_through_tritons_dispatch_take_turns(monkeypatch):
 
 SWITCHES = """
 from lora_kernels import functional, kernels
-print(functional.FUSE_SHRINK, kernels.TMA, kernels.FAST_LAUNCH, kernels.WARP_SPEC, kernels.AUTOTUNE,
+print(functional.FUSE_SHRINK, functional.TORCH_BELOW, kernels.TMA, kernels.FAST_LAUNCH, kernels.WARP_SPEC, kernels.AUTOTUNE,
       kernels.COMPILE_THREADS, len(kernels._lora_matmul_kernel.configs))
 """
 
@@ -280,11 +280,12 @@ def _import_with(env):
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({}, "auto True True False True"),
+    ({}, "auto 0 True True False True"),
     ({"LORA_KERNELS_FUSE_SHRINK": "0", "LORA_KERNELS_TMA": "0", "LORA_KERNELS_FAST_LAUNCH": "0",
-      "LORA_KERNELS_WARP_SPEC": "1", "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3"},
-     "0 False False True False 3"),
-    ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 True True False True"),
+      "LORA_KERNELS_WARP_SPEC": "1", "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3",
+      "LORA_KERNELS_TORCH_BELOW": "2**37"},
+     "0 137438953472 False False True False 3"),
+    ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 0 True True False True"),
 ], ids=["unset", "all-set", "fuse-1"])
 def test_switches_are_read_from_the_environment_at_import(env, expected):
     """The README's environment variables, as a user sets them (before the import), reach the
@@ -312,6 +313,11 @@ def test_a_bad_fuse_shrink_setting_is_named(value):
     """A typo would otherwise mean "auto" without a word."""
     done = _import_with({"LORA_KERNELS_FUSE_SHRINK": value})
     assert done.returncode != 0 and "LORA_KERNELS_FUSE_SHRINK must be auto, 0 or 1" in done.stderr
+
+
+def test_a_bad_torch_below_setting_is_named_at_import():
+    done = _import_with({"LORA_KERNELS_TORCH_BELOW": "2^37"})
+    assert done.returncode != 0 and "LORA_KERNELS_TORCH_BELOW must be a whole number" in done.stderr
 
 
 @pytest.mark.parametrize("text, cpus", [("200000 100000\n", 2), ("50000 100000", 1), ("max 100000", None),
