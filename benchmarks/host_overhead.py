@@ -153,7 +153,7 @@ def _steps(device, dtype):
         torch.autograd.grad(y, [x], dy)
 
     def torch_path_step():  # the same eager step, each product a cuBLAS call instead of a Triton launch
-        with providers._backend("torch"):
+        with providers.torch_path():
             eager_step()
 
     def addmm_step():  # the benchmark's addmm baseline: a bare autograd.Function over cuBLAS calls

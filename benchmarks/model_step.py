@@ -160,11 +160,11 @@ def main(argv=None):
     p.add_argument("--tokens", type=_ints, default=[8192, 2048] if cuda else [128])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
-    # (fused-torch: the layer on its PyTorch path, cuBLAS calls, timed right after fused; without a GPU
-    # fused runs that path already)
+    # (fused-routed: the layer with small projections on its PyTorch path, timed right after fused;
+    # without a GPU fused runs that path already)
     p.add_argument("--providers", type=_names(list(PROVIDERS)),
-                   default=["base", "fused"] + (["fused-torch"] if cuda else []) + ["peft", "addmm"])
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of peft, fused and fused-torch (timed, not checked: its masks are not rebuilt here)")
+                   default=["base", "fused"] + (["fused-routed"] if cuda else []) + ["peft", "addmm"])
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of peft and the fused providers (timed, not checked: its masks are not rebuilt here)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--warmup-ms", type=float, default=20.0)
     # (the bare base's seven projections, forward+backward at 8192 tokens, add up to about 10 ms in

@@ -149,7 +149,7 @@ def record_host(dtypes, sms, arch):
     with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
             mock.patch.object(kernels, "_num_sms", lambda device: sms), \
             mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), \
-            mock.patch.object(functional, "select_backend", lambda x, adapter_dtype: "triton"):
+            mock.patch.object(functional, "select_backend", lambda *args: "triton"):
         for dtype in dtypes:
             for fn in host_pieces(dtype, torch.device("cpu")).values():
                 fn()

@@ -1,8 +1,8 @@
 """The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
 
-``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft`,
-`fused` and `fused-torch` have a LoRA dropout, the others ignore it (all three are still checked with
-the mask their next call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the
+``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft`
+and the `fused` ones have a LoRA dropout, the others ignore it (those are still checked with the
+mask their next call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the
 same seed). A ``Layer`` holds the
 forward callable and the tensors it trains, so the measurement code can run any of them the same way:
 ``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
@@ -78,6 +78,9 @@ class Layer(NamedTuple):
     # Whether next_mask repeats the layer's draw from outside (peft's nn.Dropout) rather than the
     # layer naming it: a failed check may then be the mask's, not the layer's (see run.py).
     mask_inferred: bool = False
+    # backend(x) -> the path lora_linear takes for a call on x ("triton" or "torch"), for this
+    # package's layers: their rows say where it is the PyTorch path.
+    backend: Optional[Callable[[torch.Tensor], str]] = None
 
 
 # --- the providers -------------------------------------------------------------------------------
@@ -200,10 +203,13 @@ def _fused(w, dropout=0.0, **_):
     # dropout_p is passed only when asked for, so the default call is the plain six-argument one.
     kwargs = {"dropout_p": dropout} if dropout > 0 else {}
 
+    def backend_of(x):
+        return functional.select_backend(x, w.A.dtype, w.W.shape[0])
+
     def next_mask(x, torch_seed):
         # lora_linear draws its seed with functional.draw_seed first thing, so after manual_seed
         # the same draw here is the next call's seed; the mask is the backend's for that seed.
-        backend = functional.select_backend(x, w.A.dtype)
+        backend = backend_of(x)
         torch.manual_seed(torch_seed)
         seed = int(functional.draw_seed(x.device, backend))
         torch.manual_seed(torch_seed)  # (neither mask below draws from torch's generator)
@@ -211,40 +217,62 @@ def _fused(w, dropout=0.0, **_):
                                     backend).view(x.shape)
 
     return Layer(lambda x: lora_linear(x, w.W, w.b, w.A, w.B, w.alpha, **kwargs), w.as_dict(), dropout=dropout,
-                 next_mask=next_mask if dropout > 0 else None)
+                 next_mask=next_mask if dropout > 0 else None, backend=backend_of)
 
 
 @contextlib.contextmanager
-def _backend(name):
-    """``LORA_KERNELS_BACKEND=name`` for the calls inside (read by lora_linear on every call)."""
-    before = os.environ.get("LORA_KERNELS_BACKEND")
-    os.environ["LORA_KERNELS_BACKEND"] = name
+def _patched(values, key, value):
+    """``values[key] = value`` (os.environ, or a module's ``vars``) for the calls inside, then as before."""
+    before = values.get(key, _patched)  # (_patched: "was not there")
+    values[key] = value
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["LORA_KERNELS_BACKEND"]
+        if before is _patched:
+            del values[key]
         else:
-            os.environ["LORA_KERNELS_BACKEND"] = before
+            values[key] = before
+
+
+def torch_path():
+    """``LORA_KERNELS_BACKEND=torch`` for the calls inside (lora_linear reads it on every call)."""
+    return _patched(os.environ, "LORA_KERNELS_BACKEND", "torch")
+
+
+# The threshold `fused-routed` runs with: the third H200 run's crossover at rank 16 (benchmarks/NOTES.md,
+# fifteenth session), under which every projection at 2048 tokens, and k and v at 8192, take cuBLAS.
+ROUTED_BELOW = 2**37
+
+
+def _fused_within(context, w, dropout):
+    """``fused`` with each call (and its mask's draw, and its backend's choice) inside ``context()``;
+    the backward keeps the forward's backend. (Entering the context costs the host a few µs a call,
+    which these rows carry.)"""
+    layer = _fused(w, dropout=dropout)
+
+    def within(f):
+        def call(*args):
+            with context():
+                return f(*args)
+        return call
+
+    return layer._replace(fn=within(layer.fn), next_mask=layer.next_mask and within(layer.next_mask),
+                          backend=within(layer.backend))
 
 
 def _fused_torch(w, dropout=0.0, **_):
     """``fused`` on its PyTorch path (LORA_KERNELS_BACKEND=torch): the same checks, autograd.Function
-    and math, each product a cuBLAS call instead of a Triton launch. Where a step's GPU work is
-    shorter than its host time (small token counts), it asks whether the layer should hand small
-    products to cuBLAS, whose calls cost the host less than a Triton launch. (Setting the
-    variable around each call costs the host a few µs, which this row carries.)"""
-    layer = _fused(w, dropout=dropout)
+    and math, each product a cuBLAS call instead of a Triton launch, which costs the host less.
+    Beside `fused`, per shape: where a step is so short that its host time sets the pace, which
+    path should it take?"""
+    return _fused_within(torch_path, w, dropout)
 
-    def fn(x):
-        with _backend("torch"):  # (the backward keeps the forward's backend)
-            return layer.fn(x)
 
-    def next_mask(x, torch_seed):
-        with _backend("torch"):
-            return layer.next_mask(x, torch_seed)
-
-    return layer._replace(fn=fn, next_mask=next_mask if layer.next_mask else None)
+def _fused_routed(w, dropout=0.0, **_):
+    """``fused`` with ``functional.TORCH_BELOW = ROUTED_BELOW``: the layer as it would be with that
+    rule on (eager calls on CUDA below it take the PyTorch path), for the model step, where large
+    and small projections mix."""
+    return _fused_within(lambda: _patched(vars(functional), "TORCH_BELOW", ROUTED_BELOW), w, dropout)
 
 
 PROVIDERS = {
@@ -255,6 +283,7 @@ PROVIDERS = {
     "peft": _peft,
     "fused": _fused,
     "fused-torch": _fused_torch,
+    "fused-routed": _fused_routed,
 }
-# Without a GPU, fused runs its PyTorch path already: fused-torch would repeat it.
-GPU_ONLY = ("fused-torch",)
+# Without a GPU, fused runs its PyTorch path already: these would repeat it.
+GPU_ONLY = ("fused-torch", "fused-routed")

@@ -110,15 +110,15 @@ def parse_args(argv=None):
                    help=f"every tokens x ranks pair; by default tokens are swept at rank {ANCHOR_RANK} and "
                         f"ranks at {ANCHOR_TOKENS} tokens (or the middle value when those are not listed)")
     p.add_argument("--providers", type=_names(list(PROVIDERS)),
-                   help=f"comma-separated, from {','.join(PROVIDERS)} (default all; without a GPU all but "
-                        f"{','.join(GPU_ONLY)}, which there repeats fused's PyTorch path)")
+                   help=f"comma-separated, from {','.join(PROVIDERS)} (default all but fused-routed, and "
+                        f"without a GPU all but {','.join(GPU_ONLY)}, which there repeat fused's PyTorch path)")
     p.add_argument("--modes", type=_names(list(MODES)), default=list(MODES),
                    help=f"comma-separated, from {','.join(MODES)} (default all)")
     p.add_argument("--trainable-base", action="store_true",
                    help="W and b require grad too (default: frozen, the LoRA case)")
     p.add_argument("--alpha", type=float, default=2.0, help="the LoRA scale, used as is (default 2.0)")
     p.add_argument("--dropout", type=_probability, default=0.0,
-                   help="LoRA dropout of peft (lora_dropout), fused and fused-torch (dropout_p), e.g. 0.1, peft's "
+                   help="LoRA dropout of peft (lora_dropout) and the fused providers (dropout_p), e.g. 0.1, peft's "
                         "common setting; above 0 their outputs are random: each is checked with the mask their call "
                         "draws, drawn again from torch's seed, and the other providers still run without "
                         "dropout")
@@ -213,8 +213,7 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
         status = f"timed, not checked (dropout {layer.dropout} is random, and {name}'s mask cannot be rebuilt)"
         errors = max_err = None  # (errors against the reference without dropout would mean nothing)
     else:
-        on_torch = name == "fused-torch" or (name == "fused"
-                                             and functional.select_backend(xs[0], weights.A.dtype) == "torch")
+        on_torch = layer.backend is not None and layer.backend(xs[0]) == "torch"
         details = (["PyTorch path"] if on_torch else []) \
             + ([f"dropout {layer.dropout} checked with its mask"] if masked else [])
         status = "ok" + (f" ({', '.join(details)})" if details else "")
@@ -320,8 +319,8 @@ def settings(args):
     shapes = args.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)
     tokens = args.tokens or (GPU_TOKENS if cuda else CPU_TOKENS)
     ranks = args.ranks or (GPU_RANKS if cuda else CPU_RANKS)
-    if args.providers is None:
-        args.providers = [name for name in PROVIDERS if cuda or name not in GPU_ONLY]
+    if args.providers is None:  # (fused-routed is fused or fused-torch at any one shape: the model step mixes them)
+        args.providers = [name for name in PROVIDERS if name != "fused-routed" and (cuda or name not in GPU_ONLY)]
     configs, plan_note = plan(shapes, tokens, ranks, args.full_product)
     warmup_ms, rep_ms = DEFAULT_TIMING[device.type]
     return {
@@ -348,7 +347,7 @@ def run_notes(args, s):
                      "is conservative for fused")
         notes.append(note)
     if args.dropout > 0:
-        notes.append(f"peft and fused (and fused-torch) run with LoRA dropout {args.dropout}, not comparable with "
+        notes.append(f"peft and the fused providers run with LoRA dropout {args.dropout}, not comparable with "
                      "the providers without dropout: each is checked against float64 with the mask their call draws, drawn "
                      "again from torch's seed (fused's by the seed it draws, peft's by its nn.Dropout's draw "
                      "repeated): F.linear(x, W, b) + alpha·((x·keep/(1-p)) A) B, output and gradients")

@@ -31,6 +31,7 @@ NEEDS_CUDA = {
     "fused": "the fused Triton kernels need an NVIDIA GPU (on CPU lora_linear runs its PyTorch path, "
              "which python -m benchmarks.run reports)",
     "fused-torch": "without a GPU, fused runs the same PyTorch path",
+    "fused-routed": "without a GPU, fused runs the same PyTorch path",
     "compiled": "torch.compile's first build on CPU takes longer than this whole tiny suite; "
                 "python -m benchmarks.run measures it",
 }

@@ -340,7 +340,7 @@ def test_fused_torch_runs_the_pytorch_path_where_fused_runs_the_kernels(monkeypa
 
     args = run.parse_args(["--device", "cpu"])
     run.settings(args)
-    assert args.providers == [p for p in providers.PROVIDERS if p != "fused-torch"]
+    assert args.providers == [p for p in providers.PROVIDERS if p not in ("fused-torch", "fused-routed")]
     args = run.parse_args(["--device", "cpu", "--providers", "base,fused-torch"])
     run.settings(args)
     assert args.providers == ["base", "fused-torch"]
@@ -397,6 +397,29 @@ def test_rows_carry_a_spread_and_base_timed_again(tmp_path, monkeypatch):
     assert "LORA_KERNELS_FUSE_SHRINK=0" in settings and saved["settings"]["LORA_KERNELS_FUSE_SHRINK"] == "0"
     fused = next(r for r in rows if r["provider"] == "fused")
     assert f"| {fused['x_base']:.2f} ({fused['x_base_in_turn']:.2f}) |" in report_text
+
+
+def test_fused_routed_runs_with_the_threshold_set_for_its_calls_alone(monkeypatch):
+    """`fused-routed` is `fused` with functional.TORCH_BELOW at ROUTED_BELOW during its calls (the
+    backend's choice reads it, with the layer's out features), and as before after them."""
+    from lora_kernels import functional
+    seen = []
+    real = functional.select_backend
+
+    def spy(x, adapter_dtype, out_features=None):
+        seen.append((functional.TORCH_BELOW, out_features))
+        return real(x, adapter_dtype, out_features)
+    monkeypatch.setattr(functional, "select_backend", spy)
+    monkeypatch.setattr(functional, "TORCH_BELOW", 5)
+    w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu")
+    layer = providers.PROVIDERS["fused-routed"](w, dropout=0.2)
+    torch.autograd.grad(layer.fn(torch.randn(6, 48)), [w.A], torch.randn(6, 40))
+    layer.next_mask(torch.randn(6, 48), 0)
+    assert layer.backend(torch.randn(6, 48)) == "torch"  # (CPU tensors)
+    assert seen == [(providers.ROUTED_BELOW, 40)] * 3 and functional.TORCH_BELOW == 5
+    seen.clear()
+    providers.PROVIDERS["fused"](w).fn(torch.randn(6, 48))
+    assert seen == [(5, 40)]
 
 
 def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch, capsys):
