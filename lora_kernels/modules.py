@@ -4,6 +4,7 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 ``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
 """
 
+import math
 import numbers
 import warnings
 
@@ -31,6 +32,14 @@ class LoRALayer(reference.LoRALayer):
             # it scales without broadcasting any x) held as a number: torch.compile could only read
             # a tensor's value through a data-dependent .item().
             self.alpha = alpha.item()
+
+    def reset_parameters(self):
+        """Draw A and zero B again, as ``__init__`` does: what tools call on each module of a model
+        built on the meta device once ``to_empty`` has given it memory (FSDP2's recipe for models
+        too large to build whole; FSDP1's default ``param_init_fn``). Without it the adapters
+        would keep whatever that memory held."""
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.B)
 
     def extra_repr(self):
         return f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.A.shape[1]}, alpha={self.alpha}"
@@ -264,6 +273,12 @@ def merge_and_unload(model):
              if isinstance(child, LinearWithLoRA)]
     layers = [layer for *_, layer in slots] + ([model] if isinstance(model, LinearWithLoRA) else [])
     pending = [layer for layer in dict.fromkeys(layers) if not layer.merged]
+    # An FSDP2 unit (or a layer whose weights are sharded DTensors) cannot be unloaded: the linear
+    # put back would hold shards with nothing left to gather them, and fail at its next call.
+    sharded = [name or "the model" for name, m in model.named_modules() if isinstance(m, LinearWithLoRA) and _sharded(m)]
+    if sharded:
+        raise ValueError("merge_and_unload cannot unload FSDP-sharded layers (" + ", ".join(sharded)
+                         + "): load a full state dict into an unsharded copy of the model and merge that")
     # Every layer's checks first, one merged weight at a time (holding them all would double a
     # model's memory), then the writes: merging some and unmerging them on a refusal would round
     # a 16-bit weight twice, changing weights the call promised to leave alone.
@@ -278,6 +293,13 @@ def merge_and_unload(model):
         warnings.warn("merge_and_unload left the seed's LinearWithLoRA layers (lora_kernels.reference) "
                       "unmerged, which it cannot merge: " + ", ".join(seed_layers), UserWarning, stacklevel=2)
     return model.linear if isinstance(model, LinearWithLoRA) else model
+
+
+def _sharded(layer):
+    """Whether a layer is (or holds) an FSDP2 unit, or has DTensor parameters (FSDP2, tensor parallel)."""
+    fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", ())
+    return (any(isinstance(m, fsdp) for m in layer.modules())
+            or any(type(p).__name__ == "DTensor" for p in layer.parameters()))
 
 
 # Modules whose forward reads their Linear children's weight and bias itself instead of calling them.

@@ -112,8 +112,16 @@ def _fsdp2(model, x, y, rank, world, out_dir):
     fresh = _fully_shard(build_model(seed=5), mesh)
     lora_kernels.load_adapter(fresh, os.path.join(out_dir, "fsdp2_adapter.safetensors"))
     loaded = {n: t for n, t in plain_state(fresh).items() if n.endswith(("lora.A", "lora.B"))}
-    return {"losses": losses, "state": plain_state(model), "param_types": sharded, "loaded": loaded,
-            "loaded_types": {n: type(p).__name__ for n, p in fresh.named_parameters()}}
+    state = plain_state(model)
+    try:  # refused by name, before anything is written: unloaded, the sharded linears could not run
+        lora_kernels.merge_and_unload(model)
+        unload = "unloaded"
+    except ValueError as e:
+        unload = str(e)
+    return {"losses": losses, "state": state, "param_types": sharded, "loaded": loaded,
+            "loaded_types": {n: type(p).__name__ for n, p in fresh.named_parameters()},
+            "unload": unload, "state_after_unload": plain_state(model),
+            "layers_after_unload": [type(m).__name__ for m in model.modules()]}
 
 
 def _fail_on_rank1(model, x, y, rank, world, out_dir):

@@ -181,6 +181,16 @@ def test_fsdp2_training_matches_single_process(fsdp2_results):
     _check_training(fsdp2_results, "FSDP2")
 
 
+def test_fsdp2_merge_and_unload_is_refused_by_name_and_changes_nothing(fsdp2_results):
+    """Unloaded, an FSDP2 unit's linear would hold shards with nothing to gather them (its next
+    call failed inside F.linear, naming no cause): refused, before any weight is written."""
+    for res in fsdp2_results:
+        assert res["unload"].startswith("merge_and_unload cannot unload FSDP-sharded layers"), res["unload"]
+        assert sum("LinearWithLoRA" in name for name in res["layers_after_unload"]) == 3
+        for name, t in res["state"].items():
+            assert torch.equal(res["state_after_unload"][name], t), name
+
+
 @pytest.mark.parametrize("ext", ["safetensors", "pt"])
 def test_fsdp2_save_load_adapter(fsdp2_results, fsdp2_dir, ext):
     """save_adapter from the sharded model writes the full adapters, which load into a plain model

@@ -543,3 +543,29 @@ def test_constant_tensor_alpha_is_held_as_a_number():
         ref = seed.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha)
         torch.nn.init.normal_(ours.lora.B), ref.lora.B.data.copy_(ours.lora.B)
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_built_on_meta_gets_the_adapters_init_from_reset_parameters():
+    """The recipe for models too large to build whole (FSDP2's; FSDP1's default param_init_fn):
+    build on the meta device, to_empty, then reset_parameters() on every module that has one. The
+    adapters must come out as __init__ makes them (A drawn the same way from the same seed, B
+    zero), not with whatever memory to_empty handed out."""
+    torch.manual_seed(3)
+    want = lora_kernels.LoRALayer(16, 12, 4, 2.0)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 16))
+        lora_kernels.replace_linear_with_lora(model, 4, 2.0)
+    model.to_empty(device=DEVICE)
+    for p in model.parameters():
+        with torch.no_grad():
+            p.fill_(float("nan"))  # (what to_empty's memory may hold)
+    torch.manual_seed(3)
+    model[0].lora.reset_parameters()
+    assert torch.equal(model[0].lora.A.cpu(), want.A) and torch.equal(model[0].lora.B.cpu(), want.B)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    x = torch.randn(5, 16, device=DEVICE)
+    assert torch.isfinite(model(x)).all()
+    assert all(torch.count_nonzero(layer.lora.B) == 0 and torch.isfinite(layer.lora.A).all()
+               and torch.count_nonzero(layer.lora.A) > 0 for layer in (model[0], model[2]))
