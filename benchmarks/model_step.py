@@ -113,6 +113,12 @@ def measure(row, provider, weights, inputs, dys, args, timer):
                 return
         else:
             row["status"] = f"timed, not checked (dropout {args.dropout})"
+        # (this package's layers: how many of the seven take the PyTorch path, e.g. fused-routed's small ones)
+        on_torch = [name for name, source, _ in PROJECTIONS
+                    if layers[name].backend and layers[name].backend(inputs[source]) == "torch"]
+        if on_torch:
+            row["status"] += (" (PyTorch path)" if len(on_torch) == len(PROJECTIONS)
+                              else f" ({', '.join(on_torch)} on the PyTorch path)")
         row["ms"] = timer(lambda: None, step)[0]
     except ProviderUnavailable as e:
         row["status"] = f"SKIPPED: {e}"

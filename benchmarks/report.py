@@ -116,7 +116,8 @@ TABLE_NOTES = """\
   `base` is credited with its GEMMs only. Products only, no bias or elementwise work.
 - ×base: time over `base`'s time in the same mode (the floor: F.linear alone; its backward is dX only
   while the base is frozen); for fused, in parentheses, the same from base and fused timed again in turn
-  (base, fused, fused, base) at the end of the configuration, which the targets use. fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
+  (base, fused, fused, base) at the end of the configuration, which the targets use (with fused-torch
+  between the two fused where it ran: base, fused, fused-torch, fused-torch, fused, base). fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
 - peak MiB: peak CUDA memory allocated during one forward+backward, over what was allocated before it
   (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own
   parameters left out (the JSON also has the total with them).

@@ -250,24 +250,28 @@ def add_ratios(rows):
 
 def time_in_turn(config_rows, weights, xs, dys, timer, args):
     """`base` and `fused` timed again in turn, once the configuration's providers are done: base,
-    fused, fused, base in each mode (a steady drift then weighs on both alike). The ratio of their
-    medians goes in fused's rows as x_base_in_turn, which the targets use: timed minutes apart, in
-    the sweep's fixed order, the two drifted with the GPU's clocks and the host's load (the base's
-    own time moved by -64% to +48% within one configuration on the H200). The base's rows get
-    base_again_ms, its median here, for the drift note."""
+    fused, fused, base in each mode (a steady drift then weighs on both alike), and `fused-torch`
+    between the two fused where it ran (base, fused, fused-torch, fused-torch, fused, base: which
+    path a small step should take is read from these). The ratio of each one's median to base's
+    goes in its rows as x_base_in_turn, fused's of which the targets use: timed minutes apart, in
+    the sweep's fixed order, the providers drifted with the GPU's clocks and the host's load (the
+    base's own time moved by -64% to +48% within one configuration on the H200). The base's rows
+    get base_again_ms, its median here, for the drift note."""
     rows = {(r["provider"], r["mode"]): r for r in config_rows if r["ms"] is not None}
-    layers = {name: PROVIDERS[name](weights, dropout=args.dropout) for name in ("base", "fused")}
     for mode in args.modes:
-        if ("base", mode) not in rows or ("fused", mode) not in rows:
+        turn = [name for name in ("fused", "fused-torch") if (name, mode) in rows]
+        if ("base", mode) not in rows or "fused" not in turn:
             continue
-        ms = {"base": [], "fused": []}
+        layers = {name: PROVIDERS[name](weights, dropout=args.dropout) for name in ["base", *turn]}
+        ms = {name: [] for name in layers}
         try:
-            for name in ("base", "fused", "fused", "base"):
+            for name in ["base", *turn, *reversed(turn), "base"]:
                 ms[name].append(timer(*mode_step(layers[name], mode, xs, dys))[0])
         except Exception:  # figures for the ratios' noise only: the sequential ones stand
             continue
         rows[("base", mode)]["base_again_ms"] = statistics.median(ms["base"])
-        rows[("fused", mode)]["x_base_in_turn"] = statistics.median(ms["fused"]) / statistics.median(ms["base"])
+        for name in turn:
+            rows[(name, mode)]["x_base_in_turn"] = statistics.median(ms[name]) / statistics.median(ms["base"])
 
 
 def drift_note(rows):

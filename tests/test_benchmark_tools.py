@@ -399,6 +399,25 @@ def test_rows_carry_a_spread_and_base_timed_again(tmp_path, monkeypatch):
     assert f"| {fused['x_base']:.2f} ({fused['x_base_in_turn']:.2f}) |" in report_text
 
 
+def test_fused_torch_is_timed_in_turn_between_the_two_fused(tmp_path, monkeypatch):
+    """Where fused-torch runs, the times in turn are base, fused, fused-torch, fused-torch, fused,
+    base in each mode, and fused-torch's rows get their own ratio from them."""
+    made, order = {}, []
+    for name in ("base", "fused", "fused-torch"):
+        def factory(*args, name=name, real=run.PROVIDERS[name], **kwargs):
+            layer = real(*args, **kwargs)
+            made[layer.fn] = name
+            return layer
+        monkeypatch.setitem(run.PROVIDERS, name, factory)
+    real_step = run.mode_step
+    monkeypatch.setattr(run, "mode_step", lambda layer, *a: (order.append(made[layer.fn]), real_step(layer, *a))[1])
+    rows = run.main([*SMALL_RUN[:3], "32x48", *SMALL_RUN[4:], "--providers", "base,fused,fused-torch",
+                     "--modes", "forward", "--out", str(tmp_path)])
+    assert order[-6:] == ["base", "fused", "fused-torch", "fused-torch", "fused", "base"]
+    assert {r["provider"]: r["x_base_in_turn"] is not None for r in rows} == {
+        "base": False, "fused": True, "fused-torch": True}
+
+
 def test_fused_routed_runs_with_the_threshold_set_for_its_calls_alone(monkeypatch):
     """`fused-routed` is `fused` with functional.TORCH_BELOW at ROUTED_BELOW during its calls (the
     backend's choice reads it, with the layer's out features), and as before after them."""
@@ -534,13 +553,21 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
         layer = providers.PROVIDERS["addmm"](w, **kwargs)
         return layer._replace(fn=lambda x: layer.fn(x) + math.nan)
 
+    def down_on_torch(w, **kwargs):  # fused, saying that the MLP's down projection alone takes the PyTorch path
+        layer = providers.PROVIDERS["fused"](w, **kwargs)
+        return layer._replace(backend=lambda x: "torch" if x.shape[-1] == 14336 // 16 else "triton")
+
     monkeypatch.setitem(model_step.PROVIDERS, "wrong", wrong_addmm)
     monkeypatch.setitem(model_step.PROVIDERS, "nan", nan_addmm)
-    model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong,nan", "--rep-ms", "5", "--warmup-ms", "1",
-                     "--dtype", "fp32", "--out", str(tmp_path)])  # (fp32 on a GPU too, where bf16 is the default)
+    monkeypatch.setitem(model_step.PROVIDERS, "down", down_on_torch)
+    model_step.main(["--tokens", "48", "--providers", "base,fused,peft,wrong,nan,down", "--rep-ms", "5",
+                     "--warmup-ms", "1", "--dtype", "fp32", "--out", str(tmp_path)])  # (fp32 on a GPU too)
     rows = {r["provider"]: r for r in json.loads((tmp_path / "model-step.json").read_text())["rows"]}
+    # (this package's layer names the projections that took the PyTorch path: all of them on a CPU)
+    assert rows["fused"]["status"] == ("ok" if torch.cuda.is_available() else "ok (PyTorch path)")
+    assert rows["down"]["status"] == "ok (down on the PyTorch path)", rows["down"]
     for name in ("base", "fused", "peft"):
-        assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0 and rows[name]["max_err"] < 1e-5, rows[name]
+        assert rows[name]["status"].startswith("ok") and rows[name]["ms"] > 0 and rows[name]["max_err"] < 1e-5, rows[name]
         assert rows[name]["x_base"] == pytest.approx(rows[name]["ms"] / rows["base"]["ms"])
         assert rows[name]["fused_speedup"] == pytest.approx(rows[name]["ms"] / rows["fused"]["ms"])
     assert rows["wrong"]["status"].startswith("WRONG") and rows["wrong"]["ms"] is None
