@@ -110,7 +110,7 @@ if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skip
   # compiling, and that alone sent every later figure through Triton's dispatch.)
   # (The GPU test first, so that a stop at the limit comes after it. Not test_launch's tests that
   # start a new Python process (the switches read at import, the bad settings named, the autotune
-  # cache kept on disk): CPU work that CI does, 7-8 s each on the H200 host, which is what the
+  # cache kept on disk): CPU work that CI does, each importing torch anew, most likely what the
   # fourth run's 40 s went on.)
   OUT="$W/smoke" LORA_KERNELS_AUTOTUNE=0 step smoke 60 "$PY" -m pytest \
     tests/test_gpu.py::test_direct_launches_match_tritons_path tests/test_launch.py -q -p no:cacheprovider \
