@@ -173,9 +173,10 @@ def _read_torch_below(text):
 # Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
 # features) take the PyTorch path: its cuBLAS calls cost the host less than Triton launches, and
 # in a small step the host's time, not the GPU's, sets the pace (benchmarks/NOTES.md, fifteenth
-# session). Under torch.compile and CUDA graph capture a launch costs no host time per step, and
-# the kernels stay. LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured
-# the crossover, keeps every CUDA call on the kernels.
+# session). Compiled and traced calls keep the kernels (the choice would be fixed in the graph, at
+# one size), as do calls captured in a CUDA graph, whose replays cost no host time per launch.
+# LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured the crossover,
+# keeps every CUDA call on the kernels.
 TORCH_BELOW = _read_torch_below(os.environ.get("LORA_KERNELS_TORCH_BELOW", "0"))
 
 
