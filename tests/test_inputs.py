@@ -125,7 +125,8 @@ def test_small_eager_cuda_calls_take_the_pytorch_path_below_the_threshold(monkey
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     x = SimpleNamespace(is_cuda=True, is_meta=False, dtype=torch.bfloat16, numel=lambda: 64 * 4096)  # 64 tokens, 4096 features
     choose = functional.select_backend
-    assert functional.TORCH_BELOW == 0 and choose(x, torch.bfloat16, 1024) == "triton"
+    monkeypatch.setattr(functional, "TORCH_BELOW", 0)  # (off: the default, read at import in test_launch)
+    assert choose(x, torch.bfloat16, 1024) == "triton"
     monkeypatch.setattr(functional, "TORCH_BELOW", 64 * 4096 * 1024)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (CPU builds: a stub that raises)
     assert choose(x, torch.bfloat16, 1023) == "torch" and choose(x, torch.bfloat16, 1024) == "triton"
@@ -160,7 +161,6 @@ def test_small_eager_cuda_calls_take_the_pytorch_path_below_the_threshold(monkey
     monkeypatch.undo()
 
     # lora_linear asks with the layer's out features (weight's rows)
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     seen = []
     monkeypatch.setattr(functional, "select_backend", lambda x, dtype, n=None: (seen.append(n), "torch")[1])
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
