@@ -262,9 +262,8 @@ def _fused_within(context, w, dropout):
 
 def _fused_torch(w, dropout=0.0, **_):
     """``fused`` on its PyTorch path (LORA_KERNELS_BACKEND=torch): the same checks, autograd.Function
-    and math, each product a cuBLAS call instead of a Triton launch, which costs the host less.
-    Beside `fused`, per shape: where a step is so short that its host time sets the pace, which
-    path should it take?"""
+    and math, each product a cuBLAS call instead of a Triton launch. Beside `fused`, per shape:
+    where a step is so short that its host time sets the pace, which path costs less?"""
     return _fused_within(torch_path, w, dropout)
 
 

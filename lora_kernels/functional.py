@@ -171,8 +171,8 @@ def _read_torch_below(text):
 
 
 # Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
-# features) take the PyTorch path: its cuBLAS calls cost the host less than Triton launches, and
-# in a small step the host's time, not the GPU's, sets the pace (benchmarks/NOTES.md, fifteenth
+# features) take the PyTorch path: in a small step the host's time, not the GPU's, sets the pace,
+# and cuBLAS calls may cost the host less than Triton launches (unmeasured: benchmarks/NOTES.md, fifteenth
 # session). Compiled and traced calls keep the kernels (the choice would be fixed in the graph, at
 # one size), as do calls captured in a CUDA graph, whose replays cost no host time per launch.
 # LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured the crossover,
