@@ -51,6 +51,7 @@ except ImportError as error:  # no triton, or one older than the kernels need (3
 BACKENDS = ("auto", "triton", "torch")
 # What the kernels compute in (float8 and other floating types have no accumulation path here).
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types that are no subclass
 
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):
@@ -77,6 +78,9 @@ def _through(t, *dtypes):
         if t.dtype != dtype:
             t = t.to(dtype)
     return t
+
+
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # (the overload itself: the packet's lookup costs host time)
 
 
 def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
@@ -116,7 +120,7 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
     out = _through(out, out_dtype)
     # _unsafe_view, as aten's own matmul does: a reshape would hand out a view of a temporary, and an
     # in-place op on a view-typed output trips FSDP2's hooks.
-    return out if out_shape is None else torch.ops.aten._unsafe_view(out, out_shape)
+    return out if out_shape is None else _UNSAFE_VIEW(out, out_shape)
 
 
 # The fused shrink saves a launch (host time) and costs redundant rank-r MMAs in every column
@@ -239,7 +243,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if t.is_nested:
             raise TypeError(f"{name} is a nested tensor, which the kernels cannot read: pass a dense one "
                             "(torch.nested.to_padded_tensor, or the jagged tensor's values())")
-        if type(t) not in (Tensor, torch.nn.Parameter) and not (torch.compiler.is_compiling() or is_fake(t)):
+        if type(t) not in _PLAIN and not (torch.compiler.is_compiling() or is_fake(t)):
             raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
                             "bypass by reading its storage: pass plain tensors (LinearWithLoRA and fuse_lora "
                             "run the unfused reference for such weights and inputs)")
@@ -328,8 +332,9 @@ def _by_value(*tensors):
     """The tensors as the kernels read them, through their storage: a negative view (the .imag of a
     conj()) stores -t, so it is resolved. (Here, in the ops' bodies, not in lora_linear: torch.compile
     would break its graph on is_neg.)"""
-    if any(t is not None and t.is_neg() for t in tensors):
-        return [t if t is None else t.resolve_neg() for t in tensors]
+    for t in tensors:  # (a loop, not any() over a generator: host time, twice a step)
+        if t is not None and t.is_neg():
+            return [t if t is None else t.resolve_neg() for t in tensors]
     return tensors
 
 
@@ -368,8 +373,9 @@ def _(x, weight, bias, A, B, alpha, dropout_p, seed, backend):
 def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
                    dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as an empty tensor.
-    ``backend`` is the forward's: the two draw different dropout masks from one seed."""
+    """Returns (dx, dW, db, dA, dB); a gradient not in ``needs`` comes back as None (the op returns
+    an empty tensor instead). ``backend`` is the forward's: the two draw different dropout masks
+    from one seed."""
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
@@ -402,12 +408,19 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
             dw = matmul(dy2.t(), x2, out_dtype=weight.dtype, dot_dtype=dtype)
         if need_b:
             db = dy2.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+    return dx, dw, db, dA, dB
+
+
+def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
+                 dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # The op's schema returns tensors: an empty one (each its own, outputs may not alias) for a
-    # gradient not asked for.
-    return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db, dA, dB))
+    # gradient not asked for. (Eager mode calls _backward_impl itself, without these allocations.)
+    grads = _backward_impl(dy, x, weight, A, B, S, alpha, dropout_p, seed, needs, backend)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-_backward = torch.library.custom_op("lora_kernels::lora_linear_bwd", _backward_impl, mutates_args=())
+_backward = torch.library.custom_op("lora_kernels::lora_linear_bwd", _backward_op, mutates_args=())
 
 
 @_backward.register_fake
@@ -442,7 +455,17 @@ def _through_ops(t):
     # which are plain Tensors. torch.jit.trace records an op as one call that a saved module can
     # make again, where an autograd.Function would be a Python call it cannot save; and the op's
     # body runs untraced, where the tracer would hand the launcher its sizes as tensors.)
-    return torch.compiler.is_compiling() or t.is_meta or is_fake(t) or torch._C._get_tracing_state() is not None
+    return torch.compiler.is_compiling() or t.is_meta or _fake(t) or torch._C._get_tracing_state() is not None
+
+
+def _fake(t):
+    """``is_fake(t)``, answered without it for an eager call's plain tensor (about a microsecond of
+    host time, twice a step): a fake tensor is a subclass (``FakeTensor``, also as a Parameter) or
+    is wrapped in one of the two plain-typed wrappers, functionalization's or functorch's, which
+    ``is_fake`` then opens."""
+    if type(t) in _PLAIN and not (torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+        return False
+    return is_fake(t)
 
 
 class _EagerLoRALinear(torch.autograd.Function):
