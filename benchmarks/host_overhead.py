@@ -160,6 +160,15 @@ def _steps(device, dtype):
         y = providers.AddmmLoRA.apply(x, W, b, A, B, 2.0)
         torch.autograd.grad(y, [x, A, B], dy)
 
+    # Generation with the adapters unmerged: a forward under no_grad per token, host-bound on a GPU.
+    def torch_path_forward():
+        with providers.torch_path(), torch.no_grad():
+            functional.lora_linear(x, W, b, A, B, 2.0)
+
+    def base_forward():
+        with torch.no_grad():
+            torch.nn.functional.linear(x, W, b)
+
     x2 = x.detach().reshape(M, K)
 
     def launch():
@@ -172,20 +181,23 @@ def _steps(device, dtype):
                                   [True, False, False, True, True], "triton")
     baselines = {"lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)": torch_path_step,
                  "addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)": addmm_step,
-                 "F.linear forward+backward": base_step}
+                 "F.linear forward+backward": base_step,
+                 "lora_linear forward under no_grad, PyTorch path": torch_path_forward,
+                 "F.linear forward under no_grad": base_forward}
     return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines,
             _peft_steps(x, W, b, dy))
 
 
 def _peft_steps(x, W, b, dy):
     """peft's LoRA Linear on the same base (rank 16, alpha 32), forward+backward: its own forward,
-    and after ``fuse_lora`` (our layer as most users reach it). {} without peft."""
+    and after ``fuse_lora`` (our layer as most users reach it); and its own forward alone under
+    no_grad (generation). {} without peft."""
     try:
         import peft
         from lora_kernels.peft import fuse_lora
     except ImportError:
         return {}
-    steps = {}
+    steps, layers = {}, []
     # (Adapters as get_peft_model makes them: fp32 beside a bf16 base on the GPU, peft's default.)
     for name, fuse in [("peft LoRA Linear, fp32 adapters (peft's default), its own forward (forward+backward)", False),
                        ("peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)", True)]:
@@ -199,6 +211,9 @@ def _peft_steps(x, W, b, dy):
             fuse_lora(model)
         leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         steps[name] = lambda layer=layer, leaves=leaves: torch.autograd.grad(layer(x), leaves, dy)
+        layers.append(layer)
+    steps["peft LoRA Linear, fp32 adapters, its own forward under no_grad"] = torch.no_grad()(
+        lambda layer=layers[0]: layer(x))
     return steps
 
 
