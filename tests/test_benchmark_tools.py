@@ -469,6 +469,30 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
         assert f"1.0 µs  {name}" in printed
 
 
+def test_host_overhead_times_the_pytorch_path_with_its_setting(monkeypatch, capsys):
+    """The PyTorch path's rows run with LORA_KERNELS_BACKEND=torch set for their whole timing (not
+    around each call, which would add the setting's cost to theirs), and only they."""
+    import os
+
+    from benchmarks import host_overhead
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    settings = []
+
+    def timer(fn, n=0, rounds=0, sync=None):
+        settings.append(os.environ.get("LORA_KERNELS_BACKEND"))
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(host_overhead, "_median_us", timer)
+    host_overhead.main([])
+    rows = [line.split("µs  ", 1)[1] for line in capsys.readouterr().out.splitlines() if "µs  " in line]
+    assert len(rows) == len(settings)
+    torch_rows = [row for row, setting in zip(rows, settings) if setting == "torch"]
+    assert [row.split(" (")[0] for row in torch_rows] == [
+        "lora_linear forward+backward, eager, PyTorch path", "lora_linear forward under no_grad, PyTorch path"]
+    assert os.environ.get("LORA_KERNELS_BACKEND") is None  # (and put back)
+
+
 def test_host_overhead_row_that_fails_leaves_the_others(tmp_path, monkeypatch):
     """One row that raises (peft's, say) is written as FAILED, and the rows and profiles after it
     are still measured and written."""
