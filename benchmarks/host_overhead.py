@@ -152,7 +152,6 @@ def _steps(device, dtype):
         y = torch.nn.functional.linear(x, W, b)
         torch.autograd.grad(y, [x], dy)
 
-
     def addmm_step():  # the benchmark's addmm baseline: a bare autograd.Function over cuBLAS calls
         y = providers.AddmmLoRA.apply(x, W, b, A, B, 2.0)
         torch.autograd.grad(y, [x, A, B], dy)
