@@ -51,7 +51,8 @@ except ImportError as error:  # no triton, or one older than the kernels need (3
 BACKENDS = ("auto", "triton", "torch")
 # What the kernels compute in (float8 and other floating types have no accumulation path here).
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types that are no subclass
+# The tensor types that are no subclass: the kernels may read their storage.
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):
@@ -243,7 +244,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if t.is_nested:
             raise TypeError(f"{name} is a nested tensor, which the kernels cannot read: pass a dense one "
                             "(torch.nested.to_padded_tensor, or the jagged tensor's values())")
-        if type(t) not in _PLAIN and not (torch.compiler.is_compiling() or is_fake(t)):
+        if type(t) not in PLAIN_TENSORS and not (torch.compiler.is_compiling() or is_fake(t)):
             raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
                             "bypass by reading its storage: pass plain tensors (LinearWithLoRA and fuse_lora "
                             "run the unfused reference for such weights and inputs)")
@@ -463,7 +464,7 @@ def _fake(t):
     host time, twice a step): a fake tensor is a subclass (``FakeTensor``, also as a Parameter) or
     is wrapped in one of the two plain-typed wrappers, functionalization's or functorch's, which
     ``is_fake`` then opens."""
-    if type(t) in _PLAIN and not (torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+    if type(t) in PLAIN_TENSORS and not (torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
         return False
     return is_fake(t)
 

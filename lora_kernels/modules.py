@@ -12,7 +12,7 @@ import torch
 from torch.nn.modules import module as _module
 
 from . import reference
-from .functional import lora_linear
+from .functional import PLAIN_TENSORS, lora_linear
 
 
 class LoRALayer(reference.LoRALayer):
@@ -56,9 +56,6 @@ def plain_module(module, cls):
                      or module._backward_pre_hooks or _module._global_forward_hooks
                      or _module._global_forward_pre_hooks or _module._global_backward_hooks
                      or _module._global_backward_pre_hooks))
-
-
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_tensors(*tensors):
