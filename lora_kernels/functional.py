@@ -488,14 +488,18 @@ class _EagerLoRALinear(torch.autograd.Function):
             raise RuntimeError("lora_kernels: double backward (create_graph=True through the layer) is not "
                                "supported: the kernels have no derivative of their own. Use the reference "
                                "formula (lora_kernels.reference) where second derivatives are needed")
+        # An eager forward's backward may still be traced (compiled autograd under DDP, say): then
+        # the op, and no batched check, whose functorch calls Dynamo cannot trace (a graph break
+        # in every layer's backward).
+        if _through_ops(dy):
+            return _gradients(ctx, dy, _backward)
         # is_grads_batched runs the backward under (legacy) vmap: the kernels need real storage.
         if ctx.backend == "triton" and (torch._C._functorch.is_legacy_batchedtensor(dy)
                                         or torch._C._functorch.is_batchedtensor(dy)):
             raise RuntimeError("lora_kernels: batched gradients (autograd.grad(is_grads_batched=True), "
                                "jacobian(vectorize=True)) cannot run the Triton kernels, which take one "
                                "gradient at a time: compute them one by one, or set LORA_KERNELS_BACKEND=torch")
-        # An eager forward's backward may still be traced (compiled autograd under DDP, say).
-        return _gradients(ctx, dy, _backward if _through_ops(dy) else _backward_impl)
+        return _gradients(ctx, dy, _backward_impl)
 
 
 def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):

@@ -134,8 +134,10 @@ def test_compile_with_dropout(backend):
 
 def test_compiled_autograd_of_an_eager_forward(backend):
     """Eager forwards run an autograd.Function; when compiled autograd traces their backward (as
-    DDP and FSDP2 users turn on), it must reach the backward op, not trace into the launchers."""
+    DDP and FSDP2 users turn on), it must reach the backward op, not trace into the launchers,
+    and in one graph: a graph break in every layer's backward would cost each its own graph."""
     from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
 
     model = lora_model(dropout=0.25).train()
     x = torch.randn(2, 3, 32, device=DEVICE)
@@ -143,8 +145,10 @@ def test_compiled_autograd_of_an_eager_forward(backend):
     model.zero_grad()
     torch.manual_seed(3)
     y = model(x)
+    counters.clear()
     with compiled_autograd._enable(torch.compile(backend="aot_eager")):
         y.square().mean().backward()
+    assert not counters["graph_break"], list(counters["graph_break"])
     g_comp = [p.grad for p in model.parameters() if p.requires_grad]
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) < TOL[torch.float32]
