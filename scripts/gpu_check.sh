@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_check.sh [check|perf|tests|variants|all]
 #
-#   check (default): compile every kernel config in parallel, then the test suite on CUDA in six
+#   check (default): compile every kernel config in parallel, then the test suite on CUDA in eight
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
 #         targets table. Its steps' limits add up to 555 s (precompiles 60 + 55 + 20, tests 130,
 #         bench 180, bench-dropout 110; the last gets what is left of 530), so at most about 9
@@ -21,7 +21,7 @@
 #         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in
 #         what is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
 #         precompile, 75 + 2 × 40).
-#   tests: the suite's precompile, then the six shards with what is left of GPU_CHECK_SECONDS
+#   tests: the suite's precompile, then the eight shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
@@ -160,9 +160,13 @@ if has check all tests; then
   # limit shows which test it was in.
   all_files=$(ls tests/test_*.py)
   skipped_files=" tests/test_hopper_build.py "
-  # (test_lora_linear.py in two halves, tests/conftest.py's --shard: whole, it was stopped at its
-  # limit at 84% in the fourth run, the other shards done well before)
-  shards=("tests/test_lora_linear.py --shard 0/2" "tests/test_lora_linear.py --shard 1/2" "tests/test_autotune_configs.py"
+  # (The two longest files in slices, tests/conftest.py's --shard: in the fourth run
+  # test_lora_linear.py, whole, was stopped at its limit of 239 s at 84%, and
+  # test_autotune_configs.py took 204 s, where the other shards were done in 85-132 s. A shard
+  # compiles its kernels one at a time, on one core: eight shards use half of the host's 16.)
+  shards=("tests/test_lora_linear.py --shard 0/3" "tests/test_lora_linear.py --shard 1/3"
+          "tests/test_lora_linear.py --shard 2/3"
+          "tests/test_autotune_configs.py --shard 0/2" "tests/test_autotune_configs.py --shard 1/2"
           "tests/test_compile.py tests/test_gpu.py"
           "tests/test_training.py tests/test_inputs.py tests/test_modules.py")
   named=" ${shards[*]} $skipped_files"

@@ -2,7 +2,7 @@
 
 The GPU test suite runs one fixed config (LORA_KERNELS_AUTOTUNE=0) and the interpreter another, so
 without this file the configs users get would only meet the benchmark's check. Its own file so
-that scripts/gpu_check.sh gives it a shard of its own: on a GPU each config is compiled here.
+that scripts/gpu_check.sh gives it shards of its own: on a GPU each config is compiled here.
 """
 
 import os
