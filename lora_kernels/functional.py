@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensor, is_fake
 
 try:  # triton is a Linux-only dependency; elsewhere the PyTorch path serves every call
     from . import kernels
@@ -53,6 +53,10 @@ BACKENDS = ("auto", "triton", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The tensor types that are no subclass: the kernels may read their storage.
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+# What the modules fuse: those, and fake ones standing for them (a memory estimator's model, or
+# torch.export's, by default not strict), which lora_linear sends to the ops' shape functions, as
+# torch.compile's are. (Not any subclass with fake tensors inside: a quantized weight's.)
+FUSABLE_TENSORS = PLAIN_TENSORS + (FakeTensor,)
 
 
 def torch_keep_mask(rows, cols, si, sj, seed, p, device):

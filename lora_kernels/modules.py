@@ -12,7 +12,7 @@ import torch
 from torch.nn.modules import module as _module
 
 from . import reference
-from .functional import PLAIN_TENSORS, lora_linear
+from .functional import FUSABLE_TENSORS, lora_linear
 
 
 class LoRALayer(reference.LoRALayer):
@@ -60,9 +60,10 @@ def plain_module(module, cls):
 
 def plain_tensors(*tensors):
     """Whether each tensor (None allowed) is a plain ``torch.Tensor`` or ``nn.Parameter``, whose
-    storage the kernels may read. A subclass (a torchao quantized weight, tensor parallelism's
-    DTensor) means something else by its storage and computes through its own ops."""
-    return all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
+    storage the kernels may read, or a fake one standing for it (``functional.FUSABLE_TENSORS``).
+    A subclass (a torchao quantized weight, tensor parallelism's DTensor) means something else by
+    its storage and computes through its own ops."""
+    return all(t is None or type(t) in FUSABLE_TENSORS for t in tensors)
 
 
 def fusable_alpha(alpha):
@@ -79,7 +80,7 @@ def fusable_alpha(alpha):
 def readable_input(x):
     """Whether the kernels can read the input ``x``: a plain tensor, dense and not nested. A sparse
     or nested one runs the unfused calls (which serve what they can, a jagged nested tensor say)."""
-    return type(x) in PLAIN_TENSORS and x.layout is torch.strided and not x.is_nested
+    return type(x) in FUSABLE_TENSORS and x.layout is torch.strided and not x.is_nested
 
 
 class LinearWithLoRA(torch.nn.Module):
@@ -108,7 +109,9 @@ class LinearWithLoRA(torch.nn.Module):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha).to(linear.weight.device)
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        if self.lora.A.device != linear.weight.device:  # (under FakeTensorMode, torch's .to() fails)
+            self.lora.to(linear.weight.device)
         self.dropout = dropout
         self.merged = False
         self.register_state_dict_post_hook(_save_unmerged)

@@ -62,7 +62,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 
 from .functional import lora_linear
-from .modules import PLAIN_TENSORS, plain_module, readable_input
+from .modules import FUSABLE_TENSORS, plain_module, readable_input
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -109,7 +109,7 @@ class FuseReport:
 
 
 def _plain_weight(t):
-    return type(t) in PLAIN_TENSORS and t.is_floating_point()
+    return type(t) in FUSABLE_TENSORS and t.is_floating_point()
 
 
 def _structural_reason(layer):

@@ -172,6 +172,49 @@ def test_fake_tensors_inside_functorch_transforms(transform):
     assert y.shape == ((8, 16) if transform == "functionalize" else (1, 8, 16))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_records_the_op(backend, strict):
+    """torch.export records each layer as one call of the forward op, strict or not (not strict,
+    its default, traces with fake tensors, which once sent the module to the reference's unfused
+    calls), with dynamic token counts, and the program, saved and loaded, computes the model: against
+    a float64 copy with the adapters merged into plain nn.Linears."""
+    import copy
+    import io
+
+    model = lora_model().eval()
+    x = torch.randn(2, 7, 32, device=DEVICE)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")},)
+    program = torch.export.export(model, (x,), dynamic_shapes=dims, strict=strict)
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.ops.lora_kernels.lora_linear_fwd.default) == 4, calls
+    assert torch.ops.aten.linear.default not in calls and torch.ops.aten.matmul.default not in calls, calls
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    merged = lora_kernels.merge_and_unload(copy.deepcopy(model).double())
+    x = torch.randn(3, 11, 32, device=DEVICE)  # (another batch and token count)
+    assert rel_err(loaded(x), merged(x.double())) < TOL[torch.float32]
+
+
+def test_a_model_built_and_run_under_fake_tensor_mode(monkeypatch):
+    """Memory estimators build a model under FakeTensorMode and run it: the layers wrap there (as
+    the reference's do: torch's .to() of a fake parameter fails) and take the forward op, whose
+    shape functions serve forward and backward, not the reference's unfused calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from lora_kernels import functional
+
+    calls = []
+    monkeypatch.setattr(functional, "_forward", lambda *a: calls.append(a) or torch.ops.lora_kernels.lora_linear_fwd(*a))
+    with FakeTensorMode(), torch.device(DEVICE):  # (not lora_model's .to(), which fails here)
+        model = torch.nn.Sequential(Block(), torch.nn.LayerNorm(32), Block())
+        lora_kernels.replace_linear_with_lora(model, rank=4, alpha=2.0, dropout=0.1)
+        x = torch.randn(2, 7, 32, requires_grad=True)
+        model(x).sum().backward()
+    assert len(calls) == 4
+    assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])
 @pytest.mark.parametrize("where", ["fake", "meta"])
 def test_shapes_on_fake_and_meta_tensors(where, K):

@@ -643,6 +643,19 @@ def test_compile_fullgraph(spy):
     torch._dynamo.reset()
 
 
+def test_export_records_the_op():
+    """torch.export, by default not strict (fake tensors), records each fused layer as the forward
+    op, and the program computes peft's forward."""
+    model = peft_net().eval()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    program = torch.export.export(model, (torch.randn(6, 24),))
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.ops.lora_kernels.lora_linear_fwd.default) == 3, calls
+    x = torch.randn(6, 24)  # (fresh numbers; the shapes are the traced ones)
+    assert rel_err(program.module()(x), ref(x)) < TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_base_fp32_adapters_precision(dtype):
     """peft's default, a 16-bit base with fp32 adapters, without autocast: peft runs the LoRA path
