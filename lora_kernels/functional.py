@@ -40,6 +40,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor, is_fake
+from torch.utils.flop_counter import register_flop_formula
 
 try:  # triton is a Linux-only dependency; elsewhere the PyTorch path serves every call
     from . import kernels
@@ -452,15 +453,37 @@ def _gradients(ctx, dy, backward):
 _forward.register_autograd(lambda ctx, dy, _dS: _gradients(ctx, dy, _backward), setup_context=_setup_context)
 
 
+# The ops' multiply-adds, for torch.utils.flop_counter.FlopCounterMode (which sees the op, not the
+# Triton kernels inside it): 2 FLOPs each, the bias and alpha not counted, as for addmm.
+@register_flop_formula(torch.ops.lora_kernels.lora_linear_fwd)
+def _forward_flops(x_shape, weight_shape, bias_shape, A_shape, *args, out_shape=None):
+    M, (N, K), r = math.prod(x_shape[:-1]), weight_shape, A_shape[1]
+    return 2 * M * (K * N + K * r + r * N)  # y = x Wᵀ, S = x A, S B
+
+
+@register_flop_formula(torch.ops.lora_kernels.lora_linear_bwd)
+def _backward_flops(dy_shape, x_shape, weight_shape, A_shape, B_shape, S_shape, alpha, dropout_p, seed, needs,
+                    backend, out_shape=None):
+    M, (N, K), r = math.prod(x_shape[:-1]), weight_shape, A_shape[1]
+    need_x, need_w, _, need_A, need_B = needs
+    products = [(need_x or need_A, N * r),  # dS = dY Bᵀ
+                (need_x, N * K + r * K),  # dX = dY W + dS Aᵀ
+                (need_w, N * K), (need_A, K * r), (need_B, r * N)]  # dW = dYᵀ x, dA = xᵀ dS, dB = Sᵀ dY
+    return 2 * M * sum(size for need, size in products if need)
+
+
 def _through_ops(t):
     """Whether a call must go through the custom ops: whenever something traces it (torch.compile,
-    compiled autograd, export, torch.jit.trace) or runs it on fake or meta tensors (memory
-    estimators, models built on the meta device), which only the ops' shape functions serve."""
+    compiled autograd, export, torch.jit.trace), runs it on fake or meta tensors (memory
+    estimators, models built on the meta device), which only the ops' shape functions serve, or
+    watches its ops (a TorchDispatchMode: FlopCounterMode, which counts the op by the formulas
+    above, and would see no Triton kernel)."""
     # (is_fake for every tensor: it also sees through functionalization's and vmap's wrappers,
     # which are plain Tensors. torch.jit.trace records an op as one call that a saved module can
     # make again, where an autograd.Function would be a Python call it cannot save; and the op's
     # body runs untraced, where the tracer would hand the launcher its sizes as tensors.)
-    return torch.compiler.is_compiling() or t.is_meta or _fake(t) or torch._C._get_tracing_state() is not None
+    return (torch.compiler.is_compiling() or t.is_meta or _fake(t) or torch._C._get_tracing_state() is not None
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _fake(t):

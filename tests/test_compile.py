@@ -215,6 +215,41 @@ def test_a_model_built_and_run_under_fake_tensor_mode(monkeypatch):
     assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
 
 
+def test_flop_counter_counts_what_the_reference_computes(backend):
+    """FlopCounterMode (a TorchDispatchMode, as MFU loggers use) sees the Triton kernels of no
+    eager call: under any such mode the call takes the custom ops, which it counts by their
+    formulas. Forward and backward count what the reference's products do, for every subset of
+    (x, W, A, B) that trains, and the outputs and gradients are still the float64 reference's."""
+    import itertools
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_kernels import reference as seed
+
+    def flops(f, *args):
+        with FlopCounterMode(display=False) as counter:
+            out = f(*args)
+        return out, counter.get_total_flops()
+
+    x, W, b, A, B = make_inputs((3, 7), 32, 48, 4, torch.float32)
+    dy = torch.randn(3, 7, 48, device=DEVICE)
+    want_y, want_grads = reference(x, W, b, A, B, 2.0, dy, base_grads=True)
+    for trains in itertools.product([False, True], repeat=4):
+        if not any(trains):
+            continue
+        counts = []
+        for f in (lora_kernels.lora_linear, seed.lora_linear_reference):
+            leaves = [t.detach().requires_grad_(need) for t, need in zip((x, W, A, B), trains)]
+            y, forward = flops(f, leaves[0], leaves[1], b, leaves[2], leaves[3], 2.0)
+            _, backward = flops(y.backward, dy)
+            counts.append((forward, backward))
+            if f is lora_kernels.lora_linear:
+                assert rel_err(y, want_y) < TOL[torch.float32]
+                for leaf, want in zip(leaves, [want_grads[i] for i in (0, 1, 3, 4)]):
+                    assert leaf.grad is None if not leaf.requires_grad else rel_err(leaf.grad, want) < TOL[torch.float32]
+        assert counts[0] == counts[1] and counts[0][1] > 0, (trains, counts)
+
+
 @pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])
 @pytest.mark.parametrize("where", ["fake", "meta"])
 def test_shapes_on_fake_and_meta_tensors(where, K):
