@@ -250,6 +250,34 @@ def test_flop_counter_counts_what_the_reference_computes(backend):
         assert counts[0] == counts[1] and counts[0][1] > 0, (trains, counts)
 
 
+@pytest.mark.parametrize("kind", ["reentrant", "non-reentrant", "selective"])
+def test_activation_checkpointing_recomputes_the_same_masks(backend, kind):
+    """torch.utils.checkpoint with LoRA dropout: the recompute draws the same seeds, so the
+    gradients are those of the model run without it. Selective checkpointing runs a dispatch mode,
+    so the layers take the custom ops there; its policy here saves their outputs."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    model = lora_model(dropout=0.25).train()
+    x = torch.randn(3, 5, 32, device=DEVICE)
+    _, want = grads_of(model, x, seed=4)
+    model.zero_grad()
+    kwargs = {"use_reentrant": kind == "reentrant"}
+    if kind == "selective":
+        def policy(ctx, func, *args, **kwargs):
+            saved = func is torch.ops.lora_kernels.lora_linear_fwd.default
+            return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+    torch.manual_seed(4)
+    x.requires_grad_(kind == "reentrant")  # (reentrant checkpointing needs an input that requires grad)
+    checkpoint(model, x, **kwargs).square().mean().backward()
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(got) == len(want) == 10  # (A and B of four layers, and the LayerNorm)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])
 @pytest.mark.parametrize("where", ["fake", "meta"])
 def test_shapes_on_fake_and_meta_tensors(where, K):
