@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from lora_kernels import functional
 from lora_kernels.reference import lora_linear_reference
 
 from .providers import Layer
@@ -43,10 +44,7 @@ def flop_count(M, K, N, rank, mode, *, lora, trainable_base):
     `base` is counted without the LoRA terms: each provider is credited with the work its layer defines,
     never with extra passes it makes.
     """
-    base = 2 * M * K * N
-    low = 2 * M * rank * (K + N) if lora else 0
-    forward = base + low
-    backward = base * (2 if trainable_base else 1) + 2 * low
+    forward, backward = functional.flops(M, K, N, rank if lora else 0, (True, trainable_base, False, lora, lora))
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[mode]
 
 
@@ -215,7 +213,7 @@ def mode_step(layer, mode, xs, dys):
 
 
 def ceilings(device, timer):
-    """This card's two ceilings, measured (METHOD.md: datasheet rates are only leads): device copy
+    """This card's two ceilings, measured (datasheet rates are only leads): device copy
     bandwidth, counting bytes read plus written, and the bf16 GEMM rate on random 8192³ operands."""
     n = 8192
     src = torch.randn(2**28, device=device)  # 1 GiB of fp32

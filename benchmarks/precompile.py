@@ -88,11 +88,9 @@ class _Recorder:
 
 
 def _spec(value):
-    # What Triton specializes an argument on: a pointer's dtype, an integer's width, its
-    # divisibility by 16 and whether it is 1; floats only by type.
-    if isinstance(value, bool) or not isinstance(value, int):
-        return str(value) if not isinstance(value, float) else "fp"
-    return ("i64" if abs(value) >= 2**31 else "i32", value % 16 == 0, value == 1)
+    # What Triton specializes an argument on (kernels._arg_class): a number's class, a pointer's
+    # dtype (recorded in place of its tensor, see _Recorder), a constexpr's value.
+    return kernels._arg_class(value) if type(value) in (int, float) else str(value)
 
 
 def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):

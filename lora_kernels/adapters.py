@@ -22,13 +22,10 @@ import torch
 from . import reference
 from .modules import LinearWithLoRA
 
-try:  # FSDP2 parameters are DTensors; torch.distributed.tensor is public from torch 2.5
+try:  # FSDP2 parameters are DTensors
     from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover
-    try:
-        from torch.distributed._tensor import DTensor, distribute_tensor
-    except ImportError:  # torch built without distributed
-        DTensor = distribute_tensor = None
+except ImportError:  # pragma: no cover (torch built without distributed)
+    DTensor = distribute_tensor = None
 
 try:  # FSDP1's flat parameters: refused by name (below)
     from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1

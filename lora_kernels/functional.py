@@ -14,7 +14,8 @@ dX instead: ``r_scale``, see ``kernels``) and on dA's and dB's accumulators (``s
 ``pair_scale``), so a large alpha overflows nothing in fp16 that the reference's own order of
 operations keeps in range.
 
-Every product above is one call of ``matmul`` (dA and dB one call together), which runs the Triton
+Every product above is one call of ``matmul`` (dA and dB one call together; S inside y's call and
+dS inside dX's where ``fuse_shrink`` says; db a sum), which runs the Triton
 kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
 never stored, each product regenerates it from the seed. Forward and backward are registered as
 custom ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
@@ -354,7 +355,7 @@ def _autocast_off(device_type):
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, alpha: float,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (y, S). S = x̃ A (x̃ = x ⊙ m / (1-p)) is saved for the backward; alpha scales S B inside
+    """Returns (y, S). S = q · x̃ A (the module docstring) is saved for the backward; alpha scales S B inside
     the product (S is the reference's own x A, which a large alpha cannot overflow)."""
     dtype = x.dtype
     K = x.shape[-1]
@@ -385,7 +386,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     need_x, need_w, need_b, need_A, need_B = needs
     dtype = x.dtype
-    N, K = weight.shape
+    K = weight.shape[1]
     if backend == "triton":
         if dy._is_zerotensor():  # autograd's lazy zeros (some ops' gradients) have no storage to read
             dy = torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device)
@@ -453,23 +454,27 @@ def _gradients(ctx, dy, backward):
 _forward.register_autograd(lambda ctx, dy, _dS: _gradients(ctx, dy, _backward), setup_context=_setup_context)
 
 
-# The ops' multiply-adds, for torch.utils.flop_counter.FlopCounterMode (which sees the op, not the
-# Triton kernels inside it): 2 FLOPs each, the bias and alpha not counted, as for addmm.
+def flops(M, K, N, r, needs):
+    """(forward, backward) FLOPs of the layer on M tokens, K → N features, rank r (0: the base alone),
+    the backward computing the gradients ``needs`` asks for, of (x, W, b, A, B): 2 per multiply-add,
+    the bias, alpha and dropout not counted, as FlopCounterMode counts addmm."""
+    need_x, need_w, _, need_A, need_B = needs
+    products = [(need_x or need_A, N * r),  # dS = dY Bᵀ
+                (need_x, N * K + r * K),  # dX = dY W + dS Aᵀ
+                (need_w, N * K), (need_A, K * r), (need_B, r * N)]  # dW = dYᵀ x, dA = xᵀ dS, dB = Sᵀ dY
+    return 2 * M * (K * N + K * r + r * N), 2 * M * sum(size for need, size in products if need)
+
+
+# For torch.utils.flop_counter.FlopCounterMode, which sees the ops, not the Triton kernels inside.
 @register_flop_formula(torch.ops.lora_kernels.lora_linear_fwd)
 def _forward_flops(x_shape, weight_shape, bias_shape, A_shape, *args, out_shape=None):
-    M, (N, K), r = math.prod(x_shape[:-1]), weight_shape, A_shape[1]
-    return 2 * M * (K * N + K * r + r * N)  # y = x Wᵀ, S = x A, S B
+    return flops(math.prod(x_shape[:-1]), weight_shape[1], weight_shape[0], A_shape[1], [False] * 5)[0]
 
 
 @register_flop_formula(torch.ops.lora_kernels.lora_linear_bwd)
 def _backward_flops(dy_shape, x_shape, weight_shape, A_shape, B_shape, S_shape, alpha, dropout_p, seed, needs,
                     backend, out_shape=None):
-    M, (N, K), r = math.prod(x_shape[:-1]), weight_shape, A_shape[1]
-    need_x, need_w, _, need_A, need_B = needs
-    products = [(need_x or need_A, N * r),  # dS = dY Bᵀ
-                (need_x, N * K + r * K),  # dX = dY W + dS Aᵀ
-                (need_w, N * K), (need_A, K * r), (need_B, r * N)]  # dW = dYᵀ x, dA = xᵀ dS, dB = Sᵀ dY
-    return 2 * M * sum(size for need, size in products if need)
+    return flops(math.prod(x_shape[:-1]), weight_shape[1], weight_shape[0], A_shape[1], needs)[1]
 
 
 def _through_ops(t):

@@ -4,7 +4,7 @@ Every product in the LoRA layer, forward and backward, has one shape:
 
     out = scale · (X @ W) + r_scale · (L @ R) + bias          X (M, K), W (K, N), L (M, r), R (r, N)
 
-with each operand given by its strides, so a transpose is free. The layer uses it six ways
+with each operand given by its strides, so a transpose is free. The layer uses it these ways
 (see ``functional.py``):
 
     S  = x A                    shrink:            X = x,   W = A
@@ -13,6 +13,10 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dX = dY W + alpha · dS Aᵀ   GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = alpha
     dA = alpha · xᵀ dS          reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
     dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
+    dW = dYᵀ x                  plain GEMM:        X = dYᵀ, W = x     (only when the base trains)
+
+and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX's (FUSE_SHRINK:
+L = x A accumulated in the same K loop as X W, ``Shrink``), one launch fewer each.
 
 S is x A as the reference computes it, unscaled, and dS likewise: alpha (r_scale) multiplies R's
 tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range
@@ -29,7 +33,8 @@ keys on the flags and sizes, so each use still gets its own tile shape.
 
 Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle: the two
 share one launch (PAIRED, one grid over both outputs' tiles), and the K loop can be split across a
-second grid axis. Each split writes its own fp32 slice of a partial buffer and the launcher sums the
+second grid axis. Each split writes its own slice of a partial buffer (in the accumulator's dtype,
+fp32 or fp64) and the launcher sums the
 slices in a fixed order: deterministic, no atomics, and safe to autotune (a trial overwrites, it
 never accumulates).
 """
@@ -279,13 +284,13 @@ def _prune(configs, named_args, **kwargs):
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
 # or to the low-rank term at the output (dX's share dS Aᵀ ⊙ m). The 1/(1-p) rescale is not done
-# here: the launcher folds it into ``scale`` (see functional.py), so masks are exact zeros.
+# here: the caller passes it in a scale (``functional._Dropout.rescale``), so masks are exact zeros.
 # (Module-level values a kernel reads must be tl.constexpr objects: the GPU compiler rejects plain
 # globals and annotations, though the interpreter accepts them.)
 DROP_NONE = tl.constexpr(0)
 DROP_X = tl.constexpr(1)
 DROP_LOWRANK = tl.constexpr(2)
-_DROP_MODE = {None: 0, "x": 1, "lowrank": 2}  # the same values, for the launcher
+_DROP_MODE = {None: DROP_NONE.value, "x": DROP_X.value, "lowrank": DROP_LOWRANK.value}  # for the launcher
 
 
 @triton.jit
@@ -750,7 +755,7 @@ def _options():
     return (triton.knobs.runtime.debug, c.instrumentation_mode, getattr(c, "fpsan_homomorphic_casts", None))
 
 
-# The kernel's runtime arguments by kind, from its signature: pointers (tensors), the three floats,
+# The kernel's runtime arguments by kind, from its signature: pointers (tensors), the floats,
 # and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
 # same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch.
 _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
@@ -883,7 +888,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
 
     # Split the reduction when even the smallest tiles (32 × 32) would leave at least half the SMs
     # idle (dA, dB: K or N by r). Not whenever the largest tiles would: a split costs a partial
-    # buffer and two more launches to sum it, and eager mode is host-bound (benchmarks/NOTES.md),
+    # buffer and a launch or two more to sum it, and eager mode is host-bound (benchmarks/NOTES.md),
     # while the autotuner can pick small tiles that give dA and dB at 4096 features 128 programs.
     sms = _num_sms(device)
     split = 1

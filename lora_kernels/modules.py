@@ -145,6 +145,12 @@ class LinearWithLoRA(torch.nn.Module):
                              "fold into linear.weight: the layer is left unmerged")
         return delta.t()
 
+    def _updated(self, weight, sign):
+        """``weight`` plus (sign 1) or minus (-1) ``_delta()``, summed as wide and rounded once to
+        weight's dtype."""
+        return torch.add(weight.to(torch.promote_types(weight.dtype, torch.float32)), self._delta(),
+                         alpha=sign).to(weight.dtype)
+
     @torch.no_grad()
     def _merged_weight(self):
         """``linear.weight`` with the update folded in, in its dtype, written nowhere; raises
@@ -158,8 +164,7 @@ class LinearWithLoRA(torch.nn.Module):
                              "lm_head tied to the embedding, or one nn.Linear used twice): merging would "
                              "change the other too; the layer is left unmerged")
         weight = self.linear.weight
-        merged = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self._delta()
-        merged = merged.to(weight.dtype)  # check after the cast: fp16 overflows to inf here
+        merged = self._updated(weight, 1)  # checked after the cast: fp16 overflows to inf there
         if not torch.isfinite(merged).all():
             bad = (~torch.isfinite(merged)).sum().item()
             raise ValueError(f"merging would put {bad} non-finite values into linear.weight "
@@ -184,7 +189,7 @@ class LinearWithLoRA(torch.nn.Module):
         if not self.merged:
             return self
         weight = self.linear.weight
-        weight.copy_(weight.to(torch.promote_types(weight.dtype, torch.float32)) - self._delta())
+        weight.copy_(self._updated(weight, -1))
         self.merged = False
         return self
 
@@ -199,7 +204,7 @@ def _save_unmerged(module, state_dict, prefix, local_metadata):
     if module.merged:
         key = prefix + "linear.weight"
         weight = state_dict[key]
-        state_dict[key] = (weight.to(torch.promote_types(weight.dtype, torch.float32)) - module._delta()).to(weight.dtype)
+        state_dict[key] = module._updated(weight, -1)
 
 
 def _load_unmerged(module, state_dict, prefix, local_metadata, *args):

@@ -144,8 +144,8 @@ if has check all tests; then
   # and 80, which run only those: about 1,060 compiles instead of 513, where 20 s are given.)
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
-  # In tests mode, after perf, little time may be left: the precompiles get a quarter of it at most
-  # (60 and 30 s from 360 s up), the dropout one only from 240 s, and the shards the rest.
+  # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
+  # (at most 60 s), the dropout one an eighth (at most 30 s) and only from 240 s, the shards the rest.
   left=$(( deadline - $(date +%s) ))
   pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))
   LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$pre" "$PY" -m benchmarks.precompile \

@@ -163,7 +163,7 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
                         out_dtype=torch.float32, dot_dtype=torch.float32)
     args, flags = seen[0]
     assert len(args) == first
-    # _launch_key sorts the arguments by their names: pointers are tensors, three floats, ints the rest
+    # _launch_key sorts the arguments by their names: pointers are tensors, floats, ints the rest
     kinds = [torch.Tensor if n.endswith("_ptr") else float if n in kernels._FLOAT_ARGS else int
              for n in kernels._ARG_NAMES]
     assert [type(a) if type(a) in (int, float) else torch.Tensor for a in args] == kinds
