@@ -4,11 +4,13 @@ A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``line
 ``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
 """
 
+import contextlib
 import math
 import numbers
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules import module as _module
 
 from . import reference
@@ -109,9 +111,13 @@ class LinearWithLoRA(torch.nn.Module):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
-        if self.lora.A.device != linear.weight.device:  # (under FakeTensorMode, torch's .to() fails)
-            self.lora.to(linear.weight.device)
+        # Drawn on the default device, as the reference's, then moved; fake ones (a model built
+        # under FakeTensorMode, where torch's .to() of a parameter fails) made on the weight's.
+        device = linear.weight.device
+        with torch.device(device) if type(linear.weight) is FakeTensor else contextlib.nullcontext():
+            self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        if self.lora.A.device != device:
+            self.lora.to(device)
         self.dropout = dropout
         self.merged = False
         self.register_state_dict_post_hook(_save_unmerged)

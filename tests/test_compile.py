@@ -1,6 +1,7 @@
 """torch.compile: the custom ops pass opcheck, and a model compiles whole (fullgraph, no graph
 break) with the same numbers as eager, forward and backward."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -197,22 +198,30 @@ def test_export_records_the_op(backend, strict):
     assert rel_err(loaded(x), merged(x.double())) < TOL[torch.float32]
 
 
-def test_a_model_built_and_run_under_fake_tensor_mode(monkeypatch):
+@pytest.mark.parametrize("device", [DEVICE, "meta"])
+def test_a_model_built_and_run_under_fake_tensor_mode(backend, device, monkeypatch):
     """Memory estimators build a model under FakeTensorMode and run it: the layers wrap there (as
-    the reference's do: torch's .to() of a fake parameter fails) and take the forward op, whose
-    shape functions serve forward and backward, not the reference's unfused calls."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    the reference's do: torch's .to() of a fake parameter fails, so the adapters are made on the
+    weight's device, here also one other than the default) and take the forward op, whose shape
+    functions serve forward and backward, not the reference's unfused calls. A real input gets a
+    fake result, in the mode and after it (where the kernels once tried to read the fake weights)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from lora_kernels import functional
 
     calls = []
     monkeypatch.setattr(functional, "_forward", lambda *a: calls.append(a) or torch.ops.lora_kernels.lora_linear_fwd(*a))
-    with FakeTensorMode(), torch.device(DEVICE):  # (not lora_model's .to(), which fails here)
-        model = torch.nn.Sequential(Block(), torch.nn.LayerNorm(32), Block())
+    real_x = torch.randn(7, 32, device=device, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48, device=device), torch.nn.GELU(),
+                                    torch.nn.Linear(48, 32, device=device))
         lora_kernels.replace_linear_with_lora(model, rank=4, alpha=2.0, dropout=0.1)
-        x = torch.randn(2, 7, 32, requires_grad=True)
-        model(x).sum().backward()
-    assert len(calls) == 4
-    assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+        for x in (torch.randn(2, 7, 32, device=device, requires_grad=True), real_x):
+            model(x).sum().backward()
+            assert x.grad.shape == x.shape
+    assert len(calls) == 4 and all(type(p) is FakeTensor and p.device == x.device and p.grad.shape == p.shape
+                                   for p in model.parameters())
+    assert type(real_x) is not FakeTensor and type(real_x.grad) is FakeTensor
+    assert type(model(real_x)) is FakeTensor  # (the mode's own, which allows real inputs)
 
 
 def test_flop_counter_counts_what_the_reference_computes(backend):
