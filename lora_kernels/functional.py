@@ -561,9 +561,10 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     seed = draw_seed(x.device, backend) if dropout_p > 0 else None
     inputs = (x, weight, bias, A, B, alpha, float(dropout_p), seed, backend)
     # (Past _check_inputs a tensor of another type is fake: a model built under FakeTensorMode
-    # may take a real x, and its fake weights have no storage for the kernels either.)
-    if _through_ops(x) or not all(type(t) in PLAIN_TENSORS for t in (weight, A, B)) or (
-            bias is not None and type(bias) not in PLAIN_TENSORS):
+    # may take a real x, and its fake weights have no storage for the kernels either. Spelled
+    # out: all() over a generator costs 0.3 µs a call here, these 0.07.)
+    if _through_ops(x) or not (type(weight) in PLAIN_TENSORS and type(A) in PLAIN_TENSORS and type(B) in PLAIN_TENSORS
+                               and (bias is None or type(bias) in PLAIN_TENSORS)):
         return _forward(*inputs)[0]
     if torch._C._are_functorch_transforms_active():  # (apply's own error reads as advice to implement them)
         raise RuntimeError("lora_kernels: torch.func transforms (functorch transforms: vmap, grad, jacrev, jvp, "
