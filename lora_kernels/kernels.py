@@ -116,6 +116,12 @@ DEEP_K = 256
 THIN_N = 64
 
 
+def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, ws=False, group=8):
+    """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "USE_TMA": tma,
+                          "PERSISTENT": persistent, "WARP_SPEC": ws}, num_warps=warps, num_stages=stages)
+
+
 def hopper_configs():
     """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
@@ -139,14 +145,10 @@ def hopper_configs():
     configs = []
     for i, (bm, bn, bk, w, s) in enumerate(shapes):
         loads = [(False, False), (True, False)] + ([(True, True)] if i < 4 else [])  # (USE_TMA, PERSISTENT)
-        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma,
-                                   "PERSISTENT": persistent, "WARP_SPEC": False}, num_warps=w, num_stages=s)
-                    for tma, persistent in loads]
+        configs += [_config(bm, bn, bk, w, s, tma=tma, persistent=persistent) for tma, persistent in loads]
     # The two largest tiles in four stages as well, with TMA (192 KiB of tiles in bf16: deeper
     # prefetch where a GEMM waits on memory; untimed so far, the autotuner decides).
-    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
-                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=8, num_stages=4)
-                for bm, bn in ((128, 256), (256, 128))]
+    configs += [_config(bm, bn, 64, 8, 4, tma=True) for bm, bn in ((128, 256), (256, 128))]
     # Thin outputs (N up to THIN_N: the shrink, dS, dA beside dB, whose N is the rank) stream one
     # long operand through few tiles. In the second H200 run the shrink at 8192 tokens read x at
     # 1.2-1.9 TB/s (4096 features: 64 programs of 128 rows, 16 KiB a stage) and 2.9 TB/s (14336;
@@ -154,15 +156,13 @@ def hopper_configs():
     # 24-72 KiB a stage (rank 16, bf16) in 3-4 stages: more of the stream in flight against the
     # memory's latency, and 2-4× fewer loop trips (waits, barriers) per byte; the smaller ones give
     # more programs. The pruner offers them to thin outputs only; the autotuner decides.
-    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": DEEP_K, "GROUP_M": 8, "USE_TMA": tma,
-                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=w, num_stages=s)
-                for bm, w, s in ((128, 8, 3), (64, 4, 4), (32, 4, 4)) for tma in (False, True)]
+    configs += [_config(bm, 64, DEEP_K, w, s, tma=tma) for bm, w, s in ((128, 8, 3), (64, 4, 4), (32, 4, 4))
+                for tma in (False, True)]
     # Warp-specialized (Triton's Hopper pass, 3.5 and up): it applies at num_warps = 4 only, and
     # then runs 12 warps (a producer and two consumer warpgroups); it also stages its output tile
     # in shared memory (see _prune), so the largest tiles get no fourth stage.
     ws_shapes = [(128, 256, 64, 4, 3), (256, 128, 64, 4, 3), (128, 128, 64, 4, 4)]
-    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True,
-                               "PERSISTENT": persistent, "WARP_SPEC": True}, num_warps=w, num_stages=s)
+    configs += [_config(bm, bn, bk, w, s, tma=True, persistent=persistent, ws=True)
                 for bm, bn, bk, w, s in ws_shapes for persistent in (False, True)]
     return configs
 
@@ -171,15 +171,13 @@ def _configs():
     # USE_TMA asks for tensor-memory-accelerator loads, taken where the launch allows them (ALLOW_TMA:
     # the kernel checks both), so the fixed configs below use them wherever they can.
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "USE_TMA": True,
-                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4)]
+        return [_config(32, 32, 32, 4, 3, tma=True, group=4)]
     if not AUTOTUNE:
         # One fixed tile, fitted like any candidate to the problem and the GPU's shared memory by
         # _prune, which Triton's autotuner calls only on a list of several configs (a lone one runs
         # as it is: in fp64, 64×64×64 in three stages needs 192 KiB, more than an A100 or an L4
         # has). So the list holds it twice, and the pruner drops the duplicate.
-        fixed = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
-                               "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=3)
+        fixed = _config(64, 64, 64, 4, 3, tma=True)
         return [fixed, fixed]
     return hopper_configs()
 
@@ -278,8 +276,7 @@ def _prune(configs, named_args, **kwargs):
             seen.add(key)
             kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
     # The smallest tile fits any dtype: never leave the autotuner with nothing.
-    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "USE_TMA": False,
-                                   "PERSISTENT": False, "WARP_SPEC": False}, num_warps=4, num_stages=2)]
+    return kept or [_config(32, 32, 32, 4, 2, tma=False)]
 
 
 # Where the LoRA-dropout mask applies: nowhere, to the X tiles (x in S = x̃ A, xᵀ in dA = x̃ᵀ dS),
