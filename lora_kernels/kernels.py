@@ -935,7 +935,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
-        BLOCK_R=max(16, _pow2(R)) if fused else max(16, min(64, _pow2(max(R, 1)))),
+        BLOCK_R=max(16, min(64, _pow2(R))),  # (the fused shrink's whole rank: R <= FUSE_MAX_RANK = 64)
     )
 
     def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
