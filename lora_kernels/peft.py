@@ -14,20 +14,24 @@ Nothing is stored on the instance, so a pickled model (``torch.save(model)``; lo
 ``lora_kernels`` importable), a ``copy.deepcopy`` and an ``nn.DataParallel`` replica (a shallow copy
 of the instance) each run the fused forward on their own weights. The new forward computes
 
-    lora_linear(x, base.weight, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
+    lora_linear(x, W, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
 
-with ``scaling = layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
-with ``use_rslora``, and any later ``set_scale``) and ``p`` the ``nn.Dropout`` probability of
+with ``W = base.weight`` for an ``nn.Linear`` base and ``base.weight.t()`` for transformers'
+``Conv1D`` (GPT-2's, which stores its weight as (in, out) and computes ``addmm(bias, x, weight)``;
+peft marks it ``fan_in_fan_out``, which matters to merging only; where Conv1D's ``x.view`` would
+refuse a non-contiguous input, the fused call computes), ``scaling =
+layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
+``use_rslora``, and any later ``set_scale``) and ``p`` the ``nn.Dropout`` probability of
 ``layer.lora_dropout[adapter]`` while that module is in training mode (0 in eval mode or for
 ``nn.Identity``, which is what peft uses for ``lora_dropout=0``).
 
 Every call first checks that the layer is in a state this formula serves; if not, that call runs
 peft's original forward, so results never depend on whether a layer was fused. peft's path serves:
 
-* layers that are not plain LoRA linears: a base that is not exactly ``torch.nn.Linear``
-  (bitsandbytes, GPTQ, HQQ, ... bases, GPT-2's ``Conv1D``), ``fan_in_fan_out=True``, peft layer
-  classes other than ``lora.Linear`` (Embedding, Conv, quantized LoRA layers) and subclasses of it,
-  and layers whose forward is already replaced on the instance (an
+* layers that are not plain LoRA linears: a base that is not exactly ``torch.nn.Linear`` or
+  ``Conv1D`` (bitsandbytes, GPTQ, HQQ, ... bases), peft layer classes other than ``lora.Linear``
+  (Embedding, Conv, quantized LoRA layers) and subclasses of it, and layers whose forward is
+  already replaced on the instance (an
   ``accelerate`` hook keeps peft's forward and would bypass the class's); these are not patched;
 * adapter configurations: DoRA, any other LoRA variant peft implements specially
   (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
@@ -64,7 +68,16 @@ from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 from .functional import lora_linear
 from .modules import FUSABLE_TENSORS, plain_module, readable_input
 
+try:  # GPT-2's linear layer; peft installs transformers, but only Conv1D's layout is needed from it
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+except ImportError:  # pragma: no cover
+    _Conv1D = None
+
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
+
+# The base layers a fused call computes from their weights: y = x Wᵀ + b with W = weight (Linear)
+# or weight.t() (Conv1D, whose forward is addmm(bias, x, weight)).
+_BASES = (torch.nn.Linear, _Conv1D) if _Conv1D is not None else (torch.nn.Linear,)
 
 # Call kwargs peft's forward pops before calling the base layer; None means "not used".
 _PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
@@ -73,8 +86,7 @@ _PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
 _NOT_LINEAR = "not a peft lora.Linear (another LoRA layer type: Embedding, Conv, quantized, ...)"
 _SUBCLASS = "a subclass of peft's lora.Linear (its methods may differ)"
 _FORWARD_TAKEN = "its forward is already replaced on the instance (e.g. by an accelerate hook)"
-_BASE = "base layer is not exactly torch.nn.Linear (quantized or wrapped base)"
-_FAN_IN_FAN_OUT = "fan_in_fan_out=True (weight stored transposed, e.g. GPT-2 Conv1D)"
+_BASE = "base layer is not exactly torch.nn.Linear or transformers' Conv1D (quantized or wrapped base)"
 # Reasons a patched layer runs peft's forward, checked on every call.
 _DISABLED = "adapters disabled"
 _MERGED = "adapter merged into the base weight"
@@ -121,9 +133,7 @@ def _structural_reason(layer):
         return _SUBCLASS
     if not fused and "forward" in layer.__dict__:
         return _FORWARD_TAKEN
-    if layer.fan_in_fan_out:
-        return _FAN_IN_FAN_OUT
-    if type(layer.base_layer) is not torch.nn.Linear:
+    if type(layer.base_layer) not in _BASES:
         return _BASE
     return None
 
@@ -155,8 +165,10 @@ def _fused_call(layer):
             and type(dropout) in (torch.nn.Dropout, torch.nn.Identity)
             and lora_A.bias is None and lora_B.bias is None):
         return _MODULES
-    if not (plain_module(base, torch.nn.Linear) and plain_module(lora_A, torch.nn.Linear)
-            and plain_module(lora_B, torch.nn.Linear) and plain_module(dropout, type(dropout))):
+    base_class = type(base)
+    if not (base_class in _BASES and plain_module(base, base_class)
+            and plain_module(lora_A, torch.nn.Linear) and plain_module(lora_B, torch.nn.Linear)
+            and plain_module(dropout, type(dropout))):
         return _HOOKS
     weight, bias, A, B = base.weight, base.bias, lora_A.weight, lora_B.weight
     if not (_plain_weight(weight) and (bias is None or _plain_weight(bias)) and _plain_weight(A)
@@ -168,7 +180,7 @@ def _fused_call(layer):
     if type(scaling) not in (float, int) or not abs(scaling) <= 1.7976931348623157e308:
         return _SCALING
     p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
-    return weight, bias, A.t(), B.t(), float(scaling), p
+    return weight.t() if base_class is _Conv1D else weight, bias, A.t(), B.t(), float(scaling), p
 
 
 class FusedLinear(_PeftLoraLinear):
@@ -195,7 +207,7 @@ def _describe(layer, reason):
     """The reason with the detail that tells layers apart (a class, the active adapters)."""
     if reason in (_NOT_LINEAR, _SUBCLASS):
         return f"{reason}: {type(layer).__name__}"
-    if reason in (_BASE, _FAN_IN_FAN_OUT):
+    if reason == _BASE:
         return f"{reason}: base {type(layer.base_layer).__name__}"
     if reason == _NOT_ONE:
         return f"{reason}: active {list(layer.active_adapters)}"

@@ -272,6 +272,18 @@ def test_non_contiguous_x(backend):
         assert torch.equal(xv, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_transposed_weight_and_adapters(backend, dtype):
+    """Weights given as transposed views: the base stored (in, out), as GPT-2's Conv1D stores it,
+    and the adapters as peft's lora_A and lora_B weights, (r, in) and (out, r). Each gradient
+    comes back in its parameter's layout."""
+    x, W, b, A, B = make_inputs((3, 7), 48, 40, 8, dtype)
+    W, A, B = (t.t().contiguous().t() for t in (W, A, B))
+    assert W.stride() == (1, 40) and A.stride() == (1, 48) and B.stride() == (1, 8)
+    for train_base in (False, True):
+        check_all((x, W, b, A, B), 0.75, dtype, train_base=train_base)
+
+
 @pytest.mark.parametrize("layout", ["strided", "expanded", "column"])
 def test_non_contiguous_bias(backend, layout):
     """A bias given as a view (every other element, one value broadcast, a matrix's column) is

@@ -285,18 +285,36 @@ def test_two_active_adapters_fall_back_and_one_adapter_fuses(spy):
     assert rel_err(got, ref(input_ids=ids, adapter_names=names).logits) < TOL
 
 
-def test_gpt2_fan_in_fan_out_falls_back(spy):
-    torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    model = randomize_lora(get_peft_model(gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                           fan_in_fan_out=True))).eval()
-    ref = copy.deepcopy(model)
-    report, msg = fuse_warning(model)
-    assert int(report) == 0
-    assert "fan_in_fan_out" in msg and "transformer.h.0.attn.c_attn" in msg and "Conv1D" in msg
-    ids = torch.randint(0, 64, (2, 9))
-    assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
-    assert not spy
+def gpt2_peft(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    return randomize_lora(get_peft_model(transformers.GPT2LMHeadModel(cfg), config))
+
+
+def test_gpt2_conv1d_matches_float64_peft(spy, backend):
+    # GPT-2's Conv1D stores its weight as (in, out) and peft marks it fan_in_fan_out: the fused
+    # call reads the weight transposed. One base weight trains, so its gradient must come back in
+    # Conv1D's layout; the reference is the unfused model in float64.
+    model = gpt2_peft().to(DEVICE)
+    c_fc = model.base_model.model.transformer.h[1].mlp.c_fc
+    assert type(c_fc.base_layer) is transformers.pytorch_utils.Conv1D and c_fc.fan_in_fan_out
+    c_fc.base_layer.weight.requires_grad_(True)
+    ref = copy.deepcopy(model).double()
+    report = fuse_quietly(model)
+    assert sorted(report.fused) == sorted(n for n, _ in lora_layers(model)) and len(report.fused) == 8
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    loss, logits = run_llama(model, ids)
+    ref_loss, ref_logits = run_llama(ref, ids)
+    assert len(spy) == 8 and all(alpha == 2.0 and p == 0.0 for alpha, p in spy)
+    assert rel_err(logits, ref_logits) < TOL
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(model, ref)
+    assert rel_err(c_fc.base_layer.weight.grad, ref.get_submodule(
+        "base_model.model.transformer.h.1.mlp.c_fc.base_layer").weight.grad) < TOL
 
 
 def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
