@@ -242,7 +242,9 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are left alone, with a
     warning: they read their Linears' weights themselves (MultiheadAttention always, the layers'
-    fast path in eval mode), past any adapter.
+    fast path in eval mode), past any adapter. transformers' ``Conv1D`` (GPT-2's linear layers)
+    is no ``nn.Linear``: it is passed by, as the seed passes it, but with a warning, since a GPT-2
+    then gets one adapter, on its lm_head (peft's LoRA serves Conv1D).
     """
     if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
         return model
@@ -261,15 +263,15 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     for module in model.modules():
         for p in module.parameters(recurse=False):
             counts[id(p)] = counts.get(id(p), 0) + slots.get(id(module), 1)
-    skipped = []
-    if isinstance(model, _READ_THEIR_LINEARS):
-        skipped.append("the module given")
+    skipped = {}  # why -> names
+    why = _left_alone(model)
+    if why:
+        skipped[why] = ["the module given"]
     else:
         _replace(model, rank, alpha, dropout, {i for i, n in counts.items() if n > 1}, "", skipped)
     if skipped:
-        warnings.warn("replace_linear_with_lora left these modules without LoRA (PyTorch's attention and "
-                      "transformer layers read their Linears' weights directly, past any adapter): "
-                      + ", ".join(skipped), UserWarning, stacklevel=2)
+        warnings.warn("\n".join(f"replace_linear_with_lora left these modules without LoRA ({why}): "
+                                + ", ".join(names) for why, names in skipped.items()), UserWarning, stacklevel=2)
     return model
 
 
@@ -315,14 +317,31 @@ def _sharded(layer):
 
 # Modules whose forward reads their Linear children's weight and bias itself instead of calling them.
 _READ_THEIR_LINEARS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+_READS_ITS_LINEARS = ("PyTorch's attention and transformer layers read their Linears' weights directly, "
+                      "past any adapter")
+# GPT-2's linear layers in transformers: no nn.Linear, so the seed's replacement passes them by,
+# and a model would silently train adapters on its lm_head alone.
+_CONV1D = ("transformers' Conv1D, GPT-2's linear layer, is not an nn.Linear: peft's LoRA takes it, and "
+           "lora_kernels.peft.fuse_lora fuses it")
+
+
+def _left_alone(module):
+    """Why ``replace_linear_with_lora`` wraps nothing in or of ``module``, or None."""
+    if isinstance(module, _READ_THEIR_LINEARS):
+        return _READS_ITS_LINEARS
+    cls = type(module)  # (matched by name: transformers need not be installed)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        return _CONV1D
+    return None
 
 
 def _replace(model, rank, alpha, dropout, shared, prefix, skipped):
     for name, module in model.named_children():
         if isinstance(module, (LinearWithLoRA, reference.LinearWithLoRA)):
             continue
-        if isinstance(module, _READ_THEIR_LINEARS):
-            skipped.append(prefix + name)
+        why = _left_alone(module)
+        if why:
+            skipped.setdefault(why, []).append(prefix + name)
         elif isinstance(module, torch.nn.Linear):
             layer = LinearWithLoRA(module, rank, alpha, dropout)
             layer.weight_tied = id(module.weight) in shared

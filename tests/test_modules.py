@@ -528,6 +528,20 @@ def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_wa
     assert type(mha.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
+def test_replace_names_gpt2s_conv1d_layers_it_passes_by():
+    """transformers' GPT-2 builds its projections from Conv1D, not nn.Linear: the seed's
+    replacement wraps only the lm_head, silently. Ours does the same and says so."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.warns(UserWarning, match=r"Conv1D.*: transformer\.h\.0\.attn\.c_attn, .*transformer\.h\.1\.mlp\.c_proj$"):
+        lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, lora_kernels.LinearWithLoRA)]
+    assert wrapped == ["lm_head"] and model.lm_head.weight_tied  # (tied to the token embedding)
+    with pytest.warns(UserWarning, match="Conv1D.*: the module given"):
+        lora_kernels.replace_linear_with_lora(model.transformer.h[0].attn.c_attn, rank=2, alpha=1.0)
+
+
 def test_constant_tensor_alpha_is_held_as_a_number():
     """The seed takes a 0-d tensor alpha; a constant one is kept as a float (torch.compile could
     only read a tensor's value through .item()), with the same numbers."""
