@@ -16,10 +16,11 @@ of the instance) each run the fused forward on their own weights. The new forwar
 
     lora_linear(x, W, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
 
-with ``W = base.weight`` for an ``nn.Linear`` base and ``base.weight.t()`` for transformers'
-``Conv1D`` (GPT-2's, which stores its weight as (in, out) and computes ``addmm(bias, x, weight)``;
-peft marks it ``fan_in_fan_out``, which matters to merging only; where Conv1D's ``x.view`` would
-refuse a non-contiguous input, the fused call computes), ``scaling =
+with ``W = base.weight`` for an ``nn.Linear`` base (and transformers' ``FalconLinear``, an
+``nn.Linear`` computing ``x @ weight.T + bias``), ``base.weight.t()`` for transformers' ``Conv1D``
+(GPT-2's, which stores its weight as (in, out) and computes ``addmm(bias, x, weight)``; peft marks
+it ``fan_in_fan_out``, which matters to merging only; where Conv1D's ``x.view`` would refuse a
+non-contiguous input, the fused call computes), ``scaling =
 layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
 ``use_rslora``, and any later ``set_scale``) and ``p`` the ``nn.Dropout`` probability of
 ``layer.lora_dropout[adapter]`` while that module is in training mode (0 in eval mode or for
@@ -28,8 +29,8 @@ layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
 Every call first checks that the layer is in a state this formula serves; if not, that call runs
 peft's original forward, so results never depend on whether a layer was fused. peft's path serves:
 
-* layers that are not plain LoRA linears: a base that is not exactly ``torch.nn.Linear`` or
-  ``Conv1D`` (bitsandbytes, GPTQ, HQQ, ... bases), peft layer classes other than ``lora.Linear``
+* layers that are not plain LoRA linears: a base that is not exactly one of those three
+  (bitsandbytes, GPTQ, HQQ, ... bases), peft layer classes other than ``lora.Linear``
   (Embedding, Conv, quantized LoRA layers) and subclasses of it, and layers whose forward is
   already replaced on the instance (an
   ``accelerate`` hook keeps peft's forward and would bypass the class's); these are not patched;
@@ -57,6 +58,7 @@ it finds the layers through ``named_modules`` and reads their weights to report.
 forward compiles whole with ``torch.compile(fullgraph=True)`` (the checks become guards).
 """
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -68,25 +70,35 @@ from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 from .functional import lora_linear
 from .modules import FUSABLE_TENSORS, plain_module, readable_input
 
-try:  # GPT-2's linear layer; peft installs transformers, but only Conv1D's layout is needed from it
-    from transformers.pytorch_utils import Conv1D as _Conv1D
-except ImportError:  # pragma: no cover
-    _Conv1D = None
+# The base layers a fused call computes from their weights, y = x Wᵀ + b, by class: whether the
+# weight is stored transposed, as (in, out). transformers' GPT-2 Conv1D computes addmm(bias, x,
+# weight); its FalconLinear, an nn.Linear subclass, x @ weight.T + bias. Those two are looked up
+# (by module and name) once their module is imported, so transformers need not be.
+_BASES = {torch.nn.Linear: False}
+_TRANSFORMERS_BASES = {("transformers.pytorch_utils", "Conv1D"): True,
+                       ("transformers.models.falcon.modeling_falcon", "FalconLinear"): False}
 
-__all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
-# The base layers a fused call computes from their weights: y = x Wᵀ + b with W = weight (Linear)
-# or weight.t() (Conv1D, whose forward is addmm(bias, x, weight)).
-_BASES = (torch.nn.Linear, _Conv1D) if _Conv1D is not None else (torch.nn.Linear,)
+def _weight_transposed(base_class):
+    """Whether a base layer of this class stores its weight transposed; None if no fused call serves it."""
+    if base_class not in _BASES:
+        for (module, name), transposed in _TRANSFORMERS_BASES.items():
+            cls = getattr(sys.modules.get(module), name, None)
+            if cls is not None:
+                _BASES[cls] = transposed
+    return _BASES.get(base_class)
+
 
 # Call kwargs peft's forward pops before calling the base layer; None means "not used".
 _PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
 
 # Reasons a layer is never patched (fixed by its structure).
-_NOT_LINEAR = "not a peft lora.Linear (another LoRA layer type: Embedding, Conv, quantized, ...)"
+_NOT_LINEAR = ("not a peft lora.Linear (another LoRA layer type: Embedding, Conv, quantized, target_parameters' "
+               "ParamWrapper, ...)")
 _SUBCLASS = "a subclass of peft's lora.Linear (its methods may differ)"
 _FORWARD_TAKEN = "its forward is already replaced on the instance (e.g. by an accelerate hook)"
-_BASE = "base layer is not exactly torch.nn.Linear or transformers' Conv1D (quantized or wrapped base)"
+_BASE = ("base layer is not exactly torch.nn.Linear, or transformers' Conv1D or FalconLinear (quantized or "
+         "wrapped base)")
 # Reasons a patched layer runs peft's forward, checked on every call.
 _DISABLED = "adapters disabled"
 _MERGED = "adapter merged into the base weight"
@@ -133,7 +145,7 @@ def _structural_reason(layer):
         return _SUBCLASS
     if not fused and "forward" in layer.__dict__:
         return _FORWARD_TAKEN
-    if type(layer.base_layer) not in _BASES:
+    if _weight_transposed(type(layer.base_layer)) is None:
         return _BASE
     return None
 
@@ -166,7 +178,8 @@ def _fused_call(layer):
             and lora_A.bias is None and lora_B.bias is None):
         return _MODULES
     base_class = type(base)
-    if not (base_class in _BASES and plain_module(base, base_class)
+    transposed = _weight_transposed(base_class)
+    if not (transposed is not None and plain_module(base, base_class)
             and plain_module(lora_A, torch.nn.Linear) and plain_module(lora_B, torch.nn.Linear)
             and plain_module(dropout, type(dropout))):
         return _HOOKS
@@ -180,7 +193,7 @@ def _fused_call(layer):
     if type(scaling) not in (float, int) or not abs(scaling) <= 1.7976931348623157e308:
         return _SCALING
     p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
-    return weight.t() if base_class is _Conv1D else weight, bias, A.t(), B.t(), float(scaling), p
+    return weight.t() if transposed else weight, bias, A.t(), B.t(), float(scaling), p
 
 
 class FusedLinear(_PeftLoraLinear):

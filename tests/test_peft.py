@@ -285,25 +285,37 @@ def test_two_active_adapters_fall_back_and_one_adapter_fuses(spy):
     assert rel_err(got, ref(input_ids=ids, adapter_names=names).logits) < TOL
 
 
-def gpt2_peft(seed=0):
+def transformers_peft(arch, seed=0):
+    """A tiny GPT-2 (Conv1D projections, fan_in_fan_out) or Falcon (FalconLinear: an nn.Linear
+    subclass with nn.Linear's math), every projection with a LoRA adapter (8 in all)."""
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-    return randomize_lora(get_peft_model(transformers.GPT2LMHeadModel(cfg), config))
+    if arch == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    else:
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True,
+            bos_token_id=0, eos_token_id=0))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    return randomize_lora(get_peft_model(model, config))
 
 
-def test_gpt2_conv1d_matches_float64_peft(spy, backend):
+@pytest.mark.parametrize("arch, base_class", [("gpt2", "Conv1D"), ("falcon", "FalconLinear")])
+def test_transformers_own_linear_layers_match_float64_peft(spy, backend, arch, base_class):
     # GPT-2's Conv1D stores its weight as (in, out) and peft marks it fan_in_fan_out: the fused
-    # call reads the weight transposed. One base weight trains, so its gradient must come back in
-    # Conv1D's layout; the reference is the unfused model in float64.
-    model = gpt2_peft().to(DEVICE)
-    c_fc = model.base_model.model.transformer.h[1].mlp.c_fc
-    assert type(c_fc.base_layer) is transformers.pytorch_utils.Conv1D and c_fc.fan_in_fan_out
-    c_fc.base_layer.weight.requires_grad_(True)
+    # call reads the weight transposed. Falcon's FalconLinear is an nn.Linear computing
+    # x @ weight.T + bias. One base weight trains, so its gradient must come back in the
+    # layer's layout; the reference is the unfused model in float64.
+    model = transformers_peft(arch).to(DEVICE)
+    layers = lora_layers(model)
+    assert len(layers) == 8 and all(type(m.base_layer).__name__ == base_class for _, m in layers)
+    name, trained = layers[-1]
+    trained.base_layer.weight.requires_grad_(True)
     ref = copy.deepcopy(model).double()
     report = fuse_quietly(model)
-    assert sorted(report.fused) == sorted(n for n, _ in lora_layers(model)) and len(report.fused) == 8
+    assert sorted(report.fused) == sorted(n for n, _ in layers)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     loss, logits = run_llama(model, ids)
@@ -313,8 +325,7 @@ def test_gpt2_conv1d_matches_float64_peft(spy, backend):
     loss.backward()
     ref_loss.backward()
     assert_grads_match(model, ref)
-    assert rel_err(c_fc.base_layer.weight.grad, ref.get_submodule(
-        "base_model.model.transformer.h.1.mlp.c_fc.base_layer").weight.grad) < TOL
+    assert rel_err(trained.base_layer.weight.grad, ref.get_submodule(name).base_layer.weight.grad) < TOL
 
 
 def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
