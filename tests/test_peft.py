@@ -285,45 +285,70 @@ def test_two_active_adapters_fall_back_and_one_adapter_fuses(spy):
     assert rel_err(got, ref(input_ids=ids, adapter_names=names).logits) < TOL
 
 
-def transformers_peft(arch, seed=0):
-    """A tiny GPT-2 (Conv1D projections, fan_in_fan_out) or Falcon (FalconLinear: an nn.Linear
-    subclass with nn.Linear's math), every projection with a LoRA adapter (8 in all)."""
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-    else:
-        model = transformers.FalconForCausalLM(transformers.FalconConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True,
-            bos_token_id=0, eos_token_id=0))
-        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    return randomize_lora(get_peft_model(model, config))
+def tiny_transformer(arch):
+    """A one- or two-block random model of a transformers architecture peft users fine-tune."""
+    ids = dict(vocab_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    decoder = dict(ids, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2)
+    T = transformers
+    return {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**decoder)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**decoder)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**decoder)),  # (biased q, k, v)
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**decoder, head_dim=8)),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**decoder)),  # (fused qkv_proj, gate_up_proj)
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+            **ids, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(
+            **ids, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4, word_embed_proj_dim=32,
+            dropout=0.0)),
+        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(**ids, hidden_size=32, n_layer=1, n_head=4)),
+        # GPT-2's projections are Conv1D, weight stored (in, out), which peft marks fan_in_fan_out;
+        # Falcon's are FalconLinear, an nn.Linear subclass with nn.Linear's math.
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(
+            **ids, n_layer=2, n_embd=32, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(
+            **ids, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True)),
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
+            **ids, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)),
+        "bert": lambda: T.BertForSequenceClassification(T.BertConfig(
+            **ids, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    }[arch]()
 
 
-@pytest.mark.parametrize("arch, base_class", [("gpt2", "Conv1D"), ("falcon", "FalconLinear")])
-def test_transformers_own_linear_layers_match_float64_peft(spy, backend, arch, base_class):
-    # GPT-2's Conv1D stores its weight as (in, out) and peft marks it fan_in_fan_out: the fused
-    # call reads the weight transposed. Falcon's FalconLinear is an nn.Linear computing
-    # x @ weight.T + bias. One base weight trains, so its gradient must come back in the
-    # layer's layout; the reference is the unfused model in float64.
-    model = transformers_peft(arch).to(DEVICE)
+ARCHITECTURES = ["llama", "mistral", "qwen2", "gemma2", "phi3", "gpt_neox", "opt", "bloom", "gpt2", "falcon", "t5",
+                 "bert"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_transformers_architectures_fuse_every_layer_and_match_float64_peft(spy, backend, arch):
+    # Every projection ("all-linear") of each architecture fuses, whatever its base layer class
+    # (nn.Linear, GPT-2's Conv1D read transposed, Falcon's FalconLinear); the reference is the
+    # unfused model in float64. One base weight trains too: its gradient comes back in its layer's
+    # layout (GPT-2's (in, out)).
+    torch.manual_seed(0)
+    model = tiny_transformer(arch)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+    model = randomize_lora(get_peft_model(model, config)).to(DEVICE)
     layers = lora_layers(model)
-    assert len(layers) == 8 and all(type(m.base_layer).__name__ == base_class for _, m in layers)
     name, trained = layers[-1]
     trained.base_layer.weight.requires_grad_(True)
     ref = copy.deepcopy(model).double()
     report = fuse_quietly(model)
-    assert sorted(report.fused) == sorted(n for n, _ in layers)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert sorted(report.fused) == sorted(n for n, _ in layers) and len(layers) >= 4
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(1, 64, (2, 9), generator=g)}
+    if arch == "t5":
+        inputs["decoder_input_ids"] = torch.randint(1, 64, (2, 5), generator=g)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
 
-    loss, logits = run_llama(model, ids)
-    ref_loss, ref_logits = run_llama(ref, ids)
-    assert len(spy) == 8 and all(alpha == 2.0 and p == 0.0 for alpha, p in spy)
+    logits, ref_logits = model(**inputs).logits, ref(**inputs).logits
+    assert len(spy) == len(layers) and all(alpha == 2.0 and p == 0.0 for alpha, p in spy)
     assert rel_err(logits, ref_logits) < TOL
-    loss.backward()
-    ref_loss.backward()
+    weights = torch.randn(logits.shape, generator=g).to(DEVICE)
+    (logits * weights).sum().backward()
+    (ref_logits * weights.double()).sum().backward()
     assert_grads_match(model, ref)
     assert rel_err(trained.base_layer.weight.grad, ref.get_submodule(name).base_layer.weight.grad) < TOL
 
