@@ -16,13 +16,13 @@ of the instance) each run the fused forward on their own weights. The new forwar
 
     lora_linear(x, W, base.bias, lora_A.weight.t(), lora_B.weight.t(), scaling, p)
 
-with ``W = base.weight`` for an ``nn.Linear`` base (and transformers' ``FalconLinear``, an
-``nn.Linear`` computing ``x @ weight.T + bias``), ``base.weight.t()`` for transformers' ``Conv1D``
-(GPT-2's, which stores its weight as (in, out) and computes ``addmm(bias, x, weight)``; peft marks
-it ``fan_in_fan_out``, which matters to merging only; where Conv1D's ``x.view`` would refuse a
-non-contiguous input, the fused call computes), ``scaling =
-layer.scaling[adapter]`` (peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
-``use_rslora``, and any later ``set_scale``) and ``p`` the ``nn.Dropout`` probability of
+with ``W = base.weight`` for an ``nn.Linear`` base (and an unbiased ``FalconLinear`` of
+transformers, an ``nn.Linear`` computing ``x @ weight.T``), ``base.weight.t()`` for transformers'
+``Conv1D`` (GPT-2's, which stores its weight as (in, out) and computes ``addmm(bias, x, weight)``;
+peft marks it ``fan_in_fan_out``, which matters to merging only; where Conv1D's ``x.view`` would
+refuse a non-contiguous input, the fused call computes), ``scaling = layer.scaling[adapter]``
+(peft's ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``, and any later
+``set_scale``) and ``p`` the ``nn.Dropout`` probability of
 ``layer.lora_dropout[adapter]`` while that module is in training mode (0 in eval mode or for
 ``nn.Identity``, which is what peft uses for ``lora_dropout=0``).
 
@@ -30,14 +30,15 @@ Every call first checks that the layer is in a state this formula serves; if not
 peft's original forward, so results never depend on whether a layer was fused. peft's path serves:
 
 * layers that are not plain LoRA linears: a base that is not exactly one of those three
-  (bitsandbytes, GPTQ, HQQ, ... bases), peft layer classes other than ``lora.Linear``
-  (Embedding, Conv, quantized LoRA layers) and subclasses of it, and layers whose forward is
-  already replaced on the instance (an
-  ``accelerate`` hook keeps peft's forward and would bypass the class's); these are not patched;
+  (bitsandbytes, GPTQ, HQQ, ... bases), peft layer classes other than ``lora.Linear`` (Embedding,
+  Conv, quantized LoRA layers) and subclasses of it, and layers whose forward is already replaced
+  on the instance (an ``accelerate`` hook keeps peft's forward and would bypass the class's);
+  these are not patched;
 * adapter configurations: DoRA, any other LoRA variant peft implements specially
   (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
   this layer has no weights for;
-* states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), weights that are
+* states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), a FalconLinear
+  base with a bias (added after the product, it stays fp32 under autocast), weights that are
   tensor subclasses (torchao, sharded DTensors), hooks on ``base_layer`` / ``lora_A`` / ``lora_B`` /
   ``lora_dropout`` (accelerate offloading would be bypassed otherwise), and global module hooks
   (``register_module_forward_hook``: calibration and activation-statistics tools);
@@ -66,26 +67,27 @@ from typing import Dict, List
 import torch
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
+from transformers.pytorch_utils import Conv1D
 
 from .functional import lora_linear
 from .modules import FUSABLE_TENSORS, plain_module, readable_input
 
-# The base layers a fused call computes from their weights, y = x Wᵀ + b, by class: whether the
-# weight is stored transposed, as (in, out). transformers' GPT-2 Conv1D computes addmm(bias, x,
-# weight); its FalconLinear, an nn.Linear subclass, x @ weight.T + bias. Those two are looked up
-# (by module and name) once their module is imported, so transformers need not be.
-_BASES = {torch.nn.Linear: False}
-_TRANSFORMERS_BASES = {("transformers.pytorch_utils", "Conv1D"): True,
-                       ("transformers.models.falcon.modeling_falcon", "FalconLinear"): False}
+# How a fused call reads the base layer, by class: y = x Wᵀ + b with W the weight as stored, or
+# transposed (GPT-2's Conv1D stores it as (in, out) and computes addmm(bias, x, weight)), or with
+# no bias (transformers' FalconLinear, an nn.Linear computing x @ weight.T and then adding its
+# bias, which autocast leaves in fp32, so that a biased one's output is fp32 there: those run
+# peft's forward). FalconLinear is looked up once its module is imported (peft imports Conv1D).
+_AS_STORED, _TRANSPOSED, _UNBIASED = "as stored", "transposed", "unbiased only"
+_BASES = {torch.nn.Linear: _AS_STORED, Conv1D: _TRANSPOSED}
+_FALCON = ("transformers.models.falcon.modeling_falcon", "FalconLinear")
 
 
-def _weight_transposed(base_class):
-    """Whether a base layer of this class stores its weight transposed; None if no fused call serves it."""
+def _layout(base_class):
+    """How a fused call reads a base layer of this class; None if it serves none."""
     if base_class not in _BASES:
-        for (module, name), transposed in _TRANSFORMERS_BASES.items():
-            cls = getattr(sys.modules.get(module), name, None)
-            if cls is not None:
-                _BASES[cls] = transposed
+        falcon = getattr(sys.modules.get(_FALCON[0]), _FALCON[1], None)
+        if falcon is not None:
+            _BASES[falcon] = _UNBIASED
     return _BASES.get(base_class)
 
 
@@ -113,6 +115,8 @@ _WEIGHTS = ("weights are not plain floating-point tensors (tensor subclass, e.g.
 _HOOKS = ("hooks or a replaced forward on base_layer / lora_A / lora_B / lora_dropout (e.g. accelerate "
           "offloading), or global module hooks")
 _SCALING = "scaling is not a finite Python number"
+_BIAS_AFTER = ("a FalconLinear base with a bias (added after the product: in fp32 under autocast, where "
+               "one fused call would return the product's dtype)")
 
 
 @dataclass
@@ -145,7 +149,7 @@ def _structural_reason(layer):
         return _SUBCLASS
     if not fused and "forward" in layer.__dict__:
         return _FORWARD_TAKEN
-    if _weight_transposed(type(layer.base_layer)) is None:
+    if _layout(type(layer.base_layer)) is None:
         return _BASE
     return None
 
@@ -178,12 +182,14 @@ def _fused_call(layer):
             and lora_A.bias is None and lora_B.bias is None):
         return _MODULES
     base_class = type(base)
-    transposed = _weight_transposed(base_class)
-    if not (transposed is not None and plain_module(base, base_class)
+    layout = _layout(base_class)
+    if not (layout is not None and plain_module(base, base_class)
             and plain_module(lora_A, torch.nn.Linear) and plain_module(lora_B, torch.nn.Linear)
             and plain_module(dropout, type(dropout))):
         return _HOOKS
     weight, bias, A, B = base.weight, base.bias, lora_A.weight, lora_B.weight
+    if bias is not None and layout is _UNBIASED:
+        return _BIAS_AFTER
     if not (_plain_weight(weight) and (bias is None or _plain_weight(bias)) and _plain_weight(A)
             and _plain_weight(B) and A.dtype == B.dtype):
         return _WEIGHTS
@@ -193,7 +199,7 @@ def _fused_call(layer):
     if type(scaling) not in (float, int) or not abs(scaling) <= 1.7976931348623157e308:
         return _SCALING
     p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
-    return weight.t() if transposed else weight, bias, A.t(), B.t(), float(scaling), p
+    return weight.t() if layout is _TRANSPOSED else weight, bias, A.t(), B.t(), float(scaling), p
 
 
 class FusedLinear(_PeftLoraLinear):

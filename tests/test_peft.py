@@ -285,8 +285,9 @@ def test_two_active_adapters_fall_back_and_one_adapter_fuses(spy):
     assert rel_err(got, ref(input_ids=ids, adapter_names=names).logits) < TOL
 
 
-def tiny_transformer(arch):
-    """A one- or two-block random model of a transformers architecture peft users fine-tune."""
+def tiny_transformer(arch, bias=False):
+    """A one- or two-block random model of a transformers architecture peft users fine-tune (Falcon's
+    linears biased if asked)."""
     ids = dict(vocab_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     decoder = dict(ids, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2)
@@ -308,7 +309,7 @@ def tiny_transformer(arch):
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(
             **ids, n_layer=2, n_embd=32, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(
-            **ids, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True)),
+            **ids, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=bias)),
         "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
             **ids, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)),
         "bert": lambda: T.BertForSequenceClassification(T.BertConfig(
@@ -351,6 +352,24 @@ def test_transformers_architectures_fuse_every_layer_and_match_float64_peft(spy,
     (ref_logits * weights.double()).sum().backward()
     assert_grads_match(model, ref)
     assert rel_err(trained.base_layer.weight.grad, ref.get_submodule(name).base_layer.weight.grad) < TOL
+
+
+def test_biased_falcon_linear_runs_peft(spy):
+    # FalconLinear adds its bias after the product, and autocast leaves that sum in fp32: peft's
+    # output is fp32 where one fused call would return bf16. Biased ones run peft's forward.
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_transformer("falcon", bias=True), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = randomize_lora(model)
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0 and "FalconLinear base with a bias" in msg
+    layer = model.base_model.model.transformer.h[0].self_attention.dense
+    x = torch.randn(3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == torch.float32 and torch.equal(y, ref.get_submodule(
+            "base_model.model.transformer.h.0.self_attention.dense")(x))
+    assert not spy
 
 
 def test_subclassed_base_lora_bias_and_hooks_fall_back(spy):
