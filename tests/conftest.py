@@ -208,3 +208,19 @@ def reference(x, W, b, A, B, alpha, dy, base_grads=False):
     y = torch.nn.functional.linear(x64, W64, b64) + alpha * (x64 @ A64 @ B64)
     y.backward(dy.double())
     return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def replicate_like_data_parallel(root, params):
+    """What ``nn.parallel.replicate`` does for one device, on CPU: a shallow copy of every module
+    (``_replicate_for_data_parallel``), the copy's parameters set as plain tensor attributes
+    (``params``: name -> tensor), the children re-linked to their copies."""
+    copies = {m: m._replicate_for_data_parallel() for m in root.modules()}
+    for name, m in root.named_modules():
+        for key, p in m._parameters.items():
+            if p is None:
+                copies[m]._parameters[key] = None
+            else:
+                setattr(copies[m], key, params[f"{name}.{key}" if name else key])
+        for key, child in m._modules.items():
+            copies[m]._modules[key] = None if child is None else copies[child]
+    return copies[root]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, rel_err, replicate_like_data_parallel
 from lora_kernels import reference as seed
 
 
@@ -540,6 +540,43 @@ def test_replace_names_gpt2s_conv1d_layers_it_passes_by():
     assert wrapped == ["lm_head"] and model.lm_head.weight_tied  # (tied to the token embedding)
     with pytest.warns(UserWarning, match="Conv1D.*: the module given"):
         lora_kernels.replace_linear_with_lora(model.transformer.h[0].attn.c_attn, rank=2, alpha=1.0)
+
+
+def test_weights_swapped_in_by_functional_call_or_a_data_parallel_replica(backend, monkeypatch):
+    """torch.func.functional_call puts its tensors in the modules' parameter dicts, and an
+    nn.DataParallel replica holds its weights as plain attributes: the fused call (which reads
+    them without nn.Module's __getattr__, modules.param) must use those, not the original's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 16))
+    lora_kernels.replace_linear_with_lora(model, rank=4, alpha=0.5)
+    model.to(DEVICE)
+    calls = []
+    fused = lora_kernels.modules.lora_linear
+    monkeypatch.setattr(lora_kernels.modules, "lora_linear", lambda *a: calls.append(1) or fused(*a))
+    new = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(6, 24, device=DEVICE)
+
+    def expected(p):  # the seed's formula in float64
+        h = x.double()
+        for i in (0, 2):
+            W, b, A, B = (p[f"{i}.{k}"].double() for k in ("linear.weight", "linear.bias", "lora.A", "lora.B"))
+            h = torch.nn.functional.linear(h, W, b) + 0.5 * (h @ A @ B)
+            h = torch.relu(h) if i == 0 else h
+        return h
+
+    mine = {n: t.clone().requires_grad_() for n, t in new.items()}
+    theirs = {n: t.double().requires_grad_() for n, t in new.items()}
+    dy = torch.randn(6, 16, device=DEVICE)
+    for run in (lambda: torch.func.functional_call(model, mine, (x,)),
+                lambda: replicate_like_data_parallel(model, mine)(x)):
+        calls.clear()
+        y = run()
+        assert len(calls) == 2 and rel_err(y, expected(new)) < TOL[torch.float32]
+        assert rel_err(y, model(x)) > 1e-2  # the original's weights give something else
+        grads = torch.autograd.grad(y, list(mine.values()), dy)
+        want = torch.autograd.grad(expected(theirs), list(theirs.values()), dy.double())
+        for name, got, ref in zip(mine, grads, want):
+            assert rel_err(got, ref) < TOL[torch.float32], name
 
 
 def test_constant_tensor_alpha_is_held_as_a_number():

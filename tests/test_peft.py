@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 
 import lora_kernels.peft as lkpeft  # noqa: E402
-from conftest import DEVICE, rel_err  # noqa: E402
+from conftest import DEVICE, rel_err, replicate_like_data_parallel  # noqa: E402
 from conftest import TOL as DTYPE_TOL  # noqa: E402
 from lora_kernels.peft import fuse_lora, unfuse_lora  # noqa: E402
 
@@ -645,22 +645,6 @@ def test_subclass_is_left_to_peft(spy):
     assert int(report) == 2 and type(mid) is TaggedLoraLinear and mid.tag() == "tagged"
     x = torch.randn(4, 24)
     assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
-
-
-def replicate_like_data_parallel(root, params):
-    """What ``nn.parallel.replicate`` does for one device, on CPU: a shallow copy of every module
-    (``_replicate_for_data_parallel``), the copy's parameters set as plain tensor attributes
-    (``params``: name -> tensor), the children re-linked to their copies."""
-    copies = {m: m._replicate_for_data_parallel() for m in root.modules()}
-    for name, m in root.named_modules():
-        for key, p in m._parameters.items():
-            if p is None:
-                copies[m]._parameters[key] = None
-            else:
-                setattr(copies[m], key, params[f"{name}.{key}" if name else key])
-        for key, child in m._modules.items():
-            copies[m]._modules[key] = None if child is None else copies[child]
-    return copies[root]
 
 
 def test_data_parallel_replica_uses_its_own_weights(spy):
