@@ -61,13 +61,18 @@ def plain_module(module, cls):
 
 
 def param(module, name):
-    """``module.<name>`` for a parameter, read without nn.Module's ``__getattr__`` (about 0.6 µs a
-    lookup, and a layer's call makes several): an instance attribute (a DataParallel replica's
-    weights are set so), else the registered parameter, else None. The same as attribute access
-    for the exact classes the fused calls check for (``plain_module``), which define no
-    properties of these names."""
-    value = module.__dict__.get(name)
-    return module._parameters.get(name) if value is None else value
+    """``module.<name>`` for a tensor a module holds, read without nn.Module's ``__getattr__``
+    (about 0.6 µs a lookup, and a layer's call makes several), in attribute access's order: an
+    instance attribute (a DataParallel replica's weights are set so), else a parameter (where
+    ``torch.func.functional_call`` and FSDP2 put theirs), else a buffer (a frozen weight may be
+    one), else None. The same as attribute access for the exact classes the fused calls accept
+    (``plain_module``), which define no properties of these names; call it after that check
+    (a scripted module's dicts are of another kind)."""
+    attrs = module.__dict__
+    if name in attrs:
+        return attrs[name]
+    value = module._parameters.get(name)
+    return module._buffers.get(name) if value is None else value
 
 
 def plain_tensors(*tensors):
@@ -142,13 +147,14 @@ class LinearWithLoRA(torch.nn.Module):
         # plain_tensors), cannot read x (readable_input) or take alpha (fusable_alpha), and for
         # torch.fx's symbolic tracing (x a Proxy), which records them as the reference's graph.
         linear, lora = self._modules["linear"], self._modules["lora"]  # (dict reads: see param)
-        weight, bias, A, B = param(linear, "weight"), param(linear, "bias"), param(lora, "A"), param(lora, "B")
-        if not (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer)
-                and plain_tensors(weight, bias, A, B) and readable_input(x) and fusable_alpha(lora.alpha)):
-            y = self.linear(x)
-            x = torch.nn.functional.dropout(x, p) if p else x
-            return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
-        return lora_linear(x, weight, bias, A, B, lora.alpha, p)
+        if (plain_module(linear, torch.nn.Linear) and plain_module(lora, LoRALayer) and readable_input(x)
+                and fusable_alpha(lora.alpha)):
+            weight, bias, A, B = param(linear, "weight"), param(linear, "bias"), param(lora, "A"), param(lora, "B")
+            if plain_tensors(weight, bias, A, B):
+                return lora_linear(x, weight, bias, A, B, lora.alpha, p)
+        y = self.linear(x)
+        x = torch.nn.functional.dropout(x, p) if p else x
+        return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
 
     def _delta(self):
         # alpha · (A B)ᵀ, in fp32 at least so merging and unmerging round only once, into W's dtype.

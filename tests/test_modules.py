@@ -579,6 +579,29 @@ def test_weights_swapped_in_by_functional_call_or_a_data_parallel_replica(backen
             assert rel_err(got, ref) < TOL[torch.float32], name
 
 
+def test_weights_held_as_buffers_and_a_scripted_linear(backend, monkeypatch):
+    """A frozen weight may be a buffer (a base's weight and bias, or LoRA-FA's frozen A): the
+    fused call reads it as attribute access does. A TorchScript child runs the unfused calls."""
+    torch.manual_seed(0)
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(24, 16), 4, 0.5).to(DEVICE)
+    torch.nn.init.normal_(layer.lora.B)
+    for module, name in ((layer.linear, "weight"), (layer.linear, "bias"), (layer.lora, "A")):
+        value = getattr(module, name).detach().clone()
+        delattr(module, name)
+        module.register_buffer(name, value)
+    calls = []
+    fused = lora_kernels.modules.lora_linear
+    monkeypatch.setattr(lora_kernels.modules, "lora_linear", lambda *a: calls.append(1) or fused(*a))
+    x = torch.randn(5, 24, device=DEVICE)
+    W, b, A, B = (t.double() for t in (layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B))
+    want = torch.nn.functional.linear(x.double(), W, b) + 0.5 * (x.double() @ A @ B)
+    assert rel_err(layer(x), want) < TOL[torch.float32] and calls == [1]
+    layer.linear = torch.jit.trace(torch.nn.Linear(24, 16).to(DEVICE), (x,))
+    W, b = layer.linear.weight.double(), layer.linear.bias.double()
+    want = torch.nn.functional.linear(x.double(), W, b) + 0.5 * (x.double() @ A @ B)
+    assert rel_err(layer(x), want) < TOL[torch.float32] and calls == [1]
+
+
 def test_constant_tensor_alpha_is_held_as_a_number():
     """The seed takes a 0-d tensor alpha; a constant one is kept as a float (torch.compile could
     only read a tensor's value through .item()), with the same numbers."""

@@ -354,6 +354,19 @@ def test_transformers_architectures_fuse_every_layer_and_match_float64_peft(spy,
     assert rel_err(trained.base_layer.weight.grad, ref.get_submodule(name).base_layer.weight.grad) < TOL
 
 
+def test_a_base_bias_held_as_a_buffer_is_read(spy):
+    # (a frozen base may keep its bias as a buffer: the fused call must read it, not drop it)
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    mid = model.base_model.model.mid.base_layer
+    bias = mid.bias.detach().clone()
+    del mid.bias
+    mid.register_buffer("bias", bias)
+    assert int(fuse_quietly(model)) == 3
+    x = torch.randn(5, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 3
+
+
 def test_biased_falcon_linear_runs_peft(spy):
     # FalconLinear adds its bias after the product, and autocast leaves that sum in fp32: peft's
     # output is fp32 where one fused call would return bf16. Biased ones run peft's forward.
