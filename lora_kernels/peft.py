@@ -72,6 +72,8 @@ from transformers.pytorch_utils import Conv1D
 from .functional import lora_linear
 from .modules import FUSABLE_TENSORS, param, plain_module, readable_input
 
+__all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
+
 # How a fused call reads the base layer, by class: y = x Wᵀ + b with W the weight as stored, or
 # transposed (GPT-2's Conv1D stores it as (in, out) and computes addmm(bias, x, weight)), or with
 # no bias (transformers' FalconLinear, an nn.Linear computing x @ weight.T and then adding its
