@@ -10,12 +10,14 @@ or the layer's one paired launch; the thin ones also without the deep tiles that
 ``kernels.hopper_configs`` offers them, and beside cuBLAS's own), the layer's forward with the
 shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK``): on a GPU
 each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
-Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph. The
-GEMMs and the layer are also timed with the warp-specialized configs among the autotuner's
-candidates (``LORA_KERNELS_WARP_SPEC``). Every ratio is to the floor of the same run;
-each new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind,
-timed in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and ``variants.json`` under --out
-(default $OUT, else benchmarks/results/). The numbers feed benchmarks/NOTES.md.
+Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
+launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
+(``composed``), eager and from a CUDA graph. The GEMMs and the layer are also timed with the
+warp-specialized configs among the autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every
+ratio is to the floor of the same run; each new variant's row is checked against its twin
+(``TWINS``) and, where the two are of one kind, timed in turn with it for a ratio that clock drift
+does not decide. Writes ``variants.md`` and ``variants.json`` under --out (default $OUT, else
+benchmarks/results/). The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
 """
@@ -92,6 +94,21 @@ def graphed(fn, device):
 GRAPHED_KINDS = ("fwd", "dx", "graph step")
 
 
+def composed(thin, x, W, b, A, B, dy, dtype):
+    """The layer's step (alpha 2) as functional._forward_impl and _backward_impl run it on the Triton
+    path with a separate shrink, its launches called directly (no autograd), and its thin products
+    (S, dS, dA with dB) through ``thin``: kernels.lora_matmul, the layer's own, or
+    functional.torch_matmul, cuBLAS calls, which cost the host a fraction of a Triton launch.
+    Returns a zero-argument callable that returns (dX, dA, dB)."""
+    def run():
+        S = thin(x, A, out_dtype=dtype, dot_dtype=dtype)
+        kernels.lora_matmul(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype, dot_dtype=dtype)
+        dS = thin(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
+        dx = kernels.lora_matmul(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype, dot_dtype=dtype)
+        return (dx, *thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype))
+    return run
+
+
 def pieces(K, N, M, r, dtype, device):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -108,6 +125,7 @@ def pieces(K, N, M, r, dtype, device):
     dS = kernels.lora_matmul(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
 
+    operands = (x, W, b, A, B, dy, dtype)
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
     xb = x.clone().requires_grad_()
 
@@ -150,6 +168,9 @@ def pieces(K, N, M, r, dtype, device):
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", layer("1", True)),
         "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
             ("graph step", warp_specialized(layer("0", True))),
+        "the layer's launches, CUDA graph": ("graph step", composed(kernels.lora_matmul, *operands)),
+        "the layer's launches, thin products on cuBLAS, CUDA graph":
+            ("graph step", composed(functional.torch_matmul, *operands)),
     }
     rows = {
         # forward
@@ -197,6 +218,8 @@ def pieces(K, N, M, r, dtype, device):
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
         "layer fwd+bwd, separate shrink, warp-specialized candidates": ("step", warp_specialized(layer("0", True))),
+        "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
+        "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
     if device.type == "cuda":
         rows = {name: (kind, graphed(fn, device) if kind in GRAPHED_KINDS else fn) for name, (kind, fn) in rows.items()}
@@ -222,6 +245,15 @@ TWINS = {
     "dA and dB, two launches": "dA and dB, two launches, without the deep tiles",
     "dA and dB, one paired launch, without the deep tiles": "dA and dB, two launches, without the deep tiles",
     "layer fwd+bwd, separate shrink, CUDA graph": "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph",
+    # The thin products on cuBLAS (the NOTES' "thin products on cuBLAS?"), against the same launches
+    # all on Triton, each called directly: "× twin" is what handing them to cuBLAS would change, host
+    # time included in the eager row. The all-Triton rows, against the layer's step, check that the
+    # composition is the layer's; in the eager row their "× twin" is what autograd and the layer's
+    # own Python add to its launches.
+    "the layer's launches": "layer fwd+bwd, separate shrink",
+    "the layer's launches, thin products on cuBLAS": "the layer's launches",
+    "the layer's launches, CUDA graph": "layer fwd+bwd, separate shrink, CUDA graph",
+    "the layer's launches, thin products on cuBLAS, CUDA graph": "the layer's launches, CUDA graph",
 }
 
 
@@ -308,8 +340,11 @@ def host_pieces(dtype, device):
         finally:
             functional.FUSE_SHRINK = fuse
 
+    operands = (x.detach(), W, b, A.detach(), B.detach(), dy, dtype)
     return {"F.linear fwd+bwd, host (floor)": base, "layer fwd+bwd, host": layer,
             "layer fwd+bwd, separate shrink, host": separate,
+            "the layer's launches, host": composed(kernels.lora_matmul, *operands),
+            "the layer's launches, thin products on cuBLAS, host": composed(functional.torch_matmul, *operands),
             "layer fwd+bwd, host, Triton's dispatch (no direct launch)": tritons_dispatch(layer),
             "one kernel launch, host": launch,
             "one kernel launch, host, Triton's dispatch": tritons_dispatch(launch)}

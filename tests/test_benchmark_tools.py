@@ -789,3 +789,21 @@ def test_a_run_leaves_no_stale_plot_beside_its_report(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "report_markdown", lambda meta, rows, plots: f"plots: {plots}")
     paths = report.write(folder, {"card": "CPU", "dtype": "float32", "modes": ["forward"]}, [])
     assert not (folder / "plots.png").exists() and (folder / "report.md").read_text() == "plots: []", paths
+
+
+@pytest.mark.parametrize("thin", ["triton", "cublas"])
+def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch):
+    """`benchmarks.variants.composed` (the layer's launches called directly, its thin products on
+    Triton or through the PyTorch path's cuBLAS calls) returns the layer's dX, dA and dB, checked
+    against float64, every buffer its kernels write poisoned first."""
+    from benchmarks import variants
+    from conftest import TOL, make_inputs, reference, rel_err, use_triton
+    from lora_kernels import functional, kernels
+    use_triton(monkeypatch)
+    x, W, b, A, B = make_inputs((24,), 40, 32, 4, torch.float32, device="cpu", seed=3)
+    dy = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
+    matmul = kernels.lora_matmul if thin == "triton" else functional.torch_matmul
+    got = variants.composed(matmul, x, W, b, A, B, dy, torch.float32)()
+    _, (dx, _, _, dA, dB) = reference(x, W, b, A, B, 2.0, dy)
+    for name, g, want in zip(("dX", "dA", "dB"), got, (dx, dA, dB)):
+        assert rel_err(g, want) < TOL[torch.float32], name
