@@ -345,8 +345,8 @@ def _left_alone(module):
     """Why ``replace_linear_with_lora`` wraps nothing in or of ``module``, or None."""
     if isinstance(module, _READ_THEIR_LINEARS):
         return _READS_ITS_LINEARS
-    cls = type(module)  # (matched by name: transformers need not be installed)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+    # (matched by name, a subclass too: transformers need not be installed)
+    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__):
         return _CONV1D
     return None
 

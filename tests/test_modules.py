@@ -541,6 +541,11 @@ def test_replace_names_gpt2s_conv1d_layers_it_passes_by():
     with pytest.warns(UserWarning, match="Conv1D.*: the module given"):
         lora_kernels.replace_linear_with_lora(model.transformer.h[0].attn.c_attn, rank=2, alpha=1.0)
 
+    class MyConv1D(transformers.pytorch_utils.Conv1D):  # a user's subclass is named too
+        pass
+    with pytest.warns(UserWarning, match="Conv1D.*: proj$"):
+        lora_kernels.replace_linear_with_lora(torch.nn.ModuleDict({"proj": MyConv1D(8, 4)}), rank=2, alpha=1.0)
+
 
 def test_weights_swapped_in_by_functional_call_or_a_data_parallel_replica(backend, monkeypatch):
     """torch.func.functional_call puts its tensors in the modules' parameter dicts, and an
