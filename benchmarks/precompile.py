@@ -93,9 +93,10 @@ def _spec(value):
     return kernels._arg_class(value) if type(value) in (int, float) else str(value)
 
 
-def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False):
+def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False,
+           adapter_dtype=None):
     """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
-    and dtype: with ``variants``, for both shrink placements, as plain GEMMs and with dA and dB
+    and dtype, the adapters in ``adapter_dtype`` if given (else in the base's): with ``variants``, for both shrink placements, as plain GEMMs and with dA and dB
     unpaired too (what ``benchmarks.variants`` times; a test checks that against its pieces); with
     ``tf32``, fp32 products on TF32 tensor cores as well."""
     recorder, extra = _Recorder(), _Recorder()  # the layer's launches, then what only variants adds
@@ -109,7 +110,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
             # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
             x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
             W, b = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
-            A, B = torch.empty(K, r, dtype=dtype), torch.empty(r, N, dtype=dtype)
+            A, B = torch.empty(K, r, dtype=adapter_dtype or dtype), torch.empty(r, N, dtype=adapter_dtype or dtype)
             for precision in ("ieee", "tf32") if tf32 and dtype == torch.float32 else (None,):
                 chosen = mock.patch.object(kernels, "_input_precision", lambda d, p=precision: p or _precision(d))
                 with chosen, mock.patch.object(functional, "FUSE_SHRINK", fuse):
@@ -266,6 +267,8 @@ def main(argv=None):
     p.add_argument("--full-product", action="store_true")
     p.add_argument("--dtypes", type=lambda t: [DTYPES[d.strip()] for d in t.split(",")], default=[torch.bfloat16],
                    help=f"comma-separated, from {','.join(DTYPES)} (default bf16)")
+    p.add_argument("--adapter-dtype", type=lambda t: DTYPES[t.strip()],
+                   help="the adapters' dtype (default: each base dtype's), e.g. fp32 beside bf16 as peft keeps them")
     p.add_argument("--tf32", action="store_true", help="fp32 products on TF32 tensor cores as well as in IEEE fp32")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (the masked kernels)")
     p.add_argument("--trainable-base", action="store_true")
@@ -292,7 +295,8 @@ def main(argv=None):
     started = time.perf_counter()
     with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):  # the pruner reads it
         launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
-                          dropout=args.dropout, variants=args.variants, tf32=args.tf32)
+                          dropout=args.dropout, variants=args.variants, tf32=args.tf32,
+                          adapter_dtype=args.adapter_dtype)
         if args.host:
             launches += record_host(args.dtypes, sms, arch)
         launches = launches[:args.launches]

@@ -44,19 +44,20 @@ class Weights:
         return {"W": self.W, "b": self.b, "A": self.A, "B": self.B}
 
 
-def make_weights(K, N, rank, *, dtype, device, alpha=2.0, trainable_base=False, generator=None):
-    """Random weights scaled so that both terms of y are of order 1.
+def make_weights(K, N, rank, *, dtype, device, alpha=2.0, trainable_base=False, generator=None, adapter_dtype=None):
+    """Random weights scaled so that both terms of y are of order 1; the adapters in
+    ``adapter_dtype`` (default: the base's ``dtype``).
 
     B is random, not the seed's zero init: with B = 0 the LoRA path adds nothing and a provider that
     drops it, or scales it wrong, would still pass the check.
     """
-    def randn(*shape, scale):  # drawn on the device: the generator, if given, must live there
-        return (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+    def randn(*shape, scale, dt=dtype):  # drawn on the device: the generator, if given, must live there
+        return (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dt)
 
     W = randn(N, K, scale=K ** -0.5).requires_grad_(trainable_base)
     b = randn(N, scale=0.1).requires_grad_(trainable_base)
-    A = randn(K, rank, scale=K ** -0.5).requires_grad_()
-    B = randn(rank, N, scale=rank ** -0.5).requires_grad_()
+    A = randn(K, rank, scale=K ** -0.5, dt=adapter_dtype or dtype).requires_grad_()
+    B = randn(rank, N, scale=rank ** -0.5, dt=adapter_dtype or dtype).requires_grad_()
     return Weights(W, b, A, B, float(alpha))
 
 
@@ -92,7 +93,17 @@ def _base(w, **_):
     return Layer(lambda x: F.linear(x, w.W, w.b), {"W": w.W, "b": w.b}, lora=False)
 
 
+def _one_dtype(w):
+    """The seed's formula and the cuBLAS baselines multiply x by A as they are: torch's products
+    take one dtype, so adapters in another (fp32 beside a 16-bit base: peft's default, and
+    LinearWithLoRA's) have no such baseline without a cast the user would have to add."""
+    if w.A.dtype != w.W.dtype:
+        raise ProviderUnavailable(f"x ({str(w.W.dtype).removeprefix('torch.')}) times A "
+                                  f"({str(w.A.dtype).removeprefix('torch.')}): torch's products need one dtype")
+
+
 def _reference(w, **_):
+    _one_dtype(w)
     return Layer(lambda x: lora_linear_reference(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
 
 
@@ -105,6 +116,7 @@ def _compiled_reference():
 
 
 def _compiled(w, **_):
+    _one_dtype(w)
     fn = _compiled_reference()
     return Layer(lambda x: fn(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
 
@@ -151,6 +163,7 @@ class AddmmLoRA(torch.autograd.Function):
 
 
 def _addmm(w, **_):
+    _one_dtype(w)
     return Layer(lambda x: AddmmLoRA.apply(x, w.W, w.b, w.A, w.B, w.alpha), w.as_dict())
 
 
@@ -160,8 +173,9 @@ def _peft(w, dropout=0.0, **_):
     Built through ``get_peft_model`` on a module holding one nn.Linear (the public API, stable across
     peft versions); the layer is then called directly, so PeftModel's wrapper is not timed.
     peft's scale is lora_alpha / r, so lora_alpha = alpha · r gives the seed's alpha. The adapters
-    are ours, in the base's dtype: get_peft_model's default (autocast_adapter_dtype) leaves them in
-    fp32 beside a bf16 base, and peft's forward then casts x up and runs the LoRA path in fp32.
+    are ours, in their dtype (the base's unless the sweep's --adapter-dtype says otherwise):
+    get_peft_model's default (autocast_adapter_dtype) leaves them in fp32 beside a bf16 base, and
+    peft's forward then casts x up and runs the LoRA path in fp32.
     """
     try:
         from peft import LoraConfig, get_peft_model

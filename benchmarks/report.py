@@ -154,7 +154,9 @@ def report_markdown(meta, rows, plot_names):
         lines += [f"> {line}" for line in meta["banner"].splitlines()] + [""]
     threads = f", {meta['cpu_threads']} torch thread(s)" if meta.get("cpu_threads") else ""
     lines += [
-        f"- device: {meta['card']} ({meta['device']}{threads}); dtype {meta['dtype']}; alpha {meta['alpha']}; "
+        f"- device: {meta['card']} ({meta['device']}{threads}); dtype {meta['dtype']}"
+        + (f", adapters {meta['adapter_dtype']}" if meta.get("adapter_dtype", meta["dtype"]) != meta["dtype"] else "")
+        + f"; alpha {meta['alpha']}; "
         f"base {'trainable' if meta['trainable_base'] else 'frozen'}",
         f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, peft {v['peft']}, CUDA {v['cuda']}",
         f"- settings: {describe_settings(meta.get('settings', {}))}",

@@ -48,7 +48,7 @@ def _incomplete(results, which):
 
 
 # What a dropout run must share with the main run for its speedup over peft to stand beside the rest.
-SAME_SETUP = ("card", "device", "versions", "settings", "dtype", "alpha", "trainable_base")
+SAME_SETUP = ("card", "device", "versions", "settings", "dtype", "adapter_dtype", "alpha", "trainable_base")
 
 
 def check_same_setup(results, dropout_results):

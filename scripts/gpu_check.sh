@@ -17,10 +17,11 @@
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
-#         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md)
-#         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in
-#         what is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75 + 2 × 40).
+#         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md),
+#         the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default) and
+#         what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
+#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
+#         precompile, 75, 40 + 60, 2 × 40).
 #   tests: the suite's precompile, then the eight shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -209,6 +210,19 @@ if has perf; then
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
+  # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
+  # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
+  # keeps x as it is. base, peft and fused only (the seed's formula and addmm need one dtype).
+  # Its launches (fp32 A, B, dA, dB) are compiled first; before the first-step pair, which is cut
+  # first. (About 30 + 25 s, an estimate: 169 compiles where the dropout precompile's 143 took 25 s
+  # in the fourth run; then a third of the sweep's configurations, three providers, one mode.)
+  if (( deadline - $(date +%s) >= 70 )); then
+    step precompile-fp32-adapters 40 "$PY" -m benchmarks.precompile --tokens 8192 --ranks 16 --adapter-dtype fp32
+    step bench-fp32-adapters 60 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters --providers base,peft,fused \
+      --tokens 8192 --ranks 16 --adapter-dtype fp32 --modes forward+backward
+  else
+    echo "- bench-fp32-adapters: skipped, under 70 s left" >> "$W/steps.md"
+  fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
   # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s):
@@ -226,7 +240,7 @@ if has perf; then
 fi
 
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).
-results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -- -dropout/ | head -n 1)
+results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -e -dropout/ -e -fp32-adapters/ | head -n 1)
 dropout=$(ls "$W"/*-dropout/results.json 2>/dev/null | head -n 1)
 if [ -n "$results" ]; then
   timeout 20 "$PY" -m benchmarks.targets "$results" ${dropout:+--dropout "$dropout"} --out "$W/targets.md" \
@@ -244,6 +258,7 @@ fi
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
   [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows
   [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
+  for f in "$W"/*-fp32-adapters/report.md; do [ -e "$f" ] && { echo; echo "### fp32 adapters"; grep '^|' "$f"; }; done
   [ -e "$W/first-step.md" ] && { echo; cat "$W/first-step.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }
   # (last: the device tool's output tail shows the end of this, should the files not come back)

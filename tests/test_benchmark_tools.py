@@ -356,6 +356,31 @@ def test_peft_adapters_are_in_the_base_dtype():
     assert layer.fn(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_sweep_with_fp32_adapters_beside_a_bf16_base(tmp_path):
+    """--adapter-dtype fp32 (peft's default beside a 16-bit base, and LinearWithLoRA's): peft and
+    fused hold fp32 adapters and are checked against float64 within bf16's tolerance; the seed's
+    formula and addmm, which cannot multiply bf16 by fp32, are SKIPPED saying so; the report names
+    the adapters' dtype."""
+    pytest.importorskip("peft")
+    w = providers.make_weights(64, 48, 8, dtype=torch.bfloat16, device="cpu", adapter_dtype=torch.float32)
+    for name in ("peft", "fused"):
+        layer = providers.PROVIDERS[name](w)
+        assert {k: t.dtype for k, t in layer.params.items()} == {**dict.fromkeys("Wb", torch.bfloat16),
+                                                                 **dict.fromkeys("AB", torch.float32)}, name
+    rows = run.main(["--device", "cpu", "--dtype", "bf16", "--adapter-dtype", "fp32", "--shapes", "48x40",
+                     "--tokens", "24", "--ranks", "4", "--providers", "base,reference,addmm,peft,fused",
+                     "--modes", "forward+backward", "--warmup-ms", "1", "--rep-ms", "2", "--out", str(tmp_path)])
+    by = {r["provider"]: r for r in rows}
+    for name in ("reference", "addmm"):
+        assert by[name]["status"] == "SKIPPED: x (bfloat16) times A (float32): torch's products need one dtype"
+    for name in ("peft", "fused"):
+        assert by[name]["status"].startswith("ok") and 0 < by[name]["max_err"] < 1.2e-2 and by[name]["ms"] > 0
+    (folder,) = tmp_path.iterdir()
+    meta = json.loads((folder / "results.json").read_text())
+    assert (meta["dtype"], meta["adapter_dtype"]) == ("bfloat16", "float32")
+    assert "dtype bfloat16, adapters float32;" in (folder / "report.md").read_text()
+
+
 def test_check_runs_the_calls_after_the_first(tmp_path, monkeypatch):
     """The check is not the provider's first call (which compiles and tunes, through Triton's
     dispatch on a GPU) but a later one, as the timed calls are: a provider right only on its first
