@@ -18,10 +18,10 @@
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md),
-#         the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default) and
-#         what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
+#         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
+#         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
 #         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75, 40 + 60, 2 × 40).
+#         precompile, 75, 25 + 45, 2 × 40).
 #   tests: the suite's precompile, then the eight shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -214,14 +214,16 @@ if has perf; then
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
   # keeps x as it is. base, peft and fused only (the seed's formula and addmm need one dtype).
   # Its launches (fp32 A, B, dA, dB) are compiled first; before the first-step pair, which is cut
-  # first. (About 30 + 25 s, an estimate: 169 compiles where the dropout precompile's 143 took 25 s
-  # in the fourth run; then a third of the sweep's configurations, three providers, one mode.)
-  if (( deadline - $(date +%s) >= 70 )); then
-    step precompile-fp32-adapters 40 "$PY" -m benchmarks.precompile --tokens 8192 --ranks 16 --adapter-dtype fp32
-    step bench-fp32-adapters 60 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters --providers base,peft,fused \
-      --tokens 8192 --ranks 16 --adapter-dtype fp32 --modes forward+backward
+  # first. Two shapes, one mode, three providers: what is left after variants may be a minute.
+  # (About 20 + 15 s, an estimate: 117 compiles, where the dropout precompile's 143 took 25 s in
+  # the fourth run.)
+  fp32_shapes="--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32"
+  if (( deadline - $(date +%s) >= 50 )); then
+    step precompile-fp32-adapters 25 "$PY" -m benchmarks.precompile $fp32_shapes
+    step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters --providers base,peft,fused \
+      $fp32_shapes --modes forward+backward
   else
-    echo "- bench-fp32-adapters: skipped, under 70 s left" >> "$W/steps.md"
+    echo "- bench-fp32-adapters: skipped, under 50 s left" >> "$W/steps.md"
   fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
