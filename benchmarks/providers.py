@@ -199,10 +199,12 @@ def _peft(w, dropout=0.0, **_):
 
     def next_mask(x, torch_seed):
         # peft's forward draws nothing before its nn.Dropout, which draws from torch's generator
-        # for x's device: the same draw, from the same seed, on a tensor of x's shape, dtype and
-        # device is its mask (dropout's kernels draw by element count, not by the values).
+        # for x's device: the same draw, from the same seed, on a tensor of the shape, dtype and
+        # device of the x it drops is its mask (dropout's kernels draw by element count, not by the
+        # values; the vector width they draw with may follow the dtype). peft casts x to the
+        # adapters' dtype first.
         torch.manual_seed(torch_seed)
-        keep = F.dropout(torch.ones_like(x), dropout, training=True) != 0
+        keep = F.dropout(torch.ones_like(x, dtype=layer.lora_A["default"].weight.dtype), dropout, training=True) != 0
         torch.manual_seed(torch_seed)
         return keep
 

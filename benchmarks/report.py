@@ -122,7 +122,8 @@ TABLE_NOTES = """\
   (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own
   parameters left out (the JSON also has the total with them).
 - max err: the largest relative Frobenius error ‖got − ref‖/‖ref‖ of the output and gradients
-  against float64; a provider over the dtype's tolerance is WRONG and not timed.
+  against float64; a provider over the dtype's tolerance (the less precise of the base's and the
+  adapters') is WRONG and not timed.
 - forward is the training forward (autograd recording); backward is timed alone on a fresh graph."""
 
 
@@ -141,7 +142,9 @@ def write(folder, meta, rows):
         f.write("\n")
     png = folder / "plots.png"
     png.unlink(missing_ok=True)  # (an earlier run's, in the same card-and-date folder, is not this one's)
-    plotted = plot(rows, meta["modes"], png, title=f"{meta['card']}, {meta['dtype']}")
+    adapters = meta.get("adapter_dtype", meta["dtype"])
+    plotted = plot(rows, meta["modes"], png, title=f"{meta['card']}, {meta['dtype']}"
+                   + (f", adapters {adapters}" if adapters != meta["dtype"] else ""))
     with open(paths[1], "w") as f:
         f.write(report_markdown(meta, rows, [png.name] if plotted else []))
     return paths + ([png] if plotted else [])

@@ -105,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="bf16 on a GPU, fp32 on CPU by default")
     p.add_argument("--adapter-dtype", choices=DTYPES,
                    help="the adapters' dtype (default: --dtype's); fp32 beside a bf16 base is peft's default "
-                        "(autocast_adapter_dtype) and LinearWithLoRA's. The seed's formula and addmm multiply "
+                        "(autocast_adapter_dtype) and LinearWithLoRA's. reference, compiled and addmm multiply "
                         "x by A as they are, so with another dtype than x's they are SKIPPED")
     p.add_argument("--shapes", type=_shapes, help="comma-separated KxN (in x out features), e.g. 4096x14336")
     p.add_argument("--tokens", type=_ints, help="comma-separated token counts M")
@@ -171,6 +171,12 @@ def describe_error(e, limit=300):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def check_tolerance(dtype, adapter_dtype, device):
+    """The bound of the float64 check: the less precise of the base's and the adapters' dtypes'
+    (a provider may run every product in either)."""
+    return max(tolerance(dtype, device), tolerance(adapter_dtype, device))
+
+
 def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
     """One row per mode for one provider: checked, then measured, then timed."""
     device = xs[0].device
@@ -202,8 +208,7 @@ def bench_provider(name, weights, xs, dys, refs, args, timer, config, modes):
         return rows(f"ERROR: {describe_error(e)}")
     check_s = time.perf_counter() - started
     max_err = worst(errors)
-    # (the less precise of the base's and the adapters' dtypes: products run in x's)
-    passed = max_err <= max(tolerance(weights.W.dtype, device), tolerance(weights.A.dtype, device))  # (False for NaN)
+    passed = max_err <= check_tolerance(weights.W.dtype, weights.A.dtype, device)  # (False for NaN too)
     if checked and not passed:
         off = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
         failure = f"{off} off by {errors[off]:.1e}"
@@ -352,10 +357,12 @@ def run_notes(args, s):
         base = str(s["dtype"]).removeprefix("torch.")
         note = ("peft: its lora.Linear layer called directly (built by get_peft_model), r = rank, "
                 "lora_alpha = alpha·rank, adapters in " + (args.adapter_dtype or "the base's dtype"))
-        if args.adapter_dtype and DTYPES[args.adapter_dtype] != s["dtype"]:
+        if args.adapter_dtype == "fp32" and s["dtype"] != torch.float32:
             note += (f" beside a {base} base, as peft's default keeps them: peft casts x to the adapters' dtype "
                      "for its LoRA path; the fused layer keeps x as it is and rounds the adapters' tiles to x's "
                      "dtype, accumulating in fp32")
+        elif args.adapter_dtype and DTYPES[args.adapter_dtype] != s["dtype"]:
+            note += f" beside a {base} base: peft casts x to the adapters' dtype for its LoRA path"
         elif s["dtype"] != torch.float32:
             note += (f" ({str(s['dtype']).removeprefix('torch.')}): peft's own default keeps them in fp32 beside a "
                      "16-bit base and runs the LoRA path in fp32 (x cast up), which is slower, so the comparison "
@@ -448,15 +455,16 @@ def main(argv=None):
     elapsed = time.perf_counter() - started
     first_calls, spent = time_spent(rows, elapsed, timer)
 
+    adapter_dtype = DTYPES[args.adapter_dtype] if args.adapter_dtype else dtype
     meta = {
         "card": card_name, "card_slug": card_slug, "device": device.type,
         "date": datetime.date.today().isoformat(), "versions": report.versions(), "settings": report.settings(),
         "dtype": str(dtype).removeprefix("torch."), "alpha": args.alpha, "trainable_base": args.trainable_base,
-        "adapter_dtype": str(DTYPES[args.adapter_dtype] if args.adapter_dtype else dtype).removeprefix("torch."),
+        "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
         "dropout": args.dropout, "cpu_threads": torch.get_num_threads() if banner else None,
         "shapes": s["shapes"], "tokens": s["tokens"], "ranks": s["ranks"],
         "configs": s["configs"], "providers": args.providers, "modes": args.modes,
-        "tolerance": tolerance(dtype, device),
+        "tolerance": check_tolerance(dtype, adapter_dtype, device),
         "timing": (f"median (and 20th-80th percentiles) after a warm-up, {s['warmup_ms']:g} ms of warm-up and {s['rep_ms']:g} ms of timed runs "
                    "per measurement, inputs rotated among copies, "
                    + ("CUDA events, L2 flushed before each run" if device.type == "cuda" else "time.perf_counter")),

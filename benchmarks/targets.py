@@ -53,8 +53,10 @@ SAME_SETUP = ("card", "device", "versions", "settings", "dtype", "adapter_dtype"
 
 def check_same_setup(results, dropout_results):
     """Raise ValueError naming each setting in which the dropout run differs from the main run."""
-    diffs = [f"{k}: {results.get(k)!r} in the main run, {dropout_results.get(k)!r} in the dropout run"
-             for k in SAME_SETUP if results.get(k) != dropout_results.get(k)]
+    def setting(run, k):  # (a run from before adapter_dtype was recorded held its adapters in its dtype)
+        return run.get(k, run.get("dtype")) if k == "adapter_dtype" else run.get(k)
+    diffs = [f"{k}: {setting(results, k)!r} in the main run, {setting(dropout_results, k)!r} in the dropout run"
+             for k in SAME_SETUP if setting(results, k) != setting(dropout_results, k)]
     if diffs:
         raise ValueError("the dropout run was not made like the main run, so its speedup over peft would "
                          "not stand beside the other targets: " + "; ".join(diffs))

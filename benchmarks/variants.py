@@ -100,6 +100,8 @@ def composed(thin, x, W, b, A, B, dy, dtype):
     (S, dS, dA with dB) through ``thin``: kernels.lora_matmul, the layer's own, or
     functional.torch_matmul, cuBLAS calls, which cost the host a fraction of a Triton launch.
     Returns a zero-argument callable that returns (dX, dA, dB)."""
+    # (torch_matmul scales dA and dB after the product, one small elementwise call each, as the
+    # PyTorch path does; a hand-off to cuBLAS could fold alpha into an addmm: a few µs.)
     def run():
         S = thin(x, A, out_dtype=dtype, dot_dtype=dtype)
         kernels.lora_matmul(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype, dot_dtype=dtype)
@@ -384,13 +386,18 @@ def main(argv=None):
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default bf16 on a GPU, fp16 off one (Triton's interpreter computes bf16 wrong)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
+    if device.type != "cuda" and args.dtype == "bf16":  # (the rows would agree or not by the interpreter's bf16)
+        parser.error("Triton's interpreter computes bf16 wrong: off a GPU use --dtype fp16 or fp32")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp16")
+    dtype = DTYPES[args.dtype]
     os.environ["LORA_KERNELS_BACKEND"] = "triton"
     timer = Timer(device, warmup_ms=10, rep_ms=40) if device.type == "cuda" else None
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} (interpreter)"

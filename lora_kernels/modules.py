@@ -339,6 +339,8 @@ _READS_ITS_LINEARS = ("PyTorch's attention and transformer layers read their Lin
 # and a model would silently train adapters on its lm_head alone.
 _CONV1D = ("transformers' Conv1D, GPT-2's linear layer, is not an nn.Linear: peft's LoRA takes it, and "
            "lora_kernels.peft.fuse_lora fuses it")
+_CONV1D_SUBCLASS = ("a subclass of transformers' Conv1D is not an nn.Linear: peft's LoRA takes it, and runs its "
+                    "own forward there (lora_kernels.peft.fuse_lora fuses Conv1D itself only)")
 
 
 def _left_alone(module):
@@ -346,8 +348,9 @@ def _left_alone(module):
     if isinstance(module, _READ_THEIR_LINEARS):
         return _READS_ITS_LINEARS
     # (matched by name, a subclass too: transformers need not be installed)
-    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__):
-        return _CONV1D
+    conv1d = [c for c in type(module).__mro__ if c.__name__ == "Conv1D" and c.__module__.startswith("transformers.")]
+    if conv1d:
+        return _CONV1D if conv1d[0] is type(module) else _CONV1D_SUBCLASS
     return None
 
 

@@ -212,7 +212,7 @@ if has perf; then
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
-  # keeps x as it is. base, peft and fused only (the seed's formula and addmm need one dtype).
+  # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
   # Its launches (fp32 A, B, dA, dB) are compiled first; before the first-step pair, which is cut
   # first. Two shapes, one mode, three providers: what is left after variants may be a minute.
   # (About 20 + 15 s, an estimate: 117 compiles, where the dropout precompile's 143 took 25 s in

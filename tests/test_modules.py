@@ -543,7 +543,7 @@ def test_replace_names_gpt2s_conv1d_layers_it_passes_by():
 
     class MyConv1D(transformers.pytorch_utils.Conv1D):  # a user's subclass is named too
         pass
-    with pytest.warns(UserWarning, match="Conv1D.*: proj$"):
+    with pytest.warns(UserWarning, match="subclass of transformers' Conv1D.*Conv1D itself only.*: proj$"):
         lora_kernels.replace_linear_with_lora(torch.nn.ModuleDict({"proj": MyConv1D(8, 4)}), rank=2, alpha=1.0)
 
 
