@@ -33,9 +33,12 @@ def test_targets_table_ratios_and_verdicts():
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
     assert line == ["| 4096→1024 | 8192 | 16 | 1.04 ✓ | 1.15 ✗ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
     # A dropout run made otherwise (another dtype, a trainable base, ...) is refused by name.
-    for setting, value in (("dtype", "float16"), ("trainable_base", True), ("card", "other GPU")):
+    for setting, value in (("dtype", "float16"), ("trainable_base", True), ("card", "other GPU"),
+                           ("adapter_dtype", "float32")):
         with pytest.raises(ValueError, match=f"{setting}: .* in the main run, .* in the dropout run"):
             targets.table(main, {**dropout, setting: value})
+    # (a run from before the adapters' dtype was recorded held them in its own dtype)
+    assert targets.table(main, {**dropout, "adapter_dtype": "bfloat16"}) == targets.table(main, dropout)
     # Without a dropout run, peft's ratio comes from the main run; so it does, marked, for a
     # configuration the dropout run did not cover.
     assert "| 4.34 ✓ |" in targets.table(main)
