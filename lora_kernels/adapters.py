@@ -27,7 +27,7 @@ try:  # FSDP2 parameters are DTensors
 except ImportError:  # pragma: no cover (torch built without distributed)
     DTensor = distribute_tensor = None
 
-try:  # FSDP1's flat parameters: refused by name (below)
+try:  # FSDP1's flat parameters: refused (_refuse_fsdp1)
     from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1
 except ImportError:  # pragma: no cover
     _FSDP1 = None

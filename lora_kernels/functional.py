@@ -10,13 +10,14 @@ LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1
 
 S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha enters in fp32
 inside the kernel, on B's and Aᵀ's tiles before their cast (in fp16, on the accumulators of y and
-dX instead: ``r_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``,
+dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``,
 ``pair_scale``), so a large alpha overflows nothing in fp16 that the reference's own order of
 operations keeps in range.
 
-Every product above is one call of ``matmul`` (dA and dB one call together; S inside y's call and
-dS inside dX's where ``fuse_shrink`` says; db a sum), which runs the Triton
-kernel (``kernels.lora_matmul``) or the same contract in PyTorch (``torch_matmul``); the mask is
+Every product above is one call of ``kernels.lora_matmul`` or its twin ``torch_matmul`` (dA and
+dB one call together; S inside y's call and
+dS inside dX's where ``fuse_shrink`` says; db a sum): the Triton kernel or the same contract in
+PyTorch; the mask is
 never stored, each product regenerates it from the seed. Forward and backward are registered as
 custom ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
@@ -25,7 +26,7 @@ dispatcher costs more host time per call than the layer's launches (benchmarks/N
 ``no_grad`` the forward function runs alone.
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
-fp32 adapters beside bf16 weights), and accumulate in fp32; S and dS are stored in that dtype too
+fp32 adapters beside bf16 weights), and accumulate in fp32 (fp64 for fp64); S and dS are stored in that dtype too
 (every product that reads them casts to it anyway), and gradients come back in each parameter's
 own dtype.
 """
@@ -183,8 +184,8 @@ def _read_torch_below(text):
 
 # Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
 # features) take the PyTorch path: in a small step the host's time, not the GPU's, sets the pace,
-# and cuBLAS calls may cost the host less than Triton launches (unmeasured: benchmarks/NOTES.md, fifteenth
-# session). Compiled and traced calls keep the kernels (the choice would be fixed in the graph, at
+# and cuBLAS calls may cost the host less than Triton launches (not yet measured on a GPU:
+# benchmarks/NOTES.md). Compiled and traced calls keep the kernels (the choice would be fixed in the graph, at
 # one size), as do calls captured in a CUDA graph, whose replays cost no host time per launch.
 # LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured the crossover,
 # keeps every CUDA call on the kernels.
@@ -204,6 +205,9 @@ def _host_bound(x, out_features):
 def select_backend(x, adapter_dtype, out_features=None):
     """'triton' or 'torch' for these inputs (x: (..., in_features); the layer's ``out_features``),
     honouring ``LORA_KERNELS_BACKEND`` and, under ``auto``, ``TORCH_BELOW``."""
+    # Unlike the other switches, read on every call: the benchmarks and tests set it around single
+    # calls (benchmarks.providers.torch_path), and a running model can be switched to the PyTorch
+    # path (the README says it is read on every call).
     choice = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
@@ -289,7 +293,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
         if alpha.requires_grad:  # .item() would drop its gradient without a word
             raise ValueError("alpha is a tensor that requires grad: the fused layer has no gradient for "
                              "alpha; pass a number or a tensor that does not require grad")
-        if alpha.dim() > x.dim():  # the seed's alpha · (x A B) would broadcast y to more dimensions
+        if alpha.dim() > x.dim():  # the reference's alpha · (x A B) would broadcast y to more dimensions
             raise ValueError(f"alpha of shape {tuple(alpha.shape)} has more dimensions than x "
                              f"{tuple(x.shape)}: pass a number")
         if alpha.is_complex():
@@ -299,7 +303,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
             # a check (so a NaN one is not refused here) nor the op's float argument can take:
             # lora_linear folds it into B instead.
             return alpha.reshape(())
-        alpha = alpha.item()  # the seed's layer takes a one-element tensor too
+        alpha = alpha.item()  # the reference's layer (reference.LoRALayer) takes a one-element tensor too
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     # Comparisons, not math.isfinite: torch.compile may trace alpha as a symbolic float (dynamic=True,
@@ -324,7 +328,7 @@ class _Dropout:
         self.rescale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
     def on(self, where, si, sj):
-        """The ``dropout`` argument of ``matmul``: mask ``where`` ("x" or "lowrank"), whose
+        """The ``dropout`` argument of ``lora_matmul`` / ``torch_matmul``: mask ``where`` ("x" or "lowrank"), whose
         element (i, j) is element i·si + j·sj of x."""
         return None if self.seed is None else (where, self.seed, self.p, si, sj)
 

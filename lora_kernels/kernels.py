@@ -125,9 +125,9 @@ def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, ws=False, group
 def hopper_configs():
     """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
-    where the launch allows it), and the four largest also as a persistent grid with TMA (one
-    program per SM looping over tiles), deep tiles for thin outputs, then warp-specialized TMA
-    tiles (where the launch allows them, see ``WARP_SPEC``): which is faster is the measurement's
+    where the launch allows it), the first four shapes also as a persistent grid with TMA (one
+    program per SM looping over tiles), the two largest again in four stages (TMA), deep tiles for
+    thin outputs, then warp-specialized TMA tiles (where the launch allows them, see ``WARP_SPEC``): which is faster is the measurement's
     call."""
     shapes = [
         # BM, BN, BK, warps, stages
@@ -147,7 +147,7 @@ def hopper_configs():
         loads = [(False, False), (True, False)] + ([(True, True)] if i < 4 else [])  # (USE_TMA, PERSISTENT)
         configs += [_config(bm, bn, bk, w, s, tma=tma, persistent=persistent) for tma, persistent in loads]
     # The two largest tiles in four stages as well, with TMA (192 KiB of tiles in bf16: deeper
-    # prefetch where a GEMM waits on memory; untimed so far, the autotuner decides).
+    # prefetch where a GEMM waits on memory: the autotuner decides whether it pays).
     configs += [_config(bm, bn, 64, 8, 4, tma=True) for bm, bn in ((128, 256), (256, 128))]
     # Thin outputs (N up to THIN_N: the shrink, dS, dA beside dB, whose N is the rank) stream one
     # long operand through few tiles. In the second H200 run the shrink at 8192 tokens read x at
@@ -467,11 +467,12 @@ def _lora_matmul_kernel(
     if PERSISTENT:
         tile_end = num_rows * num_n
         tile_step = tl.num_programs(0)
-    else:  # bounds the compiler sees as one trip, so it drops the loop: straight-line code as before
+    else:  # bounds the compiler sees as one trip, so it drops the loop: one tile's straight-line code
         tile_end = pid + 1
         tile_step = 1
     for tile in range(pid, tile_end, tile_step):
-        # Grouped order: consecutive tiles share rows of X, so W tiles stay in L2.
+        # Grouped order: consecutive tiles walk down GROUP_M row blocks before the next column
+        # block, so each column block of W is read GROUP_M times while those rows of X stay in L2.
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
         group_size = min(num_rows - first_m, GROUP_M)
@@ -517,7 +518,7 @@ def _lora_matmul_kernel(
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
                 w = tl.load(wp + rk[:, None] * swk + rn[None, :] * swn,
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-            # Dropout masks the x that feeds the shrink: this product, or the fused one beside it.
+            # DROP_X masks this product's X (S's x, or dA's xᵀ), or with FUSE_SHRINK only the x feeding L.
             x_drop = x
             if DROPOUT == DROP_X:
                 if PAIRED:  # the mask is the first product's (dA's x̃): the second's tiles skip its hash
@@ -605,7 +606,7 @@ def _compile_before_timing(tuner):
     half a second each on the H200 machine (benchmarks/NOTES.md). Here the first timing of a tuning
     run compiles all of that run's candidates at once (compile_configs); the timings then find
     them compiled. Only when the autotuner really times them: a tuning found in its disk cache
-    compiles just the chosen config, as before."""
+    compiles just the chosen config, as Triton's autotuner does."""
     prune, time_one = tuner.prune_configs, tuner._bench
     candidates = []  # the tuning run in progress (launches through the autotuner take turns)
 
@@ -708,7 +709,7 @@ def _empty(shape, device, dtype):
 # (benchmarks/NOTES.md). So a launch whose compiled kernel is already known goes straight to it.
 # LORA_KERNELS_FAST_LAUNCH=0 always takes Triton's own path.
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
-_COMPILED = {}  # launch key (see _launch) -> (compiled kernel, its constexpr values by name, in order)
+_COMPILED = {}  # launch key (_launch_key) -> (compiled kernel, its constexpr values by name, in order)
 # Triton's autotuner keeps a call's arguments on itself while it tunes (Autotuner.nargs) and
 # clears them when any call ends: with Triton 3.6, two threads in it at once (DataParallel's
 # replicas, each device's autograd thread) made one fail with a TypeError mid-tuning (reproduced on
@@ -828,9 +829,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     with a Shrink, only the x feeding L) or of ``L @ R`` (where="lowrank") unless
     ``u(seed, i·si + j·sj) >= p`` (``_keep``), with ``seed`` a 0-d int64 tensor (on x's device, or copied
     there). Operands are cast to ``dot_dtype`` for the tensor cores and
-    accumulated in fp32 (fp64 for fp64). A result with few tiles and a long reduction is split
-    over the reduction (deterministically, see the module docstring); ``lowrank`` and ``bias`` are
-    then not allowed, and none of the layer's reductions needs them.
+    accumulated in fp32 (fp64 for fp64). A plain product (no ``lowrank``, no ``bias``) with few
+    tiles and a long reduction is split over the reduction (deterministically, see the module
+    docstring); the layer's products that carry either never need a split.
 
     ``pair=(x2, w2)`` computes a second product of the same K, N and dtypes in the same launch (its
     row blocks after the first's; plain products only, and a dropout on x masks the first's x
@@ -935,7 +936,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
-        BLOCK_R=max(16, min(64, _pow2(R))),  # (the fused shrink's whole rank: R <= FUSE_MAX_RANK = 64)
+        # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
+        # trip of the low-rank loop otherwise)
+        BLOCK_R=max(16, min(FUSE_MAX_RANK, _pow2(R))),
     )
 
     def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
@@ -947,7 +950,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         _launch(device, grid, args, flags)
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out when
-        # it is fp32 (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
+        # it has the partial buffer's dtype (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
         # into a 16-bit out would round every split first).
         for o, d in [(out.view(M, N), dest)] + ([(out2, dest2)] if pair is not None else []):
             if o.dtype == d.dtype:

@@ -110,11 +110,13 @@ class LinearWithLoRA(torch.nn.Module):
     A ``linear`` that is not a plain, unhooked ``nn.Linear`` (or a ``lora`` that is not a plain,
     unhooked ``LoRALayer``), or weights or an input that are tensor subclasses, run the
     reference's calls, ``linear(x) + lora(x)``, unfused. The adapters start on ``linear``'s device,
-    in fp32 (initialised on the CPU, so the numbers are the reference's).
+    in the default dtype (fp32), drawn on the default device as the reference's are, so the numbers
+    are the reference's.
     """
 
-    # Set by replace_linear_with_lora when the weight is shared with another module. (A class
-    # default: a layer pickled before the attribute existed unpickles without it.)
+    # True where replace_linear_with_lora found the weight shared with another module (or a user
+    # set it): merge() then refuses. A class default, so __init__ need not set it and a layer
+    # pickled before the attribute existed still loads.
     weight_tied = False
 
     def __init__(self, linear, rank, alpha, dropout=0.0):
