@@ -949,9 +949,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
             _ensure_allocator()
         _launch(device, grid, args, flags)
     if split > 1:
-        # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out when
-        # it has the partial buffer's dtype (one launch less); a 16-bit out gets the fp32 sum rounded once (torch.sum
-        # into a 16-bit out would round every split first).
+        # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out
+        # when it has the partial buffer's dtype (one launch less); a 16-bit out gets the fp32 sum
+        # rounded once (torch.sum into a 16-bit out would round every split first).
         for o, d in [(out.view(M, N), dest)] + ([(out2, dest2)] if pair is not None else []):
             if o.dtype == d.dtype:
                 torch.sum(d, 0, out=o)
