@@ -127,8 +127,8 @@ def hopper_configs():
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
     where the launch allows it), the first four shapes also as a persistent grid with TMA (one
     program per SM looping over tiles), the two largest again in four stages (TMA), deep tiles for
-    thin outputs, then warp-specialized TMA tiles (where the launch allows them, see ``WARP_SPEC``): which is faster is the measurement's
-    call."""
+    thin outputs, then warp-specialized TMA tiles (where the launch allows them, see
+    ``WARP_SPEC``): which is faster is the measurement's call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
