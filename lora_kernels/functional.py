@@ -224,6 +224,8 @@ def select_backend(x, adapter_dtype, out_features=None):
     if choice == "auto":
         return "torch"
     if not kernels.INTERPRET:
+        if x.is_meta or _fake(x):  # (shapes only: the ops' shape functions serve it, nothing launches)
+            return "triton"
         raise RuntimeError(
             f"LORA_KERNELS_BACKEND=triton with {x.device.type} tensors needs CUDA tensors, or "
             "TRITON_INTERPRET=1 set before lora_kernels is imported to run the kernels on the CPU")

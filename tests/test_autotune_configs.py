@@ -25,7 +25,9 @@ TOKENS, IN_FEATURES, OUT_FEATURES = 600, 64, 48
 class EveryConfig:
     """Stands in for the autotuned kernel: runs each launch once with every tile config the GPU
     autotuner would try there (pruned as it prunes them), each into NaN-poisoned outputs, checks
-    that they all agree, and leaves the last one's result for the caller."""
+    that they all agree, and leaves the last one's result for the caller. A launch with configs
+    that write non-finite values or disagree fails naming every one of them (on the H200 a
+    NaN-writing config was reported without its name: the first failure stopped the check)."""
 
     def __init__(self, kernel, dtype, configs):
         self.kernel, self.tol, self.configs = kernel, TOL[dtype], configs
@@ -37,20 +39,53 @@ class EveryConfig:
             self.split |= named["K_PER_SPLIT"] < named["K"]
             outputs = ([named["out_ptr"]] + ([named["s_ptr"]] if kwargs["FUSE_SHRINK"] else [])
                        + ([named["out2_ptr"]] if kwargs["PAIRED"] else []))
-            first = None
+            first, wrong = None, []
             configs = kernels._prune(self.configs, named, **kwargs)
             kernels.compile_configs(self.kernel.fn, args, kwargs, configs)  # (on a GPU: all at once, on threads)
             for config in configs:
+                name = kernels.tile_name(config.all_kwargs())
                 for out in outputs:
                     out.fill_(float("nan"))
                 self.kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
-                self.tiles.add(kernels.tile_name(config.all_kwargs()))
+                self.tiles.add(name)
                 got = [out.clone() for out in outputs]
-                if first is None:
-                    first = got
-                for a, b in zip(got, first):
-                    assert rel_err(a, b) < self.tol, kernels.tile_name(config.all_kwargs())
+                if not all(torch.isfinite(g).all() for g in got):
+                    wrong.append(f"{name}: non-finite values")
+                elif first is None:
+                    first = got  # (the first config that writes finite values is the others' yardstick)
+                elif not max(rel_err(a, b) for a, b in zip(got, first)) < self.tol:
+                    wrong.append(f"{name}: differs by {max(rel_err(a, b) for a, b in zip(got, first)):.1e}")
+            launch = {k: v for k, v in kwargs.items() if k in ("HAS_LOWRANK", "FUSE_SHRINK", "PAIRED", "DOT_DTYPE")}
+            assert not wrong, (f"{len(wrong)} of {len(configs)} configs wrong at M={named['M']} N={named['N']} "
+                               f"K={named['K']} R={named['R']} {launch}: " + "; ".join(wrong))
         return run
+
+
+def test_every_config_names_each_config_that_writes_nan_or_disagrees(monkeypatch):
+    """The check itself (a stub kernel, no Triton): of four configs, one that leaves its output
+    unwritten (NaN) and one that computes another value are both named, with the launch's sizes."""
+    import types
+    configs = kernels.hopper_configs()[:4]
+    names = [kernels.tile_name(c.all_kwargs()) for c in configs]
+    out = torch.empty(4, 4)
+
+    class Fn:  # what EveryConfig calls: fn[grid](*args, **flags, **config)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                name = kernels.tile_name(kwargs)
+                if name != names[1]:  # (names[1] writes nothing: its output stays NaN)
+                    out.fill_(1.5 if name == names[2] else 1.0)
+            return launch
+
+    kernel = types.SimpleNamespace(fn=Fn(), arg_names=["out_ptr", "M", "N", "K", "R", "K_PER_SPLIT"])
+    monkeypatch.setattr(kernels, "_prune", lambda configs, named, **kwargs: configs)
+    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
+    with pytest.raises(AssertionError) as failed:
+        EveryConfig(kernel, torch.float32, configs)[(1,)](out, 4, 4, 8, 2, 8, HAS_LOWRANK=False,
+                                                          FUSE_SHRINK=False, PAIRED=False)
+    message = str(failed.value)
+    assert message.startswith("2 of 4 configs wrong at M=4 N=4 K=8 R=2"), message
+    assert f"{names[1]}: non-finite values" in message and f"{names[2]}: differs by 5.0e-01" in message
 
 
 def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):

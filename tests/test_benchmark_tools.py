@@ -609,9 +609,11 @@ def test_model_step_checks_then_times_every_provider(tmp_path, monkeypatch):
         layer = providers.PROVIDERS["addmm"](w, **kwargs)
         return layer._replace(fn=lambda x: layer.fn(x) + math.nan)
 
+    down_width = model_step.WIDTHS["m"] // (1 if torch.cuda.is_available() else 16)  # (model_step's widths)
+
     def down_on_torch(w, **kwargs):  # fused, saying that the MLP's down projection alone takes the PyTorch path
         layer = providers.PROVIDERS["fused"](w, **kwargs)
-        return layer._replace(backend=lambda x: "torch" if x.shape[-1] == 14336 // 16 else "triton")
+        return layer._replace(backend=lambda x: "torch" if x.shape[-1] == down_width else "triton")
 
     monkeypatch.setitem(model_step.PROVIDERS, "wrong", wrong_addmm)
     monkeypatch.setitem(model_step.PROVIDERS, "nan", nan_addmm)
@@ -825,11 +827,11 @@ def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch)
     Triton or through the PyTorch path's cuBLAS calls) returns the layer's dX, dA and dB, checked
     against float64, every buffer its kernels write poisoned first."""
     from benchmarks import variants
-    from conftest import TOL, make_inputs, reference, rel_err, use_triton
+    from conftest import TOL, make_inputs, reference, rel_err, use_triton  # (inputs on the suite's DEVICE)
     from lora_kernels import functional, kernels
     use_triton(monkeypatch)
-    x, W, b, A, B = make_inputs((24,), 40, 32, 4, torch.float32, device="cpu", seed=3)
-    dy = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
+    x, W, b, A, B = make_inputs((24,), 40, 32, 4, torch.float32, seed=3)
+    dy = torch.randn(24, 32, generator=torch.Generator().manual_seed(4)).to(x.device)
     matmul = kernels.lora_matmul if thin == "triton" else functional.torch_matmul
     got = variants.composed(matmul, x, W, b, A, B, dy, torch.float32)()
     _, (dx, _, _, dA, dB) = reference(x, W, b, A, B, 2.0, dy)

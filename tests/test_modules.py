@@ -43,10 +43,10 @@ def test_alphas_the_fused_call_does_not_take_run_as_the_seed_does(backend, kind)
     tensor of one value per output column, or of more dimensions than x (both broadcast) runs the
     reference's calls: the seed's outputs and gradients, alpha's too, and its state-dict keys;
     merge folds it in where it fits the weight, and refuses by name where it does not."""
-    def alpha():
+    def alpha():  # (a plain tensor attribute does not move with .to(): made on the device it meets)
         return {"trainable": lambda: torch.nn.Parameter(torch.tensor(1.5)),
-                "per-column": lambda: torch.linspace(0.5, 2.0, 5),
-                "3-d": lambda: torch.full((1, 1, 1), 1.5)}[kind]()
+                "per-column": lambda: torch.linspace(0.5, 2.0, 5, device=DEVICE),
+                "3-d": lambda: torch.full((1, 1, 1), 1.5, device=DEVICE)}[kind]()
 
     torch.manual_seed(0)
     ours = lora_kernels.LinearWithLoRA(torch.nn.Linear(6, 5), 2, alpha())
@@ -630,7 +630,8 @@ def test_a_model_built_on_meta_gets_the_adapters_init_from_reset_parameters():
     adapters must come out as __init__ makes them (A drawn the same way from the same seed, B
     zero), not with whatever memory to_empty handed out."""
     torch.manual_seed(3)
-    want = lora_kernels.LoRALayer(16, 12, 4, 2.0)
+    with torch.device(DEVICE):  # (drawn by the generator reset_parameters will draw from: CUDA's on a GPU)
+        want = lora_kernels.LoRALayer(16, 12, 4, 2.0)
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 16))
         lora_kernels.replace_linear_with_lora(model, 4, 2.0)
@@ -640,7 +641,7 @@ def test_a_model_built_on_meta_gets_the_adapters_init_from_reset_parameters():
             p.fill_(float("nan"))  # (what to_empty's memory may hold)
     torch.manual_seed(3)
     model[0].lora.reset_parameters()
-    assert torch.equal(model[0].lora.A.cpu(), want.A) and torch.equal(model[0].lora.B.cpu(), want.B)
+    assert torch.equal(model[0].lora.A, want.A) and torch.equal(model[0].lora.B, want.B)
     for m in model.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
