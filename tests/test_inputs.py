@@ -107,6 +107,24 @@ def test_interpreter_keeps_bf16_off_the_kernels_for_cuda_tensors_too(monkeypatch
     assert functional.select_backend(x, torch.float32) == "triton"
 
 
+def test_triton_backend_off_the_interpreter_takes_meta_and_fake_inputs_and_refuses_cpu_ones(monkeypatch):
+    """On a GPU machine (no interpreter) LORA_KERNELS_BACKEND=triton gives a meta or fake input the
+    Triton path (the ops' shape functions serve it, nothing launches), as on a CUDA tensor; a real
+    CPU tensor, which no kernel can read there, is refused by name."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from lora_kernels import functional
+    if functional.kernels is None:
+        pytest.skip("no Triton: every call takes the PyTorch path")
+    monkeypatch.setattr(functional.kernels, "INTERPRET", False)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    with FakeTensorMode():
+        fake = torch.empty(2, 3)
+    assert functional.select_backend(torch.empty(2, 3, device="meta"), torch.float32) == "triton"
+    assert functional.select_backend(fake, torch.float32) == "triton"
+    with pytest.raises(RuntimeError, match="LORA_KERNELS_BACKEND=triton with cpu tensors needs CUDA tensors"):
+        functional.select_backend(torch.empty(2, 3), torch.float32)
+
+
 def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND"):
