@@ -21,7 +21,7 @@
 #         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
 #         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
 #         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75, 25 + 45, 2 × 40).
+#         precompile, 75, 45, 2 × 40).
 #   tests: the suite's precompile, then the eight shards with what is left of GPU_CHECK_SECONDS
 #         (TESTS_SECONDS caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
@@ -146,14 +146,19 @@ if has check all tests; then
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
   # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
-  # (at most 60 s), the dropout one an eighth (at most 30 s) and only from 240 s, the shards the rest.
+  # (at most 60 s), the dropout one an eighth (at most 30 s) and only from 240 s. They run beside
+  # the other shards, which use one fixed config they do not compile: only test_autotune_configs'
+  # shards wait for them (before, every shard did, losing up to a quarter of the window).
   left=$(( deadline - $(date +%s) ))
   pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))
-  LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$pre" "$PY" -m benchmarks.precompile \
-    --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
-  # ... and its dropout test's masked kernels (tests mode only)
-  has tests && (( left >= 240 )) && step precompile-tests-dropout $(( left / 8 < 30 ? left / 8 : 30 )) "$PY" \
-    -m benchmarks.precompile --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp32 --dropout 0.3 --variants
+  precompile_tests() {
+    LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$pre" "$PY" -m benchmarks.precompile \
+      --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
+    # ... and its dropout test's masked kernels (tests mode only)
+    has tests && (( left >= 240 )) && step precompile-tests-dropout $(( left / 8 < 30 ? left / 8 : 30 )) "$PY" \
+      -m benchmarks.precompile --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp32 --dropout 0.3 --variants
+    return 0
+  }
   # The suite with one fixed tile config (autotuning its dozens of shapes would only cost compile
   # time; the benchmark checks the autotuned kernels against float64 before timing), in parallel
   # shards: correctness only, no timing, so they may share the GPU. Not tests/test_hopper_build.py:
@@ -164,11 +169,12 @@ if has check all tests; then
   # (The two longest files in slices, tests/conftest.py's --shard: in the fourth run
   # test_lora_linear.py, whole, was stopped at its limit of 239 s at 84%, and
   # test_autotune_configs.py took 204 s, where the other shards were done in 85-132 s. A shard
-  # compiles its kernels one at a time, on one core: eight shards use half of the host's 16.)
+  # compiles its kernels one at a time, on one core: eight shards use half of the host's 16.
+  # test_gpu.py before test_compile.py: the GPU-only tests first, should the limit stop the shard.)
   shards=("tests/test_lora_linear.py --shard 0/3" "tests/test_lora_linear.py --shard 1/3"
           "tests/test_lora_linear.py --shard 2/3"
           "tests/test_autotune_configs.py --shard 0/2" "tests/test_autotune_configs.py --shard 1/2"
-          "tests/test_compile.py tests/test_gpu.py"
+          "tests/test_gpu.py tests/test_compile.py"
           "tests/test_training.py tests/test_inputs.py tests/test_modules.py")
   named=" ${shards[*]} $skipped_files"
   rest=""; for f in $all_files; do [[ "$named" == *" $f "* ]] || rest="$rest $f"; done
@@ -176,19 +182,27 @@ if has check all tests; then
   [ -n "${rest// /}" ] && shards+=("$rest")
   tests_limit=130
   has tests && tests_limit=$(( deadline - $(date +%s) )) && tests_limit=$(( tests_limit < ${TESTS_SECONDS:-400} ? tests_limit : ${TESTS_SECONDS:-400} ))
+  shard() {  # shard I: its own -v log; `step` cuts its limit to what is left when it starts
+    mkdir -p "$W/tests-$1"
+    OUT="$W/tests-$1" LORA_KERNELS_AUTOTUNE=0 step "tests-$1" "$tests_limit" "$PY" -m pytest ${shards[$1]} -v -rs \
+      -p no:cacheprovider > "$W/tests-$1.step" 2>&1
+  }
   pids=()
   for i in "${!shards[@]}"; do
-    mkdir -p "$W/tests-$i"
-    OUT="$W/tests-$i" LORA_KERNELS_AUTOTUNE=0 step "tests-$i" "$tests_limit" "$PY" -m pytest ${shards[$i]} -v -rs \
-      -p no:cacheprovider > "$W/tests-$i.step" 2>&1 &
-    pids+=($!)
+    [[ "${shards[$i]}" == *test_autotune_configs* ]] || { shard "$i" & pids+=($!); }
   done
+  # (test_autotune_configs' shards after the precompiles, in a job of their own: its exit status
+  # says whether they passed)
+  ( precompile_tests > "$W/precompile-tests.step" 2>&1
+    own=(); for i in "${!shards[@]}"; do [[ "${shards[$i]}" == *test_autotune_configs* ]] && { shard "$i" & own+=($!); }; done
+    rc=0; for pid in "${own[@]}"; do wait "$pid" || rc=1; done; exit "$rc" ) &
+  pids+=($!)
   # (and the shards' -v logs packed every 20 s while they run: a call stopped from outside keeps
   # how far each got)
   ( while sleep 20; do snapshot; done ) > /dev/null 2>&1 & packer=$!  # (no hold on the call's output)
   for pid in "${pids[@]}"; do wait "$pid"; status=$(( status | ($? != 0) )); done
   kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
-  cat "$W"/tests-*.step
+  cat "$W/precompile-tests.step" "$W"/tests-*.step
 fi
 if has check all perf; then
   # The sweep (bf16, Llama-3-8B shapes; 2048 and 8192 tokens at rank 16, rank 64 at 8192 tokens).
@@ -213,17 +227,17 @@ if has perf; then
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
   # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
-  # Its launches (fp32 A, B, dA, dB) are compiled first; before the first-step pair, which is cut
-  # first. Two shapes, one mode, three providers: what is left after variants may be a minute.
-  # (About 20 + 15 s, an estimate: 117 compiles, where the dropout precompile's 143 took 25 s in
-  # the fourth run.)
-  fp32_shapes="--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32"
-  if (( deadline - $(date +%s) >= 50 )); then
-    step precompile-fp32-adapters 25 "$PY" -m benchmarks.precompile $fp32_shapes
-    step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters --providers base,peft,fused \
-      $fp32_shapes --modes forward+backward
+  # Before the first-step pair, which is cut first; what is left after variants may be well under
+  # a minute, so two shapes, one mode, and the fixed tile config (LORA_KERNELS_AUTOTUNE=0, which
+  # the report's settings line names): ten launches compiled once each, about 10 s, where
+  # autotuning them would take a precompile of 117 candidates first. Fused's time is then the
+  # fixed config's, not the autotuner's choice.
+  if (( deadline - $(date +%s) >= 35 )); then
+    LORA_KERNELS_AUTOTUNE=0 step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
+      --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
+      --modes forward+backward
   else
-    echo "- bench-fp32-adapters: skipped, under 50 s left" >> "$W/steps.md"
+    echo "- bench-fp32-adapters: skipped, under 35 s left" >> "$W/steps.md"
   fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,

@@ -246,6 +246,19 @@ print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.key
     assert int(count) > 100 and missing == "[]", out
 
 
+def test_precompile_records_the_adapters_dtype_it_is_given():
+    """`precompile --adapter-dtype fp32` compiles the launches of fp32 adapters beside a bf16 base:
+    A and B (the fused shrink's operands here, at 128 tokens) and dA, dB as fp32 pointers, every
+    other operand bf16; without it, none is fp32."""
+    out = run_jobs_script("""
+def pointer_dtypes(launches):  # (the recorder keeps each tensor's dtype in its place)
+    return sorted(str(a) for a in {a for args, _ in launches for a in args if isinstance(a, torch.dtype)})
+print(pointer_dtypes(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, adapter_dtype=torch.float32)),
+      pointer_dtypes(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90)))
+""")
+    assert out == "['torch.bfloat16', 'torch.float32'] ['torch.bfloat16']", out
+
+
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     """With --dropout, fused and peft are checked against float64 with the mask their call draws
     (drawn again from torch's seed), so a kernel that masks wrong is WRONG, not timed."""
