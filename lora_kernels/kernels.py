@@ -442,13 +442,16 @@ def _lora_matmul_kernel(
     # meets a stride.
     k_lo = pid_split * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if USE_TMA and ALLOW_TMA:  # (a lone config is not pruned, so both are checked here)
+    # The config asks for TMA loads and the launch allows them (a lone config is not pruned, so
+    # both are checked here).
+    TMA_LOADS: tl.constexpr = USE_TMA and ALLOW_TMA
+    if TMA_LOADS:
         # Tensor-memory-accelerator loads (Hopper): the copy engine fetches whole tiles into shared
         # memory and zero-fills past the tensor's edge, with no address arithmetic in the threads.
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
-    WS: tl.constexpr = WARP_SPEC and ALLOW_WS and USE_TMA and ALLOW_TMA
+    WS: tl.constexpr = WARP_SPEC and ALLOW_WS and TMA_LOADS
     if WS and HAS_LOWRANK:
         # Triton 3.6's Hopper warp specialization fails to compile a kernel whose other dot (the
         # low-rank update) reads pointer loads, and compiles it with descriptor loads.
@@ -502,7 +505,7 @@ def _lora_matmul_kernel(
             rr = tl.arange(0, BLOCK_R)
             mask_r = rr < R
             shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        if USE_TMA and ALLOW_TMA:
+        if TMA_LOADS:
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
         # WS: the compiler splits this loop into a producer warp issuing the TMA loads and two
@@ -510,7 +513,7 @@ def _lora_matmul_kernel(
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
             rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
             mask_k = rk < k_hi
-            if USE_TMA and ALLOW_TMA:
+            if TMA_LOADS:
                 x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
                 w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
             else:

@@ -125,8 +125,8 @@ _BIAS_AFTER = ("a FalconLinear base with a bias (added after the product: in fp3
 class FuseReport:
     """What ``fuse_lora`` did. ``fused``: names of the layers that now run ``lora_linear``;
     ``fallback``: reason -> names of the LoRA layers that run peft's forward (as things stand at
-    the ``fuse_lora`` call; patched layers re-check on every call). ``int(report)`` is the number
-    of fused layers."""
+    the ``fuse_lora`` call; patched layers re-check on every call). ``int(report)`` and
+    ``len(report)`` are the number of fused layers."""
 
     fused: List[str] = field(default_factory=list)
     fallback: Dict[str, List[str]] = field(default_factory=dict)

@@ -142,7 +142,7 @@ def test_llama_matches_peft(spy, backend, use_rslora):
     model = peft_llama(use_rslora=use_rslora).to(DEVICE)
     ref = copy.deepcopy(model)
     report = fuse_quietly(model)
-    assert int(report) == len(report.fused) == N_LLAMA_LORA and not report.fallback
+    assert int(report) == len(report) == len(report.fused) == N_LLAMA_LORA and not report.fallback
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     loss, logits = run_llama(model, ids)
