@@ -15,10 +15,9 @@ dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's accumulators (`
 operations keeps in range.
 
 Every product above is one call of ``kernels.lora_matmul`` or its twin ``torch_matmul`` (dA and
-dB one call together; S inside y's call and
-dS inside dX's where ``fuse_shrink`` says; db a sum): the Triton kernel or the same contract in
-PyTorch; the mask is
-never stored, each product regenerates it from the seed. Forward and backward are registered as
+dB one call together; S inside y's call and dS inside dX's where ``fuse_shrink`` says; db a sum):
+the Triton kernel or the same contract in PyTorch; the mask is never stored, each product
+regenerates it from the seed. Forward and backward are registered as
 custom ops (``lora_kernels::lora_linear_fwd`` / ``_bwd``) with shape functions and autograd, so
 ``torch.compile`` keeps them whole, with no graph break, on both backends. Eager mode runs the same
 two functions, context and gradients through a plain ``autograd.Function`` instead: the custom-op
@@ -26,9 +25,9 @@ dispatcher costs more host time per call than the layer's launches (benchmarks/N
 ``no_grad`` the forward function runs alone.
 
 Precision: products run in the activations' dtype (``x.dtype``), adapters included (peft keeps
-fp32 adapters beside bf16 weights), and accumulate in fp32 (fp64 for fp64); S and dS are stored in that dtype too
-(every product that reads them casts to it anyway), and gradients come back in each parameter's
-own dtype.
+fp32 adapters beside bf16 weights), and accumulate in fp32 (fp64 for fp64); S and dS are stored
+in that dtype too (every product that reads them casts to it anyway), and gradients come back in
+each parameter's own dtype.
 """
 
 import contextlib
@@ -185,8 +184,9 @@ def _read_torch_below(text):
 # Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
 # features) take the PyTorch path: in a small step the host's time, not the GPU's, sets the pace,
 # and cuBLAS calls may cost the host less than Triton launches (not yet measured on a GPU:
-# benchmarks/NOTES.md). Compiled and traced calls keep the kernels (the choice would be fixed in the graph, at
-# one size), as do calls captured in a CUDA graph, whose replays cost no host time per launch.
+# benchmarks/NOTES.md). Compiled and traced calls keep the kernels (the choice would be fixed in
+# the graph, at one size), as do calls captured in a CUDA graph, whose replays cost no host time
+# per launch.
 # LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured the crossover,
 # keeps every CUDA call on the kernels.
 TORCH_BELOW = _read_torch_below(os.environ.get("LORA_KERNELS_TORCH_BELOW", "0"))
@@ -305,7 +305,7 @@ def _check_inputs(x, weight, bias, A, B, alpha):
             # a check (so a NaN one is not refused here) nor the op's float argument can take:
             # lora_linear folds it into B instead.
             return alpha.reshape(())
-        alpha = alpha.item()  # the reference's layer (reference.LoRALayer) takes a one-element tensor too
+        alpha = alpha.item()  # (reference.LoRALayer takes a one-element tensor too)
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     # Comparisons, not math.isfinite: torch.compile may trace alpha as a symbolic float (dynamic=True,
@@ -330,8 +330,8 @@ class _Dropout:
         self.rescale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
     def on(self, where, si, sj):
-        """The ``dropout`` argument of ``lora_matmul`` / ``torch_matmul``: mask ``where`` ("x" or "lowrank"), whose
-        element (i, j) is element i·si + j·sj of x."""
+        """The ``dropout`` argument of ``lora_matmul`` / ``torch_matmul``: mask ``where`` ("x" or
+        "lowrank"), whose element (i, j) is element i·si + j·sj of x."""
         return None if self.seed is None else (where, self.seed, self.p, si, sj)
 
 
