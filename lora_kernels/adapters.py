@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 from collections import namedtuple
 
 import torch
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover
 
 try:  # optional: without it adapters are written with torch.save
     import safetensors.torch as _safetensors
+    from safetensors import SafetensorError as _SafetensorError
 except ImportError:  # pragma: no cover
     _safetensors = None
 
@@ -231,18 +233,27 @@ def save_adapter(model, path):
 
 def _read_adapter(path):
     """(tensors, metadata) from a file written by ``save_adapter``, in either format whatever its name."""
+    not_adapter = f"{os.fspath(path)!r} is not an adapter file written by save_adapter"
     if _holds_safetensors(path):
         _require_safetensors(path)
-        tensors = _safetensors.load_file(os.fspath(path), device="cpu")
-        with _safetensors.safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            tensors = _safetensors.load_file(os.fspath(path), device="cpu")
+            with _safetensors.safe_open(os.fspath(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except _SafetensorError as e:  # (e.g. truncated)
+            raise ValueError(f"{not_adapter} (safetensors: {e})") from e
         return tensors, metadata
     # weights_only: an adapter is tensors and strings, so never unpickle arbitrary objects. (From an
     # open file: torch.load hands a path ending in .safetensors to safetensors, whatever it holds.)
     with open(path, "rb") as f:
-        blob = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            # (what torch.load raises from deep inside for other files: KeyError 101 for a text
+            # file, a bare EOFError for an empty one, a RuntimeError for a broken zip)
+            raise ValueError(f"{not_adapter} (torch.load: {type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or "tensors" not in blob:
-        raise ValueError(f"{os.fspath(path)!r} is not an adapter file written by save_adapter")
+        raise ValueError(not_adapter)
     sharded = sorted(k for k, v in blob["tensors"].items() if _is_dtensor(v))
     if sharded:  # written by an older save_adapter from an FSDP2 model: each rank's shard only
         raise ValueError(f"{os.fspath(path)!r} holds sharded DTensors, not full tensors ("
@@ -259,7 +270,9 @@ def load_adapter(model, path, strict=True):
     from the one the adapter was trained with (a different alpha would silently rescale it), and
     merged layers (their ``linear.weight`` already holds the old update, which unmerging after the
     load would take out wrongly: ``unmerge()`` first).
-    With ``strict=False`` missing and unexpected names are allowed; the rest still raise.
+    With ``strict=False`` missing and unexpected names are allowed; the rest still raise. A file
+    that is no adapter (another state dict, a truncated or foreign file) raises a ``ValueError``
+    naming it, with what the reader said.
     Values are copied under ``torch.no_grad()`` into the existing parameters, which keep their
     dtype and device. Into a DTensor parameter (FSDP2), the full tensor from the file is first
     distributed to the parameter's own mesh and placements (``distribute_tensor``, which scatters

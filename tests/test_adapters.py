@@ -1,8 +1,10 @@
 """Adapter utilities: freezing, counting, saving/loading only A and B, and peft's alpha convention."""
 
 import copy
+import importlib.util
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -283,6 +285,27 @@ def test_load_reads_the_format_by_content(tmp_path, filename):
         load_adapter(fresh, renamed)
         for k, v in lora_state_dict(trained).items():
             assert torch.equal(lora_state_dict(fresh)[k], v), (name, k)
+
+
+def test_load_names_a_file_that_is_no_adapter(tmp_path):
+    """Files that are not adapters get one clear error naming the file, not what torch.load or
+    safetensors raise from deep inside (a KeyError 101 for text, a bare EOFError when empty)."""
+    def saved(name):
+        save_adapter(randomize_lora(build()), tmp_path / name)
+        return (tmp_path / name).read_bytes()
+
+    cases = {"text.bin": b"hello, world\n", "empty.pt": b"", "truncated.pt": saved("a.pt")[:100]}
+    if importlib.util.find_spec("safetensors"):
+        cases["truncated.safetensors"] = saved("a.safetensors")[:-4]
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "state_dict.pt")
+    for name in [*cases, "state_dict.pt"]:
+        path, model = tmp_path / name, randomize_lora(build())
+        before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+        with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' is not an adapter file written by save_adapter"):
+            load_adapter(model, path)
+        assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items()), name
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
