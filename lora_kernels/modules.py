@@ -298,7 +298,7 @@ def merge_and_unload(model):
     layer was, in place: the model ``replace_linear_with_lora`` was given, with merged weights and
     its own state-dict keys, for inference and export (peft's ``merge_and_unload``). Returns the
     model (the linear itself when ``model`` is one LinearWithLoRA). If a layer cannot merge (see
-    ``merge``), the error is raised before any weight is written: nothing changes."""
+    ``merge``), the error, naming the layer, is raised before any weight is written: nothing changes."""
     # (every name a layer has: named_children() would list a layer under two names of one parent once)
     slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if isinstance(child, LinearWithLoRA)]
@@ -313,8 +313,12 @@ def merge_and_unload(model):
     # Every layer's checks first, one merged weight at a time (holding them all would double a
     # model's memory), then the writes: merging some and unmerging them on a refusal would round
     # a 16-bit weight twice, changing weights the call promised to leave alone.
+    names = {id(m): name or "the model" for name, m in model.named_modules()}
     for layer in pending:
-        layer._merged_weight()
+        try:
+            layer._merged_weight()
+        except ValueError as error:  # (which layer: merge() alone cannot know its name)
+            raise ValueError(f"merge_and_unload changed nothing: {names[id(layer)]} cannot merge: {error}") from None
     for layer in pending:
         layer.merge()
     for parent, name, layer in slots:
