@@ -27,6 +27,9 @@ class LoRALayer(reference.LoRALayer):
             raise TypeError(f"rank must be an int, got {type(rank).__name__}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        # (here, naming it, rather than at the first forward from inside a multiplication)
+        if not isinstance(alpha, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"alpha must be a real number or a tensor, got {type(alpha).__name__}")
         super().__init__(in_dim, out_dim, rank, alpha)
         if (isinstance(alpha, torch.Tensor) and not isinstance(alpha, torch.nn.Parameter) and alpha.numel() == 1
                 and alpha.dim() <= 1 and not alpha.requires_grad):
@@ -34,6 +37,8 @@ class LoRALayer(reference.LoRALayer):
             # it scales without broadcasting any x) held as a number: torch.compile could only read
             # a tensor's value through a data-dependent .item().
             self.alpha = alpha.item()
+        if isinstance(self.alpha, numbers.Real) and not -math.inf < self.alpha < math.inf:
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
 
     def reset_parameters(self):
         """Draw A and zero B again, as ``__init__`` does: what tools call on each module of a model
@@ -127,6 +132,9 @@ class LinearWithLoRA(torch.nn.Module):
             raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if not all(hasattr(linear, a) for a in ("in_features", "out_features", "weight")):
+            raise TypeError("LinearWithLoRA wraps a linear layer (an nn.Linear: in_features, out_features and "
+                            f"weight), got {type(linear).__name__}")
         self.linear = linear
         # Drawn on the default device, as the reference's, then moved; fake ones (a model built
         # under FakeTensorMode, where torch's .to() of a parameter fails) made on the weight's.
@@ -255,7 +263,8 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     """Replace every ``torch.nn.Linear`` below ``model`` with ``LinearWithLoRA``, in place.
 
     Layers already wrapped (by this package or the seed) are left alone, as is ``model`` if it is
-    one, so a second call does not wrap them twice. A layer whose weight is shared with another
+    one, so a second call does not wrap them twice; ``model`` itself an ``nn.Linear`` is left as it
+    is, with a warning (as the seed's passes it by, silently: it only replaces children). A layer whose weight is shared with another
     module (an lm_head tied to the embedding) is marked so, and its ``merge()`` refuses; a block
     reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are left alone, with a
@@ -283,6 +292,8 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
             counts[id(p)] = counts.get(id(p), 0) + slots.get(id(module), 1)
     skipped = {}  # why -> names
     why = _left_alone(model)
+    if why is None and isinstance(model, torch.nn.Linear):  # (no parent to put a wrapper in)
+        why = _ITSELF
     if why:
         skipped[why] = ["the module given"]
     else:
@@ -347,6 +358,10 @@ _CONV1D = ("transformers' Conv1D, GPT-2's linear layer, is not an nn.Linear: pef
            "lora_kernels.peft.fuse_lora fuses it")
 _CONV1D_SUBCLASS = ("a subclass of transformers' Conv1D is not an nn.Linear: peft's LoRA takes it, and runs its "
                     "own forward there (lora_kernels.peft.fuse_lora fuses Conv1D itself only)")
+
+
+_ITSELF = ("an nn.Linear given itself has no parent to put its wrapper in: wrap it with "
+           "LinearWithLoRA(linear, rank, alpha)")
 
 
 def _left_alone(module):

@@ -1,6 +1,7 @@
 """The modules are a drop-in for the seed's: same constructor, init, state-dict keys, numbers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -149,17 +150,34 @@ def test_rank_below_one_refused():
     (dict(rank=None), "rank must be an int, got NoneType"),
     (dict(dropout=True), "dropout must be a number in [0, 1], got bool"),
     (dict(dropout=torch.tensor(0.1)), "dropout must be a number in [0, 1], got Tensor"),
-    (dict(dropout=None), "dropout must be a number in [0, 1], got NoneType")])
+    (dict(dropout=None), "dropout must be a number in [0, 1], got NoneType"),
+    (dict(alpha=None), "alpha must be a real number or a tensor, got NoneType"),
+    (dict(alpha="2"), "alpha must be a real number or a tensor, got str"),
+    (dict(alpha=1j), "alpha must be a real number or a tensor, got complex"),
+    (dict(linear=torch.nn.Conv1d(4, 4, 1)), "LinearWithLoRA wraps a linear layer (an nn.Linear: in_features, "
+                                            "out_features and weight), got Conv1d")])
 def test_constructor_refuses_wrong_types_by_name(kwargs, words):
     """At construction, naming the argument: not an error from inside torch.empty, nor (dropout) a
     layer that works in eval mode and fails its first training step."""
     with pytest.raises(TypeError) as info:
-        lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), **{"rank": 2, "alpha": 1.0, **kwargs})
+        lora_kernels.LinearWithLoRA(**{"linear": torch.nn.Linear(4, 4), "rank": 2, "alpha": 1.0, **kwargs})
     assert words in str(info.value)
     # numpy's integers and floats are numbers: accepted
     np = pytest.importorskip("numpy")
     layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), np.int64(2), 1.0, dropout=np.float32(0.25))
     assert layer.lora.A.shape == (4, 2)
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf, torch.tensor(math.nan)])
+def test_constructor_refuses_a_non_finite_alpha(alpha):
+    """At construction (as for the rank), in the layer and in replace_linear_with_lora, which then
+    wraps nothing: not at the first forward."""
+    with pytest.raises(ValueError, match="alpha must be finite, got (nan|inf|-inf)"):
+        lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 4), 2, alpha)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        lora_kernels.replace_linear_with_lora(model, 2, alpha)
+    assert all(type(m) is torch.nn.Linear for m in model)
 
 
 class ReluLinear(torch.nn.Linear):
@@ -526,6 +544,15 @@ def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_wa
     with pytest.warns(UserWarning, match="the module given"):
         lora_kernels.replace_linear_with_lora(mha, rank=2, alpha=1.0)
     assert type(mha.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_replace_says_a_linear_given_itself_stays_unwrapped():
+    """The seed's replacement wraps children only, so a bare nn.Linear comes back as it was,
+    silently; ours says so and how to wrap it."""
+    linear = torch.nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match=r"wrap it with LinearWithLoRA\(linear, rank, alpha\)\): the module given$"):
+        assert lora_kernels.replace_linear_with_lora(linear, rank=2, alpha=1.0) is linear
+    assert type(linear) is torch.nn.Linear and not list(linear.children())
 
 
 def test_replace_names_gpt2s_conv1d_layers_it_passes_by():
