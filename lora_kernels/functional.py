@@ -556,7 +556,14 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
                            else t for t in (x, weight, bias))
-    alpha = _check_inputs(x, weight, bias, A, B, alpha)
+    if torch._C._get_tracing_state() is None:
+        alpha = _check_inputs(x, weight, bias, A, B, alpha)
+    else:  # torch.jit.trace: sizes are traced tensors there, and each check's comparison of them
+        # warns that the trace may not generalize (TracerWarning). It does: no check is recorded,
+        # the op computes its shapes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            alpha = _check_inputs(x, weight, bias, A, B, alpha)
     if isinstance(alpha, Tensor):  # (compiling) alpha · B rounded to B's dtype, which for fp16
         B, alpha = B * alpha, 1.0   # adapters overflows past |alpha · B| = 65504 (a float alpha does not)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
