@@ -264,9 +264,9 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
 
     Layers already wrapped (by this package or the seed) are left alone, as is ``model`` if it is
     one, so a second call does not wrap them twice; ``model`` itself an ``nn.Linear`` is left as it
-    is, with a warning (as the seed's passes it by, silently: it only replaces children). A layer whose weight is shared with another
-    module (an lm_head tied to the embedding) is marked so, and its ``merge()`` refuses; a block
-    reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``,
+    is, with a warning (the seed's passes it by silently: it only replaces children). A layer whose
+    weight is shared with another module (an lm_head tied to the embedding) is marked so, and its
+    ``merge()`` refuses; a block reused in several places is no such tie. PyTorch's ``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are left alone, with a
     warning: they read their Linears' weights themselves (MultiheadAttention always, the layers'
     fast path in eval mode), past any adapter. transformers' ``Conv1D`` (GPT-2's linear layers)
