@@ -176,10 +176,13 @@ def report_markdown(meta, rows, plot_names):
 def plot(rows, modes, path, *, title):
     """One row of panels per mode: time, and ratio to `base`, per configuration; a line per provider.
 
-    Returns False when nothing was timed.
+    Returns False when nothing was timed, or without matplotlib.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # (the report and the JSON do not need it)
+        print("no plots.png: matplotlib is not installed", file=sys.stderr)
+        return False
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -301,6 +301,34 @@ def _stop(signum, frame):
     raise Stopped(f"stopped by signal {signum}")
 
 
+def progress_bar(total):
+    """tqdm's bar where it is installed; else a line per configuration and provider (the sweep
+    itself needs only torch, and a GPU host without tqdm must not lose its figures to an import)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Lines(total)
+    return tqdm(total=total, desc="benchmark", unit="layer", file=sys.stderr, dynamic_ncols=True)
+
+
+class _Lines:
+    def __init__(self, total):
+        self.total, self.done, self.what = total, 0, ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix_str(self, what):
+        self.what = what
+
+    def update(self):
+        self.done += 1
+        print(f"benchmark {self.done}/{self.total}: {self.what}", file=sys.stderr, flush=True)
+
+
 def sweep(configs, args, device, dtype, timer, progress, rows):
     """Measure every configuration, appending its rows to `rows` once the configuration is done."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -415,8 +443,6 @@ def main(argv=None):
           f"{len(args.modes)} modes, {str(dtype).removeprefix('torch.')}"
           + (f"; {s['plan_note']}" if s["plan_note"] else ""), flush=True)
 
-    from tqdm import tqdm
-
     timer = Timer(device, warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"])
     ceiling = None
     if device.type == "cuda":
@@ -431,8 +457,7 @@ def main(argv=None):
     rows, failed = [], False
     previous = signal.signal(signal.SIGTERM, _stop)  # a timeout still leaves the configurations done
     try:
-        with tqdm(total=len(s["configs"]) * len(args.providers), desc="benchmark", unit="layer",
-                  file=sys.stderr, dynamic_ncols=True) as progress:
+        with progress_bar(len(s["configs"]) * len(args.providers)) as progress:
             sweep(s["configs"], args, device, dtype, timer, progress, rows)
     # Anything else that escapes the sweep (an out-of-memory, or a sticky CUDA error raised by the
     # next configuration's inputs) must not lose the configurations already measured either.

@@ -850,3 +850,18 @@ def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch)
     _, (dx, _, _, dA, dB) = reference(x, W, b, A, B, 2.0, dy)
     for name, g, want in zip(("dX", "dA", "dB"), got, (dx, dA, dB)):
         assert rel_err(g, want) < TOL[torch.float32], name
+
+
+def test_sweep_without_tqdm_or_matplotlib_writes_its_results(tmp_path, monkeypatch, capsys):
+    """The sweep needs only torch: without tqdm a line per provider reports progress, and without
+    matplotlib the report and the JSON are written with no plot (a GPU host with no package
+    registry must not lose its figures to an import)."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # (`import tqdm` now raises ImportError)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rows = run.main([*SMALL_RUN, "--out", str(tmp_path)])
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["report.md", "results.json"]
+    assert len(json.loads((folder / "results.json").read_text())["rows"]) == len(rows) > 0
+    assert all(r["ms"] > 0 for r in rows if r["status"] == "ok") and any(r["status"] == "ok" for r in rows)
+    err = capsys.readouterr().err
+    assert "benchmark 4/4: 64→32 M=16 r=4 fused" in err and "matplotlib is not installed" in err, err
