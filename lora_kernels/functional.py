@@ -207,7 +207,7 @@ def select_backend(x, adapter_dtype, out_features=None):
     honouring ``LORA_KERNELS_BACKEND`` and, under ``auto``, ``TORCH_BELOW``."""
     # Unlike the other switches, read on every call: the benchmarks and tests set it around single
     # calls (benchmarks.providers.torch_path), and a running model can be switched to the PyTorch
-    # path (the README says it is read on every call).
+    # path (docs/usage.md says it is read on every call).
     choice = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
@@ -584,7 +584,7 @@ def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
                            "functionalize) cannot run the fused layer, which has no rules for them: call "
                            "lora_kernels.reference.lora_linear_reference inside them")
     # Evaluation, generation: no graph to record, and apply costs host time. But forward-mode AD
-    # must still reach apply, which raises (as the README says). (The dual level is a private
+    # must still reach apply, which raises (as docs/usage.md says). (The dual level is a private
     # variable: read with a default, so a torch without it loses only this shortcut's guard,
     # which tests/test_lora_linear.py would then report, and not every forward.) (Inference mode
     # records no graph either, even under enable_grad.)

@@ -230,7 +230,7 @@ def test_direct_launches_match_tritons_path(monkeypatch):
 
 
 def test_reduce_overhead_compile_trains_like_eager():
-    """torch.compile(mode="reduce-overhead"), the README's way out where eager mode is host-bound:
+    """torch.compile(mode="reduce-overhead"), the way out where eager mode is host-bound:
     a model of fused layers runs its training steps from CUDA graphs (none skipped) with eager's
     outputs and adapter gradients."""
     from torch._dynamo.utils import counters

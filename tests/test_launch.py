@@ -288,7 +288,7 @@ def _import_with(env):
     ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 0 True True False True"),
 ], ids=["unset", "all-set", "fuse-1"])
 def test_switches_are_read_from_the_environment_at_import(env, expected):
-    """The README's environment variables, as a user sets them (before the import), reach the
+    """docs/usage.md's environment variables, as a user sets them (before the import), reach the
     switches the code reads (the tests elsewhere set the module attributes)."""
     import os
     done = _import_with(env)

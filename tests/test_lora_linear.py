@@ -635,7 +635,7 @@ def test_fp32_precision_follows_pytorch(setting, expected):
     finally:
         torch.backends.cuda.matmul.fp32_precision = "none"
     try:
-        for level in ("high", "medium"):  # (the README: TF32 at "high" and at "medium")
+        for level in ("high", "medium"):  # (docs/usage.md: TF32 at "high" and at "medium")
             torch.set_float32_matmul_precision(level)
             assert kernels._input_precision(torch.float32) == "tf32"
     finally:

@@ -461,7 +461,7 @@ def test_sparse_input_runs_peft(spy):
 
 
 def test_save_pretrained_of_a_fused_model_loads_into_peft(tmp_path):
-    """The README: saving adapters keeps working. A fused model's save_pretrained writes what peft
+    """docs/usage.md: saving adapters keeps working. A fused model's save_pretrained writes what peft
     reads back into a plain model, with the same outputs."""
     model = peft_net()
     fuse_quietly(model)
@@ -731,7 +731,7 @@ def test_half_base_fp32_adapters_precision(dtype):
     """peft's default, a 16-bit base with fp32 adapters, without autocast: peft runs the LoRA path
     in fp32, the fused layer in the base's dtype with fp32 accumulation. Output and dX are as far
     from float64 in both; the adapters' gradients carry 16-bit rounding here, fp32's in peft (the
-    README's figures: printed with -s)."""
+    docs/usage.md's figures: printed with -s)."""
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(512, 512)).to(dtype),
                            LoraConfig(r=16, lora_alpha=32, target_modules=["0"])).to(DEVICE)
