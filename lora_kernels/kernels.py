@@ -22,11 +22,14 @@ S is x A as the reference computes it, unscaled, and dS likewise: alpha (r_scale
 tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range
 ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost
 digits) where the output fitted; there the accumulator holds scale/alpha · X W + L R and is
-multiplied by alpha once, before the bias (``sum_scale``), for 2^-20 <= |alpha| <= 2^20, where for
-any fp16 operands X W / alpha stays a normal fp32 number. bf16 has fp32's range, and fp32 and fp64
-are the accumulator's own dtype: they keep alpha on R's tiles, as does an fp16 alpha outside that
-range. So a large alpha overflows neither a 16-bit S or dS nor anything else the reference's own
-order of operations keeps in range.
+multiplied by alpha once, before the bias (``sum_scale``), for 2^-64 <= |alpha| <= 2^77, where for
+any fp16 operands X W / alpha stays a normal fp32 number (``_SUM_SCALED``). bf16 has fp32's range,
+and fp32 and fp64 are the accumulator's own dtype: they keep alpha on R's tiles, as does an fp16
+alpha outside that range. So a large alpha overflows neither a 16-bit S or dS nor anything else the
+reference's own order of operations keeps in range, short of alpha · B itself passing fp32's range
+(3.4e38: the PyTorch path's CPU BLAS overflows there too) or an fp16 alpha past 2^77 (where any
+nonzero fp16 B makes alpha · B overflow, and the reference's y stays finite only if its fp16
+S B rounds to zero).
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
@@ -806,8 +809,12 @@ def _launch(device, grid, args, flags):
 
 
 # fp16 alphas that go on the accumulator (the module docstring): over this range, fp16 products'
-# sums (at most 65504² · K, at least 6e-8²) divided by alpha, and then multiplied, stay normal fp32.
-_SUM_SCALED = (2.0 ** -20, 2.0 ** 20)
+# sums divided by alpha, and then multiplied, stay normal fp32. A sum is at most 65504² · K < 2^63
+# (K, the reduction, fits int32), which over 2^-64 stays under fp32's 2^128; a nonzero product is at
+# least fp16's smallest step squared, 2^-48, which over 2^77 stays above fp32's smallest normal, 2^-126.
+# (The range was 2^-20 to 2^20: outside it alpha · B rounded to fp16 overflowed from |alpha| = 2^20
+# on, or lost its digits in fp16's subnormals, where the output fitted.)
+_SUM_SCALED = (2.0 ** -64, 2.0 ** 77)
 
 
 class Shrink(NamedTuple):

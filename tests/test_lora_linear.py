@@ -642,19 +642,21 @@ def test_fp32_precision_follows_pytorch(setting, expected):
         torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.parametrize("alpha", [1000.0, 2.0 ** 24])
 @pytest.mark.parametrize("adapter_name", ["float16", "float32"])
 @pytest.mark.parametrize("fuse", ["0", "1"])
-def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_name, monkeypatch):
+def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_name, alpha, monkeypatch):
     """alpha scales the fp32 accumulators, never a 16-bit operand: with alpha · B past fp16's
     65504 while y fits, and alpha · A past it while dX fits, y and dX are the reference's, on both
     backends and shrink placements. (alpha on B's and Aᵀ's tiles, rounded to fp16 before the
-    product, made inf and NaN of them.)"""
+    product, made inf and NaN of them; until the accumulator's range was widened, still from
+    alpha = 2^20 on: hence 2^24, with B or A as much smaller.)"""
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
-    adapter, alpha = getattr(torch, adapter_name), 1000.0
+    adapter, c = getattr(torch, adapter_name), alpha / 1000.0
     x, W, b, A, B = make_inputs((40,), 48, 56, 4, torch.float16, adapter_dtype=adapter, seed=3)
     dy = torch.randn(40, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.float16)
     # (alpha · B large: y, whose dX does not fit fp16 here; alpha · A large: y and dX)
-    for x_, A_, B_, big in ((x * 1e-3, A, B * 100, "B"), (x, A * 200, B * 1e-3, "A")):
+    for x_, A_, B_, big in ((x * 1e-3, A, B * (100 / c), "B"), (x, A * (200 / c), B * 1e-3, "A")):
         A_, B_ = A_.to(adapter), B_.to(adapter)
         assert alpha * {"A": A_, "B": B_}[big].double().abs().max() > 65504  # the premise
         x_ = x_.clone().requires_grad_()
@@ -665,6 +667,21 @@ def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_na
         assert all(want.abs().max() < 65504 for _, want in pairs.values())  # what is compared fits fp16
         errs = {k: rel_err(got, want) for k, (got, want) in pairs.items()}
         assert all(e <= TOL[torch.float16] for e in errs.values()), (big, errs)
+
+
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_a_tiny_alpha_keeps_its_digits_in_fp16(backend, fuse, monkeypatch):
+    """The other end of fp16's range: alpha = 2^-24 on B's tiles made fp16 subnormals of them, a
+    few bits each (alpha · B of 1 is fp16's smallest step), which the accumulator keeps whole.
+    Here the LoRA term carries most of y (x A large, W small) and of dX."""
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+    alpha = 2.0 ** -24
+    x, W, b, A, B = make_inputs((40,), 48, 56, 4, torch.float16, bias=False, seed=5)
+    x, W, A, B = x * 8, W * 1e-4, A * 300, B * 50
+    xAB = (x.double() @ A.double() @ B.double()).abs()
+    assert (alpha * B.double()).abs().max() < 2.0 ** -14 <= (x.double() @ A.double()).abs().max() < 65504  # the premise
+    assert alpha * xAB.norm() > 4 * (x.double() @ W.double().t()).norm()  # LoRA's share of y
+    check_all((x, W, None, A, B), alpha, torch.float16)
 
 
 def test_a_tiny_alpha_beside_a_huge_product_stays_finite_in_fp32(backend):
