@@ -289,7 +289,7 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     counts = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            counts[id(p)] = counts.get(id(p), 0) + slots.get(id(module), 1)
+            counts[_place(p)] = counts.get(_place(p), 0) + slots.get(id(module), 1)
     skipped = {}  # why -> names
     why = _left_alone(model)
     if why is None and isinstance(model, torch.nn.Linear):  # (no parent to put a wrapper in)
@@ -375,6 +375,17 @@ def _left_alone(module):
     return None
 
 
+def _place(p):
+    """Where a parameter's values live: two parameters in one place are one weight. Not only the same
+    Parameter object: a tied state dict loaded with ``load_state_dict(..., assign=True)`` (a model
+    built on the meta device) gives the embedding and the lm_head two Parameters over one memory.
+    By the first element's address: views of one buffer at different offsets (a flat buffer's
+    slices) are not tied. Meta, empty and subclass tensors (DTensor shards) fall back to the object."""
+    if type(p.data) is torch.Tensor and p.device.type != "meta" and p.numel() > 0:
+        return (p.device, p.data_ptr())
+    return id(p)
+
+
 def _replace(model, rank, alpha, dropout, shared, prefix, skipped):
     for name, module in model.named_children():
         if isinstance(module, (LinearWithLoRA, reference.LinearWithLoRA)):
@@ -384,7 +395,7 @@ def _replace(model, rank, alpha, dropout, shared, prefix, skipped):
             skipped.setdefault(why, []).append(prefix + name)
         elif isinstance(module, torch.nn.Linear):
             layer = LinearWithLoRA(module, rank, alpha, dropout)
-            layer.weight_tied = id(module.weight) in shared
+            layer.weight_tied = _place(module.weight) in shared
             setattr(model, name, layer)
         else:
             _replace(module, rank, alpha, dropout, shared, f"{prefix}{name}.", skipped)

@@ -383,6 +383,45 @@ def test_merge_refuses_a_tied_weight():
     assert model.mid.merged
 
 
+def test_a_weight_tied_by_memory_is_tied():
+    """A tied state dict loaded into a model built on the meta device (``assign=True``) leaves the
+    lm_head and the embedding two Parameters over one memory: that too is a tie, which merging
+    (and merge_and_unload) would write into the embedding. Slices of one buffer that do not start
+    at the same element are not."""
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30, 8)
+            self.head = torch.nn.Linear(8, 30, bias=False)
+            self.head.weight = self.emb.weight
+
+    state = TiedLM().state_dict()
+    assert state["emb.weight"].data_ptr() == state["head.weight"].data_ptr()  # (torch.save keeps that)
+    with torch.device("meta"):
+        model = TiedLM()
+    model.load_state_dict(state, assign=True)
+    assert model.head.weight is not model.emb.weight  # the case: two Parameters, one memory
+    assert model.head.weight.data_ptr() == model.emb.weight.data_ptr()
+    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    assert model.head.weight_tied
+    torch.nn.init.normal_(model.head.lora.B)
+    before = model.emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="shared with another module"):
+        lora_kernels.merge_and_unload(model)
+    assert torch.equal(model.emb.weight, before)
+
+    flat = torch.randn(2 * 36)  # two layers' weights as slices of one buffer: no tie
+    apart = torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 6, bias=False))
+    apart[0].weight = torch.nn.Parameter(flat[:36].view(6, 6))
+    apart[1].weight = torch.nn.Parameter(flat[36:].view(6, 6))
+    lora_kernels.replace_linear_with_lora(apart, rank=2, alpha=1.0)
+    assert not apart[0].weight_tied and not apart[1].weight_tied
+    with torch.device("meta"):  # nor are the meta device's weights, all at address 0
+        on_meta = lora_kernels.replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(6, 6),
+                                                                            torch.nn.Linear(6, 6)), rank=2, alpha=1.0)
+    assert not on_meta[0].weight_tied and not on_meta[1].weight_tied
+
+
 def test_merge_and_unload():
     """The model replace_linear_with_lora was given, with merged weights: the same outputs, its own
     state-dict keys, no LinearWithLoRA left; a single layer gives back its linear."""
