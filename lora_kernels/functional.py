@@ -12,7 +12,7 @@ S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha en
 inside the kernel, on B's and Aᵀ's tiles before their cast (in fp16, on the accumulators of y and
 dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``,
 ``pair_scale``), so a large alpha overflows nothing in fp16 that the reference's own order of
-operations keeps in range.
+operations keeps in range (up to 2^77, and short of alpha · B past fp32's range: see ``kernels``).
 
 Every product above is one call of ``kernels.lora_matmul`` or its twin ``torch_matmul`` (dA and
 dB one call together; S inside y's call and dS inside dX's where ``fuse_shrink`` says; db a sum):
