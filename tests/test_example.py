@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import TOL, rel_err
+from conftest import LAUNCHES, TOL, rel_err
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_tiny_gpt.py"
 
@@ -24,9 +24,15 @@ def example():
     return module
 
 
-def test_quick_run(example, tmp_path, capsys):
+# (cuda: the README's "on a GPU it runs through the fused kernels with no change", in the GPU run's shards)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_quick_run(example, tmp_path, capsys, device):
     plot = tmp_path / "loss.png"
-    out = example.main(["--quick", "--device", "cpu", "--plot", str(plot)])
+    launched = LAUNCHES[0]
+    out = example.main(["--quick", "--device", device, "--plot", str(plot)])
+    if device == "cuda":
+        assert LAUNCHES[0] > launched  # through the kernels
     printed = capsys.readouterr().out
 
     ft = out["finetune_losses"]
