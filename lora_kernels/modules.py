@@ -288,8 +288,8 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
                 slots[id(child)] = slots.get(id(child), 0) + 1
     counts = {}
     for module in model.modules():
-        for p in module.parameters(recurse=False):
-            counts[_place(p)] = counts.get(_place(p), 0) + slots.get(id(module), 1)
+        for place in map(_place, module.parameters(recurse=False)):
+            counts[place] = counts.get(place, 0) + slots.get(id(module), 1)
     skipped = {}  # why -> names
     why = _left_alone(model)
     if why is None and isinstance(model, torch.nn.Linear):  # (no parent to put a wrapper in)
