@@ -259,6 +259,37 @@ def test_flop_counter_counts_what_the_reference_computes(backend):
         assert counts[0] == counts[1] and counts[0][1] > 0, (trains, counts)
 
 
+def test_flop_counter_sees_a_module_run_the_references_calls(backend):
+    """FlopCounterMode installs global module hooks, under which LinearWithLoRA runs the seed's
+    unfused calls (README: "a module runs unfused under FlopCounterMode's module hooks, with the
+    same count"): the same operators and totals as the seed's layer, forward and backward, and
+    the float64 reference's output and gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_kernels import reference as seed
+
+    x, W, b, A, B = make_inputs((3, 7), 32, 48, 4, torch.float32)
+    dy = torch.randn(3, 7, 48, device=DEVICE)
+    want_y, want_grads = reference(x, W, b, A, B, 2.0, dy, base_grads=True)
+    counts = []
+    for cls in (lora_kernels.LinearWithLoRA, seed.LinearWithLoRA):
+        layer = cls(torch.nn.Linear(32, 48, device=DEVICE), 4, 2.0)
+        with torch.no_grad():
+            for p, value in zip((layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B), (W, b, A, B)):
+                p.copy_(value)
+        leaf = x.detach().requires_grad_()
+        with FlopCounterMode(display=False) as counter:
+            y = layer(leaf)
+            y.backward(dy)
+        counts.append({str(op): n for op, n in counter.get_flop_counts()["Global"].items()})
+        assert rel_err(y, want_y) < TOL[torch.float32]
+        for got, want in zip((leaf.grad, layer.linear.weight.grad, layer.lora.A.grad, layer.lora.B.grad),
+                             [want_grads[i] for i in (0, 1, 3, 4)]):
+            assert rel_err(got, want) < TOL[torch.float32]
+    assert counts[0] == counts[1] and sum(counts[0].values()) > 0, counts
+    assert not any(op.startswith("lora_kernels") for op in counts[0]), counts
+
+
 @pytest.mark.parametrize("kind", ["reentrant", "non-reentrant", "selective"])
 def test_activation_checkpointing_recomputes_the_same_masks(backend, kind):
     """torch.utils.checkpoint with LoRA dropout: the recompute draws the same seeds, so the
