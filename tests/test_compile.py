@@ -2,6 +2,7 @@
 break) with the same numbers as eager, forward and backward."""
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -290,11 +291,33 @@ def test_flop_counter_sees_a_module_run_the_references_calls(backend):
     assert not any(op.startswith("lora_kernels") for op in counts[0]), counts
 
 
+def float64_grads_with_masks(model, x, seed, backend):
+    """The seed's formula in float64 for ``lora_model``'s LoRA layers, each with the dropout mask
+    its call draws after ``torch.manual_seed(seed)`` (the layers draw their seeds in call order,
+    which is ``modules()``' order here): the gradients of the trainable parameters."""
+    from lora_kernels import functional
+
+    twin = copy.deepcopy(model).double()
+    torch.manual_seed(seed)
+    for layer in (m for m in twin.modules() if isinstance(m, lora_kernels.LinearWithLoRA)):
+        call_seed = int(functional.draw_seed(torch.device(DEVICE), backend))
+
+        def forward(x, layer=layer, call_seed=call_seed):
+            K = x.shape[-1]
+            keep = functional.keep_mask(x.numel() // K, K, call_seed, layer.dropout, DEVICE, backend).reshape(x.shape)
+            lora = ((x * keep / (1 - layer.dropout)) @ layer.lora.A @ layer.lora.B) * layer.lora.alpha
+            return torch.nn.functional.linear(x, layer.linear.weight, layer.linear.bias) + lora
+        layer.forward = forward
+    twin(x.detach().double()).square().mean().backward()
+    return [p.grad for p in twin.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("kind", ["reentrant", "non-reentrant", "selective"])
 def test_activation_checkpointing_recomputes_the_same_masks(backend, kind):
     """torch.utils.checkpoint with LoRA dropout: the recompute draws the same seeds, so the
-    gradients are those of the model run without it. Selective checkpointing runs a dispatch mode,
-    so the layers take the custom ops there; its policy here saves their outputs."""
+    gradients are those of the model run without it, and the float64 reference's with the masks
+    drawn again. Selective checkpointing runs a dispatch mode, so the layers take the custom ops
+    there; its policy here saves their outputs (each of the four layers' forwards, once)."""
     import functools
 
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -302,20 +325,26 @@ def test_activation_checkpointing_recomputes_the_same_masks(backend, kind):
     model = lora_model(dropout=0.25).train()
     x = torch.randn(3, 5, 32, device=DEVICE)
     _, want = grads_of(model, x, seed=4)
+    want64 = float64_grads_with_masks(model, x, 4, backend)
     model.zero_grad()
     kwargs = {"use_reentrant": kind == "reentrant"}
+    saved = []
     if kind == "selective":
         def policy(ctx, func, *args, **kwargs):
-            saved = func is torch.ops.lora_kernels.lora_linear_fwd.default
-            return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+            if func is torch.ops.lora_kernels.lora_linear_fwd.default:
+                saved.append(ctx.is_recompute)
+                return CheckpointPolicy.MUST_SAVE
+            return CheckpointPolicy.PREFER_RECOMPUTE
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     torch.manual_seed(4)
     x.requires_grad_(kind == "reentrant")  # (reentrant checkpointing needs an input that requires grad)
     checkpoint(model, x, **kwargs).square().mean().backward()
     got = [p.grad for p in model.parameters() if p.requires_grad]
-    assert len(got) == len(want) == 10  # (A and B of four layers, and the LayerNorm)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < TOL[torch.float32]
+    assert len(got) == len(want) == len(want64) == 10  # (A and B of four layers, and the LayerNorm)
+    for a, b, c in zip(got, want, want64):
+        assert rel_err(a, b) < TOL[torch.float32] and rel_err(a, c) < TOL[torch.float32]
+    if kind == "selective":
+        assert saved.count(False) == 4, saved  # the forward's four calls of the op, saved
 
 
 @pytest.mark.parametrize("K", [8, 0], ids=["K8", "no-in-features"])
