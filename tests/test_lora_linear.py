@@ -472,22 +472,70 @@ def test_gradcheck(backend, bias):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("M,N,K,split", [(50, 37, 70, False), (23, 6, 300, True)])
-def test_kernel_launcher(M, N, K, split, monkeypatch):
-    """``lora_matmul`` alone, on transposed operands, with and without the split reduction."""
+@pytest.mark.parametrize("M,N,K,terms,split", [(50, 37, 70, "lowrank+bias", False), (23, 6, 300, "", True),
+                                               (23, 6, 300, "bias", False)])  # (the split would add it per split)
+def test_kernel_launcher(M, N, K, terms, split, monkeypatch):
+    """``lora_matmul`` alone, on transposed operands, with and without the split reduction, which
+    a product with a bias (a direct caller's: the layer's never have one) does not take."""
     shapes = use_triton(monkeypatch)
     x = torch.randn(K, M, device=DEVICE).t()          # column-major X
     w = torch.randn(N, K, device=DEVICE).t()          # column-major W
     L, R = torch.randn(M, 9, device=DEVICE), torch.randn(N, 9, device=DEVICE).t()
     bias = torch.randn(N, device=DEVICE)
-    lowrank, b = (None, None) if split else ((L, R), bias)
+    lowrank, b = ((L, R) if "lowrank" in terms else None), (bias if "bias" in terms else None)
     out = kernels.lora_matmul(x, w, scale=0.5, lowrank=lowrank, bias=b,
                               out_dtype=torch.float32, dot_dtype=torch.float32)
     ref = 0.5 * x.double() @ w.double()
-    if not split:
-        ref = ref + L.double() @ R.double() + bias.double()
+    if lowrank:
+        ref = ref + L.double() @ R.double()
+    if b is not None:
+        ref = ref + bias.double()
     assert rel_err(out, ref) < TOL[torch.float32]
     assert any(len(s) == 3 for s in shapes) == split  # a (split, M, N) partial buffer was used
+
+
+@pytest.mark.triton
+def test_a_16_bit_split_sum_rounds_once(monkeypatch):
+    """A split reduction into a 16-bit output (dA and dB of fp16 adapters) sums its fp32 partials
+    in fp32 and rounds once: here each partial is past fp16's 65504 while the whole fits, so
+    rounding each partial first would make inf and NaN of it."""
+    shapes = use_triton(monkeypatch)
+    tokens = 4 * kernels.SPLIT_CHUNK  # four splits of SPLIT_CHUNK tokens
+    g = torch.Generator().manual_seed(5)
+    x = (1 + 0.1 * torch.rand(tokens, 8, generator=g)).to(DEVICE, torch.float16)
+    sign = torch.where(torch.arange(tokens) < tokens // 2, 1.0, -1.0)[:, None]
+    dS = (sign * (1200 + 10 * torch.rand(tokens, 4, generator=g))).to(DEVICE, torch.float16)
+    out = kernels.lora_matmul(x.t(), dS, scale=1.0, out_dtype=torch.float16, dot_dtype=torch.float16)
+    want = x.double().t() @ dS.double()
+    partial = x[:kernels.SPLIT_CHUNK].double().t() @ dS[:kernels.SPLIT_CHUNK].double()
+    assert partial.abs().min() > 65504 > want.abs().max()  # the premise
+    assert any(len(s) == 3 for s in shapes)  # (the split path)
+    assert rel_err(out, want) < TOL[torch.float16]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tma", [False, True])
+def test_offsets_past_2_31_through_a_strided_view(tma, monkeypatch):
+    """x as a view whose rows lie 2^26 elements apart, in a buffer of about 5 GiB of which only the
+    view's rows are ever touched (memory is committed lazily): x's element offsets pass 2^31 from
+    row 32 on, in the products that read x by rows (y's, dX's) and by columns (dA's). Int32 offsets
+    would wrap there. (tests/test_gpu.py runs a dense x of more than 2^31 elements on a GPU.)"""
+    use_triton(monkeypatch)
+    monkeypatch.setattr(kernels, "TMA", tma)
+    M, K, N, r, stride = 40, 16, 24, 4, 1 << 26
+    buf = torch.empty((M - 1) * stride + K, device=DEVICE, dtype=torch.float16)
+    x = buf.as_strided((M, K), (stride, 1))
+    x.copy_(torch.randn(M, K, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.float16))
+    assert (M - 1) * stride >= 2 ** 31 + 7 * stride  # the premise: the last eight rows are past it
+    _, W, b, A, B = make_inputs((M,), K, N, r, torch.float16, seed=7)
+    x.requires_grad_()
+    A, B = A.requires_grad_(), B.requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, 1.5)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.float16)
+    y.backward(dy)
+    y_ref, grads = reference(x, W, b, A, B, 1.5, dy)
+    for got, want in [(y, y_ref), (x.grad, grads[0]), (A.grad, grads[3]), (B.grad, grads[4])]:
+        assert rel_err(got, want) < TOL[torch.float16]
 
 
 @pytest.mark.triton
@@ -564,6 +612,11 @@ def test_prune_fits_tiles_to_problem_and_shared_memory(smem, monkeypatch):
         if smem == kernels.SMEM_BYTES:  # (fp32 A: a stage fewer for 128x256's four)
             stages = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c.num_stages for c in fused}
             assert stages[128, 256] == (4 if a_dtype == torch.bfloat16 else 3)
+    # A paired launch's tiles cover rows of both products: fitted to the larger (dB's r rows
+    # beside dA's features), not to the first product's.
+    paired = kernels._prune(configs, dict(named(16, 16, torch.bfloat16), M2=4096), DOT_DTYPE=tl.bfloat16)
+    alone = kernels._prune(configs, named(4096, 16, torch.bfloat16), DOT_DTYPE=tl.bfloat16)
+    assert {c.kwargs["BLOCK_M"] for c in paired} == {c.kwargs["BLOCK_M"] for c in alone} == {64, 128, 256}
     huge = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2)]
     assert kernels._prune(huge, named(4096, 4096, torch.float64), DOT_DTYPE=tl.float64)  # never empty
 
@@ -642,7 +695,7 @@ def test_fp32_precision_follows_pytorch(setting, expected):
         torch.set_float32_matmul_precision("highest")
 
 
-@pytest.mark.parametrize("alpha", [1000.0, 2.0 ** 24])
+@pytest.mark.parametrize("alpha", [1000.0, 2.0 ** 24, -2.0 ** 24])  # (a negative one takes the same path)
 @pytest.mark.parametrize("adapter_name", ["float16", "float32"])
 @pytest.mark.parametrize("fuse", ["0", "1"])
 def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_name, alpha, monkeypatch):
@@ -652,13 +705,13 @@ def test_a_large_alpha_rounds_nothing_past_fp16s_range(backend, fuse, adapter_na
     product, made inf and NaN of them; until the accumulator's range was widened, still from
     alpha = 2^20 on: hence 2^24, with B or A as much smaller.)"""
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
-    adapter, c = getattr(torch, adapter_name), alpha / 1000.0
+    adapter, c = getattr(torch, adapter_name), abs(alpha) / 1000.0
     x, W, b, A, B = make_inputs((40,), 48, 56, 4, torch.float16, adapter_dtype=adapter, seed=3)
     dy = torch.randn(40, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.float16)
     # (alpha · B large: y, whose dX does not fit fp16 here; alpha · A large: y and dX)
     for x_, A_, B_, big in ((x * 1e-3, A, B * (100 / c), "B"), (x, A * (200 / c), B * 1e-3, "A")):
         A_, B_ = A_.to(adapter), B_.to(adapter)
-        assert alpha * {"A": A_, "B": B_}[big].double().abs().max() > 65504  # the premise
+        assert abs(alpha) * {"A": A_, "B": B_}[big].double().abs().max() > 65504  # the premise
         x_ = x_.clone().requires_grad_()
         y = lora_kernels.lora_linear(x_, W, b, A_, B_, alpha)
         y.backward(dy)
