@@ -22,7 +22,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lora_kernels import kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from lora_kernels import functional, kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -183,6 +183,12 @@ def backends_with(values_for):
     ``backend-value``), where a value means something on one backend only."""
     return [pytest.param(b.values[0], v, id=f"{b.id}-{v}", marks=b.marks)
             for b in backends() for v in values_for(b.values[0])]
+
+
+def seed_of_next_call(torch_seed, backend):
+    """The LoRA-dropout seed the next call draws after ``torch.manual_seed(torch_seed)``."""
+    torch.manual_seed(torch_seed)
+    return int(functional.draw_seed(torch.device(DEVICE), backend))
 
 
 def make_inputs(lead, K, N, r, dtype, adapter_dtype=None, bias=True, device=DEVICE, seed=0):

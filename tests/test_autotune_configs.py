@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, rel_err, use_triton
+from conftest import DEVICE, TOL, make_inputs, rel_err, seed_of_next_call, use_triton
 from lora_kernels import functional, kernels
 from test_lora_linear import check_all
-from test_training import seed_of_next_call
 
 # The layer's sizes here (48 out-features: partial N tiles, and the paired dA and dB few enough to
 # split the 600 tokens). scripts/gpu_check.sh compiles for exactly these ahead of the GPU run.

@@ -32,6 +32,8 @@ class Subclass(torch.Tensor):
     (lambda a: a.__setitem__(0, randn(())), ValueError, ["(..., 10)", "()"]),
     (lambda a: a.__setitem__(1, randn(12, 10, 1)), ValueError, ["weight must be 2-D", "(12, 10, 1)"]),
     (lambda a: a.__setitem__(2, randn(11)), ValueError, ["bias", "(12,)", "(11,)"]),
+    (lambda a: a.__setitem__(2, randn(1, 12)), ValueError, ["bias", "(12,)", "(1, 12)"]),
+    (lambda a: a.__setitem__(2, randn(12, 1)), ValueError, ["bias", "(12,)", "(12, 1)"]),
     (lambda a: a.__setitem__(3, randn(9, 3)), ValueError, ["A must be (10, r)", "(9, 3)"]),
     (lambda a: a.__setitem__(4, randn(3, 13)), ValueError, ["B (r, 12)", "(3, 13)"]),
     (lambda a: a.__setitem__(4, randn(2, 12)), ValueError, ["(2, 12)"]),
@@ -53,7 +55,7 @@ class Subclass(torch.Tensor):
     (lambda a: a.__setitem__(0, torch.nested.nested_tensor(list(a[0]))), TypeError, ["x is a nested tensor"]),
     (lambda a: a.__setitem__(0, torch.nested.nested_tensor(list(a[0]), layout=torch.jagged)), TypeError,
      ["x is a nested tensor"]),
-], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
+], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "bias-row", "bias-column", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
         "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device",
         "W-sparse", "A-sparse", "x-nested", "x-jagged"])
 def test_bad_input(change, error, words):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err, use_triton
+from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err, seed_of_next_call, use_triton
 from lora_kernels import functional, kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).
@@ -225,17 +225,27 @@ def test_trainable_base(backend):
     check_all(make_inputs((3, 23), 40, 35, 4, torch.float32), 0.5, torch.float32, train_base=True)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["", "dropout"])
 @pytest.mark.parametrize("trained", [("A",), ("B",), ("x",), ("bias",), ("weight",), ("x", "bias"), ("weight", "A")],
                          ids=lambda t: "+".join(t))
-def test_each_gradient_alone(backend, trained):
+def test_each_gradient_alone(backend, trained, p):
     """Any subset of the inputs may require grad (a frozen A or B, a bias trained beside a frozen
-    weight): each gradient asked for matches float64, and the others stay None."""
+    weight): each gradient asked for matches float64, and the others stay None. Each subset takes
+    its own branch of the backward, so each is checked with LoRA dropout too (the mask drawn
+    again)."""
     names = ("x", "weight", "bias", "A", "B")
     inputs = [t.requires_grad_(n in trained) for n, t in zip(names, make_inputs((3, 13), 40, 35, 4, torch.float32))]
-    y = lora_kernels.lora_linear(*inputs, 0.5)
+    torch.manual_seed(9)
+    y = lora_kernels.lora_linear(*inputs, 0.5, dropout_p=p)
     dy = torch.randn_like(y)
     y.backward(dy)
-    _, want = reference(*inputs, 0.5, dy)
+    x, W, b, A, B = (t.detach().double().requires_grad_() for t in inputs)
+    if p:
+        keep = functional.keep_mask(39, 40, seed_of_next_call(9, backend), p, DEVICE, backend).reshape(x.shape)
+        (torch.nn.functional.linear(x, W, b) + 0.5 * ((x * keep / (1 - p)) @ A @ B)).backward(dy.double())
+    else:
+        (torch.nn.functional.linear(x, W, b) + 0.5 * (x @ A @ B)).backward(dy.double())
+    want = [t.grad for t in (x, W, b, A, B)]
     for name, t, w in zip(names, inputs, want):
         if name in trained:
             assert rel_err(t.grad, w) < TOL[torch.float32], name

@@ -6,14 +6,9 @@ import triton
 import triton.language as tl
 
 import lora_kernels
-from conftest import DEVICE, TOL, backends_with, make_inputs, reference, rel_err, use_triton
+from conftest import DEVICE, TOL, backends_with, make_inputs, reference, rel_err, seed_of_next_call, use_triton
 from lora_kernels import functional, kernels
 from test_lora_linear import LaunchSpy
-
-
-def seed_of_next_call(torch_seed, backend):
-    torch.manual_seed(torch_seed)
-    return int(functional.draw_seed(torch.device(DEVICE), backend))
 
 
 # Odd sizes (pointer loads), and sizes whose rows are whole 16 bytes (TMA loads where the kernels
