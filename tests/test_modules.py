@@ -117,11 +117,15 @@ def test_replace_is_idempotent_and_recursive():
     assert isinstance(model.block[1], lora_kernels.LinearWithLoRA)
     assert isinstance(model.block[1].linear, torch.nn.Linear)  # not wrapped twice
     keys = list(model.state_dict())
-    # Handed a wrapped layer itself (this package's or the seed's), it leaves it alone as well.
+    # Handed a wrapped layer itself (this package's or the seed's), or a model holding one of the
+    # seed's, it leaves it alone as well.
     for layer in (model.block[1], seed.LinearWithLoRA(torch.nn.Linear(8, 4), 2, 1.0)):
         assert lora_kernels.replace_linear_with_lora(layer, rank=4, alpha=1.5) is layer
         assert type(layer.linear) is torch.nn.Linear
     assert list(model.state_dict()) == keys
+    holder = torch.nn.Sequential(seed.LinearWithLoRA(torch.nn.Linear(8, 4), 2, 1.0))
+    lora_kernels.replace_linear_with_lora(holder, rank=4, alpha=1.5)
+    assert type(holder[0]) is seed.LinearWithLoRA and type(holder[0].linear) is torch.nn.Linear
 
 
 def test_a_reused_block_is_not_tied_and_merges():
@@ -229,6 +233,27 @@ def test_linear_with_its_own_forward_or_hooks_runs_them(backend, kind):
         with pytest.raises(ValueError, match="plain nn.Linear that stores its weight"):
             ours.merge()
     assert rel_err(ours.lora.B.grad, ref.lora.B.grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_hooked_half_base_with_fp32_adapters(dropout):
+    """The unfused calls a hooked linear takes: the output in the base's dtype beside fp32 adapters
+    (peft's default), as the fused call gives it, and LoRA dropout as ``nn.functional.dropout``
+    draws it (same seed), against float64."""
+    torch.manual_seed(2)
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(10, 7), 3, 1.5, dropout=dropout)
+    torch.nn.init.normal_(layer.lora.B)
+    layer.linear.half()
+    layer.linear.register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(5, 10).half()
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    x64 = x.double()
+    dropped = torch.nn.functional.dropout(x64, dropout) if dropout else x64
+    want = 2 * torch.nn.functional.linear(x64, layer.linear.weight.double(), layer.linear.bias.double()) + \
+        1.5 * (dropped @ layer.lora.A.double() @ layer.lora.B.double())
+    assert y.dtype == torch.float16 and rel_err(y, want) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("kind", ["lora_hook", "global_hook"])
@@ -341,7 +366,9 @@ def test_load_state_dict_into_merged_layers_finishes_and_leaves_the_source_alone
     dst = copy.deepcopy(src)
     for layer in dst:
         layer.merge()
+    given = {k: v.clone() for k, v in checkpoint.items()}
     dst.load_state_dict(checkpoint, assign=True)
+    assert all(torch.equal(checkpoint[k], v) for k, v in given.items())  # the caller's tensors, untouched
     assert rel_err(src(x), expected) == 0 and all(layer.merged for layer in dst)
     assert rel_err(dst(x), expected) < TOL[torch.float32]
 

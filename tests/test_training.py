@@ -206,8 +206,13 @@ def test_merge_unmerge(backend, dtype_name):
     y = layer(x)
     calls = []
     layer.linear.register_forward_hook(lambda *a: calls.append(1))
+    layer.unmerge()  # not merged: nothing to take out
+    assert torch.equal(layer.linear.weight, W0)
     layer.merge()
     assert layer.merged and not torch.equal(layer.linear.weight, W0)
+    W_merged = layer.linear.weight.detach().clone()
+    layer.merge()  # merged already: nothing more to fold in
+    assert torch.equal(layer.linear.weight, W_merged)
     y_merged = layer(x)
     assert calls == [1]  # the merged forward is the base layer alone
     assert rel_err(y_merged, y) < 2 * TOL[dtype]
@@ -268,6 +273,42 @@ def test_merge_refuses_non_finite():
     with pytest.raises(ValueError, match="non-finite"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.linear.weight, W0)
+
+
+def test_merge_rounds_the_sum_once_in_fp16():
+    """An fp16 weight and an update that alone passes fp16's 65504 where their sum fits: merged as
+    the sum in fp32 rounded once (the update rounded to fp16 first would be inf, the merge refused)."""
+    torch.manual_seed(4)
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(16, 12), rank=3, alpha=2.0).half()
+    with torch.no_grad():
+        layer.lora.A.normal_(std=3.0), layer.lora.B.normal_(std=3000.0)
+        delta = 2.0 * (layer.lora.A.float() @ layer.lora.B.float()).t()
+        layer.linear.weight.copy_(-delta.clamp(-60000, 60000) + torch.randn_like(delta))
+        W = layer.linear.weight.clone()
+    want = W.double() + 2.0 * (layer.lora.A.double() @ layer.lora.B.double()).t()
+    assert delta.abs().max() > 65504 > want.abs().max()  # the premise
+    layer.merge()
+    assert layer.merged and rel_err(layer.linear.weight, want) < TOL[torch.float16]
+
+
+def test_backward_inside_autocast_keeps_fp32_adapters_gradients(backend):
+    """A backward run inside the autocast block (as many training loops do): the layer's backward
+    chooses its own precision there too, so the fp32 adapters' gradients, here past fp16's range,
+    are summed and written in fp32 (autocast's fp16 matmuls would make inf of them)."""
+    g = torch.Generator().manual_seed(6)
+    M, K, N, r = 4096, 8, 8, 2
+    x, W, A, B = (4 + torch.rand(M, K, generator=g), torch.rand(N, K, generator=g) / K, 1 + torch.rand(K, r, generator=g),
+                  1 + torch.rand(r, N, generator=g))
+    dy = 1 + torch.rand(M, N, generator=g)
+    x, W, A, B, dy = (t.to(DEVICE) for t in (x, W, A, B, dy))
+    A_, B_ = A.clone().requires_grad_(), B.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = lora_kernels.lora_linear(x, W, None, A_, B_, 0.5)
+        y.backward(dy.half())
+    _, grads = reference(x.half(), W.half(), None, A, B, 0.5, dy.half())
+    assert grads[3].abs().max() > 65504 and grads[4].abs().max() > 65504  # the premise
+    assert A_.grad.dtype == B_.grad.dtype == torch.float32
+    assert rel_err(A_.grad, grads[3]) < TOL[torch.float16] and rel_err(B_.grad, grads[4]) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
