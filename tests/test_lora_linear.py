@@ -240,11 +240,8 @@ def test_each_gradient_alone(backend, trained, p):
     dy = torch.randn_like(y)
     y.backward(dy)
     x, W, b, A, B = (t.detach().double().requires_grad_() for t in inputs)
-    if p:
-        keep = functional.keep_mask(39, 40, seed_of_next_call(9, backend), p, DEVICE, backend).reshape(x.shape)
-        (torch.nn.functional.linear(x, W, b) + 0.5 * ((x * keep / (1 - p)) @ A @ B)).backward(dy.double())
-    else:
-        (torch.nn.functional.linear(x, W, b) + 0.5 * (x @ A @ B)).backward(dy.double())
+    keep = functional.keep_mask(39, 40, seed_of_next_call(9, backend), p, DEVICE, backend).reshape(x.shape) if p else 1
+    (torch.nn.functional.linear(x, W, b) + 0.5 * ((x * keep / (1 - p)) @ A @ B)).backward(dy.double())
     want = [t.grad for t in (x, W, b, A, B)]
     for name, t, w in zip(names, inputs, want):
         if name in trained:
