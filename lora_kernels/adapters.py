@@ -252,13 +252,18 @@ def _read_adapter(path):
             # (what torch.load raises from deep inside for other files: KeyError 101 for a text
             # file, a bare EOFError for an empty one, a RuntimeError for a broken zip)
             raise ValueError(f"{not_adapter} (torch.load: {type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or "tensors" not in blob:
+    if not isinstance(blob, dict):
         raise ValueError(not_adapter)
-    sharded = sorted(k for k, v in blob["tensors"].items() if _is_dtensor(v))
+    # (another program's dict may hold a "tensors" entry of its own: ours maps names to tensors)
+    tensors, metadata = blob.get("tensors"), blob.get("metadata") or {}
+    if not (isinstance(tensors, dict) and isinstance(metadata, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())):
+        raise ValueError(not_adapter)
+    sharded = sorted(k for k, v in tensors.items() if _is_dtensor(v))
     if sharded:  # written by an older save_adapter from an FSDP2 model: each rank's shard only
         raise ValueError(f"{os.fspath(path)!r} holds sharded DTensors, not full tensors ("
                          + ", ".join(sharded) + "): save it again with this version's save_adapter")
-    return blob["tensors"], blob.get("metadata") or {}
+    return tensors, metadata
 
 
 def load_adapter(model, path, strict=True):

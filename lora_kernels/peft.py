@@ -44,8 +44,8 @@ peft's original forward, so results never depend on whether a layer was fused. p
   (``register_module_forward_hook``: calibration and activation-statistics tools);
 * calls: extra arguments (``adapter_names`` for mixed-batch inference, ``alora_offsets``, ...),
   an input that is a tensor subclass (tensor parallelism's DTensor activations), and an input
-  whose dtype differs from the base weight's outside autocast: ``F.linear`` raises there, so
-  peft's forward runs and raises its own error rather than a different one from us.
+  or a base bias whose dtype differs from the base weight's outside autocast: ``F.linear`` raises
+  there, so peft's forward runs and raises its own error rather than a different one from us.
 
 Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters, peft casts x up
 and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
@@ -216,8 +216,12 @@ class FusedLinear(_PeftLoraLinear):
         if not args and all(k in _PEFT_CALL_KWARGS and v is None for k, v in kwargs.items()) \
                 and readable_input(x):
             call = _fused_call(self)
-        if type(call) is not tuple or (x.dtype != call[0].dtype and not torch.is_autocast_enabled(x.device.type)):
+        if type(call) is not tuple:
             return super().forward(x, *args, **kwargs)
+        weight, bias = call[0], call[1]
+        if (x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)) \
+                and not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x, *args, **kwargs)  # (F.linear raises: peft's own error)
         return lora_linear(x, *call)
 
     def _get_name(self):  # repr(model) reads as peft's

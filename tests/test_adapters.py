@@ -89,6 +89,14 @@ def test_mark_only_lora_as_trainable_takes_the_reference_layers():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora.A", "0.lora.B"}
 
 
+def test_mark_only_lora_as_trainable_unfreezes_frozen_adapters():
+    """A model frozen whole first (model.requires_grad_(False), or loaded so) gets its adapters back."""
+    model = build().requires_grad_(False)
+    mark_only_lora_as_trainable(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"blocks.{i}.{n}.lora.{p}" for i in (0, 1) for n in ("fc", "out") for p in "AB"}
+
+
 def test_count_parameters_and_format():
     torch.manual_seed(0)
     plain = Tiny()
@@ -100,6 +108,13 @@ def test_count_parameters_and_format():
     assert format_parameter_count(LORA_PARAMS, BASE_PARAMS + LORA_PARAMS) == "trainable 192 of 832 (23.08%)"
     assert format_parameter_count(12_288, 1_234_567) == "trainable 12,288 of 1,234,567 (1.00%)"
     assert format_parameter_count(0, 0) == "trainable 0 of 0 (0.00%)"
+
+
+def test_count_parameters_counts_a_tied_weight_once():
+    torch.manual_seed(0)
+    tied = Tiny()
+    tied.blocks[1]["out"].weight = tied.blocks[0]["out"].weight  # (16, 8) shared: 128 fewer
+    assert count_parameters(tied) == (BASE_PARAMS - 128, BASE_PARAMS - 128)
 
 
 def test_lora_state_dict_names_and_values():
@@ -146,6 +161,30 @@ def test_file_holds_only_the_adapter(tmp_path, filename):
     assert sorted(tensors) == sorted(lora_state_dict(model))
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     assert '"blocks.0.fc.lora": {"rank": 2, "alpha": 0.5}' in metadata["lora_kernels.layers"]
+
+
+@pytest.mark.parametrize("filename", FORMATS)
+def test_file_names_its_format(tmp_path, filename):
+    _need_format(filename)
+    from lora_kernels.adapters import _read_adapter
+    save_adapter(randomize_lora(build()), tmp_path / filename)
+    assert _read_adapter(tmp_path / filename)[1]["format"] == "lora_kernels.adapter.v1"
+
+
+@pytest.mark.parametrize("filename", FORMATS)
+def test_save_adapter_with_a_shared_parameter(tmp_path, filename):
+    """Two layers sharing one A (tied adapters): the file holds a copy under each name (safetensors
+    refuses tensors that share storage), and loads into a model tied the same way."""
+    _need_format(filename)
+    def tied(model):
+        model.blocks[1]["fc"].lora.A = model.blocks[0]["fc"].lora.A
+        return model
+    trained = tied(randomize_lora(build(), seed=11))
+    save_adapter(trained, tmp_path / filename)
+    fresh = tied(build())
+    load_adapter(fresh, tmp_path / filename)
+    for k, v in lora_state_dict(trained).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v), k
 
 
 def test_load_keeps_model_dtype(tmp_path):
@@ -300,12 +339,36 @@ def test_load_names_a_file_that_is_no_adapter(tmp_path):
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "state_dict.pt")
-    for name in [*cases, "state_dict.pt"]:
+    # Other programs' dicts with a "tensors" entry that is no map of names to tensors.
+    foreign = {"tensors-a-tensor.pt": {"tensors": torch.randn(3)},
+               "tensors-of-lists.pt": {"tensors": {"blocks.0.fc.lora.A": [1.0]}},
+               "metadata-a-list.pt": {"tensors": {}, "metadata": ["x"]}}
+    for name, blob in foreign.items():
+        torch.save(blob, tmp_path / name)
+    for name in [*cases, "state_dict.pt", *foreign]:
         path, model = tmp_path / name, randomize_lora(build())
         before = {k: v.clone() for k, v in lora_state_dict(model).items()}
         with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' is not an adapter file written by save_adapter"):
             load_adapter(model, path)
         assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items()), name
+
+
+def test_load_never_unpickles_objects(tmp_path):
+    """A .pt is read with weights_only: a file carrying an arbitrary object (which unpickling
+    would run) is refused as no adapter, and the object's code does not run."""
+    import os
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    blob = torch.load(_saved(tmp_path, randomize_lora(build())), weights_only=True)
+    blob["extra"] = Payload()
+    torch.save(blob, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="is not an adapter file written by save_adapter"):
+        load_adapter(build(), tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
@@ -326,6 +389,54 @@ def test_fsdp1_is_refused_by_name(tmp_path):
         dist.destroy_process_group()
 
 
+def _one_process_group():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    return dist
+
+
+def test_ddp_wrapper_saves_the_plain_names(tmp_path):
+    """DistributedDataParallel's .module is below the names (a one-process group, on the CPU)."""
+    dist = _one_process_group()
+    try:
+        model = randomize_lora(build(), seed=9)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert sorted(lora_state_dict(ddp)) == sorted(lora_state_dict(model))
+        save_adapter(ddp, tmp_path / "ddp.pt")
+    finally:
+        dist.destroy_process_group()
+    from lora_kernels.adapters import _read_adapter
+    tensors, metadata = _read_adapter(tmp_path / "ddp.pt")
+    assert sorted(tensors) == sorted(lora_state_dict(model))
+    assert sorted(json.loads(metadata["lora_kernels.layers"])) == [f"blocks.{i}.{n}.lora" for i in (0, 1) for n in ("fc", "out")]
+
+
+def test_fully_shard_on_one_process_saves_and_loads(tmp_path):
+    """A model under fully_shard (FSDP2, its adapters DTensors) on a one-process group: rank 0
+    writes the full tensors, and a sharded model loads them back."""
+    dist = _one_process_group()
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (1,))
+        trained = randomize_lora(build(), seed=10)
+        want = {k: v.clone() for k, v in lora_state_dict(trained).items()}
+        fully_shard(trained, mesh=mesh)
+        assert all(type(v).__name__ == "DTensor" for v in lora_state_dict(trained).values())
+        save_adapter(trained, tmp_path / "a.safetensors")
+        fresh = fully_shard(build(), mesh=mesh)
+        load_adapter(fresh, tmp_path / "a.safetensors")
+        got = {k: v.full_tensor() for k, v in lora_state_dict(fresh).items()}
+    finally:
+        dist.destroy_process_group()
+    plain = build()
+    load_adapter(plain, tmp_path / "a.safetensors")
+    for k, v in want.items():
+        assert torch.equal(lora_state_dict(plain)[k], v) and torch.equal(got[k], v), k
+
+
 def test_safetensors_missing_package(tmp_path, monkeypatch):
     import lora_kernels.adapters as adapters
     monkeypatch.setattr(adapters, "_safetensors", None)
@@ -335,7 +446,8 @@ def test_safetensors_missing_package(tmp_path, monkeypatch):
 
 
 ALPHA_FORMS = [pytest.param(lambda: torch.tensor(ALPHA), id="tensor"),
-               pytest.param(lambda: __import__("numpy").float32(ALPHA), id="numpy")]
+               pytest.param(lambda: __import__("numpy").float32(ALPHA), id="numpy"),
+               pytest.param(lambda: torch.tensor([ALPHA]), id="tensor-of-one")]  # one value: stored as a float
 
 
 def with_alpha(model, alpha):
@@ -440,6 +552,55 @@ def test_load_checks_alpha_of_files_with_wrapper_prefixes(tmp_path):
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
+def test_adapter_of_a_bare_lora_layer(tmp_path):
+    """A LoRALayer that is the model itself: its names are the state dict's, "A" and "B"."""
+    layer = LoRALayer(6, 5, RANK, ALPHA)
+    randomize_lora(layer)
+    assert sorted(lora_state_dict(layer)) == sorted(layer.state_dict()) == ["A", "B"]
+    save_adapter(layer, tmp_path / "a.pt")
+    torch.save({"tensors": lora_state_dict(layer), "metadata": {}}, tmp_path / "b.pt")  # as named in the model
+    for name in ("a.pt", "b.pt"):
+        fresh = LoRALayer(6, 5, RANK, ALPHA)
+        assert load_adapter(fresh, tmp_path / name) == ([], [])
+        assert torch.equal(fresh.A, layer.A) and torch.equal(fresh.B, layer.B)
+
+
+class Holder(torch.nn.Module):
+    """A user's wrapper whose attribute happens to be called ``module`` (not DDP's: its names keep it)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.module = inner
+
+    def forward(self, idx):
+        return self.module(idx)
+
+
+def test_a_model_whose_own_names_start_with_module(tmp_path):
+    x = torch.randint(0, 10, (3, 5))
+    trained = Holder(randomize_lora(build(), seed=7))
+    assert all(k.startswith("module.blocks.") for k in lora_state_dict(trained))
+    save_adapter(trained, tmp_path / "a.pt")
+    fresh = Holder(build())
+    assert load_adapter(fresh, tmp_path / "a.pt") == ([], [])
+    assert torch.equal(fresh(x), trained(x))
+    with pytest.raises(ValueError, match=r"alpha mismatch: module\.blocks\.0\.fc\.lora was trained with alpha=0\.5"):
+        load_adapter(Holder(build(alpha=4 * ALPHA)), tmp_path / "a.pt")
+
+
+def test_load_file_with_nested_wrapper_prefixes(tmp_path):
+    """A file from a model wrapped twice (DataParallel around DistributedDataParallel, say) carries
+    module.module.: both are dropped."""
+    x = torch.randint(0, 10, (3, 5))
+    trained = randomize_lora(build(), seed=8)
+    blob = torch.load(_saved(tmp_path, trained), weights_only=True)
+    blob["tensors"] = {"module.module." + k: v for k, v in blob["tensors"].items()}
+    torch.save(blob, tmp_path / "nested.pt")
+    plain = build()
+    assert load_adapter(plain, tmp_path / "nested.pt") == ([], [])
+    assert torch.equal(plain(x), trained(x))
+
+
 def test_load_refuses_file_with_dtensors(tmp_path):
     """A .pt written from an FSDP2 model by an older save_adapter holds DTensor shards: a clear
     error instead of PyTorch's mixed Tensor/DTensor one."""
@@ -479,6 +640,14 @@ def test_peft_alpha_values_and_errors():
         peft_alpha(float("inf"), 4)
     with pytest.raises(TypeError, match="lora_alpha must be a real number"):
         peft_alpha("8", 4)
+
+
+def test_peft_alpha_refuses_bools():
+    # (bool is an int to Python: True would pass for r=1 or lora_alpha=1 without a word)
+    with pytest.raises(TypeError, match="r must be an integer, got bool"):
+        peft_alpha(8, True)
+    with pytest.raises(TypeError, match="lora_alpha must be a real number, got bool"):
+        peft_alpha(True, 4)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["plain", "rslora"])

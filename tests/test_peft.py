@@ -536,6 +536,133 @@ def test_input_dtype_mismatch_errors_as_peft_does(spy):
     assert rel_err(got, want) < 1e-2
 
 
+def test_base_bias_dtype_mismatch_errors_as_peft_does(spy):
+    # A bf16 weight beside an fp32 bias: F.linear refuses it outside autocast, so the layer runs
+    # peft's forward and raises peft's error, not lora_linear's; under autocast both compute.
+    torch.manual_seed(0)
+    model = randomize_lora(get_peft_model(BiasNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["up"])))
+    base = model.base_model.model.up.base_layer
+    base.weight.data = base.weight.data.bfloat16()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError) as want:
+        ref.base_model.model.up(x)
+    with pytest.raises(RuntimeError) as got:
+        model.base_model.model.up(x)
+    assert str(got.value) == str(want.value) and not spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model.base_model.model.up(x), ref.base_model.model.up(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and len(spy) == 1
+    assert rel_err(got, want) < 1e-2
+
+
+class EmbedNet(torch.nn.Module):
+    """An embedding and a linear: peft gives the embedding its own LoRA layer class."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 24)
+        self.up = torch.nn.Linear(24, 40)
+
+    def forward(self, ids):
+        return self.up(self.embed(ids))
+
+
+def test_other_lora_layer_types_are_named_and_left_to_peft(spy):
+    # peft's LoRA Embedding is not a lora.Linear: the warning says so (not "a subclass"), its
+    # class stays peft's, and unfuse_lora passes over it without a word.
+    torch.manual_seed(0)
+    model = randomize_lora(get_peft_model(EmbedNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "up"])))
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.up"]
+    assert "not a peft lora.Linear" in msg and "Embedding -> base_model.model.embed" in msg
+    assert not isinstance(model.base_model.model.embed, lkpeft.FusedLinear)
+    ids = torch.randint(0, 16, (3, 5))
+    assert rel_err(model(ids), ref(ids)) < TOL and len(spy) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unfuse_lora(model) == 1
+
+
+def test_a_lora_variant_runs_peft(spy):
+    # aLoRA (a layer.lora_variant) computes its own forward: without alora_offsets, the base
+    # layer's output alone. The fused formula would add the adapter everywhere.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="aLoRA is currently only supported")
+        model = peft_net(alora_invocation_tokens=[1])
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert int(report) == 0 and "lora_variant): ALoraLinearVariant" in msg
+    up, ref_up = model.base_model.model.up, ref.base_model.model.up
+    x = torch.randn(4, 24)
+    got = up(x)
+    assert rel_err(got, ref_up(x)) < TOL and rel_err(got, up.base_layer(x)) < TOL and not spy
+
+
+def test_lora_modules_peft_did_not_build_run_peft(spy):
+    # lora_dropout replaced by another module, lora_B given a bias: the fused formula has neither,
+    # so those layers run peft's forward (which calls the modules) with peft's numbers.
+    model = peft_net()
+    torch.manual_seed(1)
+    model.base_model.model.up.lora_dropout["default"] = torch.nn.Tanh()
+    mid = model.base_model.model.mid
+    biased = torch.nn.Linear(4, 40)
+    with torch.no_grad():
+        biased.weight.copy_(mid.lora_B["default"].weight)
+    mid.lora_B["default"] = biased
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.down"]
+    assert report.fallback == {lkpeft._MODULES: ["base_model.model.up", "base_model.model.mid"]}
+    x = torch.randn(5, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 1
+
+
+def test_lora_a_and_b_of_different_dtypes_run_peft(spy):
+    # peft raises outside autocast (lora_B's F.linear) and computes inside it: the same here.
+    model = peft_net()
+    model.base_model.model.up.lora_B["default"].half()
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.mid", "base_model.model.down"] and "differ in dtype" in msg
+    up, ref_up = model.base_model.model.up, ref.base_model.model.up
+    x = torch.randn(5, 24)
+    with pytest.raises(RuntimeError) as want:
+        ref_up(x)
+    with pytest.raises(RuntimeError) as got:
+        up(x)
+    assert str(got.value) == str(want.value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = up(x), ref_up(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want) and not spy
+
+
+def test_extra_positional_arguments_run_peft(spy):
+    # peft passes them on to the base layer, whose error the caller gets (not a fused result).
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(5, 24)
+    with pytest.raises(TypeError) as want:
+        ref.base_model.model.up(x, x)
+    with pytest.raises(TypeError) as got:
+        model.base_model.model.up(x, x)
+    assert str(got.value) == str(want.value) and not spy
+
+
+def test_the_warning_counts_layers_and_names_classes():
+    # One line per reason; the count is of layers, not of reasons.
+    model = peft_net(use_dora=True)
+    model.base_model.model.mid.__class__ = TaggedLoraLinear
+    report, msg = fuse_warning(model)
+    assert msg.splitlines() == [
+        "lora_kernels.fuse_lora: 3 LoRA layer(s) run peft's own forward, 0 run lora_linear:",
+        f"  {lkpeft._DORA} -> base_model.model.up, base_model.model.down",
+        f"  {lkpeft._SUBCLASS}: TaggedLoraLinear -> base_model.model.mid"]
+
+
 # ---------------------------------------------------------------------------------------------
 # unfuse, idempotence, deepcopy, torch.compile
 
@@ -658,6 +785,23 @@ def test_subclass_is_left_to_peft(spy):
     assert int(report) == 2 and type(mid) is TaggedLoraLinear and mid.tag() == "tagged"
     x = torch.randn(4, 24)
     assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+
+def test_a_class_made_after_fuse_lora_is_kept(spy):
+    # fully_shard (FSDP2) swaps a module's class for a subclass of it: here, of FusedLinear.
+    # fuse_lora again keeps that class (the layer stays fused); unfuse_lora leaves it, and says so.
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    up = model.base_model.model.up
+    sharded = type("FSDPFusedLinear", (lkpeft.FusedLinear,), {})
+    up.__class__ = sharded
+    assert int(fuse_quietly(model)) == 3 and type(up) is sharded
+    x = torch.randn(4, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 3
+    with pytest.warns(UserWarning, match="up's forward or class was replaced after fuse_lora"):
+        assert unfuse_lora(model) == 2
+    assert type(up) is sharded and type(model.base_model.model.mid) is PeftLoraLinear
 
 
 def test_data_parallel_replica_uses_its_own_weights(spy):
