@@ -26,7 +26,7 @@ import torch
 from . import report
 from .measure import Timer, check, expected, tolerance, worst
 from .providers import PROVIDERS, ProviderUnavailable, make_weights
-from .run import DTYPES, Stopped, _ints, _names, _stop, describe_error
+from .run import DTYPES, Stopped, _ints, _names, _probability, _stop, describe_error
 
 # name, input (h: the hidden state, a: attention's output, m: the MLP's activation), out features
 # (Llama-3-8B: hidden 4096, 8 KV heads of 128, MLP 14336).
@@ -170,7 +170,7 @@ def main(argv=None):
     # without a GPU fused runs that path already)
     p.add_argument("--providers", type=_names(list(PROVIDERS)),
                    default=["base", "fused"] + (["fused-routed"] if cuda else []) + ["peft", "addmm"])
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of peft and the fused providers (timed, not checked: its masks are not rebuilt here)")
+    p.add_argument("--dropout", type=_probability, default=0.0, help="LoRA dropout of peft and the fused providers (timed, not checked: its masks are not rebuilt here)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--warmup-ms", type=float, default=20.0)
     # (the bare base's seven projections, forward+backward at 8192 tokens, add up to about 10 ms in

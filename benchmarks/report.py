@@ -199,13 +199,15 @@ def plot(rows, modes, path, *, title):
     for i, mode in enumerate(modes):
         ax_t, ax_r = axes[2 * i][0], axes[2 * i + 1][0]
         for provider in providers:
-            def series(field):
-                values = [by_key.get((mode, *c, provider), {}).get(field) for c in configs]
+            def series(*fields):  # each row's first of the fields it has
+                rows = [by_key.get((mode, *c, provider), {}) for c in configs]
+                values = [next((row[f] for f in fields if row.get(f) is not None), None) for row in rows]
                 return [math.nan if v is None else v for v in values]
 
             style = {"marker": "o", "linestyle": "--" if provider == "base" else "-"}
             ax_t.plot(xs, series("ms"), label=provider, **style)
-            ax_r.plot(xs, series("x_base"), label=provider, **style)
+            # (the ratio timed in turn where the run has one, as the table's parenthesis and targets.md)
+            ax_r.plot(xs, series("x_base_in_turn", "x_base"), label=provider, **style)
         ax_t.set_yscale("log")
         ax_t.set_ylabel("ms (median, log)")
         ax_t.set_title(f"{mode}: time per step")

@@ -13,7 +13,7 @@ runs the base's products: the cell then gives the bare base's own speedup over t
 import argparse
 import json
 
-# (column, mode, provider whose time is divided by fused's or base's, bound, which way is good)
+# (column, mode, the ratio of two providers' times, bound: at most it over base, at least it as a speedup)
 TARGETS = [
     ("forward × base", "forward", "fused/base", 1.05),
     ("fwd+bwd × base", "forward+backward", "fused/base", 1.10),

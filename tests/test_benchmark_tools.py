@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 import torch
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import measure, providers, run, targets  # noqa: E402
+from benchmarks import measure, providers, report, run, targets  # noqa: E402
 
 
 def _rows(times, K=4096, N=1024, M=8192, r=16):
@@ -821,6 +823,13 @@ def test_sweep_options_out_of_range_are_refused_up_front(bad, capsys):
     assert "at least 1" in err or "[0, 1]" in err, err
 
 
+def test_model_step_refuses_a_dropout_out_of_range_up_front(capsys):
+    from benchmarks import model_step
+    with pytest.raises(SystemExit):
+        model_step.main(["--dropout", "2", "--device", "cpu"])
+    assert "a dropout probability is in [0, 1], got 2" in capsys.readouterr().err
+
+
 def test_a_run_leaves_no_stale_plot_beside_its_report(tmp_path, monkeypatch):
     """Runs on one day share a card-and-date folder: a run that plots nothing must not leave an
     earlier run's plots.png beside its own report."""
@@ -865,3 +874,348 @@ def test_sweep_without_tqdm_or_matplotlib_writes_its_results(tmp_path, monkeypat
     assert all(r["ms"] > 0 for r in rows if r["status"] == "ok") and any(r["status"] == "ok" for r in rows)
     err = capsys.readouterr().err
     assert "benchmark 4/4: 64→32 M=16 r=4 fused" in err and "matplotlib is not installed" in err, err
+
+
+# --- the figures' arithmetic, without a GPU -----------------------------------------------------
+# (what a published ratio, time or rate is computed from: each checked with made-up times or a
+# stand-in clock, never against the wall clock)
+
+
+def test_timer_gives_the_median_ms_of_the_timed_steps_after_a_warm_up(monkeypatch):
+    """On a stand-in clock where setup takes 1 s and the n-th step n² ms: 3 steps estimate the
+    cost, at least one more warms up, then at least 5 are timed, setup left out of their times;
+    the figure is their median in ms, with the 20th and 80th percentiles beside it."""
+    clock = {"s": 0.0}
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: clock["s"]))
+    steps = []
+
+    def setup():
+        clock["s"] += 1.0
+        return len(steps)
+
+    def step(state):
+        steps.append(state)
+        clock["s"] += len(steps) ** 2 / 1e3
+
+    timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=1)
+    ms, reps = timer(setup, step)
+    assert steps == list(range(9))  # (each step gets its own setup's state)
+    assert reps == 5 and ms == pytest.approx(49.0)  # steps 5 to 9: 25, 36, 49, 64, 81 ms
+    assert timer.spread == pytest.approx((33.8, 67.4))
+
+
+def test_mode_step_rotates_the_input_copies_and_times_the_backward_alone():
+    """Each step takes the next input copy, in turn through all of them; the backward's setup runs
+    the forward, so its timed step is the backward alone, and computes the layer's gradients."""
+    forwards = []
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    layer = providers.Layer(lambda x: (forwards.append(x), x @ W.t())[1], {"W": W})
+    xs = [torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    dys = [torch.randn(2, 3, dtype=torch.float64) for _ in range(3)]
+    for mode in measure.MODES:
+        setup, _ = measure.mode_step(layer, mode, xs, dys)
+        picked = [setup()[1][0] if mode == "backward" else setup()[0] for _ in range(6)]  # (x)
+        order = [next(i for i, x in enumerate(xs) if x is p) for p in picked]
+        assert sorted(order[:3]) == [0, 1, 2] and order[3:] == order[:3], (mode, order)
+    setup, step = measure.mode_step(layer, "backward", xs, dys)
+    forwards.clear()
+    state = setup()
+    assert len(forwards) == 1
+    dx, dW = step(state)
+    assert len(forwards) == 1  # (no forward inside the timed step)
+    x, dy = next((x, dy) for x, dy in zip(xs, dys) if x is forwards[0])
+    torch.testing.assert_close(dx, dy @ W.detach())
+    torch.testing.assert_close(dW, dy.t() @ x.detach())
+
+
+def test_make_inputs_rotates_at_least_two_copies_and_at_most_eight(monkeypatch):
+    """As many (x, dY) copies as fill ROTATE_BYTES, never fewer than 2 (one copy would be timed
+    from the cache) nor more than MAX_COPIES."""
+    per_copy = 4 * 4 * (8 + 6)  # fp32 x (4, 8) and dY (4, 6)
+    for rotate, copies in ((1, 2), (3 * per_copy, 3), (100 * per_copy, measure.MAX_COPIES)):
+        monkeypatch.setattr(measure, "ROTATE_BYTES", rotate)
+        xs, dys = measure.make_inputs(4, 8, 6, dtype=torch.float32, device="cpu")
+        assert len(xs) == len(dys) == copies, rotate
+        assert all(x.requires_grad and x.shape == (4, 8) for x in xs) and all(d.shape == (4, 6) for d in dys)
+
+
+def test_rel_err_of_a_zero_reference_is_zero_only_for_zeros():
+    """dA and dB are zeros when dropout drops everything: a provider that gives anything else
+    there must not pass the check."""
+    zeros = torch.zeros(3, 2)
+    assert measure.rel_err(zeros, zeros) == 0.0
+    assert measure.rel_err(torch.full((3, 2), 1e-3), zeros) == math.inf
+    assert math.isnan(measure.rel_err(torch.full((3, 2), math.nan), zeros))
+    assert measure.rel_err(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0])) == pytest.approx(0.75)
+
+
+def test_ceilings_count_bytes_read_and_written_and_the_gemms_flops(monkeypatch):
+    """The card's ceilings from their times: 1 GiB copied (read and written) and 2·8192³ FLOPs
+    (the operands stood in for by small ones, the times made up)."""
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: real_randn(4, device=device,
+                                                                                          dtype=dtype))
+    times = [0.5, 2.0]
+
+    def timer(setup, step):
+        step(setup())
+        return times.pop(0), 5
+
+    c = measure.ceilings(torch.device("cpu"), timer)
+    assert (c["copy_ms"], c["gemm_ms"]) == (0.5, 2.0)
+    assert c["copy_tb_s"] == pytest.approx(2 * 2**30 / 0.5e-3 / 1e12)
+    assert c["bf16_tflops"] == pytest.approx(2 * 8192**3 / 2.0e-3 / 1e12)
+
+
+def test_memory_counts_what_autograd_saves_each_storage_once():
+    """addmm saves x, W, A, B and S: the activations are x and S (x's reshape shares its storage),
+    the total adds the parameters; no peak on CPU."""
+    M, K, N, r = 24, 48, 40, 4
+    w = providers.make_weights(K, N, r, dtype=torch.float32, device="cpu")
+    x, dy = torch.randn(M, K, requires_grad=True), torch.randn(M, N)
+    peak, saved, activations = measure.memory(providers.PROVIDERS["addmm"](w), x, dy)
+    assert peak is None
+    assert activations == 4 * (M * K + M * r)
+    assert saved == activations + 4 * (N * K + K * r + r * N)
+
+
+def test_flop_count_credits_each_provider_with_its_layers_products():
+    """forward 2MKN + 2Mr(K+N); backward 2MKN (dX) [+ 2MKN for dW] + 4Mr(K+N); `base` only its
+    GEMMs; forward+backward the sum."""
+    M, K, N, r = 8, 48, 40, 4
+    gemm, lora = 2 * M * K * N, 2 * M * r * (K + N)
+    for trainable, backward_gemms in ((False, 1), (True, 2)):
+        want = {(True, "forward"): gemm + lora, (True, "backward"): backward_gemms * gemm + 2 * lora,
+                (False, "forward"): gemm, (False, "backward"): backward_gemms * gemm}
+        for is_lora in (True, False):
+            want[(is_lora, "forward+backward")] = want[(is_lora, "forward")] + want[(is_lora, "backward")]
+            for mode in measure.MODES:
+                got = measure.flop_count(M, K, N, r, mode, lora=is_lora, trainable_base=trainable)
+                assert got == want[(is_lora, mode)], (is_lora, mode, trainable)
+
+
+def test_sweep_with_a_trainable_base_checks_and_credits_dW_and_db(tmp_path):
+    """--trainable-base: every provider trains W and b, is checked on dW and db too, and is
+    credited with the dW GEMM; the report says the base trains, with the run's alpha."""
+    pytest.importorskip("peft")
+    M, K, N, r = 24, 48, 40, 4
+    rows = run.main(["--device", "cpu", "--shapes", f"{K}x{N}", "--tokens", str(M), "--ranks", str(r),
+                     "--trainable-base", "--alpha", "1.5", "--providers", "base,reference,addmm,peft,fused",
+                     "--warmup-ms", "1", "--rep-ms", "2", "--out", str(tmp_path)])
+    for row in rows:
+        assert row["status"].startswith("ok") and row["max_err"] < 1e-5, row
+        want = {"out", "dX", "dW", "db"} | ({"dA", "dB"} if row["provider"] != "base" else set())
+        assert set(row["errors"]) == want, row
+        flops = measure.flop_count(M, K, N, r, row["mode"], lora=row["provider"] != "base", trainable_base=True)
+        assert row["tflops"] == pytest.approx(flops / (row["ms"] * 1e-3) / 1e12), row
+    (folder,) = tmp_path.iterdir()
+    meta = json.loads((folder / "results.json").read_text())
+    assert (meta["alpha"], meta["trainable_base"], meta["dropout"]) == (1.5, True, 0.0)
+    assert "; alpha 1.5; base trainable" in (folder / "report.md").read_text()
+
+
+def test_make_weights_gives_a_lora_term_of_the_base_terms_order():
+    """B is not the seed's zeros: with B = 0 the LoRA term adds nothing to y, dX or dA, and a
+    provider that drops or misscales it there would pass the check."""
+    g = torch.Generator().manual_seed(0)
+    w = providers.make_weights(256, 192, 8, dtype=torch.float32, device="cpu", generator=g)
+    x = torch.randn(64, 256, generator=g)
+    base, lora = torch.nn.functional.linear(x, w.W, w.b), w.alpha * (x @ w.A @ w.B)
+    assert 0.25 < (lora.norm() / base.norm()).item() < 4
+
+
+def test_fused_routed_threshold_routes_what_its_comment_says(monkeypatch):
+    """ROUTED_BELOW sends to the PyTorch path every Llama-3-8B projection at 2048 tokens, and k and
+    v at 8192, and nothing else (the third H200 run's crossover), by the layer's own rule."""
+    from benchmarks import model_step
+    from lora_kernels import functional
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    routed = set()
+    with providers._patched(vars(functional), "TORCH_BELOW", providers.ROUTED_BELOW):
+        for name, source, n in model_step.PROJECTIONS:
+            for M in (2048, 8192):
+                if functional._host_bound(torch.empty(1).expand(M, model_step.WIDTHS[source]), n):
+                    routed.add((name, M))
+    assert routed == {(name, 2048) for name, _, _ in model_step.PROJECTIONS} | {("k", 8192), ("v", 8192)}
+
+
+def _under_header(head, line):
+    """{column: cell} of a markdown table's header and one of its lines."""
+    return dict(zip(*([c.strip() for c in text.strip("|").split("|")] for text in (head, line))))
+
+
+def test_report_table_puts_each_figure_under_its_column():
+    """A row's cells line up with the header: ms and its percentiles in order, ×base (with fused's
+    ratio from the times in turn), fused speedup, memory, error."""
+    def cells(row):
+        head, _, line = report.markdown_table([row]).splitlines()
+        return _under_header(head, line)
+
+    row = {**run._row(torch.device("cpu"), 48, 40, 24, 4, "peft", "forward", "ok"), "ms": 2.0, "ms_p20": 1.5,
+           "ms_p80": 2.5, "tflops": 0.123, "x_base": 1.25, "fused_speedup": 1.6, "saved_mib": 0.5, "max_err": 1e-7}
+    assert cells(row) == {"shape": "48→40", "tokens": "24", "rank": "4", "mode": "forward", "provider": "peft",
+                          "ms": "2", "p20–p80": "1.5–2.5", "TFLOP/s": "0.123", "×base": "1.25",
+                          "fused speedup": "1.60", "peak MiB": "n/a", "saved MiB": "0.50", "max err": "1.0e-07",
+                          "status": "ok"}
+    fused = cells({**row, "provider": "fused", "fused_speedup": None, "x_base_in_turn": 1.1, "device": "cuda",
+                   "peak_mib": 3.0})
+    assert (fused["×base"], fused["fused speedup"], fused["peak MiB"]) == ("1.25 (1.10)", "—", "3.0")
+
+
+def test_report_says_whether_the_base_trains():
+    meta = {"versions": dict.fromkeys(("python", "torch", "triton", "peft", "cuda"), "x"), "card": "CPU",
+            "date": "today", "device": "cpu", "dtype": "float32", "alpha": 2.0, "timing": "t", "command": "c",
+            "elapsed_note": "e"}
+    for trainable, said in ((False, "; alpha 2.0; base frozen"), (True, "; alpha 2.0; base trainable")):
+        assert said in report.report_markdown({**meta, "trainable_base": trainable}, [], [])
+
+
+def test_plot_draws_each_providers_time_and_its_ratio_to_base(tmp_path, monkeypatch):
+    """plots.png: per mode, a panel of each provider's ms and one of its ×base, per configuration
+    (a configuration a provider did not run is a gap; the ratio timed in turn where a row has one,
+    as targets.md reads it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made, real = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    rows = [{"K": 48, "N": 40, "tokens": M, "rank": 4, "mode": "forward", "provider": p, "ms": ms, "x_base": xb,
+             "fused_speedup": fs}
+            for M, p, ms, xb, fs in ((16, "base", 1.0, 1.0, 0.5), (16, "fused", 2.0, 2.0, None),
+                                     (32, "base", 3.0, 1.0, 0.25), (32, "peft", 9.0, 3.0, 2.25),
+                                     (32, "fused", 4.0, 4.0 / 3, None))]
+    rows[-1]["x_base_in_turn"] = 1.25
+    assert report.plot(rows, ["forward"], tmp_path / "plots.png", title="t")
+    ((_, axes),) = made
+
+    def lines(ax):
+        return {ln.get_label(): [round(float(v), 6) for v in ln.get_ydata()] for ln in ax.get_lines()
+                if not ln.get_label().startswith("_")}
+    nan = float("nan")
+    ms, ratio = lines(axes[0][0]), lines(axes[1][0])
+    assert ms == {"base": [1.0, 3.0], "fused": [2.0, 4.0], "peft": [pytest.approx(nan, nan_ok=True), 9.0]}
+    assert ratio == {"base": [1.0, 1.0], "fused": [2.0, 1.25], "peft": [pytest.approx(nan, nan_ok=True), 3.0]}
+
+
+def _target_rows(x_base_in_turn):
+    main = {"card": "GPU", "date": "2026-11-28", "dtype": "bfloat16", "rows": _rows({
+        ("forward", "base"): 1.0, ("forward", "fused"): 1.2, ("forward+backward", "base"): 1.0,
+        ("forward+backward", "fused"): 2.0, ("forward+backward", "peft"): 3.0, ("forward+backward", "addmm"): 2.4,
+        ("forward+backward", "compiled"): 2.3})}
+    for row in main["rows"]:
+        if row["provider"] == "fused":
+            row["x_base_in_turn"] = x_base_in_turn[row["mode"]]
+    return main
+
+
+def test_targets_bounds_are_met_at_equality_and_stated_in_the_header():
+    """Each ratio exactly at its bound meets it (≤ for times over base, ≥ for speedups: 1.05,
+    1.10, 1.5, 1.2, 1.15); the header states each bound and its direction."""
+    main = _target_rows({"forward": 1.05, "forward+backward": 1.10})
+    text = targets.table(main)
+    assert "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ | 1.20 ✓ | 1.15 ✓ |" in text.splitlines()
+    assert ("forward × base ≤ 1.05, fwd+bwd × base ≤ 1.1, speedup vs peft ≥ 1.5, speedup vs addmm ≥ 1.2, "
+            "speedup vs compiled ≥ 1.15.") in text
+    main = _target_rows({"forward": 1.06, "forward+backward": 1.11})
+    assert "| 4096→1024 | 8192 | 16 | 1.06 ✗ | 1.11 ✗ |" in targets.table(main)
+
+
+def test_targets_take_fused_s_ratio_in_turn_not_fused_torch_s():
+    """A run with fused-torch has its own ratio from the times in turn, in its rows after fused's:
+    the targets are the fused layer's, and read fused's."""
+    main = _target_rows({"forward": 1.05, "forward+backward": 1.10})
+    main["rows"] += [dict(row, provider="fused-torch", ms=row["ms"] / 2, x_base_in_turn=0.5)
+                     for row in main["rows"] if row["provider"] == "fused"]
+    line = "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ | 1.20 ✓ | 1.15 ✓ |"
+    assert line in targets.table(main).splitlines()
+
+
+@pytest.mark.parametrize("setting, value", [("alpha", 1.0), ("settings", {"LORA_KERNELS_FUSE_SHRINK": "0"}),
+                                            ("versions", {"torch": "other"}), ("device", "cpu")])
+def test_targets_refuse_a_dropout_run_made_otherwise(setting, value):
+    """peft's speedup from a dropout run stands beside the main run's only if made alike: another
+    alpha, other LORA_KERNELS_* settings, versions or device are refused by name."""
+    main = {**_target_rows({"forward": 1.05, "forward+backward": 1.10}), "alpha": 2.0, "settings": {},
+            "versions": {"torch": "2.13"}, "device": "cuda"}
+    dropout = {**{k: v for k, v in main.items() if k != "rows"}, "dropout": 0.1,
+               "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
+    assert "| 1.20 ✗ |" in targets.table(main, dropout)  # (peft 3.0 / fused 2.5, from the dropout run)
+    with pytest.raises(ValueError, match=f"{setting}: .* in the main run, .* in the dropout run"):
+        targets.table(main, {**dropout, setting: value})
+
+
+def test_ratios_to_base_and_fused_are_within_one_mode():
+    """×base: the provider's time over base's in the same mode; fused speedup: its time over
+    fused's in that mode (none on fused's own rows, nor on an untimed row)."""
+    times = {("forward", "base"): 1.0, ("forward", "fused"): 1.5, ("forward", "peft"): 3.0,
+             ("backward", "base"): 2.0, ("backward", "fused"): 5.0, ("backward", "peft"): 4.0,
+             ("backward", "addmm"): None}
+    rows = [dict(row, x_base=None, fused_speedup=None) for row in _rows(times)]
+    run.add_ratios(rows)
+    got = {(r["mode"], r["provider"]): (r["x_base"], r["fused_speedup"]) for r in rows}
+    assert got == {("forward", "base"): (1.0, pytest.approx(1 / 1.5)), ("forward", "fused"): (1.5, None),
+                   ("forward", "peft"): (3.0, 2.0), ("backward", "base"): (1.0, 0.4),
+                   ("backward", "fused"): (2.5, None), ("backward", "peft"): (2.0, 0.8),
+                   ("backward", "addmm"): (None, None)}
+
+
+def test_times_in_turn_give_the_ratio_of_medians_and_the_drift():
+    """base, fused, fused, base: fused's ×base in turn is the median of its two times over the
+    median of base's two, and base's rows keep that median (base_again_ms), from which the drift
+    note gives the change from base's first time."""
+    w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu")
+    xs, dys = measure.make_inputs(8, 48, 40, dtype=torch.float32, device="cpu")
+    times = [1.0, 3.0, 5.0, 2.0]
+    rows = [dict(row, base_again_ms=None, x_base_in_turn=None)
+            for row in _rows({("forward", "base"): 1.2, ("forward", "fused"): 3.6})]
+    run.time_in_turn(rows, w, xs, dys, lambda setup, step: (times.pop(0), 5), run.parse_args(["--modes", "forward"]))
+    by = {r["provider"]: r for r in rows}
+    assert by["base"]["base_again_ms"] == 1.5 and by["fused"]["x_base_in_turn"] == pytest.approx(4.0 / 1.5)
+    note = run.drift_note(rows + [dict(by["base"], ms=2.0)])
+    assert note.startswith("base timed again at the end of each configuration, in turn with fused: -25.0% to +25.0% ")
+
+
+def test_default_gpu_sweep_is_the_llama_projections_at_the_targets_anchor():
+    """The default GPU sweep: Llama-3-8B's four projection shapes (as model_step's seven layers,
+    read off transformers' own Llama layer), 2048 and 8192 tokens at rank 16 and rank 64 at 8192
+    tokens, 12 configurations."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from benchmarks import model_step
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                      num_key_value_heads=8)
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+    modules = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
+               "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj,
+               "down": layer.mlp.down_proj}
+    shapes = {name: (model_step.WIDTHS[source], n) for name, source, n in model_step.PROJECTIONS}
+    assert shapes == {name: (m.in_features, m.out_features) for name, m in modules.items()}
+    assert sorted(run.GPU_SHAPES) == sorted(set(shapes.values()))
+    configs, _ = run.plan(run.GPU_SHAPES, run.GPU_TOKENS, run.GPU_RANKS, False)
+    assert len(configs) == 12
+    assert {(M, r) for _, _, M, r in configs} == {(2048, 16), (8192, 16), (8192, 64)}
+
+
+def test_time_spent_counts_each_providers_check_once_per_configuration():
+    rows = [{"mode": mode, "provider": p, "check_s": s} for p, s in (("base", 0.5), ("fused", 2.0))
+            for mode in measure.MODES]
+    first_calls, note = run.time_spent(rows, 10.0, types.SimpleNamespace(spent_s=4.0))
+    assert first_calls == {"base": 0.5, "fused": 2.0}
+    assert note.startswith("elapsed 10.0 s: 4.0 s timing; checks (the first calls, so compilation and "
+                           "autotuning) base 0.5 s, fused 2.0 s;")
+
+
+def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
+    """model-step.md: ms, ×base and fused speedup each under its own column."""
+    from benchmarks import model_step
+    rows = [{"tokens": 48, "provider": "peft", "ms": 2.0, "x_base": 1.25, "fused_speedup": 1.6, "max_err": 1e-7,
+             "status": "ok"}]
+    args = types.SimpleNamespace(device="cpu", dtype="fp32", rank=16, dropout=0.0)
+    path = model_step.write(rows, args, str(tmp_path), time.perf_counter())
+    lines = open(path).read().splitlines()
+    (head,) = [ln for ln in lines if ln.startswith("| tokens |")]
+    assert _under_header(head, lines[lines.index(head) + 2]) == {
+        "tokens": "48", "provider": "peft", "ms": "2.000", "×base": "1.250", "fused speedup": "1.60",
+        "max err": "1.0e-07", "status": "ok"}
