@@ -1,4 +1,5 @@
-"""Training utilities for LoRA adapters: freeze the base, count parameters, save and load A and B.
+"""Training utilities for LoRA adapters: freeze the base, count parameters, save and load A and B,
+and ``peft_alpha`` (peft's lora_alpha and r as the seed's alpha).
 
 The adapter of a model is the ``A`` and ``B`` of every ``LoRALayer`` in it (the seed's point 4:
 per task, store only these). Their names are the model's own state-dict names, e.g.
@@ -199,8 +200,9 @@ def save_adapter(model, path):
     """Write only the adapter (``lora_state_dict``) plus each layer's rank and alpha to ``path``.
 
     A path ending in ``.safetensors`` (in any case) is written with safetensors (which must be
-    installed); any other with ``torch.save``. (``load_adapter`` reads either by the content.) Tensors are stored as plain, full tensors on the CPU in their own
-    dtype; alpha is stored as a float (a list of them for one value per output column).
+    installed); any other with ``torch.save``. (``load_adapter`` reads either by the content.)
+    Tensors are stored as plain, full tensors on the CPU in their own dtype; alpha is stored as a
+    float (a list of them for one value per output column).
 
     Sharded adapters (FSDP2's DTensors) are gathered with ``full_tensor()``, a collective: then
     every rank must call ``save_adapter`` with the same path, rank 0 alone writes the file, and all

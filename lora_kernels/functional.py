@@ -1,4 +1,5 @@
-"""``lora_linear``: input checks, backend choice, the two custom ops and their autograd.
+"""``lora_linear``: input checks, backend choice, the two custom ops and their autograd, the PyTorch
+path (``torch_matmul``) and the FLOP formulas.
 
 The math, with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
 LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1):
@@ -72,7 +73,8 @@ def torch_keep_mask(rows, cols, si, sj, seed, p, device):
 
 def keep_mask(rows, cols, seed, p, device, backend):
     """The (rows, cols) keep mask that a dropout call drawing ``seed`` applies to its x on this
-    backend, for tests and the benchmark's check (the calls themselves never build it)."""
+    backend, for tests and the benchmark's check (the layer's calls never call this: the kernels
+    draw the mask per tile, ``torch_matmul`` per product)."""
     if backend == "triton":
         return kernels.keep_mask(rows, cols, seed, p, device)
     return torch_keep_mask(rows, cols, cols, 1, seed, p, device)
@@ -117,8 +119,9 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
         if scale != 1.0:
             out.mul_(scale)
     if lowrank is not None:
-        # r_scale through the GEMM's own factor, on its fp32 sum as the kernel applies it: never on
-        # R rounded to a 16-bit dtype, where a large one overflowed fp16 while the product fitted.
+        # r_scale through the GEMM's own factor, on its fp32 sum (the kernel's fp16 path does the
+        # same, sum_scale): never on R rounded to a 16-bit dtype, where a large one overflowed fp16
+        # while the product fitted.
         low_x, low_w = (_through(t, dot_dtype, out.dtype) for t in lowrank)
         if dropout is not None and where == "lowrank":
             out.add_(torch.addmm(out.new_zeros(()), low_x, low_w, beta=0, alpha=r_scale) * keep)
@@ -155,18 +158,18 @@ def fuse_shrink(x, w, A, dropout):
     return (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
 
 
-def shrink_expand(backend, x, w, A, R, s_scale, r_scale, s_dtype, *, bias=None, dropout=None, dtype, out_shape):
+def shrink_expand(backend, x, w, A, R, s_scale, r_scale, *, bias=None, dropout=None, dtype, out_shape):
     """``(x w + r_scale · L R + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
     caller's leading dimensions): y with S in the forward, dX with dS in the backward. The Triton
     path may compute L inside the big product's K loop (one launch and one pass over x, at the cost
     of redundant rank-r MMAs in every column block; see ``fuse_shrink``); otherwise L is its own
-    small product first."""
+    small product first. L is stored in ``dtype``, the products' own."""
     if backend == "triton" and fuse_shrink(x, w, A, dropout):
-        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, s_dtype), R), r_scale=r_scale,
+        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, dtype), R), r_scale=r_scale,
                                    bias=bias, dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     on_x = dropout if dropout is not None and dropout[0] == "x" else None
-    L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=s_dtype, dot_dtype=dtype)
+    L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=dtype, dot_dtype=dtype)
     out = matmul(x, w, lowrank=(L, R), r_scale=r_scale, bias=bias, dropout=None if on_x else dropout,
                  out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     return out, L
@@ -258,8 +261,8 @@ def _check_inputs(x, weight, bias, A, B, alpha):
                             "(torch.nested.to_padded_tensor, or the jagged tensor's values())")
         if type(t) not in PLAIN_TENSORS and not (torch.compiler.is_compiling() or is_fake(t)):
             raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
-                            "bypass by reading its storage: pass plain tensors (LinearWithLoRA and fuse_lora "
-                            "run the unfused reference for such weights and inputs)")
+                            "bypass by reading its storage: pass plain tensors (for such weights and inputs LinearWithLoRA runs the "
+                            "reference's unfused calls, and fuse_lora peft's own forward)")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must have a floating-point dtype the kernels compute in (float16, "
                             f"bfloat16, float32 or float64), got {t.dtype}")
@@ -370,7 +373,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, 
         x, weight, bias, A, B = _by_value(x, weight, bias, A, B)
     with _autocast_off(x.device.type):
         # (y is allocated in x's leading shape: no reshape of it, which would cost host time.)
-        return shrink_expand(backend, _rows(x), weight.t(), A, B, drop.rescale, alpha, dtype, bias=bias,
+        return shrink_expand(backend, _rows(x), weight.t(), A, B, drop.rescale, alpha, bias=bias,
                              dropout=drop.on("x", K, 1), dtype=dtype, out_shape=(*x.shape[:-1], weight.shape[0]))
 
 
@@ -406,7 +409,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
         # alpha scales Aᵀ's tiles (fp16: the accumulator) in dX and dA's fp32 accumulator, so a
         # large alpha (or a loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB fit.
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha, dtype,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
             dS = matmul(dy2, B.t(), scale=drop.rescale, out_dtype=dtype, dot_dtype=dtype)

@@ -1,4 +1,4 @@
-"""The Triton kernel and its launcher.
+"""The Triton kernel, its autotuning and its launcher (``lora_matmul``, with a direct-launch path).
 
 Every product in the LoRA layer, forward and backward, has one shape:
 
@@ -7,18 +7,18 @@ Every product in the LoRA layer, forward and backward, has one shape:
 with each operand given by its strides, so a transpose is free. The layer uses it these ways
 (see ``functional.py``):
 
-    S  = x A                    shrink:            X = x,   W = A
-    y  = x Wᵀ + alpha · S B + b GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B,  r_scale = alpha
-    dS = dY Bᵀ                  shrink:            X = dY,  W = Bᵀ
-    dX = dY W + alpha · dS Aᵀ   GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = alpha
-    dA = alpha · xᵀ dS          reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
-    dBᵀ = alpha · dYᵀ S         the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
-    dW = dYᵀ x                  plain GEMM:        X = dYᵀ, W = x     (only when the base trains)
+    S  = x A                      shrink:            X = x,   W = A
+    y  = x Wᵀ + alpha · S B + b   GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B,  r_scale = alpha
+    dS = dY Bᵀ                    shrink:            X = dY,  W = Bᵀ
+    dX = dY W + alpha · dS Aᵀ     GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = alpha
+    dA = alpha · xᵀ dS            reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
+    dBᵀ = alpha · dYᵀ S           the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
+    dW = dYᵀ x                    plain GEMM:        X = dYᵀ, W = x     (only when the base trains)
 
 and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX's (FUSE_SHRINK:
 L = x A accumulated in the same K loop as X W, ``Shrink``), one launch fewer each.
 
-S is x A as the reference computes it, unscaled, and dS likewise: alpha (r_scale) multiplies R's
+S is x A as the reference computes it, without alpha, and dS likewise: alpha (r_scale) multiplies R's
 tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range
 ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost
 digits) where the output fitted; there the accumulator holds scale/alpha · X W + L R and is
@@ -37,8 +37,7 @@ keys on the flags and sizes, so each use still gets its own tile shape.
 Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle: the two
 share one launch (PAIRED, one grid over both outputs' tiles), and the K loop can be split across a
 second grid axis. Each split writes its own slice of a partial buffer (in the accumulator's dtype,
-fp32 or fp64) and the launcher sums the
-slices in a fixed order: deterministic, no atomics, and safe to autotune (a trial overwrites, it
+fp32 or fp64) and the launcher sums the slices in a fixed order: deterministic, no atomics, and safe to autotune (a trial overwrites, it
 never accumulates).
 """
 
@@ -102,14 +101,14 @@ def _compile_threads():
 
 COMPILE_THREADS = _compile_threads()
 
-# Split reductions into chunks of this many rows of the reduced dimension (a multiple of every
-# BLOCK_K below, so a chunk boundary never cuts a tile).
+# Each split of a split reduction spans a whole number of chunks of this many rows of the reduced
+# dimension (a multiple of every BLOCK_K below, so a split boundary never cuts a tile).
 SPLIT_CHUNK = 64 if INTERPRET else 256
 
 
 def _check_split_chunk(configs):
-    # The split reduction has no mask at a split's end (TMA tiles cannot have one): every BLOCK_K
-    # must divide the chunk, so that no tile crosses into the next split's rows.
+    # TMA loads cannot be masked at a split's end (pointer loads are: mask_k), so every BLOCK_K
+    # must divide the chunk: no tile crosses into the next split's rows.
     assert all(SPLIT_CHUNK % c.kwargs["BLOCK_K"] == 0 for c in configs), "a BLOCK_K does not divide SPLIT_CHUNK"
     return configs
 
@@ -126,7 +125,7 @@ def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, ws=False, group
 
 
 def hopper_configs():
-    """The autotuner's candidates on a GPU: Hopper-first tile shapes (the pruner below shrinks
+    """The autotuner's candidates on any GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
     where the launch allows it), the first four shapes also as a persistent grid with TMA (one
     program per SM looping over tiles), the two largest again in four stages (TMA), deep tiles for
@@ -186,8 +185,8 @@ def _configs():
 
 
 def _cdiv(a, b):
-    # Host-side ceiling division. (triton.cdiv is a jit function: from Python each call costs a few
-    # microseconds, and a layer's forward and backward made dozens of them; so for _pow2.)
+    # Host-side ceiling division: triton.cdiv (like next_power_of_2, see _pow2) is a constexpr
+    # function whose wrapper costs microseconds a call from Python, and a layer step makes dozens.
     return -(-a // b)
 
 
@@ -255,8 +254,8 @@ def _prune(configs, named_args, **kwargs):
             # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also stages its
             # output tile in shared memory: 4·BM·BN bytes for an fp32 output, and for a 16-bit one
             # a fitted 2·BM·BN up to 32 KiB; then a few barriers; and it buffers the L and R tiles
-            # (once: the low-rank loop is not pipelined), plus a copy converted to the product's
-            # dtype of L stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md), and of
+            # (once: the low-rank loop is not pipelined), plus a copy in the product's dtype of L
+            # where L is stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md), and of
             # R always: R's tile is scaled by alpha in fp32 and cast back (_times), a new tile for
             # the MMA. (Compiled for sm_90 at rank 64, bf16, 128x256 in three stages took 256 KiB
             # with that copy; 256x128 and 128x128 took 16 KiB less than this counts, so the count
@@ -620,12 +619,12 @@ def _compile_before_timing(tuner):
         candidates[:] = configs = prune(kwargs)
         return configs
 
-    def _bench(*args, config, **flags):
+    def compile_then_time(*args, config, **flags):
         configs, candidates[:] = list(candidates), []
         compile_configs(tuner.fn, args, flags, configs)
         return time_one(*args, config=config, **flags)
 
-    tuner.prune_configs, tuner._bench = prune_configs, _bench
+    tuner.prune_configs, tuner._bench = prune_configs, compile_then_time
 
 
 _compile_before_timing(_lora_matmul_kernel)
@@ -766,6 +765,7 @@ _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index(
 _FLOAT_ARGS = ("scale", "s_scale", "r_scale", "sum_scale", "p_drop", "scale2")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
+_SIZE_KEY = slice(_ARG_NAMES.index("M_KEY"), _ARG_NAMES.index("K_KEY") + 1)  # the autotuner's key
 _INT_CLASSES = {}
 # NVIDIA only: ROCm's Triton also specializes a pointer on its storage fitting 2 GiB (32-bit
 # buffer offsets), which _arg_class does not capture.
@@ -774,14 +774,14 @@ _DIRECT_OK = torch.version.hip is None
 
 def _launch_key(device, flags, args):
     """Everything that picks the compiled kernel: the device, the flags, the autotuner's size key
-    (M_KEY, N_KEY, K_KEY: args 12-14) and each argument's specialization class (a float has none)."""
+    (M_KEY, N_KEY, K_KEY) and each argument's specialization class (a float has none)."""
     ints = _INTS(args)
     classes = _INT_CLASSES.get(ints)
     if classes is None:
         if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
             _INT_CLASSES.clear()
         classes = _INT_CLASSES[ints] = tuple(map(_arg_class, ints))
-    return (device.index, *flags.values(), *args[12:15], classes, *map(_arg_class, _POINTERS(args)), *_options())
+    return (device.index, *flags.values(), *args[_SIZE_KEY], classes, *map(_arg_class, _POINTERS(args)), *_options())
 
 
 def _launch(device, grid, args, flags):
@@ -812,8 +812,6 @@ def _launch(device, grid, args, flags):
 # sums divided by alpha, and then multiplied, stay normal fp32. A sum is at most 65504² · K < 2^63
 # (K, the reduction, fits int32), which over 2^-64 stays under fp32's 2^128; a nonzero product is at
 # least fp16's smallest step squared, 2^-48, which over 2^77 stays above fp32's smallest normal, 2^-126.
-# (The range was 2^-20 to 2^20: outside it alpha · B rounded to fp16 overflowed from |alpha| = 2^20
-# on, or lost its digits in fp16's subnormals, where the output fitted.)
 _SUM_SCALED = (2.0 ** -64, 2.0 ** 77)
 
 
@@ -860,6 +858,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
     out = _empty((M, N) if out_shape is None else out_shape, device, out_dtype)
     fused = lowrank is not None and isinstance(lowrank[0], Shrink)
+    s_out = x  # never written unless fused
     if fused:
         A = lowrank[0].A
         R = A.shape[1]
@@ -872,8 +871,6 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     else:
         l_ = r_ = x  # never read: HAS_LOWRANK is off
         R = 0
-    if not fused:
-        s_out = x  # never written
     M2 = 0
     if pair is not None:
         x2, w2 = pair

@@ -1,7 +1,9 @@
 """Drop-in modules with the seed's constructors, initialisation and state-dict keys.
 
 A state dict saved from the seed's ``LinearWithLoRA`` (``linear.weight``, ``linear.bias``,
-``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back.
+``lora.A``, ``lora.B``) loads into these with ``strict=True``, and back. Also here:
+``replace_linear_with_lora`` and ``merge_and_unload``, and the checks ``peft.py`` shares for whether
+a call may fuse (``plain_module``, ``param``, ``readable_input``).
 """
 
 import contextlib
@@ -18,9 +20,10 @@ from .functional import FUSABLE_TENSORS, lora_linear
 
 
 class LoRALayer(reference.LoRALayer):
-    """The seed's low-rank pair, unchanged in init and forward (``A`` (in_dim, rank),
-    kaiming-uniform; ``B`` (rank, out_dim), zeros; alone, ``alpha · x A B``), refusing rank < 1.
-    The fused path is ``LinearWithLoRA``'s."""
+    """The seed's low-rank pair, its initialisation and forward unchanged (``A`` (in_dim, rank),
+    kaiming-uniform; ``B`` (rank, out_dim), zeros; alone, ``alpha · x A B``). The constructor also
+    checks rank (an int >= 1) and alpha (a finite real number, or a tensor), and holds a constant
+    one-element tensor alpha as a number. The fused path is ``LinearWithLoRA``'s."""
 
     def __init__(self, in_dim, out_dim, rank, alpha):
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):

@@ -69,8 +69,8 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 from transformers.pytorch_utils import Conv1D
 
-from .functional import lora_linear
-from .modules import FUSABLE_TENSORS, param, plain_module, readable_input
+from .functional import FUSABLE_TENSORS, lora_linear
+from .modules import param, plain_module, readable_input
 
 __all__ = ["fuse_lora", "unfuse_lora", "FuseReport"]
 
@@ -202,7 +202,7 @@ def _fused_call(layer):
     scaling = layer.scaling[adapter]
     # (a NaN or infinite one, or an int no float holds, which lora_linear refuses: peft's forward
     # gives what peft gives, so fusing never changes a layer's result)
-    if type(scaling) not in (float, int) or not abs(scaling) <= 1.7976931348623157e308:
+    if type(scaling) not in (float, int) or not abs(scaling) <= sys.float_info.max:
         return _SCALING
     p = dropout.p if type(dropout) is torch.nn.Dropout and dropout.training else 0.0
     return weight.t() if layout is _TRANSPOSED else weight, bias, A.t(), B.t(), float(scaling), p

@@ -1,6 +1,8 @@
 """The oracle: the seed's reference code (``../shared/seed/``), kept verbatim in behaviour.
 
-Tests and benchmarks compare against these; they are plain PyTorch and never call the kernels.
+Tests and benchmarks compare against these, ``modules.LoRALayer`` subclasses its ``LoRALayer``, and
+a wrapped layer the kernels cannot read runs its unfused calls. Plain PyTorch: they never call the
+kernels.
 """
 
 import math

@@ -168,7 +168,7 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
              for n in kernels._ARG_NAMES]
     assert [type(a) if type(a) in (int, float) else torch.Tensor for a in args] == kinds
     assert set(flags) <= {p.name for p in params[first:]}
-    assert [p.name for p in params[12:15]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
+    assert [p.name for p in params[kernels._SIZE_KEY]] == ["M_KEY", "N_KEY", "K_KEY"]  # the slice _launch keys on
     # A dropout p given as an int is passed as a float: Triton would specialize an int (1 as a
     # constant, 0 as i32), which the key, blind to floats, would not tell apart.
     for p in (0, 1):
