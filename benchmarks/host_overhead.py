@@ -9,7 +9,8 @@ hundred microseconds of Python per step would show in every timing. This measure
 lora_linear's checks, the autograd wrapper, the launchers' argument preparation, and (for
 comparison) the custom-op route that torch.compile takes, and peft's LoRA Linear with its own
 forward and after ``fuse_lora``. Triton's own launch path is not in it (it needs a GPU); F.linear's
-forward+backward and peft's own forward on the same tiny CPU tensors are computed. On CUDA it also
+steps, the addmm baseline's, lora_linear's own on its PyTorch path and peft's own forward on the
+same tiny CPU tensors are computed, not stubbed. On CUDA it also
 takes a direct launch apart (``_launch_parts``): the package's Python and allocations, Triton's
 launcher with the driver, and the step with every launch stubbed out.
 """
@@ -215,7 +216,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu",
                         help="cpu (launches stubbed out, the default) or cuda (real launches, bf16, at 64×64, where the "
                              "GPU's work is a few µs: the time per step is the host's)")
-    parser.add_argument("--profile", metavar="FILE", help="also write a cProfile of the eager step and of F.linear's")
+    parser.add_argument("--profile", metavar="FILE", help="also write the rows and a cProfile each of the eager step, the backward's body "
+                             "(functional._backward_impl) and F.linear's step")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)

@@ -1,8 +1,9 @@
 """Measurement, in one place: inputs, the float64 check, timing, memory, and FLOP counting.
 
-Every provider goes through the same three steps: ``check`` (output and gradients against float64;
-its first call also compiles and autotunes, so nothing of that reaches the timings), ``memory``
-(one forward+backward with the saved tensors counted), then ``Timer`` once per mode.
+Every provider goes through the same steps: one untimed, unchecked forward+backward by the caller
+(the first call, which compiles and autotunes, so nothing of that reaches the check or the
+timings), ``check`` (output and gradients against float64, on the path the timed calls take),
+``memory`` (one forward+backward with the saved tensors counted), then ``Timer`` once per mode.
 """
 
 import math

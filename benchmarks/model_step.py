@@ -7,7 +7,8 @@ issuing the next one's launches, so a small projection's host time can hide behi
 GPU time. This times what a training step pays: Llama-3-8B's q, k, v, o, gate, up and down
 projections, each a LoRA layer of one provider, forward and backward in one autograd call (q, k,
 v, gate and up read one hidden state, as in the model, so its gradient sums five), side by side
-for every provider, with the ratio to the bare base layers and fused's speedup.
+for each provider of --providers (by default base, fused, fused-routed on a GPU, peft and addmm),
+with the ratio to the bare base layers and fused's speedup.
 
 Each provider's seven layers are first checked against float64, as in the sweep; then timed. On a
 GPU: bf16, 8192 and 2048 tokens, rank 16. Without one: the same layer scaled down 16 times, fp32,

@@ -8,15 +8,18 @@ defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every k
 compiles each launch's pruned autotune configs for the target into Triton's on-disk cache, N
 processes at a time. No launch runs and no GPU is touched: a stand-in driver names the target.
 
-Two uses:
+Three uses:
 
 * anywhere (no GPU needed): proof that every kernel specialization the layer launches compiles for
   Hopper (sm_90, the default) or another NVIDIA GPU (``--arch 80`` for an A100), and a table of
   each config's registers, spilled bytes and shared memory, as ptxas left them in the binary (read
   back with the cuobjdump that Triton ships);
 * on the GPU host, right before the benchmark (``scripts/gpu_check.sh``): the autotuner compiles
-  its configs one at a time, so a cold sweep spends minutes compiling; filled in parallel first,
-  the cache leaves it only the timing.
+  a launch's candidates only when a step first meets it (on threads since version 11, but one
+  launch at a time), so a cold sweep spends minutes compiling; filled in parallel first, every
+  launch at once, the cache leaves it only the timing;
+* ``--first-step``: instead, time what a training process's first step spends compiling these
+  launches' candidates through the autotuner (in an empty ``TRITON_CACHE_DIR``).
 
 The launches are recorded with the arguments the GPU run will pass (sizes, strides, dtypes, the
 split count for ``--sms`` SMs), so the compiled specializations are the ones it will look up.
@@ -127,8 +130,8 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                             kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(dy, W, out_dtype=dtype, dot_dtype=dtype)
                         # ... and dA = xᵀ dS and dB = Sᵀ dY in launches of their own, which the layer
-                        # pairs: compiled one at a time inside the variants step, their candidates
-                        # would take minutes of its time.
+                        # pairs: otherwise compiled inside the variants step, their candidates
+                        # would take minutes of its limit.
                         S_ = torch.empty(M, r, dtype=dtype)
                         kernels.lora_matmul(x.t(), S_, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(S_.t(), dy, out_dtype=dtype, dot_dtype=dtype)
@@ -140,7 +143,8 @@ _precision = kernels._input_precision  # the real choice, for the recorder's pat
 
 def record_host(dtypes, sms, arch):
     """The launches of ``benchmarks.variants``' host-time pieces (64×64, rank 16: the layer's
-    forward+backward, and one plain GEMM without bias), recorded by running those very pieces on
+    forward+backward with either shrink placement, its launches called directly, and one plain
+    GEMM without bias), recorded by running those very pieces on
     CPU placeholders, so that they are exactly what the variants step will look up."""
     from .variants import host_pieces
 

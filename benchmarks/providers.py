@@ -1,9 +1,9 @@
 """The layers compared, all computing ``y = x Wᵀ + b + alpha · (x A) B`` from the same weights.
 
 ``PROVIDERS`` maps a name to a factory ``factory(weights, dropout=0.0) -> Layer``; only `peft`
-and the `fused` ones have a LoRA dropout, the others ignore it (those are still checked with the
-mask their next call draws: `fused` names it, and peft's nn.Dropout mask is drawn again from the
-same seed). A ``Layer`` holds the
+and the `fused` ones have a LoRA dropout, checked with the mask their next call draws (`fused`
+names it; peft's nn.Dropout mask is drawn again from the same seed); the others ignore it and
+are checked without dropout. A ``Layer`` holds the
 forward callable and the tensors it trains, so the measurement code can run any of them the same way:
 ``y = layer.fn(x)`` then ``torch.autograd.grad(y, [x, *trained tensors], dy)``.
 """

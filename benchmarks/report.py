@@ -123,7 +123,8 @@ TABLE_NOTES = """\
   parameters left out (the JSON also has the total with them).
 - max err: the largest relative Frobenius error ‖got − ref‖/‖ref‖ of the output and gradients
   against float64; a provider over the dtype's tolerance (the less precise of the base's and the
-  adapters') is WRONG and not timed.
+  adapters') is WRONG and not timed (but peft with dropout, whose mask is drawn again from outside
+  its layer: its status says the check FAILED, and it is still timed).
 - forward is the training forward (autograd recording); backward is timed alone on a fresh graph."""
 
 

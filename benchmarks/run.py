@@ -38,8 +38,9 @@ CPU_TOKENS = [128, 256, 512]
 CPU_RANKS = [16]
 
 # Milliseconds of warm-up and of timed runs per measurement (wall time, see measure.Timer). The GPU
-# default sweep makes 216 measurements, so this is most of what the budget lets the sweep choose:
-# 10 + 60 ms (~0.09 s a measurement, ~20 s in all) still gives 60 samples of a 1 ms step and leaves
+# default sweep makes 468 measurements (12 configurations × 7 providers × 3 modes, then 6 a
+# configuration and mode timed in turn), so this is most of what the budget lets the sweep choose:
+# 10 + 60 ms (~0.09 s a measurement, ~40 s in all) still gives 60 samples of a 1 ms step and leaves
 # the rest of the 4 minutes to the first calls (torch.compile, and the fused kernels' autotuning).
 # do_bench's own 25 + 100 ms would add ~25 s. CPU figures are only indicative and get less.
 DEFAULT_TIMING = {"cuda": (10.0, 60.0), "cpu": (10.0, 50.0)}
@@ -100,7 +101,7 @@ def parse_args(argv=None):
         description="Benchmark the fused LoRA linear layer against base, reference, compiled, addmm and peft.",
         epilog="Defaults on a GPU: Llama-3-8B shapes 4096x4096,4096x1024,4096x14336,14336x4096, tokens "
                "2048,8192 at rank 16 plus rank 64 at 8192 tokens, bf16. On CPU: 256x256,512x1024, "
-               "tokens 128,256,512, rank 16, fp32. Results go to benchmarks/results/<card>-<date>/ "
+               "tokens 128,256,512, rank 16, fp32. Results go to benchmarks/results/<card>-<date>[-<name>]/ "
                "(or $OUT/benchmarks/results/ when OUT is set, or --out).")
     p.add_argument("--dtype", choices=DTYPES, help="bf16 on a GPU, fp32 on CPU by default")
     p.add_argument("--adapter-dtype", choices=DTYPES,

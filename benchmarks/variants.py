@@ -229,9 +229,8 @@ def pieces(K, N, M, r, dtype, device):
 
 
 # Each row of a new kernel variant and the row that computes the same thing the established way: its
-# result must agree with that row's before it is timed (none of the warp-specialized kernels, the
-# paired launch and the deep tiles has run on a GPU before, and a miscompiled kernel must not be
-# timed as a fast one).
+# result must agree with that row's before it is timed (the warp-specialized kernels wrote NaN on
+# the H200 in the fourth run, and a miscompiled kernel must not be timed as a fast one).
 TWINS = {
     "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
     "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
@@ -314,6 +313,24 @@ def write(out, meta, rows, started):
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def host_rows(pieces, time_one):
+    """One row per host piece, as it is timed: its ms (``time_one(fn)``) and its ratio to the first
+    piece's (F.linear's; none where that one failed: no other piece stands in for it)."""
+    floor = None
+    for i, (name, fn) in enumerate(pieces.items()):
+        row = {"shape": "64→64", "piece": name, "ms": None, "ratio": None, "config": None}
+        try:
+            fn()
+            row["ms"] = time_one(fn)
+            if i == 0:
+                floor = row["ms"]
+            if floor is not None:
+                row["ratio"] = row["ms"] / floor
+        except Exception as e:  # one piece that fails must not hide the rest
+            row["error"] = f"{type(e).__name__}: {e}"
+        yield row
 
 
 def host_pieces(dtype, device):
@@ -409,20 +426,12 @@ def main(argv=None):
     # (Written after every piece, and whatever ends the run: a piece that hangs the GPU, which a
     # SIGTERM cannot interrupt and the SIGKILL after it ends, loses only itself.)
     try:
-        floor = None
-        for name, fn in host_pieces(dtype, device).items():
-            row = {"shape": "64→64", "piece": name, "ms": None, "ratio": None, "config": None}
-            try:
-                fn()
-                row["ms"] = host_ms(fn, device) if timer else float("nan")
-                floor = floor or row["ms"]
-                row["ratio"] = row["ms"] / floor
-            except Exception as e:  # one piece that fails must not hide the rest
-                row["error"] = f"{type(e).__name__}: {e}"
+        time_one = (lambda fn: host_ms(fn, device)) if timer else (lambda fn: float("nan"))
+        for row in host_rows(host_pieces(dtype, device), time_one):
             rows.append(row)
             write(args.out, meta, rows, started)
-            print(f"64→64  {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio']:.3f}" if row["ms"] is not None
-                                           else row["error"]), flush=True)
+            print(f"64→64  {row['piece']:34s} " + (row["error"] if row["ms"] is None else f"{row['ms']:9.4f} ms"
+                  + (f"  ×{row['ratio']:.3f}" if row["ratio"] is not None else "")), flush=True)
         for K, N in args.shapes:
             floors, results, timed = {}, {}, {}
             try:

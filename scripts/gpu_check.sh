@@ -21,9 +21,13 @@
 #         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
 #         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
 #         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75, 45, 2 × 40).
-#   tests: the suite's precompile, then the eight shards with what is left of GPU_CHECK_SECONDS
-#         (TESTS_SECONDS caps it); for a second call after perf.
+#         precompile, 75, 45, 2 × 40); the fp32-adapter run starts only with 35 s left and the
+#         first-step pair only with 70 s, so that pair is cut first; GPU_CHECK_SMOKE=0 leaves out
+#         the smoke test.
+#   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
+#         too, an eighth, at most 30 s, only with 240 s left) beside the eight shards, of which
+#         only test_autotune_configs' two wait for it; the shards get what is left of
+#         GPU_CHECK_SECONDS (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
 #
@@ -33,7 +37,9 @@
 # when less device time is left): a step gets what is left of that at most, and one that would
 # get under 20 s is skipped, so the packing below always happens. The device tool returns at most
 # 8 files, so everything is packed into $OUT/gpu-check.tar.gz, with $OUT/summary.md beside it (the
-# step times, the test lines, the targets), and the summary is printed last; both are also written
+# machine, the step times, each shard's closing line and accuracy table, host-profile's rows,
+# model-step, the fp32-adapter rows, first-step, variants, and the targets last), and the summary
+# is printed last; both are also written
 # after every step, so a call stopped from outside keeps what its finished steps wrote.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +84,7 @@ step() {
   if (( limit < 20 )); then
     echo "- $name: SKIPPED, out of time" | tee -a "$W/steps.md"
     status=1
-    return 1
+    return 125  # (not a failure of the step's own: no pytest or timeout exit status is 125)
   fi
   echo "== $name (limit ${limit} s)"
   timeout -k 20 "$limit" "$@" > "$W/$name.log" 2>&1
@@ -117,12 +123,14 @@ if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skip
     tests/test_gpu.py::test_direct_launches_match_tritons_path tests/test_launch.py -q -p no:cacheprovider \
     -k "not environment_at_import and not _named and not kept_on_disk"
   smoke=$?
-  if (( smoke != 0 && smoke != 124 && smoke != 137 )); then
+  if (( smoke != 0 && smoke != 124 && smoke != 137 && smoke != 125 )); then  # (not stopped or skipped)
     export LORA_KERNELS_FAST_LAUNCH=0; echo "- the rest ran with LORA_KERNELS_FAST_LAUNCH=0" >> "$W/steps.md"
   fi
 fi
 if has check all perf; then
-  # Fill Triton's cache for the sweep on all cores: the autotuner would compile one config at a time.
+  # Fill Triton's cache for the sweep on all cores, every launch at once: the autotuner compiles a
+  # launch's candidates only when the sweep first meets it (on threads since version 11), inside
+  # the bench step's limit.
   # (--host: also the variants step's host-time pieces at 64x64, when it runs.)
   # (60 and 55 s: each took 37 s of 45 in the third run, and version 8's deep tiles for the thin
   # products add about 15% more compiles; the first also has variants' unpaired dA and dB since
@@ -142,7 +150,7 @@ if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
   # (LORA_KERNELS_WARP_SPEC=1: that test also runs the warp-specialized configs. Not its ranks 8
-  # and 80, which run only those: about 1,060 compiles instead of 513, where 20 s are given.)
+  # and 80, which run only those: about 1,260 compiles instead of 589, where 20 s are given.)
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
   # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
@@ -241,7 +249,8 @@ if has perf; then
   fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
-  # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s):
+  # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s
+  # each, so the pair runs only with 70 s left):
   # it tests version 11's claim about a cold first step, not the targets.
   # (Both or neither: one alone is half a comparison. About 27 s each in the worst case.)
   if (( deadline - $(date +%s) >= 70 )); then

@@ -687,6 +687,32 @@ def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(t
     assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
 
 
+@pytest.mark.parametrize("floor_fails", [False, True])
+def test_variants_host_rows_are_ratios_to_the_first_piece_or_none(floor_fails):
+    """The host pieces' ratios are to the first (F.linear's); where it failed, the next piece must
+    not stand in for it (its "× floor" read 1.000): no ratios, and the rest still timed."""
+    from benchmarks import variants
+
+    def floor():
+        if floor_fails:
+            raise RuntimeError("the floor failed")
+
+    def layer():
+        pass
+
+    def other():
+        pass
+
+    times = {floor: 2.0, layer: 5.0, other: 3.0}
+    rows = list(variants.host_rows({"floor": floor, "layer": layer, "other": other}, times.get))
+    assert [r["piece"] for r in rows] == ["floor", "layer", "other"]
+    if floor_fails:
+        assert rows[0]["ms"] is None and "the floor failed" in rows[0]["error"]
+        assert [(r["ms"], r["ratio"]) for r in rows[1:]] == [(5.0, None), (3.0, None)]
+    else:
+        assert [(r["ms"], r["ratio"]) for r in rows] == [(2.0, 1.0), (5.0, 2.5), (3.0, 1.5)]
+
+
 def test_variants_md_names_a_failed_rows_config_on_one_line(tmp_path, monkeypatch):
     """A row that fails keeps, in variants.md, the config the autotuner chose for it (the fourth
     run's NaN warp-specialized row had it only in the JSON) and its error on one table line."""
