@@ -261,8 +261,8 @@ def _check_inputs(x, weight, bias, A, B, alpha):
                             "(torch.nested.to_padded_tensor, or the jagged tensor's values())")
         if type(t) not in PLAIN_TENSORS and not (torch.compiler.is_compiling() or is_fake(t)):
             raise TypeError(f"{name} is a tensor subclass ({type(t).__name__}), whose own ops the kernels would "
-                            "bypass by reading its storage: pass plain tensors (for such weights and inputs LinearWithLoRA runs the "
-                            "reference's unfused calls, and fuse_lora peft's own forward)")
+                            "bypass by reading its storage: pass plain tensors (for such weights and inputs "
+                            "LinearWithLoRA runs the reference's unfused calls, and fuse_lora peft's own forward)")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must have a floating-point dtype the kernels compute in (float16, "
                             f"bfloat16, float32 or float64), got {t.dtype}")

@@ -37,8 +37,8 @@ keys on the flags and sizes, so each use still gets its own tile shape.
 Reductions over many tokens with a small output (dA, dB) would leave most of the GPU idle: the two
 share one launch (PAIRED, one grid over both outputs' tiles), and the K loop can be split across a
 second grid axis. Each split writes its own slice of a partial buffer (in the accumulator's dtype,
-fp32 or fp64) and the launcher sums the slices in a fixed order: deterministic, no atomics, and safe to autotune (a trial overwrites, it
-never accumulates).
+fp32 or fp64) and the launcher sums the slices in a fixed order: deterministic, no atomics, and
+safe to autotune (a trial overwrites, it never accumulates).
 """
 
 import contextlib

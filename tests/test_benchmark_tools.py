@@ -849,10 +849,10 @@ def test_sweep_options_out_of_range_are_refused_up_front(bad, capsys):
     assert "at least 1" in err or "[0, 1]" in err, err
 
 
-def test_model_step_refuses_a_dropout_out_of_range_up_front(capsys):
+def test_model_step_refuses_a_dropout_out_of_range_up_front(tmp_path, capsys):
     from benchmarks import model_step
-    with pytest.raises(SystemExit):
-        model_step.main(["--dropout", "2", "--device", "cpu"])
+    with pytest.raises(SystemExit):  # (--out: a regression that runs anyway writes nothing into the checkout)
+        model_step.main(["--dropout", "2", "--device", "cpu", "--out", str(tmp_path)])
     assert "a dropout probability is in [0, 1], got 2" in capsys.readouterr().err
 
 
