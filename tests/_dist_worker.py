@@ -133,7 +133,21 @@ def _fail_on_rank1(model, x, y, rank, world, out_dir):
     return {}
 
 
-MODES = {"ddp": _ddp, "fsdp2": _fsdp2, "fail_on_rank1": _fail_on_rank1}
+def _abort_before_results(model, x, y, rank, world, out_dir):
+    """For the harness's own test: rank 0 dies by a signal before anything is written."""
+    if rank == 0:
+        os.abort()
+    return {}
+
+
+def _abort_after_results(model, x, y, rank, world, out_dir):
+    """For the harness's own test: rank 0 dies by a signal once both ranks wrote their results
+    (in ``worker``, after the closing barrier), as gloo's teardown once did."""
+    return {"rank": rank, "abort_after_results": rank == 0}
+
+
+MODES = {"ddp": _ddp, "fsdp2": _fsdp2, "fail_on_rank1": _fail_on_rank1,
+         "abort_before_results": _abort_before_results, "abort_after_results": _abort_after_results}
 
 
 def _count_fused_calls():
@@ -174,5 +188,7 @@ def worker(rank, world, port, mode, out_dir, ifname):
             raise
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
+        if result.get("abort_after_results"):
+            os.abort()
     finally:
         dist.destroy_process_group()

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -67,7 +68,14 @@ def _spawn(mode, out_dir):
                 pytest.fail(f"{mode} workers did not finish within {DEADLINE} s")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # a worker raised or died: its traceback is in the message
         errs = "".join(p.read_text() for p in sorted(out_dir.glob("rank*.err")))
-        pytest.fail(f"{mode} worker failed:\n{e}\n{errs}", pytrace=False)
+        # A rank killed by a signal once every rank had written its results: gloo's teardown (its
+        # threads at destroy_process_group or exit; std::terminate, SIGABRT, seen once in CI, not
+        # on the package's path). The results are whole (written before the closing barrier), so
+        # they are checked as usual; anything else fails.
+        if not (isinstance(e, mp.ProcessExitedException) and e.signal_name and not errs
+                and all((out_dir / f"rank{r}.pt").exists() for r in range(WORLD))):
+            pytest.fail(f"{mode} worker failed:\n{e}\n{errs}", pytrace=False)
+        warnings.warn(f"{mode}: {e} after every rank wrote its results (gloo's teardown); checking them")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -224,3 +232,16 @@ def test_failing_worker_fails_fast(tmp_path):
     assert (tmp_path / "rank1.err").exists()
     waiting = tmp_path / "rank0.err"
     assert not waiting.exists() or "timed out" not in waiting.read_text().lower()
+
+
+def test_a_rank_killed_by_a_signal_fails_unless_every_rank_wrote_its_results(tmp_path):
+    """The harness: a rank that dies by a signal before the results are written fails the test;
+    one that dies after every rank wrote them (at the end, as gloo's teardown once did) leaves
+    whole results, which are returned to be checked, with a warning."""
+    for name in ("before", "after"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(pytest.fail.Exception, match="(?s)abort_before_results worker failed.*SIGABRT"):
+        _spawn("abort_before_results", tmp_path / "before")
+    with pytest.warns(UserWarning, match="SIGABRT after every rank wrote its results"):
+        results = _spawn("abort_after_results", tmp_path / "after")
+    assert [r["rank"] for r in results] == list(range(WORLD))
