@@ -1,5 +1,6 @@
 """Adapter utilities: freezing, counting, saving/loading only A and B, and peft's alpha convention."""
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -371,42 +372,40 @@ def test_load_never_unpickles_objects(tmp_path):
     assert not marker.exists()
 
 
+@contextlib.contextmanager
+def one_process_group():
+    """A gloo process group of this process alone (rank 0 of 1), destroyed on leaving."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
 def test_fsdp1_is_refused_by_name(tmp_path):
     """FSDP1's parameters are flat shards: A and B would be saved as 1-D slices, or fail inside."""
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.fsdp import FullyShardedDataParallel
     path = _saved(tmp_path, randomize_lora(build()))
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
+    with one_process_group():
+        from torch.distributed.fsdp import FullyShardedDataParallel
         wrapped = FullyShardedDataParallel(build(), use_orig_params=True, device_id=torch.device("cpu"))
         for call in (lambda: save_adapter(wrapped, tmp_path / "b.pt"), lambda: load_adapter(wrapped, path),
                      lambda: lora_state_dict(wrapped)):
             with pytest.raises(ValueError, match=r"FullyShardedDataParallel \(FSDP1\).*fully_shard"):
                 call()
         assert not (tmp_path / "b.pt").exists()
-    finally:
-        dist.destroy_process_group()
-
-
-def _one_process_group():
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    return dist
 
 
 def test_ddp_wrapper_saves_the_plain_names(tmp_path):
     """DistributedDataParallel's .module is below the names (a one-process group, on the CPU)."""
-    dist = _one_process_group()
-    try:
+    with one_process_group():
         model = randomize_lora(build(), seed=9)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert sorted(lora_state_dict(ddp)) == sorted(lora_state_dict(model))
         save_adapter(ddp, tmp_path / "ddp.pt")
-    finally:
-        dist.destroy_process_group()
     from lora_kernels.adapters import _read_adapter
     tensors, metadata = _read_adapter(tmp_path / "ddp.pt")
     assert sorted(tensors) == sorted(lora_state_dict(model))
@@ -416,8 +415,7 @@ def test_ddp_wrapper_saves_the_plain_names(tmp_path):
 def test_fully_shard_on_one_process_saves_and_loads(tmp_path):
     """A model under fully_shard (FSDP2, its adapters DTensors) on a one-process group: rank 0
     writes the full tensors, and a sharded model loads them back."""
-    dist = _one_process_group()
-    try:
+    with one_process_group():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (1,))
@@ -425,14 +423,12 @@ def test_fully_shard_on_one_process_saves_and_loads(tmp_path):
         want = {k: v.clone() for k, v in lora_state_dict(trained).items()}
         fully_shard(trained, mesh=mesh)
         assert all(type(v).__name__ == "DTensor" for v in lora_state_dict(trained).values())
-        save_adapter(trained, tmp_path / "a.safetensors")
+        save_adapter(trained, tmp_path / "a.pt")
         fresh = fully_shard(build(), mesh=mesh)
-        load_adapter(fresh, tmp_path / "a.safetensors")
+        load_adapter(fresh, tmp_path / "a.pt")
         got = {k: v.full_tensor() for k, v in lora_state_dict(fresh).items()}
-    finally:
-        dist.destroy_process_group()
     plain = build()
-    load_adapter(plain, tmp_path / "a.safetensors")
+    load_adapter(plain, tmp_path / "a.pt")
     for k, v in want.items():
         assert torch.equal(lora_state_dict(plain)[k], v) and torch.equal(got[k], v), k
 
@@ -604,19 +600,12 @@ def test_load_file_with_nested_wrapper_prefixes(tmp_path):
 def test_load_refuses_file_with_dtensors(tmp_path):
     """A .pt written from an FSDP2 model by an older save_adapter holds DTensor shards: a clear
     error instead of PyTorch's mixed Tensor/DTensor one."""
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+    with one_process_group():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (1,))
         model = randomize_lora(build(), seed=5)
         tensors = {k: distribute_tensor(v.clone(), mesh, [Shard(0)]) for k, v in lora_state_dict(model).items()}
-    finally:
-        dist.destroy_process_group()
     torch.save({"tensors": tensors, "metadata": {}}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=r"holds sharded DTensors, not full tensors \(blocks\.0\.fc\.lora\.A"):
         load_adapter(build(), tmp_path / "old.pt")
