@@ -113,6 +113,17 @@ def _fsdp2(model, x, y, rank, world, out_dir):
     lora_kernels.load_adapter(fresh, os.path.join(out_dir, "fsdp2_adapter.safetensors"))
     loaded = {n: t for n, t in plain_state(fresh).items() if n.endswith(("lora.A", "lora.B"))}
     state = plain_state(model)
+    # One sharded layer merged and unmerged in place: DTensor arithmetic, every rank its shard.
+    # Merged, the forward is the base layer's alone with the update in its weight (the same
+    # output), and the state dict still holds the weight unmerged.
+    with torch.no_grad():
+        unmerged_out = model(x).clone()
+        model[0].merge()
+        merged_out = model(x).clone()
+    merged_weight = model[0].linear.weight.full_tensor().detach().clone()
+    merged_state = plain_state(model)
+    model[0].unmerge()
+    state_before_unload = plain_state(model)
     try:  # refused by name, before anything is written: unloaded, the sharded linears could not run
         lora_kernels.merge_and_unload(model)
         unload = "unloaded"
@@ -120,6 +131,9 @@ def _fsdp2(model, x, y, rank, world, out_dir):
         unload = str(e)
     return {"losses": losses, "state": state, "param_types": sharded, "loaded": loaded,
             "loaded_types": {n: type(p).__name__ for n, p in fresh.named_parameters()},
+            "unmerged_out": unmerged_out, "merged_out": merged_out, "merged_state": merged_state,
+            "merged_weight": merged_weight, "state_before_unload": state_before_unload,
+            "merged_weight_type": type(model[0].linear.weight).__name__,
             "unload": unload, "state_after_unload": plain_state(model),
             "layers_after_unload": [type(m).__name__ for m in model.modules()]}
 

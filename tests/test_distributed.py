@@ -10,7 +10,8 @@ agree to fp32 rounding (only the order of the sums over tokens differs).
 The same runs also save the adapters with ``save_adapter``: from the DDP wrapper (the names must
 be the plain model's) and from the FSDP2-sharded model (every rank gathers, rank 0 writes full
 tensors), and the FSDP2 ranks load that file into a fresh sharded model; the parent loads the files
-into plain models.
+into plain models. The FSDP2 ranks also merge and unmerge one sharded layer in place (DTensor
+arithmetic on each rank's shard), and see ``merge_and_unload`` refused.
 
 Ranks talk over 127.0.0.1 only (a port picked by binding to port 0, gloo on the loopback
 interface); process groups time out after 60 s and the parent waits at most DEADLINE seconds, so a
@@ -185,8 +186,23 @@ def fsdp2_results(fsdp2_dir):
 def test_fsdp2_training_matches_single_process(fsdp2_results):
     for res in fsdp2_results:  # every parameter really was sharded, and gathered for plain fused calls
         assert set(res["param_types"].values()) == {"DTensor"}, res["param_types"]
-        assert res["fused_calls"] == 3 * W.STEPS, res["fused_calls"]
+        # three layers a step, then the merge check's two forwards: three fused, then two (one merged)
+        assert res["fused_calls"] == 3 * W.STEPS + 3 + 2, res["fused_calls"]
     _check_training(fsdp2_results, "FSDP2")
+
+
+def test_fsdp2_layer_merges_and_unmerges(fsdp2_results):
+    """merge() on a sharded layer folds the update into every rank's shard: the same output, the
+    same (unmerged) state dict, and unmerge() gives the weights back to fp32 rounding."""
+    for res in fsdp2_results:
+        assert res["merged_weight_type"] == "DTensor"
+        state = {k: v.double() for k, v in res["state"].items()}
+        expected = state["0.linear.weight"] + W.ALPHA * (state["0.lora.A"] @ state["0.lora.B"]).t()
+        torch.testing.assert_close(res["merged_weight"].double(), expected, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(res["merged_out"], res["unmerged_out"], rtol=RTOL, atol=ATOL)
+        for name, t in res["state"].items():
+            torch.testing.assert_close(res["merged_state"][name], t, rtol=RTOL, atol=ATOL, msg=name)
+            torch.testing.assert_close(res["state_before_unload"][name], t, rtol=RTOL, atol=ATOL, msg=name)
 
 
 def test_fsdp2_merge_and_unload_is_refused_by_name_and_changes_nothing(fsdp2_results):
@@ -195,7 +211,7 @@ def test_fsdp2_merge_and_unload_is_refused_by_name_and_changes_nothing(fsdp2_res
     for res in fsdp2_results:
         assert res["unload"].startswith("merge_and_unload cannot unload FSDP-sharded layers"), res["unload"]
         assert sum("LinearWithLoRA" in name for name in res["layers_after_unload"]) == 3
-        for name, t in res["state"].items():
+        for name, t in res["state_before_unload"].items():
             assert torch.equal(res["state_after_unload"][name], t), name
 
 
