@@ -352,8 +352,8 @@ def _sharded(layer):
 
 
 # Modules whose forward reads their Linear children's weight and bias itself instead of calling them.
-_READ_THEIR_LINEARS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
-_READS_ITS_LINEARS = ("PyTorch's attention and transformer layers read their Linears' weights directly, "
+_TORCH_ATTENTION_LAYERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+_TORCH_ATTENTION = ("PyTorch's attention and transformer layers read their Linears' weights directly, "
                       "past any adapter")
 # GPT-2's linear layers in transformers: no nn.Linear, so the seed's replacement passes them by,
 # and a model would silently train adapters on its lm_head alone.
@@ -369,8 +369,8 @@ _ITSELF = ("an nn.Linear given itself has no parent to put its wrapper in: wrap 
 
 def _left_alone(module):
     """Why ``replace_linear_with_lora`` wraps nothing in or of ``module``, or None."""
-    if isinstance(module, _READ_THEIR_LINEARS):
-        return _READS_ITS_LINEARS
+    if isinstance(module, _TORCH_ATTENTION_LAYERS):
+        return _TORCH_ATTENTION
     # (matched by name, a subclass too: transformers need not be installed)
     conv1d = [c for c in type(module).__mro__ if c.__name__ == "Conv1D" and c.__module__.startswith("transformers.")]
     if conv1d:
