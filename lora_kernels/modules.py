@@ -354,7 +354,7 @@ def _sharded(layer):
 # Modules whose forward reads their Linear children's weight and bias itself instead of calling them.
 _TORCH_ATTENTION_LAYERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 _TORCH_ATTENTION = ("PyTorch's attention and transformer layers read their Linears' weights directly, "
-                      "past any adapter")
+                    "past any adapter")
 # GPT-2's linear layers in transformers: no nn.Linear, so the seed's replacement passes them by,
 # and a model would silently train adapters on its lm_head alone.
 _CONV1D = ("transformers' Conv1D, GPT-2's linear layer, is not an nn.Linear: peft's LoRA takes it, and "
