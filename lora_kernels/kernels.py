@@ -362,6 +362,13 @@ def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
     return tile
 
 
+# Compile options every launch states rather than leave to Triton's defaults: FMA contraction on,
+# Triton 3.6's default and what every test and GPU run so far checked. Triton 3.9 warns on each
+# first compile that its default turns to off in 3.10, which would change the kernels' rounding
+# with no change here. (Triton 3.9's TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 @triton.jit
 def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr):
     # The mask itself, for the PyTorch reference in tests: the same seed load and _keep as the
@@ -378,7 +385,7 @@ def keep_mask(M, K, seed, p, device):
     if out.numel():
         seed = torch.tensor(seed, dtype=torch.int64, device=device)
         with _on_device(out.device):
-            _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32)
+            _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32, **COMPILE_OPTIONS)
     return out
 
 
@@ -798,7 +805,7 @@ def _launch(device, grid, args, flags):
                        kernel.packed_metadata, None, None, None, *args, *meta.values())
             return
     with _TRITON_DISPATCH:
-        kernel = _lora_matmul_kernel[grid](*args, **flags)
+        kernel = _lora_matmul_kernel[grid](*args, **flags, **COMPILE_OPTIONS)
     if fast and isinstance(kernel, triton.compiler.CompiledKernel):
         # The config comes from the compiled kernel itself, not the autotuner's best_config, which
         # another thread (DataParallel's replicas) may have set in between.
