@@ -238,6 +238,8 @@ def compile_one(job):
         return {"error": f"{type(e).__name__}: {message[:300]}"}
     seconds = time.perf_counter() - started
     ptx = compiled.asm.get("ptx", "")
+    if "st.global" not in ptx:  # every launch writes its output: the compiler left a trap instead
+        return {"error": "compiled to a kernel that writes nothing" + (" (a trap)" if "trap;" in ptx else "")}
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "warps": compiled.metadata.num_warps,
             **_resources(compiled.asm["cubin"])}
@@ -297,7 +299,11 @@ def main(argv=None):
             if cuda else SMEM_KIB.get(arch, 99) * 1024)
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
     started = time.perf_counter()
-    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):  # the pruner reads it
+    # The pruner reads the GPU's shared memory and compute capability from a launch's tensors: CPU
+    # placeholders here, so the target stands in for them.
+    target = (mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem),
+              mock.patch.object(kernels, "_sm_major", lambda tensor: arch // 10))
+    with target[0], target[1]:
         launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
                           dropout=args.dropout, variants=args.variants, tf32=args.tf32,
                           adapter_dtype=args.adapter_dtype)
@@ -310,7 +316,7 @@ def main(argv=None):
     if args.first_step:
         cache = triton.knobs.cache.dir
         cold = not (os.path.isdir(cache) and os.listdir(cache))  # (a warm cache compiles nothing)
-        with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem):
+        with target[0], target[1]:
             seconds = first_step(launches, arch)
         print(f"first step: {seconds:.1f} s compiling {len(jobs)} candidates of {len(launches)} launches, "
               f"{kernels.COMPILE_THREADS} at once (LORA_KERNELS_COMPILE_THREADS), on {os.cpu_count()} CPUs")

@@ -219,6 +219,18 @@ def _smem_bytes(tensor):
     return SMEM_BYTES
 
 
+# NVIDIA GPUs whose MMAs accumulate in tensor memory (512 columns of 32 bits for 128 rows), by
+# compute capability's major version: datacenter Blackwell (sm_100, sm_103) and Thor (sm_110).
+TENSOR_MEMORY_MAJORS = (10, 11)
+
+
+def _sm_major(tensor):
+    # (0 for anything but an NVIDIA GPU's tensor: benchmarks/precompile.py stands in for one)
+    if isinstance(tensor, torch.Tensor) and tensor.is_cuda and torch.version.hip is None:
+        return torch.cuda.get_device_capability(tensor.device)[0]
+    return 0
+
+
 def _dtype(tensor):
     # (The ahead-of-time compiler, benchmarks/precompile.py, prunes with dtypes in place of tensors.)
     return tensor if isinstance(tensor, torch.dtype) else tensor.dtype
@@ -240,10 +252,21 @@ def _prune(configs, named_args, **kwargs):
     # would need more than the estimate, and fail to launch on a GPU with less to spare). A may be
     # fp32 beside bf16 activations (peft's adapters).
     a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") else 0
+    # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and a second
+    # accumulator as wide (dropout's share of dX has one; with the fused shrink Triton 3.6 and 3.7
+    # make one too) the rest, the shrink's finding none: compiled for sm_100, sm_103 and sm_110
+    # (Triton 3.6 to 3.9), those kernels came out as a lone trap, which would end the process's
+    # CUDA context at the autotuner's first timing. With dropout's second accumulator, 128×128 on
+    # four warps failed ptxas's register allocation (an error the autotuner skips, after compiling).
+    tensor_memory = _sm_major(named_args.get("x_ptr")) in TENSOR_MEMORY_MAJORS
+    second_acc = kwargs.get("DROPOUT") == _DROP_MODE["lowrank"]
+    wide_ok = not (tensor_memory and (second_acc or kwargs.get("FUSE_SHRINK")))
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
         if bk >= DEEP_K and N > THIN_N:  # (the deep tiles are for thin outputs, see hopper_configs)
+            continue
+        if (bn > 128 and not wide_ok) or (tensor_memory and second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
             continue
         per_stage, extra = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk, 0
         if c.kwargs.get("WARP_SPEC"):

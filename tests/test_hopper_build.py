@@ -1,4 +1,6 @@
-"""The kernels compile for Hopper (sm_90), and for older NVIDIA GPUs, checked without a GPU.
+"""The kernels compile for Hopper (sm_90), for older NVIDIA GPUs and for datacenter Blackwell
+(sm_100), checked without a GPU; each compiled kernel writes its output (one compiled to a lone
+trap fails ``benchmarks.precompile``).
 
 Triton's interpreter, which runs the kernels in CI, skips the GPU compiler, and so misses what
 only the compiler rejects (once: a module-level constant the kernel read, which the interpreter
@@ -152,6 +154,21 @@ def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_k
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
         assert regs.isdigit() and 0 < float(smem) <= smem_kib, (use, sizes, dot, tile, smem)
         assert (wgmma, tma) == ("no", "no") and " tma" not in tile, (use, sizes, dot, tile)
+
+
+def test_autotuned_configs_compile_for_blackwell(tmp_path):
+    """Datacenter Blackwell (sm_100: B200, GB200) accumulates its MMAs in tensor memory. Every
+    candidate must compile to a kernel that writes its output: Triton made the fused shrink's
+    128x256 tiles (with dropout's share of dX also in 3.8 and 3.9) a lone trap, which would end the
+    CUDA context at the autotuner's first timing, so the pruner drops those there; the wide tiles
+    stay where they compile."""
+    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16", "--dropout", "0.1",
+                              "--trainable-base", arch=100, shapes="256x512")
+    assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+        assert regs.isdigit() and 0 < float(smem) <= 227, (use, sizes, dot, tile, smem)
+    wide = {row[0].split(" (")[0] for row in rows if row[3].startswith("128x256")}
+    assert "GEMM + low rank" in wide and "GEMM + fused shrink" not in wide, wide
 
 
 def test_fixed_config_fits_older_gpus(tmp_path):
