@@ -27,6 +27,7 @@ split count for ``--sms`` SMs), so the compiled specializations are the ones it 
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -206,6 +207,15 @@ def first_step(launches, arch):
             tuner.__dict__["do_bench"] = do_bench
 
 
+@contextlib.contextmanager
+def _as_target(smem, arch):
+    """The pruner reads the GPU's shared memory and compute capability from a launch's tensors,
+    CPU placeholders here: the target's stand in for them."""
+    with mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem), \
+            mock.patch.object(kernels, "_sm_major", lambda tensor: arch // 10):
+        yield
+
+
 def _init_worker(arch):
     driver.set_active(_StandInDriver(arch))
 
@@ -299,11 +309,7 @@ def main(argv=None):
             if cuda else SMEM_KIB.get(arch, 99) * 1024)
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
     started = time.perf_counter()
-    # The pruner reads the GPU's shared memory and compute capability from a launch's tensors: CPU
-    # placeholders here, so the target stands in for them.
-    target = (mock.patch.object(kernels, "_smem_bytes", lambda tensor: smem),
-              mock.patch.object(kernels, "_sm_major", lambda tensor: arch // 10))
-    with target[0], target[1]:
+    with _as_target(smem, arch):
         launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
                           dropout=args.dropout, variants=args.variants, tf32=args.tf32,
                           adapter_dtype=args.adapter_dtype)
@@ -316,7 +322,7 @@ def main(argv=None):
     if args.first_step:
         cache = triton.knobs.cache.dir
         cold = not (os.path.isdir(cache) and os.listdir(cache))  # (a warm cache compiles nothing)
-        with target[0], target[1]:
+        with _as_target(smem, arch):
             seconds = first_step(launches, arch)
         print(f"first step: {seconds:.1f} s compiling {len(jobs)} candidates of {len(launches)} launches, "
               f"{kernels.COMPILE_THREADS} at once (LORA_KERNELS_COMPILE_THREADS), on {os.cpu_count()} CPUs")

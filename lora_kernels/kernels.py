@@ -259,14 +259,14 @@ def _prune(configs, named_args, **kwargs):
     # CUDA context at the autotuner's first timing. With dropout's second accumulator, 128×128 on
     # four warps failed ptxas's register allocation (an error the autotuner skips, after compiling).
     tensor_memory = _sm_major(named_args.get("x_ptr")) in TENSOR_MEMORY_MAJORS
-    second_acc = kwargs.get("DROPOUT") == _DROP_MODE["lowrank"]
-    wide_ok = not (tensor_memory and (second_acc or kwargs.get("FUSE_SHRINK")))
+    second_acc = tensor_memory and kwargs.get("DROPOUT") == _DROP_MODE["lowrank"]
+    narrow = second_acc or (tensor_memory and kwargs.get("FUSE_SHRINK"))
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
         if bk >= DEEP_K and N > THIN_N:  # (the deep tiles are for thin outputs, see hopper_configs)
             continue
-        if (bn > 128 and not wide_ok) or (tensor_memory and second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
+        if (narrow and bn > 128) or (second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
             continue
         per_stage, extra = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk, 0
         if c.kwargs.get("WARP_SPEC"):
