@@ -2,6 +2,7 @@
 
     python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--smem 227] [--report FILE] [--variants]
         [--host] [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
+    python -m benchmarks.precompile --save-cache FILE.tar.xz [--arch 90]  |  --load-cache FILE.tar.xz
 
 It runs the layer's forward and backward for the benchmark sweep's configurations (the same
 defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every kernel launch, and
@@ -21,6 +22,12 @@ Three uses:
 * ``--first-step``: instead, time what a training process's first step spends compiling these
   launches' candidates through the autotuner (in an empty ``TRITON_CACHE_DIR``).
 
+``--save-cache FILE`` packs Triton's cache, as the compiles left it, for another machine, and
+``--load-cache FILE`` unpacks it there (``scripts/gpu_check.sh cache`` and the GPU run): so the
+GPU's minutes are not spent compiling. A cache key holds Triton's build, which differs between
+Python versions, so the pack is compiled with the GPU machine's Python, torch and Triton, and is
+loaded only where its fingerprint matches.
+
 The launches are recorded with the arguments the GPU run will pass (sizes, strides, dtypes, the
 split count for ``--sms`` SMs), so the compiled specializations are the ones it will look up.
 """
@@ -28,12 +35,16 @@ split count for ``--sms`` SMs), so the compiled specializations are the ones it 
 import argparse
 import concurrent.futures as cf
 import contextlib
+import hashlib
+import io
 import itertools
+import json
 import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from unittest import mock
@@ -255,6 +266,79 @@ def compile_one(job):
             **_resources(compiled.asm["cubin"])}
 
 
+# What a packed cache leaves out: the compiler's intermediate forms, about half the pack. A cache hit
+# needs the binary and the metadata; the PTX stays for compile_one's checks.
+_NOT_PACKED = (".source", ".ttir", ".ttgir", ".llir")
+
+
+def fingerprint(arch):
+    """What a Triton cache key takes from the machine, beside the kernel and its options
+    (triton.compiler.compile): Triton's build (its sources and its compiled library, which differ
+    between Python versions), the backend's (ptxas's version and the target) and the environment
+    variables Triton reads as compiler settings."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import triton_key
+
+    parts = [triton_key(), make_backend(GPUTarget("cuda", arch, 32)).hash(),
+             str(sorted(get_cache_invalidating_env_vars().items()))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_groups():
+    """{group file: when it was written} of Triton's cache directory: a compile writes its kernel's
+    group file (anew where a cache entry was there but not found), a cache hit only reads it."""
+    cache = triton.knobs.cache.dir
+    folders = [e.path for e in os.scandir(cache) if e.is_dir()] if os.path.isdir(cache) else []
+    return {f.path: f.stat().st_mtime_ns for folder in folders for f in os.scandir(folder) if f.name.startswith("__grp__")}
+
+
+def save_cache(path, arch):
+    """Pack Triton's cache directory into ``path`` (.tar.xz), with the fingerprint it is good for."""
+    cache = triton.knobs.cache.dir
+    entries = sorted(os.listdir(cache))
+    label = (f"sm_{arch} {fingerprint(arch)} (Python {sys.version.split()[0]}, torch {torch.__version__}, "
+             f"triton {triton.__version__})\n").encode()
+    with tarfile.open(path, "w:xz") as tar:
+        info = tarfile.TarInfo("FINGERPRINT")
+        info.size = len(label)
+        tar.addfile(info, io.BytesIO(label))
+        for entry in entries:
+            tar.add(os.path.join(cache, entry), entry, filter=lambda m: None if m.name.endswith(_NOT_PACKED) else m)
+    print(f"packed {len(entries)} kernels of {cache} into {path} ({os.path.getsize(path) / 2**20:.1f} MiB), for "
+          + label.decode().strip())
+
+
+def load_cache(path):
+    """Unpack ``save_cache``'s pack into Triton's cache directory if its fingerprint is this
+    machine's (else its keys would never match: nothing is unpacked), and say which it was."""
+    cache = triton.knobs.cache.dir
+    with tarfile.open(path, "r|xz") as tar:  # (read as a stream: one pass, the fingerprint first)
+        label = tar.extractfile(tar.next()).read().decode().strip()
+        target, packed = label.split()[:2]
+        here = fingerprint(int(target.removeprefix("sm_")))
+        if packed != here:
+            print(f"{path} NOT used: compiled for {label}; this machine's for {target} is {here} "
+                  f"(Python {sys.version.split()[0]}, triton {triton.__version__})")
+            return
+        os.makedirs(cache, exist_ok=True)
+        entries = set()
+        while (member := tar.next()) is not None:  # (iterating `tar` would start again at the fingerprint)
+            tar.extract(member, cache, filter="data")
+            entries.add(member.name.split("/")[0])
+    # Triton's group files list their entry's files by absolute path, and the pack leaves some out:
+    # point them at what is here.
+    for entry in entries:
+        folder = os.path.join(cache, entry)
+        for group in (f for f in os.listdir(folder) if f.startswith("__grp__")):
+            with open(os.path.join(folder, group)) as f:
+                children = json.load(f)["child_paths"]
+            children = {c: os.path.join(folder, c) for c in children if os.path.exists(os.path.join(folder, c))}
+            with open(os.path.join(folder, group), "w") as f:
+                json.dump({"child_paths": children}, f)
+    print(f"unpacked {path} into {cache}: {len(entries)} kernels compiled for {label}")
+
+
 def describe(args, kwargs, config):
     """A short name for a job: which product, its sizes and its tile config."""
     named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
@@ -298,15 +382,24 @@ def main(argv=None):
                         "use an empty TRITON_CACHE_DIR")
     p.add_argument("--launches", type=int, help="only the first N of the launches recorded")
     p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
+    p.add_argument("--save-cache", metavar="FILE.tar.xz", help="instead, pack Triton's cache for the --arch target")
+    p.add_argument("--load-cache", metavar="FILE.tar.xz",
+                   help="instead, unpack a --save-cache pack into Triton's cache, if its fingerprint is this machine's")
     args = p.parse_args(argv)
     if args.first_step and args.limit is not None:
         p.error("--limit cuts compile jobs, not launches: with --first-step use --launches")
+    if args.load_cache:
+        load_cache(args.load_cache)  # (not used is no failure: the compiles then happen here)
+        return 0
 
     cuda = torch.cuda.is_available()
     arch = args.arch or (int("%d%d" % torch.cuda.get_device_capability()) if cuda else 90)
     sms = args.sms or (torch.cuda.get_device_properties(0).multi_processor_count if cuda else HOPPER_SMS)
     smem = (args.smem * 1024 if args.smem else torch.cuda.get_device_properties(0).shared_memory_per_block_optin
             if cuda else SMEM_KIB.get(arch, 99) * 1024)
+    if args.save_cache:
+        save_cache(args.save_cache, arch)
+        return 0
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
     started = time.perf_counter()
     with _as_target(smem, arch):
@@ -340,6 +433,7 @@ def main(argv=None):
         return 0
 
     # spawn, not fork: the workers must not inherit a CUDA context or torch's thread pools.
+    groups = cache_groups()
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=(arch,)) as pool:
         results = list(pool.map(compile_one, jobs, chunksize=1))
@@ -352,14 +446,17 @@ def main(argv=None):
     ok = [r for r in results if "error" not in r]
     spilled = [(job, r) for job, r in zip(jobs, results) if r.get("local")]
     total = sum(r["seconds"] for r in ok)
+    found = len(ok) - sum(groups.get(path) != written for path, written in cache_groups().items())
     print(f"compiled {len(ok)} of {len(jobs)} in {elapsed:.1f} s ({total:.1f} s of compiler time, "
-          f"{total / max(len(ok), 1):.2f} s each); {len(failed)} failed; {len(spilled)} spill registers")
+          f"{total / max(len(ok), 1):.2f} s each); {len(failed)} failed; {len(spilled)} spill registers; "
+          f"{found} found in Triton's cache")
     for job, r in failed:
         print("FAILED", *describe(*job), r["error"])
     if args.report:
         lines = [f"# Ahead-of-time compile for sm_{arch}, triton {triton.__version__}", "",
                  f"{len(jobs)} (launch, config) pairs from {len(configs)} configurations of the sweep; "
-                 f"{elapsed:.1f} s with {args.jobs} processes.", "",
+                 f"{elapsed:.1f} s with {args.jobs} processes; {found} found in Triton's cache (their compile s "
+                 "is a load's).", "",
                  "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA | warps |",
                  "|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
         for job, r in zip(jobs, results):

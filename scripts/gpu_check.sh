@@ -2,7 +2,7 @@
 # The one prepared GPU run (issue 4). Uses the machine's own python3, torch and triton (PYTHONPATH,
 # no pip; PYTHON=... picks another interpreter).
 #
-#   bash scripts/gpu_check.sh [check|perf|tests|variants|all]
+#   bash scripts/gpu_check.sh [check|perf|tests|variants|all|cache]
 #
 #   check (default): compile every kernel config in parallel, then the test suite on CUDA in eight
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
@@ -30,6 +30,13 @@
 #         GPU_CHECK_SECONDS (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
+#   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
+#         each in full) on this machine's CPUs into an empty Triton cache, packed into
+#         build/triton-cache.tar.xz (14 minutes and 31 MiB on this project's 2-core machine).
+#         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
+#         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU machine's Python (minor
+#         version), torch and Triton (PYTHON=...): a cache key holds Triton's build, which differs
+#         between Python versions, and a pack whose fingerprint is not the machine's is not used.
 #
 # Each step has its own time limit and the steps after it run whatever happens to it; the
 # benchmark writes what it measured even when its limit stops it. The whole run ends within
@@ -46,7 +53,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"  # the device machine's python3 is the one with torch; plain `python` may not be
 what="${1:-check}"
-case "$what" in check|perf|tests|variants|all) ;; *) echo "usage: $0 [check|perf|tests|variants|all]" >&2; exit 2 ;; esac
+case "$what" in check|perf|tests|variants|all|cache) ;; *) echo "usage: $0 [check|perf|tests|variants|all|cache]" >&2; exit 2 ;; esac
 OUT="${OUT:-$PWD/gpu-out}"
 DEST="$OUT"  # (steps below set OUT for their own reports; the pack goes here)
 W="$(mktemp -d)/gpu-check"
@@ -54,7 +61,12 @@ mkdir -p "$DEST" "$W"
 status=0
 started=$(date +%s)
 # Kept for the end: a stopped step's 20 s of grace (timeout -k), the targets table and the packing.
-deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 40 ))
+# (cache mode, with no device call around it, has no limit)
+deadline=$(( started + ${GPU_CHECK_SECONDS:-570} - 40 )); [ "$what" = cache ] && deadline=$(( started + 86400 ))
+# Triton's cache: compiled beforehand on a CPU (cache mode) and carried here. cache mode starts one
+# of its own, empty, so that the pack holds what its precompiles compiled and nothing older.
+CARRIED="${GPU_CHECK_CACHE:-build/triton-cache.tar.xz}"  # (another path: the tests')
+[ "$what" = cache ] && export TRITON_CACHE_DIR="$(mktemp -d)"
 
 # What is under $DEST comes back even when the device tool stops the whole call at its limit
 # (less device time left than asked for), which no trap sees: so everything written so far is
@@ -80,6 +92,10 @@ step() {
   local name=$1 limit=$2 t0 rc
   shift 2
   t0=$(date +%s)
+  if [ "$what" = cache ]; then  # only the precompiles, not the first-step timing (its cache is its own)
+    [[ " $* " == *" benchmarks.precompile "* && " $* " != *" --first-step "* ]] || return 0
+    limit=$(( deadline - t0 ))
+  fi
   if (( deadline - t0 < limit )); then limit=$(( deadline - t0 )); fi
   if (( limit < 20 )); then
     echo "- $name: SKIPPED, out of time" | tee -a "$W/steps.md"
@@ -105,10 +121,14 @@ step() {
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1
   echo '```'
 } > "$W/machine.md"
+if [ "$what" != cache ] && [ -e "$CARRIED" ]; then  # (its line says whether it was used, and why not)
+  "$PY" -m benchmarks.precompile --load-cache "$CARRIED" >> "$W/machine.md" 2>&1
+fi
 cat "$W/machine.md"
 
 host=""; [ "$what" = check ] || host="--host"
-has() { [[ " $* " == *" $what "* ]]; }  # has MODE...: this run's mode is one of them
+# has MODE...: this run's mode is one of them (cache mode: as perf and tests, whose precompiles it runs)
+has() { [[ " $* " == *" $what "* ]] || { [ "$what" = cache ] && [[ " $* " == *" perf "* || " $* " == *" tests "* ]]; }; }
 if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skips it when time is short)
   # The direct launch path (kernels._launch) is new on the GPU: if its own tests fail, keep the
   # figures coming through Triton's dispatch and say so.
@@ -264,6 +284,10 @@ if has perf; then
   fi
 fi
 
+if [ "$what" = cache ]; then
+  mkdir -p "$(dirname "$CARRIED")"
+  "$PY" -m benchmarks.precompile --save-cache "$CARRIED" 2>&1 | tee -a "$W/steps.md" || status=1
+fi
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).
 results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -e -dropout/ -e -fp32-adapters/ | head -n 1)
 dropout=$(ls "$W"/*-dropout/results.json 2>/dev/null | head -n 1)

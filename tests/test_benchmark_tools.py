@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1245,3 +1246,42 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
     assert _under_header(head, lines[lines.index(head) + 2]) == {
         "tokens": "48", "provider": "peft", "ms": "2.000", "×base": "1.250", "fused speedup": "1.60",
         "max err": "1.0e-07", "status": "ok"}
+
+
+# Stands in for python3 in scripts/gpu_check.sh: logs each call (with the one switch the script
+# sets for some precompiles) and succeeds at once.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "WARP_SPEC=${LORA_KERNELS_WARP_SPEC:-} $*" >> "$CALLS"
+"""
+
+
+def _gpu_check_calls(tmp_path, mode):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake, calls = tmp_path / "python3", tmp_path / f"calls-{mode}"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    pack = tmp_path / "pack.tar.xz"
+    pack.write_bytes(b"")  # (only its presence counts: the stand-in python reads nothing)
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"),
+           "GPU_CHECK_CACHE": str(pack)}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # (each run's reports go to a folder of its own)
+    return [re.sub(r"--report \S+", "--report R", line) for line in calls.read_text().splitlines()
+            if " -m " in line], str(pack)
+
+
+def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
+    """`gpu_check.sh cache` (no GPU) compiles every kernel that the perf and tests modes precompile,
+    with the same switches, and packs them; those modes unpack the pack first. Not the first-step
+    timing, whose point is an empty cache."""
+    cache, pack = _gpu_check_calls(tmp_path, "cache")
+    gpu = [call for mode in ("perf", "tests") for call in _gpu_check_calls(tmp_path, mode)[0]]
+    for mode in ("perf", "tests"):
+        assert _gpu_check_calls(tmp_path, mode)[0][0] == f"WARP_SPEC= -m benchmarks.precompile --load-cache {pack}"
+    wanted = {c for c in gpu if " -m benchmarks.precompile " in c and "--first-step" not in c
+              and "--load-cache" not in c}
+    assert len(wanted) >= 5 and set(cache[:-1]) == wanted and len(cache) - 1 == len(wanted), (cache, wanted)
+    assert any(c.startswith("WARP_SPEC=1 ") for c in wanted)  # (the switch is part of what is compiled)
+    assert cache[-1] == f"WARP_SPEC= -m benchmarks.precompile --save-cache {pack}"

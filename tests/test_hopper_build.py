@@ -11,10 +11,13 @@ and compiles each for sm_90 with the ptxas Triton ships: every launch with the G
 tile config, and every autotune config for bf16 launches.
 """
 
+import io
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -23,21 +26,28 @@ from lora_kernels import kernels  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256", warp_spec="0"):
-    """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
-    compiled config)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    # A fresh cache, so that each kernel really goes through the compiler.
-    env.update(TRITON_CACHE_DIR=str(tmp_path / f"cache-{autotune}"), LORA_KERNELS_AUTOTUNE=autotune, PYTHONPATH=ROOT,
-               LORA_KERNELS_WARP_SPEC=warp_spec)
-    report = tmp_path / f"report-{autotune}.md"
-    cmd = [sys.executable, "-m", "benchmarks.precompile", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
-           "--shapes", shapes, "--tokens", "128", *options, "--report", str(report)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def precompile(cache, *options, **env):
+    """Run benchmarks.precompile (compiled, not interpreted) with Triton's cache in ``cache``;
+    returns what it printed."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")},
+           "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": ROOT, **env}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.precompile", *options], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Every launch states its compile options (kernels.COMPILE_OPTIONS): Triton 3.9 warns where one
     # is left to its default, which 3.10 changes.
     assert "TRITON_DEFAULT_FP_FUSION is unset" not in done.stderr, done.stderr[-3000:]
+    return done.stdout
+
+
+def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256", warp_spec="0"):
+    """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
+    compiled config)."""
+    report = tmp_path / f"report-{autotune}.md"
+    # A fresh cache, so that each kernel really goes through the compiler.
+    precompile(tmp_path / f"cache-{autotune}", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
+               "--shapes", shapes, "--tokens", "128", *options, "--report", str(report),
+               LORA_KERNELS_AUTOTUNE=autotune, LORA_KERNELS_WARP_SPEC=warp_spec)
     return [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| use")]
 
@@ -88,6 +98,39 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     assert views == {"Xᵀ", "Wᵀ"}  # transposed operands (xᵀ in dA, Wᵀ in the forward) compiled too
     # TMA and pointer loads both occur: the ranks of 100 (200-byte rows in fp16) rule TMA out.
     assert 0 < tma_rows < len(rows)
+
+
+def test_a_packed_cache_is_found_where_it_is_unpacked(tmp_path):
+    """``scripts/gpu_check.sh cache``: kernels compiled here, packed (``--save-cache``) and unpacked
+    into another cache directory (``--load-cache``, as on the GPU machine), are found there, not
+    compiled again: their group files, which name the entry's files by absolute path, are pointed
+    at the new place. A pack whose fingerprint is not the machine's is not unpacked."""
+    args = ("--shapes", "64x48", "--tokens", "128", "--ranks", "16", "--dtypes", "fp16", "--jobs", "2")
+    fixed = {"LORA_KERNELS_AUTOTUNE": "0"}
+    out = precompile(tmp_path / "here", *args, **fixed)
+    compiled = int(re.search(r"compiled (\d+) of \1 ", out).group(1))
+    assert compiled >= 3 and "; 0 found in Triton's cache" in out, out
+    pack = tmp_path / "pack.tar.xz"
+    precompile(tmp_path / "here", "--save-cache", str(pack))
+    with tarfile.open(pack) as tar:
+        names = tar.getnames()
+    assert sum(n.endswith(".cubin") for n in names) == compiled and not any(n.endswith(".llir") for n in names)
+    shutil.rmtree(tmp_path / "here")  # (as on another machine: the paths Triton wrote into the pack are gone)
+    assert "unpacked" in precompile(tmp_path / "there", "--load-cache", str(pack))
+    out = precompile(tmp_path / "there", *args, **fixed)
+    assert f"; {compiled} found in Triton's cache" in out, out
+
+    other = tmp_path / "other.tar.xz"  # the same kernels, said to be from another Triton build
+    with tarfile.open(pack) as tar, tarfile.open(other, "w:xz") as out_tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member) if member.isfile() else None
+            if member.name == "FINGERPRINT":
+                target, found, rest = data.read().split(b" ", 2)
+                label = b" ".join([target, b"0" * len(found), rest])
+                member.size, data = len(label), io.BytesIO(label)
+            out_tar.addfile(member, data)
+    assert "NOT used" in precompile(tmp_path / "elsewhere", "--load-cache", str(other))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 # Compiles the launches of benchmarks.precompile.record(*RECORD) for sm_90 in a process of its own
