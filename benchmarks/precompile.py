@@ -280,9 +280,9 @@ def fingerprint(arch):
     from triton.compiler.compiler import make_backend
     from triton.runtime.cache import triton_key
 
-    parts = [triton_key(), make_backend(GPUTarget("cuda", arch, 32)).hash(),
-             str(sorted(get_cache_invalidating_env_vars().items()))]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    parts = {"triton": triton_key(), "backend": make_backend(GPUTarget("cuda", arch, 32)).hash(),
+             "environment": str(sorted(get_cache_invalidating_env_vars().items()))}
+    return " ".join(f"{name}={hashlib.sha256(part.encode()).hexdigest()[:12]}" for name, part in parts.items())
 
 
 def cache_groups():
@@ -315,11 +315,12 @@ def load_cache(path):
     cache = triton.knobs.cache.dir
     with tarfile.open(path, "r|xz") as tar:  # (read as a stream: one pass, the fingerprint first)
         label = tar.extractfile(tar.next()).read().decode().strip()
-        target, packed = label.split()[:2]
-        here = fingerprint(int(target.removeprefix("sm_")))
+        target, *packed = label.split(" (")[0].split()  # ("sm_90", ["triton=...", "backend=...", ...])
+        here = fingerprint(int(target.removeprefix("sm_"))).split()
         if packed != here:
-            print(f"{path} NOT used: compiled for {label}; this machine's for {target} is {here} "
-                  f"(Python {sys.version.split()[0]}, triton {triton.__version__})")
+            differ = ", ".join(h.split("=")[0] for h, p in zip(here, packed) if h != p)
+            print(f"{path} NOT used, another {differ} here ({' '.join(here)}: Python "
+                  f"{sys.version.split()[0]}, triton {triton.__version__}); it was compiled for {label}")
             return
         os.makedirs(cache, exist_ok=True)
         entries = set()
