@@ -260,7 +260,8 @@ def compile_one(job):
     seconds = time.perf_counter() - started
     ptx = compiled.asm.get("ptx", "")
     if "st.global" not in ptx:  # every launch writes its output: the compiler left a trap instead
-        return {"error": "compiled to a kernel that writes nothing" + (" (a trap)" if "trap;" in ptx else "")}
+        return {"seconds": seconds,
+                "error": "compiled to a kernel that writes nothing" + (" (a trap)" if "trap;" in ptx else "")}
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "warps": compiled.metadata.num_warps,
             **_resources(compiled.asm["cubin"])}
@@ -447,7 +448,8 @@ def main(argv=None):
     ok = [r for r in results if "error" not in r]
     spilled = [(job, r) for job, r in zip(jobs, results) if r.get("local")]
     total = sum(r["seconds"] for r in ok)
-    found = len(ok) - sum(groups.get(path) != written for path, written in cache_groups().items())
+    # (of the jobs that compiled, failed checks after the compiler included)
+    found = sum("seconds" in r for r in results) - sum(groups.get(p) != t for p, t in cache_groups().items())
     print(f"compiled {len(ok)} of {len(jobs)} in {elapsed:.1f} s ({total:.1f} s of compiler time, "
           f"{total / max(len(ok), 1):.2f} s each); {len(failed)} failed; {len(spilled)} spill registers; "
           f"{found} found in Triton's cache")
