@@ -34,9 +34,10 @@
 #         each in full) on this machine's CPUs into an empty Triton cache, packed into
 #         build/triton-cache.tar.xz (14 minutes and 31 MiB on this project's 2-core machine).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
-#         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU machine's Python (minor
-#         version), torch and Triton (PYTHON=...): a cache key holds Triton's build, which differs
-#         between Python versions, and a pack whose fingerprint is not the machine's is not used.
+#         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
+#         machine's Python (minor version), torch and Triton (PYTHON=...): a cache key holds
+#         Triton's build, which differs between Python versions, and a pack whose fingerprint is
+#         not the machine's is not used.
 #
 # Each step has its own time limit and the steps after it run whatever happens to it; the
 # benchmark writes what it measured even when its limit stops it. The whole run ends within
