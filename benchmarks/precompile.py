@@ -3,6 +3,7 @@
     python -m benchmarks.precompile [--jobs N] [--arch 90] [--sms 132] [--smem 227] [--report FILE] [--variants]
         [--host] [--shapes ...] [--tokens ...] [--ranks ...] [--dtypes bf16,...] [--tf32] [--dropout P] [--trainable-base]
     python -m benchmarks.precompile --save-cache FILE.tar.xz [--arch 90]  |  --load-cache FILE.tar.xz
+    LORA_KERNELS_AUTOTUNE=0 python -m benchmarks.precompile --launches-from FILE   (after pytest --record-launches FILE)
 
 It runs the layer's forward and backward for the benchmark sweep's configurations (the same
 defaults as ``benchmarks.run`` on a GPU) on CPU placeholders, intercepts every kernel launch, and
@@ -30,6 +31,8 @@ loaded only where its fingerprint matches.
 
 The launches are recorded with the arguments the GPU run will pass (sizes, strides, dtypes, the
 split count for ``--sms`` SMs), so the compiled specializations are the ones it will look up.
+``--launches-from`` takes the test suite's instead, recorded by ``pytest --record-launches FILE``
+in a run under the interpreter (``recording_launches``): the GPU run's test shards' kernels.
 """
 
 import argparse
@@ -41,26 +44,24 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from unittest import mock
 
-# The kernels must be imported for the GPU (autotuned configs), never for Triton's interpreter.
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    raise SystemExit("benchmarks.precompile compiles for a GPU: unset TRITON_INTERPRET")
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+from lora_kernels import functional, kernels
 
-from lora_kernels import functional, kernels  # noqa: E402
-
-from .run import GPU_RANKS, GPU_SHAPES, GPU_TOKENS, _ints, _shapes, plan  # noqa: E402
+from .run import GPU_RANKS, GPU_SHAPES, GPU_TOKENS, _ints, _shapes, plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # H100 and H200 (SXM) both have 132 SMs; the split count of dA and dB depends on it.
@@ -102,6 +103,17 @@ class _Recorder:
         return launch
 
 
+@contextlib.contextmanager
+def launched_on(recorder, sms, arch):
+    """The package's launches made as on the target GPU (its SM count, TMA from sm_90, the GPU's
+    split chunk), each recorded by ``recorder`` in place of the kernel: nothing runs."""
+    with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
+            mock.patch.object(kernels, "_num_sms", lambda device: sms), \
+            mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), \
+            mock.patch.object(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK):
+        yield
+
+
 def _spec(value):
     # What Triton specializes an argument on (kernels._arg_class): a number's class, a pointer's
     # dtype (recorded in place of its tensor, see _Recorder), a constexpr's value.
@@ -118,9 +130,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     seed = torch.tensor(12345) if dropout > 0 else None
     fuse_options = ("0", "1") if variants else (functional.FUSE_SHRINK,)
     needs = [True, trainable_base, trainable_base, True, True]
-    with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
-            mock.patch.object(kernels, "_num_sms", lambda device: sms), \
-            mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), torch.no_grad():
+    with launched_on(recorder, sms, arch), torch.no_grad():
         for (K, N, M, r), dtype, fuse in itertools.product(configs, dtypes, fuse_options):
             # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
             x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
@@ -161,14 +171,62 @@ def record_host(dtypes, sms, arch):
     from .variants import host_pieces
 
     recorder = _Recorder()
-    with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
-            mock.patch.object(kernels, "_num_sms", lambda device: sms), \
-            mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), \
-            mock.patch.object(functional, "select_backend", lambda *args: "triton"):
+    with launched_on(recorder, sms, arch), mock.patch.object(functional, "select_backend", lambda *args: "triton"):
         for dtype in dtypes:
             for fn in host_pieces(dtype, torch.device("cpu")).values():
                 fn()
     return recorder.launches
+
+
+@contextlib.contextmanager
+def recording_launches(sms=HOPPER_SMS, arch=90):
+    """For ``pytest --record-launches FILE`` (tests/conftest.py), in a run under Triton's
+    interpreter: inside, every launch is also recorded as it would be made on the target GPU,
+    where more of the suite's layer calls take the kernels: those of backend auto (the GPU run sets
+    no LORA_KERNELS_TORCH_BELOW) and in bf16 (which the interpreter computes wrong). Each call
+    still computes as it would here. Yields the list of launches it fills."""
+    recorder = _Recorder()
+    matmul, forward, backward = kernels.lora_matmul, functional._forward_impl, functional._backward_impl
+    # One call at a time (DataParallel's threads): the target's patches are module globals, which
+    # another thread's launch must neither see nor restore out of turn.
+    lock = threading.RLock()
+
+    def recording(*args, **kwargs):  # a launch here, recorded as the GPU makes it, then run
+        with lock:
+            with launched_on(recorder, sms, arch):
+                matmul(*args, **kwargs)
+            return matmul(*args, **kwargs)
+
+    def as_on_the_gpu(impl):  # the layer's eager forward and backward (their last argument: the backend)
+        def call(*args):
+            asked = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+            if args[-1] == "torch" and asked != "torch":  # (here the PyTorch path, on a GPU the kernels)
+                with lock, launched_on(recorder, sms, arch), mock.patch.object(kernels, "lora_matmul", matmul):
+                    impl(*args[:-1], "triton")
+            return impl(*args)
+        return call
+
+    with mock.patch.object(kernels, "lora_matmul", recording), \
+            mock.patch.object(functional, "_forward_impl", as_on_the_gpu(forward)), \
+            mock.patch.object(functional, "_backward_impl", as_on_the_gpu(backward)):
+        yield recorder.launches
+
+
+def kind(launch):
+    """A launch's arguments but its floats (no part of a kernel's specialization; scales vary) and
+    its flags, as text: two launches of one kind compile the same kernels."""
+    args, kwargs = launch
+    return repr((tuple(None if type(a) is float else a for a in args), sorted((k, str(v)) for k, v in kwargs.items())))
+
+
+def save_launches(path, launches):
+    """Write ``launches`` (as ``record`` returns them) to ``path``, each kind once (--launches-from)."""
+    kinds = {}
+    for launch in launches:
+        kinds.setdefault(kind(launch), launch)
+    with open(path, "wb") as f:
+        pickle.dump(list(kinds.values()), f)
+    return len(kinds)
 
 
 def jobs_for(launches):
@@ -383,6 +441,9 @@ def main(argv=None):
                         "candidates (in this process, through the autotuner, its timings stubbed out); "
                         "use an empty TRITON_CACHE_DIR")
     p.add_argument("--launches", type=int, help="only the first N of the launches recorded")
+    p.add_argument("--launches-from", metavar="FILE",
+                   help="instead of the sweep's, the launches `pytest --record-launches FILE` recorded (the test "
+                        "suite's; with LORA_KERNELS_AUTOTUNE=0, as the GPU run's tests, its one fixed config)")
     p.add_argument("--report", metavar="FILE", help="write the per-config table (markdown) here")
     p.add_argument("--save-cache", metavar="FILE.tar.xz", help="instead, pack Triton's cache for the --arch target")
     p.add_argument("--load-cache", metavar="FILE.tar.xz",
@@ -393,6 +454,8 @@ def main(argv=None):
     if args.load_cache:
         load_cache(args.load_cache)  # (not used is no failure: the compiles then happen here)
         return 0
+    if kernels.INTERPRET:  # (the kernels would have the interpreter's one config)
+        p.error("compiles for a GPU: unset TRITON_INTERPRET")
 
     cuda = torch.cuda.is_available()
     arch = args.arch or (int("%d%d" % torch.cuda.get_device_capability()) if cuda else 90)
@@ -403,16 +466,23 @@ def main(argv=None):
         save_cache(args.save_cache, arch)
         return 0
     configs, _ = plan(args.shapes, args.tokens, args.ranks, args.full_product)
+    source = f"the launches in {args.launches_from}" if args.launches_from else f"{len(configs)} configurations"
     started = time.perf_counter()
     with _as_target(smem, arch):
-        launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
-                          dropout=args.dropout, variants=args.variants, tf32=args.tf32,
-                          adapter_dtype=args.adapter_dtype)
+        if args.launches_from:
+            with open(args.launches_from, "rb") as f:
+                launches = pickle.load(f)
+            if not launches:  # (a recording that failed to record is no empty success)
+                p.error(f"{args.launches_from} holds no launches")
+        else:
+            launches = record(configs, args.dtypes, sms, arch, trainable_base=args.trainable_base,
+                              dropout=args.dropout, variants=args.variants, tf32=args.tf32,
+                              adapter_dtype=args.adapter_dtype)
         if args.host:
             launches += record_host(args.dtypes, sms, arch)
         launches = launches[:args.launches]
         jobs = jobs_for(launches)[:args.limit]
-    print(f"{len(configs)} configurations: {len(launches)} launches, {len(jobs)} (launch, config) "
+    print(f"{source}: {len(launches)} launches, {len(jobs)} (launch, config) "
           f"compiles for sm_{arch}" + ("" if args.first_step else f", {args.jobs} processes"), flush=True)
     if args.first_step:
         cache = triton.knobs.cache.dir
@@ -457,7 +527,7 @@ def main(argv=None):
         print("FAILED", *describe(*job), r["error"])
     if args.report:
         lines = [f"# Ahead-of-time compile for sm_{arch}, triton {triton.__version__}", "",
-                 f"{len(jobs)} (launch, config) pairs from {len(configs)} configurations of the sweep; "
+                 f"{len(jobs)} (launch, config) pairs from {source}; "
                  f"{elapsed:.1f} s with {args.jobs} processes; {found} found in Triton's cache (their compile s "
                  "is a load's).", "",
                  "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA | warps |",

@@ -31,8 +31,10 @@
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
-#         each in full) on this machine's CPUs into an empty Triton cache, packed into
-#         build/triton-cache.tar.xz (14 minutes and 31 MiB on this project's 2-core machine).
+#         each in full), and the test shards' kernels (their files run under the interpreter,
+#         recording each launch as the GPU would make it), on this machine's CPUs into an empty
+#         Triton cache, packed into build/triton-cache.tar.xz (18.5 minutes, 2,187 kernels and
+#         42 MiB on this project's 2-core machine).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
 #         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
 #         machine's Python (minor version), torch and Triton (PYTHON=...): a cache key holds
@@ -176,8 +178,9 @@ if has check all tests; then
   # compiles other tiles)
   # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
   # (at most 60 s), the dropout one an eighth (at most 30 s) and only from 240 s. They run beside
-  # the other shards, which use one fixed config they do not compile: only test_autotune_configs'
-  # shards wait for them (before, every shard did, losing up to a quarter of the window).
+  # the other shards, which use one fixed config (and find its kernels in a carried pack, cache
+  # mode below): only test_autotune_configs' shards wait for them (before, every shard did,
+  # losing up to a quarter of the window).
   left=$(( deadline - $(date +%s) ))
   pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))
   precompile_tests() {
@@ -198,7 +201,8 @@ if has check all tests; then
   # (The two longest files in slices, tests/conftest.py's --shard: in the fourth run
   # test_lora_linear.py, whole, was stopped at its limit of 239 s at 84%, and
   # test_autotune_configs.py took 204 s, where the other shards were done in 85-132 s. A shard
-  # compiles its kernels one at a time, on one core: eight shards use half of the host's 16.
+  # compiles the kernels a carried pack lacks one at a time, on one core: eight shards use half
+  # of the host's 16.
   # test_gpu.py before test_compile.py: the GPU-only tests first, should the limit stop the shard.)
   shards=("tests/test_lora_linear.py --shard 0/3" "tests/test_lora_linear.py --shard 1/3"
           "tests/test_lora_linear.py --shard 2/3"
@@ -286,6 +290,19 @@ if has perf; then
 fi
 
 if [ "$what" = cache ]; then
+  # The test shards' own kernels: tests mode runs them with one fixed config
+  # (LORA_KERNELS_AUTOTUNE=0), compiled one at a time as each shard meets them, most of a shard's
+  # time on the GPU. So the shards' files (not test_autotune_configs.py, precompiled above) run
+  # here under the interpreter, recording each launch as the GPU would make it, and those compile.
+  recorded=""; for f in $all_files; do [[ "$skipped_files tests/test_autotune_configs.py " == *" $f "* ]] || recorded+=" $f"; done
+  t0=$(date +%s)
+  TRITON_INTERPRET=1 "$PY" -m pytest $recorded -q -p no:cacheprovider --record-launches "$W/test-launches.pkl" \
+    > "$W/record-tests.log" 2>&1
+  rc=$?
+  echo "- record-tests: exit $rc in $(( $(date +%s) - t0 )) s; $(tail -n 1 "$W/record-tests.log")" | tee -a "$W/steps.md"
+  (( rc <= 1 )) || status=1  # (a failed test still recorded its launches up to the failure)
+  LORA_KERNELS_AUTOTUNE=0 step precompile-test-shards 0 "$PY" -m benchmarks.precompile \
+    --launches-from "$W/test-launches.pkl"
   mkdir -p "$(dirname "$CARRIED")"
   "$PY" -m benchmarks.precompile --save-cache "$CARRIED" 2>&1 | tee -a "$W/steps.md" || status=1
 fi

@@ -85,6 +85,26 @@ kernels._launch = _launch_counted
 def pytest_addoption(parser):
     parser.addoption("--shard", metavar="I/N", help="run only the I-th of N consecutive slices of the collected "
                      "tests (0-based): scripts/gpu_check.sh runs a long file in parallel processes this way")
+    parser.addoption("--record-launches", metavar="FILE", help="(under the interpreter) also record every kernel "
+                     "launch as a Hopper GPU would make it, into FILE, for `python -m benchmarks.precompile "
+                     "--launches-from FILE`: scripts/gpu_check.sh's cache mode compiles the GPU run's tests' kernels")
+
+
+def pytest_configure(config):
+    path = config.getoption("--record-launches")
+    if not path:
+        return
+    if not kernels.INTERPRET:
+        raise pytest.UsageError("--record-launches records a GPU's launches from a run under TRITON_INTERPRET=1")
+    from benchmarks import precompile
+    recording = precompile.recording_launches()  # (for the whole run)
+    launches = recording.__enter__()
+
+    def save():
+        recording.__exit__(None, None, None)
+        print(f"\nrecorded {precompile.save_launches(path, launches)} kinds of launch ({len(launches)} launches) "
+              f"into {path}")
+    config.add_cleanup(save)
 
 
 def pytest_collection_modifyitems(config, items):

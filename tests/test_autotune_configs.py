@@ -94,7 +94,7 @@ def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):
     autotuner's); return the spy."""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
-    monkeypatch.setattr(kernels, "SPLIT_CHUNK", 256)  # the GPU's: every BLOCK_K divides it
+    monkeypatch.setattr(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK)  # every BLOCK_K divides it
     spy = EveryConfig(kernels._lora_matmul_kernel, dtype, configs or kernels.hopper_configs())
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.

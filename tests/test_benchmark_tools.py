@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("matplotlib")
 
 from benchmarks import measure, providers, report, run, targets  # noqa: E402
+from conftest import TOL, make_inputs, reference, rel_err, use_triton  # noqa: E402
+from lora_kernels import functional, kernels  # noqa: E402
 
 
 def _rows(times, K=4096, N=1024, M=8192, r=16):
@@ -179,8 +181,8 @@ def test_a_nan_in_any_gradient_fails_the_check(tmp_path, monkeypatch):
     assert all(r["ms"] is None for r in rows if r["provider"] == "fused")
 
 
-# Scripts run in a subprocess: precompile refuses the interpreter, which these tests run under
-# without a GPU; autotuned, as the variants step is. JOBS keys compile jobs as precompile.jobs_for
+# Scripts run in a subprocess: the kernels must not be imported for the interpreter, which these
+# tests run under without a GPU; autotuned, as the variants step is. JOBS keys compile jobs as precompile.jobs_for
 # tells them apart, each with its (use, sizes).
 JOBS = r"""
 import torch
@@ -234,10 +236,7 @@ class Recorder(precompile._Recorder):  # with the candidates, which variants.wit
     configs, cache = kernels._lora_matmul_kernel.configs, {}
 
 recorder = Recorder()
-with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \\
-        mock.patch.object(kernels, "_num_sms", lambda device: 132), \\
-        mock.patch.object(kernels, "_tma_available", lambda device: True), \\
-        mock.patch.object(functional, "select_backend", lambda *args: "triton"):
+with precompile.launched_on(recorder, 132, 90), mock.patch.object(functional, "select_backend", lambda *args: "triton"):
     for name, (kind, run) in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).items():
         if "warp-specialized" not in name:
             run()
@@ -260,6 +259,62 @@ print(pointer_dtypes(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 13
       pointer_dtypes(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90)))
 """)
     assert out == "['torch.bfloat16', 'torch.float32'] ['torch.bfloat16']", out
+
+
+def test_the_suites_launches_are_recorded_as_a_gpu_makes_them(monkeypatch):
+    """`pytest --record-launches` (scripts/gpu_check.sh cache) records, under the interpreter, the
+    launches the GPU run's tests will make, for their kernels to be compiled beforehand: a layer
+    call on the kernels, and those that take the PyTorch path here and the kernels on a GPU (bf16,
+    backend auto), recorded as `precompile.record` records them without the interpreter, argument
+    for argument; each call computed as it would be here all the same."""
+    pytest.importorskip("triton")
+    from benchmarks import precompile
+
+    calls = ((torch.float32, "triton"), (torch.bfloat16, "triton"), (torch.float32, "auto"))
+    gpu = run_jobs_script(f"""
+import json
+launches = precompile.record([(64, 48, 600, 16)], [{", ".join(str(dtype) for dtype, _ in calls)}], 132, 90,
+                            trainable_base=True)
+print(json.dumps(sorted(map(precompile.kind, launches))))
+""")
+    use_triton(monkeypatch)  # (the buffers the kernels write poisoned)
+    with precompile.recording_launches() as launches:
+        for dtype, backend in calls:
+            monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
+            inputs = [t.requires_grad_() for t in make_inputs((600,), 64, 48, 16, dtype, seed=3)]
+            y = functional.lora_linear(*inputs, 2.0)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            y_ref, grads_ref = reference(*inputs, 2.0, dy)
+            for got, want in zip((y, *(t.grad for t in inputs)), (y_ref, *grads_ref)):
+                assert rel_err(got, want) < TOL[dtype]
+    assert sorted(map(precompile.kind, launches)) == json.loads(gpu)
+    assert len(launches) == 3 * 4  # (each call: y with S, dX with dS (the shrink fused at this size), dA with dB, dW)
+
+
+def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
+    """`pytest --record-launches FILE` (scripts/gpu_check.sh cache) records each kind of launch of
+    the tests it ran, to the run's end, and nothing where a test runs the PyTorch path on the GPU
+    too (LORA_KERNELS_BACKEND=torch, the `torch` parametrization)."""
+    pytest.importorskip("triton")
+    import pickle
+
+    from benchmarks import precompile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recorded = {}
+    for backend in ("torch", "triton"):
+        path = tmp_path / f"{backend}.pkl"
+        done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lora_linear.py", "-q", "-p", "no:cacheprovider",
+                               "-k", f"test_matches_reference_fp32 and {backend}", "--record-launches", str(path)],
+                              cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(path, "rb") as f:
+            recorded[backend] = pickle.load(f)
+    assert recorded["torch"] == []
+    kinds = {precompile.kind(launch) for launch in recorded["triton"]}
+    assert len(kinds) == len(recorded["triton"]) >= 8, len(recorded["triton"])  # (each shape: S, y, dS with dX, ...)
 
 
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
@@ -305,7 +360,6 @@ def test_fused_dropout_check_on_the_triton_backend(monkeypatch):
     """The same check on the kernels' own mask (kernels.keep_mask), as on a GPU: here through
     Triton's interpreter, on CPU tensors."""
     from benchmarks import measure
-    from lora_kernels import functional, kernels
 
     if not kernels.INTERPRET:
         pytest.skip("Triton on CPU tensors needs the interpreter (the GPU run checks it in benchmarks.run)")
@@ -328,7 +382,6 @@ def test_fused_torch_runs_the_pytorch_path_where_fused_runs_the_kernels(monkeypa
     (here the interpreter's, set up as a GPU's would be), forward and backward, checked with its own
     dropout mask; the backend setting is put back after each call; and without a GPU it is not
     in the default sweep, whose fused already runs that path."""
-    from lora_kernels import functional, kernels
 
     if not kernels.INTERPRET:
         pytest.skip("Triton on CPU tensors needs the interpreter")
@@ -465,7 +518,6 @@ def test_fused_torch_is_timed_in_turn_between_the_two_fused(tmp_path, monkeypatc
 def test_fused_routed_runs_with_the_threshold_set_for_its_calls_alone(monkeypatch):
     """`fused-routed` is `fused` with functional.TORCH_BELOW at ROUTED_BELOW during its calls (the
     backend's choice reads it, with the layer's out features), and as before after them."""
-    from lora_kernels import functional
     seen = []
     real = functional.select_backend
 
@@ -563,7 +615,6 @@ def test_host_overhead_takes_a_direct_launch_apart(monkeypatch):
     and the eager step with every launch stubbed out. Stand-in compiled kernels record their calls:
     only the two kernel.run rows may reach a real one, and only the launch's own."""
     from benchmarks import host_overhead
-    from lora_kernels import kernels
 
     class Kernel:  # a compiled kernel as the direct path calls it
         function, packed_metadata = "function", "metadata"
@@ -773,7 +824,6 @@ def test_variants_rows_without_the_deep_tiles_tune_apart(monkeypatch):
     the thin outputs' deep tiles, with choices and compiled kernels of their own, kept from call to
     call, and leave the layer's candidates, choices and kernels as they were."""
     from benchmarks import variants
-    from lora_kernels import kernels
     all_configs = kernels.hopper_configs()
     deep = [c for c in all_configs if c.kwargs["BLOCK_K"] >= kernels.DEEP_K]
     assert deep and all(c.kwargs["BLOCK_N"] <= kernels.THIN_N for c in deep)
@@ -877,7 +927,6 @@ def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch)
     against float64, every buffer its kernels write poisoned first."""
     from benchmarks import variants
     from conftest import TOL, make_inputs, reference, rel_err, use_triton  # (inputs on the suite's DEVICE)
-    from lora_kernels import functional, kernels
     use_triton(monkeypatch)
     x, W, b, A, B = make_inputs((24,), 40, 32, 4, torch.float32, seed=3)
     dy = torch.randn(24, 32, generator=torch.Generator().manual_seed(4)).to(x.device)
@@ -1055,7 +1104,6 @@ def test_fused_routed_threshold_routes_what_its_comment_says(monkeypatch):
     """ROUTED_BELOW sends to the PyTorch path every Llama-3-8B projection at 2048 tokens, and k and
     v at 8192, and nothing else (the third H200 run's crossover), by the layer's own rule."""
     from benchmarks import model_step
-    from lora_kernels import functional
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
     routed = set()
     with providers._patched(vars(functional), "TORCH_BELOW", providers.ROUTED_BELOW):
@@ -1248,10 +1296,11 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
         "max err": "1.0e-07", "status": "ok"}
 
 
-# Stands in for python3 in scripts/gpu_check.sh: logs each call (with the one switch the script
-# sets for some precompiles) and succeeds at once.
+# Stands in for python3 in scripts/gpu_check.sh: logs each call (with the switches the script sets
+# for some steps) and succeeds at once.
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "WARP_SPEC=${LORA_KERNELS_WARP_SPEC:-} $*" >> "$CALLS"
+echo "WARP_SPEC=${LORA_KERNELS_WARP_SPEC:-} AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" \\
+  >> "$CALLS"
 """
 
 
@@ -1262,8 +1311,8 @@ def _gpu_check_calls(tmp_path, mode):
     fake.chmod(0o755)
     pack = tmp_path / "pack.tar.xz"
     pack.write_bytes(b"")  # (only its presence counts: the stand-in python reads nothing)
-    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"),
-           "GPU_CHECK_CACHE": str(pack)}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # (as on the GPU machine)
+           "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack)}
     done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -1274,16 +1323,27 @@ def _gpu_check_calls(tmp_path, mode):
 
 def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     """`gpu_check.sh cache` (no GPU) compiles every kernel that the perf and tests modes precompile,
-    with the same switches, and packs them; those modes unpack the pack first. Not the first-step
-    timing, whose point is an empty cache."""
+    with the same switches, and the test shards' kernels: it records the launches of the shards'
+    files (but test_autotune_configs', which its own precompile covers) under the interpreter and
+    compiles them with the fixed config the shards run with. Then it packs them; those modes unpack
+    the pack first. Not the first-step timing, whose point is an empty cache."""
     cache, pack = _gpu_check_calls(tmp_path, "cache")
     gpu = []
     for mode in ("perf", "tests"):
         calls, _ = _gpu_check_calls(tmp_path, mode)
-        assert calls[0] == f"WARP_SPEC= -m benchmarks.precompile --load-cache {pack}", calls[:3]
+        assert calls[0] == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --load-cache {pack}", calls[:3]
         gpu += calls
     wanted = {c for c in gpu if " -m benchmarks.precompile " in c and "--first-step" not in c
               and "--load-cache" not in c}
-    assert len(wanted) >= 5 and set(cache[:-1]) == wanted and len(cache) - 1 == len(wanted), (cache, wanted)
+    *precompiles, record, shards_kernels, save = cache
+    assert len(wanted) >= 5 and set(precompiles) == wanted and len(precompiles) == len(wanted), (cache, wanted)
+    assert save == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --save-cache {pack}"
+    launches = re.fullmatch(r"WARP_SPEC= AUTOTUNE= INTERPRET=1 -m pytest (.*) -q -p no:cacheprovider "
+                            r"--record-launches (\S+)", record)
+    assert launches and shards_kernels == ("WARP_SPEC= AUTOTUNE=0 INTERPRET= -m benchmarks.precompile "
+                                           f"--launches-from {launches[2]}"), (record, shards_kernels)
+    shards = [c for c in calls if " -m pytest " in c and "test_autotune_configs" not in c]  # (tests mode's)
+    assert all(c.startswith("WARP_SPEC= AUTOTUNE=0 INTERPRET= ") for c in shards), shards
+    files = {f for c in shards for f in c.split() if f.startswith("tests/")}
+    assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
     assert any(c.startswith("WARP_SPEC=1 ") for c in wanted)  # (the switch is part of what is compiled)
-    assert cache[-1] == f"WARP_SPEC= -m benchmarks.precompile --save-cache {pack}"

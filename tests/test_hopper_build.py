@@ -21,8 +21,12 @@ import tarfile
 
 import pytest
 
+import torch
+
 pytest.importorskip("triton")
-from lora_kernels import kernels  # noqa: E402
+from benchmarks.precompile import recording_launches, save_launches  # noqa: E402
+from conftest import make_inputs  # noqa: E402
+from lora_kernels import functional, kernels  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -104,7 +108,9 @@ def test_a_packed_cache_is_found_where_it_is_unpacked(tmp_path):
     """``scripts/gpu_check.sh cache``: kernels compiled here, packed (``--save-cache``) and unpacked
     into another cache directory (``--load-cache``, as on the GPU machine), are found there, not
     compiled again: their group files, which name the entry's files by absolute path, are pointed
-    at the new place. A pack whose fingerprint is not the machine's is not unpacked."""
+    at the new place. The same layer call's launches recorded in a run under the interpreter (the
+    test shards', ``pytest --record-launches``) find them too. A pack whose fingerprint is not the
+    machine's is not unpacked."""
     args = ("--shapes", "64x48", "--tokens", "128", "--ranks", "16", "--dtypes", "fp16", "--jobs", "2")
     fixed = {"LORA_KERNELS_AUTOTUNE": "0"}
     out = precompile(tmp_path / "here", *args, **fixed)
@@ -119,6 +125,13 @@ def test_a_packed_cache_is_found_where_it_is_unpacked(tmp_path):
     assert "unpacked" in precompile(tmp_path / "there", "--load-cache", str(pack))
     out = precompile(tmp_path / "there", *args, **fixed)
     assert f"; {compiled} found in Triton's cache" in out, out
+    with recording_launches() as launches:  # (backend auto: here the PyTorch path, on the GPU the kernels)
+        x, W, b, A, B = make_inputs((128,), 64, 48, 16, torch.float16)
+        y = functional.lora_linear(x.requires_grad_(), W, b, A.requires_grad_(), B.requires_grad_(), 2.0)
+        y.backward(torch.randn_like(y))  # (not .sum()'s: its gradient, expanded, has strides of 0)
+    save_launches(tmp_path / "launches.pkl", launches)
+    out = precompile(tmp_path / "there", "--launches-from", str(tmp_path / "launches.pkl"), **fixed)
+    assert f" {compiled} (launch, config) compiles" in out and f"; {compiled} found in Triton's cache" in out, out
 
     other = tmp_path / "other.tar.xz"  # the same kernels, said to be from another Triton build
     with tarfile.open(pack) as tar, tarfile.open(other, "w:xz") as out_tar:
