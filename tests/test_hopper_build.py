@@ -20,7 +20,6 @@ import sys
 import tarfile
 
 import pytest
-
 import torch
 
 pytest.importorskip("triton")
