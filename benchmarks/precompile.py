@@ -103,6 +103,10 @@ class _Recorder:
         return launch
 
 
+def _unseen_empty(shape, device, dtype):  # (not through a test's spy on kernels._empty, which counts buffers)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 @contextlib.contextmanager
 def launched_on(recorder, sms, arch):
     """The package's launches made as on the target GPU (its SM count, TMA from sm_90, the GPU's
@@ -110,7 +114,8 @@ def launched_on(recorder, sms, arch):
     with mock.patch.object(kernels, "_lora_matmul_kernel", recorder), \
             mock.patch.object(kernels, "_num_sms", lambda device: sms), \
             mock.patch.object(kernels, "_tma_available", lambda device: arch >= 90), \
-            mock.patch.object(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK):
+            mock.patch.object(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK), \
+            mock.patch.object(kernels, "_empty", _unseen_empty):
         yield
 
 
@@ -181,14 +186,17 @@ def record_host(dtypes, sms, arch):
 @contextlib.contextmanager
 def recording_launches(sms=HOPPER_SMS, arch=90):
     """For ``pytest --record-launches FILE`` (tests/conftest.py), in a run under Triton's
-    interpreter: inside, every launch is also recorded as it would be made on the target GPU,
-    where more of the suite's layer calls take the kernels: those of backend auto (the GPU run sets
-    no LORA_KERNELS_TORCH_BELOW) and in bf16 (which the interpreter computes wrong). Each call
-    still computes as it would here. Yields the list of launches it fills."""
+    interpreter: inside, every call of ``kernels.lora_matmul`` is also recorded as the target GPU
+    would launch it, and so is the Triton path of the layer's eager forward and backward where they
+    take the PyTorch path here and the kernels on a GPU: backend auto (the GPU run sets no
+    LORA_KERNELS_TORCH_BELOW) and bf16 (which the interpreter computes wrong). Each call then
+    computes as it would here, but one at a time. What it misses: benchmarks/NOTES.md, twenty-seventh
+    session. Yields the list of launches it fills."""
     recorder = _Recorder()
     matmul, forward, backward = kernels.lora_matmul, functional._forward_impl, functional._backward_impl
     # One call at a time (DataParallel's threads): the target's patches are module globals, which
-    # another thread's launch must neither see nor restore out of turn.
+    # another thread's launch must neither see nor restore out of turn. (So a test of threads
+    # launching at once passes here whatever it checks: the recording run is no verdict.)
     lock = threading.RLock()
 
     def recording(*args, **kwargs):  # a launch here, recorded as the GPU makes it, then run
@@ -199,8 +207,7 @@ def recording_launches(sms=HOPPER_SMS, arch=90):
 
     def as_on_the_gpu(impl):  # the layer's eager forward and backward (their last argument: the backend)
         def call(*args):
-            asked = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-            if args[-1] == "torch" and asked != "torch":  # (here the PyTorch path, on a GPU the kernels)
+            if args[-1] == "torch" and functional.backend_setting() != "torch":  # (on a GPU: the kernels)
                 with lock, launched_on(recorder, sms, arch), mock.patch.object(kernels, "lora_matmul", matmul):
                     impl(*args[:-1], "triton")
             return impl(*args)

@@ -205,15 +205,20 @@ def _host_bound(x, out_features):
             and x.numel() * out_features < TORCH_BELOW and not torch.cuda.is_current_stream_capturing())
 
 
-def select_backend(x, adapter_dtype, out_features=None):
-    """'triton' or 'torch' for these inputs (x: (..., in_features); the layer's ``out_features``),
-    honouring ``LORA_KERNELS_BACKEND`` and, under ``auto``, ``TORCH_BELOW``."""
-    # Unlike the other switches, read on every call: the benchmarks and tests set it around single
-    # calls (benchmarks.providers.torch_path), and a running model can be switched to the PyTorch
-    # path (docs/usage.md says it is read on every call).
+def backend_setting():
+    """``LORA_KERNELS_BACKEND``: auto, triton or torch. Unlike the other switches, read on every
+    call: the benchmarks and tests set it around single calls (benchmarks.providers.torch_path),
+    and a running model can be switched to the PyTorch path (docs/usage.md says so)."""
     choice = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def select_backend(x, adapter_dtype, out_features=None):
+    """'triton' or 'torch' for these inputs (x: (..., in_features); the layer's ``out_features``),
+    honouring ``LORA_KERNELS_BACKEND`` and, under ``auto``, ``TORCH_BELOW``."""
+    choice = backend_setting()
     if choice == "torch" or kernels is None:
         if choice == "triton":
             raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but {_NO_KERNELS}")

@@ -178,8 +178,8 @@ if has check all tests; then
   # compiles other tiles)
   # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
   # (at most 60 s), the dropout one an eighth (at most 30 s) and only from 240 s. They run beside
-  # the other shards, which use one fixed config (and find its kernels in a carried pack, cache
-  # mode below): only test_autotune_configs' shards wait for them (before, every shard did,
+  # the other shards, which use one fixed config (and find the kernels recorded from the suite in a
+  # carried pack, cache mode below): only test_autotune_configs' shards wait for them (before, every shard did,
   # losing up to a quarter of the window).
   left=$(( deadline - $(date +%s) ))
   pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))

@@ -261,6 +261,12 @@ print(pointer_dtypes(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 13
     assert out == "['torch.bfloat16', 'torch.float32'] ['torch.bfloat16']", out
 
 
+# (the recording runs under the interpreter, as gpu_check.sh's cache mode does on a CPU; on a GPU
+# its stand-in kernel would take the place of compiled kernels launched directly)
+_RECORDS_ON_THE_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="records a GPU's launches on the CPU")
+
+
+@_RECORDS_ON_THE_CPU
 def test_the_suites_launches_are_recorded_as_a_gpu_makes_them(monkeypatch):
     """`pytest --record-launches` (scripts/gpu_check.sh cache) records, under the interpreter, the
     launches the GPU run's tests will make, for their kernels to be compiled beforehand: a layer
@@ -292,14 +298,17 @@ print(json.dumps(sorted(map(precompile.kind, launches))))
     assert len(launches) == 3 * 4  # (each call: y with S, dX with dS (the shrink fused at this size), dA with dB, dW)
 
 
+@_RECORDS_ON_THE_CPU
 def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
     """`pytest --record-launches FILE` (scripts/gpu_check.sh cache) records each kind of launch of
-    the tests it ran, to the run's end, and nothing where a test runs the PyTorch path on the GPU
-    too (LORA_KERNELS_BACKEND=torch, the `torch` parametrization)."""
+    the tests it ran, every test's (each shape's rows), and nothing where a test runs the PyTorch
+    path on the GPU too (LORA_KERNELS_BACKEND=torch, the `torch` parametrization). And
+    `benchmarks.precompile` itself refuses to compile under the interpreter."""
     pytest.importorskip("triton")
     import pickle
 
     from benchmarks import precompile
+    from test_lora_linear import SHAPES
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recorded = {}
@@ -314,7 +323,12 @@ def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
             recorded[backend] = pickle.load(f)
     assert recorded["torch"] == []
     kinds = {precompile.kind(launch) for launch in recorded["triton"]}
-    assert len(kinds) == len(recorded["triton"]) >= 8, len(recorded["triton"])  # (each shape: S, y, dS with dX, ...)
+    assert len(kinds) == len(recorded["triton"]), len(recorded["triton"])
+    rows = {args[kernels._lora_matmul_kernel.arg_names.index("M")] for args, _ in recorded["triton"]}
+    assert {math.prod(lead) for lead, *_ in SHAPES} <= rows, rows  # (the forward's M: the tokens)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.precompile", "--limit", "1"], cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr, done.stderr[-2000:]
 
 
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
@@ -1328,13 +1342,11 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     compiles them with the fixed config the shards run with. Then it packs them; those modes unpack
     the pack first. Not the first-step timing, whose point is an empty cache."""
     cache, pack = _gpu_check_calls(tmp_path, "cache")
-    gpu = []
-    for mode in ("perf", "tests"):
-        calls, _ = _gpu_check_calls(tmp_path, mode)
+    gpu = {mode: _gpu_check_calls(tmp_path, mode)[0] for mode in ("perf", "tests")}
+    for calls in gpu.values():
         assert calls[0] == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --load-cache {pack}", calls[:3]
-        gpu += calls
-    wanted = {c for c in gpu if " -m benchmarks.precompile " in c and "--first-step" not in c
-              and "--load-cache" not in c}
+    wanted = {c for calls in gpu.values() for c in calls if " -m benchmarks.precompile " in c
+              and "--first-step" not in c and "--load-cache" not in c}
     *precompiles, record, shards_kernels, save = cache
     assert len(wanted) >= 5 and set(precompiles) == wanted and len(precompiles) == len(wanted), (cache, wanted)
     assert save == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --save-cache {pack}"
@@ -1342,7 +1354,7 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
                             r"--record-launches (\S+)", record)
     assert launches and shards_kernels == ("WARP_SPEC= AUTOTUNE=0 INTERPRET= -m benchmarks.precompile "
                                            f"--launches-from {launches[2]}"), (record, shards_kernels)
-    shards = [c for c in calls if " -m pytest " in c and "test_autotune_configs" not in c]  # (tests mode's)
+    shards = [c for c in gpu["tests"] if " -m pytest " in c and "test_autotune_configs" not in c]
     assert all(c.startswith("WARP_SPEC= AUTOTUNE=0 INTERPRET= ") for c in shards), shards
     files = {f for c in shards for f in c.split() if f.startswith("tests/")}
     assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
