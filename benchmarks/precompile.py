@@ -236,6 +236,40 @@ def save_launches(path, launches):
     return len(kinds)
 
 
+@contextlib.contextmanager
+def compiles_heard():
+    """Inside, every kernel Triton loads from its cache directory or compiles is heard (Triton's
+    compilation listener): yields a list of (the pytest test running, or "", kernel name, its
+    pointer dtypes, seconds, whether it was found in the cache). For ``pytest --report-compiles``:
+    which of the GPU run's tests still compile with a carried pack, and for how long."""
+    heard = []
+
+    def listener(*, src, times, cache_hit, **_):
+        seconds = (times.ir_initialization + sum(t for _, t in times.lowering_stages) + times.store_results) / 1e6
+        # (defensive: a listener that raised would fail the compile, and Inductor's kernels are heard too)
+        pointers = ",".join(sorted({str(t) for t in getattr(src, "signature", {}).values() if str(t).startswith("*")}))
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]  # ("path::name[id] (call)")
+        heard.append((test, src.name, pointers, seconds, cache_hit))
+
+    before, triton.knobs.compilation.listener = triton.knobs.compilation.listener, listener
+    try:
+        yield heard
+    finally:
+        triton.knobs.compilation.listener = before
+
+
+def compiles_report(heard):
+    """``compiles_heard``'s list as markdown: its first line the totals, then a row per compile."""
+    compiled = [h for h in heard if not h[4]]
+    lines = [f"{len(heard) - len(compiled)} kernels found in Triton's cache, {len(compiled)} compiled "
+             f"({sum(h[3] for h in compiled):.1f} s of compiler time)"]
+    if compiled:
+        lines += ["", "| test | kernel | pointers | compile s |", "|---|---|---|---:|"]
+        lines += [f"| {test or '(outside a test)'} | {name} | {pointers} | {seconds:.2f} |"
+                  for test, name, pointers, seconds, _ in compiled]
+    return "\n".join(lines) + "\n"
+
+
 def jobs_for(launches):
     """(launch, config) pairs: every config the autotuner keeps for each launch, deduplicated."""
     tuner = kernels._lora_matmul_kernel

@@ -28,6 +28,8 @@
 #         too, an eighth, at most 30 s, only with 240 s left) beside the eight shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
 #         GPU_CHECK_SECONDS (TESTS_SECONDS, default 400, caps it); for a second call after perf.
+#         Each shard writes tests-I/compiles.md: the kernels it compiled, by test (those a carried
+#         pack lacked), and how many it found in Triton's cache; the summary has each one's totals.
 #   all: check, then variants in whatever is left of the 570 s (none when check used its limits
 #         in full); give the device call timeout_s=600.
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
@@ -217,8 +219,10 @@ if has check all tests; then
   has tests && tests_limit=$(( deadline - $(date +%s) )) && tests_limit=$(( tests_limit < ${TESTS_SECONDS:-400} ? tests_limit : ${TESTS_SECONDS:-400} ))
   shard() {  # shard I: its own -v log; `step` cuts its limit to what is left when it starts
     mkdir -p "$W/tests-$1"
+    # (--report-compiles: the kernels it compiled, by test, where the carried pack lacked them, and
+    # how many it found there)
     OUT="$W/tests-$1" LORA_KERNELS_AUTOTUNE=0 step "tests-$1" "$tests_limit" "$PY" -m pytest ${shards[$1]} -v -rs \
-      -p no:cacheprovider > "$W/tests-$1.step" 2>&1
+      -p no:cacheprovider --report-compiles "$W/tests-$1/compiles.md" > "$W/tests-$1.step" 2>&1
   }
   pids=()
   for i in "${!shards[@]}"; do
@@ -321,6 +325,8 @@ fi
     [ -e "$log" ] || continue
     closing=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s' "$log" | tail -n 1)
     echo "- $(basename "$log" .log): ${closing:-no closing line (stopped?), last test started: $(grep -E '^tests/\S+::' "$log" | tail -n 1)}"
+    compiles="$(dirname "$log")/$(basename "$log" .log)/compiles.md"
+    [ -e "$compiles" ] && echo "  $(head -n 1 "$compiles")"  # (rewritten after each test: a stopped shard's too)
   done
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
   [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows

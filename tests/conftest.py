@@ -88,15 +88,27 @@ def pytest_addoption(parser):
     parser.addoption("--record-launches", metavar="FILE", help="(under the interpreter) also record every kernel "
                      "launch as a Hopper GPU would make it, into FILE, for `python -m benchmarks.precompile "
                      "--launches-from FILE`: scripts/gpu_check.sh's cache mode compiles the GPU run's tests' kernels")
+    parser.addoption("--report-compiles", metavar="FILE", help="write to FILE which kernels Triton compiled in this "
+                     "run, by test, and how many it found in its cache: what the GPU run's test shards still "
+                     "compile with a carried pack")
 
 
 def pytest_configure(config):
-    path = config.getoption("--record-launches")
+    report, path = config.getoption("--report-compiles"), config.getoption("--record-launches")
+    if report or path:
+        from benchmarks import precompile
+    if report:
+        listening = precompile.compiles_heard()  # (for the whole run)
+        COMPILES.update(path=report, heard=listening.__enter__(), written=-1)
+
+        def stop():
+            listening.__exit__(None, None, None)
+            print("\n" + write_compiles().split("\n")[0])
+        config.add_cleanup(stop)
     if not path:
         return
     if not kernels.INTERPRET:
         raise pytest.UsageError("--record-launches records a GPU's launches from a run under TRITON_INTERPRET=1")
-    from benchmarks import precompile
     recording = precompile.recording_launches()  # (for the whole run)
     launches = recording.__enter__()
 
@@ -105,6 +117,25 @@ def pytest_configure(config):
         print(f"\nrecorded {precompile.save_launches(path, launches)} kinds of launch ({len(launches)} launches) "
               f"into {path}")
     config.add_cleanup(save)
+
+
+# --report-compiles: written again after each test that compiled (or found) a kernel, so that a
+# GPU shard stopped by its time limit keeps what it heard.
+COMPILES = {}
+
+
+def write_compiles():
+    from benchmarks import precompile
+    text = precompile.compiles_report(COMPILES["heard"])
+    with open(COMPILES["path"], "w") as f:
+        f.write(text)
+    COMPILES["written"] = len(COMPILES["heard"])
+    return text
+
+
+def pytest_runtest_logfinish():
+    if COMPILES and COMPILES["written"] != len(COMPILES["heard"]):
+        write_compiles()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1311,10 +1311,12 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
 
 
 # Stands in for python3 in scripts/gpu_check.sh: logs each call (with the switches the script sets
-# for some steps) and succeeds at once.
+# for some steps) and succeeds at once, having written a compiles report where one is asked for.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "WARP_SPEC=${LORA_KERNELS_WARP_SPEC:-} AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" \\
   >> "$CALLS"
+[[ " $* " =~ " --report-compiles "([^ ]+) ]] && echo "$* found, 1 compiled" > "${BASH_REMATCH[1]}"
+exit 0
 """
 
 
@@ -1359,3 +1361,18 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     files = {f for c in shards for f in c.split() if f.startswith("tests/")}
     assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
     assert any(c.startswith("WARP_SPEC=1 ") for c in wanted)  # (the switch is part of what is compiled)
+
+
+def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
+    """Each shard of `gpu_check.sh tests` reports the kernels it compiled, where a carried pack
+    lacked them (pytest --report-compiles, into its own folder), and the summary gives each
+    shard's totals under its closing line."""
+    calls, _ = _gpu_check_calls(tmp_path, "tests")
+    shards = [c for c in calls if " -m pytest " in c]
+    reports = [re.search(r" --report-compiles (\S+/tests-(\d+)/compiles\.md)( |$)", c) for c in shards]
+    assert len(shards) == 8 and all(reports) and len({r[2] for r in reports}) == 8, shards
+    summary = (tmp_path / "out-tests" / "summary.md").read_text()
+    for call, report in zip(shards, reports):
+        shard_line = f"- tests-{report[2]}: "
+        following = summary.rsplit(shard_line, 1)[1].split("\n")[1]  # (its closing line, after its step line)
+        assert following == f"  -m {call.split(' -m ', 1)[1]} found, 1 compiled", (following, summary)
