@@ -237,12 +237,20 @@ def save_launches(path, launches):
 
 
 @contextlib.contextmanager
-def compiles_heard():
+def compiles_heard(path=None):
     """Inside, every kernel Triton loads from its cache directory or compiles is heard (Triton's
     compilation listener): yields a list of (the pytest test running, or "", kernel name, its
-    pointer dtypes, seconds, whether it was found in the cache). For ``pytest --report-compiles``:
-    which of the GPU run's tests still compile with a carried pack, and for how long."""
-    heard = []
+    pointer dtypes, seconds, whether it was found in the cache). With ``path``, ``compiles_report``
+    is written there from the start and again after each kernel heard (so a process killed by a
+    time limit keeps all but a compile in progress). For ``pytest --report-compiles``: which of
+    the GPU run's tests still compile with a carried pack, and for how long."""
+    heard, lock = [], threading.Lock()  # (kernels.compile_configs compiles on threads)
+
+    def write():
+        with lock:
+            with open(path + ".part", "w") as f:
+                f.write(compiles_report(heard))
+            os.replace(path + ".part", path)  # (never a half-written report: gpu_check packs it any time)
 
     def listener(*, src, times, cache_hit, **_):
         seconds = (times.ir_initialization + sum(t for _, t in times.lowering_stages) + times.store_results) / 1e6
@@ -250,7 +258,11 @@ def compiles_heard():
         pointers = ",".join(sorted({str(t) for t in getattr(src, "signature", {}).values() if str(t).startswith("*")}))
         test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]  # ("path::name[id] (call)")
         heard.append((test, src.name, pointers, seconds, cache_hit))
+        if path:
+            write()
 
+    if path:
+        write()
     before, triton.knobs.compilation.listener = triton.knobs.compilation.listener, listener
     try:
         yield heard
@@ -259,7 +271,9 @@ def compiles_heard():
 
 
 def compiles_report(heard):
-    """``compiles_heard``'s list as markdown: its first line the totals, then a row per compile."""
+    """``compiles_heard``'s list as markdown: its first line the totals, then a row per compile
+    (compiler seconds per kernel: kernels compiled on threads at once add up to more than the wall time)."""
+    heard = list(heard)  # (one snapshot: other threads may append)
     compiled = [h for h in heard if not h[4]]
     lines = [f"{len(heard) - len(compiled)} kernels found in Triton's cache, {len(compiled)} compiled "
              f"({sum(h[3] for h in compiled):.1f} s of compiler time)"]

@@ -326,7 +326,7 @@ fi
     closing=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s' "$log" | tail -n 1)
     echo "- $(basename "$log" .log): ${closing:-no closing line (stopped?), last test started: $(grep -E '^tests/\S+::' "$log" | tail -n 1)}"
     compiles="$(dirname "$log")/$(basename "$log" .log)/compiles.md"
-    [ -e "$compiles" ] && echo "  $(head -n 1 "$compiles")"  # (rewritten after each test: a stopped shard's too)
+    [ -e "$compiles" ] && echo "  $(head -n 1 "$compiles")"  # (written as kernels are heard: a stopped shard's too)
   done
   for f in "$W"/tests-*/accuracy.md; do [ -e "$f" ] && { echo; echo "### accuracy ($(basename "$(dirname "$f")"))"; cat "$f"; }; done
   [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows

@@ -97,13 +97,13 @@ def pytest_configure(config):
     report, path = config.getoption("--report-compiles"), config.getoption("--record-launches")
     if report or path:
         from benchmarks import precompile
-    if report:
-        listening = precompile.compiles_heard()  # (for the whole run)
-        COMPILES.update(path=report, heard=listening.__enter__(), written=-1)
+    if report:  # (the report is written as kernels are heard: a shard stopped by its time limit keeps it)
+        listening = precompile.compiles_heard(report)  # (for the whole run)
+        heard = listening.__enter__()
 
         def stop():
             listening.__exit__(None, None, None)
-            print("\n" + write_compiles().split("\n")[0])
+            print("\n" + precompile.compiles_report(heard).split("\n")[0])
         config.add_cleanup(stop)
     if not path:
         return
@@ -117,25 +117,6 @@ def pytest_configure(config):
         print(f"\nrecorded {precompile.save_launches(path, launches)} kinds of launch ({len(launches)} launches) "
               f"into {path}")
     config.add_cleanup(save)
-
-
-# --report-compiles: written again after each test that compiled (or found) a kernel, so that a
-# GPU shard stopped by its time limit keeps what it heard.
-COMPILES = {}
-
-
-def write_compiles():
-    from benchmarks import precompile
-    text = precompile.compiles_report(COMPILES["heard"])
-    with open(COMPILES["path"], "w") as f:
-        f.write(text)
-    COMPILES["written"] = len(COMPILES["heard"])
-    return text
-
-
-def pytest_runtest_logfinish():
-    if COMPILES and COMPILES["written"] != len(COMPILES["heard"]):
-        write_compiles()
 
 
 def pytest_collection_modifyitems(config, items):
