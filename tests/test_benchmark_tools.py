@@ -331,6 +331,34 @@ def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr, done.stderr[-2000:]
 
 
+@_RECORDS_ON_THE_CPU
+def test_bf16_tests_record_the_gpus_launches(tmp_path):
+    """The tests of bf16 through the kernels skip under the interpreter, which computes bf16 wrong,
+    but not in a `--record-launches` run: there each records the bf16 launches it makes on a GPU
+    (33 kinds of the suite's, which no other test makes), computing on the PyTorch path."""
+    pytest.importorskip("triton")
+    import pickle
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    selection = ["tests/test_lora_linear.py", "tests/test_training.py", "-q", "-rs", "-p", "no:cacheprovider", "-k",
+                 "triton and bfloat16 and (test_dtypes and 300 or test_fp32_adapters_beside_half_base or test_autocast)"]
+    runs = {}
+    for recording in (False, True):
+        path = tmp_path / "launches.pkl"
+        done = subprocess.run([sys.executable, "-m", "pytest", *selection,
+                               *(["--record-launches", str(path)] if recording else [])],
+                              cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[recording] = re.findall(r"^\d+ (?:passed|skipped).* in [\d.]+s$", done.stdout, re.M)  # (the closing line)
+    assert runs[False] and runs[False][-1].startswith("4 skipped, "), runs[False]
+    assert runs[True] and runs[True][-1].startswith("4 passed, "), runs[True]
+    with open(path, "rb") as f:
+        launches = pickle.load(f)
+    dtypes = {a for args, _ in launches for a in args if isinstance(a, torch.dtype)}
+    assert len(launches) >= 8 and torch.bfloat16 in dtypes, (len(launches), dtypes)
+
+
 def test_fused_with_dropout_is_checked_with_its_mask(tmp_path, monkeypatch):
     """With --dropout, fused and peft are checked against float64 with the mask their call draws
     (drawn again from torch's seed), so a kernel that masks wrong is WRONG, not timed."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, make_inputs, record, reference, rel_err, seed_of_next_call, use_triton
+from conftest import DEVICE, TOL, bf16_through_kernels, make_inputs, record, reference, rel_err, seed_of_next_call, use_triton
 from lora_kernels import functional, kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).
@@ -24,7 +24,7 @@ def dtypes_for(backend):
     # bf16 is tested on the PyTorch path here; Triton's interpreter computes it wrong
     # and the GPU check runs it through the kernels.
     out = [torch.float32, torch.float16, torch.float64]
-    return out + [torch.bfloat16] if backend == "torch" or DEVICE == "cuda" else out
+    return out + [torch.bfloat16] if backend == "torch" or bf16_through_kernels() else out
 
 
 def run(x, W, b, A, B, alpha, train_base=False):
