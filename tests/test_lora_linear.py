@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import DEVICE, TOL, bf16_through_kernels, make_inputs, record, reference, rel_err, seed_of_next_call, use_triton
+from conftest import (DEVICE, TOL, bf16_through_kernels, make_inputs, record, reference, rel_err, seed_of_next_call,
+                      use_triton)
 from lora_kernels import functional, kernels
 
 # Odd sizes that span several 32-wide interpreter tiles; (lead dims, K, N, rank).

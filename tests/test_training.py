@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 import lora_kernels
-from conftest import DEVICE, TOL, backends_with, bf16_through_kernels, make_inputs, reference, rel_err, seed_of_next_call, use_triton
+from conftest import (DEVICE, TOL, backends_with, bf16_through_kernels, make_inputs, reference, rel_err,
+                      seed_of_next_call, use_triton)
 from lora_kernels import functional, kernels
 from test_lora_linear import LaunchSpy
 
