@@ -274,7 +274,7 @@ def test_flop_counter_sees_a_module_run_the_references_calls(backend):
     want_y, want_grads = reference(x, W, b, A, B, 2.0, dy, base_grads=True)
     counts = []
     for cls in (lora_kernels.LinearWithLoRA, seed.LinearWithLoRA):
-        layer = cls(torch.nn.Linear(32, 48, device=DEVICE), 4, 2.0)
+        layer = cls(torch.nn.Linear(32, 48), 4, 2.0).to(DEVICE)  # (the seed makes its adapters on the CPU)
         with torch.no_grad():
             for p, value in zip((layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B), (W, b, A, B)):
                 p.copy_(value)

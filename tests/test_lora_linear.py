@@ -573,7 +573,7 @@ def test_paired_launch(tokens, K, N, r, split, p, dtype_name, out_name, monkeypa
     scale, pair_scale = (0.3, 0.1) if dtype == torch.float64 else (0.5, 2.0)
     dA, dB = kernels.lora_matmul(x.t(), dS, scale=scale, dropout=dropout, pair=(dy.t(), S), pair_scale=pair_scale,
                                  out_dtype=out_dtype, dot_dtype=dtype)
-    keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool)
+    keep = kernels.keep_mask(tokens, K, 1234, p, DEVICE) if p else torch.ones(tokens, K, dtype=torch.bool, device=DEVICE)
     assert rel_err(dA, scale * (x.double() * keep).t() @ dS.double()) < TOL[dtype]
     assert rel_err(dB, pair_scale * S.double().t() @ dy.double()) < TOL[dtype]
     assert dB.shape == (r, N) and dB.is_contiguous() and dB._base is None and dA.shape == (K, r)
