@@ -124,6 +124,20 @@ def _profile(step, calls=300):
     return text.getvalue()
 
 
+class _PassThrough(torch.autograd.Function):
+    """A Python autograd.Function that computes nothing: its step is what the engine and a Python
+    Function cost by themselves (on CUDA the engine runs its backward on a thread of its own, which
+    must take the GIL), the share of the layer's step that no change to its own code can remove."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
     g = torch.Generator(device=device).manual_seed(0)
@@ -157,6 +171,9 @@ def _steps(device, dtype):
         y = providers.AddmmLoRA.apply(x, W, b, A, B, 2.0)
         torch.autograd.grad(y, [x, A, B], dy)
 
+    def passthrough_step():
+        torch.autograd.grad(_PassThrough.apply(x), [x], dy)
+
     def base_forward():  # generation with the adapters unmerged: a forward per token, host-bound on a GPU
         with torch.no_grad():
             torch.nn.functional.linear(x, W, b)
@@ -176,6 +193,7 @@ def _steps(device, dtype):
     baselines = {"lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)": eager_step,
                  "addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)": addmm_step,
                  "F.linear forward+backward": base_step,
+                 "a Python autograd.Function that computes nothing, forward+backward": passthrough_step,
                  "lora_linear forward under no_grad, PyTorch path": eval_forward,
                  "F.linear forward under no_grad": base_forward}
     return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines,

@@ -601,6 +601,8 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     # (and, computed, the same step on the PyTorch path beside the addmm baseline's over the same calls)
     assert "1.0 µs  lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)" in printed
     assert "1.0 µs  addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)" in printed
+    # (and the engine's own cost around a Python Function that computes nothing)
+    assert "1.0 µs  a Python autograd.Function that computes nothing, forward+backward" in printed
     # (and a generation step's forward under no_grad: the layer's, on both paths, F.linear's and peft's)
     for name in ("lora_linear forward under no_grad (evaluation)", "lora_linear forward under no_grad, PyTorch path",
                  "F.linear forward under no_grad", "peft LoRA Linear, fp32 adapters, its own forward under no_grad"):
