@@ -186,12 +186,12 @@ def _read_torch_below(text):
 
 # Eager calls on CUDA whose product has fewer multiply-adds than this (M·N·K: tokens × in × out
 # features) take the PyTorch path: in a small step the host's time, not the GPU's, sets the pace,
-# and cuBLAS calls may cost the host less than Triton launches (not yet measured on a GPU:
-# benchmarks/NOTES.md). Compiled and traced calls keep the kernels (the choice would be fixed in
-# the graph, at one size), as do calls captured in a CUDA graph, whose replays cost no host time
-# per launch.
-# LORA_KERNELS_TORCH_BELOW sets it; 0, the default until a GPU run has measured the crossover,
-# keeps every CUDA call on the kernels.
+# and cuBLAS calls may cost the host less than Triton launches. Compiled and traced calls keep
+# the kernels (the choice would be fixed in the graph, at one size), as do calls captured in a
+# CUDA graph, whose replays cost no host time per launch.
+# LORA_KERNELS_TORCH_BELOW sets it; 0, the default, keeps every CUDA call on the kernels: on an
+# H200's host a training step cost the same on either path, and only a forward under no_grad less
+# (benchmarks/NOTES.md, fifth GPU run).
 TORCH_BELOW = _read_torch_below(os.environ.get("LORA_KERNELS_TORCH_BELOW", "0"))
 
 
