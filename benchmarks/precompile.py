@@ -376,8 +376,7 @@ def compile_one(job):
         return {"seconds": seconds,
                 "error": "compiled to a kernel that writes nothing" + (" (a trap)" if "trap;" in ptx else "")}
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
-            "tma": "cp.async.bulk.tensor" in ptx, "warps": compiled.metadata.num_warps,
-            **_resources(compiled.asm["cubin"])}
+            "tma": "cp.async.bulk.tensor" in ptx, **_resources(compiled.asm["cubin"])}
 
 
 # What a packed cache leaves out: the compiler's intermediate forms, about half the pack. A cache hit
@@ -585,17 +584,16 @@ def main(argv=None):
                  f"{len(jobs)} (launch, config) pairs from {source}; "
                  f"{elapsed:.1f} s with {args.jobs} processes; {found} found in Triton's cache (their compile s "
                  "is a load's).", "",
-                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA | warps |",
-                 "|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
+                 "| use | sizes | dot | tile | compile s | regs | spilled B | smem KiB | wgmma | TMA |",
+                 "|---|---|---|---|---:|---:|---:|---:|---|---|"]
         for job, r in zip(jobs, results):
             use, sizes, tile, dot = describe(*job)
             if "error" in r:
-                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | | | |")
+                lines.append(f"| {use} | {sizes} | {dot} | {tile} | FAILED: {r['error']} | | | | | |")
             else:
                 yes = {True: "yes", False: "no"}
                 lines.append(f"| {use} | {sizes} | {dot} | {tile} | {r['seconds']:.2f} | {r.get('regs', '?')} | "
-                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} | "
-                             f"{r['warps']} |")
+                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} |")
         with open(args.report, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.report}")

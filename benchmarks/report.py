@@ -53,7 +53,7 @@ def versions():
 
 
 def settings():
-    """The LORA_KERNELS_* variables of this run (direct launches off, warp specialization on, ...):
+    """The LORA_KERNELS_* variables of this run (direct launches off, TMA off, ...):
     they change what is measured, so every report names them."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORA_KERNELS_")}
 

@@ -12,12 +12,11 @@ shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK
 each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
 Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
 launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
-(``composed``), eager and from a CUDA graph. The GEMMs and the layer are also timed with the
-warp-specialized configs among the autotuner's candidates (``LORA_KERNELS_WARP_SPEC``). Every
-ratio is to the floor of the same run; each new variant's row is checked against its twin
-(``TWINS``) and, where the two are of one kind, timed in turn with it for a ratio that clock drift
-does not decide. Writes ``variants.md`` and ``variants.json`` under --out (default $OUT, else
-benchmarks/results/). The numbers feed benchmarks/NOTES.md.
+(``composed``), eager and from a CUDA graph. Every ratio is to the floor of the same run; each
+new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind, timed
+in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and
+``variants.json`` under --out (default $OUT, else benchmarks/results/). The numbers feed
+benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
 """
@@ -135,7 +134,7 @@ def pieces(K, N, M, r, dtype, device):
     # leaves would add each step's gradients into .grad (an M×K in-place add from the second call
     # on), work that neither the floor's nor the layer's step defines.
     def switched(fn, flag, value, module=kernels):
-        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA, ALLOW_WS) is in the autotuner's key
+        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA) is in the autotuner's key
             previous = getattr(module, flag)
             setattr(module, flag, value)
             try:
@@ -155,9 +154,6 @@ def pieces(K, N, M, r, dtype, device):
     def pointers_only(fn):
         return switched(fn, "TMA", False)
 
-    def warp_specialized(fn):  # the autotuner's candidates with the warp-specialized ones among them
-        return switched(fn, "WARP_SPEC", True)
-
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
@@ -168,8 +164,6 @@ def pieces(K, N, M, r, dtype, device):
             ("graph step", without_deep_tiles(layer("0", True))),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", layer("0", True)),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", layer("1", True)),
-        "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph":
-            ("graph step", warp_specialized(layer("0", True))),
         "the layer's launches, CUDA graph": ("graph step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS, CUDA graph":
             ("graph step", composed(functional.torch_matmul, *operands)),
@@ -179,31 +173,23 @@ def pieces(K, N, M, r, dtype, device):
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
         "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
-        "Triton GEMM + bias, warp-specialized candidates": ("fwd", warp_specialized(
-            lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
         "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b,
                                                         out_dtype=dtype)),
-        "GEMM + SB + bias, warp-specialized candidates": ("fwd", warp_specialized(
-            lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype))),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
-        "layer forward, separate shrink, warp-specialized candidates": ("fwd", warp_specialized(layer("0", False))),
         "cuBLAS + addmm_ forward": ("fwd", lambda: torch.nn.functional.linear(x, W, b).addmm_(x @ A, B, alpha=2.0)),
         # backward pieces, against cuBLAS dX = dY W
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
-        "Triton dY W, warp-specialized candidates": ("dx", warp_specialized(lambda: mm(dy, W, out_dtype=dtype))),
         "dS = dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(lambda: mm(dy, B.t(), out_dtype=dtype))),
         "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
-        "dX = dY W + α dS Aᵀ, warp-specialized candidates": ("dx", warp_specialized(
-            lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype))),
         "dA = α xᵀ dS": ("dx", lambda: mm(x.t(), dS, scale=2.0, out_dtype=dtype)),
         "dB = α Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
         "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
@@ -219,7 +205,6 @@ def pieces(K, N, M, r, dtype, device):
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
-        "layer fwd+bwd, separate shrink, warp-specialized candidates": ("step", warp_specialized(layer("0", True))),
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
@@ -229,17 +214,10 @@ def pieces(K, N, M, r, dtype, device):
 
 
 # Each row of a new kernel variant and the row that computes the same thing the established way: its
-# result must agree with that row's before it is timed (the warp-specialized kernels wrote NaN on
-# the H200 in the fourth run, and a miscompiled kernel must not be timed as a fast one).
+# result must agree with that row's before it is timed (a miscompiled kernel must not be timed as a
+# fast one: in the fourth H200 run, a variant since removed wrote NaN).
 TWINS = {
     "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
-    "Triton GEMM + bias, warp-specialized candidates": "Triton GEMM + bias, no LoRA",
-    "GEMM + SB + bias, warp-specialized candidates": "GEMM + SB + bias (S given)",
-    "layer forward, separate shrink, warp-specialized candidates": "layer forward, separate shrink",
-    "Triton dY W, warp-specialized candidates": "Triton dY W, no LoRA",
-    "dX = dY W + α dS Aᵀ, warp-specialized candidates": "dX = dY W + α dS Aᵀ",
-    "layer fwd+bwd, separate shrink, warp-specialized candidates": "layer fwd+bwd, separate shrink",
-    "layer fwd+bwd, separate shrink, warp-specialized candidates, CUDA graph": "layer fwd+bwd, separate shrink",
     # (the thin outputs' deep tiles are new too: checked against the candidates before them)
     "shrink S = xA": "shrink S = xA, without the deep tiles",
     "dS = dY Bᵀ": "dS = dY Bᵀ, without the deep tiles",

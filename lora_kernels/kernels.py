@@ -120,19 +120,18 @@ DEEP_K = 256
 THIN_N = 64
 
 
-def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, ws=False, group=8):
+def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, group=8):
     """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "USE_TMA": tma,
-                          "PERSISTENT": persistent, "WARP_SPEC": ws}, num_warps=warps, num_stages=stages)
+                          "PERSISTENT": persistent}, num_warps=warps, num_stages=stages)
 
 
 def hopper_configs():
     """The autotuner's candidates on any GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
     where the launch allows it), the first four shapes also as a persistent grid with TMA (one
-    program per SM looping over tiles), the two largest again in four stages (TMA), deep tiles for
-    thin outputs, then warp-specialized TMA tiles (where the launch allows them, see
-    ``WARP_SPEC``): which is faster is the measurement's call."""
+    program per SM looping over tiles), the two largest again in four stages (TMA), and deep tiles
+    for thin outputs: which is faster is the measurement's call."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -162,12 +161,6 @@ def hopper_configs():
     # more programs. The pruner offers them to thin outputs only; the autotuner decides.
     configs += [_config(bm, 64, DEEP_K, w, s, tma=tma) for bm, w, s in ((128, 8, 3), (64, 4, 4), (32, 4, 4))
                 for tma in (False, True)]
-    # Warp-specialized (Triton's Hopper pass, 3.5 and up): it applies at num_warps = 4 only, and
-    # then runs 12 warps (a producer and two consumer warpgroups); it also stages its output tile
-    # in shared memory (see _prune), so the largest tiles get no fourth stage.
-    ws_shapes = [(128, 256, 64, 4, 3), (256, 128, 64, 4, 3), (128, 128, 64, 4, 4)]
-    configs += [_config(bm, bn, bk, w, s, tma=True, persistent=persistent, ws=True)
-                for bm, bn, bk, w, s in ws_shapes for persistent in (False, True)]
     return configs
 
 
@@ -198,12 +191,11 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [ws]' for a config's ``all_kwargs()``, as the tools
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent]' for a config's ``all_kwargs()``, as the tools
     report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else "")
-            + (" ws" if c.get("WARP_SPEC") else ""))
+            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else ""))
 
 
 def _fit(block, size):
@@ -270,32 +262,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (narrow and bn > 128) or (second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
             continue
-        per_stage, extra = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk, 0
-        if c.kwargs.get("WARP_SPEC"):
-            if not (kwargs.get("ALLOW_WS") and bm >= 128):
-                # (Not for fewer than 128 rows, dB's r among them: the other configs serve those
-                # launches, and the candidates stay few.)
-                continue
-            # Compiled for sm_90 (Triton 3.6 and 3.9), a warp-specialized kernel also stages its
-            # output tile in shared memory: 4·BM·BN bytes for an fp32 output, and for a 16-bit one
-            # a fitted 2·BM·BN up to 32 KiB; then a few barriers; and it buffers the L and R tiles
-            # (once: the low-rank loop is not pipelined), plus a copy in the product's dtype of L
-            # where L is stored in another (fp32 adapters beside bf16: benchmarks/NOTES.md), and of
-            # R always: R's tile is scaled by alpha in fp32 and cast back (_times), a new tile for
-            # the MMA. (Compiled for sm_90 at rank 64, bf16, 128x256 in three stages took 256 KiB
-            # with that copy; 256x128 and 128x128 took 16 KiB less than this counts, so the count
-            # bounds them from above.)
-            out_size = size("out_ptr")
-            extra = (bm * bn * out_size if out_size > 2 else min(2 * bm * bn, 32 * 1024)) + 2048
-            if kwargs["HAS_LOWRANK"]:
-                dot_size = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
-                for rows, name in ((bm, "l_ptr"), (bn, "r_ptr")):
-                    converted = name == "r_ptr" or size(name) != dot_size
-                    extra += rows * kwargs["BLOCK_R"] * (size(name) + (dot_size if converted else 0))
+        per_stage = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk
         stages = c.num_stages
-        while stages > 2 and stages * per_stage + extra > smem:
+        while stages > 2 and stages * per_stage > smem:
             stages -= 1
-        if stages * per_stage + extra > smem:
+        if stages * per_stage > smem:
             continue
         kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
@@ -424,10 +395,9 @@ def _bench(fn, quantiles):
     configs=_check_split_chunk(_configs()),
     # Sizes enter the key rounded up to powers of two: a new sequence length (or token count of
     # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64): it sets the
-    # shared memory of the fused shrink's and the warp-specialized tiles, so a tile tuned at one
-    # rank may not fit at another.
+    # shared memory of the fused shrink's tiles, so a tile tuned at one rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA", "ALLOW_WS", "BLOCK_R", "PAIRED"],
+         "ALLOW_TMA", "BLOCK_R", "PAIRED"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
     cache_results=AUTOTUNE_CACHE,
@@ -462,12 +432,9 @@ def _lora_matmul_kernel(
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice
     ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
-    # ALLOW_WS: the launch can be warp-specialized (see hopper_configs; L and R fit TMA too, R stored
-    # transposed when R_TRANSPOSED); WARP_SPEC: the config's choice
-    ALLOW_WS: tl.constexpr, R_TRANSPOSED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, WARP_SPEC: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
     if DROPOUT != DROP_NONE:
@@ -485,12 +452,6 @@ def _lora_matmul_kernel(
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
-    WS: tl.constexpr = WARP_SPEC and ALLOW_WS and TMA_LOADS
-    if WS and HAS_LOWRANK:
-        # Triton 3.6's Hopper warp specialization fails to compile a kernel whose other dot (the
-        # low-rank update) reads pointer loads, and compiles it with descriptor loads.
-        l_desc = _descriptor(l_ptr, M, R, stride_lm, stride_lr, BLOCK_M, BLOCK_R, False)
-        r_desc = _descriptor(r_ptr, R, N, stride_rr, stride_rn, BLOCK_R, BLOCK_N, R_TRANSPOSED)
 
     # Each program computes output tiles pid, pid + programs, ...: one tile when the grid has a
     # program per tile, several when the launcher sizes the grid to the GPU (PERSISTENT configs:
@@ -542,9 +503,7 @@ def _lora_matmul_kernel(
         if TMA_LOADS:
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
-        # WS: the compiler splits this loop into a producer warp issuing the TMA loads and two
-        # consumer warpgroups running the MMAs, the layout of cuBLAS's own Hopper GEMMs.
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
             mask_k = rk < k_hi
             if TMA_LOADS:
@@ -597,16 +556,12 @@ def _lora_matmul_kernel(
                 # for sm_90, fp32 adapters at rank 64 then pushed the 4-stage tiles to 240-288 KiB
                 # of shared memory; one copy fits in the freed K-loop buffers).
                 for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-                    if WS:
-                        lo = _load_tile(l_desc, m0, r0, False)
-                        hi = _load_tile(r_desc, r0, n0, R_TRANSPOSED)
-                    else:
-                        rr = r0 + tl.arange(0, BLOCK_R)
-                        mask_r = rr < R
-                        lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    mask_r = rr < R
+                    lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                     low = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
                                  input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if DROPOUT == DROP_LOWRANK:
@@ -680,9 +635,6 @@ def _input_precision(dot_dtype):
 
 # LORA_KERNELS_TMA=0 keeps every launch on pointer loads (a way around a TMA problem).
 TMA = os.environ.get("LORA_KERNELS_TMA", "1") != "0"
-# LORA_KERNELS_WARP_SPEC=1 lets the autotuner try warp-specialized configs: they compile for sm_90
-# and pass the interpreter's checks, but some wrote NaN on the H200 (fourth run, benchmarks/NOTES.md).
-WARP_SPEC = os.environ.get("LORA_KERNELS_WARP_SPEC", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -944,11 +896,6 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
     allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
-    # Warp specialization (hopper_configs) compiles for 16-bit products through TMA with one dot in
-    # the K loop (no fused shrink), L and R fit for TMA too, and no dropout mask (one in the
-    # epilogue fails the compiler as well).
-    allow_ws = (WARP_SPEC and allow_tma and dot_dtype in (torch.float16, torch.bfloat16) and not fused and dropout is None
-                and (lowrank is None or (l_.stride(1) == 1 and _tma_ok(l_) and _tma_ok(r_))))
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
     # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
     sum_scale = 1.0
@@ -971,8 +918,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
         DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=pair is not None,
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
-        ALLOW_TMA=allow_tma, ALLOW_WS=allow_ws,
-        R_TRANSPOSED=allow_ws and lowrank is not None and r_.stride(1) != 1,
+        ALLOW_TMA=allow_tma,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
         # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one

@@ -12,18 +12,17 @@
 #         (Set from the H200 run of 2026-11-28: the sweep took 150 s, the dropout run needs its
 #         kernels precompiled in full, and the test shards, which compile kernels one at a time,
 #         did not finish in 160 s either; their -v logs still say how far they got.)
-#   variants (at most about 4 minutes: precompiles 60 + 45 s, variants 150 s): benchmarks/variants.py,
-#         the piece-by-piece timing for tuning, with and without the warp-specialized configs.
+#   variants (at most about 3.5 minutes: precompile 60 s, variants 150 s): benchmarks/variants.py,
+#         the piece-by-piece timing for tuning.
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md),
 #         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
 #         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
-#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 45 + 150 for variants and their
-#         precompile, 75, 45, 2 × 40); the fp32-adapter run starts only with 35 s left and the
-#         first-step pair only with 70 s, so that pair is cut first; GPU_CHECK_SMOKE=0 leaves out
-#         the smoke test.
+#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 150 for variants, 75, 45, 2 × 40); the
+#         fp32-adapter run starts only with 35 s left and the first-step pair only with 70 s, so
+#         that pair is cut first; GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the eight shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
@@ -35,7 +34,7 @@
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
 #         each in full), and the test shards' kernels (their files run under the interpreter,
 #         recording each launch as the GPU would make it), on this machine's CPUs into an empty
-#         Triton cache, packed into build/triton-cache.tar.xz (18.5 minutes, 2,219 kernels and
+#         Triton cache, packed into build/triton-cache.tar.xz (22.5 minutes, 1,920 kernels and
 #         42 MiB on this project's 2-core machine).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
 #         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
@@ -174,8 +173,6 @@ fi
 if has check all tests; then
   # ... and for tests/test_autotune_configs.py, which runs every config on its own shapes.
   # (20 s beside the benchmark; 60 s in tests mode, where it never finished in 20)
-  # (LORA_KERNELS_WARP_SPEC=1: that test also runs the warp-specialized configs. Not its ranks 8
-  # and 80, which run only those: about 1,260 compiles instead of 589, where 20 s are given.)
   # (its shapes: 600 tokens, 64 -> 48 features; the pruner fits tiles to them, so another size
   # compiles other tiles)
   # In tests mode, after perf, little time may be left: the first precompile gets a quarter of it
@@ -186,7 +183,7 @@ if has check all tests; then
   left=$(( deadline - $(date +%s) ))
   pre=20; has tests && pre=$(( left / 4 < 60 ? left / 4 : 60 ))
   precompile_tests() {
-    LORA_KERNELS_WARP_SPEC=1 step precompile-tests "$pre" "$PY" -m benchmarks.precompile \
+    step precompile-tests "$pre" "$PY" -m benchmarks.precompile \
       --shapes 64x48 --tokens 600 --ranks 16 --dtypes fp16,fp32 --trainable-base --variants
     # ... and its dropout test's masked kernels (tests mode only)
     has tests && (( left >= 240 )) && step precompile-tests-dropout $(( left / 8 < 30 ? left / 8 : 30 )) "$PY" \
@@ -251,10 +248,6 @@ fi
 
 if has variants all perf; then
   [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
-  # The variants' warp-specialized rows (8192 tokens, rank 16): their launches are keyed apart
-  # (ALLOW_WS), so every config of theirs compiles anew.
-  LORA_KERNELS_WARP_SPEC=1 step precompile-ws 45 "$PY" -m benchmarks.precompile --variants --tokens 8192 --ranks 16 \
-    --report "$W/precompile-ws.md"
   step variants 150 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then

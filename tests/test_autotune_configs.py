@@ -89,24 +89,22 @@ def test_every_config_names_each_config_that_writes_nan_or_disagrees(monkeypatch
     assert f"{names[1]}: non-finite values" in message and f"{names[2]}: differs by 5.0e-01" in message
 
 
-def _spy_on_every_launch(monkeypatch, dtype, fuse, configs=None):
-    """From here on, every launch runs every config (of ``configs``, default all the GPU
-    autotuner's); return the spy."""
+def _spy_on_every_launch(monkeypatch, dtype, fuse):
+    """From here on, every launch runs every config the GPU autotuner may pick; return the spy."""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK)  # every BLOCK_K divides it
-    spy = EveryConfig(kernels._lora_matmul_kernel, dtype, configs or kernels.hopper_configs())
+    spy = EveryConfig(kernels._lora_matmul_kernel, dtype, kernels.hopper_configs())
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     # Every launch through the spy: on a GPU a kernel already compiled is otherwise launched directly.
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
-    monkeypatch.setattr(kernels, "WARP_SPEC", True)  # the warp-specialized candidates too
     return spy
 
 
-def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
+def _every_config(monkeypatch, dtype, fuse):
     """Run the layer's forward and backward with every config at each launch; return the spy."""
-    spy = _spy_on_every_launch(monkeypatch, dtype, fuse, configs)
-    check_all(make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, rank, dtype), 0.75, dtype, train_base=train_base)
+    spy = _spy_on_every_launch(monkeypatch, dtype, fuse)
+    check_all(make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, 16, dtype), 0.75, dtype, train_base=True)
     return spy
 
 
@@ -115,31 +113,16 @@ def _every_config(monkeypatch, dtype, fuse, rank, train_base, configs=None):
                          ids=["fp16-separate-shrink", "fp32-fused-shrink"])
 def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, a
-    program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), warp-specialized
-    or not (the interpreter runs such a loop as any other, but not its other loads), for each of the
+    program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), for each of the
     layer's products (transposed views and split reductions among them), gives the reference's
     numbers: the GPU suite itself runs one fixed config, the interpreter another."""
     dtype = getattr(torch, dtype_name)
-    spy = _every_config(monkeypatch, dtype, fuse, 16, train_base=True)
+    spy = _every_config(monkeypatch, dtype, fuse)
     assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
     assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
     assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
     assert any(f"x{kernels.DEEP_K} " in t for t in spy.tiles)  # the thin outputs' deep tiles
-    if dtype == torch.float16:  # (16-bit products only; their low-rank operands through descriptors)
-        assert any(t.endswith(" ws") for t in spy.tiles)
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("rank", [8, 80])
-def test_warp_specialized_configs_at_ranks_that_leave_a_partial_block(rank, monkeypatch):
-    """The warp-specialized configs read L and R through descriptors, whose tiles run past the
-    rank (BLOCK_R = 16 at rank 8; 64 and 64 at rank 80) where the copy engine must fill zeros.
-    Those configs only (launches they cannot serve run the pruner's fallback tile): on a GPU each
-    config compiles anew here."""
-    ws = [c for c in kernels.hopper_configs() if c.kwargs["WARP_SPEC"]]
-    spy = _every_config(monkeypatch, torch.float16, "0", rank, train_base=False, configs=ws)
-    assert any(t.endswith(" ws") for t in spy.tiles)
 
 
 @pytest.mark.triton
@@ -180,4 +163,4 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
 def test_every_autotune_config_in_bf16(monkeypatch):
     """bf16, the dtype most users train in, through every config on a GPU (last in this file: its
     configs are not compiled ahead, so a shard stopped by its limit loses only this test)."""
-    _every_config(monkeypatch, torch.bfloat16, "0", 16, train_base=True)
+    _every_config(monkeypatch, torch.bfloat16, "0")

@@ -227,19 +227,17 @@ print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] fo
 
 def test_precompile_variants_records_every_launch_of_the_variants_step():
     """`precompile --variants` compiles every (launch, config) that `benchmarks.variants` times
-    (here at 128 tokens, 64 -> 48 features, rank 16, on CPU placeholders; not the warp-specialized
-    rows, which have a precompile of their own): a launch it misses compiles its candidates one at a
-    time inside the variants step's time limit (dA and dB in launches of their own, which the layer
-    pairs, once did)."""
+    (here at 128 tokens, 64 -> 48 features, rank 16, on CPU placeholders): a launch it misses
+    compiles its candidates one at a time inside the variants step's time limit (dA and dB in
+    launches of their own, which the layer pairs, once did)."""
     out = run_jobs_script("""
 class Recorder(precompile._Recorder):  # with the candidates, which variants.without_deep_tiles reads
     configs, cache = kernels._lora_matmul_kernel.configs, {}
 
 recorder = Recorder()
 with precompile.launched_on(recorder, 132, 90), mock.patch.object(functional, "select_backend", lambda *args: "triton"):
-    for name, (kind, run) in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).items():
-        if "warp-specialized" not in name:
-            run()
+    for _, run in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).values():
+        run()
 launched = jobs(recorder.launches)
 recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True))
 print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.keys()}))
@@ -763,24 +761,23 @@ def test_stopped_model_step_still_writes_what_it_measured(tmp_path, monkeypatch)
     assert "INCOMPLETE: stopped by signal 15" in (tmp_path / "model-step.md").read_text()
 
 
-def test_variants_time_no_warp_specialized_row_that_disagrees_with_its_default(tmp_path, monkeypatch):
-    """`benchmarks.variants` compares each new variant's row (warp-specialized, paired, deep tiles)
-    with its twin's before timing it: one that disagrees is reported WRONG, untimed; one that agrees
+def test_variants_time_no_new_variant_row_that_disagrees_with_its_twin(tmp_path, monkeypatch):
+    """`benchmarks.variants` compares each new variant's row (paired, deep tiles) with its twin's before timing it: one that disagrees is reported WRONG, untimed; one that agrees
     carries the difference."""
     from benchmarks import variants
     t = torch.randn(8, 8)
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
     monkeypatch.setattr(variants, "pieces", lambda *args: {
         "floor": ("fwd", lambda: t), "default": ("fwd", lambda: t),
-        "ws, wrong": ("fwd", lambda: t * 1.1), "ws, right": ("fwd", lambda: t.clone())})
-    monkeypatch.setattr(variants, "TWINS", {"ws, wrong": "default", "ws, right": "default"})
+        "new, wrong": ("fwd", lambda: t * 1.1), "new, right": ("fwd", lambda: t.clone())})
+    monkeypatch.setattr(variants, "TWINS", {"new, wrong": "default", "new, right": "default"})
     monkeypatch.setattr(variants.kernels, "INTERPRET", True)  # (the CPU check mode: no timing)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")  # (main sets it; restored after the test)
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)  # (nor its SIGTERM handler)
     variants.main(["--shapes", "8x8", "--tokens", "8", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path)])
     rows = {r["piece"]: r for r in json.loads((tmp_path / "variants.json").read_text())["rows"]}
-    assert rows["ws, wrong"]["ms"] is None and "WRONG: differs from 'default' by 1.0e-01" in rows["ws, wrong"]["error"]
-    assert rows["ws, right"]["differs"] == 0.0 and rows["ws, right"]["ms"] is not None
+    assert rows["new, wrong"]["ms"] is None and "WRONG: differs from 'default' by 1.0e-01" in rows["new, wrong"]["error"]
+    assert rows["new, right"]["differs"] == 0.0 and rows["new, right"]["ms"] is not None
 
 
 @pytest.mark.parametrize("floor_fails", [False, True])
@@ -811,7 +808,7 @@ def test_variants_host_rows_are_ratios_to_the_first_piece_or_none(floor_fails):
 
 def test_variants_md_names_a_failed_rows_config_on_one_line(tmp_path, monkeypatch):
     """A row that fails keeps, in variants.md, the config the autotuner chose for it (the fourth
-    run's NaN warp-specialized row had it only in the JSON) and its error on one table line."""
+    run's NaN row had it only in the JSON) and its error on one table line."""
     from benchmarks import variants
     config = variants.kernels.hopper_configs()[0]
 
@@ -848,11 +845,11 @@ def test_variants_check_the_timed_path_and_survive_a_failing_piece(tmp_path, mon
     def pieces(K, N, *args):
         if K == 9:
             raise RuntimeError("setup boom")
-        return {"floor": ("fwd", lambda: t), "default": ("fwd", lambda: t), "ws": ("fwd", right_only_first)}
+        return {"floor": ("fwd", lambda: t), "default": ("fwd", lambda: t), "new": ("fwd", right_only_first)}
 
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {"broken": broken, "fine": lambda: None})
     monkeypatch.setattr(variants, "pieces", pieces)
-    monkeypatch.setattr(variants, "TWINS", {"ws": "default"})
+    monkeypatch.setattr(variants, "TWINS", {"new": "default"})
     monkeypatch.setattr(variants.kernels, "INTERPRET", True)  # (the CPU check mode: no timing)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")  # (main sets it; restored after the test)
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)  # (nor its SIGTERM handler)
@@ -860,7 +857,7 @@ def test_variants_check_the_timed_path_and_survive_a_failing_piece(tmp_path, mon
     rows = [(r["shape"], r["piece"], r.get("error")) for r in json.loads((tmp_path / "variants.json").read_text())["rows"]]
     assert ("64→64", "broken", "RuntimeError: boom") in rows and ("64→64", "fine", None) in rows
     assert ("9→8", "setup", "RuntimeError: setup boom") in rows and ("8→8", "floor", None) in rows
-    assert any(shape == "8→8" and piece == "ws" and "WRONG" in (error or "") for shape, piece, error in rows)
+    assert any(shape == "8→8" and piece == "new" and "WRONG" in (error or "") for shape, piece, error in rows)
 
 
 def test_variants_rows_without_the_deep_tiles_tune_apart(monkeypatch):
@@ -905,16 +902,16 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
         clock["now"] += 0.1
         return (step(setup()) + clock["now"],)
 
-    shape_pieces = {"default": ("fwd", lambda: 1.0), "ws, same": ("fwd", lambda: 1.0),
-                    "ws, slower": ("fwd", lambda: 2.0), "ws, graph": ("graph fwd", lambda: 1.0),
-                    "ws, failed": ("fwd", lambda: 1.0)}
-    timed = {name: {} for name in shape_pieces if name != "ws, failed"}
-    monkeypatch.setattr(variants, "TWINS", {"ws, same": "default", "ws, slower": "default", "ws, graph": "default",
-                                            "ws, failed": "default"})
+    shape_pieces = {"default": ("fwd", lambda: 1.0), "new, same": ("fwd", lambda: 1.0),
+                    "new, slower": ("fwd", lambda: 2.0), "new, graph": ("graph fwd", lambda: 1.0),
+                    "new, failed": ("fwd", lambda: 1.0)}
+    timed = {name: {} for name in shape_pieces if name != "new, failed"}
+    monkeypatch.setattr(variants, "TWINS", {"new, same": "default", "new, slower": "default",
+                                            "new, graph": "default", "new, failed": "default"})
     variants.alternate(shape_pieces, timed, drifting_timer)
-    assert timed["ws, same"]["vs_twin"] == pytest.approx(1.0)
-    assert timed["ws, slower"]["vs_twin"] > 1.3
-    assert "vs_twin" not in timed["ws, graph"] and "vs_twin" not in timed["default"]
+    assert timed["new, same"]["vs_twin"] == pytest.approx(1.0)
+    assert timed["new, slower"]["vs_twin"] > 1.3
+    assert "vs_twin" not in timed["new, graph"] and "vs_twin" not in timed["default"]
 
 
 def _collected(*args):
@@ -1343,8 +1340,7 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
 # Stands in for python3 in scripts/gpu_check.sh: logs each call (with the switches the script sets
 # for some steps) and succeeds at once, having written a compiles report where one is asked for.
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "WARP_SPEC=${LORA_KERNELS_WARP_SPEC:-} AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" \\
-  >> "$CALLS"
+echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" >> "$CALLS"
 [[ " $* " =~ " --report-compiles "([^ ]+) ]] && echo "$* found, 1 compiled" > "${BASH_REMATCH[1]}"
 exit 0
 """
@@ -1376,21 +1372,20 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     cache, pack = _gpu_check_calls(tmp_path, "cache")
     gpu = {mode: _gpu_check_calls(tmp_path, mode)[0] for mode in ("perf", "tests")}
     for calls in gpu.values():
-        assert calls[0] == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --load-cache {pack}", calls[:3]
+        assert calls[0] == f"AUTOTUNE= INTERPRET= -m benchmarks.precompile --load-cache {pack}", calls[:3]
     wanted = {c for calls in gpu.values() for c in calls if " -m benchmarks.precompile " in c
               and "--first-step" not in c and "--load-cache" not in c}
     *precompiles, record, shards_kernels, save = cache
-    assert len(wanted) >= 5 and set(precompiles) == wanted and len(precompiles) == len(wanted), (cache, wanted)
-    assert save == f"WARP_SPEC= AUTOTUNE= INTERPRET= -m benchmarks.precompile --save-cache {pack}"
-    launches = re.fullmatch(r"WARP_SPEC= AUTOTUNE= INTERPRET=1 -m pytest (.*) -q -p no:cacheprovider "
+    assert len(wanted) >= 4 and set(precompiles) == wanted and len(precompiles) == len(wanted), (cache, wanted)
+    assert save == f"AUTOTUNE= INTERPRET= -m benchmarks.precompile --save-cache {pack}"
+    launches = re.fullmatch(r"AUTOTUNE= INTERPRET=1 -m pytest (.*) -q -p no:cacheprovider "
                             r"--record-launches (\S+)", record)
-    assert launches and shards_kernels == ("WARP_SPEC= AUTOTUNE=0 INTERPRET= -m benchmarks.precompile "
+    assert launches and shards_kernels == ("AUTOTUNE=0 INTERPRET= -m benchmarks.precompile "
                                            f"--launches-from {launches[2]}"), (record, shards_kernels)
     shards = [c for c in gpu["tests"] if " -m pytest " in c and "test_autotune_configs" not in c]
-    assert all(c.startswith("WARP_SPEC= AUTOTUNE=0 INTERPRET= ") for c in shards), shards
+    assert all(c.startswith("AUTOTUNE=0 INTERPRET= ") for c in shards), shards
     files = {f for c in shards for f in c.split() if f.startswith("tests/")}
     assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
-    assert any(c.startswith("WARP_SPEC=1 ") for c in wanted)  # (the switch is part of what is compiled)
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):

@@ -43,35 +43,29 @@ def precompile(cache, *options, **env):
     return done.stdout
 
 
-def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256", warp_spec="0"):
+def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256"):
     """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
     compiled config)."""
     report = tmp_path / f"report-{autotune}.md"
     # A fresh cache, so that each kernel really goes through the compiler.
     precompile(tmp_path / f"cache-{autotune}", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
                "--shapes", shapes, "--tokens", "128", *options, "--report", str(report),
-               LORA_KERNELS_AUTOTUNE=autotune, LORA_KERNELS_WARP_SPEC=warp_spec)
+               LORA_KERNELS_AUTOTUNE=autotune)
     return [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| use")]
 
 
 def test_autotuned_configs_compile_for_hopper(tmp_path):
     """Every tile config the autotuner may pick, square or not, with and without TMA (once only
-    square tiles compiled: a helper's two return statements had different types otherwise), the
-    deep ones for thin outputs, and
-    warp-specialized (LORA_KERNELS_WARP_SPEC=1): those the compiler did specialize, into a TMA
-    producer warp beside two consumer warpgroups (12 warps for the config's 4), for the plain
-    product and for the GEMM whose low-rank term is read through descriptors (Wᵀ in the forward, Aᵀ
-    in dX), in the shared memory Hopper has."""
-    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16", "--variants", warp_spec="1")
+    square tiles compiled: a helper's two return statements had different types otherwise), and the
+    deep ones for thin outputs, without spills, in the shared memory Hopper has."""
+    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16")
     tiles = {row[3] for row in rows}
     assert len(rows) >= 60 and any(" tma" in t for t in tiles) and any(" tma" not in t for t in tiles)
     assert any(t.endswith(" persistent") for t in tiles)
     assert any(t.split()[0].split("x")[0] != t.split()[0].split("x")[1] for t in tiles)  # non-square tiles
     assert any(f"x{kernels.DEEP_K} " in t for t in tiles)  # the thin outputs' deep tiles
-    specialized = {row[0] for row in rows if row[3].endswith(" ws") and row[10] == "12"}
-    assert {"product", "GEMM + low rank (Wᵀ view)", "GEMM + low rank"} <= specialized, specialized
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit() and int(spilled) == 0 and 0 < float(smem) <= 227, (use, sizes, tile, smem)
 
 
@@ -81,7 +75,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
                               "--dropout", "0.1", "--trainable-base", "--variants")
     assert len(rows) >= 60, f"too few launches recorded: {len(rows)}"
     seen, views, tma_rows = set(), set(), 0
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit(), "no register count: is cuobjdump missing from Triton's package?"
         assert float(seconds) > 0 and int(regs) > 0 and 0 < float(smem) <= 227, (use, sizes, dot, tile)
         seen.add((re.sub(r" \(.*\)", "", use.split(",")[0]), dot))
@@ -206,7 +200,7 @@ def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_k
     rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", dtypes, "--trainable-base",
                               arch=arch, shapes="256x512")
     assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit() and 0 < float(smem) <= smem_kib, (use, sizes, dot, tile, smem)
         assert (wgmma, tma) == ("no", "no") and " tma" not in tile, (use, sizes, dot, tile)
 
@@ -220,7 +214,7 @@ def test_autotuned_configs_compile_for_blackwell(tmp_path):
     rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16", "--dropout", "0.1",
                               "--trainable-base", arch=100, shapes="256x512")
     assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit() and 0 < float(smem) <= 227, (use, sizes, dot, tile, smem)
     wide = {row[0].split(" (")[0] for row in rows if row[3].startswith("128x256")}
     assert "GEMM + low rank" in wide and "GEMM + fused shrink" not in wide, wide
@@ -232,7 +226,7 @@ def test_fixed_config_fits_older_gpus(tmp_path):
     memory, which an L4 (99 KiB) or an A100 (163 KiB) does not have, so every fp64 launch there failed."""
     rows = compile_for_hopper(tmp_path, "0", "--ranks", "16,64", "--dtypes", "fp64,fp32", arch=89, shapes="256x512")
     assert {row[2] for row in rows} == {"fp64", "fp32"} and len(rows) >= 8, rows
-    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma, warps in rows:
+    for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit() and 0 < float(smem) <= 99, (use, sizes, dot, tile, smem)
 
 

@@ -63,8 +63,7 @@ class _Tuner:
     def __getitem__(self, grid):
         def launch(*args, **flags):
             assert len(args) == self.n_args
-            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False,
-                          WARP_SPEC=False)
+            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False)
             values = {**flags, **config}
             constants = {(i,): values[name] for i, name in enumerate(self.names) if name in values}
             self.launches.append((grid(config), args, flags))
@@ -88,8 +87,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
     cuda = torch.device("cuda", 3)
     flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, PAIRED=False, X_TRANSPOSED=False,
-                 W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_WS=False, R_TRANSPOSED=False,
-                 DOT_DTYPE=triton.language.float32,
+                 W_TRANSPOSED=False, ALLOW_TMA=False, DOT_DTYPE=triton.language.float32,
                  ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
     grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
 
@@ -107,8 +105,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     tail = call[9 + n_args:]
     assert len(tail) == len(names) - n_args
     assert dict(zip(names[n_args:], tail)) == {**flags, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
-                                                 "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False,
-                                                 "WARP_SPEC": False}
+                                                 "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False}
 
     # Anything that selects another kernel goes back through Triton: an unaligned pointer, another
     # dtype, an int that becomes 1 or leaves a multiple of 16, another autotune size key or flag,
@@ -264,7 +261,7 @@ def test_launches_through_tritons_dispatch_take_turns(monkeypatch):
 
 SWITCHES = """
 from lora_kernels import functional, kernels
-print(functional.FUSE_SHRINK, functional.TORCH_BELOW, kernels.TMA, kernels.FAST_LAUNCH, kernels.WARP_SPEC, kernels.AUTOTUNE,
+print(functional.FUSE_SHRINK, functional.TORCH_BELOW, kernels.TMA, kernels.FAST_LAUNCH, kernels.AUTOTUNE,
       kernels.COMPILE_THREADS, len(kernels._lora_matmul_kernel.configs))
 """
 
@@ -280,12 +277,11 @@ def _import_with(env):
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({}, "auto 0 True True False True"),
+    ({}, "auto 0 True True True"),
     ({"LORA_KERNELS_FUSE_SHRINK": "0", "LORA_KERNELS_TMA": "0", "LORA_KERNELS_FAST_LAUNCH": "0",
-      "LORA_KERNELS_WARP_SPEC": "1", "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3",
-      "LORA_KERNELS_TORCH_BELOW": "2**37"},
-     "0 137438953472 False False True False 3"),
-    ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 0 True True False True"),
+      "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3", "LORA_KERNELS_TORCH_BELOW": "2**37"},
+     "0 137438953472 False False False 3"),
+    ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 0 True True True"),
 ], ids=["unset", "all-set", "fuse-1"])
 def test_switches_are_read_from_the_environment_at_import(env, expected):
     """docs/usage.md's environment variables, as a user sets them (before the import), reach the

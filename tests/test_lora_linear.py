@@ -650,41 +650,6 @@ def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
                 assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= kernels.SMEM_BYTES
 
 
-def test_prune_budgets_warp_specialized_tiles():
-    """Warp-specialized configs stay only where the launch allows them and the tile has 128 rows,
-    and the pruner counts what the compiled kernels showed beyond the tiles (benchmarks/NOTES.md):
-    L and R once in their own dtypes, a converted copy of fp32 ones beside bf16, and the output's
-    staging buffer."""
-    import triton
-    import triton.language as tl
-    ws = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True,
-                         "PERSISTENT": False, "WARP_SPEC": True}, num_warps=4, num_stages=st)
-          for bm, bn, st in [(128, 256, 3), (256, 128, 3), (128, 128, 4)]]
-    bf16, fp32 = torch.bfloat16, torch.float32
-
-    def kept(M, N, R, allow=True, has_lowrank=True, r_dtype=bf16, out=bf16):
-        named = {"M": M, "N": N, "x_ptr": bf16, "w_ptr": bf16, "l_ptr": bf16, "r_ptr": r_dtype, "out_ptr": out}
-        configs = kernels._prune(ws, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, ALLOW_WS=allow,
-                                 HAS_LOWRANK=has_lowrank, BLOCK_R=R)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c.num_stages for c in configs if c.kwargs["WARP_SPEC"]}
-
-    # Compiled for sm_90 (Triton 3.6, since the low-rank loop is not pipelined): 188, 172 and 152
-    # KiB at rank 16 in these stages; at rank 64, since R's tile is scaled in the kernel (version
-    # 11), 256, 224 and 192: 128x256 no longer fits three stages, and the pruner's count (258, 242
-    # and 210) takes 256x128 to two as well.
-    assert kept(8192, 4096, 16) == {(128, 256): 3, (256, 128): 3, (128, 128): 4}
-    assert kept(8192, 4096, 64) == {(128, 256): 2, (256, 128): 2, (128, 128): 4}
-    # fp32 B beside bf16 activations (peft's default adapters): at rank 16 196, 176 and 156 KiB;
-    # at rank 64 128x256 takes 240 KiB even in two stages (its B tile also converted to bf16),
-    # 256x128 192 in two, 128x128 208 in four.
-    assert kept(8192, 4096, 16, r_dtype=fp32) == {(128, 256): 3, (256, 128): 3, (128, 128): 4}
-    assert kept(8192, 4096, 64, r_dtype=fp32) == {(256, 128): 2, (128, 128): 4}
-    # An fp32 output (a split reduction's partials): 272 KiB for 128x256 in three stages.
-    assert kept(8192, 4096, 16, has_lowrank=False, out=fp32)[128, 256] == 2
-    assert kept(8192, 4096, 16, allow=False) == {}  # a launch that cannot be specialized
-    assert kept(16, 4096, 16) == {}  # dB: 16 rows
-
-
 @pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
 def test_fp32_precision_follows_pytorch(setting, expected):
     """Both of PyTorch's switches for fp32 matmuls are honoured, the newer one without raising."""
