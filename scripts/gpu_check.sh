@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_check.sh [check|perf|tests|variants|all|cache]
 #
-#   check (default): compile every kernel config in parallel, then the test suite on CUDA in eight
+#   check (default): compile every kernel config in parallel, then the test suite on CUDA in nine
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
 #         targets table. Its steps' limits add up to 555 s (precompiles 60 + 55 + 20, tests 130,
 #         bench 180, bench-dropout 110; the last gets what is left of 530), so at most about 9
@@ -24,7 +24,7 @@
 #         fp32-adapter run starts only with 35 s left and the first-step pair only with 70 s, so
 #         that pair is cut first; GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
-#         too, an eighth, at most 30 s, only with 240 s left) beside the eight shards, of which
+#         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
 #         GPU_CHECK_SECONDS (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #         Each shard writes tests-I/compiles.md: the kernels it compiled, by test (those a carried
@@ -200,14 +200,16 @@ if has check all tests; then
   # (The two longest files in slices, tests/conftest.py's --shard: in the fourth run
   # test_lora_linear.py, whole, was stopped at its limit of 239 s at 84%, and
   # test_autotune_configs.py took 204 s, where the other shards were done in 85-132 s. A shard
-  # compiles the kernels a carried pack lacks one at a time, on one core: eight shards use half
-  # of the host's 16.
+  # compiles the kernels a carried pack lacks one at a time, on one core: nine shards use nine
+  # of the host's 16. test_benchmark_tools.py alone: in the fifth run the rest of the files, it
+  # among them, were stopped by their limit of 240 s at 67%.
   # test_gpu.py before test_compile.py: the GPU-only tests first, should the limit stop the shard.)
   shards=("tests/test_lora_linear.py --shard 0/3" "tests/test_lora_linear.py --shard 1/3"
           "tests/test_lora_linear.py --shard 2/3"
           "tests/test_autotune_configs.py --shard 0/2" "tests/test_autotune_configs.py --shard 1/2"
           "tests/test_gpu.py tests/test_compile.py"
-          "tests/test_training.py tests/test_inputs.py tests/test_modules.py")
+          "tests/test_training.py tests/test_inputs.py tests/test_modules.py"
+          "tests/test_benchmark_tools.py")
   named=" ${shards[*]} $skipped_files"
   rest=""; for f in $all_files; do [[ "$named" == *" $f "* ]] || rest="$rest $f"; done
   # (an empty shard would run pytest on no file, i.e. on the whole suite)
@@ -217,9 +219,9 @@ if has check all tests; then
   shard() {  # shard I: its own -v log; `step` cuts its limit to what is left when it starts
     mkdir -p "$W/tests-$1"
     # (--report-compiles: the kernels it compiled, by test, where the carried pack lacked them, and
-    # how many it found there)
+    # how many it found there; --durations: which tests took the shard's time)
     OUT="$W/tests-$1" LORA_KERNELS_AUTOTUNE=0 step "tests-$1" "$tests_limit" "$PY" -m pytest ${shards[$1]} -v -rs \
-      -p no:cacheprovider --report-compiles "$W/tests-$1/compiles.md" > "$W/tests-$1.step" 2>&1
+      --durations=15 -p no:cacheprovider --report-compiles "$W/tests-$1/compiles.md" > "$W/tests-$1.step" 2>&1
   }
   pids=()
   for i in "${!shards[@]}"; do

@@ -1389,13 +1389,16 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
-    """Each shard of `gpu_check.sh tests` reports the kernels it compiled, where a carried pack
-    lacked them (pytest --report-compiles, into its own folder), and the summary gives each
-    shard's totals under its closing line."""
+    """Each of the nine shards of `gpu_check.sh tests` (test_benchmark_tools.py in one of its own)
+    reports its slowest tests and the kernels it compiled, where a carried pack lacked them (pytest
+    --report-compiles, into its own folder), and the summary gives each shard's totals under its
+    closing line."""
     calls, _ = _gpu_check_calls(tmp_path, "tests")
     shards = [c for c in calls if " -m pytest " in c]
     reports = [re.search(r" --report-compiles (\S+/tests-(\d+)/compiles\.md)( |$)", c) for c in shards]
-    assert len(shards) == 8 and all(reports) and len({r[2] for r in reports}) == 8, shards
+    assert len(shards) == 9 and all(reports) and len({r[2] for r in reports}) == 9, shards
+    assert all(" --durations=15 " in c for c in shards), shards
+    assert any(c.split(" -v ")[0].endswith(" -m pytest tests/test_benchmark_tools.py") for c in shards), shards
     summary = (tmp_path / "out-tests" / "summary.md").read_text()
     for call, report in zip(shards, reports):
         shard_line = f"- tests-{report[2]}: "
