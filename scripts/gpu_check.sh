@@ -20,9 +20,10 @@
 #         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md),
 #         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
 #         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
-#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 150 for variants, 75, 45, 2 × 40); the
-#         fp32-adapter run starts only with 35 s left and the first-step pair only with 70 s, so
-#         that pair is cut first; GPU_CHECK_SMOKE=0 leaves out the smoke test.
+#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 150 for variants, 75, 30 + 45 for the
+#         fp32-adapter run and its precompile, 2 × 40); the fp32-adapter run starts only with 65 s
+#         left and the first-step pair only with 70 s, so that pair is cut first;
+#         GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
@@ -259,17 +260,18 @@ if has perf; then
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
   # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
-  # Before the first-step pair, which is cut first; what is left after variants may be well under
-  # a minute, so two shapes, one mode, and the fixed tile config (LORA_KERNELS_AUTOTUNE=0, which
-  # the report's settings line names): ten launches compiled once each, about 10 s, where
-  # autotuning them would take a precompile of 117 candidates first. Fused's time is then the
-  # fixed config's, not the autotuner's choice.
-  if (( deadline - $(date +%s) >= 35 )); then
-    LORA_KERNELS_AUTOTUNE=0 step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
+  # Two shapes, one mode, autotuned as users run it: the fifth run used the fixed test tile here
+  # (LORA_KERNELS_AUTOTUNE=0) and timed that tile, not the layer. Its ten launches' candidates are
+  # precompiled first (a carried pack holds them: cache mode runs this precompile too), so the
+  # run only times them. Before the first-step pair, which is cut first.
+  if (( deadline - $(date +%s) >= 65 )); then
+    step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
+      --ranks 16 --adapter-dtype fp32
+    step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
       --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
       --modes forward+backward
   else
-    echo "- bench-fp32-adapters: skipped, under 35 s left" >> "$W/steps.md"
+    echo "- bench-fp32-adapters: skipped, under 65 s left" >> "$W/steps.md"
   fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,

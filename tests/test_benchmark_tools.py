@@ -1388,6 +1388,18 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
 
 
+def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):
+    """perf mode's fp32-adapter run autotunes, as users run the layer (the fifth H200 run timed the
+    fixed test tile there instead), after a precompile of the same launches."""
+    calls, _ = _gpu_check_calls(tmp_path, "perf")
+    runs = [i for i, c in enumerate(calls) if " -m benchmarks.run " in c and "--adapter-dtype fp32" in c]
+    assert len(runs) == 1 and calls[runs[0]].startswith("AUTOTUNE= INTERPRET= "), calls
+    before = calls[runs[0] - 1]
+    assert before.startswith("AUTOTUNE= INTERPRET= -m benchmarks.precompile ") and before.endswith(
+        "--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32"), before
+    assert "--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32" in calls[runs[0]]
+
+
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
     """Each of the nine shards of `gpu_check.sh tests` (test_benchmark_tools.py in one of its own)
     reports its slowest tests and the kernels it compiled, where a carried pack lacked them (pytest
