@@ -153,6 +153,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                     # has then compiled the sweep's launches of every shape first)
                     with mock.patch.object(kernels, "_lora_matmul_kernel", extra):
                         kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
+                        kernels.lora_matmul(x, torch.empty(K, N, dtype=dtype), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         with mock.patch.object(kernels, "TMA", False):
                             kernels.lora_matmul(x, W.t(), bias=b, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(dy, W, out_dtype=dtype, dot_dtype=dtype)

@@ -119,6 +119,7 @@ def pieces(K, N, M, r, dtype, device):
 
     x, dy = rnd(M, K), rnd(M, N)
     W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
+    Wt = W.t().contiguous()  # Wᵀ stored K×N: the forward's B operand laid out as dX's W is
     A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
     # S and dS in the activations' dtype and without alpha, as the layer keeps them (functional.py):
     # alpha (2.0) scales B's tiles in y, Aᵀ's in dX, and dA's and dB's accumulators, as there.
@@ -173,6 +174,7 @@ def pieces(K, N, M, r, dtype, device):
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
         "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
+        "the same, Wᵀ stored K×N (dX's layout of W)": ("fwd", lambda: mm(x, Wt, bias=b, out_dtype=dtype)),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
@@ -217,6 +219,9 @@ def pieces(K, N, M, r, dtype, device):
 # result must agree with that row's before it is timed (a miscompiled kernel must not be timed as a
 # fast one: in the fourth H200 run, a variant since removed wrote NaN).
 TWINS = {
+    # (The fifth H200 run: the forward's GEMM 1.09-1.30× cuBLAS, dX's 0.94-1.02×; the forward reads
+    # W through a transposed view, dX as stored. This row says how much of the gap is the layout.)
+    "the same, Wᵀ stored K×N (dX's layout of W)": "Triton GEMM + bias, no LoRA",
     "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
     # (the thin outputs' deep tiles are new too: checked against the candidates before them)
     "shrink S = xA": "shrink S = xA, without the deep tiles",
