@@ -219,8 +219,9 @@ def pieces(K, N, M, r, dtype, device):
 # result must agree with that row's before it is timed (a miscompiled kernel must not be timed as a
 # fast one: in the fourth H200 run, a variant since removed wrote NaN).
 TWINS = {
-    # (The fifth H200 run: the forward's GEMM 1.09-1.30× cuBLAS, dX's 0.94-1.02×; the forward reads
-    # W through a transposed view, dX as stored. This row says how much of the gap is the layout.)
+    # (The fifth H200 run: the forward's GEMM 1.09-1.30× cuBLAS, dX's 0.94-1.02× but at 4096→1024;
+    # the forward reads W through a transposed view, dX as stored. This row says how much of the gap
+    # is the layout.)
     "the same, Wᵀ stored K×N (dX's layout of W)": "Triton GEMM + bias, no LoRA",
     "dA and dB, one paired launch (the layer's)": "dA and dB, two launches",
     # (the thin outputs' deep tiles are new too: checked against the candidates before them)
