@@ -138,6 +138,26 @@ class _PassThrough(torch.autograd.Function):
         return grad
 
 
+class _LayerShaped(torch.autograd.Function):
+    """The same, with the layer's Function's inputs (nine), saved tensors (five) and gradients (x, A
+    and B): against _PassThrough, what the layer's signature costs the engine; against the layer's
+    step less its bodies, what is left for the bodies themselves when the engine runs them. Its
+    outputs and gradients are views of tensors made once, so it allocates nothing."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, alpha, dropout_p, seed, backend, made):
+        y, S, dx, dA, dB = made
+        ctx.save_for_backward(x, weight, A, B, S)
+        ctx.alpha, ctx.backend, ctx.grads = alpha, backend, (dx, dA, dB)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ctx.saved_tensors  # (unpacked, as the layer's backward does)
+        dx, dA, dB = (g.view_as(g) for g in ctx.grads)
+        return dx, None, None, dA, dB, None, None, None, None, None
+
+
 def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
     g = torch.Generator(device=device).manual_seed(0)
@@ -174,6 +194,12 @@ def _steps(device, dtype):
     def passthrough_step():
         torch.autograd.grad(_PassThrough.apply(x), [x], dy)
 
+    made = (torch.empty_like(dy), torch.empty(2, M // 2, r, device=device, dtype=dtype), torch.empty_like(x.detach()),
+            torch.empty_like(A.detach()), torch.empty_like(B.detach()))
+
+    def layer_shaped_step():
+        torch.autograd.grad(_LayerShaped.apply(x, W, b, A, B, 2.0, 0.0, None, "triton", made), [x, A, B], dy)
+
     def base_forward():  # generation with the adapters unmerged: a forward per token, host-bound on a GPU
         with torch.no_grad():
             torch.nn.functional.linear(x, W, b)
@@ -194,6 +220,7 @@ def _steps(device, dtype):
                  "addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)": addmm_step,
                  "F.linear forward+backward": base_step,
                  "a Python autograd.Function that computes nothing, forward+backward": passthrough_step,
+                 "the same with the layer's inputs, saved tensors and gradients": layer_shaped_step,
                  "lora_linear forward under no_grad, PyTorch path": eval_forward,
                  "F.linear forward under no_grad": base_forward}
     return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines,

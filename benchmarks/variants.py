@@ -12,9 +12,12 @@ shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK
 each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
 Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
 launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
-(``composed``), eager and from a CUDA graph. Every ratio is to the floor of the same run; each
-new variant's row is checked against its twin (``TWINS``) and, where the two are of one kind, timed
-in turn with it for a ratio that clock drift does not decide. Writes ``variants.md`` and
+(``composed``), eager and from a CUDA graph. At the --sweep shapes, the forward's GEMM launch
+forced to each candidate config the autotuner keeps for it, beside the autotuner's own timing of
+each (``forced``). Every ratio is to the floor of the same run; each new variant's row is checked
+against its twin (``TWINS``) and, where the two are of one kind, timed in turn with it for a ratio
+that clock drift does not decide, and the rows that conclusions rest on (``AGAINST_FLOOR``, the
+sweep's) are timed in turn with their floor as well. Writes ``variants.md`` and
 ``variants.json`` under --out (default $OUT, else benchmarks/results/). The numbers feed
 benchmarks/NOTES.md.
 
@@ -23,6 +26,7 @@ Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -41,16 +45,19 @@ from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
+# (The two where the forward's GEMM time dominates the layer's, and the GPU's rather than the host's.)
+DEFAULT_SWEEP = "4096x4096,4096x14336"
 
 
-def without_deep_tiles(fn):
-    """fn with the autotuner's candidates as they were before the thin outputs' deep tiles
-    (``kernels.DEEP_K``), tuned apart: its own choices, and its own compiled kernels for the direct
-    launch, swapped in for each call."""
+def with_configs(fn, configs):
+    """fn with the autotuner's candidates replaced by ``configs``, tuned apart: its own choices, and
+    its own compiled kernels for the direct launch, swapped in for each call. (A lone config runs
+    as it is, untimed and unpruned, as Triton's autotuner runs one.)"""
     tuner = kernels._lora_matmul_kernel
-    own = {"configs": [c for c in tuner.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K], "cache": {}}
+    own = {"configs": configs, "cache": {}}
     own_compiled = {}
 
+    @functools.wraps(fn)
     def run():
         saved, saved_compiled = {k: getattr(tuner, k) for k in own}, kernels._COMPILED
         tuner.__dict__.update(own)
@@ -63,12 +70,36 @@ def without_deep_tiles(fn):
     return run
 
 
+def without_deep_tiles(fn):
+    """fn with the autotuner's candidates as they were before the thin outputs' deep tiles
+    (``kernels.DEEP_K``), tuned apart."""
+    return with_configs(fn, [c for c in kernels._lora_matmul_kernel.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K])
+
+
+def forced(fn, within):
+    """fn (one launch) run with each config the autotuner keeps for it whose own timing was within
+    ``within`` × its pick's, one at a time: [(config, that run, the autotuner's median ms for the
+    config or None, whether it picked it)]. The autotuner's timings are those its choice was made
+    from (read back from its disk cache, or timed afresh here without one); fn is called once,
+    through Triton's dispatch."""
+    tuner = kernels._lora_matmul_kernel
+    timings, picked = {}, tuner.configs[0]
+    if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
+        tuner.configs_timings = {}
+        with _no_direct_launch():
+            with_configs(fn, tuner.configs)()
+        timings, picked = tuner.configs_timings, tuner.best_config
+    candidates = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
+    return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in candidates]
+
+
 def graphed(fn, device):
     """fn captured once into a CUDA graph and replayed: the GPU's time with no host time between
     launches (what CUDA graphs or torch.compile's reduce-overhead mode would get). Returns the
     graph's output tensors, which each replay rewrites."""
     graph, out = [], []
 
+    @functools.wraps(fn)  # (with what the row's fn carries: forced's note on its config)
     def run():
         if not graph:
             side = torch.cuda.Stream(device)
@@ -110,8 +141,9 @@ def composed(thin, x, W, b, A, B, dy, dtype):
     return run
 
 
-def pieces(K, N, M, r, dtype, device):
-    """name -> (kind, zero-argument callable); the first row of each kind is its floor."""
+def pieces(K, N, M, r, dtype, device, sweep=False):
+    """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
+    ``sweep``, also the forward's GEMM launch forced to each of its candidate configs (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -155,6 +187,9 @@ def pieces(K, N, M, r, dtype, device):
     def pointers_only(fn):
         return switched(fn, "TMA", False)
 
+    def gemm_sb():  # the forward's GEMM launch, as the layer makes it with the shrink separate
+        return mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype)
+
     def base_fwd_bwd():  # dX only: the base is frozen
         torch.autograd.grad(torch.nn.functional.linear(xb, W, b), [xb], dy)
 
@@ -178,8 +213,7 @@ def pieces(K, N, M, r, dtype, device):
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
-        "GEMM + SB + bias (S given)": ("fwd", lambda: mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b,
-                                                        out_dtype=dtype)),
+        SWEPT: ("fwd", gemm_sb),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
@@ -210,6 +244,9 @@ def pieces(K, N, M, r, dtype, device):
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
+    for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN) if sweep else ():
+        run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
+        rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
     if device.type == "cuda":
         rows = {name: (kind, graphed(fn, device) if kind in GRAPHED_KINDS else fn) for name, (kind, fn) in rows.items()}
     return rows
@@ -242,27 +279,56 @@ TWINS = {
 }
 
 
+# The forward's GEMM launch, and its rows forced to one config each (pieces' ``sweep``): each checked
+# against it, and timed in turn with cuBLAS's F.linear.
+SWEPT = "GEMM + SB + bias (S given)"
+SWEEP_PREFIX = "GEMM + SB + bias, forced to "
+# The sweep's configs: those the autotuner timed within this factor of its pick (at 8192 tokens it
+# keeps 26, most of them small tiles far behind; the contenders are the few within noise of it).
+SWEEP_WITHIN = 1.25
+
+# Rows timed in turn with their kind's floor too (cuBLAS, or the base's step). Timed apart, a row's
+# ratio to its floor moves with the GPU's clocks: in the fifth H200 run the plain GEMM came out
+# 1.30 × cuBLAS at 4096→4096 (128x256x64 w8 s4 tma), its twin on candidates since removed 1.10,
+# and the two timed alternately 0.99 × each other. These are the ratios the NOTES' conclusions
+# rest on: the forward's GEMM and dX against cuBLAS, the whole step against the base's.
+AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX's layout of W)", SWEPT,
+                 "Triton dY W, no LoRA", "dX = dY W + α dS Aᵀ", "layer fwd+bwd, separate shrink, CUDA graph")
+
+
+def twin(name):
+    """The row whose result ``name``'s must match before it is timed, or None."""
+    return SWEPT if name.startswith(SWEEP_PREFIX) else TWINS.get(name)
+
+
 def disagreement(got, want):
     """The largest relative Frobenius difference between two results (tensors, or tuples of them)."""
     pairs = zip(got, want) if isinstance(got, (tuple, list)) else [(got, want)]
     return max(rel_err(a, b) for a, b in pairs)
 
 
-def alternate(shape_pieces, timed, timer, rounds=4):
+def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
     """Each timed row of a new variant and its timed twin of the same kind again, in ``rounds``
     rounds of the two in turn (row, twin, then twin, row, ...: a steady drift then weighs on both
-    alike): the ratio of their medians goes in the row as ``vs_twin``. Rows timed apart drift with
-    the GPU's clocks (on the H200 the base's own timings moved by up to 48% within one
-    configuration), which must not decide which variant wins."""
-    for name, twin in TWINS.items():
-        if name not in timed or twin not in timed or shape_pieces[name][0] != shape_pieces[twin][0]:
+    alike): the ratio of their medians goes in the row as ``vs_twin``. Likewise each row of
+    AGAINST_FLOOR or of the sweep against its kind's floor, in ``floor_rounds``, as ``vs_floor``.
+    Rows timed apart drift with the GPU's clocks (on the H200 the base's own timings moved by up
+    to 48% within one configuration), which must not decide which variant wins."""
+    floors = {}
+    for name, (kind, _) in shape_pieces.items():
+        floors.setdefault(kind, name)
+    pairs = [(name, twin(name), "vs_twin", rounds) for name in shape_pieces]
+    pairs += [(name, floors[kind], "vs_floor", floor_rounds) for name, (kind, _) in shape_pieces.items()
+              if (name in AGAINST_FLOOR or name.startswith(SWEEP_PREFIX)) and name != floors[kind]]
+    for name, other, field, n in pairs:
+        if name not in timed or other not in timed or shape_pieces[name][0] != shape_pieces[other][0]:
             continue
-        ms = {name: [], twin: []}
-        for i in range(rounds):
-            for piece in (name, twin) if i % 2 == 0 else (twin, name):
+        ms = {name: [], other: []}
+        for i in range(n):
+            for piece in (name, other) if i % 2 == 0 else (other, name):
                 fn = shape_pieces[piece][1]
                 ms[piece].append(timer(lambda: None, lambda _: fn())[0])
-        timed[name]["vs_twin"] = statistics.median(ms[name]) / statistics.median(ms[twin])
+        timed[name][field] = statistics.median(ms[name]) / statistics.median(ms[other])
 
 
 def write(out, meta, rows, started):
@@ -279,7 +345,9 @@ def write(out, meta, rows, started):
              "config: the autotuner's choice for the piece's last launch; the result of each row of a new "
              "variant was compared with its twin's, named in the row, before it was timed (relative Frobenius "
              "difference), and, the two of one kind, timed again in turn, four rounds, for the ratio of their "
-             "medians (× twin, timed alternately)."
+             "medians (× twin, timed alternately); some rows, and each 'forced to' one config, also in turn with "
+             "their floor, two rounds (× floor, timed alternately); 'the autotuner's timing': its own median for "
+             "that config, from which it made its pick."
              + (f" INCOMPLETE: {meta['stopped']}." if meta.get("stopped") else "")
              + "".join(f" {e}." for e in meta.get("errors", [])), "",
              f"Settings: {report.describe_settings(meta['settings'])}.", "",
@@ -290,10 +358,15 @@ def write(out, meta, rows, started):
             lines.append(f"| {r['shape']} | {r['piece']} | FAILED: {error[:400]} | | {r['config'] or ''} |")
         else:
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
-            config = (r["config"] or "") + (f"; differs from '{TWINS[r['piece']]}' by {r['differs']:.1e}"
-                                            if r.get("differs") is not None else "")
+            config = (r["config"] or "") + (" (the autotuner's pick)" if r.get("picked") else "")
+            if r.get("tuner_ms") is not None:
+                config += f"; the autotuner's timing: {r['tuner_ms']:.4f} ms"
+            if r.get("differs") is not None:
+                config += f"; differs from '{twin(r['piece'])}' by {r['differs']:.1e}"
             if r.get("vs_twin") is not None:
                 config += f"; × twin, timed alternately: {r['vs_twin']:.3f}"
+            if r.get("vs_floor") is not None:
+                config += f"; × floor, timed alternately: {r['vs_floor']:.3f}"
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -385,6 +458,9 @@ def host_ms(fn, device, calls=300):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
+    parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [], default=DEFAULT_SWEEP,
+                        help="KxN,... where the forward's GEMM launch is also timed forced to each of its candidate "
+                             "configs (none: --sweep '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
@@ -419,13 +495,14 @@ def main(argv=None):
         for K, N in args.shapes:
             floors, results, timed = {}, {}, {}
             try:
-                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device)
+                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, (K, N) in args.sweep)
             except Exception as e:  # (its setup launches kernels too)
                 rows.append({"shape": f"{K}→{N}", "piece": "setup", "ms": None, "ratio": None, "config": None,
                              "error": f"{type(e).__name__}: {e}"})
                 continue
             for name, (kind, fn) in shape_pieces.items():
-                row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None}
+                row = {"shape": f"{K}→{N}", "piece": name, "ms": None, "ratio": None, "config": None,
+                       **getattr(fn, "tuned", {})}
                 try:
                     kernels._lora_matmul_kernel.best_config = None
                     with _no_direct_launch():  # (a direct launch would leave best_config unset)
@@ -434,14 +511,14 @@ def main(argv=None):
                     best = kernels._lora_matmul_kernel.best_config
                     row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
                     result = fn()  # checked as timed: the compiled kernels called directly, or the graph replayed
-                    if name in TWINS.values():
+                    if name in TWINS.values() or name == SWEPT:
                         results[name] = result
-                    if name in TWINS:
-                        if TWINS[name] not in results:
-                            raise RuntimeError(f"unchecked: '{TWINS[name]}' has no result to compare with")
-                        row["differs"] = disagreement(result, results[TWINS[name]])
+                    if twin(name) is not None:
+                        if twin(name) not in results:
+                            raise RuntimeError(f"unchecked: '{twin(name)}' has no result to compare with")
+                        row["differs"] = disagreement(result, results[twin(name)])
                         if not row["differs"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
-                            raise RuntimeError(f"WRONG: differs from '{TWINS[name]}' by {row['differs']:.1e}")
+                            raise RuntimeError(f"WRONG: differs from '{twin(name)}' by {row['differs']:.1e}")
                     del result
                     row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest

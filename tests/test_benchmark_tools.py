@@ -599,8 +599,10 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     # (and, computed, the same step on the PyTorch path beside the addmm baseline's over the same calls)
     assert "1.0 µs  lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)" in printed
     assert "1.0 µs  addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)" in printed
-    # (and the engine's own cost around a Python Function that computes nothing)
+    # (and the engine's own cost around a Python Function that computes nothing, alone and with
+    # the layer's inputs, saved tensors and gradients)
     assert "1.0 µs  a Python autograd.Function that computes nothing, forward+backward" in printed
+    assert "1.0 µs  the same with the layer's inputs, saved tensors and gradients" in printed
     # (and a generation step's forward under no_grad: the layer's, on both paths, F.linear's and peft's)
     for name in ("lora_linear forward under no_grad (evaluation)", "lora_linear forward under no_grad, PyTorch path",
                  "F.linear forward under no_grad", "peft LoRA Linear, fp32 adapters, its own forward under no_grad"):
@@ -913,6 +915,82 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
     assert timed["new, slower"]["vs_twin"] > 1.3
     assert "vs_twin" not in timed["new, graph"] and "vs_twin" not in timed["default"]
 
+
+
+def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(monkeypatch):
+    """`alternate` also times each row of AGAINST_FLOOR, and each row of the forward's config sweep,
+    in turn with the first row of its kind (its floor), for ``vs_floor``; not the floor itself,
+    nor any other row, nor a row whose floor was not timed."""
+    from benchmarks import variants
+    clock = {"now": 0.0}
+
+    def drifting_timer(setup, step):
+        clock["now"] += 0.1
+        return (step(setup()) + clock["now"],)
+
+    swept = variants.SWEEP_PREFIX + "128x256x64 w8 s3"
+    shape_pieces = {"cuBLAS": ("fwd", lambda: 1.0), "key row": ("fwd", lambda: 1.5), swept: ("fwd", lambda: 1.0),
+                    "other row": ("fwd", lambda: 1.0), "dx floor": ("dx", lambda: 1.0), "dx row": ("dx", lambda: 2.0)}
+    monkeypatch.setattr(variants, "AGAINST_FLOOR", ("key row", "cuBLAS", "dx row"))
+    monkeypatch.setattr(variants, "TWINS", {})
+    timed = {name: {} for name in shape_pieces if name != "dx floor"}
+    variants.alternate(shape_pieces, timed, drifting_timer)
+    assert timed["key row"]["vs_floor"] > 1.3 and timed[swept]["vs_floor"] == pytest.approx(1.0)
+    assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row"))
+
+
+def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(monkeypatch):
+    """`variants.forced` runs one launch with each config that the autotuner's own timings put
+    within the given factor of its pick, one config at a time (a lone config runs as it is), each
+    beside that timing and whether it was the pick; it reads no timings another launch left
+    behind, and leaves the autotuner's candidates and choices as they were."""
+    from benchmarks import variants
+    configs = kernels.hopper_configs()[:4]
+    timings = {configs[0]: [2.0, 1.9, 2.1], configs[1]: [1.0, 0.9, 1.1], configs[2]: [1.2, 1.1, 1.3],
+               configs[3]: [1.3, 1.2, 1.4]}
+
+    class Tuner:  # what forced reads and writes of Triton's autotuner
+        cache = {"another key": configs[3]}
+        configs_timings = {configs[3]: [0.1, 0.1, 0.1]}  # another launch's, stale
+
+    tuner = Tuner()
+    tuner.configs = configs
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", tuner)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+
+    def launch():  # as Triton's autotuner: several candidates are tuned (timed), a lone one just runs
+        if len(tuner.configs) > 1:
+            assert tuner.cache == {} and tuner.configs_timings == {}
+            tuner.configs_timings, tuner.best_config = timings, configs[1]
+            return "tuned"
+        return tuner.configs[0]
+
+    rows = variants.forced(launch, 1.25)
+    assert [(c, ms, picked) for c, _, ms, picked in rows] == [(configs[1], 1.0, True), (configs[2], 1.2, False)]
+    assert [run() for _, run, _, _ in rows] == [configs[1], configs[2]]
+    assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
+
+
+def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp_path, monkeypatch):
+    """A sweep row's line in variants.md names its config, whether the autotuner picked it and its
+    own timing of it, and the row it was checked against (the forward's GEMM launch, autotuned)."""
+    from benchmarks import variants
+    t = torch.randn(8, 8)
+
+    def forced_config():
+        return t.clone()
+    forced_config.tuned = {"tuner_ms": 0.5, "picked": True}
+    swept = variants.SWEEP_PREFIX + "128x256x64 w8 s3"
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
+    monkeypatch.setattr(variants, "pieces", lambda *args: {
+        "floor": ("fwd", lambda: t), variants.SWEPT: ("fwd", lambda: t), swept: ("fwd", forced_config)})
+    monkeypatch.setattr(variants.kernels, "INTERPRET", True)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    variants.main(["--shapes", "8x8", "--tokens", "8", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path)])
+    (line,) = [ln for ln in (tmp_path / "variants.md").read_text().splitlines() if swept in ln]
+    assert line.endswith(" (the autotuner's pick); the autotuner's timing: 0.5000 ms; differs from "
+                         f"'{variants.SWEPT}' by 0.0e+00 |"), line
 
 def _collected(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
