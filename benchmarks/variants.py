@@ -13,8 +13,8 @@ each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRA
 Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
 launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
 (``composed``), eager and from a CUDA graph. At the --sweep shapes, the forward's GEMM launch
-forced to each candidate config the autotuner keeps for it, beside the autotuner's own timing of
-each (``forced``). Every ratio is to the floor of the same run; each new variant's row is checked
+forced to each config the autotuner timed near its pick, beside its timing, and to each persistent
+candidate flattened (``forced``). Every ratio is to the floor of the same run; each new variant's row is checked
 against its twin (``TWINS``) and, where the two are of one kind, timed in turn with it for a ratio
 that clock drift does not decide, and the rows that conclusions rest on (``AGAINST_FLOOR``, the
 sweep's) are timed in turn with their floor as well. Writes ``variants.md`` and
@@ -76,12 +76,14 @@ def without_deep_tiles(fn):
     return with_configs(fn, [c for c in kernels._lora_matmul_kernel.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K])
 
 
-def forced(fn, within):
+def forced(fn, within, flatten):
     """fn (one launch) run with each config the autotuner keeps for it whose own timing was within
-    ``within`` × its pick's, one at a time: [(config, that run, the autotuner's median ms for the
-    config or None, whether it picked it)]. The autotuner's timings are those its choice was made
-    from (read back from its disk cache, or timed afresh here without one); fn is called once,
-    through Triton's dispatch."""
+    ``within`` × its pick's and, with ``flatten``, with each persistent one flattened
+    (``kernels.flattened``: not among its candidates), one config at a time: [(config, that run,
+    the autotuner's median ms for the config or None, whether it picked it)]. The autotuner's
+    timings are those its choice was made from (read back from its disk cache, or timed afresh
+    here without one); fn is called once, through Triton's dispatch. (A lone config runs unpruned:
+    ``flatten`` only where the low-rank term is one block, as the kernel requires of FLATTEN.)"""
     tuner = kernels._lora_matmul_kernel
     timings, picked = {}, tuner.configs[0]
     if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
@@ -89,8 +91,9 @@ def forced(fn, within):
         with _no_direct_launch():
             with_configs(fn, tuner.configs)()
         timings, picked = tuner.configs_timings, tuner.best_config
-    candidates = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
-    return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in candidates]
+    near = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
+    configs = near + [kernels.flattened(c) for c in timings if flatten and c.kwargs.get("PERSISTENT")]
+    return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in configs]
 
 
 def graphed(fn, device):
@@ -143,7 +146,8 @@ def composed(thin, x, W, b, A, B, dy, dtype):
 
 def pieces(K, N, M, r, dtype, device, sweep=False):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
-    ``sweep``, also the forward's GEMM launch forced to each of its candidate configs (``forced``)."""
+    ``sweep``, also the forward's GEMM launch forced to each config the autotuner timed near its
+    pick, and to each of its persistent candidates flattened (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -244,7 +248,7 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
-    for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN) if sweep else ():
+    for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, r <= kernels.FUSE_MAX_RANK) if sweep else ():
         run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
         rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
     if device.type == "cuda":
@@ -459,8 +463,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
     parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [], default=DEFAULT_SWEEP,
-                        help="KxN,... where the forward's GEMM launch is also timed forced to each of its candidate "
-                             "configs (none: --sweep '')")
+                        help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
+                             "autotuner timed near its pick, and to each persistent one flattened (none: --sweep '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),

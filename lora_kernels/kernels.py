@@ -120,10 +120,19 @@ DEEP_K = 256
 THIN_N = 64
 
 
-def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, group=8):
+def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, flatten=False, group=8):
     """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "USE_TMA": tma,
-                          "PERSISTENT": persistent}, num_warps=warps, num_stages=stages)
+                          "PERSISTENT": persistent, "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
+
+
+def flattened(config):
+    """A persistent ``config`` with its loop over tiles flattened into the K loop (FLATTEN): the
+    compiler then pipelines across tiles, loading the next tile's operands while this one's
+    epilogue runs, where otherwise each tile fills and drains the pipeline anew. Not among the
+    autotuner's candidates until a GPU run has checked and timed it (benchmarks.variants does)."""
+    return triton.Config({**config.kwargs, "FLATTEN": True}, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
 
 
 def hopper_configs():
@@ -191,11 +200,12 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent]' for a config's ``all_kwargs()``, as the tools
-    report it."""
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [flattened]' for a config's ``all_kwargs()``, as
+    the tools report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else ""))
+            + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else "")
+            + (" flattened" if c.get("FLATTEN") else ""))
 
 
 def _fit(block, size):
@@ -261,6 +271,10 @@ def _prune(configs, named_args, **kwargs):
         if bk >= DEEP_K and N > THIN_N:  # (the deep tiles are for thin outputs, see hopper_configs)
             continue
         if (narrow and bn > 128) or (second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
+            continue
+        # A flattened loop over tiles needs one (persistent) and a low-rank term of one block (the
+        # kernel then computes only the first BLOCK_R ranks: see FLATTEN there).
+        if c.kwargs.get("FLATTEN") and (not c.kwargs["PERSISTENT"] or named_args["R"] > kwargs["BLOCK_R"]):
             continue
         per_stage = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk
         stages = c.num_stages
@@ -434,7 +448,7 @@ def _lora_matmul_kernel(
     ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
     if DROPOUT != DROP_NONE:
@@ -468,7 +482,11 @@ def _lora_matmul_kernel(
     else:  # bounds the compiler sees as one trip, so it drops the loop: one tile's straight-line code
         tile_end = pid + 1
         tile_step = 1
-    for tile in range(pid, tile_end, tile_step):
+    # FLATTEN (persistent configs, see kernels.flattened): the compiler fuses this loop and the K
+    # loop below into one, so its pipeline runs on from tile to tile. It flattens only a loop nest
+    # with one inner loop: the low-rank term's loop then runs one block (R <= BLOCK_R, which the
+    # pruner requires of FLATTEN configs), its bounds constant so that the compiler drops it.
+    for tile in tl.range(pid, tile_end, tile_step, flatten=FLATTEN):
         # Grouped order: consecutive tiles walk down GROUP_M row blocks before the next column
         # block, so each column block of W is read GROUP_M times while those rows of X stay in L2.
         group = tile // (GROUP_M * num_n)
@@ -555,7 +573,7 @@ def _lora_matmul_kernel(
                 # pipeline buys nothing there but a copy of the L and R tiles per stage (compiled
                 # for sm_90, fp32 adapters at rank 64 then pushed the 4-stage tiles to 240-288 KiB
                 # of shared memory; one copy fits in the freed K-loop buffers).
-                for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+                for r0 in tl.range(0, BLOCK_R if FLATTEN else R, BLOCK_R, num_stages=1):
                     rr = r0 + tl.arange(0, BLOCK_R)
                     mask_r = rr < R
                     lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,

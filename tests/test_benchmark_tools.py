@@ -939,13 +939,17 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
     assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row"))
 
 
-def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(monkeypatch):
+@pytest.mark.parametrize("flatten", [True, False])
+def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(flatten, monkeypatch):
     """`variants.forced` runs one launch with each config that the autotuner's own timings put
-    within the given factor of its pick, one config at a time (a lone config runs as it is), each
-    beside that timing and whether it was the pick; it reads no timings another launch left
-    behind, and leaves the autotuner's candidates and choices as they were."""
+    within the given factor of its pick and, if asked, with each persistent candidate flattened,
+    one config at a time (a lone config runs as it is), each beside that timing and whether it was
+    the pick; it reads no timings another launch left behind, and leaves the autotuner's candidates
+    and choices as they were."""
     from benchmarks import variants
     configs = kernels.hopper_configs()[:4]
+    persistent = [c for c in configs if c.kwargs["PERSISTENT"]]
+    assert len(persistent) == 1 and persistent[0] == configs[2]
     timings = {configs[0]: [2.0, 1.9, 2.1], configs[1]: [1.0, 0.9, 1.1], configs[2]: [1.2, 1.1, 1.3],
                configs[3]: [1.3, 1.2, 1.4]}
 
@@ -965,9 +969,12 @@ def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(mon
             return "tuned"
         return tuner.configs[0]
 
-    rows = variants.forced(launch, 1.25)
-    assert [(c, ms, picked) for c, _, ms, picked in rows] == [(configs[1], 1.0, True), (configs[2], 1.2, False)]
-    assert [run() for _, run, _, _ in rows] == [configs[1], configs[2]]
+    rows = variants.forced(launch, 1.25, flatten)
+    flat = [kernels.flattened(configs[2])] if flatten else []
+    assert [(c, ms, picked) for c, _, ms, picked in rows] == (
+        [(configs[1], 1.0, True), (configs[2], 1.2, False)] + [(c, None, False) for c in flat])
+    assert [run() for _, run, _, _ in rows] == [configs[1], configs[2]] + flat
+    assert all(c.kwargs["FLATTEN"] and c.kwargs["PERSISTENT"] for c in flat)
     assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
 
 

@@ -650,6 +650,25 @@ def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
                 assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= kernels.SMEM_BYTES
 
 
+def test_prune_keeps_a_flattened_config_only_where_its_kernel_computes_the_whole_rank():
+    """A flattened config (``kernels.flattened``) loops over tiles only in a persistent grid, and its
+    kernel computes the low-rank term in one block of BLOCK_R ranks: the pruner drops it without a
+    persistent grid, or past BLOCK_R ranks, where it would compute part of the term."""
+    import triton.language as tl
+    persistent = [c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
+    one_tile = [c for c in kernels.hopper_configs() if not c.kwargs["PERSISTENT"]]
+    configs = [kernels.flattened(c) for c in persistent + one_tile]
+
+    def kept(R, block_r):
+        named = {"M": 8192, "N": 4096, "R": R, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16,
+                 "l_ptr": torch.bfloat16, "r_ptr": torch.bfloat16, "out_ptr": torch.bfloat16}
+        return kernels._prune(configs, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, BLOCK_R=block_r, HAS_LOWRANK=True)
+
+    for R, block_r in [(0, 16), (16, 16), (9, 16), (64, 64)]:
+        assert [(c.kwargs["FLATTEN"], c.kwargs["PERSISTENT"]) for c in kept(R, block_r)] == [(True, True)] * len(persistent)
+    assert not any(c.kwargs["FLATTEN"] for c in kept(65, 64)) and not any(c.kwargs["FLATTEN"] for c in kept(100, 64))
+
+
 @pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
 def test_fp32_precision_follows_pytorch(setting, expected):
     """Both of PyTorch's switches for fp32 matmuls are honoured, the newer one without raising."""
