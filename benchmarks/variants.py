@@ -78,12 +78,13 @@ def without_deep_tiles(fn):
 
 def forced(fn, within, flatten):
     """fn (one launch) run with each config the autotuner keeps for it whose own timing was within
-    ``within`` × its pick's and, with ``flatten``, with each persistent one flattened
-    (``kernels.flattened``: not among its candidates), one config at a time: [(config, that run,
-    the autotuner's median ms for the config or None, whether it picked it)]. The autotuner's
-    timings are those its choice was made from (read back from its disk cache, or timed afresh
-    here without one); fn is called once, through Triton's dispatch. (A lone config runs unpruned:
-    ``flatten`` only where the low-rank term is one block, as the kernel requires of FLATTEN.)"""
+    ``within`` × its pick's and, with ``flatten``, with each persistent one, then each of those
+    flattened (``kernels.flattened``: not among its candidates), one config at a time: [(config,
+    that run, the autotuner's median ms for the config or None, whether it picked it)]. The
+    autotuner's timings are those its choice was made from (read back from its disk cache, or
+    timed afresh here without one, when its pick may differ from a later tuning's); fn is called
+    once, through Triton's dispatch. (A lone config runs unpruned: ``flatten`` only where the
+    low-rank term is one block, as the kernel requires of FLATTEN.)"""
     tuner = kernels._lora_matmul_kernel
     timings, picked = {}, tuner.configs[0]
     if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
@@ -92,7 +93,8 @@ def forced(fn, within, flatten):
             with_configs(fn, tuner.configs)()
         timings, picked = tuner.configs_timings, tuner.best_config
     near = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
-    configs = near + [kernels.flattened(c) for c in timings if flatten and c.kwargs.get("PERSISTENT")]
+    persistent = [c for c in timings if flatten and c.kwargs.get("PERSISTENT")]
+    configs = near + [c for c in persistent if c not in near] + [kernels.flattened(c) for c in persistent]
     return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in configs]
 
 
@@ -146,8 +148,9 @@ def composed(thin, x, W, b, A, B, dy, dtype):
 
 def pieces(K, N, M, r, dtype, device, sweep=False):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
-    ``sweep``, also the forward's GEMM launch forced to each config the autotuner timed near its
-    pick, and to each of its persistent candidates flattened (``forced``)."""
+    ``sweep``, the sweep's rows instead: cuBLAS's forward (the floor), the forward's GEMM launch
+    autotuned, and the same forced to each config the autotuner timed near its pick, and to each
+    persistent candidate with and without FLATTEN (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -248,9 +251,11 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
-    for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, r <= kernels.FUSE_MAX_RANK) if sweep else ():
-        run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
-        rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
+    if sweep:
+        rows = {name: rows[name] for name in ("cuBLAS F.linear (floor)", SWEPT)}
+        for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, r <= kernels.FUSE_MAX_RANK):
+            run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
+            rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
     if device.type == "cuda":
         rows = {name: (kind, graphed(fn, device) if kind in GRAPHED_KINDS else fn) for name, (kind, fn) in rows.items()}
     return rows
@@ -287,6 +292,7 @@ TWINS = {
 # against it, and timed in turn with cuBLAS's F.linear.
 SWEPT = "GEMM + SB + bias (S given)"
 SWEEP_PREFIX = "GEMM + SB + bias, forced to "
+FLATTENED = " flattened"  # (how kernels.tile_name ends a FLATTEN config's name)
 # The sweep's configs: those the autotuner timed within this factor of its pick (at 8192 tokens it
 # keeps 26, most of them small tiles far behind; the contenders are the few within noise of it).
 SWEEP_WITHIN = 1.25
@@ -301,8 +307,12 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
 
 
 def twin(name):
-    """The row whose result ``name``'s must match before it is timed, or None."""
-    return SWEPT if name.startswith(SWEEP_PREFIX) else TWINS.get(name)
+    """The row whose result ``name``'s must match before it is timed, or None: a flattened config's
+    is the same config unflattened (also timed in turn with it), another forced config's the
+    autotuned launch."""
+    if name.startswith(SWEEP_PREFIX):
+        return name.removesuffix(FLATTENED) if name.endswith(FLATTENED) else SWEPT
+    return TWINS.get(name)
 
 
 def disagreement(got, want):
@@ -317,22 +327,29 @@ def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
     alike): the ratio of their medians goes in the row as ``vs_twin``. Likewise each row of
     AGAINST_FLOOR or of the sweep against its kind's floor, in ``floor_rounds``, as ``vs_floor``.
     Rows timed apart drift with the GPU's clocks (on the H200 the base's own timings moved by up
-    to 48% within one configuration), which must not decide which variant wins."""
+    to 48% within one configuration), which must not decide which variant wins. Returns the errors
+    of the pairs that failed."""
     floors = {}
     for name, (kind, _) in shape_pieces.items():
         floors.setdefault(kind, name)
     pairs = [(name, twin(name), "vs_twin", rounds) for name in shape_pieces]
     pairs += [(name, floors[kind], "vs_floor", floor_rounds) for name, (kind, _) in shape_pieces.items()
               if (name in AGAINST_FLOOR or name.startswith(SWEEP_PREFIX)) and name != floors[kind]]
+    errors = []
     for name, other, field, n in pairs:
         if name not in timed or other not in timed or shape_pieces[name][0] != shape_pieces[other][0]:
             continue
         ms = {name: [], other: []}
-        for i in range(n):
-            for piece in (name, other) if i % 2 == 0 else (other, name):
-                fn = shape_pieces[piece][1]
-                ms[piece].append(timer(lambda: None, lambda _: fn())[0])
+        try:  # (one pair that fails must not cost the pairs after it)
+            for i in range(n):
+                for piece in (name, other) if i % 2 == 0 else (other, name):
+                    fn = shape_pieces[piece][1]
+                    ms[piece].append(timer(lambda: None, lambda _: fn())[0])
+        except Exception as e:
+            errors.append(f"'{name}' in turn with '{other}': {type(e).__name__}: {e}")
+            continue
         timed[name][field] = statistics.median(ms[name]) / statistics.median(ms[other])
+    return errors
 
 
 def write(out, meta, rows, started):
@@ -462,9 +479,10 @@ def host_ms(fn, device, calls=300):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
-    parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [], default=DEFAULT_SWEEP,
+    parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [],
                         help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
-                             "autotuner timed near its pick, and to each persistent one flattened (none: --sweep '')")
+                             f"autotuner timed near its pick, and to each persistent one flattened (default: those of "
+                             f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
@@ -472,6 +490,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
     args = parser.parse_args(argv)
+    if args.sweep is None:
+        args.sweep = [shape for shape in _shapes(DEFAULT_SWEEP) if shape in args.shapes]
     device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
@@ -496,10 +516,13 @@ def main(argv=None):
             write(args.out, meta, rows, started)
             print(f"64→64  {row['piece']:34s} " + (row["error"] if row["ms"] is None else f"{row['ms']:9.4f} ms"
                   + (f"  ×{row['ratio']:.3f}" if row["ratio"] is not None else "")), flush=True)
-        for K, N in args.shapes:
+        # The sweep's rows last, a pass of their own: its flattened configs have run on no GPU before,
+        # and one that faults would take the CUDA context, and every reading after it, with it.
+        for K, N, sweep in [(K, N, False) for K, N in args.shapes] + [(K, N, True) for K, N in args.sweep]:
             floors, results, timed = {}, {}, {}
             try:
-                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, (K, N) in args.sweep)
+                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, sweep)
+                twins = {twin(name) for name in shape_pieces}  # (the rows whose results others are checked against)
             except Exception as e:  # (its setup launches kernels too)
                 rows.append({"shape": f"{K}→{N}", "piece": "setup", "ms": None, "ratio": None, "config": None,
                              "error": f"{type(e).__name__}: {e}"})
@@ -515,7 +538,7 @@ def main(argv=None):
                     best = kernels._lora_matmul_kernel.best_config
                     row["config"] = None if best is None else kernels.tile_name(best.all_kwargs())
                     result = fn()  # checked as timed: the compiled kernels called directly, or the graph replayed
-                    if name in TWINS.values() or name == SWEPT:
+                    if name in twins:
                         results[name] = result
                     if twin(name) is not None:
                         if twin(name) not in results:
@@ -538,11 +561,8 @@ def main(argv=None):
                 write(args.out, meta, rows, started)
                 print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio'] or float('nan'):.3f}"
                                                   if row["ms"] is not None else row["error"]), flush=True)
-            if timer:
-                try:
-                    alternate(shape_pieces, timed, timer)
-                except Exception as e:  # the rows stand without their × twin
-                    meta.setdefault("errors", []).append(f"{K}→{N} alternate: {type(e).__name__}: {e}")
+            if timer:  # (the rows stand without the ratios of pairs that failed)
+                meta.setdefault("errors", []).extend(f"{K}→{N} alternate: {e}" for e in alternate(shape_pieces, timed, timer))
     except Stopped as e:
         meta["stopped"] = str(e)
     except Exception as e:  # anything else: said, and what was measured is still written

@@ -130,7 +130,9 @@ def flattened(config):
     """A persistent ``config`` with its loop over tiles flattened into the K loop (FLATTEN): the
     compiler then pipelines across tiles, loading the next tile's operands while this one's
     epilogue runs, where otherwise each tile fills and drains the pipeline anew. Not among the
-    autotuner's candidates until a GPU run has checked and timed it (benchmarks.variants does)."""
+    autotuner's candidates until a GPU run has checked and timed it (benchmarks.variants does).
+    The pruner keeps such a config to launches whose low-rank term is one block (R <= BLOCK_R);
+    one launched alone, unpruned, past that would compute the first BLOCK_R ranks only."""
     return triton.Config({**config.kwargs, "FLATTEN": True}, num_warps=config.num_warps,
                          num_stages=config.num_stages)
 

@@ -916,11 +916,10 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
     assert "vs_twin" not in timed["new, graph"] and "vs_twin" not in timed["default"]
 
 
-
 def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(monkeypatch):
     """`alternate` also times each row of AGAINST_FLOOR, and each row of the forward's config sweep,
     in turn with the first row of its kind (its floor), for ``vs_floor``; not the floor itself,
-    nor any other row, nor a row whose floor was not timed."""
+    nor any other row, nor a row whose floor was not timed; and a pair that fails costs no other."""
     from benchmarks import variants
     clock = {"now": 0.0}
 
@@ -928,13 +927,19 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
         clock["now"] += 0.1
         return (step(setup()) + clock["now"],)
 
+    def broken():
+        raise RuntimeError("a fault")
+
     swept = variants.SWEEP_PREFIX + "128x256x64 w8 s3"
-    shape_pieces = {"cuBLAS": ("fwd", lambda: 1.0), "key row": ("fwd", lambda: 1.5), swept: ("fwd", lambda: 1.0),
-                    "other row": ("fwd", lambda: 1.0), "dx floor": ("dx", lambda: 1.0), "dx row": ("dx", lambda: 2.0)}
-    monkeypatch.setattr(variants, "AGAINST_FLOOR", ("key row", "cuBLAS", "dx row"))
+    shape_pieces = {"cuBLAS": ("fwd", lambda: 1.0), "broken row": ("fwd", broken), "key row": ("fwd", lambda: 1.5),
+                    swept: ("fwd", lambda: 1.0), "other row": ("fwd", lambda: 1.0), "dx floor": ("dx", lambda: 1.0),
+                    "dx row": ("dx", lambda: 2.0)}
+    monkeypatch.setattr(variants, "AGAINST_FLOOR", ("broken row", "key row", "cuBLAS", "dx row"))
     monkeypatch.setattr(variants, "TWINS", {})
     timed = {name: {} for name in shape_pieces if name != "dx floor"}
-    variants.alternate(shape_pieces, timed, drifting_timer)
+    errors = variants.alternate(shape_pieces, timed, drifting_timer)
+    # (a pair that fails is reported, and the pairs after it are still timed)
+    assert errors == ["'broken row' in turn with 'cuBLAS': RuntimeError: a fault"] and "vs_floor" not in timed["broken row"]
     assert timed["key row"]["vs_floor"] > 1.3 and timed[swept]["vs_floor"] == pytest.approx(1.0)
     assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row"))
 
@@ -942,16 +947,16 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
 @pytest.mark.parametrize("flatten", [True, False])
 def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(flatten, monkeypatch):
     """`variants.forced` runs one launch with each config that the autotuner's own timings put
-    within the given factor of its pick and, if asked, with each persistent candidate flattened,
-    one config at a time (a lone config runs as it is), each beside that timing and whether it was
-    the pick; it reads no timings another launch left behind, and leaves the autotuner's candidates
-    and choices as they were."""
+    within the given factor of its pick and, if asked, with each persistent candidate (however far
+    from the pick) and then each of those flattened, one config at a time (a lone config runs as
+    it is), each beside that timing and whether it was the pick; it reads no timings another
+    launch left behind, and leaves the autotuner's candidates and choices as they were."""
     from benchmarks import variants
     configs = kernels.hopper_configs()[:4]
     persistent = [c for c in configs if c.kwargs["PERSISTENT"]]
     assert len(persistent) == 1 and persistent[0] == configs[2]
-    timings = {configs[0]: [2.0, 1.9, 2.1], configs[1]: [1.0, 0.9, 1.1], configs[2]: [1.2, 1.1, 1.3],
-               configs[3]: [1.3, 1.2, 1.4]}
+    timings = {configs[0]: [2.0, 1.9, 2.1], configs[1]: [1.0, 0.9, 1.1], configs[2]: [1.3, 1.2, 1.4],
+               configs[3]: [1.2, 1.1, 1.3]}
 
     class Tuner:  # what forced reads and writes of Triton's autotuner
         cache = {"another key": configs[3]}
@@ -970,12 +975,26 @@ def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(fla
         return tuner.configs[0]
 
     rows = variants.forced(launch, 1.25, flatten)
-    flat = [kernels.flattened(configs[2])] if flatten else []
-    assert [(c, ms, picked) for c, _, ms, picked in rows] == (
-        [(configs[1], 1.0, True), (configs[2], 1.2, False)] + [(c, None, False) for c in flat])
-    assert [run() for _, run, _, _ in rows] == [configs[1], configs[2]] + flat
-    assert all(c.kwargs["FLATTEN"] and c.kwargs["PERSISTENT"] for c in flat)
+    expected = [(configs[1], 1.0, True), (configs[3], 1.2, False)]
+    if flatten:
+        expected += [(configs[2], 1.3, False), (kernels.flattened(configs[2]), None, False)]
+    assert [(c, ms, picked) for c, _, ms, picked in rows] == expected
+    assert [run() for _, run, _, _ in rows] == [c for c, _, _ in expected]
     assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
+
+
+def test_variants_check_each_flattened_config_against_itself_unflattened():
+    """A sweep row's twin (its result checked against, and timed in turn with): the same config
+    unflattened for a flattened one, as kernels.tile_name names the two; the autotuned launch for
+    the others; and TWINS' for the rest."""
+    from benchmarks import variants
+    config = next(c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"])
+    plain = variants.SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())
+    flat = variants.SWEEP_PREFIX + kernels.tile_name(kernels.flattened(config).all_kwargs())
+    assert flat == plain + variants.FLATTENED
+    assert variants.twin(flat) == plain and variants.twin(plain) == variants.SWEPT
+    assert variants.twin("dA and dB, one paired launch (the layer's)") == "dA and dB, two launches"
+    assert variants.twin(variants.SWEPT) is None
 
 
 def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp_path, monkeypatch):
@@ -998,6 +1017,7 @@ def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp
     (line,) = [ln for ln in (tmp_path / "variants.md").read_text().splitlines() if swept in ln]
     assert line.endswith(" (the autotuner's pick); the autotuner's timing: 0.5000 ms; differs from "
                          f"'{variants.SWEPT}' by 0.0e+00 |"), line
+
 
 def _collected(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
