@@ -17,12 +17,13 @@
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
-#         dropout run, variants, then a Llama layer's seven projections in one step (model-step.md),
-#         two of the sweep's 8192-token rows with fp32 adapters beside the bf16 base (peft's default)
-#         and what a launch's first call spends compiling on the host's CPUs (first-step.md) in what
-#         is left (limits 60 + 60 + 55 + 45 + 180 + 110, 165 for variants, 75, 30 + 45 for the
-#         fp32-adapter run and its precompile, 2 × 40); the fp32-adapter run starts only with 65 s
-#         left and the first-step pair only with 70 s, so that pair is cut first;
+#         dropout run, variants, then two of the sweep's 8192-token rows with fp32 adapters beside
+#         the bf16 base (peft's default), a Llama layer's seven projections in one step
+#         (model-step.md) and what a launch's first call spends compiling on the host's CPUs
+#         (first-step.md) in what is left (limits 60 + 60 + 55 + 45 + 180 + 110, 165 for variants,
+#         30 + 45 for the fp32-adapter run and its precompile, 75, 2 × 40); the fp32-adapter run
+#         starts only with 65 s left and the first-step pair only with 70 s, so that pair is cut
+#         first;
 #         GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
@@ -256,16 +257,14 @@ if has variants all perf; then
   step variants 165 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
-  # A decoder layer's seven projections in one training step: how much of the small shapes' host
-  # time a model's step pays (the host runs ahead behind the large projections' GPU time).
-  step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
   # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
   # Two shapes, one mode, autotuned as users run it: the fifth run used the fixed test tile here
   # (LORA_KERNELS_AUTOTUNE=0) and timed that tile, not the layer. Its ten launches' candidates are
   # precompiled first (a carried pack holds them: cache mode runs this precompile too), so the
-  # run only times them. Before the first-step pair, which is cut first.
+  # run only times them. Before the model step (the fifth run measured it) and the first-step
+  # pair, which is cut first.
   if (( deadline - $(date +%s) >= 65 )); then
     step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
       --ranks 16 --adapter-dtype fp32
@@ -275,6 +274,9 @@ if has perf; then
   else
     echo "- bench-fp32-adapters: skipped, under 65 s left" >> "$W/steps.md"
   fi
+  # A decoder layer's seven projections in one training step: how much of the small shapes' host
+  # time a model's step pays (the host runs ahead behind the large projections' GPU time).
+  step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
   # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s
