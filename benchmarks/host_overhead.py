@@ -168,8 +168,8 @@ def _steps(device, dtype):
     x.requires_grad_()
     inputs = (x, W, b, A, B, 2.0, 0.0, None, "triton")
 
-    def eager_step():
-        y = functional.lora_linear(x, W, b, A, B, 2.0)
+    def eager_step(p=0.0):
+        y = functional.lora_linear(x, W, b, A, B, 2.0, dropout_p=p)
         torch.autograd.grad(y, [x, A, B], dy)
 
     def train_forward():  # the forward with its autograd.Function and saved tensors, no backward
@@ -219,18 +219,24 @@ def _steps(device, dtype):
     baselines = {"lora_linear forward+backward, eager, PyTorch path (LORA_KERNELS_BACKEND=torch)": eager_step,
                  "addmm baseline forward+backward (benchmarks.providers.AddmmLoRA)": addmm_step,
                  "F.linear forward+backward": base_step,
-                 "a Python autograd.Function that computes nothing, forward+backward": passthrough_step,
-                 "the same with the layer's inputs, saved tensors and gradients": layer_shaped_step,
                  "lora_linear forward under no_grad, PyTorch path": eval_forward,
                  "F.linear forward under no_grad": base_forward}
-    return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines,
-            _peft_steps(x, W, b, dy))
+    # (No kernels: timed right after the layer's step, before anything that compiles.)
+    engine = {"a Python autograd.Function that computes nothing, forward+backward": passthrough_step,
+              "the same with the layer's inputs, saved tensors and gradients": layer_shaped_step}
+    # With LoRA dropout 0.1, the layer's and peft's: last, their kernels compile first on a GPU. (The
+    # fifth H200 run's fused step with dropout took 1.31 against 0.90 ms without at 4096→4096,
+    # peft's 1.10 against 1.04: these say how much of it is the host's.)
+    dropout = {"lora_linear forward+backward with LoRA dropout 0.1, eager": functools.partial(eager_step, 0.1),
+               **_peft_steps(x, W, b, dy, dropout=0.1)}
+    return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, engine,
+            _peft_steps(x, W, b, dy), dropout)
 
 
-def _peft_steps(x, W, b, dy):
-    """peft's LoRA Linear on the same base (rank 16, alpha 32), forward+backward: its own forward,
-    and after ``fuse_lora`` (our layer as most users reach it); and its own forward alone under
-    no_grad (generation). {} without peft."""
+def _peft_steps(x, W, b, dy, dropout=0.0):
+    """peft's LoRA Linear on the same base (rank 16, alpha 32, lora_dropout ``dropout``),
+    forward+backward: its own forward, and after ``fuse_lora`` (our layer as most users reach it);
+    and without dropout its own forward alone under no_grad (generation). {} without peft."""
     try:
         import peft
         from lora_kernels.peft import fuse_lora
@@ -238,12 +244,16 @@ def _peft_steps(x, W, b, dy):
         return {}
     steps, layers = {}, []
     # (Adapters as get_peft_model makes them: fp32 beside a bf16 base on the GPU, peft's default.)
-    for name, fuse in [("peft LoRA Linear, fp32 adapters (peft's default), its own forward (forward+backward)", False),
-                       ("peft LoRA Linear, fp32 adapters (peft's default), after fuse_lora (forward+backward)", True)]:
+    with_dropout = f", lora_dropout {dropout}" if dropout else ""
+    for name, fuse in [(f"peft LoRA Linear, fp32 adapters (peft's default){with_dropout}, its own forward "
+                        "(forward+backward)", False),
+                       (f"peft LoRA Linear, fp32 adapters (peft's default){with_dropout}, after fuse_lora "
+                        "(forward+backward)", True)]:
         base = torch.nn.Sequential(torch.nn.Linear(W.shape[1], W.shape[0]))
         with torch.no_grad():
             base[0].weight.copy_(W.float()), base[0].bias.copy_(b.float())
-        model = peft.get_peft_model(base.to(x.device, x.dtype), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["0"])
+        model = peft.get_peft_model(base.to(x.device, x.dtype), config)
         layer = model.base_model.model[0]
         torch.nn.init.normal_(layer.lora_B["default"].weight)  # (peft starts B at zero)
         if fuse:
@@ -251,8 +261,9 @@ def _peft_steps(x, W, b, dy):
         leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         steps[name] = lambda layer=layer, leaves=leaves: torch.autograd.grad(layer(x), leaves, dy)
         layers.append(layer)
-    steps["peft LoRA Linear, fp32 adapters, its own forward under no_grad"] = torch.no_grad()(
-        lambda layer=layers[0]: layer(x))
+    if not dropout:
+        steps["peft LoRA Linear, fp32 adapters, its own forward under no_grad"] = torch.no_grad()(
+            lambda layer=layers[0]: layer(x))
     return steps
 
 
@@ -268,12 +279,16 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, peft_steps = steps
-    # On the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off.
-    stubs = contextlib.nullcontext() if cuda else contextlib.ExitStack()
-    if not cuda:
-        stubs.enter_context(mock.patch.object(kernels, "_lora_matmul_kernel", _NoLaunch()))
-        stubs.enter_context(mock.patch.object(functional, "select_backend", lambda *args: "triton"))
+    (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, engine, peft_steps,
+     dropout_steps) = steps
+
+    def stubs():  # on the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off
+        stack = contextlib.ExitStack()
+        if not cuda:
+            stack.enter_context(mock.patch.object(kernels, "_lora_matmul_kernel", _NoLaunch()))
+            stack.enter_context(mock.patch.object(functional, "select_backend", lambda *args: "triton"))
+        return stack
+
     # (300 calls a round on a GPU, where a step is a millisecond of host time; 2000 on the CPU)
     timer = functools.partial(_median_us, n=300 if cuda else 2000, sync=torch.cuda.synchronize if cuda else None)
     lines, profiles = [], []
@@ -304,8 +319,10 @@ def main(argv=None):
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        with stubs:
+        with stubs():
             row("lora_linear forward+backward, eager (autograd.Function)", eager_step)
+            for name, step in engine.items():
+                row(name, step)
             row("lora_linear forward, grad enabled (the autograd.Function, no backward)", train_forward)
             row("lora_linear forward under no_grad (evaluation)", eval_forward)
             row("the same through the custom ops", op_step)
@@ -345,6 +362,9 @@ def main(argv=None):
             with providers.torch_path() if "PyTorch path" in name else contextlib.nullcontext():
                 row(f"{name} ({'CUDA' if cuda else 'computed on the CPU'}, 64×64)", step)
         profile("F.linear forward+backward", baselines["F.linear forward+backward"])
+        with stubs():
+            for name, step in dropout_steps.items():
+                row(name, step)
     except Stopped as e:
         lines.append(f"INCOMPLETE: {e}")
         write()

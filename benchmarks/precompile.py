@@ -163,6 +163,13 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                         S_ = torch.empty(M, r, dtype=dtype)
                         kernels.lora_matmul(x.t(), S_, out_dtype=dtype, dot_dtype=dtype)
                         kernels.lora_matmul(S_.t(), dy, out_dtype=dtype, dot_dtype=dtype)
+                        # ... and LoRA dropout's shrink and dX with S (dS) given, which the layer
+                        # fuses at some sizes (variants.IN_TURN)
+                        drop = torch.tensor(0)
+                        kernels.lora_matmul(x, A, scale=1 / 0.9, dropout=("x", drop, 0.1, K, 1), out_dtype=dtype,
+                                            dot_dtype=dtype)
+                        kernels.lora_matmul(dy, W, lowrank=(S_, A.t()), r_scale=2.0, dropout=("lowrank", drop, 0.1, K, 1),
+                                            out_dtype=dtype, dot_dtype=dtype)
     return recorder.launches + extra.launches
 
 

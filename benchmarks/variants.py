@@ -12,14 +12,15 @@ shrink separate or fused into the big product's K loop (``functional.FUSE_SHRINK
 each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRAPHED_KINDS``).
 Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
 launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
-(``composed``), eager and from a CUDA graph. At the --sweep shapes, the forward's GEMM launch
-forced to each config the autotuner timed near its pick, beside its timing, and to each persistent
-candidate flattened (``forced``). Every ratio is to the floor of the same run; each new variant's row is checked
-against its twin (``TWINS``) and, where the two are of one kind, timed in turn with it for a ratio
-that clock drift does not decide, and the rows that conclusions rest on (``AGAINST_FLOOR``, the
-sweep's) are timed in turn with their floor as well. Writes ``variants.md`` and
-``variants.json`` under --out (default $OUT, else benchmarks/results/). The numbers feed
-benchmarks/NOTES.md.
+(``composed``), eager and from a CUDA graph; and LoRA dropout's masked shrink and dX, each in turn
+with the same launch without dropout (``IN_TURN``). Last, at the --sweep shapes, the forward's GEMM
+launch forced to each config the autotuner timed near its pick, beside its timing, and to each
+persistent candidate with and without FLATTEN (``forced``). Every ratio is to the floor of the same
+run; each new variant's row is checked against its twin (``TWINS``) and, where the two are of one
+kind, timed in turn with it for a ratio that clock drift does not decide, and the rows that
+conclusions rest on (``AGAINST_FLOOR``, the sweep's) are timed in turn with their floor as well.
+Writes ``variants.md`` and ``variants.json`` under --out (default $OUT, else benchmarks/results/).
+The numbers feed benchmarks/NOTES.md.
 
 Off a GPU it runs only under TRITON_INTERPRET=1 with tiny shapes: a check of the code, not timing.
 """
@@ -165,6 +166,7 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
     S = kernels.lora_matmul(x, A, out_dtype=dtype, dot_dtype=dtype)
     dS = kernels.lora_matmul(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
+    seed = torch.tensor(1234, device=device)  # (LoRA dropout's, as functional.draw_seed makes one)
 
     operands = (x, W, b, A, B, dy, dtype)
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
@@ -219,6 +221,7 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
         "the same, Wᵀ stored K×N (dX's layout of W)": ("fwd", lambda: mm(x, Wt, bias=b, out_dtype=dtype)),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
+        DROPPED_SHRINK: ("fwd", lambda: mm(x, A, scale=1 / 0.9, dropout=("x", seed, 0.1, K, 1), out_dtype=dtype)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
         SWEPT: ("fwd", gemm_sb),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
@@ -233,6 +236,8 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
         "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
+        DROPPED_DX: ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, dropout=("lowrank", seed, 0.1, K, 1),
+                                      out_dtype=dtype)),
         "dA = α xᵀ dS": ("dx", lambda: mm(x.t(), dS, scale=2.0, out_dtype=dtype)),
         "dB = α Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
         "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
@@ -306,6 +311,17 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
                  "Triton dY W, no LoRA", "dX = dY W + α dS Aᵀ", "layer fwd+bwd, separate shrink, CUDA graph")
 
 
+# LoRA dropout's two costliest launches (the layer's with dropout 0.1), each timed in turn with the
+# same launch without dropout ("× 'that row', timed alternately"; not checked against it: they
+# compute other numbers). In the fifth H200 run a step with dropout cost 0.2-0.4 ms more than one
+# without at 8192 tokens (1.16-1.24 × the base, against 1.09-1.10), where peft's cost 0.06 ms more
+# at 4096→4096: dX's masked low-rank term needs an accumulator of its own (255 registers a thread
+# for a 128×256 tile on sm_90, against 223 without), and three launches hash x's mask.
+DROPPED_SHRINK = "shrink S = x̃A, dropout 0.1 on x"
+DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
+IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}
+
+
 def twin(name):
     """The row whose result ``name``'s must match before it is timed, or None: a flattened config's
     is the same config unflattened (also timed in turn with it), another forced config's the
@@ -325,7 +341,8 @@ def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
     """Each timed row of a new variant and its timed twin of the same kind again, in ``rounds``
     rounds of the two in turn (row, twin, then twin, row, ...: a steady drift then weighs on both
     alike): the ratio of their medians goes in the row as ``vs_twin``. Likewise each row of
-    AGAINST_FLOOR or of the sweep against its kind's floor, in ``floor_rounds``, as ``vs_floor``.
+    IN_TURN against its row there, as ``vs_other``, and each row of AGAINST_FLOOR or of the sweep
+    against its kind's floor, in ``floor_rounds``, as ``vs_floor``.
     Rows timed apart drift with the GPU's clocks (on the H200 the base's own timings moved by up
     to 48% within one configuration), which must not decide which variant wins. Returns the errors
     of the pairs that failed."""
@@ -333,6 +350,7 @@ def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
     for name, (kind, _) in shape_pieces.items():
         floors.setdefault(kind, name)
     pairs = [(name, twin(name), "vs_twin", rounds) for name in shape_pieces]
+    pairs += [(name, IN_TURN[name], "vs_other", rounds) for name in shape_pieces if name in IN_TURN]
     pairs += [(name, floors[kind], "vs_floor", floor_rounds) for name, (kind, _) in shape_pieces.items()
               if (name in AGAINST_FLOOR or name.startswith(SWEEP_PREFIX)) and name != floors[kind]]
     errors = []
@@ -386,6 +404,8 @@ def write(out, meta, rows, started):
                 config += f"; differs from '{twin(r['piece'])}' by {r['differs']:.1e}"
             if r.get("vs_twin") is not None:
                 config += f"; × twin, timed alternately: {r['vs_twin']:.3f}"
+            if r.get("vs_other") is not None:
+                config += f"; × '{IN_TURN[r['piece']]}', timed alternately: {r['vs_other']:.3f}"
             if r.get("vs_floor") is not None:
                 config += f"; × floor, timed alternately: {r['vs_floor']:.3f}"
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
@@ -562,7 +582,8 @@ def main(argv=None):
                 print(f"{K}→{N:<6} {name:34s} " + (f"{row['ms']:9.4f} ms  ×{row['ratio'] or float('nan'):.3f}"
                                                   if row["ms"] is not None else row["error"]), flush=True)
             if timer:  # (the rows stand without the ratios of pairs that failed)
-                meta.setdefault("errors", []).extend(f"{K}→{N} alternate: {e}" for e in alternate(shape_pieces, timed, timer))
+                failed = alternate(shape_pieces, timed, timer)
+                meta.setdefault("errors", []).extend(f"{K}→{N} alternate: {e}" for e in failed)
     except Stopped as e:
         meta["stopped"] = str(e)
     except Exception as e:  # anything else: said, and what was measured is still written

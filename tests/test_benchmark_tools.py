@@ -603,6 +603,9 @@ def test_host_overhead_profile_names_the_layers_functions(tmp_path, monkeypatch,
     # the layer's inputs, saved tensors and gradients)
     assert "1.0 µs  a Python autograd.Function that computes nothing, forward+backward" in printed
     assert "1.0 µs  the same with the layer's inputs, saved tensors and gradients" in printed
+    # (and LoRA dropout's host cost: the layer's step with dropout 0.1, and peft's layer with it)
+    assert "1.0 µs  lora_linear forward+backward with LoRA dropout 0.1, eager" in printed
+    assert "1.0 µs  peft LoRA Linear, fp32 adapters (peft's default), lora_dropout 0.1, after fuse_lora" in printed
     # (and a generation step's forward under no_grad: the layer's, on both paths, F.linear's and peft's)
     for name in ("lora_linear forward under no_grad (evaluation)", "lora_linear forward under no_grad, PyTorch path",
                  "F.linear forward under no_grad", "peft LoRA Linear, fp32 adapters, its own forward under no_grad"):
@@ -641,7 +644,7 @@ def test_host_overhead_row_that_fails_leaves_the_others(tmp_path, monkeypatch):
 
     def timer(fn, n=0, rounds=0, sync=None):
         calls.append(fn)
-        if len(calls) == 4:  # (the fourth row: the custom ops')
+        if len(calls) == 6:  # (the sixth row: the custom ops')
             raise RuntimeError("boom")
         return 1.0
 
@@ -914,6 +917,30 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
     assert timed["new, same"]["vs_twin"] == pytest.approx(1.0)
     assert timed["new, slower"]["vs_twin"] > 1.3
     assert "vs_twin" not in timed["new, graph"] and "vs_twin" not in timed["default"]
+
+
+def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkeypatch):
+    """`alternate` times each row of IN_TURN (a launch with LoRA dropout) in turn with its row there
+    (the same launch without), for ``vs_other``: no ``vs_twin``, and no result check in the main
+    loop (they compute other numbers); the real IN_TURN names rows that pieces() makes."""
+    from benchmarks import variants
+    clock = {"now": 0.0}
+
+    def drifting_timer(setup, step):
+        clock["now"] += 0.1
+        return (step(setup()) + clock["now"],)
+
+    assert all(variants.twin(name) is None for name in variants.IN_TURN)
+    made = variants.pieces(64, 48, 128, 16, torch.float16, torch.device("cpu"))
+    assert set(variants.IN_TURN) | set(variants.IN_TURN.values()) <= set(made)
+    shape_pieces = {"floor": ("dx", lambda: 1.0), "plain": ("dx", lambda: 1.0), "masked": ("dx", lambda: 2.0),
+                    "masked, as cheap": ("dx", lambda: 1.0)}
+    monkeypatch.setattr(variants, "IN_TURN", {"masked": "plain", "masked, as cheap": "plain"})
+    monkeypatch.setattr(variants, "TWINS", {})
+    timed = {name: {} for name in shape_pieces}
+    assert variants.alternate(shape_pieces, timed, drifting_timer) == []
+    assert timed["masked"]["vs_other"] > 1.3 and timed["masked, as cheap"]["vs_other"] == pytest.approx(1.0)
+    assert all("vs_twin" not in timed[name] for name in shape_pieces)
 
 
 def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(monkeypatch):
