@@ -169,8 +169,8 @@ if has perf; then
   # Where a layer step's host time goes (cProfile at 64x64, real launches, one fixed config), and
   # peft's own layer beside ours. (55 s: it imports peft and transformers and compiles about six
   # kernels, fp32 adapters beside bf16 for the peft rows; each row is logged as it is measured. 36
-  # s in the fifth run; since then the empty Functions' two rows, and last, with their own three
-  # kernels to compile, LoRA dropout's three.)
+  # s in the fifth run; since then the empty Functions' two rows, and last LoRA dropout's three,
+  # whose kernels compile here.)
   LORA_KERNELS_AUTOTUNE=0 step host-profile 55 "$PY" -m benchmarks.host_overhead --device cuda \
     --profile "$W/host-profile.md"
 fi
@@ -254,8 +254,10 @@ fi
 
 if has variants all perf; then
   [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
-  # (106 s in the fifth run; since then its key rows are also timed in turn with their floors, and
-  # the forward's GEMM forced to each config the autotuner timed near its pick: about 15 s more.)
+  # (106 s in the fifth run; since then, less its warp-specialized rows, its key rows are also
+  # timed in turn with their floors, dropout's two launches with the same unmasked, and last the
+  # forward's GEMM forced to each config the autotuner timed near its pick and to each persistent
+  # one flattened, the four flattened compiled here: about 25-35 s more.)
   step variants 165 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
