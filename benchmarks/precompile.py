@@ -470,7 +470,8 @@ def describe(args, kwargs, config):
     use += f" ({', '.join(layout)} view)" if layout else ""
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
-    tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"]))
+    tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"],
+                                  TMA_STORE=config.get("TMA_STORE") and kwargs["ALLOW_TMA_STORE"]))
     dot = str(kwargs["DOT_DTYPE"]) + (" tf32" if kwargs["INPUT_PRECISION"] == "tf32" else "")
     rows = f"{named['M']}+{named['M2']}" if kwargs["PAIRED"] else named["M"]
     sizes = f"M={rows} N={named['N']} K={named['K']}" + (f" r={named['R']}" if kwargs["HAS_LOWRANK"] else "")

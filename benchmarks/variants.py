@@ -15,7 +15,8 @@ launches called directly, with the thin products (shrink, dS, dA with dB) on Tri
 (``composed``), eager and from a CUDA graph; and LoRA dropout's masked shrink and dX, each in turn
 with the same launch without dropout (``IN_TURN``). Last, at the --sweep shapes, the forward's GEMM
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
-persistent candidate with and without FLATTEN (``forced``). Every ratio is to the floor of the same
+persistent candidate as it is and with the switches no candidate has yet (``SWITCHES``: FLATTEN, a
+TMA store of the output tile, both; ``forced``). Every ratio is to the floor of the same
 run; each new variant's row is checked against its twin (``TWINS``) and, where the two are of one
 kind, timed in turn with it for a ratio that clock drift does not decide, and the rows that
 conclusions rest on (``AGAINST_FLOOR``, the sweep's) are timed in turn with their floor as well.
@@ -46,8 +47,17 @@ from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
-# (The two where the forward's GEMM time dominates the layer's, and the GPU's rather than the host's.)
-DEFAULT_SWEEP = "4096x4096,4096x14336"
+# (Where the forward's GEMM time dominates the layer's, and the GPU's rather than the host's: one
+# shape, with three switched rows per persistent candidate, in about the rows that two shapes with
+# one each took.)
+DEFAULT_SWEEP = "4096x4096"
+# The switches each persistent candidate is forced to in the sweep, in this order (each row's twin,
+# the same config less its last switch, before it), FLATTEN's first: ``kernels.switched``. A
+# persistent program's epilogue (the low-rank dot, the bias, the store) stands between one tile's
+# K loop and the next's: FLATTEN lets the next tile's loads issue during it, and a TMA store lets
+# the copy engine write the tile while the next K loop runs (compiled for sm_90: the store waits
+# only before the next tile's store, where the staging tile is rewritten).
+SWITCHES = ({"FLATTEN": True}, {"TMA_STORE": True}, {"FLATTEN": True, "TMA_STORE": True})
 
 
 def with_configs(fn, configs):
@@ -77,15 +87,15 @@ def without_deep_tiles(fn):
     return with_configs(fn, [c for c in kernels._lora_matmul_kernel.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K])
 
 
-def forced(fn, within, flatten):
+def forced(fn, within, switches):
     """fn (one launch) run with each config the autotuner keeps for it whose own timing was within
-    ``within`` × its pick's and, with ``flatten``, with each persistent one, then each of those
-    flattened (``kernels.flattened``: not among its candidates), one config at a time: [(config,
-    that run, the autotuner's median ms for the config or None, whether it picked it)]. The
-    autotuner's timings are those its choice was made from (read back from its disk cache, or
-    timed afresh here without one, when its pick may differ from a later tuning's); fn is called
-    once, through Triton's dispatch. (A lone config runs unpruned: ``flatten`` only where the
-    low-rank term is one block, as the kernel requires of FLATTEN.)"""
+    ``within`` × its pick's and, with ``switches`` (some of SWITCHES), with each persistent one,
+    then each of those with each of ``switches`` on (``kernels.switched``: not among its
+    candidates), one config at a time: [(config, that run, the autotuner's median ms for the config
+    or None, whether it picked it)]. The autotuner's timings are those its choice was made from
+    (read back from its disk cache, or timed afresh here without one, when its pick may differ
+    from a later tuning's); fn is called once, through Triton's dispatch. (A lone config runs
+    unpruned: the caller passes only the switches fn's launch can take, see ``pieces``.)"""
     tuner = kernels._lora_matmul_kernel
     timings, picked = {}, tuner.configs[0]
     if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
@@ -94,8 +104,9 @@ def forced(fn, within, flatten):
             with_configs(fn, tuner.configs)()
         timings, picked = tuner.configs_timings, tuner.best_config
     near = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
-    persistent = [c for c in timings if flatten and c.kwargs.get("PERSISTENT")]
-    configs = near + [c for c in persistent if c not in near] + [kernels.flattened(c) for c in persistent]
+    persistent = [c for c in timings if switches and c.kwargs.get("PERSISTENT")]
+    configs = near + [c for c in persistent if c not in near]
+    configs += [kernels.switched(c, **on) for on in switches for c in persistent]
     return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in configs]
 
 
@@ -151,7 +162,7 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
     ``sweep``, the sweep's rows instead: cuBLAS's forward (the floor), the forward's GEMM launch
     autotuned, and the same forced to each config the autotuner timed near its pick, and to each
-    persistent candidate with and without FLATTEN (``forced``)."""
+    persistent candidate as it is and switched (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -258,7 +269,10 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
     } | graphs
     if sweep:
         rows = {name: rows[name] for name in ("cuBLAS F.linear (floor)", SWEPT)}
-        for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, r <= kernels.FUSE_MAX_RANK):
+        # FLATTEN computes a low-rank term of one block only; a TMA store needs rows of whole 16 bytes.
+        switches = [on for on in SWITCHES if (r <= kernels.FUSE_MAX_RANK or "FLATTEN" not in on)
+                    and (N * dtype.itemsize % 16 == 0 or "TMA_STORE" not in on)]
+        for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, switches):
             run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
             rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
     if device.type == "cuda":
@@ -297,7 +311,7 @@ TWINS = {
 # against it, and timed in turn with cuBLAS's F.linear.
 SWEPT = "GEMM + SB + bias (S given)"
 SWEEP_PREFIX = "GEMM + SB + bias, forced to "
-FLATTENED = " flattened"  # (how kernels.tile_name ends a FLATTEN config's name)
+SWITCH_NAMES = (" tma-store", " flattened")  # (how kernels.tile_name ends a switched config's name, last first)
 # The sweep's configs: those the autotuner timed within this factor of its pick (at 8192 tokens it
 # keeps 26, most of them small tiles far behind; the contenders are the few within noise of it).
 SWEEP_WITHIN = 1.25
@@ -323,11 +337,12 @@ IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"
 
 
 def twin(name):
-    """The row whose result ``name``'s must match before it is timed, or None: a flattened config's
-    is the same config unflattened (also timed in turn with it), another forced config's the
-    autotuned launch."""
+    """The row whose result ``name``'s must match before it is timed, or None: a switched config's
+    is the same config less its last switch (also timed in turn with it), another forced config's
+    the autotuned launch."""
     if name.startswith(SWEEP_PREFIX):
-        return name.removesuffix(FLATTENED) if name.endswith(FLATTENED) else SWEPT
+        last = [suffix for suffix in SWITCH_NAMES if name.endswith(suffix)]
+        return name.removesuffix(last[0]) if last else SWEPT
     return TWINS.get(name)
 
 
@@ -501,7 +516,7 @@ def main(argv=None):
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
     parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [],
                         help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
-                             f"autotuner timed near its pick, and to each persistent one flattened (default: those of "
+                             f"autotuner timed near its pick, and to each persistent one switched (default: those of "
                              f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
@@ -536,7 +551,7 @@ def main(argv=None):
             write(args.out, meta, rows, started)
             print(f"64→64  {row['piece']:34s} " + (row["error"] if row["ms"] is None else f"{row['ms']:9.4f} ms"
                   + (f"  ×{row['ratio']:.3f}" if row["ratio"] is not None else "")), flush=True)
-        # The sweep's rows last, a pass of their own: its flattened configs have run on no GPU before,
+        # The sweep's rows last, a pass of their own: its switched configs have run on no GPU before,
         # and one that faults would take the CUDA context, and every reading after it, with it.
         for K, N, sweep in [(K, N, False) for K, N in args.shapes] + [(K, N, True) for K, N in args.sweep]:
             floors, results, timed = {}, {}, {}

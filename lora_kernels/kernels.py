@@ -120,21 +120,28 @@ DEEP_K = 256
 THIN_N = 64
 
 
-def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, flatten=False, group=8):
-    """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches."""
+def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, group=8):
+    """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches (the
+    two that ``switched`` turns on are off)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "USE_TMA": tma,
-                          "PERSISTENT": persistent, "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
+                          "PERSISTENT": persistent, "FLATTEN": False, "TMA_STORE": False},
+                         num_warps=warps, num_stages=stages)
 
 
-def flattened(config):
-    """A persistent ``config`` with its loop over tiles flattened into the K loop (FLATTEN): the
-    compiler then pipelines across tiles, loading the next tile's operands while this one's
-    epilogue runs, where otherwise each tile fills and drains the pipeline anew. Not among the
-    autotuner's candidates until a GPU run has checked and timed it (benchmarks.variants does).
-    The pruner keeps such a config to launches whose low-rank term is one block (R <= BLOCK_R);
-    one launched alone, unpruned, past that would compute the first BLOCK_R ranks only."""
-    return triton.Config({**config.kwargs, "FLATTEN": True}, num_warps=config.num_warps,
-                         num_stages=config.num_stages)
+def switched(config, **switches):
+    """``config`` with switches on that no candidate has until a GPU run has checked and timed them
+    (benchmarks.variants does):
+
+    - FLATTEN, for a persistent config: its loop over tiles flattened into the K loop, so that the
+      compiler pipelines across tiles, loading the next tile's operands while this one's epilogue
+      runs, where otherwise each tile fills and drains the pipeline anew. The pruner keeps such a
+      config to launches whose low-rank term is one block (R <= BLOCK_R); one launched alone,
+      unpruned, past that would compute the first BLOCK_R ranks only.
+    - TMA_STORE: the output tile written by the tensor memory accelerator from shared memory (where
+      the launch allows it, ALLOW_TMA_STORE), an asynchronous copy that a persistent program's next
+      tile need not wait for, in place of every thread's stores of its part of the tile."""
+    assert set(switches) <= {"FLATTEN", "TMA_STORE"}, switches
+    return triton.Config({**config.kwargs, **switches}, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def hopper_configs():
@@ -202,12 +209,12 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [flattened]' for a config's ``all_kwargs()``, as
-    the tools report it."""
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [flattened] [tma-store]' for a config's
+    ``all_kwargs()``, as the tools report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
             + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else "")
-            + (" flattened" if c.get("FLATTEN") else ""))
+            + (" flattened" if c.get("FLATTEN") else "") + (" tma-store" if c.get("TMA_STORE") else ""))
 
 
 def _fit(block, size):
@@ -279,12 +286,16 @@ def _prune(configs, named_args, **kwargs):
         if c.kwargs.get("FLATTEN") and (not c.kwargs["PERSISTENT"] or named_args["R"] > kwargs["BLOCK_R"]):
             continue
         per_stage = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk
+        # A TMA store copies the output tile from shared memory, beside the pipeline's stages.
+        store = c.kwargs.get("TMA_STORE", False) and kwargs.get("ALLOW_TMA_STORE", False)
+        staged = bm * bn * size("out_ptr") if store else 0
         stages = c.num_stages
-        while stages > 2 and stages * per_stage > smem:
+        while stages > 2 and stages * per_stage + staged > smem:
             stages -= 1
-        if stages * per_stage > smem:
+        if stages * per_stage + staged > smem:
             continue
-        kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma)
+        kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma,
+                  TMA_STORE=store)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
         if key not in seen:
             seen.add(key)
@@ -413,7 +424,7 @@ def _bench(fn, quantiles):
     # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64): it sets the
     # shared memory of the fused shrink's tiles, so a tile tuned at one rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA", "BLOCK_R", "PAIRED"],
+         "ALLOW_TMA", "ALLOW_TMA_STORE", "BLOCK_R", "PAIRED"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
     cache_results=AUTOTUNE_CACHE,
@@ -446,11 +457,12 @@ def _lora_matmul_kernel(
     PAIRED: tl.constexpr,
     # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
-    # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice
-    ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr,
+    # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice.
+    # ALLOW_TMA_STORE and TMA_STORE, the same for the output (see ``switched``).
+    ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TMA_STORE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
     if DROPOUT != DROP_NONE:
@@ -468,6 +480,10 @@ def _lora_matmul_kernel(
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
+    # (The launcher allows a TMA store only of one product's whole sum: not paired, not split.)
+    TMA_STORES: tl.constexpr = TMA_STORE and ALLOW_TMA_STORE
+    if TMA_STORES:
+        out_desc = _descriptor(out_ptr, M, N, stride_om, stride_on, BLOCK_M, BLOCK_N, False)
 
     # Each program computes output tiles pid, pid + programs, ...: one tile when the grid has a
     # program per tile, several when the launcher sizes the grid to the GPU (PERSISTENT configs:
@@ -520,7 +536,7 @@ def _lora_matmul_kernel(
             rr = tl.arange(0, BLOCK_R)
             mask_r = rr < R
             shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        if TMA_LOADS:
+        if TMA_LOADS or TMA_STORES:
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -592,8 +608,11 @@ def _lora_matmul_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
-        out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if TMA_STORES:  # (the copy engine clips the tile at the output's edges)
+            out_desc.store([m0, n0], acc.to(out_ptr.dtype.element_ty))
+        else:
+            out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def compile_configs(kernel, args, flags, configs):
@@ -916,6 +935,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
     allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
+    # The output as one (M, N) tensor, rows N apart (fresh), for a TMA store: not a split's partial sums.
+    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device)
+                       and N * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0)
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
     # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
     sum_scale = 1.0
@@ -938,7 +960,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
         DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=pair is not None,
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
-        ALLOW_TMA=allow_tma,
+        ALLOW_TMA=allow_tma, ALLOW_TMA_STORE=allow_tma_store,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
         INPUT_PRECISION=_input_precision(dot_dtype),
         # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
@@ -950,7 +972,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         tiles = (_cdiv(M, meta["BLOCK_M"]) + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"])
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
     with _on_device(device):  # Triton launches on the current device, not the tensors'
-        if allow_tma and device.type == "cuda":
+        if (allow_tma or allow_tma_store) and device.type == "cuda":
             _ensure_allocator()
         _launch(device, grid, args, flags)
     if split > 1:

@@ -163,27 +163,37 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
 def test_every_autotune_config_in_bf16(monkeypatch):
     """bf16, the dtype most users train in, through every config on a GPU (near the end of this
     file: its configs are not compiled ahead, so a shard stopped by its limit loses only this test
-    and the flattened configs' after it)."""
+    and the switched configs' after it)."""
     _every_config(monkeypatch, torch.bfloat16, "0")
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("switches", [("FLATTEN",), ("TMA_STORE",), ("FLATTEN", "TMA_STORE")],
+                         ids=["flattened", "tma-store", "flattened-tma-store"])
 @pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
-def test_flattened_persistent_configs(fuse, monkeypatch):
-    """The persistent configs flattened (``kernels.flattened``: benchmarks.variants checks and times
-    them on a GPU, not yet among the autotuner's candidates) give the reference's numbers for each
-    of the layer's products at rank 16, where the low-rank term is the one block FLATTEN computes.
-    (The interpreter runs the loop as written: this checks the kernel's arithmetic under FLATTEN,
-    not the compiler's flattening, which only a GPU run checks. Last in the file: on a GPU, a
-    flattened kernel that faulted would end the shard's CUDA context, and every test after it.)"""
+def test_switched_persistent_configs(fuse, switches, monkeypatch):
+    """The persistent configs with the switches no candidate has yet (``kernels.switched``:
+    benchmarks.variants checks and times them on a GPU) give the reference's numbers for each of
+    the layer's products at rank 16, where the low-rank term is the one block FLATTEN computes; a
+    TMA store writes every output whose launch allows one (not the paired dA and dB, nor a split's
+    partial sums), clipped at the partial tiles' edges (600 tokens, 48 out-features).
+    (The interpreter runs the loop as written: this checks the kernel's arithmetic under the
+    switches, not the compiler's flattening or its TMA stores, which only a GPU run checks. Last in
+    the file: on a GPU, a kernel that faulted would end the shard's CUDA context, and every test
+    after it.)"""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK)
-    configs = [kernels.flattened(c) for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
+    configs = [kernels.switched(c, **dict.fromkeys(switches, True))
+               for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
     spy = EveryConfig(kernels._lora_matmul_kernel, torch.float32, configs)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
     check_all(make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, 16, torch.float32), 0.75, torch.float32,
               train_base=True)
-    assert spy.tiles and all(t.endswith(" persistent flattened") for t in spy.tiles), spy.tiles
+    flattened = " persistent flattened" if "FLATTEN" in switches else " persistent"
+    assert spy.tiles and all(t.removesuffix(" tma-store").endswith(flattened) for t in spy.tiles), spy.tiles
     assert any(" tma " in t for t in spy.tiles)
+    if "TMA_STORE" in switches:  # stored where allowed, and the paired or split launches' stores kept
+        assert any(t.endswith(" tma-store") for t in spy.tiles) and spy.split
+        assert any(not t.endswith(" tma-store") for t in spy.tiles), spy.tiles

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import measure, providers, report, run, targets  # noqa: E402
+from benchmarks import measure, providers, report, run, targets, variants  # noqa: E402
 from conftest import TOL, make_inputs, reference, rel_err, use_triton  # noqa: E402
 from lora_kernels import functional, kernels  # noqa: E402
 
@@ -971,13 +971,15 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
     assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row"))
 
 
-@pytest.mark.parametrize("flatten", [True, False])
-def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(flatten, monkeypatch):
+@pytest.mark.parametrize("switches", [variants.SWITCHES, variants.SWITCHES[1:2], ()],
+                         ids=["all-switches", "tma-store-only", "none"])
+def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(switches, monkeypatch):
     """`variants.forced` runs one launch with each config that the autotuner's own timings put
-    within the given factor of its pick and, if asked, with each persistent candidate (however far
-    from the pick) and then each of those flattened, one config at a time (a lone config runs as
-    it is), each beside that timing and whether it was the pick; it reads no timings another
-    launch left behind, and leaves the autotuner's candidates and choices as they were."""
+    within the given factor of its pick and, given switches, with each persistent candidate
+    (however far from the pick) and then each of those with each set of switches on, in order,
+    one config at a time (a lone config runs as it is), each beside that timing and whether it
+    was the pick; it reads no timings another launch left behind, and leaves the autotuner's
+    candidates and choices as they were."""
     from benchmarks import variants
     configs = kernels.hopper_configs()[:4]
     persistent = [c for c in configs if c.kwargs["PERSISTENT"]]
@@ -1001,25 +1003,31 @@ def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(fla
             return "tuned"
         return tuner.configs[0]
 
-    rows = variants.forced(launch, 1.25, flatten)
+    rows = variants.forced(launch, 1.25, switches)
     expected = [(configs[1], 1.0, True), (configs[3], 1.2, False)]
-    if flatten:
-        expected += [(configs[2], 1.3, False), (kernels.flattened(configs[2]), None, False)]
+    if switches:
+        expected += [(configs[2], 1.3, False)] + [(kernels.switched(configs[2], **on), None, False) for on in switches]
     assert [(c, ms, picked) for c, _, ms, picked in rows] == expected
     assert [run() for _, run, _, _ in rows] == [c for c, _, _ in expected]
     assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
 
 
-def test_variants_check_each_flattened_config_against_itself_unflattened():
+def test_variants_check_each_switched_config_against_itself_less_its_last_switch():
     """A sweep row's twin (its result checked against, and timed in turn with): the same config
-    unflattened for a flattened one, as kernels.tile_name names the two; the autotuned launch for
-    the others; and TWINS' for the rest."""
+    less its last switch for a switched one (unflattened for a flattened one, stored by pointers
+    for a TMA store, flattened for both), as kernels.tile_name names them, and the sweep forces
+    each twin before the row; the autotuned launch for the others; and TWINS' for the rest."""
     from benchmarks import variants
     config = next(c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"])
-    plain = variants.SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())
-    flat = variants.SWEEP_PREFIX + kernels.tile_name(kernels.flattened(config).all_kwargs())
-    assert flat == plain + variants.FLATTENED
-    assert variants.twin(flat) == plain and variants.twin(plain) == variants.SWEPT
+
+    def row(**on):
+        return variants.SWEEP_PREFIX + kernels.tile_name(kernels.switched(config, **on).all_kwargs())
+    plain, flat, stored, both = row(), row(FLATTEN=True), row(TMA_STORE=True), row(FLATTEN=True, TMA_STORE=True)
+    assert (flat, stored, both) == (plain + " flattened", plain + " tma-store", plain + " flattened tma-store")
+    assert variants.twin(flat) == plain and variants.twin(stored) == plain and variants.twin(both) == flat
+    assert variants.twin(plain) == variants.SWEPT
+    order = [plain] + [row(**on) for on in variants.SWITCHES]
+    assert all(order.index(variants.twin(name)) < order.index(name) for name in order[1:])
     assert variants.twin("dA and dB, one paired launch (the layer's)") == "dA and dB, two launches"
     assert variants.twin(variants.SWEPT) is None
 

@@ -63,7 +63,8 @@ class _Tuner:
     def __getitem__(self, grid):
         def launch(*args, **flags):
             assert len(args) == self.n_args
-            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False, FLATTEN=False)
+            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False, FLATTEN=False,
+                          TMA_STORE=False)
             values = {**flags, **config}
             constants = {(i,): values[name] for i, name in enumerate(self.names) if name in values}
             self.launches.append((grid(config), args, flags))
@@ -87,7 +88,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
     cuda = torch.device("cuda", 3)
     flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, PAIRED=False, X_TRANSPOSED=False,
-                 W_TRANSPOSED=False, ALLOW_TMA=False, DOT_DTYPE=triton.language.float32,
+                 W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_TMA_STORE=False, DOT_DTYPE=triton.language.float32,
                  ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
     grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
 
@@ -106,7 +107,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     assert len(tail) == len(names) - n_args
     assert dict(zip(names[n_args:], tail)) == {**flags, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
                                                  "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False,
-                                                 "FLATTEN": False}
+                                                 "FLATTEN": False, "TMA_STORE": False}
 
     # Anything that selects another kernel goes back through Triton: an unaligned pointer, another
     # dtype, an int that becomes 1 or leaves a multiple of 16, another autotune size key or flag,
@@ -119,6 +120,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
         (cuda, args[:12] + (512,) + args[13:], flags),
         (cuda, args, {**flags, "HAS_BIAS": True}),
         (cuda, args, {**flags, "PAIRED": True}),
+        (cuda, args, {**flags, "ALLOW_TMA_STORE": True}),
         (cuda, args[:-11] + (x.view(-1)[1:],) + args[-10:], flags),  # the second product's X unaligned
         (torch.device("cuda", 0), args, flags),
     ]

@@ -108,11 +108,11 @@ def test_fuse_shrink_rule(monkeypatch):
 
 class LaunchSpy:
     """Stands in for the kernel and records what each launch was told about TMA (``allow_tma``:
-    the launches of one product; a paired launch never uses TMA), and whether it split its
-    reduction."""
+    the launches of one product; a paired launch never uses TMA; ``allow_store``: every launch's
+    ALLOW_TMA_STORE), and whether it split its reduction."""
 
     def __init__(self, kernel):
-        self.kernel, self.allow_tma, self.paired, self.splits = kernel, [], 0, []
+        self.kernel, self.allow_tma, self.paired, self.splits, self.allow_store = kernel, [], 0, [], []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
@@ -125,6 +125,7 @@ class LaunchSpy:
             else:
                 self.allow_tma.append(kwargs["ALLOW_TMA"])
             self.splits.append(named["K_PER_SPLIT"] < named["K"])
+            self.allow_store.append(kwargs["ALLOW_TMA_STORE"])
             return launch(*args, **kwargs)
         return run
 
@@ -149,6 +150,28 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     assert len(spy.allow_tma) == 5 and spy.paired == 1  # S, y, dS, dX, dW; dA with dB
     assert any(spy.splits)
     assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_tma_store_of_every_output_tile(dtype_name, monkeypatch):
+    """A config with TMA_STORE (``kernels.switched``; in no candidate list yet) writes each output
+    tile through a descriptor where the launch allows it (S, y, dS, dX: whole rows of 16 bytes, one
+    product, no split), in a persistent grid of small tiles: row and column blocks at offsets, the
+    last of each cut by the output's edge (300 tokens, 48 out-features, 32 × 32 tiles), which the
+    copy must clip. The paired dA with dB, and dW's split reduction, keep pointer stores."""
+    use_triton(monkeypatch)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
+    tuner = kernels._lora_matmul_kernel
+    config = kernels.switched(kernels._config(32, 32, 32, 4, 2, tma=True, persistent=True), TMA_STORE=True)
+    monkeypatch.setattr(tuner, "configs", [config])  # (a lone config runs as it is, unpruned)
+    spy = LaunchSpy(tuner)
+    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)  # (a compiled kernel is looked up by launch, not config)
+    dtype = getattr(torch, dtype_name)
+    check_all(make_inputs((300,), 64, 48, 16, dtype), 0.75, dtype, train_base=True)
+    assert spy.allow_store == [True] * 4 + [False] * 2  # S, y, dS, dX; dW split, dA with dB paired
+    assert spy.splits == [False] * 4 + [True] * 2 and spy.paired == 1
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64, 100, 256])
@@ -657,7 +680,7 @@ def test_prune_keeps_a_flattened_config_only_where_its_kernel_computes_the_whole
     import triton.language as tl
     persistent = [c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
     one_tile = [c for c in kernels.hopper_configs() if not c.kwargs["PERSISTENT"]]
-    configs = [kernels.flattened(c) for c in persistent + one_tile]
+    configs = [kernels.switched(c, FLATTEN=True) for c in persistent + one_tile]
 
     def kept(R, block_r):
         named = {"M": 8192, "N": 4096, "R": R, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16,
