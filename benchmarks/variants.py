@@ -269,9 +269,13 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
     } | graphs
     if sweep:
         rows = {name: rows[name] for name in ("cuBLAS F.linear (floor)", SWEPT)}
-        # FLATTEN computes a low-rank term of one block only; a TMA store needs rows of whole 16 bytes.
+        # FLATTEN computes a low-rank term of one block only. A TMA store needs TMA on the device and
+        # rows of whole 16 bytes (else the rows would time pointer stores under its name), and room
+        # for its staged tile: the persistent candidates as the autotuner fitted them leave none in
+        # fp32 (a forced config runs unpruned: those would fail to launch).
+        store = kernels.TMA and kernels._tma_available(device) and dtype.itemsize == 2 and N * 2 % 16 == 0
         switches = [on for on in SWITCHES if (r <= kernels.FUSE_MAX_RANK or "FLATTEN" not in on)
-                    and (N * dtype.itemsize % 16 == 0 or "TMA_STORE" not in on)]
+                    and (store or "TMA_STORE" not in on)]
         for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, switches):
             run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
             rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)

@@ -500,7 +500,7 @@ def _lora_matmul_kernel(
     else:  # bounds the compiler sees as one trip, so it drops the loop: one tile's straight-line code
         tile_end = pid + 1
         tile_step = 1
-    # FLATTEN (persistent configs, see kernels.flattened): the compiler fuses this loop and the K
+    # FLATTEN (persistent configs, see kernels.switched): the compiler fuses this loop and the K
     # loop below into one, so its pipeline runs on from tile to tile. It flattens only a loop nest
     # with one inner loop: the low-rank term's loop then runs one block (R <= BLOCK_R, which the
     # pruner requires of FLATTEN configs), its bounds constant so that the compiler drops it.
@@ -688,10 +688,13 @@ def _tma_available(device):
 def _tma_ok(t):
     """Whether a 2-D operand can be read through a TMA descriptor: not empty, one unit stride, the
     other a multiple of 16 bytes and at least a row long (a broadcast operand's stride of 0 is
-    no layout a descriptor can state), and a 16-byte-aligned start (an odd slice has none)."""
+    no layout a descriptor can state), and a 16-byte-aligned start (an odd slice has none); and
+    sizes under 2^31, as the kernel states them to the descriptor (int32)."""
     if t.numel() == 0:
         return False
     (n0, n1), (s0, s1) = t.shape, t.stride()
+    if max(n0, n1) >= 2 ** 31:
+        return False
     other, row = (s0, n1) if s1 == 1 else (s1, n0) if s0 == 1 else (0, 1)
     return other >= max(row, 1) and other * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
 
@@ -935,8 +938,9 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
     allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
-    # The output as one (M, N) tensor, rows N apart (fresh), for a TMA store: not a split's partial sums.
-    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device)
+    # The output as one (M, N) tensor, rows N apart (fresh), for a TMA store: not a split's partial
+    # sums; its sizes under 2^31, as for _tma_ok.
+    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device) and max(M, N) < 2 ** 31
                        and N * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0)
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
     # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.

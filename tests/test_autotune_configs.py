@@ -14,7 +14,7 @@ import torch
 import lora_kernels
 from conftest import DEVICE, TOL, make_inputs, rel_err, seed_of_next_call, use_triton
 from lora_kernels import functional, kernels
-from test_lora_linear import check_all
+from test_lora_linear import check_all, tma_stores
 
 # The layer's sizes here (48 out-features: partial N tiles, and the paired dA and dB few enough to
 # split the 600 tokens). scripts/gpu_check.sh compiles for exactly these ahead of the GPU run.
@@ -184,6 +184,7 @@ def test_switched_persistent_configs(fuse, switches, monkeypatch):
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     monkeypatch.setattr(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK)
+    stores = tma_stores(monkeypatch)
     configs = [kernels.switched(c, **dict.fromkeys(switches, True))
                for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
     spy = EveryConfig(kernels._lora_matmul_kernel, torch.float32, configs)
@@ -197,3 +198,5 @@ def test_switched_persistent_configs(fuse, switches, monkeypatch):
     if "TMA_STORE" in switches:  # stored where allowed, and the paired or split launches' stores kept
         assert any(t.endswith(" tma-store") for t in spy.tiles) and spy.split
         assert any(not t.endswith(" tma-store") for t in spy.tiles), spy.tiles
+    if stores is not None:  # (the interpreter's TMA stores: made exactly where the store is on)
+        assert bool(stores) == ("TMA_STORE" in switches)

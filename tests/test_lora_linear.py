@@ -152,16 +152,34 @@ def test_tma_and_pointer_loads(tma, dtype_name, monkeypatch):
     assert set(spy.allow_tma) == {tma and kernels._tma_available(torch.device(DEVICE))}
 
 
+def tma_stores(monkeypatch):
+    """Under the interpreter, a list that receives each TMA store's tile offsets (row, column) as
+    it is made; None on a GPU, whose compiled stores Python does not see."""
+    if not kernels.INTERPRET:
+        return None
+    from triton.runtime import interpreter
+    stores, store = [], interpreter.InterpreterBuilder.create_descriptor_store
+
+    def recorded(builder, desc, value, indices):
+        stores.append(tuple(int(i.data.reshape(-1)[0]) for i in indices))  # (one program's: one offset each)
+        return store(builder, desc, value, indices)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_store", recorded)
+    return stores
+
+
 @pytest.mark.triton
+@pytest.mark.parametrize("out_features", [48, 45])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
-def test_tma_store_of_every_output_tile(dtype_name, monkeypatch):
+def test_tma_store_of_every_output_tile(dtype_name, out_features, monkeypatch):
     """A config with TMA_STORE (``kernels.switched``; in no candidate list yet) writes each output
-    tile through a descriptor where the launch allows it (S, y, dS, dX: whole rows of 16 bytes, one
+    tile through a descriptor where the launch allows it (S, y, dS, dX: rows of whole 16 bytes, one
     product, no split), in a persistent grid of small tiles: row and column blocks at offsets, the
     last of each cut by the output's edge (300 tokens, 48 out-features, 32 × 32 tiles), which the
-    copy must clip. The paired dA with dB, and dW's split reduction, keep pointer stores."""
+    copy must clip. Rows of 45 elements are no whole 16 bytes, so y keeps pointer stores, as do
+    the paired dA with dB and dW's split reduction."""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
+    stores = tma_stores(monkeypatch)
     tuner = kernels._lora_matmul_kernel
     config = kernels.switched(kernels._config(32, 32, 32, 4, 2, tma=True, persistent=True), TMA_STORE=True)
     monkeypatch.setattr(tuner, "configs", [config])  # (a lone config runs as it is, unpruned)
@@ -169,9 +187,47 @@ def test_tma_store_of_every_output_tile(dtype_name, monkeypatch):
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)  # (a compiled kernel is looked up by launch, not config)
     dtype = getattr(torch, dtype_name)
-    check_all(make_inputs((300,), 64, 48, 16, dtype), 0.75, dtype, train_base=True)
-    assert spy.allow_store == [True] * 4 + [False] * 2  # S, y, dS, dX; dW split, dA with dB paired
+    check_all(make_inputs((300,), 64, out_features, 16, dtype), 0.75, dtype, train_base=True)
+    y_stored = out_features == 48
+    assert spy.allow_store == [True, y_stored, True, True, False, False]  # S, y, dS, dX; dW, dA with dB
     assert spy.splits == [False] * 4 + [True] * 2 and spy.paired == 1
+    if stores is not None:  # S and dS 10 row blocks of one column block, dX 10 × 2, y 10 × 2 if stored
+        assert len(stores) == 10 + 10 + 20 + 20 * y_stored and (288, 32) in stores
+
+
+def test_no_tma_descriptor_for_sizes_past_int32():
+    """The kernel states a descriptor's sizes as int32: an operand with 2^31 rows or more (as a
+    stand-in: no such tensor fits here) is read through pointers, not a descriptor that would see
+    it cut short."""
+    import types
+
+    def operand(rows, cols):
+        return types.SimpleNamespace(shape=(rows, cols), stride=lambda: (cols, 1), numel=lambda: rows * cols,
+                                     element_size=lambda: 2, data_ptr=lambda: 1 << 20)
+    assert kernels._tma_ok(operand(2 ** 31 - 1, 16)) and kernels._tma_ok(operand(16, 2 ** 31 - 8))
+    assert not kernels._tma_ok(operand(2 ** 31, 16)) and not kernels._tma_ok(operand(16, 2 ** 31))
+
+
+def test_prune_fits_a_tma_store_s_staged_tile_or_drops_the_store():
+    """The pruner counts a TMA store's staged output tile in shared memory, beside the pipeline's
+    stages (bf16 at 8192×4096: the four-stage 128×256 and 256×128 tiles, 192 KiB, go to three
+    stages, 144 + 64 KiB, and so become the three-stage ones); a launch that allows no store gets
+    each switched config as its plain twin."""
+    import triton.language as tl
+    configs = kernels.hopper_configs()
+    named = {"M": 8192, "N": 4096, "R": 16, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16,
+             "l_ptr": torch.bfloat16, "r_ptr": torch.bfloat16, "out_ptr": torch.bfloat16}
+
+    def kept(allow, configs):
+        return {kernels.tile_name(c.all_kwargs()) for c in kernels._prune(
+            configs, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, ALLOW_TMA_STORE=allow, BLOCK_R=16, HAS_LOWRANK=True)}
+
+    plain = kept(True, configs)
+    stored = kept(True, [kernels.switched(c, TMA_STORE=True) for c in configs])
+    assert "128x256x64 w8 s4 tma" in plain and "128x256x64 w8 s3 tma tma-store" in stored
+    assert "128x256x64 w8 s4 tma tma-store" not in stored
+    assert all(name.endswith(" tma-store") for name in stored) and len(stored) == len(plain) - 2
+    assert kept(False, [kernels.switched(c, TMA_STORE=True) for c in configs]) == plain
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64, 100, 256])
@@ -674,7 +730,7 @@ def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
 
 
 def test_prune_keeps_a_flattened_config_only_where_its_kernel_computes_the_whole_rank():
-    """A flattened config (``kernels.flattened``) loops over tiles only in a persistent grid, and its
+    """A flattened config (``kernels.switched(c, FLATTEN=True)``) loops over tiles only in a persistent grid, and its
     kernel computes the low-rank term in one block of BLOCK_R ranks: the pruner drops it without a
     persistent grid, or past BLOCK_R ranks, where it would compute part of the term."""
     import triton.language as tl
