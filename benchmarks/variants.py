@@ -15,11 +15,12 @@ launches called directly, with the thin products (shrink, dS, dA with dB) on Tri
 (``composed``), eager and from a CUDA graph; and LoRA dropout's masked shrink and dX, each in turn
 with the same launch without dropout (``IN_TURN``). Last, at the --sweep shapes, the forward's GEMM
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
-persistent candidate as it is and with the switches no candidate has yet (``SWITCHES``: FLATTEN, a
-TMA store of the output tile, both; ``forced``). Every ratio is to the floor of the same
-run; each new variant's row is checked against its twin (``TWINS``) and, where the two are of one
-kind, timed in turn with it for a ratio that clock drift does not decide, and the rows that
-conclusions rest on (``AGAINST_FLOOR``, the sweep's) are timed in turn with their floor as well.
+persistent candidate as it is and with each switch no candidate has yet (``SWITCHES``: FLATTEN, a
+TMA store of the output tile; ``forced``), and at the --sweep-dx shapes dX's launch forced to its
+pick and each persistent candidate, as it is and with the TMA store. Every ratio is to the floor
+of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
+are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
+that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
 Writes ``variants.md`` and ``variants.json`` under --out (default $OUT, else benchmarks/results/).
 The numbers feed benchmarks/NOTES.md.
 
@@ -47,17 +48,20 @@ from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
-# (Where the forward's GEMM time dominates the layer's, and the GPU's rather than the host's: one
-# shape, with three switched rows per persistent candidate, in about the rows that two shapes with
-# one each took.)
+# The sweeps' shapes: the forward's GEMM where its time dominates the layer's forward, and the GPU's
+# rather than the host's; dX where its reduction is shortest (K = 1024 out-features: a K loop of 16
+# steps, against which a tile's epilogue weighs most; the fifth H200 run's dX there was 1.22 ×
+# cuBLAS's, 0.94-1.02 at the other shapes). About as many rows as the thirtieth session's two
+# forward sweeps, whose time the variants step's limit allows.
 DEFAULT_SWEEP = "4096x4096"
-# The switches each persistent candidate is forced to in the sweep, in this order (each row's twin,
-# the same config less its last switch, before it), FLATTEN's first: ``kernels.switched``. A
-# persistent program's epilogue (the low-rank dot, the bias, the store) stands between one tile's
-# K loop and the next's: FLATTEN lets the next tile's loads issue during it, and a TMA store lets
-# the copy engine write the tile while the next K loop runs (compiled for sm_90: the store waits
-# only before the next tile's store, where the staging tile is rewritten).
-SWITCHES = ({"FLATTEN": True}, {"TMA_STORE": True}, {"FLATTEN": True, "TMA_STORE": True})
+DEFAULT_SWEEP_DX = "4096x1024"
+# The switches each persistent candidate is forced to in the forward's sweep, each alone (its row's
+# twin: the same config without it): ``kernels.switched``. A persistent program's epilogue (the
+# low-rank dot, the bias, the store) stands between one tile's K loop and the next's: FLATTEN lets
+# the next tile's loads issue during it, and a TMA store lets the copy engine write the tile while
+# the next K loop runs (compiled for sm_90: the store waits only before the next tile's store, where
+# the staging tile is rewritten). dX's sweep tries the store alone.
+SWITCHES = ({"FLATTEN": True}, {"TMA_STORE": True})
 
 
 def with_configs(fn, configs):
@@ -158,11 +162,11 @@ def composed(thin, x, W, b, A, B, dy, dtype):
     return run
 
 
-def pieces(K, N, M, r, dtype, device, sweep=False):
+def pieces(K, N, M, r, dtype, device, sweep=None):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
-    ``sweep``, the sweep's rows instead: cuBLAS's forward (the floor), the forward's GEMM launch
-    autotuned, and the same forced to each config the autotuner timed near its pick, and to each
-    persistent candidate as it is and switched (``forced``)."""
+    ``sweep`` ("forward" or "dx", ``SWEEPS``), that sweep's rows instead: its cuBLAS floor, its
+    launch autotuned, and the same forced to each config the autotuner timed near its pick, and to
+    each persistent candidate as it is and switched (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -268,17 +272,20 @@ def pieces(K, N, M, r, dtype, device, sweep=False):
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
     if sweep:
-        rows = {name: rows[name] for name in ("cuBLAS F.linear (floor)", SWEPT)}
+        floor, swept, prefix, within, switches = SWEEPS[sweep]
+        kind, launch = rows[swept]
+        rows = {name: rows[name] for name in (floor, swept)}
         # FLATTEN computes a low-rank term of one block only. A TMA store needs TMA on the device and
         # rows of whole 16 bytes (else the rows would time pointer stores under its name), and room
         # for its staged tile: the persistent candidates as the autotuner fitted them leave none in
         # fp32 (a forced config runs unpruned: those would fail to launch).
-        store = kernels.TMA and kernels._tma_available(device) and dtype.itemsize == 2 and N * 2 % 16 == 0
-        switches = [on for on in SWITCHES if (r <= kernels.FUSE_MAX_RANK or "FLATTEN" not in on)
+        width = N if sweep == "forward" else K  # (the output's row: y's N, dX's K)
+        store = kernels.TMA and kernels._tma_available(device) and dtype.itemsize == 2 and width * 2 % 16 == 0
+        switches = [on for on in switches if (r <= kernels.FUSE_MAX_RANK or "FLATTEN" not in on)
                     and (store or "TMA_STORE" not in on)]
-        for config, run, tuner_ms, picked in forced(gemm_sb, SWEEP_WITHIN, switches):
+        for config, run, tuner_ms, picked in forced(launch, within, switches):
             run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
-            rows[SWEEP_PREFIX + kernels.tile_name(config.all_kwargs())] = ("fwd", run)
+            rows[prefix + kernels.tile_name(config.all_kwargs())] = (kind, run)
     if device.type == "cuda":
         rows = {name: (kind, graphed(fn, device) if kind in GRAPHED_KINDS else fn) for name, (kind, fn) in rows.items()}
     return rows
@@ -311,14 +318,21 @@ TWINS = {
 }
 
 
-# The forward's GEMM launch, and its rows forced to one config each (pieces' ``sweep``): each checked
-# against it, and timed in turn with cuBLAS's F.linear.
+# The forward's GEMM launch and dX's, and their rows forced to one config each (pieces' ``sweep``):
+# each checked against the launch autotuned, and timed in turn with its cuBLAS floor.
 SWEPT = "GEMM + SB + bias (S given)"
 SWEEP_PREFIX = "GEMM + SB + bias, forced to "
+SWEPT_DX = "dX = dY W + α dS Aᵀ"
+SWEEP_DX_PREFIX = "dX = dY W + α dS Aᵀ, forced to "
 SWITCH_NAMES = (" tma-store", " flattened")  # (how kernels.tile_name ends a switched config's name, last first)
-# The sweep's configs: those the autotuner timed within this factor of its pick (at 8192 tokens it
-# keeps 26, most of them small tiles far behind; the contenders are the few within noise of it).
+# The forward sweep's configs: those the autotuner timed within this factor of its pick (at 8192
+# tokens it keeps 26, most of them small tiles far behind; the contenders are the few within noise
+# of it). dX's: its pick alone (1.0), before the persistent candidates.
 SWEEP_WITHIN = 1.25
+# sweep -> (its floor's row, the launch autotuned, its forced rows' prefix, the factor, its switches)
+SWEEPS = {"forward": ("cuBLAS F.linear (floor)", SWEPT, SWEEP_PREFIX, SWEEP_WITHIN, SWITCHES),
+          "dx": ("cuBLAS dX = dY W (floor)", SWEPT_DX, SWEEP_DX_PREFIX, 1.0, ({"TMA_STORE": True},))}
+_FORCED = tuple(prefix for _, _, prefix, _, _ in SWEEPS.values())
 
 # Rows timed in turn with their kind's floor too (cuBLAS, or the base's step). Timed apart, a row's
 # ratio to its floor moves with the GPU's clocks: in the fifth H200 run the plain GEMM came out
@@ -344,9 +358,10 @@ def twin(name):
     """The row whose result ``name``'s must match before it is timed, or None: a switched config's
     is the same config less its last switch (also timed in turn with it), another forced config's
     the autotuned launch."""
-    if name.startswith(SWEEP_PREFIX):
-        last = [suffix for suffix in SWITCH_NAMES if name.endswith(suffix)]
-        return name.removesuffix(last[0]) if last else SWEPT
+    for _, swept, prefix, _, _ in SWEEPS.values():
+        if name.startswith(prefix):
+            last = [suffix for suffix in SWITCH_NAMES if name.endswith(suffix)]
+            return name.removesuffix(last[0]) if last else swept
     return TWINS.get(name)
 
 
@@ -371,7 +386,7 @@ def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
     pairs = [(name, twin(name), "vs_twin", rounds) for name in shape_pieces]
     pairs += [(name, IN_TURN[name], "vs_other", rounds) for name in shape_pieces if name in IN_TURN]
     pairs += [(name, floors[kind], "vs_floor", floor_rounds) for name, (kind, _) in shape_pieces.items()
-              if (name in AGAINST_FLOOR or name.startswith(SWEEP_PREFIX)) and name != floors[kind]]
+              if (name in AGAINST_FLOOR or name.startswith(_FORCED)) and name != floors[kind]]
     errors = []
     for name, other, field, n in pairs:
         if name not in timed or other not in timed or shape_pieces[name][0] != shape_pieces[other][0]:
@@ -522,6 +537,10 @@ def main(argv=None):
                         help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
                              f"autotuner timed near its pick, and to each persistent one switched (default: those of "
                              f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
+    parser.add_argument("--sweep-dx", type=lambda text: _shapes(text) if text.strip() else [],
+                        help="KxN,... where dX's launch is also timed forced to its pick and to each persistent "
+                             f"config, with and without a TMA store (default: those of {DEFAULT_SWEEP_DX} among "
+                             "--shapes; none: --sweep-dx '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
@@ -531,6 +550,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.sweep is None:
         args.sweep = [shape for shape in _shapes(DEFAULT_SWEEP) if shape in args.shapes]
+    if args.sweep_dx is None:
+        args.sweep_dx = [shape for shape in _shapes(DEFAULT_SWEEP_DX) if shape in args.shapes]
     device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
@@ -557,7 +578,8 @@ def main(argv=None):
                   + (f"  ×{row['ratio']:.3f}" if row["ratio"] is not None else "")), flush=True)
         # The sweep's rows last, a pass of their own: its switched configs have run on no GPU before,
         # and one that faults would take the CUDA context, and every reading after it, with it.
-        for K, N, sweep in [(K, N, False) for K, N in args.shapes] + [(K, N, True) for K, N in args.sweep]:
+        passes = [(K, N, None) for K, N in args.shapes] + [(K, N, "forward") for K, N in args.sweep]
+        for K, N, sweep in passes + [(K, N, "dx") for K, N in args.sweep_dx]:
             floors, results, timed = {}, {}, {}
             try:
                 shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, sweep)

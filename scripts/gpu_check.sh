@@ -255,10 +255,11 @@ fi
 if has variants all perf; then
   [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
   # (106 s in the fifth run; since then, less its warp-specialized rows, its key rows are also
-  # timed in turn with their floors, dropout's two launches with the same unmasked, and last, at
-  # 4096→4096, the forward's GEMM forced to each config the autotuner timed near its pick and to
-  # each persistent one, then each of those flattened, with a TMA store, and both, those twelve
-  # compiled here: about 25-35 s more.)
+  # timed in turn with their floors, dropout's two launches with the same unmasked, and last the
+  # forward's GEMM at 4096→4096 forced to each config the autotuner timed near its pick and to each
+  # persistent one, then each of those flattened and with a TMA store, and dX at 4096→1024 forced
+  # to its pick and each persistent one, with and without the store (those twelve switched configs
+  # compiled here): about 25-35 s more.)
   step variants 165 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then

@@ -944,9 +944,10 @@ def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkey
 
 
 def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(monkeypatch):
-    """`alternate` also times each row of AGAINST_FLOOR, and each row of the forward's config sweep,
-    in turn with the first row of its kind (its floor), for ``vs_floor``; not the floor itself,
-    nor any other row, nor a row whose floor was not timed; and a pair that fails costs no other."""
+    """`alternate` also times each row of AGAINST_FLOOR, and each row of the config sweeps (the
+    forward's, dX's), in turn with the first row of its kind (its floor), for ``vs_floor``; not the
+    floor itself, nor any other row, nor a row whose floor was not timed; and a pair that fails
+    costs no other."""
     from benchmarks import variants
     clock = {"now": 0.0}
 
@@ -958,17 +959,22 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
         raise RuntimeError("a fault")
 
     swept = variants.SWEEP_PREFIX + "128x256x64 w8 s3"
+    swept_dx = variants.SWEEP_DX_PREFIX + "128x256x64 w8 s3 tma persistent"
     shape_pieces = {"cuBLAS": ("fwd", lambda: 1.0), "broken row": ("fwd", broken), "key row": ("fwd", lambda: 1.5),
                     swept: ("fwd", lambda: 1.0), "other row": ("fwd", lambda: 1.0), "dx floor": ("dx", lambda: 1.0),
-                    "dx row": ("dx", lambda: 2.0)}
-    monkeypatch.setattr(variants, "AGAINST_FLOOR", ("broken row", "key row", "cuBLAS", "dx row"))
+                    "dx row": ("dx", lambda: 2.0), swept_dx: ("dx", lambda: 1.0), "dx, unfloored": ("dx", lambda: 1.0)}
+    monkeypatch.setattr(variants, "AGAINST_FLOOR", ("broken row", "key row", "cuBLAS", "dx row", swept_dx))
     monkeypatch.setattr(variants, "TWINS", {})
     timed = {name: {} for name in shape_pieces if name != "dx floor"}
     errors = variants.alternate(shape_pieces, timed, drifting_timer)
     # (a pair that fails is reported, and the pairs after it are still timed)
     assert errors == ["'broken row' in turn with 'cuBLAS': RuntimeError: a fault"] and "vs_floor" not in timed["broken row"]
     assert timed["key row"]["vs_floor"] > 1.3 and timed[swept]["vs_floor"] == pytest.approx(1.0)
-    assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row"))
+    assert all("vs_floor" not in timed[name] for name in ("cuBLAS", "other row", "dx row", swept_dx, "dx, unfloored"))
+    timed = {name: {} for name in shape_pieces}  # (now with dX's floor timed)
+    variants.alternate(shape_pieces, timed, drifting_timer)
+    assert timed[swept_dx]["vs_floor"] == pytest.approx(1.0) and timed["dx row"]["vs_floor"] > 1.3
+    assert "vs_floor" not in timed["dx, unfloored"]
 
 
 @pytest.mark.parametrize("switches", [variants.SWITCHES, variants.SWITCHES[1:2], ()],
@@ -1015,19 +1021,23 @@ def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(swi
 def test_variants_check_each_switched_config_against_itself_less_its_last_switch():
     """A sweep row's twin (its result checked against, and timed in turn with): the same config
     less its last switch for a switched one (unflattened for a flattened one, stored by pointers
-    for a TMA store, flattened for both), as kernels.tile_name names them, and the sweep forces
-    each twin before the row; the autotuned launch for the others; and TWINS' for the rest."""
+    for a TMA store, flattened for both), as kernels.tile_name names them, and each sweep forces
+    each twin before the row; its launch autotuned for the others (the forward's GEMM, or dX);
+    and TWINS' for the rest."""
     from benchmarks import variants
     config = next(c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"])
 
-    def row(**on):
-        return variants.SWEEP_PREFIX + kernels.tile_name(kernels.switched(config, **on).all_kwargs())
+    def row(prefix=variants.SWEEP_PREFIX, **on):
+        return prefix + kernels.tile_name(kernels.switched(config, **on).all_kwargs())
     plain, flat, stored, both = row(), row(FLATTEN=True), row(TMA_STORE=True), row(FLATTEN=True, TMA_STORE=True)
     assert (flat, stored, both) == (plain + " flattened", plain + " tma-store", plain + " flattened tma-store")
     assert variants.twin(flat) == plain and variants.twin(stored) == plain and variants.twin(both) == flat
     assert variants.twin(plain) == variants.SWEPT
-    order = [plain] + [row(**on) for on in variants.SWITCHES]
-    assert all(order.index(variants.twin(name)) < order.index(name) for name in order[1:])
+    dx = row(variants.SWEEP_DX_PREFIX)
+    assert variants.twin(dx) == variants.SWEPT_DX and variants.twin(row(variants.SWEEP_DX_PREFIX, TMA_STORE=True)) == dx
+    for _, _, prefix, _, switches in variants.SWEEPS.values():
+        order = [row(prefix)] + [row(prefix, **on) for on in switches]
+        assert all(order.index(variants.twin(name)) < order.index(name) for name in order[1:])
     assert variants.twin("dA and dB, one paired launch (the layer's)") == "dA and dB, two launches"
     assert variants.twin(variants.SWEPT) is None
 
