@@ -17,7 +17,8 @@ with the same launch without dropout (``IN_TURN``). Last, at the --sweep shapes,
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
 persistent candidate as it is and with each switch no candidate has yet (``SWITCHES``: FLATTEN, a
 TMA store of the output tile; ``forced``), and at the --sweep-dx shapes dX's launch forced to its
-pick and each persistent candidate, as it is and with the TMA store. Every ratio is to the floor
+pick and, where the device and dtype allow a TMA store, each persistent candidate with and without
+it. Every ratio is to the floor
 of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
 are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
 that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
@@ -49,8 +50,8 @@ from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
 # The sweeps' shapes: the forward's GEMM where its time dominates the layer's forward, and the GPU's
-# rather than the host's; dX where its reduction is shortest (K = 1024 out-features: a K loop of 16
-# steps, against which a tile's epilogue weighs most; the fifth H200 run's dX there was 1.22 ×
+# rather than the host's; dX where its reduction is shortest (over N = 1024 out-features: a K loop
+# of 16 steps, against which a tile's epilogue weighs most; the fifth H200 run's dX there was 1.22 ×
 # cuBLAS's, 0.94-1.02 at the other shapes). About as many rows as the thirtieth session's two
 # forward sweeps, whose time the variants step's limit allows.
 DEFAULT_SWEEP = "4096x4096"
@@ -107,7 +108,7 @@ def forced(fn, within, switches):
         with _no_direct_launch():
             with_configs(fn, tuner.configs)()
         timings, picked = tuner.configs_timings, tuner.best_config
-    near = [c for c in timings if timings[c][0] <= within * timings[picked][0]] or [picked]
+    near = ([c for c in timings if timings[c][0] <= within * timings[picked][0]] if within > 1 else []) or [picked]
     persistent = [c for c in timings if switches and c.kwargs.get("PERSISTENT")]
     configs = near + [c for c in persistent if c not in near]
     configs += [kernels.switched(c, **on) for on in switches for c in persistent]
@@ -538,9 +539,9 @@ def main(argv=None):
                              f"autotuner timed near its pick, and to each persistent one switched (default: those of "
                              f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
     parser.add_argument("--sweep-dx", type=lambda text: _shapes(text) if text.strip() else [],
-                        help="KxN,... where dX's launch is also timed forced to its pick and to each persistent "
-                             f"config, with and without a TMA store (default: those of {DEFAULT_SWEEP_DX} among "
-                             "--shapes; none: --sweep-dx '')")
+                        help="KxN,... where dX's launch is also timed forced to its pick and, where a TMA store "
+                             "can be made, to each persistent config with and without it (default: those of "
+                             f"{DEFAULT_SWEEP_DX} among --shapes; none: --sweep-dx '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),

@@ -919,6 +919,11 @@ def test_variants_time_each_new_variant_in_turn_with_its_twin(monkeypatch):
     assert "vs_twin" not in timed["new, graph"] and "vs_twin" not in timed["default"]
 
 
+_ON_THE_INTERPRETER = pytest.mark.skipif(not kernels.INTERPRET, reason="the kernels on CPU tensors: Triton's interpreter only "
+                                         "(the GPU run's variants step makes the same rows on the GPU)")
+
+
+@_ON_THE_INTERPRETER
 def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkeypatch):
     """`alternate` times each row of IN_TURN (a launch with LoRA dropout) in turn with its row there
     (the same launch without), for ``vs_other``: no ``vs_twin``, and no result check in the main
@@ -1040,6 +1045,38 @@ def test_variants_check_each_switched_config_against_itself_less_its_last_switch
         assert all(order.index(variants.twin(name)) < order.index(name) for name in order[1:])
     assert variants.twin("dA and dB, one paired launch (the layer's)") == "dA and dB, two launches"
     assert variants.twin(variants.SWEPT) is None
+
+
+@_ON_THE_INTERPRETER
+def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch):
+    """Both sweeps end to end through the kernels (the interpreter, the autotuner's timings stood in
+    for: a one-tile config picked, a persistent one 1.3 × slower): the forward's GEMM forced to
+    each config within 1.25 × the pick and to the persistent one, flattened, and not stored (y's
+    rows, 36 fp16 elements, are no whole 16 bytes); dX forced to its pick alone and to the
+    persistent one, with and without the TMA store (dX's rows, 64 elements, are: a store without
+    TMA loads, dY's rows being no whole 16 bytes either); each row checked against its twin before
+    it is timed."""
+    tuner = kernels._lora_matmul_kernel
+    one_tile, persistent = (kernels._config(32, 32, 32, 4, 2, tma=True, persistent=p) for p in (False, True))
+    monkeypatch.setattr(tuner, "configs", [one_tile, persistent])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "cache_results", False)
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **flags: [1.3 if config.kwargs["PERSISTENT"] else 1.0] * 3)
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
+    pieces = variants.pieces
+    monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[-1] else {})  # (the sweeps only)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--tokens", "64", "--dtype", "fp16",
+                   "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
+    assert not [row for row in rows if row.get("error")], rows
+    forced = [row["piece"] for row in rows if " forced to " in row["piece"]]
+    # (dX reads dY, rows of 36 elements, through pointers: its configs are pruned to pointer loads)
+    fwd, dx = variants.SWEEP_PREFIX + "32x32x32 w4 s2 tma", variants.SWEEP_DX_PREFIX + "32x32x32 w4 s2"
+    assert forced == [fwd, fwd + " persistent", fwd + " persistent flattened",
+                      dx, dx + " persistent", dx + " persistent tma-store"]
+    assert all(row["differs"] <= 1e-3 for row in rows if " forced to " in row["piece"])
 
 
 def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp_path, monkeypatch):
