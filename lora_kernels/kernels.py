@@ -686,17 +686,19 @@ def _tma_available(device):
 
 
 def _tma_ok(t):
-    """Whether a 2-D operand can be read through a TMA descriptor: not empty, one unit stride, the
-    other a multiple of 16 bytes and at least a row long (a broadcast operand's stride of 0 is
-    no layout a descriptor can state), and a 16-byte-aligned start (an odd slice has none); and
-    sizes under 2^31, as the kernel states them to the descriptor (int32)."""
-    if t.numel() == 0:
-        return False
-    (n0, n1), (s0, s1) = t.shape, t.stride()
+    """Whether a 2-D operand can be read through a TMA descriptor (``_tma_layout``); not if empty."""
+    return t.numel() > 0 and _tma_layout(*t.shape, *t.stride(), t.element_size(), t.data_ptr())
+
+
+def _tma_layout(n0, n1, s0, s1, itemsize, address):
+    """Whether a TMA descriptor can state a 2-D layout: one unit stride, the other a multiple of 16
+    bytes and at least a row long (a broadcast operand's stride of 0 is no layout a descriptor can
+    state), a 16-byte-aligned start (an odd slice has none), and sizes under 2^31, as the kernel
+    states them to the descriptor (int32)."""
     if max(n0, n1) >= 2 ** 31:
         return False
     other, row = (s0, n1) if s1 == 1 else (s1, n0) if s0 == 1 else (0, 1)
-    return other >= max(row, 1) and other * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+    return other >= max(row, 1) and other * itemsize % 16 == 0 and address % 16 == 0
 
 
 def _scratch(size, alignment, stream):
@@ -938,10 +940,10 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
     allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
-    # The output as one (M, N) tensor, rows N apart (fresh), for a TMA store: not a split's partial
-    # sums; its sizes under 2^31, as for _tma_ok.
-    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device) and max(M, N) < 2 ** 31
-                       and N * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0)
+    # The output as the kernel writes it, (M, N) with rows N apart (fresh), for a TMA store: not a
+    # split's partial sums.
+    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device)
+                       and _tma_layout(M, N, N, 1, out.element_size(), out.data_ptr()))
     (sxm, sxk), (swk, swn) = x.stride(), w.stride()
     # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
     sum_scale = 1.0

@@ -730,9 +730,10 @@ def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
 
 
 def test_prune_keeps_a_flattened_config_only_where_its_kernel_computes_the_whole_rank():
-    """A flattened config (``kernels.switched(c, FLATTEN=True)``) loops over tiles only in a persistent grid, and its
-    kernel computes the low-rank term in one block of BLOCK_R ranks: the pruner drops it without a
-    persistent grid, or past BLOCK_R ranks, where it would compute part of the term."""
+    """A flattened config (``kernels.switched(c, FLATTEN=True)``) loops over tiles only in a
+    persistent grid, and its kernel computes the low-rank term in one block of BLOCK_R ranks: the
+    pruner drops it without a persistent grid, or past BLOCK_R ranks, where it would compute part
+    of the term."""
     import triton.language as tl
     persistent = [c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
     one_tile = [c for c in kernels.hopper_configs() if not c.kwargs["PERSISTENT"]]
