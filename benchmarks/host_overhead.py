@@ -158,6 +158,29 @@ class _LayerShaped(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None, None
 
 
+class _Launching(torch.autograd.Function):
+    """_PassThrough making one launch (``launch``) in its forward or, ``in_backward``, in its
+    backward, which on CUDA the engine runs on a thread of its own: the two steps' difference is
+    what that thread adds to a launch. (In the fifth H200 run the eager step cost 228 µs more with
+    its three launches, two of them the backward's, than with every ``kernel.run`` stubbed out,
+    where one ``kernel.run`` called in a loop cost 19 µs. Not all of that is the thread: on this
+    project's CPU a stubbed launch costs 12 µs called in a loop and about 25 inside either pass of a
+    step, whose other code leaves the processor's caches cold for it.)"""
+
+    @staticmethod
+    def forward(ctx, x, launch, in_backward):
+        ctx.launch = launch if in_backward else None
+        if not in_backward:
+            launch()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.launch is not None:
+            ctx.launch()
+        return grad, None, None
+
+
 def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
     g = torch.Generator(device=device).manual_seed(0)
@@ -209,6 +232,9 @@ def _steps(device, dtype):
     def launch():
         kernels.lora_matmul(x2, W.t(), out_dtype=dtype, dot_dtype=dtype)
 
+    def launching(in_backward):
+        torch.autograd.grad(_Launching.apply(x, launch, in_backward), [x], dy)
+
     S = torch.randn(M, r, generator=g, device=device).to(dtype)
 
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
@@ -229,8 +255,8 @@ def _steps(device, dtype):
     # peft's 1.10 against 1.04: these say how much of it is the host's.)
     dropout = {"lora_linear forward+backward with LoRA dropout 0.1, eager": functools.partial(eager_step, 0.1),
                **_peft_steps(x, W, b, dy, dropout=0.1)}
-    return (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, engine,
-            _peft_steps(x, W, b, dy), dropout)
+    return (eager_step, train_forward, eval_forward, op_step, launch, launching, backward_body, baselines,
+            engine, _peft_steps(x, W, b, dy), dropout)
 
 
 def _peft_steps(x, W, b, dy, dropout=0.0):
@@ -279,8 +305,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    (eager_step, train_forward, eval_forward, op_step, launch, backward_body, baselines, engine, peft_steps,
-     dropout_steps) = steps
+    (eager_step, train_forward, eval_forward, op_step, launch, launching, backward_body, baselines, engine,
+     peft_steps, dropout_steps) = steps
 
     def stubs():  # on the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off
         stack = contextlib.ExitStack()
@@ -332,6 +358,9 @@ def main(argv=None):
             row("the backward's body called directly (functional._backward_impl, no autograd engine)",
                 backward_body)
             row("one launch (lora_matmul)" if cuda else "one launcher's argument preparation (lora_matmul)", launch)
+            row("the Function that computes nothing, making that launch in its forward (forward+backward)",
+                functools.partial(launching, False))
+            row("the same, the launch in its backward (on CUDA on the engine's thread)", functools.partial(launching, True))
             if cuda:
                 try:
                     parts = _launch_parts(launch, eager_step, device, torch.bfloat16)
