@@ -701,8 +701,22 @@ def _tma_layout(n0, n1, s0, s1, itemsize, address):
     return other >= max(row, 1) and other * itemsize % 16 == 0 and address % 16 == 0
 
 
+_SCRATCH = {}  # (device index, stream) -> the scratch buffer its launches share
+
+
 def _scratch(size, alignment, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+    # Global scratch for a launch's in-kernel TMA descriptors (a few hundred bytes a program).
+    # Launches on one stream run one after another, so they share one buffer, kept per device and
+    # stream: a CUDA allocation cost 6.4 µs of host time on the H200's host (benchmarks/NOTES.md,
+    # fifth run), and two of a step's three launches make one. Not under CUDA graph capture: the
+    # graph keeps the address it was given, and its replays could overlap launches outside it.
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+    key = (torch.cuda.current_device(), stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = _SCRATCH[key] = torch.empty(size, device="cuda", dtype=torch.int8)
+    return buffer
 
 
 def _ensure_allocator():
@@ -713,12 +727,15 @@ def _ensure_allocator():
         triton.set_allocator(_scratch)
 
 
+_NO_SWITCH = contextlib.nullcontext()  # (stateless: one serves every launch)
+
+
 def _on_device(device):
     # Switch devices only where the current one differs: torch.cuda.device's context costs host
     # time on every launch, and in a model on one GPU the current device is already the tensors'.
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_SWITCH
 
 
 @functools.lru_cache(maxsize=None)
@@ -752,16 +769,16 @@ _TRITON_DISPATCH = threading.Lock()
 
 
 def _arg_class(a):
-    """What Triton's binder specializes a runtime argument on (3.6 to 3.9): a tensor's dtype and
-    16-byte alignment; an int's being 1 (a constant), a multiple of 16 and its width (i32/i64);
-    nothing for a float (its type is fixed: fp32, or fp64 as annotated). Two launches whose
-    arguments agree on these get the same compiled kernel (tests/test_launch.py checks this against
-    Triton's own function)."""
+    """What Triton's binder specializes a number argument on (3.6 to 3.9): an int's being 1 (a
+    constant), a multiple of 16 and its width (i32/i64); nothing for a float (its type is fixed:
+    fp32, or fp64 as annotated). A pointer's is its dtype and 16-byte alignment, which
+    ``_launch_key`` reads as the dtype and the address modulo 16. Two launches whose arguments agree
+    on these get the same compiled kernel (tests/test_launch.py checks this against Triton's own
+    function)."""
     if type(a) is int:
         return (a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000)
-    if type(a) is float:
-        return None
-    return (a.dtype, a.data_ptr() % 16 == 0)
+    assert type(a) is float, "a pointer's class is read in _launch_key"
+    return None
 
 
 def _set(hook):
@@ -788,13 +805,22 @@ def _options():
 
 # The kernel's runtime arguments by kind, from its signature: pointers (tensors), the floats,
 # and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
-# same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch.
+# same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch. Each tuple
+# of classes is numbered once (_CLASS_IDS), so the key holds a number, not 30-odd tuples to hash
+# again on every launch.
 _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
 _FLOAT_ARGS = ("scale", "s_scale", "r_scale", "sum_scale", "p_drop", "scale2")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _SIZE_KEY = slice(_ARG_NAMES.index("M_KEY"), _ARG_NAMES.index("K_KEY") + 1)  # the autotuner's key
-_INT_CLASSES = {}
+_INT_CLASSES = {}  # the ints' values -> the number of their classes' tuple
+_CLASS_IDS = {}  # a tuple of the ints' classes -> its number
+# A pointer's class as the key holds it, read without a Python call per tensor (a launch passes
+# eleven): its dtype, and its address modulo 16, which tells Triton's aligned-or-not and more (an
+# address with another remainder of the same alignment misses once, and is keyed apart).
+_DTYPE_OF = operator.attrgetter("dtype")
+_ADDRESS_OF = torch.Tensor.data_ptr
+_MOD_16 = (16).__rmod__  # a -> a % 16
 # NVIDIA only: ROCm's Triton also specializes a pointer on its storage fitting 2 GiB (32-bit
 # buffer offsets), which _arg_class does not capture.
 _DIRECT_OK = torch.version.hip is None
@@ -802,14 +828,17 @@ _DIRECT_OK = torch.version.hip is None
 
 def _launch_key(device, flags, args):
     """Everything that picks the compiled kernel: the device, the flags, the autotuner's size key
-    (M_KEY, N_KEY, K_KEY) and each argument's specialization class (a float has none)."""
+    (M_KEY, N_KEY, K_KEY) and each argument's specialization class (``_arg_class``; a float has
+    none), a pointer's as its dtype and address modulo 16 (finer than Triton's, so never wrong)."""
     ints = _INTS(args)
     classes = _INT_CLASSES.get(ints)
     if classes is None:
         if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
             _INT_CLASSES.clear()
-        classes = _INT_CLASSES[ints] = tuple(map(_arg_class, ints))
-    return (device.index, *flags.values(), *args[_SIZE_KEY], classes, *map(_arg_class, _POINTERS(args)), *_options())
+        classes = _INT_CLASSES[ints] = _CLASS_IDS.setdefault(tuple(map(_arg_class, ints)), len(_CLASS_IDS))
+    pointers = _POINTERS(args)
+    return (device.index, *flags.values(), *args[_SIZE_KEY], classes, *map(_DTYPE_OF, pointers),
+            *map(_MOD_16, map(_ADDRESS_OF, pointers)), *_options())
 
 
 def _launch(device, grid, args, flags):

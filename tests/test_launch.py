@@ -37,7 +37,8 @@ def test_arg_class_determines_triton_specialization():
         seen = {}
         for v in values:
             spec = native_specialize_impl(backend, v, False, True, True)
-            cls = kernels._arg_class(v)
+            # (a pointer as _launch_key reads it: dtype and address modulo 16)
+            cls = (v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else kernels._arg_class(v)
             assert seen.setdefault(cls, spec) == spec, (backend, v, cls, spec, seen[cls])
         # and the classes are not so coarse that they are empty: ints 1, aligned, unaligned, wide
         assert len({kernels._arg_class(v) for v in INTS}) >= 5
@@ -98,6 +99,10 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     args2 = args[:7] + (M + 16,) + args[8:]  # another M of the same classes and M_KEY
     kernels._launch(cuda, grid, args2, flags)  # second: the compiled kernel, directly
     assert len(tuner.launches) == 1 and len(kernel.calls) == 1
+    # (and another tensor of the dtype and alignment: a layer's next batch)
+    kernels._launch(cuda, grid, (torch.zeros(256, 64),) + args2[1:], flags)
+    assert len(tuner.launches) == 1 and len(kernel.calls) == 2
+    kernel.calls.pop()
     call = kernel.calls[0]
     tiles = kernels._cdiv(M + 16, 64) * kernels._cdiv(N, 32)
     assert call[:9] == (tiles, 1, 1, 1003, "function", "metadata", None, None, None)
@@ -329,3 +334,36 @@ def test_compile_threads_respect_a_containers_cpu_quota(tmp_path, text, cpus):
     path.write_text(text)
     assert kernels._cpu_quota(str(path)) == cpus
     assert kernels._cpu_quota(str(tmp_path / "missing")) is None
+
+
+def test_tma_scratch_is_shared_per_device_and_stream_outside_graph_capture(monkeypatch):
+    """The in-kernel TMA descriptors' global scratch (Triton's allocator, ``kernels._scratch``):
+    launches on one stream run in order, so they share one buffer, kept per device and stream and
+    grown when a launch needs more; a launch captured into a CUDA graph gets a buffer of its own,
+    which the graph keeps (a shared one could be in use by a launch outside it while it replays)."""
+    made, real_empty = [], torch.empty
+
+    def empty(size, device, dtype):
+        assert (device, dtype) == ("cuda", torch.int8)
+        made.append(real_empty(size, dtype=dtype))
+        return made[-1]
+    capturing, current = [False], [0]
+    monkeypatch.setattr(kernels, "_SCRATCH", {})
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    first = kernels._scratch(1024, 128, 7)
+    assert kernels._scratch(512, 128, 7) is first and kernels._scratch(1024, 128, 7) is first
+    assert len(made) == 1 and first.numel() == 1024
+    other_stream = kernels._scratch(512, 128, 8)
+    current[0] = 1
+    other_device = kernels._scratch(512, 128, 7)
+    assert len({id(first), id(other_stream), id(other_device)}) == 3 and len(made) == 3
+    current[0] = 0
+    larger = kernels._scratch(4096, 128, 7)  # grown: the launch needs more than the stream's buffer
+    assert larger is not first and larger.numel() == 4096 and kernels._scratch(1024, 128, 7) is larger
+    capturing[0] = True
+    captured = [kernels._scratch(256, 128, 7) for _ in range(2)]
+    assert len(made) == 6 and all(b is not larger for b in captured) and captured[0] is not captured[1]
+    capturing[0] = False
+    assert kernels._scratch(256, 128, 7) is larger
