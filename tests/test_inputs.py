@@ -50,6 +50,10 @@ class Subclass(torch.Tensor):
     (lambda a: [a.__setitem__(i, a[i].to(torch.float8_e4m3fn)) for i in range(3)], TypeError,
      ["x must have a floating-point dtype", "float8_e4m3fn"]),
     (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, ["one device", "bias on meta"]),
+    (lambda a: a.__setitem__(0, a[0].to("meta")), ValueError, ["one device", "x on meta", "weight on"]),
+    (lambda a: a.__setitem__(1, a[1].to("meta")), ValueError, ["one device", "weight on meta"]),
+    (lambda a: a.__setitem__(3, a[3].to("meta")), ValueError, ["one device", "A on meta"]),
+    (lambda a: a.__setitem__(4, a[4].to("meta")), ValueError, ["one device", "B on meta"]),
     (lambda a: a.__setitem__(1, a[1].to_sparse()), TypeError, ["weight must be a dense", "sparse_coo"]),
     (lambda a: a.__setitem__(3, a[3].to_sparse_csr()), TypeError, ["A must be a dense", "sparse_csr"]),
     (lambda a: a.__setitem__(0, torch.nested.nested_tensor(list(a[0]))), TypeError, ["x is a nested tensor"]),
@@ -57,6 +61,7 @@ class Subclass(torch.Tensor):
      ["x is a nested tensor"]),
 ], ids=["x-last-dim", "x-scalar", "W-rank", "bias-shape", "bias-row", "bias-column", "A-rows", "B-cols", "B-rank-mismatch", "A-1d",
         "rank-0", "x-int", "A-int", "W-dtype", "bias-dtype", "B-dtype", "x-numpy", "subclass", "float8", "device",
+        "x-device", "W-device", "A-device", "B-device",
         "W-sparse", "A-sparse", "x-nested", "x-jagged"])
 def test_bad_input(change, error, words):
     args = good()
