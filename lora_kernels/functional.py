@@ -348,10 +348,12 @@ class _Dropout:
 
 
 def _rows(t: Tensor) -> Tensor:
-    """``t`` as (tokens, features). (``reshape(-1, features)`` cannot infer the tokens when a layer
-    has 0 in or out features, which nn.Linear allows; ``flatten``, a third cheaper on the host,
-    has no rule in the legacy vmap that ``autograd.grad(is_grads_batched=True)`` runs.)"""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    """``t`` as (tokens, features). (``reshape(-1, features)``, a quarter cheaper on the host than
+    spelling the tokens out, cannot infer them when a layer has 0 in or out features, which
+    nn.Linear allows; ``flatten`` has no rule in the legacy vmap that
+    ``autograd.grad(is_grads_batched=True)`` runs.)"""
+    features = t.shape[-1]
+    return t.reshape(-1, features) if features else t.reshape(math.prod(t.shape[:-1]), 0)
 
 
 def _by_value(*tensors):
