@@ -43,6 +43,7 @@ safe to autotune (a trial overwrites, it never accumulates).
 
 import contextlib
 import functools
+import itertools
 import operator
 import os
 import re
@@ -701,22 +702,11 @@ def _tma_layout(n0, n1, s0, s1, itemsize, address):
     return other >= max(row, 1) and other * itemsize % 16 == 0 and address % 16 == 0
 
 
-_SCRATCH = {}  # (device index, stream) -> the scratch buffer its launches share
-
-
 def _scratch(size, alignment, stream):
-    # Global scratch for a launch's in-kernel TMA descriptors (a few hundred bytes a program).
-    # Launches on one stream run one after another, so they share one buffer, kept per device and
-    # stream: a CUDA allocation cost 6.4 µs of host time on the H200's host (benchmarks/NOTES.md,
-    # fifth run), and two of a step's three launches make one. Not under CUDA graph capture: the
-    # graph keeps the address it was given, and its replays could overlap launches outside it.
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(size, device="cuda", dtype=torch.int8)
-    key = (torch.cuda.current_device(), stream)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < size:
-        buffer = _SCRATCH[key] = torch.empty(size, device="cuda", dtype=torch.int8)
-    return buffer
+    # (A buffer kept per stream and handed to every launch was tried in version 19 and dropped: an
+    # allocation made inside a memory pool, as torch.compile's CUDA graph trees warm up in theirs,
+    # would have stayed in it.)
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _ensure_allocator():
@@ -777,7 +767,8 @@ def _arg_class(a):
     function)."""
     if type(a) is int:
         return (a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000)
-    assert type(a) is float, "a pointer's class is read in _launch_key"
+    if type(a) is not float:
+        raise TypeError(f"a launch argument of type {type(a).__name__}: only ints and floats have a class here")
     return None
 
 
@@ -814,7 +805,8 @@ _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endsw
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _SIZE_KEY = slice(_ARG_NAMES.index("M_KEY"), _ARG_NAMES.index("K_KEY") + 1)  # the autotuner's key
 _INT_CLASSES = {}  # the ints' values -> the number of their classes' tuple
-_CLASS_IDS = {}  # a tuple of the ints' classes -> its number
+_CLASS_IDS = {}  # a tuple of the ints' classes -> its number (never cleared: one number, one tuple)
+_NUMBERS = itertools.count()  # (next() is one call: two threads that miss at once get two numbers)
 # A pointer's class as the key holds it, read without a Python call per tensor (a launch passes
 # eleven): its dtype, and its address modulo 16, which tells Triton's aligned-or-not and more (an
 # address with another remainder of the same alignment misses once, and is keyed apart).
@@ -835,7 +827,7 @@ def _launch_key(device, flags, args):
     if classes is None:
         if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
             _INT_CLASSES.clear()
-        classes = _INT_CLASSES[ints] = _CLASS_IDS.setdefault(tuple(map(_arg_class, ints)), len(_CLASS_IDS))
+        classes = _INT_CLASSES[ints] = _CLASS_IDS.setdefault(tuple(map(_arg_class, ints)), next(_NUMBERS))
     pointers = _POINTERS(args)
     return (device.index, *flags.values(), *args[_SIZE_KEY], classes, *map(_DTYPE_OF, pointers),
             *map(_MOD_16, map(_ADDRESS_OF, pointers)), *_options())

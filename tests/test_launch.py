@@ -334,36 +334,3 @@ def test_compile_threads_respect_a_containers_cpu_quota(tmp_path, text, cpus):
     path.write_text(text)
     assert kernels._cpu_quota(str(path)) == cpus
     assert kernels._cpu_quota(str(tmp_path / "missing")) is None
-
-
-def test_tma_scratch_is_shared_per_device_and_stream_outside_graph_capture(monkeypatch):
-    """The in-kernel TMA descriptors' global scratch (Triton's allocator, ``kernels._scratch``):
-    launches on one stream run in order, so they share one buffer, kept per device and stream and
-    grown when a launch needs more; a launch captured into a CUDA graph gets a buffer of its own,
-    which the graph keeps (a shared one could be in use by a launch outside it while it replays)."""
-    made, real_empty = [], torch.empty
-
-    def empty(size, device, dtype):
-        assert (device, dtype) == ("cuda", torch.int8)
-        made.append(real_empty(size, dtype=dtype))
-        return made[-1]
-    capturing, current = [False], [0]
-    monkeypatch.setattr(kernels, "_SCRATCH", {})
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
-    first = kernels._scratch(1024, 128, 7)
-    assert kernels._scratch(512, 128, 7) is first and kernels._scratch(1024, 128, 7) is first
-    assert len(made) == 1 and first.numel() == 1024
-    other_stream = kernels._scratch(512, 128, 8)
-    current[0] = 1
-    other_device = kernels._scratch(512, 128, 7)
-    assert len({id(first), id(other_stream), id(other_device)}) == 3 and len(made) == 3
-    current[0] = 0
-    larger = kernels._scratch(4096, 128, 7)  # grown: the launch needs more than the stream's buffer
-    assert larger is not first and larger.numel() == 4096 and kernels._scratch(1024, 128, 7) is larger
-    capturing[0] = True
-    captured = [kernels._scratch(256, 128, 7) for _ in range(2)]
-    assert len(made) == 6 and all(b is not larger for b in captured) and captured[0] is not captured[1]
-    capturing[0] = False
-    assert kernels._scratch(256, 128, 7) is larger
