@@ -23,7 +23,8 @@
 #         (first-step.md) in what is left (limits 60 + 60 + 55 + 55 + 180 + 110, 165 for variants,
 #         30 + 45 for the fp32-adapter run and its precompile, 75, 2 × 40); the fp32-adapter run
 #         starts only with 65 s left and the first-step pair only with 70 s, so that pair is cut
-#         first;
+#         first; the dropout and fp32-adapter precompiles are skipped where the first precompile
+#         found all its kernels in a carried pack (`covered`: about 50 s of start-ups saved);
 #         GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
@@ -92,6 +93,12 @@ pack() {
   [ -e "$W/summary.md" ] && cp "$W/summary.md" "$DEST/summary.md" && { echo; cat "$W/summary.md"; }
 }
 trap pack EXIT
+
+# covered NAME: the precompile step NAME compiled all its kernels and found every one in Triton's
+# cache, which a pack carried here filled: the pack was built from this kernel source, and holds
+# the other precompiles' kernels too (cache mode runs them all, each in full, into one cache). Each
+# of those would spend about 25 s of the device's time (its processes' start-up) finding them.
+covered() { grep -Eq "^compiled ([0-9]+) of \1 in .* \1 found in Triton's cache$" "$W/$1.log" 2>/dev/null; }
 
 # step NAME LIMIT_S COMMAND...: run with a time limit, log to NAME.log, note the outcome.
 step() {
@@ -163,7 +170,12 @@ if has check all perf; then
   # version 9, 676 compiles against 546, recorded last with the other launches only variants
   # makes, so a precompile cut by its limit misses those, not the sweep's.)
   step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
-  step precompile-dropout 55 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
+  if covered precompile; then
+    echo "- precompile-dropout: skipped, the carried pack holds it (precompile found all its kernels there)" \
+      | tee -a "$W/steps.md"
+  else
+    step precompile-dropout 55 "$PY" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16
+  fi
 fi
 if has perf; then
   # Where a layer step's host time goes (cProfile at 64x64, real launches, one fixed config), and
@@ -272,8 +284,12 @@ if has perf; then
   # run only times them. Before the model step (the fifth run measured it) and the first-step
   # pair, which is cut first.
   if (( deadline - $(date +%s) >= 65 )); then
-    step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
-      --ranks 16 --adapter-dtype fp32
+    if covered precompile; then
+      echo "- precompile-fp32-adapters: skipped, the carried pack holds it" | tee -a "$W/steps.md"
+    else
+      step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
+        --ranks 16 --adapter-dtype fp32
+    fi
     step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
       --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
       --modes forward+backward

@@ -1525,15 +1525,17 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
 
 
 # Stands in for python3 in scripts/gpu_check.sh: logs each call (with the switches the script sets
-# for some steps) and succeeds at once, having written a compiles report where one is asked for.
+# for some steps) and succeeds at once, having written a compiles report where one is asked for,
+# and printed $PRECOMPILE_SAYS where it stands for perf's first precompile (the one with --variants).
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" >> "$CALLS"
 [[ " $* " =~ " --report-compiles "([^ ]+) ]] && echo "$* found, 1 compiled" > "${BASH_REMATCH[1]}"
+[[ " $* " == *" -m benchmarks.precompile --variants "* ]] && echo "${PRECOMPILE_SAYS:-}"
 exit 0
 """
 
 
-def _gpu_check_calls(tmp_path, mode):
+def _gpu_check_calls(tmp_path, mode, **settings):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fake, calls = tmp_path / "python3", tmp_path / f"calls-{mode}"
     fake.write_text(FAKE_PYTHON)
@@ -1541,7 +1543,8 @@ def _gpu_check_calls(tmp_path, mode):
     pack = tmp_path / "pack.tar.xz"
     pack.write_bytes(b"")  # (only its presence counts: the stand-in python reads nothing)
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # (as on the GPU machine)
-           "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack)}
+           "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack),
+           **settings}
     done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -1585,6 +1588,26 @@ def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):
     assert before.startswith("AUTOTUNE= INTERPRET= -m benchmarks.precompile ") and before.endswith(
         "--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32"), before
     assert "--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32" in calls[runs[0]]
+
+
+@pytest.mark.parametrize("found", [676, 675])
+def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, found):
+    """Where perf's first precompile compiled all its kernels and found every one in Triton's
+    cache (the carried pack's), the pack holds the dropout and fp32-adapter precompiles' kernels
+    too (cache mode compiles them all into one cache): those two steps, each about 25 s of
+    start-up on the GPU's host, are skipped, and steps.md says so. Where it found fewer, both run."""
+    says = (f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 0 failed; 0 spill registers; "
+            f"{found} found in Triton's cache")
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says)
+    precompiles = [c for c in calls if " -m benchmarks.precompile " in c and "--load-cache" not in c
+                   and "--first-step" not in c]
+    steps = (tmp_path / "out-perf" / "summary.md").read_text()
+    if found == 676:
+        assert len(precompiles) == 1 and " --variants " in precompiles[0], precompiles
+        assert "- precompile-dropout: skipped" in steps and "- precompile-fp32-adapters: skipped" in steps, steps
+    else:
+        assert len(precompiles) == 3 and "skipped, the carried pack" not in steps, (precompiles, steps)
+    assert sum(" -m benchmarks.run " in c for c in calls) == 3, calls  # (the runs themselves, either way)
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
