@@ -703,9 +703,9 @@ def _tma_layout(n0, n1, s0, s1, itemsize, address):
 
 
 def _scratch(size, alignment, stream):
-    # (A buffer kept per stream and handed to every launch was tried in version 19 and dropped: an
-    # allocation made inside a memory pool, as torch.compile's CUDA graph trees warm up in theirs,
-    # would have stayed in it.)
+    # A fresh buffer for every launch (the caching allocator's): one kept per stream and reused
+    # (tried in version 19) would stay in whatever memory pool was current when it was made, as
+    # torch.compile's CUDA graph trees' is while they warm up, and the pool could hand it out again.
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
