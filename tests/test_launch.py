@@ -38,7 +38,8 @@ def test_arg_class_determines_triton_specialization():
         for v in values:
             spec = native_specialize_impl(backend, v, False, True, True)
             # (a pointer as _launch_key reads it: dtype and address modulo 16)
-            cls = (v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else kernels._arg_class(v)
+            cls = ((kernels._DTYPE_OF(v), kernels._MOD_16(kernels._ADDRESS_OF(v))) if isinstance(v, torch.Tensor)
+                   else kernels._arg_class(v))
             assert seen.setdefault(cls, spec) == spec, (backend, v, cls, spec, seen[cls])
         # and the classes are not so coarse that they are empty: ints 1, aligned, unaligned, wide
         assert len({kernels._arg_class(v) for v in INTS}) >= 5
