@@ -795,16 +795,14 @@ def _options():
 
 
 # The kernel's runtime arguments by kind, from its signature: pointers (tensors), the floats,
-# and ints (sizes and strides), whose classes are looked up by value: a layer's launches repeat the
-# same few tuples of them, and classifying ~25 ints one by one cost a few µs a launch. Each tuple
-# of classes is numbered once (_CLASS_IDS), so the key holds a number, not 30-odd tuples to hash
-# again on every launch.
+# and ints (sizes and strides). Each tuple of the ints' classes is numbered once (_CLASS_IDS), so
+# the key holds a number, not 30-odd tuples to hash again on every lookup. (A call's plan keeps its
+# key: it is computed once per plan, not per launch.)
 _ARG_NAMES = _lora_matmul_kernel.arg_names[:_lora_matmul_kernel.arg_names.index("HAS_LOWRANK")]
 _FLOAT_ARGS = ("scale", "s_scale", "r_scale", "sum_scale", "p_drop", "scale2")
 _POINTERS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if n.endswith("_ptr")])
 _INTS = operator.itemgetter(*[i for i, n in enumerate(_ARG_NAMES) if not n.endswith("_ptr") and n not in _FLOAT_ARGS])
 _SIZE_KEY = slice(_ARG_NAMES.index("M_KEY"), _ARG_NAMES.index("K_KEY") + 1)  # the autotuner's key
-_INT_CLASSES = {}  # the ints' values -> the number of their classes' tuple
 _CLASS_IDS = {}  # a tuple of the ints' classes -> its number (never cleared: one number, one tuple)
 _NUMBERS = itertools.count()  # (next() is one call: two threads that miss at once get two numbers)
 # A pointer's class as the key holds it, read without a Python call per tensor (a launch passes
@@ -822,23 +820,26 @@ def _launch_key(device, flags, args):
     """Everything that picks the compiled kernel: the device, the flags, the autotuner's size key
     (M_KEY, N_KEY, K_KEY) and each argument's specialization class (``_arg_class``; a float has
     none), a pointer's as its dtype and address modulo 16 (finer than Triton's, so never wrong)."""
-    ints = _INTS(args)
-    classes = _INT_CLASSES.get(ints)
-    if classes is None:
-        if len(_INT_CLASSES) > 65536:  # (a run through very many shapes: start over)
-            _INT_CLASSES.clear()
-        classes = _INT_CLASSES[ints] = _CLASS_IDS.setdefault(tuple(map(_arg_class, ints)), next(_NUMBERS))
+    classes = tuple(map(_arg_class, _INTS(args)))
+    number = _CLASS_IDS.get(classes)
+    if number is None:
+        number = _CLASS_IDS.setdefault(classes, next(_NUMBERS))
     pointers = _POINTERS(args)
-    return (device.index, *flags.values(), *args[_SIZE_KEY], classes, *map(_DTYPE_OF, pointers),
+    return (device.index, *flags.values(), *args[_SIZE_KEY], number, *map(_DTYPE_OF, pointers),
             *map(_MOD_16, map(_ADDRESS_OF, pointers)), *_options())
 
 
-def _launch(device, grid, args, flags):
+def _launch(device, grid, args, flags, plan=None):
     """``_lora_matmul_kernel[grid](*args, **flags)``; once a key (``_launch_key``) has run that
-    way, later launches with the same key call the compiled kernel directly."""
+    way, later launches with the same key call the compiled kernel directly. ``plan``: the call's
+    ``_Plan``, which keeps the key it stands for (computed once), or None."""
     fast = FAST_LAUNCH and device.type == "cuda" and _DIRECT_OK and not _hooked()
     if fast:
-        key = _launch_key(device, flags, args)
+        key = None if plan is None else plan.key
+        if key is None:
+            key = _launch_key(device, flags, args)
+            if plan is not None:
+                plan.key = key
         hit = _COMPILED.get(key)
         if hit is not None:
             kernel, meta = hit
@@ -876,6 +877,114 @@ class Shrink(NamedTuple):
 FUSE_MAX_RANK = 64
 
 
+class _Plan:
+    """What a launch of ``lora_matmul`` derives from its call's description (``_plan``'s arguments):
+    the buffers to allocate, the ints, flags and grid to launch with, and the launch's key into
+    ``_COMPILED`` once one has computed it (``_launch_key``)."""
+    __slots__ = ("empty", "out_shape", "s_shape", "out2_shape", "split", "dest_shape", "dest2_shape", "acc_dtype",
+                 "ints", "pair_ints", "sum_scaled", "tma", "flags", "grid", "key")
+
+
+def _described_tma_ok(shape, strides, dtype, address_mod_16):
+    return shape[0] * shape[1] > 0 and _tma_layout(*shape, *strides, dtype.itemsize, address_mod_16)
+
+
+def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype, dot_dtype, out_shape, settings,
+          shapes, strides, dtypes, mods):
+    """The plan (``_Plan``) of a ``lora_matmul`` call so described: which operands it has (``lowrank``,
+    ``bias``, ``paired``: whether given; ``shrink_dtype``: a Shrink's, or None; ``where``: dropout's, or
+    None), and each given tensor's shape, strides, dtype and address modulo 16, in the order x, w, L
+    (or A), R, bias, seed, x2, w2; ``settings`` are the globals read here (``_settings``). Reads
+    nothing else: its arguments are the key ``lora_matmul`` caches plans by."""
+    described = iter(zip(shapes, strides, dtypes, mods))
+    x = next(described)
+    w = next(described)
+    l_, r_ = (next(described), next(described)) if lowrank else (x, x)
+    b_ = next(described) if bias else x
+    if where is not None:
+        next(described)  # the seed (its dtype and alignment are in the key, for _launch_key's sake)
+    x2, w2 = (next(described), next(described)) if paired else (x, x)
+    tma, split_chunk, sms, tma_available, precision = settings[:5]
+    (M, K), (sxm, sxk) = x[0], x[1]
+    N = w[0][1]
+    swk, swn = w[1]
+    R = l_[0][1] if lowrank else 0  # (L is (M, R); a Shrink's A, (K, R))
+    M2 = x2[0][0] if paired else 0
+    fused = shrink_dtype is not None
+    assert not fused or R <= FUSE_MAX_RANK, "the fused shrink holds the whole rank in one block"
+    if paired:
+        assert not lowrank and not bias, "a paired launch runs plain products"
+        assert w2[0] == w[0] and x2[0][1] == K, "paired products share K and N"
+        assert (x2[2], w2[2]) == (x[2], w[2]), "paired products share dtypes"
+    plan = _Plan()
+    plan.out_shape = (M, N) if out_shape is None else out_shape
+    plan.s_shape, plan.out2_shape = (M, R), (N, M2)
+    plan.empty = M * N == 0 or (paired and M2 * N == 0)
+    if plan.empty:
+        return plan
+
+    # Split the reduction when even the smallest tiles (32 × 32) would leave at least half the SMs
+    # idle (dA, dB: K or N by r). Not whenever the largest tiles would: a split costs a partial
+    # buffer and a launch or two more to sum it, and eager mode is host-bound (benchmarks/NOTES.md),
+    # while the autotuner can pick small tiles that give dA and dB at 4096 features 128 programs.
+    split = 1
+    if not lowrank and not bias:
+        tiles = (_cdiv(M, 32) + _cdiv(M2, 32)) * _cdiv(N, 32)
+        split = max(1, min(_cdiv(K, split_chunk), sms // tiles))
+    k_per_split = _cdiv(_cdiv(K, split), split_chunk) * split_chunk if split > 1 else max(K, 1)
+    split = _cdiv(K, k_per_split) if split > 1 else 1
+    acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
+    plan.split, plan.acc_dtype = split, acc_dtype
+    plan.dest_shape, plan.dest2_shape = (split, M, N), (split, M2, N)
+
+    # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
+    allow_tma = tma and not paired and tma_available and _described_tma_ok(*x) and _described_tma_ok(*w)
+    # The output as the kernel writes it, (M, N) with rows N apart, for a TMA store: not a split's
+    # partial sums. (Fresh, so 16-byte aligned: lora_matmul checks.)
+    allow_tma_store = (tma and not paired and split == 1 and tma_available
+                       and _tma_layout(M, N, N, 1, out_dtype.itemsize, 0))
+    plan.tma = allow_tma or allow_tma_store
+    # In fp16, alpha on the fp32 sum where it is in range (the module docstring; lora_matmul checks).
+    plan.sum_scaled = lowrank and dot_dtype == torch.float16
+    plan.ints = (M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K), sxm, sxk, swk, swn, *l_[1], *r_[1],
+                 M * N if split > 1 else 0, N, 1,  # (dest: fresh, rows N apart)
+                 *((R, 1) if fused else x[1]),  # (s_out: fresh L, or x standing in)
+                 b_[1][0] if bias else 0)
+    # (x2 @ w2)ᵀ, contiguous (N, M2): the kernel writes its transpose, or a split's partial sums
+    plan.pair_ints = (M2, *x2[1], *w2[1], *((M2 * N, N, 1) if split > 1 else (0, 1, M2))) if paired else (0,) * 8
+    plan.flags = dict(
+        HAS_LOWRANK=lowrank, FUSE_SHRINK=fused, HAS_BIAS=bias, DROPOUT=_DROP_MODE[where], PAIRED=paired,
+        X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
+        ALLOW_TMA=allow_tma, ALLOW_TMA_STORE=allow_tma_store,
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype], INPUT_PRECISION=precision,
+        # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
+        # trip of the low-rank loop otherwise)
+        BLOCK_R=max(16, min(FUSE_MAX_RANK, _pow2(R))),
+    )
+
+    def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
+        tiles = (_cdiv(M, meta["BLOCK_M"]) + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
+    plan.grid = grid
+    plan.key = None
+    return plan
+
+
+def _settings(device, dot_dtype):
+    """The globals ``_plan`` reads, and the compile options ``_launch_key`` does: a plan and its key
+    hold for one value of each (tests and benchmarks/precompile.py change them)."""
+    return (TMA, SPLIT_CHUNK, _num_sms(device), _tma_available(device), _input_precision(dot_dtype), *_options())
+
+
+# Plans by their call's description (_plan's arguments). A layer's launches repeat a few
+# descriptions, and deriving a plan cost about as much host time as the launch key did (each
+# ~7-11 µs a launch inside a step, on a CPU: benchmarks/NOTES.md): done once, both are a lookup.
+_PLANS = {}
+_MAX_PLANS = 8192  # (a run through very many shapes starts over)
+_SHAPE_OF = operator.attrgetter("shape")
+_STRIDES_OF = torch.Tensor.stride
+
+
 def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropout=None, pair=None, pair_scale=1.0,
                 out_dtype, dot_dtype, out_shape=None):
     """``scale · (x @ w) + r_scale · (L @ R) + bias`` for 2-D operands of any strides, through the
@@ -899,118 +1008,88 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     ``out_shape`` allocates out in another shape of the same rows (the layer's leading dimensions,
     as ``(*x.shape[:-1], N)`` of the caller's x): the kernel writes it as (M, N) all the same.
     """
-    # (Host time matters here: three to six launches a layer step, so each tensor's device and
-    # strides are read once.)
-    M, K = x.shape
-    N = w.shape[1]
+    # (Host time matters here: three to six launches a layer step. What follows from the operands'
+    # sizes, strides, dtypes and alignments is derived once per description, in _plan.)
     device = x.device
-    acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
-    out = _empty((M, N) if out_shape is None else out_shape, device, out_dtype)
-    fused = lowrank is not None and isinstance(lowrank[0], Shrink)
-    s_out = x  # never written unless fused
-    if fused:
-        A = lowrank[0].A
-        R = A.shape[1]
-        assert R <= FUSE_MAX_RANK, "the fused shrink holds the whole rank in one block"
-        s_out = _empty((M, R), device, lowrank[0].dtype)
-        l_, r_ = A, lowrank[1]
-    elif lowrank is not None:
+    shrink = None
+    l_ = r_ = b_ = seed = x2 = w2 = x  # stand-ins for absent operands, never read (their flags are off)
+    ops = [x, w]
+    if lowrank is not None:
         l_, r_ = lowrank
-        R = l_.shape[1]
-    else:
-        l_ = r_ = x  # never read: HAS_LOWRANK is off
-        R = 0
-    M2 = 0
+        if isinstance(l_, Shrink):
+            shrink, l_ = l_, l_.A
+        ops += (l_, r_)
+    if bias is not None:
+        b_ = bias
+        ops.append(b_)
+    where, p, si, sj = None, 0.0, 0, 0
+    if dropout:
+        where, seed, p, si, sj = dropout
+        if seed.device != device:
+            seed = seed.to(device)
+        ops.append(seed)
     if pair is not None:
         x2, w2 = pair
-        M2 = x2.shape[0]
-        assert lowrank is None and bias is None, "a paired launch runs plain products"
-        assert tuple(w2.shape) == (K, N) and x2.shape[1] == K, "paired products share K and N"
-        assert (x2.dtype, w2.dtype, x2.device, w2.device) == (x.dtype, w.dtype, device, device), \
-            "paired products share dtypes and device"
-        out2_t = _empty((N, M2), device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
-        out2 = out2_t.t()  # what the kernel writes: (M2, N)
-        if out.numel() == 0 or out2.numel() == 0:  # one of them is empty: nothing to pair
+        assert x2.device == device and w2.device == device, "paired products share their device"
+        ops += (x2, w2)
+    key = (device, lowrank is not None, None if shrink is None else shrink.dtype, bias is not None, pair is not None,
+           where, si, sj, out_dtype, dot_dtype, out_shape, _settings(device, dot_dtype),
+           tuple(map(_SHAPE_OF, ops)), tuple(map(_STRIDES_OF, ops)), tuple(map(_DTYPE_OF, ops)),
+           tuple(map(_MOD_16, map(_ADDRESS_OF, ops))))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(*key)
+
+    out = _empty(plan.out_shape, device, out_dtype)
+    if plan.empty:  # an output with no elements: nothing to launch for it
+        if pair is not None:  # (one of the two may have elements)
             return (lora_matmul(x, w, scale=scale, dropout=dropout, out_dtype=out_dtype, dot_dtype=dot_dtype),
                     lora_matmul(w2.t(), x2.t(), scale=pair_scale, out_dtype=out_dtype, dot_dtype=dot_dtype))
-    if out.numel() == 0:
-        if fused:  # no column block to compute L in, yet L may have rows (N = 0)
-            x_drop = dropout if dropout and dropout[0] == "x" else None
-            s_out = lora_matmul(x, A, scale=lowrank[0].scale, dropout=x_drop, out_dtype=s_out.dtype,
+        if shrink is None:
+            return out
+        # no column block to compute L in, yet L may have rows (N = 0)
+        x_drop = dropout if dropout and dropout[0] == "x" else None
+        return out, lora_matmul(x, shrink.A, scale=shrink.scale, dropout=x_drop, out_dtype=shrink.dtype,
                                 dot_dtype=dot_dtype)
-        return (out, s_out) if fused else out
-
-    # Split the reduction when even the smallest tiles (32 × 32) would leave at least half the SMs
-    # idle (dA, dB: K or N by r). Not whenever the largest tiles would: a split costs a partial
-    # buffer and a launch or two more to sum it, and eager mode is host-bound (benchmarks/NOTES.md),
-    # while the autotuner can pick small tiles that give dA and dB at 4096 features 128 programs.
-    sms = _num_sms(device)
-    split = 1
-    if lowrank is None and bias is None:
-        tiles = (_cdiv(M, 32) + _cdiv(M2, 32)) * _cdiv(N, 32)
-        split = max(1, min(_cdiv(K, SPLIT_CHUNK), sms // tiles))
-    k_per_split = _cdiv(_cdiv(K, split), SPLIT_CHUNK) * SPLIT_CHUNK if split > 1 else max(K, 1)
-    split = _cdiv(K, k_per_split) if split > 1 else 1
-    dest = out if split == 1 else _empty((split, M, N), device, acc_dtype)
+    split = plan.split
+    dest = out if split == 1 else _empty(plan.dest_shape, device, plan.acc_dtype)
+    s_out = dest2 = x  # (stand-ins, never written, unless fused or paired)
+    fresh = [dest]
+    if shrink is not None:
+        s_out = _empty(plan.s_shape, device, shrink.dtype)
+        fresh.append(s_out)
     if pair is not None:
-        dest2 = out2 if split == 1 else _empty((split, M2, N), device, acc_dtype)
-        pair_args = (x2, w2, dest2, M2, *x2.stride(), *w2.stride(), dest2.stride(0) if split > 1 else 0,
-                     *dest2.stride()[-2:], float(pair_scale))
-    else:  # never read: PAIRED is off
-        pair_args = (x, x, x, 0, 0, 0, 0, 0, 0, 0, 0, 1.0)
-
-    # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
-    allow_tma = TMA and pair is None and _tma_available(device) and _tma_ok(x) and _tma_ok(w)
-    # The output as the kernel writes it, (M, N) with rows N apart (fresh), for a TMA store: not a
-    # split's partial sums.
-    allow_tma_store = (TMA and pair is None and split == 1 and _tma_available(device)
-                       and _tma_layout(M, N, N, 1, out.element_size(), out.data_ptr()))
-    (sxm, sxk), (swk, swn) = x.stride(), w.stride()
-    # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
+        out2_t = _empty(plan.out2_shape, device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
+        dest2 = out2_t.t() if split == 1 else _empty(plan.dest2_shape, device, plan.acc_dtype)
+        fresh.append(dest2)
     sum_scale = 1.0
-    if lowrank is not None and dot_dtype == torch.float16 and _SUM_SCALED[0] <= abs(r_scale) <= _SUM_SCALED[1]:
+    if plan.sum_scaled and _SUM_SCALED[0] <= abs(r_scale) <= _SUM_SCALED[1]:
+        # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
         scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
-    # The kernel reads the dropout seed from memory on its own device; without dropout x stands in, unread.
-    drop_args = (x, 0.0, 0, 0)
-    if dropout:
-        _, seed, p, si, sj = dropout
-        # (p as a float: Triton would compile another kernel for an int p, which the key cannot tell)
-        drop_args = (seed if seed.device == device else seed.to(device), float(p), si, sj)
-    args = (x, w, l_, r_, bias if bias is not None else x, dest, s_out,
-            M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K),
-            sxm, sxk, swk, swn, *l_.stride(), *r_.stride(),
-            dest.stride(0) if split > 1 else 0, N, 1, *s_out.stride(),  # (dest: fresh, rows N apart)
-            bias.stride(0) if bias is not None else 0,
-            float(scale), float(lowrank[0].scale) if fused else 1.0, float(r_scale), float(sum_scale),
-            *drop_args, *pair_args)
-    flags = dict(
-        HAS_LOWRANK=lowrank is not None, FUSE_SHRINK=fused, HAS_BIAS=bias is not None,
-        DROPOUT=_DROP_MODE[dropout[0] if dropout else None], PAIRED=pair is not None,
-        X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
-        ALLOW_TMA=allow_tma, ALLOW_TMA_STORE=allow_tma_store,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype],
-        INPUT_PRECISION=_input_precision(dot_dtype),
-        # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
-        # trip of the low-rank loop otherwise)
-        BLOCK_R=max(16, min(FUSE_MAX_RANK, _pow2(R))),
-    )
-
-    def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
-        tiles = (_cdiv(M, meta["BLOCK_M"]) + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
+    # (floats as floats: p given as an int would make Triton compile another kernel, which no key tells)
+    args = (x, w, l_, r_, b_, dest, s_out, *plan.ints,
+            float(scale), 1.0 if shrink is None else float(shrink.scale), float(r_scale), float(sum_scale),
+            seed, float(p), si, sj, x2, w2, dest2, *plan.pair_ints, float(pair_scale))
+    flags, keyed = plan.flags, plan
+    if any(map(_MOD_16, map(_ADDRESS_OF, fresh))):
+        # The plan took its fresh buffers as 16-byte aligned, as PyTorch's CUDA allocators make
+        # them (512 bytes): without that, no TMA store, and no key of the plan's for this launch.
+        flags, keyed = {**flags, "ALLOW_TMA_STORE": False}, None
     with _on_device(device):  # Triton launches on the current device, not the tensors'
-        if (allow_tma or allow_tma_store) and device.type == "cuda":
+        if plan.tma and device.type == "cuda":
             _ensure_allocator()
-        _launch(device, grid, args, flags)
+        _launch(device, plan.grid, args, flags, keyed)
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out
         # when it has the partial buffer's dtype (one launch less); a 16-bit out gets the fp32 sum
         # rounded once (torch.sum into a 16-bit out would round every split first).
-        for o, d in [(out.view(M, N), dest)] + ([(out2, dest2)] if pair is not None else []):
+        for o, d in [(out.view(dest.shape[1:]), dest)] + ([(out2_t.t(), dest2)] if pair is not None else []):
             if o.dtype == d.dtype:
                 torch.sum(d, 0, out=o)
             else:
                 o.copy_(d.sum(0))
     if pair is not None:
         return out, out2_t
-    return (out, s_out) if fused else out
+    return (out, s_out) if shrink is not None else out

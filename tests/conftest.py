@@ -73,10 +73,10 @@ kernels._keep_mask_kernel.run = _counted(kernels._keep_mask_kernel.run)
 _launch = kernels._launch
 
 
-def _launch_counted(device, grid, args, flags):
+def _launch_counted(device, grid, args, flags, plan=None):
     if device.type == "cuda" and kernels._lora_matmul_kernel is _REAL_KERNEL:
         LAUNCHES[0] += 1
-    return _launch(device, grid, args, flags)
+    return _launch(device, grid, args, flags, plan)
 
 
 kernels._launch = _launch_counted

@@ -75,24 +75,32 @@ class _Tuner:
         return launch
 
 
-def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
+M, N = 200, 100
+
+
+def _direct(monkeypatch):
+    """A launch's arguments and flags, the autotuner stood in for (``_Tuner``), and "CUDA device 3"
+    whose current stream is 1003: the direct path's setting, on the CPU."""
     names = kernels._lora_matmul_kernel.arg_names
     x = torch.zeros(256, 64)
-    M, N = 200, 100
     args = ((x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, 2.0, 1.0, x, 0.0, 0, 0)
             + (x, x, x, 0) + (64, 1) * 3 + (0, 1.0))
     assert len(args) == names.index("HAS_LOWRANK")  # every runtime argument
-    n_args = len(args)
-    tuner = _Tuner(names, n_args)
+    tuner = _Tuner(names, len(args))
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", tuner)
     monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
-    cuda = torch.device("cuda", 3)
     flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, PAIRED=False, X_TRANSPOSED=False,
                  W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_TMA_STORE=False, DOT_DTYPE=triton.language.float32,
                  ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
     grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
+    return tuner, torch.device("cuda", 3), grid, args, flags
+
+
+def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
+    tuner, cuda, grid, args, flags = _direct(monkeypatch)
+    names, n_args, x = tuner.names, tuner.n_args, args[0]
 
     kernels._launch(cuda, grid, args, flags)  # first: Triton's path
     assert len(tuner.launches) == 1
@@ -154,6 +162,135 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     assert len(tuner.launches) == count + 3 and len(kernel.calls) == 2
 
 
+def test_a_plan_keeps_the_launch_key_it_stands_for(monkeypatch):
+    """A call's plan keeps its launch's key (``_launch_key``), computed on its first launch: later
+    launches of the plan go direct without computing it again."""
+    tuner, cuda, grid, args, flags = _direct(monkeypatch)
+    computed, key_of = [], kernels._launch_key
+    monkeypatch.setattr(kernels, "_launch_key", lambda *a: computed.append(a) or key_of(*a))
+    plan = kernels._Plan()
+    plan.key = None
+    kernels._launch(cuda, grid, args, flags, plan)  # Triton's path: the key computed and kept
+    assert len(computed) == 1 and plan.key == key_of(cuda, flags, args) and len(tuner.launches) == 1
+    kernels._launch(cuda, grid, args, flags, plan)  # direct, with the plan's key
+    assert len(computed) == 1 and len(tuner.launches) == 1 and len(tuner.kernels[0].calls) == 1
+    kernels._launch(cuda, grid, args, flags)  # without a plan: computed (the same key, so direct)
+    assert len(computed) == 2 and len(tuner.kernels[0].calls) == 2
+
+
+def _described(a):
+    # A launch argument as the kernel sees it: a tensor's layout, dtype and alignment; a number's type and value.
+    if isinstance(a, torch.Tensor):
+        return tuple(a.shape), a.stride(), a.dtype, a.data_ptr() % 16
+    return type(a), a
+
+
+def _launched(calls, monkeypatch, shared):
+    """What ``lora_matmul`` hands ``_launch`` for each call (the grid at two configs, and the launch
+    key the plan keeps, as the direct path makes it), its plans kept across the calls (``shared``)
+    or made anew for each."""
+    seen = []
+    def record(device, grid, args, flags, plan):
+        grids = [grid(dict(BLOCK_M=bm, BLOCK_N=bn, PERSISTENT=p)) for bm, bn, p in ((32, 32, False), (64, 16, True))]
+        if plan.key is None:
+            plan.key = kernels._launch_key(device, flags, args)
+        seen.append((tuple(map(_described, args)), flags, grids, plan.key))
+    monkeypatch.setattr(kernels, "_launch", record)
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    for setting, call in calls:
+        if not shared:
+            kernels._PLANS.clear()
+        with monkeypatch.context() as m:
+            setting(m)
+            call()
+    return seen
+
+
+def test_a_plan_serves_only_calls_described_alike(monkeypatch):
+    """``lora_matmul`` derives a launch's ints, flags and grid once per description of its call
+    (``_plan``) and reuses them: each call below differs from the first in one thing the launch
+    depends on, and each gets what it gets with no plan made before it."""
+    g = torch.Generator().manual_seed(5)
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+    M, K, N, r = 64, 48, 32, 8
+    x, w, L, R, b = randn(M, K), randn(K, N), randn(M, r), randn(r, N), randn(N)
+    A, seed = randn(K, r), torch.tensor(7)
+    odd = randn(M * K + 1)[1:].view(M, K)  # x's layout 4 bytes off 16-byte alignment
+    tall, thin = randn(360, K), randn(360, 4)  # a reduction over 360 (split, as dA's over the tokens)
+
+    def product(x=x, w=w, lowrank=(L, R), bias=b, **kw):
+        kw = {"out_dtype": x.dtype, "dot_dtype": x.dtype, "r_scale": 2.0, **kw}
+        return lambda: kernels.lora_matmul(x, w, lowrank=lowrank, bias=bias, **kw)
+
+    plain = dict(lowrank=None, bias=None)
+    none = lambda m: None
+    calls = [(none, c) for c in [
+        product(),
+        product(x=x.t().contiguous().t()), product(w=w.t().contiguous().t()), product(x=x[:40]), product(x=odd),
+        product(x=x.double(), w=w.double(), lowrank=(L.double(), R.double()), bias=b.double()),
+        product(x=x.half(), w=w.half(), lowrank=(L.half(), R.half()), bias=b.half(), r_scale=2.0 ** 80),
+        product(x=x.half(), w=w.half(), lowrank=(L.half(), R.half()), bias=b.half()),
+        product(bias=None), product(bias=randn(2 * N)[::2]), product(lowrank=None),
+        product(lowrank=(L.t().contiguous().t(), R)), product(lowrank=(L, R.t().contiguous().t())),
+        product(lowrank=(L[:, :4], R[:4])), product(out_dtype=torch.float64),
+        product(lowrank=(kernels.Shrink(A, 0.5, torch.float32), R)),
+        product(lowrank=(kernels.Shrink(A, 0.5, torch.float16), R)),
+        product(dropout=("x", seed, 0.1, K, 1)), product(dropout=("x", seed, 0.1, 1, K)),
+        product(dropout=("lowrank", seed, 0.1, K, 1)),
+        product(out_shape=(2, M // 2, N)),
+        product(x=tall.t(), w=thin, **plain), product(x=tall.t(), w=thin, **plain, scale=3.0),
+        product(x=tall.t(), w=thin, **plain, pair=(randn(N, 360), randn(360, 4)), pair_scale=0.5),
+        product(x=randn(M, 0), w=randn(0, N)), product(w=randn(K, 0)), product(x=randn(0, K)),
+    ]]
+    calls += [(lambda m: m.setattr(kernels, "TMA", False), product()),
+              (lambda m: m.setattr(kernels, "SPLIT_CHUNK", 32), product(x=tall.t(), w=thin, **plain)),
+              (lambda m: m.setattr(kernels, "_num_sms", lambda device: 2), product(x=tall.t(), w=thin, **plain)),
+              (lambda m: m.setattr(kernels, "_tma_available", lambda device: False), product()),
+              (lambda m: m.setattr(kernels, "_input_precision", lambda dtype: "tf32"), product()),
+              (none, product())]
+    made = []
+    plan = kernels._plan
+    monkeypatch.setattr(kernels, "_plan", lambda *a: made.append(a) or plan(*a))
+    shared = _launched(calls, monkeypatch, shared=True)
+    assert len(made) < len(calls)  # (some plans were reused: the first call's by the last)
+    assert shared == _launched(calls, monkeypatch, shared=False)
+    # and the calls' launches differ (but the last's, as the first's, and TMA off either way)
+    assert len({repr(launch) for launch in shared}) == len(shared) - 2
+
+
+def test_an_fp16_alpha_goes_on_the_sum_only_within_its_range(monkeypatch):
+    """In fp16 the launch passes scale/alpha, 1 and alpha as (scale, r_scale, sum_scale) for
+    2^-64 <= |alpha| <= 2^77 (``_SUM_SCALED``), else alpha as r_scale: a rule per call, not per plan."""
+    seen = []
+    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append(args))
+    x, w, L, R = (torch.randn(*s).half() for s in ((16, 32), (32, 16), (16, 4), (4, 16)))
+    names = ("scale", "r_scale", "sum_scale")
+    at = [kernels._ARG_NAMES.index(n) for n in names]
+    for alpha, dtype in [(2.0, torch.float16), (2.0 ** 80, torch.float16), (-2.0 ** -70, torch.float16),
+                         (-2.0 ** 77, torch.float16), (2.0, torch.float32)]:
+        kernels.lora_matmul(x.to(dtype), w.to(dtype), scale=3.0, lowrank=(L.to(dtype), R.to(dtype)), r_scale=alpha,
+                            out_dtype=dtype, dot_dtype=dtype)
+        on_sum = dtype == torch.float16 and 2.0 ** -64 <= abs(alpha) <= 2.0 ** 77
+        assert [seen[-1][i] for i in at] == ([3.0 / alpha, 1.0, alpha] if on_sum else [3.0, alpha, 1.0]), alpha
+
+
+def test_fresh_buffers_off_alignment_get_no_tma_store_and_no_plan_key(monkeypatch):
+    """A plan takes the buffers it allocates as 16-byte aligned (PyTorch's CUDA allocators align to
+    512 bytes); an allocator that did otherwise gets a launch without the TMA store, keyed anew."""
+    seen = []
+    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append((flags, plan)))
+    monkeypatch.setattr(kernels, "_tma_available", lambda device: True)
+    x, w = torch.randn(64, 32), torch.randn(32, 64)
+    kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32)
+    off = lambda shape, device, dtype: torch.empty(64 * 64 + 1, dtype=dtype)[1:].view(shape)
+    monkeypatch.setattr(kernels, "_empty", off)
+    kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32)
+    (aligned, plan), (unaligned, none) = seen
+    assert aligned["ALLOW_TMA_STORE"] and isinstance(plan, kernels._Plan) and none is None
+    assert unaligned == {**aligned, "ALLOW_TMA_STORE": False}
+
+
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):
     """The direct path appends the constexprs to the launcher's arguments: the launcher's runtime
     arguments must be exactly the kernel's parameters before its first constexpr, in order."""
@@ -163,7 +300,7 @@ def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch)
     first = constexpr.index(True)
     assert all(constexpr[first:])
     seen = []
-    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags: seen.append((args, flags)))
+    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append((args, flags)))
     x, w = torch.randn(8, 32), torch.randn(32, 16)
     kernels.lora_matmul(x, w, lowrank=(torch.randn(8, 4), torch.randn(4, 16)), bias=torch.randn(16),
                         out_dtype=torch.float32, dot_dtype=torch.float32)
