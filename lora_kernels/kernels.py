@@ -739,7 +739,8 @@ def _num_sms(device):
 
 def _empty(shape, device, dtype):
     # Every buffer a kernel writes comes from here, so tests can hand out NaN-filled ones and
-    # catch an element the kernel forgot to write.
+    # catch an element the kernel forgot to write. (Contiguous, as torch.empty makes it: a plan
+    # takes the strides of the buffers it allocates as such.)
     return torch.empty(shape, device=device, dtype=dtype)
 
 
@@ -904,14 +905,14 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     if where is not None:
         next(described)  # the seed (its dtype and alignment are in the key, for _launch_key's sake)
     x2, w2 = (next(described), next(described)) if paired else (x, x)
-    tma, split_chunk, sms, tma_available, precision = settings[:5]
+    tma, split_chunk, sms, tma_available, precision, max_rank = settings[:6]
     (M, K), (sxm, sxk) = x[0], x[1]
     N = w[0][1]
     swk, swn = w[1]
     R = l_[0][1] if lowrank else 0  # (L is (M, R); a Shrink's A, (K, R))
     M2 = x2[0][0] if paired else 0
     fused = shrink_dtype is not None
-    assert not fused or R <= FUSE_MAX_RANK, "the fused shrink holds the whole rank in one block"
+    assert not fused or R <= max_rank, "the fused shrink holds the whole rank in one block"
     if paired:
         assert not lowrank and not bias, "a paired launch runs plain products"
         assert w2[0] == w[0] and x2[0][1] == K, "paired products share K and N"
@@ -948,7 +949,7 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     plan.sum_scaled = lowrank and dot_dtype == torch.float16
     plan.ints = (M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K), sxm, sxk, swk, swn, *l_[1], *r_[1],
                  M * N if split > 1 else 0, N, 1,  # (dest: fresh, rows N apart)
-                 *((R, 1) if fused else x[1]),  # (s_out: fresh L, or x standing in)
+                 *((max(R, 1), 1) if fused else x[1]),  # (s_out: fresh L, as torch strides it, or x standing in)
                  b_[1][0] if bias else 0)
     # (x2 @ w2)ᵀ, contiguous (N, M2): the kernel writes its transpose, or a split's partial sums
     plan.pair_ints = (M2, *x2[1], *w2[1], *((M2 * N, N, 1) if split > 1 else (0, 1, M2))) if paired else (0,) * 8
@@ -959,7 +960,7 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype], INPUT_PRECISION=precision,
         # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
         # trip of the low-rank loop otherwise)
-        BLOCK_R=max(16, min(FUSE_MAX_RANK, _pow2(R))),
+        BLOCK_R=max(16, min(max_rank, _pow2(R))),
     )
 
     def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
@@ -973,7 +974,8 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
 def _settings(device, dot_dtype):
     """The globals ``_plan`` reads, and the compile options ``_launch_key`` does: a plan and its key
     hold for one value of each (tests and benchmarks/precompile.py change them)."""
-    return (TMA, SPLIT_CHUNK, _num_sms(device), _tma_available(device), _input_precision(dot_dtype), *_options())
+    return (TMA, SPLIT_CHUNK, _num_sms(device), _tma_available(device), _input_precision(dot_dtype), FUSE_MAX_RANK,
+            *_options())
 
 
 # Plans by their call's description (_plan's arguments). A layer's launches repeat a few

@@ -248,6 +248,8 @@ def test_a_plan_serves_only_calls_described_alike(monkeypatch):
               (lambda m: m.setattr(kernels, "_num_sms", lambda device: 2), product(x=tall.t(), w=thin, **plain)),
               (lambda m: m.setattr(kernels, "_tma_available", lambda device: False), product()),
               (lambda m: m.setattr(kernels, "_input_precision", lambda dtype: "tf32"), product()),
+              (none, product(lowrank=(randn(M, 64), randn(64, N)))),
+              (lambda m: m.setattr(kernels, "FUSE_MAX_RANK", 32), product(lowrank=(randn(M, 64), randn(64, N)))),
               (none, product())]
     made = []
     plan = kernels._plan
