@@ -102,17 +102,44 @@ def forced(fn, within, switches):
     from a later tuning's); fn is called once, through Triton's dispatch. (A lone config runs
     unpruned: the caller passes only the switches fn's launch can take, see ``pieces``.)"""
     tuner = kernels._lora_matmul_kernel
-    timings, picked = {}, tuner.configs[0]
+    timings, picked, seen = {}, tuner.configs[0], []
     if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
         tuner.configs_timings = {}
-        with _no_direct_launch():
-            with_configs(fn, tuner.configs)()
+        tuned = with_configs(fn, tuner.configs)
+        with _no_direct_launch(), _launches_seen(seen):
+            tuned()
         timings, picked = tuner.configs_timings, tuner.best_config
     near = ([c for c in timings if timings[c][0] <= within * timings[picked][0]] if within > 1 else []) or [picked]
     persistent = [c for c in timings if switches and c.kwargs.get("PERSISTENT")]
     configs = near + [c for c in persistent if c not in near]
-    configs += [kernels.switched(c, **on) for on in switches for c in persistent]
-    return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked) for c in configs]
+    switched = [kernels.switched(c, **on) for on in switches for c in persistent]
+    # The switched configs are no candidates, so neither the autotuner nor the pack compiled them:
+    # compiled here at once, on threads, for the launch the tuning saw, where each lone run would
+    # compile its own in turn (about a second each on the H200's host).
+    for args, flags in seen if switched else ():
+        kernels.compile_configs(tuner.fn, args, flags, switched)
+    return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked)
+            for c in configs + switched]
+
+
+@contextlib.contextmanager
+def _launches_seen(seen):
+    """Launches through Triton's dispatch as ever, each one's (args, flags) also appended to seen."""
+    tuner = kernels._lora_matmul_kernel
+
+    class Seeing:
+        def __getitem__(self, grid):
+            launch = tuner[grid]
+
+            def seeing(*args, **flags):
+                seen.append((args, flags))
+                return launch(*args, **flags)
+            return seeing
+    kernels._lora_matmul_kernel = Seeing()
+    try:
+        yield
+    finally:
+        kernels._lora_matmul_kernel = tuner
 
 
 def graphed(fn, device):

@@ -1067,6 +1067,9 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[-1] else {})  # (the sweeps only)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    compiled = []  # (on a GPU the switched configs compile at once; the interpreter compiles nothing)
+    compile_configs = kernels.compile_configs
+    monkeypatch.setattr(kernels, "compile_configs", lambda *a: compiled.append(a) or compile_configs(*a))
     variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--tokens", "64", "--dtype", "fp16",
                    "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
@@ -1076,6 +1079,14 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     fwd, dx = variants.SWEEP_PREFIX + "32x32x32 w4 s2 tma", variants.SWEEP_DX_PREFIX + "32x32x32 w4 s2"
     assert forced == [fwd, fwd + " persistent", fwd + " persistent flattened",
                       dx, dx + " persistent", dx + " persistent tma-store"]
+    # each sweep's switched configs, compiled beforehand for the very launch it forces: y (64 × 36,
+    # reducing 64, with S B and the bias) and dX (64 × 64, reducing 36, with dS Aᵀ)
+    assert [(kernel, [kernels.tile_name(c.all_kwargs()) for c in configs]) for kernel, _, _, configs in compiled] == [
+        (tuner.fn, ["32x32x32 w4 s2 tma persistent flattened"]), (tuner.fn, ["32x32x32 w4 s2 persistent tma-store"])]
+    launched = [(dict(zip(tuner.arg_names, args)), flags) for _, args, flags, _ in compiled]
+    assert [(a["M"], a["N"], a["K"], f["HAS_LOWRANK"], f["HAS_BIAS"], f["FUSE_SHRINK"]) for a, f in launched] == [
+        (64, 36, 64, True, True, False), (64, 64, 36, True, False, False)]
+    assert all(f["enable_fp_fusion"] for _, f in launched)  # (the launch's compile options too)
     assert all(row["differs"] <= 1e-3 for row in rows if " forced to " in row["piece"])
 
 
