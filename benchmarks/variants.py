@@ -114,10 +114,15 @@ def forced(fn, within, switches):
     configs = near + [c for c in persistent if c not in near]
     switched = [kernels.switched(c, **on) for on in switches for c in persistent]
     # The switched configs are no candidates, so neither the autotuner nor the pack compiled them:
-    # compiled here at once, on threads, for the launch the tuning saw, where each lone run would
-    # compile its own in turn (about a second each on the H200's host).
+    # compiled here at once, on threads, for the launch the tuning saw (on its device), where each
+    # lone run would compile its own in turn (about a second each on the H200's host). Anything
+    # that goes wrong here goes wrong again in the config's own run, which reports it.
     for args, flags in seen if switched else ():
-        kernels.compile_configs(tuner.fn, args, flags, switched)
+        try:
+            with kernels._on_device(args[0].device):
+                kernels.compile_configs(tuner.fn, args, flags, switched)
+        except Exception:
+            pass
     return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked)
             for c in configs + switched]
 

@@ -1047,6 +1047,13 @@ def test_variants_check_each_switched_config_against_itself_less_its_last_switch
     assert variants.twin(variants.SWEPT) is None
 
 
+def _as_compiled(args, kwargs):
+    # A launch as Triton's JIT function specializes and compiles it: each tensor's dtype and
+    # 16-byte alignment, the numbers, the constexprs and compile options.
+    return (tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else (type(a), a) for a in args),
+            sorted((k, str(v)) for k, v in kwargs.items()))
+
+
 @_ON_THE_INTERPRETER
 def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch):
     """Both sweeps end to end through the kernels (the interpreter, the autotuner's timings stood in
@@ -1070,6 +1077,10 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     compiled = []  # (on a GPU the switched configs compile at once; the interpreter compiles nothing)
     compile_configs = kernels.compile_configs
     monkeypatch.setattr(kernels, "compile_configs", lambda *a: compiled.append(a) or compile_configs(*a))
+    ran = []  # what each run asks Triton's JIT function for: what it compiles, or finds compiled
+    run = tuner.fn.run
+    monkeypatch.setattr(tuner.fn, "run", lambda *args, grid, warmup, **kwargs: ran.append(
+        _as_compiled(args, kwargs)) or run(*args, grid=grid, warmup=warmup, **kwargs))
     variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--tokens", "64", "--dtype", "fp16",
                    "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
@@ -1087,6 +1098,10 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     assert [(a["M"], a["N"], a["K"], f["HAS_LOWRANK"], f["HAS_BIAS"], f["FUSE_SHRINK"]) for a, f in launched] == [
         (64, 36, 64, True, True, False), (64, 64, 36, True, False, False)]
     assert all(f["enable_fp_fusion"] for _, f in launched)  # (the launch's compile options too)
+    # and each is the kernel its forced row's run then asks for: the same tensors' dtypes and
+    # alignments, ints and flags, compile options and config
+    for _, args, flags, configs in compiled:
+        assert all(_as_compiled(args, {**flags, **c.all_kwargs()}) in ran for c in configs)
     assert all(row["differs"] <= 1e-3 for row in rows if " forced to " in row["piece"])
 
 
