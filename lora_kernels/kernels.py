@@ -686,9 +686,10 @@ def _tma_available(device):
     return INTERPRET
 
 
-def _tma_ok(t):
-    """Whether a 2-D operand can be read through a TMA descriptor (``_tma_layout``); not if empty."""
-    return t.numel() > 0 and _tma_layout(*t.shape, *t.stride(), t.element_size(), t.data_ptr())
+def _tma_ok(shape, strides, dtype, address):
+    """Whether a 2-D operand so laid out can be read through a TMA descriptor (``_tma_layout``);
+    not if empty."""
+    return shape[0] * shape[1] > 0 and _tma_layout(*shape, *strides, dtype.itemsize, address)
 
 
 def _tma_layout(n0, n1, s0, s1, itemsize, address):
@@ -886,10 +887,6 @@ class _Plan:
                  "ints", "pair_ints", "sum_scaled", "tma", "flags", "grid", "key")
 
 
-def _described_tma_ok(shape, strides, dtype, address_mod_16):
-    return shape[0] * shape[1] > 0 and _tma_layout(*shape, *strides, dtype.itemsize, address_mod_16)
-
-
 def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype, dot_dtype, out_shape, settings,
           shapes, strides, dtypes, mods):
     """The plan (``_Plan``) of a ``lora_matmul`` call so described: which operands it has (``lowrank``,
@@ -939,7 +936,7 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     plan.dest_shape, plan.dest2_shape = (split, M, N), (split, M2, N)
 
     # (A paired launch selects its operands per tile, which descriptors made up front cannot follow.)
-    allow_tma = tma and not paired and tma_available and _described_tma_ok(*x) and _described_tma_ok(*w)
+    allow_tma = tma and not paired and tma_available and _tma_ok(*x) and _tma_ok(*w)
     # The output as the kernel writes it, (M, N) with rows N apart, for a TMA store: not a split's
     # partial sums. (Fresh, so 16-byte aligned: lora_matmul checks.)
     allow_tma_store = (tma and not paired and split == 1 and tma_available

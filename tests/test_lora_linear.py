@@ -199,13 +199,10 @@ def test_no_tma_descriptor_for_sizes_past_int32():
     """The kernel states a descriptor's sizes as int32: an operand with 2^31 rows or more (as a
     stand-in: no such tensor fits here) is read through pointers, not a descriptor that would see
     it cut short."""
-    import types
-
-    def operand(rows, cols):
-        return types.SimpleNamespace(shape=(rows, cols), stride=lambda: (cols, 1), numel=lambda: rows * cols,
-                                     element_size=lambda: 2, data_ptr=lambda: 1 << 20)
-    assert kernels._tma_ok(operand(2 ** 31 - 1, 16)) and kernels._tma_ok(operand(16, 2 ** 31 - 8))
-    assert not kernels._tma_ok(operand(2 ** 31, 16)) and not kernels._tma_ok(operand(16, 2 ** 31))
+    def operand(rows, cols):  # (shape, strides, dtype, address) as lora_matmul describes an operand
+        return (rows, cols), (cols, 1), torch.bfloat16, 1 << 20
+    assert kernels._tma_ok(*operand(2 ** 31 - 1, 16)) and kernels._tma_ok(*operand(16, 2 ** 31 - 8))
+    assert not kernels._tma_ok(*operand(2 ** 31, 16)) and not kernels._tma_ok(*operand(16, 2 ** 31))
 
 
 def test_prune_fits_a_tma_store_s_staged_tile_or_drops_the_store():
