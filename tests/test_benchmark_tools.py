@@ -297,6 +297,47 @@ print(json.dumps(sorted(map(precompile.kind, launches))))
 
 
 @_RECORDS_ON_THE_CPU
+def test_configs_a_test_forces_are_recorded_and_compiled_in_place_of_the_candidates(tmp_path, monkeypatch):
+    """A test that runs a launch with configs of its own in place of the autotuner's candidates
+    (tests/test_autotune_configs.py's stand-in, with the switched persistent configs) has them
+    recorded with the launch, and the precompile (the pack's, scripts/gpu_check.sh cache) compiles
+    those, as that test prunes them, where it compiles the candidates for any other launch."""
+    pytest.importorskip("triton")
+    import pickle
+
+    from benchmarks import precompile
+    switched = [kernels.switched(c, FLATTEN=True) for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
+
+    class Forcing:  # (runs nothing: what is recorded is checked)
+        configs = switched
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    g = torch.Generator().manual_seed(0)
+    x, w, L, R = (torch.randn(*shape, generator=g) for shape in ((600, 64), (64, 48), (600, 16), (16, 48)))
+    with precompile.recording_launches() as launches:
+        kernels.lora_matmul(x, w, lowrank=(L, R), out_dtype=torch.float32, dot_dtype=torch.float32)
+        monkeypatch.setattr(kernels, "_lora_matmul_kernel", Forcing())
+        for _ in range(2):
+            kernels.lora_matmul(x, w, lowrank=(L, R), out_dtype=torch.float32, dot_dtype=torch.float32)
+        monkeypatch.undo()
+    (args, plain), (_, forced), _ = launches
+    assert precompile.FORCED not in plain and forced == {**plain, precompile.FORCED: tuple(switched)}
+    path = tmp_path / "launches.pkl"
+    assert precompile.save_launches(str(path), launches) == 2  # (the forced launch's two calls: one kind)
+    with open(path, "rb") as f:
+        jobs = precompile.jobs_for(pickle.load(f))
+    named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
+    kept = kernels._prune(switched, named, **plain)
+    # (the pruner fits them to the launch, 48 columns here: those are what the test runs)
+    assert kept and [c.all_kwargs() for c in kept] != [c.all_kwargs() for c in switched]
+    assert [(a, k, c) for a, k, c in jobs] == (
+        [(args, plain, c.all_kwargs()) for c in kernels._lora_matmul_kernel.configs]  # (the interpreter's one)
+        + [(args, plain, c.all_kwargs()) for c in kept])
+
+
+@_RECORDS_ON_THE_CPU
 def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
     """`pytest --record-launches FILE` (scripts/gpu_check.sh cache) records each kind of launch of
     the tests it ran, every test's (each shape's rows), and nothing where a test runs the PyTorch
