@@ -190,6 +190,13 @@ def bf16_through_kernels():
     return DEVICE == "cuda" or _RECORDING
 
 
+def not_when_recording():
+    """Skip in a --record-launches run, whose every lora_matmul call also runs once as the GPU
+    would launch it: a test that counts the calls' launches (and launches nothing) has no place there."""
+    if _RECORDING:
+        pytest.skip("counts lora_matmul's launches, which a --record-launches run doubles")
+
+
 def use_triton(monkeypatch):
     """Route lora_linear to the Triton kernels and poison every buffer they write: an element a
     kernel skips stays NaN and fails the test. Returns the shapes of the buffers handed out."""

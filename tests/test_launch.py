@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 
+from conftest import not_when_recording
 from lora_kernels import kernels
 
 INTS = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 4096, 8192 * 4096, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 1]
@@ -210,6 +211,7 @@ def test_a_plan_serves_only_calls_described_alike(monkeypatch):
     """``lora_matmul`` derives a launch's ints, flags and grid once per description of its call
     (``_plan``) and reuses them: each call below differs from the first in one thing the launch
     depends on, and each gets what it gets with no plan made before it."""
+    not_when_recording()
     g = torch.Generator().manual_seed(5)
     def randn(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -280,6 +282,7 @@ def test_an_fp16_alpha_goes_on_the_sum_only_within_its_range(monkeypatch):
 def test_fresh_buffers_off_alignment_get_no_tma_store_and_no_plan_key(monkeypatch):
     """A plan takes the buffers it allocates as 16-byte aligned (PyTorch's CUDA allocators align to
     512 bytes); an allocator that did otherwise gets a launch without the TMA store, keyed anew."""
+    not_when_recording()
     seen = []
     monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append((flags, plan)))
     monkeypatch.setattr(kernels, "_tma_available", lambda device: True)
