@@ -391,6 +391,9 @@ def _resources(cubin):
     return {"regs": int(found["REG"]), "local": int(found["LOCAL"])} if found else {}
 
 
+_TMA_STORE = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared")
+
+
 def compile_one(job):
     """Compile one (launch, config) for the target; returns what it cost and what it uses."""
     args, kwargs, config = job
@@ -404,7 +407,9 @@ def compile_one(job):
         return {"error": f"{type(e).__name__}: {message[:300]}"}
     seconds = time.perf_counter() - started
     ptx = compiled.asm.get("ptx", "")
-    if "st.global" not in ptx:  # every launch writes its output: the compiler left a trap instead
+    # Every launch writes its output, with st.global or a TMA store (a bulk tensor copy from shared
+    # into global memory): neither, and the compiler left a trap instead.
+    if "st.global" not in ptx and not _TMA_STORE.search(ptx):
         return {"seconds": seconds,
                 "error": "compiled to a kernel that writes nothing" + (" (a trap)" if "trap;" in ptx else "")}
     return {"seconds": seconds, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,

@@ -320,8 +320,11 @@ if [ "$what" = cache ]; then
   # The test shards' own kernels: tests mode runs them with one fixed config
   # (LORA_KERNELS_AUTOTUNE=0), compiled one at a time as each shard meets them, most of a shard's
   # time on the GPU. So the shards' files (not test_autotune_configs.py, precompiled above) run
-  # here under the interpreter, recording each launch as the GPU would make it, and those compile.
+  # here under the interpreter, recording each launch as the GPU would make it, and those compile;
+  # and test_autotune_configs.py's test of the switched configs, no candidates, which the
+  # recording notes with its launches (benchmarks.precompile.FORCED).
   recorded=""; for f in $all_files; do [[ "$skipped_files tests/test_autotune_configs.py " == *" $f "* ]] || recorded+=" $f"; done
+  recorded+=" tests/test_autotune_configs.py::test_switched_persistent_configs"
   t0=$(date +%s)
   TRITON_INTERPRET=1 "$PY" -m pytest $recorded -q -p no:cacheprovider --record-launches "$W/test-launches.pkl" \
     > "$W/record-tests.log" 2>&1

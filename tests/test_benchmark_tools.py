@@ -296,6 +296,17 @@ print(json.dumps(sorted(map(precompile.kind, launches))))
     assert len(launches) == 3 * 4  # (each call: y with S, dX with dS (the shrink fused at this size), dA with dB, dW)
 
 
+def test_precompile_counts_a_tma_store_as_a_kernels_write():
+    """precompile rejects a kernel that writes nothing (the compiler left a trap). A kernel with a
+    TMA store writes its output with a bulk tensor copy from shared into global memory, no st.global
+    (the switched configs' PTX for sm_90, 2026-11-30, in the thirty-third session): a write; the
+    same copy the other way (a TMA load) is not."""
+    from benchmarks import precompile
+    store = "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd5, {%r7, %r8}], [%r9];"
+    load = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2, {%r3, %r4}], [%r5];"
+    assert precompile._TMA_STORE.search(store) and not precompile._TMA_STORE.search(load)
+
+
 @_RECORDS_ON_THE_CPU
 def test_configs_a_test_forces_are_recorded_and_compiled_in_place_of_the_candidates(tmp_path, monkeypatch):
     """A test that runs a launch with configs of its own in place of the autotuner's candidates
@@ -1623,9 +1634,10 @@ def _gpu_check_calls(tmp_path, mode, **settings):
 def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     """`gpu_check.sh cache` (no GPU) compiles every kernel that the perf and tests modes precompile,
     with the same switches, and the test shards' kernels: it records the launches of the shards'
-    files (but test_autotune_configs', which its own precompile covers) under the interpreter and
-    compiles them with the fixed config the shards run with. Then it packs them; those modes unpack
-    the pack first. Not the first-step timing, whose point is an empty cache."""
+    files (but test_autotune_configs', which its own precompile covers, save its test of the
+    switched configs, which are no candidates) under the interpreter and compiles them with the
+    fixed config the shards run with (and the switched test's with its own). Then it packs them;
+    those modes unpack the pack first. Not the first-step timing, whose point is an empty cache."""
     cache, pack = _gpu_check_calls(tmp_path, "cache")
     gpu = {mode: _gpu_check_calls(tmp_path, mode)[0] for mode in ("perf", "tests")}
     for calls in gpu.values():
@@ -1642,7 +1654,8 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     shards = [c for c in gpu["tests"] if " -m pytest " in c and "test_autotune_configs" not in c]
     assert all(c.startswith("AUTOTUNE=0 INTERPRET= ") for c in shards), shards
     files = {f for c in shards for f in c.split() if f.startswith("tests/")}
-    assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
+    switched = "tests/test_autotune_configs.py::test_switched_persistent_configs"
+    assert set(launches[1].split()) == files | {switched} and len(files) > 8, (launches[1], files)
 
 
 def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):
