@@ -267,13 +267,14 @@ def _prune(configs, named_args, **kwargs):
     # fp32 beside bf16 activations (peft's adapters).
     a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") else 0
     # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and a second
-    # accumulator as wide (dropout's share of dX has one; with the fused shrink Triton 3.6 and 3.7
-    # make one too) the rest, the shrink's finding none: compiled for sm_100, sm_103 and sm_110
-    # (Triton 3.6 to 3.9), those kernels came out as a lone trap, which would end the process's
-    # CUDA context at the autotuner's first timing. With dropout's second accumulator, 128×128 on
-    # four warps failed ptxas's register allocation (an error the autotuner skips, after compiling).
+    # accumulator as wide (dropout's share of dX has one with the fused shrink; with the fused shrink
+    # Triton 3.6 and 3.7 make one anyway) the rest, the shrink's finding none: compiled for sm_100,
+    # sm_103 and sm_110 (Triton 3.6 to 3.9), those kernels came out as a lone trap, which would end
+    # the process's CUDA context at the autotuner's first timing. With dropout's second
+    # accumulator, 128×128 on four warps failed ptxas's register allocation (an error the autotuner
+    # skips, after compiling).
     tensor_memory = _sm_major(named_args.get("x_ptr")) in TENSOR_MEMORY_MAJORS
-    second_acc = tensor_memory and kwargs.get("DROPOUT") == _DROP_MODE["lowrank"]
+    second_acc = tensor_memory and kwargs.get("DROPOUT") == _DROP_MODE["lowrank"] and kwargs.get("FUSE_SHRINK")
     narrow = second_acc or (tensor_memory and kwargs.get("FUSE_SHRINK"))
     seen, kept = set(), []
     for c in configs:
@@ -357,6 +358,28 @@ def _times(tile, factor, ACC_DTYPE: tl.constexpr):
     else:
         out = tile.to(ACC_DTYPE) * tl.cast(factor, ACC_DTYPE)
     return out
+
+
+@triton.jit
+def _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn, r_scale,
+              BLOCK_R: tl.constexpr, ONE_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    # acc + L (r_scale · R) for the rows rm of L (M, R) and the columns rn of R (R, N), BLOCK_R ranks
+    # a trip (ONE_BLOCK: one trip, its bounds constant, so that a flattened loop nest drops it).
+    # Not software-pipelined (num_stages=1): up to rank 64 the loop runs once, and a pipeline buys
+    # nothing there but a copy of the L and R tiles per stage (compiled for sm_90, fp32 adapters at
+    # rank 64 then pushed the 4-stage tiles to 240-288 KiB of shared memory; one copy fits in the
+    # freed K-loop buffers).
+    for r0 in tl.range(0, BLOCK_R if ONE_BLOCK else R, BLOCK_R, num_stages=1):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rr < R
+        lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
 
 
 @triton.jit
@@ -533,6 +556,16 @@ def _lora_matmul_kernel(
         mask_n = rn < N
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        # A masked low-rank term (dropout's share of dX) with L given goes in first, onto the empty
+        # accumulator, divided by the scale the sum gets below: added at the end it needs an M×N
+        # tile of its own beside the finished accumulator, for which ptxas failed its register
+        # allocation on sm_100 at 128×256 and at 128×128 on four warps (Triton 3.6 and 3.9). With
+        # the fused shrink, L is known only after the K loop: that term stays at the end.
+        LOW_FIRST: tl.constexpr = HAS_LOWRANK and DROPOUT == DROP_LOWRANK and not FUSE_SHRINK
+        if LOW_FIRST:
+            low = _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                            r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+            acc = tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
         if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
             rr = tl.arange(0, BLOCK_R)
             mask_r = rr < R
@@ -573,38 +606,29 @@ def _lora_matmul_kernel(
 
         if HAS_LOWRANK:
             # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
-            # Only a masked update (dropout's share of dX) needs an accumulator of its own.
-            if DROPOUT == DROP_LOWRANK:
-                low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-            else:
-                low = acc
-            if FUSE_SHRINK:
-                shrink = _times(shrink, s_scale, ACC_DTYPE)
-                if pid_n == 0:  # every column block computed the same L; one of them saves it
-                    tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                             shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-                hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
-                             input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            else:
-                # Not software-pipelined (num_stages=1): up to rank 64 the loop runs once, and a
-                # pipeline buys nothing there but a copy of the L and R tiles per stage (compiled
-                # for sm_90, fp32 adapters at rank 64 then pushed the 4-stage tiles to 240-288 KiB
-                # of shared memory; one copy fits in the freed K-loop buffers).
-                for r0 in tl.range(0, BLOCK_R if FLATTEN else R, BLOCK_R, num_stages=1):
-                    rr = r0 + tl.arange(0, BLOCK_R)
-                    mask_r = rr < R
-                    lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            # Only a masked update computed here (dropout's share of dX, fused shrink) needs one.
+            if not LOW_FIRST:
+                masked: tl.constexpr = DROPOUT == DROP_LOWRANK
+                if masked:
+                    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+                else:
+                    low = acc
+                if FUSE_SHRINK:
+                    shrink = _times(shrink, s_scale, ACC_DTYPE)
+                    if pid_n == 0:  # every column block computed the same L; one of them saves it
+                        tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                                 shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
                     hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    low = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
+                    low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
                                  input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if DROPOUT == DROP_LOWRANK:
-                acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
-            else:
-                acc = low
+                else:
+                    low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
+                                    stride_rn, r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+                if masked:
+                    acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
+                else:
+                    acc = low
             acc = _times(acc, sum_scale, ACC_DTYPE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
@@ -993,10 +1017,11 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     ``dropout`` is None or ``(where, seed, p, si, sj)``: zero element (i, j) of ``x`` (where="x";
     with a Shrink, only the x feeding L) or of ``L @ R`` (where="lowrank") unless
     ``u(seed, i·si + j·sj) >= p`` (``_keep``), with ``seed`` a 0-d int64 tensor (on x's device, or copied
-    there). Operands are cast to ``dot_dtype`` for the tensor cores and
-    accumulated in fp32 (fp64 for fp64). A plain product (no ``lowrank``, no ``bias``) with few
-    tiles and a long reduction is split over the reduction (deterministically, see the module
-    docstring); the layer's products that carry either never need a split.
+    there; where="lowrank" with L given takes a scale between 2^-100 and 2^100 in magnitude).
+    Operands are cast to ``dot_dtype`` for the tensor cores and accumulated in fp32 (fp64 for fp64).
+    A plain product (no ``lowrank``, no ``bias``) with few tiles and a long reduction is split over
+    the reduction (deterministically, see the module docstring); the layer's products that carry
+    either never need a split.
 
     ``pair=(x2, w2)`` computes a second product of the same K, N and dtypes in the same launch (its
     row blocks after the first's; plain products only, and a dropout on x masks the first's x
@@ -1067,6 +1092,10 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     if plan.sum_scaled and _SUM_SCALED[0] <= abs(r_scale) <= _SUM_SCALED[1]:
         # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
         scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
+    # A masked low-rank term with L given enters the accumulator first, divided by scale (LOW_FIRST
+    # in the kernel): the layer's scales (1, or 1/alpha above) are far inside these bounds.
+    assert where != "lowrank" or shrink is not None or 2.0 ** -100 <= abs(scale) <= 2.0 ** 100, \
+        "a masked low-rank term needs a scale of normal fp32 magnitude"
     # (floats as floats: p given as an int would make Triton compile another kernel, which no key tells)
     args = (x, w, l_, r_, b_, dest, s_out, *plan.ints,
             float(scale), 1.0 if shrink is None else float(shrink.scale), float(r_scale), float(sum_scale),

@@ -579,6 +579,25 @@ def test_kernel_launcher(M, N, K, terms, split, monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("scale", [0.0, 2.0 ** -101, -2.0 ** 101])
+def test_a_masked_low_rank_term_refuses_a_scale_it_cannot_divide_by(scale, monkeypatch):
+    """A masked low-rank term with L given enters the accumulator before the K loop, divided by the
+    product's scale (``LOW_FIRST`` in the kernel): a scale of 0, or one whose inverse would leave
+    fp32's range, is refused rather than turned into inf or NaN. (The layer's are 1 and 1/alpha.)"""
+    use_triton(monkeypatch)
+    x, w, L, R = (torch.randn(*s, device=DEVICE) for s in ((8, 16), (16, 12), (8, 4), (4, 12)))
+    drop = ("lowrank", torch.tensor(3), 0.5, 12, 1)
+    with pytest.raises(AssertionError, match="normal fp32 magnitude"):
+        kernels.lora_matmul(x, w, scale=scale, lowrank=(L, R), dropout=drop, out_dtype=torch.float32,
+                            dot_dtype=torch.float32)
+    out = kernels.lora_matmul(x, w, scale=2.0 ** -99, lowrank=(L, R), dropout=drop, out_dtype=torch.float32,
+                              dot_dtype=torch.float32)
+    keep = functional.keep_mask(8, 12, 3, 0.5, DEVICE, "triton")
+    want = 2.0 ** -99 * x.double() @ w.double() + (L.double() @ R.double()) * keep
+    assert rel_err(out, want) < TOL[torch.float32]
+
+
+@pytest.mark.triton
 def test_a_16_bit_split_sum_rounds_once(monkeypatch):
     """A split reduction into a 16-bit output (dA and dB of fp16 adapters) sums its fp32 partials
     in fp32 and rounds once: here each partial is past fp16's 65504 while the whole fits, so

@@ -54,6 +54,40 @@ def test_dropout_matches_reference_with_same_mask(backend, p, shrink, shape, mon
         assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype_name, adapter_name, alpha", [("float16", "float32", 1000.0),
+                                                             ("float64", "float64", 0.75)])
+@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate", "fused"])
+def test_dropout_where_the_sum_is_scaled_and_in_fp64(dtype_name, adapter_name, alpha, fuse, monkeypatch):
+    """dX's masked low-rank term in the dtypes whose scales differ from fp32's: in fp16 alpha goes
+    on the fp32 sum (dY W / alpha + dS Aᵀ ⊙ m, times alpha: ``sum_scale``), which the term, added
+    onto the empty accumulator before the K loop where dS is given, must follow (it is divided by
+    the sum's scale there); fp64 accumulates in fp64. Both shrink placements, every gradient
+    against float64 with the same mask; the LoRA term carries most of y and dX here. (fp32
+    adapters beside fp16, peft's default: dA would pass fp16's range.)"""
+    use_triton(monkeypatch)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+    dtype, p = getattr(torch, dtype_name), 0.3
+    lead, K, N, r = DROPOUT_SHAPES["aligned"]
+    x, W, b, A, B = make_inputs(lead, K, N, r, dtype, adapter_dtype=getattr(torch, adapter_name), seed=4)
+    assert dtype != torch.float16 or kernels._SUM_SCALED[0] <= alpha <= kernels._SUM_SCALED[1]  # the premise
+    leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
+    torch.manual_seed(5)
+    y = lora_kernels.lora_linear(*leaves, alpha, dropout_p=p)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    y.backward(dy)
+    keep = functional.keep_mask(x.numel() // K, K, seed_of_next_call(5, "triton"), p, DEVICE, "triton").reshape(x.shape)
+    x64, W64, b64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, W, b, A, B))
+    lora = alpha * ((x64 * keep / (1 - p)) @ A64 @ B64)
+    y_ref = torch.nn.functional.linear(x64, W64, b64) + lora
+    y_ref.backward(dy.double())
+    dx_lora = alpha * (dy.double() @ B64.t() @ A64.t()) * keep / (1 - p)
+    assert lora.norm() > y_ref.norm() / 2 and dx_lora.norm() > x64.grad.norm() / 2  # the premise
+    for out, ref in [(y, y_ref), (leaves[0].grad, x64.grad), (leaves[1].grad, W64.grad),
+                     (leaves[2].grad, b64.grad), (leaves[3].grad, A64.grad), (leaves[4].grad, B64.grad)]:
+        assert rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-trained", "x-frozen"])
 def test_dropout_on_a_transposed_x(backend, x_grad):
     """The mask is drawn by each element's place in x as the caller sees it, whatever x's strides
