@@ -18,18 +18,18 @@ with each operand given by its strides, so a transpose is free. The layer uses i
 and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX's (FUSE_SHRINK:
 L = x A accumulated in the same K loop as X W, ``Shrink``), one launch fewer each.
 
-S is x A as the reference computes it, without alpha, and dS likewise: alpha (r_scale) multiplies R's
-tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range
-ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost
-digits) where the output fitted; there the accumulator holds scale/alpha · X W + L R and is
-multiplied by alpha once, before the bias (``sum_scale``), for 2^-64 <= |alpha| <= 2^77, where for
-any fp16 operands X W / alpha stays a normal fp32 number (``_SUM_SCALED``). bf16 has fp32's range,
-and fp32 and fp64 are the accumulator's own dtype: they keep alpha on R's tiles, as does an fp16
-alpha outside that range. So a large alpha overflows neither a 16-bit S or dS nor anything else the
-reference's own order of operations keeps in range, short of alpha · B itself passing fp32's range
-(3.4e38: the PyTorch path's CPU BLAS overflows there too) or an fp16 alpha past 2^77 (where any
-nonzero fp16 B makes alpha · B overflow, and the reference's y stays finite only if its fp16
-S B rounds to zero).
+S is x A as the reference computes it, without alpha, and dS likewise: alpha (r_scale) multiplies
+R's tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's
+range ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or
+lost digits) where the output fitted; there the sum is scale/alpha · X W + L R (see lora_matmul
+for dropout's dX), multiplied by alpha once, before the bias (``sum_scale``), for
+2^-64 <= |alpha| <= 2^77, where for any fp16 operands X W / alpha stays a normal fp32 number
+(``_SUM_SCALED``). bf16 has fp32's range, and fp32 and fp64 are the accumulator's own dtype: they
+keep alpha on R's tiles, as does an fp16 alpha outside that range. So a large alpha overflows
+neither a 16-bit S or dS nor anything else the reference's own order of operations keeps in
+range, short of alpha · B itself passing fp32's range (3.4e38: the PyTorch path's CPU BLAS
+overflows there too) or an fp16 alpha past 2^77 (where any nonzero fp16 B makes alpha · B
+overflow, and the reference's y stays finite only if its fp16 S B rounds to zero).
 
 One kernel with flags rather than three near-copies: the tile loop is the same, and the autotuner
 keys on the flags and sizes, so each use still gets its own tile shape.
@@ -266,16 +266,16 @@ def _prune(configs, named_args, **kwargs):
     # would need more than the estimate, and fail to launch on a GPU with less to spare). A may be
     # fp32 beside bf16 activations (peft's adapters).
     a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") else 0
-    # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and a second
-    # accumulator as wide (dropout's share of dX has one with the fused shrink; with the fused shrink
-    # Triton 3.6 and 3.7 make one anyway) the rest, the shrink's finding none: compiled for sm_100,
+    # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and with the
+    # fused shrink a second accumulator as wide (dropout's share of dX has one there; Triton 3.6 and
+    # 3.7 make one without dropout too) the rest, the shrink's finding none: compiled for sm_100,
     # sm_103 and sm_110 (Triton 3.6 to 3.9), those kernels came out as a lone trap, which would end
     # the process's CUDA context at the autotuner's first timing. With dropout's second
     # accumulator, 128×128 on four warps failed ptxas's register allocation (an error the autotuner
-    # skips, after compiling).
-    tensor_memory = _sm_major(named_args.get("x_ptr")) in TENSOR_MEMORY_MAJORS
-    second_acc = tensor_memory and kwargs.get("DROPOUT") == _DROP_MODE["lowrank"] and kwargs.get("FUSE_SHRINK")
-    narrow = second_acc or (tensor_memory and kwargs.get("FUSE_SHRINK"))
+    # skips, after compiling). (Without the fused shrink, dropout's share of dX has no tile of its
+    # own: see LOW_FIRST in the kernel.)
+    narrow = _sm_major(named_args.get("x_ptr")) in TENSOR_MEMORY_MAJORS and kwargs.get("FUSE_SHRINK")
+    second_acc = narrow and kwargs.get("DROPOUT") == _DROP_MODE["lowrank"]
     seen, kept = set(), []
     for c in configs:
         bm, bn, bk = _fit(c.kwargs["BLOCK_M"], M), _fit(c.kwargs["BLOCK_N"], N), c.kwargs["BLOCK_K"]
@@ -1017,7 +1017,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     ``dropout`` is None or ``(where, seed, p, si, sj)``: zero element (i, j) of ``x`` (where="x";
     with a Shrink, only the x feeding L) or of ``L @ R`` (where="lowrank") unless
     ``u(seed, i·si + j·sj) >= p`` (``_keep``), with ``seed`` a 0-d int64 tensor (on x's device, or copied
-    there; where="lowrank" with L given takes a scale between 2^-100 and 2^100 in magnitude).
+    there; where="lowrank" with L given takes ``scale`` 1).
     Operands are cast to ``dot_dtype`` for the tensor cores and accumulated in fp32 (fp64 for fp64).
     A plain product (no ``lowrank``, no ``bias``) with few tiles and a long reduction is split over
     the reduction (deterministically, see the module docstring); the layer's products that carry
@@ -1088,14 +1088,16 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         out2_t = _empty(plan.out2_shape, device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
         dest2 = out2_t.t() if split == 1 else _empty(plan.dest2_shape, device, plan.acc_dtype)
         fresh.append(dest2)
+    # A masked low-rank term with L given enters the accumulator before X W does (LOW_FIRST in the
+    # kernel), as r_scale · (L R) / scale: with scale 1 (then 1/alpha where alpha moves onto the sum
+    # below) that is the term the output itself carries, where another scale could overflow fp32
+    # while the output fits. The layer's dX has scale 1.
+    assert where != "lowrank" or shrink is not None or scale == 1.0, \
+        "a masked low-rank term with L given takes scale 1"
     sum_scale = 1.0
     if plan.sum_scaled and _SUM_SCALED[0] <= abs(r_scale) <= _SUM_SCALED[1]:
         # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
         scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
-    # A masked low-rank term with L given enters the accumulator first, divided by scale (LOW_FIRST
-    # in the kernel): the layer's scales (1, or 1/alpha above) are far inside these bounds.
-    assert where != "lowrank" or shrink is not None or 2.0 ** -100 <= abs(scale) <= 2.0 ** 100, \
-        "a masked low-rank term needs a scale of normal fp32 magnitude"
     # (floats as floats: p given as an int would make Triton compile another kernel, which no key tells)
     args = (x, w, l_, r_, b_, dest, s_out, *plan.ints,
             float(scale), 1.0 if shrink is None else float(shrink.scale), float(r_scale), float(sum_scale),

@@ -579,22 +579,26 @@ def test_kernel_launcher(M, N, K, terms, split, monkeypatch):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("scale", [0.0, 2.0 ** -101, -2.0 ** 101])
-def test_a_masked_low_rank_term_refuses_a_scale_it_cannot_divide_by(scale, monkeypatch):
-    """A masked low-rank term with L given enters the accumulator before the K loop, divided by the
-    product's scale (``LOW_FIRST`` in the kernel): a scale of 0, or one whose inverse would leave
-    fp32's range, is refused rather than turned into inf or NaN. (The layer's are 1 and 1/alpha.)"""
+@pytest.mark.parametrize("scale", [0.0, 2.0 ** -60, 0.5, -1.0])
+def test_a_masked_low_rank_term_takes_scale_1(scale, monkeypatch):
+    """A masked low-rank term with L given enters the accumulator before the K loop, as
+    r_scale · (L R) / scale (``LOW_FIRST`` in the kernel): with scale 1 that is the term the output
+    carries, where another scale could pass fp32's range (2^-60 here, with L R about 2^70) or be 0,
+    so ``lora_matmul`` takes no other. (The layer's dX has scale 1; in fp16 the launcher then moves
+    alpha onto the sum, dividing it by alpha: tests/test_training.py checks that.) Scale 1: the
+    kernel's numbers, with a large term."""
     use_triton(monkeypatch)
     x, w, L, R = (torch.randn(*s, device=DEVICE) for s in ((8, 16), (16, 12), (8, 4), (4, 12)))
+    L = L * 2.0 ** 68
     drop = ("lowrank", torch.tensor(3), 0.5, 12, 1)
-    with pytest.raises(AssertionError, match="normal fp32 magnitude"):
+    with pytest.raises(AssertionError, match="a masked low-rank term with L given takes scale 1"):
         kernels.lora_matmul(x, w, scale=scale, lowrank=(L, R), dropout=drop, out_dtype=torch.float32,
                             dot_dtype=torch.float32)
-    out = kernels.lora_matmul(x, w, scale=2.0 ** -99, lowrank=(L, R), dropout=drop, out_dtype=torch.float32,
+    out = kernels.lora_matmul(x, w, lowrank=(L, R), r_scale=0.75, dropout=drop, out_dtype=torch.float32,
                               dot_dtype=torch.float32)
     keep = functional.keep_mask(8, 12, 3, 0.5, DEVICE, "triton")
-    want = 2.0 ** -99 * x.double() @ w.double() + (L.double() @ R.double()) * keep
-    assert rel_err(out, want) < TOL[torch.float32]
+    want = x.double() @ w.double() + 0.75 * (L.double() @ R.double()) * keep
+    assert 0 < keep.sum() < keep.numel() and rel_err(out, want) < TOL[torch.float32]
 
 
 @pytest.mark.triton

@@ -55,20 +55,24 @@ def test_dropout_matches_reference_with_same_mask(backend, p, shrink, shape, mon
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype_name, adapter_name, alpha", [("float16", "float32", 1000.0),
-                                                             ("float64", "float64", 0.75)])
+@pytest.mark.parametrize("dtype_name, adapter_name, alpha, r", [("float16", "float32", 1000.0, 8),
+                                                                ("float64", "float64", 0.75, 8),
+                                                                ("float32", "float32", 0.75, 100)])
 @pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate", "fused"])
-def test_dropout_where_the_sum_is_scaled_and_in_fp64(dtype_name, adapter_name, alpha, fuse, monkeypatch):
+def test_dropout_where_the_sum_is_scaled_in_fp64_and_past_one_rank_block(dtype_name, adapter_name, alpha, r, fuse,
+                                                                         monkeypatch):
     """dX's masked low-rank term in the dtypes whose scales differ from fp32's: in fp16 alpha goes
     on the fp32 sum (dY W / alpha + dS Aᵀ ⊙ m, times alpha: ``sum_scale``), which the term, added
     onto the empty accumulator before the K loop where dS is given, must follow (it is divided by
-    the sum's scale there); fp64 accumulates in fp64. Both shrink placements, every gradient
-    against float64 with the same mask; the LoRA term carries most of y and dX here. (fp32
-    adapters beside fp16, peft's default: dA would pass fp16's range.)"""
+    the sum's scale there); fp64 accumulates in fp64; and a rank past one block (BLOCK_R is at
+    most 64: two trips of the rank loop; the shrink separate either way). Both shrink placements,
+    every gradient against float64 with the same mask; the LoRA term carries most of y and dX
+    here. (fp32 adapters beside fp16, peft's default: dA would pass fp16's range.)"""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     dtype, p = getattr(torch, dtype_name), 0.3
-    lead, K, N, r = DROPOUT_SHAPES["aligned"]
+    lead, K, N, _ = DROPOUT_SHAPES["aligned"]
+    assert r <= 16 or r > kernels.FUSE_MAX_RANK  # (the premise: one block, or more than one)
     x, W, b, A, B = make_inputs(lead, K, N, r, dtype, adapter_dtype=getattr(torch, adapter_name), seed=4)
     assert dtype != torch.float16 or kernels._SUM_SCALED[0] <= alpha <= kernels._SUM_SCALED[1]  # the premise
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
