@@ -380,8 +380,10 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
 # same launch without dropout ("× 'that row', timed alternately"; not checked against it: they
 # compute other numbers). In the fifth H200 run a step with dropout cost 0.2-0.4 ms more than one
 # without at 8192 tokens (1.16-1.24 × the base, against 1.09-1.10), where peft's cost 0.06 ms more
-# at 4096→4096: dX's masked low-rank term needs an accumulator of its own (255 registers a thread
-# for a 128×256 tile on sm_90, against 223 without), and three launches hash x's mask.
+# at 4096→4096. There dX's masked low-rank term needed a tile of its own beside the accumulator
+# (255 registers a thread for a 128×256 tile on sm_90, against 174-223 without dropout); since
+# version 21 it enters the accumulator before the K loop (still 255: the mask's hash), and three
+# launches hash x's mask.
 DROPPED_SHRINK = "shrink S = x̃A, dropout 0.1 on x"
 DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
 IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}
