@@ -327,7 +327,7 @@ def _hash32(x):
 
 
 @triton.jit
-def _keep(seed, p, rows, cols, si, sj):
+def _keep(seed, p, rows, cols, si, sj, WIDE: tl.constexpr):
     # A pure function of the seed and the element's offset o = i·si + j·sj in x: the backward
     # regenerates the forward's mask instead of saving M×K bits of it. With k = hash(seed) and an
     # odd m = hash(k) | 1: u = hash(((lo(o) ^ C·hi(o)) ^ k) · m), 24 bits of it as a uniform in
@@ -338,15 +338,22 @@ def _keep(seed, p, rows, cols, si, sj):
     # copies of each other (with k alone, mask_s2(o) = mask_s1(o ^ D) for a D fixed by the seeds).
     k = _hash32(seed.to(tl.uint32))
     m = _hash32(k) | 1
-    o = rows[:, None] * si + cols[None, :] * sj
-    h = _hash32((((o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)) ^ k) * m)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216) >= p
+    if WIDE:  # x's offsets pass 2^32 (the launcher checks): o in 64 bits, its high word mixed in
+        o = rows[:, None] * si + cols[None, :] * sj
+        lo = (o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)
+    else:  # hi(o) = 0: lo(o) in 32-bit arithmetic, which wraps as o's low word does (on sm_90
+        # about a third fewer instructions per element than the 64-bit form, and fewer registers)
+        lo = (rows * si).to(tl.uint32)[:, None] + (cols * sj).to(tl.uint32)[None, :]
+    h = _hash32((lo ^ k) * m)
+    # u >= p as integers: h's top 24 bits >= ceil(p · 2^24), exact for the fp32 p (no conversion
+    # per element; p = 1 gives 2^24, which no 24 bits reach)
+    return (h >> 8) >= tl.ceil(p * 16777216.0).to(tl.uint32)
 
 
 @triton.jit
-def _dropped(x, seed, p, rows, cols, si, sj):
+def _dropped(x, seed, p, rows, cols, si, sj, WIDE: tl.constexpr):
     # x with the elements that _keep drops zeroed
-    return tl.where(_keep(seed, p, rows, cols, si, sj), x, 0.0)
+    return tl.where(_keep(seed, p, rows, cols, si, sj, WIDE), x, 0.0)
 
 
 @triton.jit
@@ -416,13 +423,18 @@ def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
+def _wide(rows, cols, si, sj):
+    # Whether a masked (rows, cols) operand's offsets i·si + j·sj pass 2^32 (_keep's WIDE)
+    return (rows - 1) * si + (cols - 1) * sj >= 2**32
+
+
 @triton.jit
-def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # The mask itself, for the PyTorch reference in tests: the same seed load and _keep as the
     # fused kernels.
     rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(tl.load(seed_ptr), p, rm, rk, K, 1)
+    keep = _keep(tl.load(seed_ptr), p, rm, rk, K, 1, WIDE)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep, mask=(rm < M)[:, None] & (rk < K)[None, :])
 
 
@@ -432,7 +444,8 @@ def keep_mask(M, K, seed, p, device):
     if out.numel():
         seed = torch.tensor(seed, dtype=torch.int64, device=device)
         with _on_device(out.device):
-            _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32, **COMPILE_OPTIONS)
+            _keep_mask_kernel[(_cdiv(M, 32), _cdiv(K, 32))](out, M, K, seed, p, BLOCK=32, WIDE=_wide(M, K, K, 1),
+                                                            **COMPILE_OPTIONS)
     return out
 
 
@@ -469,7 +482,8 @@ def _lora_matmul_kernel(
     # alpha is r_scale, or in fp16 sum_scale: see the module docstring).
     scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64, sum_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
-    # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it)
+    # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it); DROP_WIDE:
+    # some of those offsets pass 2^32
     seed_ptr, p_drop, drop_si, drop_sj,
     # PAIRED: a second product out2 = X2 @ W2 (M2, N) in the same launch, same N and K, its row blocks
     # after the first's (the layer's dA and dBᵀ: two small reductions that alone fill a fraction of
@@ -478,7 +492,7 @@ def _lora_matmul_kernel(
     scale2: tl.float64,
     # meta-parameters
     HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    PAIRED: tl.constexpr,
+    DROP_WIDE: tl.constexpr, PAIRED: tl.constexpr,
     # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice.
@@ -565,7 +579,8 @@ def _lora_matmul_kernel(
         if LOW_FIRST:
             low = _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
                             r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-            acc = tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
+            keep = _keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE)
+            acc = tl.where(keep, _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
         if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
             rr = tl.arange(0, BLOCK_R)
             mask_r = rr < R
@@ -589,9 +604,9 @@ def _lora_matmul_kernel(
             if DROPOUT == DROP_X:
                 if PAIRED:  # the mask is the first product's (dA's x̃): the second's tiles skip its hash
                     if not second:
-                        x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj)
+                        x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
                 else:
-                    x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj)
+                    x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
             if FUSE_SHRINK:
                 a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
                             mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
@@ -626,7 +641,7 @@ def _lora_matmul_kernel(
                     low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
                                     stride_rn, r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
                 if masked:
-                    acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj), low, 0.0)
+                    acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE), low, 0.0)
                 else:
                     acc = low
             acc = _times(acc, sum_scale, ACC_DTYPE)
@@ -976,6 +991,8 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     plan.pair_ints = (M2, *x2[1], *w2[1], *((M2 * N, N, 1) if split > 1 else (0, 1, M2))) if paired else (0,) * 8
     plan.flags = dict(
         HAS_LOWRANK=lowrank, FUSE_SHRINK=fused, HAS_BIAS=bias, DROPOUT=_DROP_MODE[where], PAIRED=paired,
+        # (the masked operand: the first product's X, or the output)
+        DROP_WIDE=where is not None and _wide(M, K if where == "x" else N, si, sj),
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
         ALLOW_TMA=allow_tma, ALLOW_TMA_STORE=allow_tma_store,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype], INPUT_PRECISION=precision,

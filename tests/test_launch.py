@@ -92,9 +92,10 @@ def _direct(monkeypatch):
     monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
-    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, PAIRED=False, X_TRANSPOSED=False,
-                 W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_TMA_STORE=False, DOT_DTYPE=triton.language.float32,
-                 ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", BLOCK_R=16)
+    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, DROP_WIDE=False, PAIRED=False,
+                 X_TRANSPOSED=False, W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_TMA_STORE=False,
+                 DOT_DTYPE=triton.language.float32, ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee",
+                 BLOCK_R=16)
     grid = lambda meta: (kernels._cdiv(M, meta["BLOCK_M"]) * kernels._cdiv(N, meta["BLOCK_N"]), 1)
     return tuner, torch.device("cuda", 3), grid, args, flags
 
@@ -294,6 +295,32 @@ def test_fresh_buffers_off_alignment_get_no_tma_store_and_no_plan_key(monkeypatc
     (aligned, plan), (unaligned, none) = seen
     assert aligned["ALLOW_TMA_STORE"] and isinstance(plan, kernels._Plan) and none is None
     assert unaligned == {**aligned, "ALLOW_TMA_STORE": False}
+
+
+@pytest.mark.parametrize("call", ["x", "x, paired", "lowrank"])
+def test_the_mask_takes_its_64_bit_form_from_the_first_offset_past_2_32(monkeypatch, call):
+    """_keep hashes an element's offset i·si + j·sj in 32-bit arithmetic while every offset of the
+    masked operand (the product's X, dA's xᵀ beside dB, or dX's output) is below 2^32: the launcher
+    asks for the 64-bit form (DROP_WIDE) exactly when the last one reaches it. Two rows, so the last
+    offset is si + (cols - 1)·sj."""
+    not_when_recording()
+    seen = []
+    monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append(flags))
+    x, w, seed = torch.randn(2, 24), torch.randn(24, 16), torch.tensor(3)
+    masked = "lowrank" if call == "lowrank" else "x"
+    cols = 16 if masked == "lowrank" else 24
+    for last, wide in [(2**32 - 1, False), (2**32, True), (2**31, False), (2**40, True)]:
+        sj = 3
+        dropout = (masked, seed, 0.1, last - (cols - 1) * sj, sj)
+        kw = dict(out_dtype=torch.float32, dot_dtype=torch.float32, dropout=dropout)
+        if call == "lowrank":
+            kw["lowrank"] = (torch.randn(2, 4), torch.randn(4, 16))
+        if call == "x, paired":
+            kw["pair"] = (torch.randn(16, 24), w)
+        kernels.lora_matmul(x, w, **kw)
+        assert seen.pop()["DROP_WIDE"] == wide, (last, wide)
+    kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32)
+    assert not seen.pop()["DROP_WIDE"]
 
 
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):

@@ -140,36 +140,57 @@ def _hash32(x):
     return (word >> 22) ^ word
 
 
-def _keep_reference(offsets, seed, p):
-    """kernels._keep's mask, recomputed in PyTorch from its definition."""
+def _uniform_reference(offsets, seed):
+    """kernels._keep's uniform draw u in [0, 1) at each offset, recomputed in PyTorch from its definition."""
     o = offsets.to(torch.int64)
     k = _hash32(torch.tensor(seed))
     m = _hash32(k) | 1
     mixed = (((o & 0xFFFFFFFF) ^ (((o >> 32) * 0x9E3779B9) & 0xFFFFFFFF) ^ k) * m) & 0xFFFFFFFF
-    return (_hash32(mixed) >> 8).to(torch.float32) * (1.0 / 16777216) >= torch.tensor(p, dtype=torch.float32)
+    return (_hash32(mixed) >> 8).to(torch.float32) * (1.0 / 16777216)
+
+
+def _keep_reference(offsets, seed, p):
+    """kernels._keep's mask: u >= p, p in fp32 as the kernels take it."""
+    return _uniform_reference(offsets, seed) >= torch.tensor(p, dtype=torch.float32)
 
 
 @triton.jit
-def _keep_at(out_ptr, seed_ptr, p, row0, n, si, BLOCK: tl.constexpr):
+def _keep_at(out_ptr, seed_ptr, p, row0, n, si, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     rows = row0 + tl.arange(0, BLOCK).to(tl.int64)
-    keep = kernels._keep(tl.load(seed_ptr), p, rows, tl.arange(0, 1).to(tl.int64), si, 1)
+    keep = kernels._keep(tl.load(seed_ptr), p, rows, tl.arange(0, 1).to(tl.int64), si, 1, WIDE)
     tl.store(out_ptr + tl.arange(0, BLOCK)[:, None], keep, mask=(tl.arange(0, BLOCK) < n)[:, None])
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999, 1.0])
 def test_kernel_mask_is_its_definition(p):
     """The kernels' keep mask is exactly _keep's hash, here recomputed in PyTorch: for a mask of
-    x (offsets i·K + j), and for offsets past 2^32 (rows of a huge x), where the high word mixes in."""
+    x (offsets i·K + j); in _keep's 32-bit form for offsets up to just below 2^32 (past 2^31, where
+    an int32 would turn negative); and in its 64-bit form (WIDE) for offsets past 2^32 (rows of a
+    huge x), where the high word mixes in. (p = 1 keeps nothing.)"""
     seed = 987654321
     keep = functional.keep_mask(37, 53, seed, p, DEVICE, "triton").cpu()
     assert torch.equal(keep, _keep_reference(torch.arange(37 * 53).reshape(37, 53), seed, p))
-    si, row0 = 2**31 + 7, 3
-    out = torch.zeros(64, 1, dtype=torch.bool, device=DEVICE)
-    _keep_at[(1,)](out, torch.tensor(seed, device=DEVICE), p, row0, 64, si, BLOCK=64)
-    offsets = (row0 + torch.arange(64)) * si
-    assert offsets.max() > 2**33
-    assert torch.equal(out.cpu()[:, 0], _keep_reference(offsets, seed, p))
+    for si, row0, wide in [(67108879, 0, False), (2**31 + 7, 3, True)]:
+        out = torch.zeros(64, 1, dtype=torch.bool, device=DEVICE)
+        _keep_at[(1,)](out, torch.tensor(seed, device=DEVICE), p, row0, 64, si, BLOCK=64, WIDE=wide)
+        offsets = (row0 + torch.arange(64)) * si
+        assert (offsets.max() > 2**33) if wide else (2**31 < offsets.max() < 2**32)
+        assert torch.equal(out.cpu()[:, 0], _keep_reference(offsets, seed, p))
+    assert p < 1.0 or not keep.any()
+
+
+@pytest.mark.triton
+def test_kernel_mask_keeps_an_element_exactly_while_p_is_at_most_its_draw():
+    """The kernels compare u >= p as integers (u's 24 bits against ceil(p · 2^24)): at p = u an
+    element keeps, half a step of u's above it drops (p · 2^24 not a whole number there: a floor
+    in place of the ceiling would keep it), half a step below it keeps."""
+    seed = 4242
+    u = _uniform_reference(torch.arange(64), seed).double()
+    j = int(((u - 0.375).abs()).argmin())  # a draw in [1/4, 1/2), where fp32 holds p = u ± 2^-25 exactly
+    assert 0.25 <= u[j] < 0.5
+    for p, keeps in [(u[j], True), (u[j] + 2**-25, False), (u[j] - 2**-25, True)]:
+        assert functional.keep_mask(1, 64, seed, p.item(), DEVICE, "triton")[0, j].item() == keeps, (p.item(), keeps)
 
 
 @pytest.mark.triton
