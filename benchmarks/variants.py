@@ -383,7 +383,8 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
 # at 4096→4096. There dX's masked low-rank term needed a tile of its own beside the accumulator
 # (255 registers a thread for a 128×256 tile on sm_90, against 174-223 without dropout); since
 # version 21 it enters the accumulator before the K loop (still 255: the mask's hash), and three
-# launches hash x's mask.
+# launches hash x's mask, since version 22 on 32-bit offsets (a sixth fewer instructions; the
+# masked shrink's registers down by up to half, dX's wide tiles still 254-255).
 DROPPED_SHRINK = "shrink S = x̃A, dropout 0.1 on x"
 DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
 IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}

@@ -338,11 +338,12 @@ def _keep(seed, p, rows, cols, si, sj, WIDE: tl.constexpr):
     # copies of each other (with k alone, mask_s2(o) = mask_s1(o ^ D) for a D fixed by the seeds).
     k = _hash32(seed.to(tl.uint32))
     m = _hash32(k) | 1
-    if WIDE:  # x's offsets pass 2^32 (the launcher checks): o in 64 bits, its high word mixed in
+    if WIDE:  # the masked operand's offsets reach 2^32 (_wide): o in 64 bits, its high word mixed in
         o = rows[:, None] * si + cols[None, :] * sj
         lo = (o & 0xFFFFFFFF).to(tl.uint32) ^ ((o >> 32).to(tl.uint32) * 0x9E3779B9)
-    else:  # hi(o) = 0: lo(o) in 32-bit arithmetic, which wraps as o's low word does (on sm_90
-        # about a third fewer instructions per element than the 64-bit form, and fewer registers)
+    else:  # hi(o) = 0: lo(o) is the row's and the column's low words added in 32 bits, wrapping as
+        # o's low word does: per element one 32-bit add, not a 64-bit add and the high word's
+        # multiply (on sm_90 about a third fewer instructions per element, and fewer registers)
         lo = (rows * si).to(tl.uint32)[:, None] + (cols * sj).to(tl.uint32)[None, :]
     h = _hash32((lo ^ k) * m)
     # u >= p as integers: h's top 24 bits >= ceil(p · 2^24), exact for the fp32 p (no conversion
@@ -424,7 +425,7 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _wide(rows, cols, si, sj):
-    # Whether a masked (rows, cols) operand's offsets i·si + j·sj pass 2^32 (_keep's WIDE)
+    # Whether a masked (rows, cols) operand's offsets i·si + j·sj (si, sj >= 0) reach 2^32 (_keep's WIDE)
     return (rows - 1) * si + (cols - 1) * sj >= 2**32
 
 
@@ -440,6 +441,7 @@ def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr, WIDE: tl.
 
 def keep_mask(M, K, seed, p, device):
     """The (M, K) boolean mask that the kernels apply for this seed and p."""
+    assert 0.0 <= p <= 1.0, "dropout's p is in [0, 1]"
     out = torch.empty((M, K), dtype=torch.bool, device=device)
     if out.numel():
         seed = torch.tensor(seed, dtype=torch.int64, device=device)
@@ -483,7 +485,7 @@ def _lora_matmul_kernel(
     scale: tl.float64, s_scale: tl.float64, r_scale: tl.float64, sum_scale: tl.float64,
     # LoRA dropout: element (i, j) of the masked operand keeps iff u(seed, i·drop_si + j·drop_sj) >= p (_keep),
     # with the seed read from device memory (a CUDA graph replays the RNG op that wrote it); DROP_WIDE:
-    # some of those offsets pass 2^32
+    # some of those offsets reach 2^32
     seed_ptr, p_drop, drop_si, drop_sj,
     # PAIRED: a second product out2 = X2 @ W2 (M2, N) in the same launch, same N and K, its row blocks
     # after the first's (the layer's dA and dBᵀ: two small reductions that alone fill a fraction of
@@ -1066,6 +1068,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     where, p, si, sj = None, 0.0, 0, 0
     if dropout:
         where, seed, p, si, sj = dropout
+        # (_keep compares integers with ceil(p · 2^24), and _wide takes the last offset for the largest)
+        assert 0.0 <= p <= 1.0 and si >= 0 and sj >= 0, "dropout's p is in [0, 1], its offsets' strides >= 0"
         if seed.device != device:
             seed = seed.to(device)
         ops.append(seed)

@@ -321,6 +321,11 @@ def test_the_mask_takes_its_64_bit_form_from_the_first_offset_past_2_32(monkeypa
         assert seen.pop()["DROP_WIDE"] == wide, (last, wide)
     kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32)
     assert not seen.pop()["DROP_WIDE"]
+    # (the integer threshold takes p in [0, 1]; the last offset is the largest for strides >= 0)
+    for p, si in [(-0.1, 24), (1.5, 24), (float("nan"), 24), (0.1, -24)]:
+        with pytest.raises(AssertionError, match="dropout's p is in"):
+            kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32, dropout=("x", seed, p, si, 1))
+    assert not seen
 
 
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):

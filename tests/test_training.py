@@ -181,6 +181,34 @@ def test_kernel_mask_is_its_definition(p):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("si, sj", [(36, 1), (2**31 + 7, 1), (3, 2**31 + 5), (2**33, 2**20)])
+def test_every_masked_launch_hashes_the_offsets_it_is_given(si, sj, monkeypatch):
+    """Each place the kernel masks (X of a product, of dA beside dB, dX's low-rank term before the
+    K loop and after it with the fused shrink) draws element (i, j)'s keep from offset i·si + j·sj,
+    in 64 bits (DROP_WIDE) where those offsets reach 2^32: against the mask's definition, in float64."""
+    use_triton(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    M, K, N, r, p, seed = 40, 36, 20, 8, 0.5, 4242
+    x, w, w2, L, R, A = (torch.randn(*s, generator=g).to(DEVICE) for s in ((M, K), (K, N), (K, N), (M, r), (r, N),
+                                                                         (K, r)))
+    x2 = torch.randn(12, K, generator=g).to(DEVICE)
+    keep_x, keep_out = (_keep_reference(torch.arange(M)[:, None] * si + torch.arange(n)[None, :] * sj, seed, p)
+                        .to(DEVICE) for n in (K, N))
+    f32, s = dict(out_dtype=torch.float32, dot_dtype=torch.float32), torch.tensor(seed, device=DEVICE)
+    x64, w64, L64, R64, A64 = (t.double() for t in (x, w, L, R, A))
+    on_x, on_out = ("x", s, p, si, sj), ("lowrank", s, p, si, sj)
+    out, out2 = kernels.lora_matmul(x, w, dropout=on_x, pair=(x2, w2), **f32)
+    y, S = kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, 1.0, torch.float32), R), dropout=on_out, **f32)
+    low_first = kernels.lora_matmul(x, w, lowrank=(L, R), dropout=on_out, **f32)
+    for got, want in [(kernels.lora_matmul(x, w, dropout=on_x, **f32), (x64 * keep_x) @ w64),
+                      (out, (x64 * keep_x) @ w64), (out2, (x2.double() @ w2.double()).t()),
+                      (low_first, x64 @ w64 + keep_out * (L64 @ R64)),
+                      (y, x64 @ w64 + keep_out * ((x64 @ A64) @ R64)), (S, x64 @ A64)]:
+        assert rel_err(got, want) < TOL[torch.float32]
+    assert 0 < keep_x.sum() < keep_x.numel() and 0 < keep_out.sum() < keep_out.numel()
+
+
+@pytest.mark.triton
 def test_kernel_mask_keeps_an_element_exactly_while_p_is_at_most_its_draw():
     """The kernels compare u >= p as integers (u's 24 bits against ceil(p · 2^24)): at p = u an
     element keeps, half a step of u's above it drops (p · 2^24 not a whole number there: a floor
