@@ -140,6 +140,8 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     and dtype, the adapters in ``adapter_dtype`` if given (else in the base's): with ``variants``, for both shrink placements, as plain GEMMs and with dA and dB
     unpaired too (what ``benchmarks.variants`` times; a test checks that against its pieces); with
     ``tf32``, fp32 products on TF32 tensor cores as well."""
+    from .variants import on_64_bit_offsets
+
     recorder, extra = _Recorder(), _Recorder()  # the layer's launches, then what only variants adds
     seed = torch.tensor(12345) if dropout > 0 else None
     fuse_options = ("0", "1") if variants else (functional.FUSE_SHRINK,)
@@ -174,11 +176,14 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                         kernels.lora_matmul(S_.t(), dy, out_dtype=dtype, dot_dtype=dtype)
                         # ... and LoRA dropout's shrink and dX with S (dS) given, which the layer
                         # fuses at some sizes (variants.IN_TURN)
+                        # (each also on 64-bit offsets, variants.on_64_bit_offsets)
                         drop = torch.tensor(0)
-                        kernels.lora_matmul(x, A, scale=1 / 0.9, dropout=("x", drop, 0.1, K, 1), out_dtype=dtype,
-                                            dot_dtype=dtype)
-                        kernels.lora_matmul(dy, W, lowrank=(S_, A.t()), r_scale=2.0, dropout=("lowrank", drop, 0.1, K, 1),
-                                            out_dtype=dtype, dot_dtype=dtype)
+                        for hashed in (lambda fn: fn, on_64_bit_offsets):
+                            hashed(lambda: kernels.lora_matmul(x, A, scale=1 / 0.9, dropout=("x", drop, 0.1, K, 1),
+                                                               out_dtype=dtype, dot_dtype=dtype))()
+                            hashed(lambda: kernels.lora_matmul(dy, W, lowrank=(S_, A.t()), r_scale=2.0,
+                                                               dropout=("lowrank", drop, 0.1, K, 1), out_dtype=dtype,
+                                                               dot_dtype=dtype))()
     return recorder.launches + extra.launches
 
 

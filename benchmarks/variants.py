@@ -86,6 +86,22 @@ def with_configs(fn, configs):
     return run
 
 
+def on_64_bit_offsets(fn):
+    """fn with LoRA dropout's mask hashed in its 64-bit form (``kernels._keep``'s WIDE, all there
+    was before version 22) on the same offsets: the same mask, so the row must match its twin's,
+    and in turn with it the 32-bit offsets' gain. (On plans of its own: they are kept by their
+    call's description, which does not hold the flag.)"""
+    @functools.wraps(fn)
+    def run():
+        saved = kernels._wide, kernels._PLANS
+        kernels._wide, kernels._PLANS = (lambda *args: True), {}
+        try:
+            return fn()
+        finally:
+            kernels._wide, kernels._PLANS = saved
+    return run
+
+
 def without_deep_tiles(fn):
     """fn with the autotuner's candidates as they were before the thin outputs' deep tiles
     (``kernels.DEEP_K``), tuned apart."""
@@ -244,6 +260,12 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
     def pointers_only(fn):
         return switched(fn, "TMA", False)
 
+    def dropped_shrink():
+        return mm(x, A, scale=1 / 0.9, dropout=("x", seed, 0.1, K, 1), out_dtype=dtype)
+
+    def dropped_dx():
+        return mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, dropout=("lowrank", seed, 0.1, K, 1), out_dtype=dtype)
+
     def gemm_sb():  # the forward's GEMM launch, as the layer makes it with the shrink separate
         return mm(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype)
 
@@ -269,7 +291,8 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "the same, Wᵀ stored K×N (dX's layout of W)": ("fwd", lambda: mm(x, Wt, bias=b, out_dtype=dtype)),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
-        DROPPED_SHRINK: ("fwd", lambda: mm(x, A, scale=1 / 0.9, dropout=("x", seed, 0.1, K, 1), out_dtype=dtype)),
+        DROPPED_SHRINK: ("fwd", dropped_shrink),
+        DROPPED_SHRINK + WIDE: ("fwd", on_64_bit_offsets(dropped_shrink)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
         SWEPT: ("fwd", gemm_sb),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
@@ -284,8 +307,8 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
-        DROPPED_DX: ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, dropout=("lowrank", seed, 0.1, K, 1),
-                                      out_dtype=dtype)),
+        DROPPED_DX: ("dx", dropped_dx),
+        DROPPED_DX + WIDE: ("dx", on_64_bit_offsets(dropped_dx)),
         "dA = α xᵀ dS": ("dx", lambda: mm(x.t(), dS, scale=2.0, out_dtype=dtype)),
         "dB = α Sᵀ dY": ("dx", lambda: mm(S.t(), dy, scale=2.0, out_dtype=dtype)),
         "dA and dB, two launches, without the deep tiles": ("dx", without_deep_tiles(
@@ -388,6 +411,10 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
 DROPPED_SHRINK = "shrink S = x̃A, dropout 0.1 on x"
 DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
 IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}
+# Each also with the mask hashed on 64-bit offsets (on_64_bit_offsets), as before version 22: the
+# same numbers, timed in turn with its twin ("× twin" is what the 32-bit offsets saved).
+WIDE = ", 64-bit mask offsets"
+TWINS.update({DROPPED_SHRINK + WIDE: DROPPED_SHRINK, DROPPED_DX + WIDE: DROPPED_DX})
 
 
 def twin(name):
