@@ -13,7 +13,8 @@ each of these replayed from a CUDA graph (the kernels' time, no host time: ``GRA
 Then the layer's forward+backward, eager (a user's step) and replayed from a CUDA graph, and its
 launches called directly, with the thin products (shrink, dS, dA with dB) on Triton or on cuBLAS
 (``composed``), eager and from a CUDA graph; and LoRA dropout's masked shrink and dX, each in turn
-with the same launch without dropout (``IN_TURN``). Last, at the --sweep shapes, the forward's GEMM
+with the same launch without dropout (``IN_TURN``) and with its mask hashed on 64-bit offsets
+(``on_64_bit_offsets``). Last, at the --sweep shapes, the forward's GEMM
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
 persistent candidate as it is and with each switch no candidate has yet (``SWITCHES``: FLATTEN, a
 TMA store of the output tile; ``forced``), and at the --sweep-dx shapes dX's launch forced to its
