@@ -1620,7 +1620,9 @@ def _gpu_check_calls(tmp_path, mode, **settings):
     fake.chmod(0o755)
     pack = tmp_path / "pack.tar.xz"
     pack.write_bytes(b"")  # (only its presence counts: the stand-in python reads nothing)
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # (as on the GPU machine)
+    # As on the GPU machine, where the script starts: no interpreter, and not the tests' own
+    # LORA_KERNELS_AUTOTUNE=0 (its tests shards set it, and these tests run in one there).
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")},
            "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack),
            **settings}
     done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,

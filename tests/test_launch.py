@@ -213,6 +213,11 @@ def test_a_plan_serves_only_calls_described_alike(monkeypatch):
     (``_plan``) and reuses them: each call below differs from the first in one thing the launch
     depends on, and each gets what it gets with no plan made before it."""
     not_when_recording()
+    # The same settings wherever it runs: through the interpreter (CI) or compiled beside a GPU,
+    # where a CPU device has no TMA and the split chunk is the GPU's (the sixth GPU run's smoke
+    # step failed on that: two more calls launched alike).
+    monkeypatch.setattr(kernels, "_tma_available", lambda device: True)
+    monkeypatch.setattr(kernels, "SPLIT_CHUNK", 64)
     g = torch.Generator().manual_seed(5)
     def randn(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=g).to(dtype)
