@@ -89,25 +89,16 @@ class _StandInDriver:
         return self.target
 
 
-# A recorded launch's flags hold, under this name, the configs a test forced on it in place of the
-# autotuner's candidates (``recording_launches``; tests/test_autotune_configs.py's switched ones),
-# which ``jobs_for`` compiles instead.
-FORCED = "forced configs"
-
-
 class _Recorder:
-    """Stands in for the autotuned kernel: ``kernel[grid](*args, **kwargs)`` records the call (with
-    ``forced``, those configs under FORCED)."""
+    """Stands in for the autotuned kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
 
     def __init__(self):
-        self.launches, self.forced = [], None
+        self.launches = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             # Tensors become their dtype (Triton's warmup accepts that): placeholders then pickle
             # for free, and a dtype specializes as a 16-byte-aligned pointer, as CUDA memory is.
-            if self.forced is not None:
-                kwargs = {**kwargs, FORCED: tuple(self.forced)}
             self.launches.append((tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), kwargs))
         return launch
 
@@ -216,7 +207,6 @@ def recording_launches(sms=HOPPER_SMS, arch=90):
     session. Yields the list of launches it fills."""
     recorder = _Recorder()
     matmul, forward, backward = kernels.lora_matmul, functional._forward_impl, functional._backward_impl
-    tuner = kernels._lora_matmul_kernel
     # One call at a time (DataParallel's threads): the target's patches are module globals, which
     # another thread's launch must neither see nor restore out of turn. (So a test of threads
     # launching at once passes here whatever it checks: the recording run is no verdict.)
@@ -224,14 +214,8 @@ def recording_launches(sms=HOPPER_SMS, arch=90):
 
     def recording(*args, **kwargs):  # a launch here, recorded as the GPU makes it, then run
         with lock:
-            # (a test's stand-in for the autotuner that runs configs of its own: those are compiled)
-            active = kernels._lora_matmul_kernel
-            recorder.forced = None if active is tuner else getattr(active, "configs", None)
-            try:
-                with launched_on(recorder, sms, arch):
-                    matmul(*args, **kwargs)
-            finally:
-                recorder.forced = None
+            with launched_on(recorder, sms, arch):
+                matmul(*args, **kwargs)
             return matmul(*args, **kwargs)
 
     def as_on_the_gpu(impl):  # the layer's eager forward and backward (their last argument: the backend)
@@ -253,8 +237,7 @@ def kind(launch):
     its flags, as text: two launches of one kind compile the same kernels."""
     args, kwargs = launch
     return repr((tuple(None if type(a) is float else a for a in args),
-                 sorted((k, [sorted(c.all_kwargs().items()) for c in v] if k == FORCED else str(v))
-                        for k, v in kwargs.items())))
+                 sorted((k, str(v)) for k, v in kwargs.items())))
 
 
 def save_launches(path, launches):
@@ -316,17 +299,12 @@ def compiles_report(heard):
 
 
 def jobs_for(launches):
-    """(launch, config) pairs: every config the autotuner keeps for each launch (or, for a launch
-    recorded with FORCED configs, each of those the pruner keeps, as the test that forced them
-    prunes them), deduplicated."""
+    """(launch, config) pairs: every config the autotuner keeps for each launch, deduplicated."""
     tuner = kernels._lora_matmul_kernel
     seen, jobs = set(), []
     for args, kwargs in launches:
         configs = tuner.configs
-        if FORCED in kwargs:
-            kwargs = dict(kwargs)
-            configs = kernels._prune(list(kwargs.pop(FORCED)), dict(zip(tuner.arg_names, args)), **kwargs)
-        elif len(configs) > 1:  # as the autotuner does: a lone config runs as it is, unpruned
+        if len(configs) > 1:  # as the autotuner does: a lone config runs as it is, unpruned
             tuner.nargs = dict(zip(tuner.arg_names, args))
             try:
                 configs = tuner.prune_configs(kwargs)
@@ -357,8 +335,7 @@ def first_step(launches, arch):
     tuner.__dict__["do_bench"] = lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1]
     started = time.perf_counter()
     try:
-        for args, kwargs in launches:  # (through the autotuner: a test's FORCED configs are not a step's)
-            kwargs = {k: v for k, v in kwargs.items() if k != FORCED}
+        for args, kwargs in launches:  # (through the autotuner)
             tuner.run(*map(triton.runtime.jit.MockTensor.wrap_dtype, args), grid=(1,), warmup=True, **kwargs)
         return time.perf_counter() - started
     finally:

@@ -16,10 +16,8 @@ launches called directly, with the thin products (shrink, dS, dA with dB) on Tri
 with the same launch without dropout (``IN_TURN``) and with its mask hashed on 64-bit offsets
 (``on_64_bit_offsets``). Last, at the --sweep shapes, the forward's GEMM
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
-persistent candidate as it is and with each switch no candidate has yet (``SWITCHES``: FLATTEN, a
-TMA store of the output tile; ``forced``), and at the --sweep-dx shapes dX's launch forced to its
-pick and, where the device and dtype allow a TMA store, each persistent candidate with and without
-it. Every ratio is to the floor
+persistent candidate (``forced``), and at the --sweep-dx shapes dX's launch forced to its pick and
+each persistent candidate. Every ratio is to the floor
 of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
 are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
 that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
@@ -57,13 +55,6 @@ DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
 # forward sweeps, whose time the variants step's limit allows.
 DEFAULT_SWEEP = "4096x4096"
 DEFAULT_SWEEP_DX = "4096x1024"
-# The switches each persistent candidate is forced to in the forward's sweep, each alone (its row's
-# twin: the same config without it): ``kernels.switched``. A persistent program's epilogue (the
-# low-rank dot, the bias, the store) stands between one tile's K loop and the next's: FLATTEN lets
-# the next tile's loads issue during it, and a TMA store lets the copy engine write the tile while
-# the next K loop runs (compiled for sm_90: the store waits only before the next tile's store, where
-# the staging tile is rewritten). dX's sweep tries the store alone.
-SWITCHES = ({"FLATTEN": True}, {"TMA_STORE": True})
 
 
 def with_configs(fn, configs):
@@ -109,59 +100,26 @@ def without_deep_tiles(fn):
     return with_configs(fn, [c for c in kernels._lora_matmul_kernel.configs if c.kwargs["BLOCK_K"] < kernels.DEEP_K])
 
 
-def forced(fn, within, switches):
+def forced(fn, within):
     """fn (one launch) run with each config the autotuner keeps for it whose own timing was within
-    ``within`` × its pick's and, with ``switches`` (some of SWITCHES), with each persistent one,
-    then each of those with each of ``switches`` on (``kernels.switched``: not among its
-    candidates), one config at a time: [(config, that run, the autotuner's median ms for the config
-    or None, whether it picked it)]. The autotuner's timings are those its choice was made from
-    (read back from its disk cache, or timed afresh here without one, when its pick may differ
-    from a later tuning's); fn is called once, through Triton's dispatch. (A lone config runs
-    unpruned: the caller passes only the switches fn's launch can take, see ``pieces``.)"""
+    ``within`` × its pick's, then with each persistent one, one config at a time: [(config, that
+    run, the autotuner's median ms for the config, whether it picked it)]. The configs are those
+    the autotuner timed, fitted to the launch by its pruner (a lone config runs unpruned), and the
+    timings those its choice was made from (read back from its disk cache, or timed afresh here
+    without one, when its pick may differ from a later tuning's); fn is called once, through
+    Triton's dispatch."""
     tuner = kernels._lora_matmul_kernel
-    timings, picked, seen = {}, tuner.configs[0], []
+    timings, picked = {}, tuner.configs[0]
     if len(tuner.configs) > 1:  # (the interpreter has one config: nothing to time, nothing pruned)
         tuner.configs_timings = {}
         tuned = with_configs(fn, tuner.configs)
-        with _no_direct_launch(), _launches_seen(seen):
+        with _no_direct_launch():
             tuned()
         timings, picked = tuner.configs_timings, tuner.best_config
     near = ([c for c in timings if timings[c][0] <= within * timings[picked][0]] if within > 1 else []) or [picked]
-    persistent = [c for c in timings if switches and c.kwargs.get("PERSISTENT")]
-    configs = near + [c for c in persistent if c not in near]
-    switched = [kernels.switched(c, **on) for on in switches for c in persistent]
-    # The switched configs are no candidates, so neither the autotuner nor the pack compiled them:
-    # compiled here at once, on threads, for the launch the tuning saw (on its device), where each
-    # lone run would compile its own in turn (about a second each on the H200's host). Anything
-    # that goes wrong here goes wrong again in the config's own run, which reports it.
-    for args, flags in seen if switched else ():
-        try:
-            with kernels._on_device(args[0].device):
-                kernels.compile_configs(tuner.fn, args, flags, switched)
-        except Exception:
-            pass
+    persistent = [c for c in timings if c.kwargs.get("PERSISTENT") and c not in near]
     return [(c, with_configs(fn, [c]), timings[c][0] if c in timings else None, c == picked)
-            for c in configs + switched]
-
-
-@contextlib.contextmanager
-def _launches_seen(seen):
-    """Launches through Triton's dispatch as ever, each one's (args, flags) also appended to seen."""
-    tuner = kernels._lora_matmul_kernel
-
-    class Seeing:
-        def __getitem__(self, grid):
-            launch = tuner[grid]
-
-            def seeing(*args, **flags):
-                seen.append((args, flags))
-                return launch(*args, **flags)
-            return seeing
-    kernels._lora_matmul_kernel = Seeing()
-    try:
-        yield
-    finally:
-        kernels._lora_matmul_kernel = tuner
+            for c in near + persistent]
 
 
 def graphed(fn, device):
@@ -216,7 +174,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
     ``sweep`` ("forward" or "dx", ``SWEEPS``), that sweep's rows instead: its cuBLAS floor, its
     launch autotuned, and the same forced to each config the autotuner timed near its pick, and to
-    each persistent candidate as it is and switched (``forced``)."""
+    each persistent candidate (``forced``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -329,18 +287,10 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
     if sweep:
-        floor, swept, prefix, within, switches = SWEEPS[sweep]
+        floor, swept, prefix, within = SWEEPS[sweep]
         kind, launch = rows[swept]
         rows = {name: rows[name] for name in (floor, swept)}
-        # FLATTEN computes a low-rank term of one block only. A TMA store needs TMA on the device and
-        # rows of whole 16 bytes (else the rows would time pointer stores under its name), and room
-        # for its staged tile: the persistent candidates as the autotuner fitted them leave none in
-        # fp32 (a forced config runs unpruned: those would fail to launch).
-        width = N if sweep == "forward" else K  # (the output's row: y's N, dX's K)
-        store = kernels.TMA and kernels._tma_available(device) and dtype.itemsize == 2 and width * 2 % 16 == 0
-        switches = [on for on in switches if (r <= kernels.FUSE_MAX_RANK or "FLATTEN" not in on)
-                    and (store or "TMA_STORE" not in on)]
-        for config, run, tuner_ms, picked in forced(launch, within, switches):
+        for config, run, tuner_ms, picked in forced(launch, within):
             run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
             rows[prefix + kernels.tile_name(config.all_kwargs())] = (kind, run)
     if device.type == "cuda":
@@ -381,15 +331,14 @@ SWEPT = "GEMM + SB + bias (S given)"
 SWEEP_PREFIX = "GEMM + SB + bias, forced to "
 SWEPT_DX = "dX = dY W + α dS Aᵀ"
 SWEEP_DX_PREFIX = "dX = dY W + α dS Aᵀ, forced to "
-SWITCH_NAMES = (" tma-store", " flattened")  # (how kernels.tile_name ends a switched config's name, last first)
 # The forward sweep's configs: those the autotuner timed within this factor of its pick (at 8192
 # tokens it keeps 26, most of them small tiles far behind; the contenders are the few within noise
 # of it). dX's: its pick alone (1.0), before the persistent candidates.
 SWEEP_WITHIN = 1.25
-# sweep -> (its floor's row, the launch autotuned, its forced rows' prefix, the factor, its switches)
-SWEEPS = {"forward": ("cuBLAS F.linear (floor)", SWEPT, SWEEP_PREFIX, SWEEP_WITHIN, SWITCHES),
-          "dx": ("cuBLAS dX = dY W (floor)", SWEPT_DX, SWEEP_DX_PREFIX, 1.0, ({"TMA_STORE": True},))}
-_FORCED = tuple(prefix for _, _, prefix, _, _ in SWEEPS.values())
+# sweep -> (its floor's row, the launch autotuned, its forced rows' prefix, the factor)
+SWEEPS = {"forward": ("cuBLAS F.linear (floor)", SWEPT, SWEEP_PREFIX, SWEEP_WITHIN),
+          "dx": ("cuBLAS dX = dY W (floor)", SWEPT_DX, SWEEP_DX_PREFIX, 1.0)}
+_FORCED = tuple(prefix for _, _, prefix, _ in SWEEPS.values())
 
 # Rows timed in turn with their kind's floor too (cuBLAS, or the base's step). Timed apart, a row's
 # ratio to its floor moves with the GPU's clocks: in the fifth H200 run the plain GEMM came out
@@ -419,13 +368,11 @@ TWINS.update({DROPPED_SHRINK + WIDE: DROPPED_SHRINK, DROPPED_DX + WIDE: DROPPED_
 
 
 def twin(name):
-    """The row whose result ``name``'s must match before it is timed, or None: a switched config's
-    is the same config less its last switch (also timed in turn with it), another forced config's
-    the autotuned launch."""
-    for _, swept, prefix, _, _ in SWEEPS.values():
+    """The row whose result ``name``'s must match before it is timed, or None: a forced config's is
+    the launch autotuned."""
+    for _, swept, prefix, _ in SWEEPS.values():
         if name.startswith(prefix):
-            last = [suffix for suffix in SWITCH_NAMES if name.endswith(suffix)]
-            return name.removesuffix(last[0]) if last else swept
+            return swept
     return TWINS.get(name)
 
 
@@ -599,11 +546,11 @@ def main(argv=None):
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
     parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [],
                         help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
-                             f"autotuner timed near its pick, and to each persistent one switched (default: those of "
+                             f"autotuner timed near its pick, and to each persistent one (default: those of "
                              f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
     parser.add_argument("--sweep-dx", type=lambda text: _shapes(text) if text.strip() else [],
-                        help="KxN,... where dX's launch is also timed forced to its pick and, where a TMA store "
-                             "can be made, to each persistent config with and without it (default: those of "
+                        help="KxN,... where dX's launch is also timed forced to its pick and to each "
+                             "persistent config (default: those of "
                              f"{DEFAULT_SWEEP_DX} among --shapes; none: --sweep-dx '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
@@ -640,7 +587,7 @@ def main(argv=None):
             write(args.out, meta, rows, started)
             print(f"64→64  {row['piece']:34s} " + (row["error"] if row["ms"] is None else f"{row['ms']:9.4f} ms"
                   + (f"  ×{row['ratio']:.3f}" if row["ratio"] is not None else "")), flush=True)
-        # The sweep's rows last, a pass of their own: its switched configs have run on no GPU before,
+        # The sweeps' rows last, a pass of their own: each runs a config the autotuner would not pick,
         # and one that faults would take the CUDA context, and every reading after it, with it.
         passes = [(K, N, None) for K, N in args.shapes] + [(K, N, "forward") for K, N in args.sweep]
         for K, N, sweep in passes + [(K, N, "dx") for K, N in args.sweep_dx]:

@@ -121,36 +121,28 @@ DEEP_K = 256
 THIN_N = 64
 
 
-def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, group=8):
-    """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches (the
-    two that ``switched`` turns on are off)."""
+def _config(bm, bn, bk, warps, stages, *, tma, persistent=False, store=False, group=8):
+    """One candidate: its tile, Triton's warps and pipeline stages, and the kernel's switches:
+    TMA loads (USE_TMA), a persistent grid, and a TMA store of the output tile (TMA_STORE)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "USE_TMA": tma,
-                          "PERSISTENT": persistent, "FLATTEN": False, "TMA_STORE": False},
-                         num_warps=warps, num_stages=stages)
-
-
-def switched(config, **switches):
-    """``config`` with switches on that no candidate has until a GPU run has checked and timed them
-    (benchmarks.variants does):
-
-    - FLATTEN, for a persistent config: its loop over tiles flattened into the K loop, so that the
-      compiler pipelines across tiles, loading the next tile's operands while this one's epilogue
-      runs, where otherwise each tile fills and drains the pipeline anew. The pruner keeps such a
-      config to launches whose low-rank term is one block (R <= BLOCK_R); one launched alone,
-      unpruned, past that would compute the first BLOCK_R ranks only.
-    - TMA_STORE: the output tile written by the tensor memory accelerator from shared memory (where
-      the launch allows it, ALLOW_TMA_STORE), an asynchronous copy that a persistent program's next
-      tile need not wait for, in place of every thread's stores of its part of the tile."""
-    assert set(switches) <= {"FLATTEN", "TMA_STORE"}, switches
-    return triton.Config({**config.kwargs, **switches}, num_warps=config.num_warps, num_stages=config.num_stages)
+                          "PERSISTENT": persistent, "TMA_STORE": store}, num_warps=warps, num_stages=stages)
 
 
 def hopper_configs():
     """The autotuner's candidates on any GPU: Hopper-first tile shapes (the pruner below shrinks
     them to small problems), each with pointer loads and with TMA loads (USE_TMA; taken only
-    where the launch allows it), the first four shapes also as a persistent grid with TMA (one
-    program per SM looping over tiles), the two largest again in four stages (TMA), and deep tiles
-    for thin outputs: which is faster is the measurement's call."""
+    where the launch allows it), the first four shapes also as a persistent grid with TMA loads
+    and a TMA store (one program per SM looping over tiles), the two largest again in four stages
+    (TMA), and deep tiles for thin outputs: which is faster is the measurement's call.
+
+    The persistent configs' TMA store (TMA_STORE; where the launch allows it, ALLOW_TMA_STORE,
+    and the pruner finds room for its staged tile) writes the output tile from shared memory by
+    the tensor memory accelerator, an asynchronous copy that the program's next tile need not
+    wait for, where every thread's stores of its part of the tile would. In the sixth H200 run
+    (benchmarks/NOTES.md, version 23) each persistent config with it took 0.968-0.985 × its time
+    without in the forward at 4096→4096, and 0.960-1.017 × in dX at 4096→1024, timed in turn:
+    128x256 with the store ran the forward's GEMM at 1.021 × cuBLAS, where the autotuner's pick
+    without it ran 1.085 ×."""
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -167,7 +159,8 @@ def hopper_configs():
     configs = []
     for i, (bm, bn, bk, w, s) in enumerate(shapes):
         loads = [(False, False), (True, False)] + ([(True, True)] if i < 4 else [])  # (USE_TMA, PERSISTENT)
-        configs += [_config(bm, bn, bk, w, s, tma=tma, persistent=persistent) for tma, persistent in loads]
+        configs += [_config(bm, bn, bk, w, s, tma=tma, persistent=persistent, store=persistent)
+                    for tma, persistent in loads]
     # The two largest tiles in four stages as well, with TMA (192 KiB of tiles in bf16: deeper
     # prefetch where a GEMM waits on memory: the autotuner decides whether it pays).
     configs += [_config(bm, bn, 64, 8, 4, tma=True) for bm, bn in ((128, 256), (256, 128))]
@@ -210,12 +203,12 @@ def _pow2(n):
 
 
 def tile_name(config):
-    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [flattened] [tma-store]' for a config's
-    ``all_kwargs()``, as the tools report it."""
+    """'BMxBNxBK wWARPS sSTAGES [tma] [persistent] [tma-store]' for a config's ``all_kwargs()``,
+    as the tools report it."""
     c = config
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
             + (" tma" if c.get("USE_TMA") else "") + (" persistent" if c.get("PERSISTENT") else "")
-            + (" flattened" if c.get("FLATTEN") else "") + (" tma-store" if c.get("TMA_STORE") else ""))
+            + (" tma-store" if c.get("TMA_STORE") else ""))
 
 
 def _fit(block, size):
@@ -283,19 +276,17 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (narrow and bn > 128) or (second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
             continue
-        # A flattened loop over tiles needs one (persistent) and a low-rank term of one block (the
-        # kernel then computes only the first BLOCK_R ranks: see FLATTEN there).
-        if c.kwargs.get("FLATTEN") and (not c.kwargs["PERSISTENT"] or named_args["R"] > kwargs["BLOCK_R"]):
-            continue
         per_stage = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk
-        # A TMA store copies the output tile from shared memory, beside the pipeline's stages.
-        store = c.kwargs.get("TMA_STORE", False) and kwargs.get("ALLOW_TMA_STORE", False)
-        staged = bm * bn * size("out_ptr") if store else 0
         stages = c.num_stages
-        while stages > 2 and stages * per_stage + staged > smem:
+        while stages > 2 and stages * per_stage > smem:
             stages -= 1
-        if stages * per_stage + staged > smem:
+        if stages * per_stage > smem:
             continue
+        # A TMA store copies the output tile from shared memory, staged beside the pipeline's
+        # stages: taken only where it costs no stage (as measured, in 16-bit dtypes at rank 16; in
+        # fp32 the wide tiles have no room for it, and would lose a stage or their place).
+        store = (c.kwargs.get("TMA_STORE", False) and kwargs.get("ALLOW_TMA_STORE", False)
+                 and stages * per_stage + bm * bn * size("out_ptr") <= smem)
         kw = dict(c.kwargs, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=c.kwargs.get("USE_TMA", False) and allow_tma,
                   TMA_STORE=store)
         key = (tuple(sorted(kw.items())), c.num_warps, stages)
@@ -370,15 +361,15 @@ def _times(tile, factor, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn, r_scale,
-              BLOCK_R: tl.constexpr, ONE_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
     # acc + L (r_scale · R) for the rows rm of L (M, R) and the columns rn of R (R, N), BLOCK_R ranks
-    # a trip (ONE_BLOCK: one trip, its bounds constant, so that a flattened loop nest drops it).
+    # a trip.
     # Not software-pipelined (num_stages=1): up to rank 64 the loop runs once, and a pipeline buys
     # nothing there but a copy of the L and R tiles per stage (compiled for sm_90, fp32 adapters at
     # rank 64 then pushed the 4-stage tiles to 240-288 KiB of shared memory; one copy fits in the
     # freed K-loop buffers).
-    for r0 in tl.range(0, BLOCK_R if ONE_BLOCK else R, BLOCK_R, num_stages=1):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rr = r0 + tl.arange(0, BLOCK_R)
         mask_r = rr < R
         lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
@@ -498,11 +489,11 @@ def _lora_matmul_kernel(
     # operand layouts: X (W) stored with its first dimension contiguous, as xᵀ (Wᵀ) views are
     X_TRANSPOSED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     # ALLOW_TMA: the launcher found X and W fit for TMA (the pruner reads it); USE_TMA: the config's choice.
-    # ALLOW_TMA_STORE and TMA_STORE, the same for the output (see ``switched``).
+    # ALLOW_TMA_STORE and TMA_STORE, the same for the output (see hopper_configs).
     ALLOW_TMA: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TMA_STORE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
     if DROPOUT != DROP_NONE:
@@ -540,11 +531,7 @@ def _lora_matmul_kernel(
     else:  # bounds the compiler sees as one trip, so it drops the loop: one tile's straight-line code
         tile_end = pid + 1
         tile_step = 1
-    # FLATTEN (persistent configs, see kernels.switched): the compiler fuses this loop and the K
-    # loop below into one, so its pipeline runs on from tile to tile. It flattens only a loop nest
-    # with one inner loop: the low-rank term's loop then runs one block (R <= BLOCK_R, which the
-    # pruner requires of FLATTEN configs), its bounds constant so that the compiler drops it.
-    for tile in tl.range(pid, tile_end, tile_step, flatten=FLATTEN):
+    for tile in range(pid, tile_end, tile_step):
         # Grouped order: consecutive tiles walk down GROUP_M row blocks before the next column
         # block, so each column block of W is read GROUP_M times while those rows of X stay in L2.
         group = tile // (GROUP_M * num_n)
@@ -580,7 +567,7 @@ def _lora_matmul_kernel(
         LOW_FIRST: tl.constexpr = HAS_LOWRANK and DROPOUT == DROP_LOWRANK and not FUSE_SHRINK
         if LOW_FIRST:
             low = _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                            r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+                            r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
             keep = _keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE)
             acc = tl.where(keep, _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
         if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
@@ -641,7 +628,7 @@ def _lora_matmul_kernel(
                                  input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 else:
                     low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
-                                    stride_rn, r_scale, BLOCK_R, FLATTEN, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+                                    stride_rn, r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
                 if masked:
                     acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE), low, 0.0)
                 else:

@@ -266,12 +266,11 @@ fi
 
 if has variants all perf; then
   [ "$what" = variants ] && step precompile 60 "$PY" -m benchmarks.precompile --variants $host --report "$W/precompile.md"
-  # (106 s in the fifth run; since then, less its warp-specialized rows, its key rows are also
+  # (105 s in the sixth run, with the host's rows through Triton's dispatch: its key rows also
   # timed in turn with their floors, dropout's two launches with the same unmasked, and last the
   # forward's GEMM at 4096→4096 forced to each config the autotuner timed near its pick and to each
-  # persistent one, then each of those flattened and with a TMA store, and dX at 4096→1024 forced
-  # to its pick and each persistent one, with and without the store (those twelve switched configs
-  # compiled here): about 25-35 s more.)
+  # persistent one, and dX at 4096→1024 forced to its pick and each persistent one; since then the
+  # twelve flattened or stored twins those had, compiled there, are gone.)
   step variants 165 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
@@ -320,11 +319,8 @@ if [ "$what" = cache ]; then
   # The test shards' own kernels: tests mode runs them with one fixed config
   # (LORA_KERNELS_AUTOTUNE=0), compiled one at a time as each shard meets them, most of a shard's
   # time on the GPU. So the shards' files (not test_autotune_configs.py, precompiled above) run
-  # here under the interpreter, recording each launch as the GPU would make it, and those compile;
-  # and test_autotune_configs.py's test of the switched configs, no candidates, which the
-  # recording notes with its launches (benchmarks.precompile.FORCED).
+  # here under the interpreter, recording each launch as the GPU would make it, and those compile.
   recorded=""; for f in $all_files; do [[ "$skipped_files tests/test_autotune_configs.py " == *" $f "* ]] || recorded+=" $f"; done
-  recorded+=" tests/test_autotune_configs.py::test_switched_persistent_configs"
   t0=$(date +%s)
   TRITON_INTERPRET=1 "$PY" -m pytest $recorded -q -p no:cacheprovider --record-launches "$W/test-launches.pkl" \
     > "$W/record-tests.log" 2>&1

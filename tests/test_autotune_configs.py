@@ -115,11 +115,19 @@ def test_every_autotune_config(dtype_name, fuse, monkeypatch):
     """Every tile config the autotuner may pick on a GPU, square or not, TMA or pointer loads, a
     program per tile or a persistent grid (here at most 8 programs: the CPU's "SMs"), for each of the
     layer's products (transposed views and split reductions among them), gives the reference's
-    numbers: the GPU suite itself runs one fixed config, the interpreter another."""
+    numbers: the GPU suite itself runs one fixed config, the interpreter another. The persistent
+    configs write by a TMA store every output whose launch allows one (S, y, dS, dX: 600 tokens, 48
+    out-features, partial tiles at both edges, which the copy clips), by pointers the paired dA
+    with dB and a split's partial sums."""
     dtype = getattr(torch, dtype_name)
+    stores = tma_stores(monkeypatch)
     spy = _every_config(monkeypatch, dtype, fuse)
     assert any(" tma" in t for t in spy.tiles) and any(" tma" not in t for t in spy.tiles)
-    assert any(t.endswith(" persistent") for t in spy.tiles)  # programs looping over several tiles
+    # programs looping over several tiles, stored by TMA or (paired, split) by pointers
+    assert any(t.endswith(" persistent tma-store") for t in spy.tiles) and any(t.endswith(" persistent") for t in spy.tiles)
+    assert all(" persistent" in t for t in spy.tiles if t.endswith(" tma-store"))
+    if stores is not None:  # (the interpreter's TMA stores: the last row block, 88 of 128 or 256 rows, among them)
+        assert stores and max(row for row, _ in stores) == 512
     assert spy.split  # a split reduction among the products
     assert any(t.startswith(("128x64", "64x128", "128x32")) for t in spy.tiles)  # non-square among them
     assert any(f"x{kernels.DEEP_K} " in t for t in spy.tiles)  # the thin outputs' deep tiles
@@ -162,41 +170,6 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
 @pytest.mark.skipif(kernels.INTERPRET, reason="Triton's interpreter computes bf16 wrong: on a GPU only")
 def test_every_autotune_config_in_bf16(monkeypatch):
     """bf16, the dtype most users train in, through every config on a GPU (near the end of this
-    file: its configs are not compiled ahead, so a shard stopped by its limit loses only this test
-    and the switched configs' after it)."""
+    file: its configs are not compiled ahead, so a shard stopped by its limit loses only this
+    test)."""
     _every_config(monkeypatch, torch.bfloat16, "0")
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("switches", [("FLATTEN",), ("TMA_STORE",), ("FLATTEN", "TMA_STORE")],
-                         ids=["flattened", "tma-store", "flattened-tma-store"])
-@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
-def test_switched_persistent_configs(fuse, switches, monkeypatch):
-    """The persistent configs with the switches no candidate has yet (``kernels.switched``:
-    benchmarks.variants checks and times them on a GPU) give the reference's numbers for each of
-    the layer's products at rank 16, where the low-rank term is the one block FLATTEN computes; a
-    TMA store writes every output whose launch allows one (not the paired dA and dB, nor a split's
-    partial sums), clipped at the partial tiles' edges (600 tokens, 48 out-features).
-    (The interpreter runs the loop as written: this checks the kernel's arithmetic under the
-    switches, not the compiler's flattening or its TMA stores, which only a GPU run checks. Last in
-    the file: on a GPU, a kernel that faulted would end the shard's CUDA context, and every test
-    after it.)"""
-    use_triton(monkeypatch)
-    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
-    monkeypatch.setattr(kernels, "SPLIT_CHUNK", kernels.GPU_SPLIT_CHUNK)
-    stores = tma_stores(monkeypatch)
-    configs = [kernels.switched(c, **dict.fromkeys(switches, True))
-               for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
-    spy = EveryConfig(kernels._lora_matmul_kernel, torch.float32, configs)
-    monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
-    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
-    check_all(make_inputs((TOKENS,), IN_FEATURES, OUT_FEATURES, 16, torch.float32), 0.75, torch.float32,
-              train_base=True)
-    flattened = " persistent flattened" if "FLATTEN" in switches else " persistent"
-    assert spy.tiles and all(t.removesuffix(" tma-store").endswith(flattened) for t in spy.tiles), spy.tiles
-    assert any(" tma " in t for t in spy.tiles)
-    if "TMA_STORE" in switches:  # stored where allowed, and the paired or split launches' stores kept
-        assert any(t.endswith(" tma-store") for t in spy.tiles) and spy.split
-        assert any(not t.endswith(" tma-store") for t in spy.tiles), spy.tiles
-    if stores is not None:  # (the interpreter's TMA stores: made exactly where the store is on)
-        assert bool(stores) == ("TMA_STORE" in switches)

@@ -299,53 +299,12 @@ print(json.dumps(sorted(map(precompile.kind, launches))))
 def test_precompile_counts_a_tma_store_as_a_kernels_write():
     """precompile rejects a kernel that writes nothing (the compiler left a trap). A kernel with a
     TMA store writes its output with a bulk tensor copy from shared into global memory, no st.global
-    (the switched configs' PTX for sm_90, 2026-11-30, in the thirty-third session): a write; the
+    (the persistent configs' PTX for sm_90, 2026-11-30, in the thirty-third session): a write; the
     same copy the other way (a TMA load) is not."""
     from benchmarks import precompile
     store = "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd5, {%r7, %r8}], [%r9];"
     load = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2, {%r3, %r4}], [%r5];"
     assert precompile._TMA_STORE.search(store) and not precompile._TMA_STORE.search(load)
-
-
-@_RECORDS_ON_THE_CPU
-def test_configs_a_test_forces_are_recorded_and_compiled_in_place_of_the_candidates(tmp_path, monkeypatch):
-    """A test that runs a launch with configs of its own in place of the autotuner's candidates
-    (tests/test_autotune_configs.py's stand-in, with the switched persistent configs) has them
-    recorded with the launch, and the precompile (the pack's, scripts/gpu_check.sh cache) compiles
-    those, as that test prunes them, where it compiles the candidates for any other launch."""
-    pytest.importorskip("triton")
-    import pickle
-
-    from benchmarks import precompile
-    switched = [kernels.switched(c, FLATTEN=True) for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
-
-    class Forcing:  # (runs nothing: what is recorded is checked)
-        configs = switched
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    g = torch.Generator().manual_seed(0)
-    x, w, L, R = (torch.randn(*shape, generator=g) for shape in ((600, 64), (64, 48), (600, 16), (16, 48)))
-    with precompile.recording_launches() as launches:
-        kernels.lora_matmul(x, w, lowrank=(L, R), out_dtype=torch.float32, dot_dtype=torch.float32)
-        monkeypatch.setattr(kernels, "_lora_matmul_kernel", Forcing())
-        for _ in range(2):
-            kernels.lora_matmul(x, w, lowrank=(L, R), out_dtype=torch.float32, dot_dtype=torch.float32)
-        monkeypatch.undo()
-    (args, plain), (_, forced), _ = launches
-    assert precompile.FORCED not in plain and forced == {**plain, precompile.FORCED: tuple(switched)}
-    path = tmp_path / "launches.pkl"
-    assert precompile.save_launches(str(path), launches) == 2  # (the forced launch's two calls: one kind)
-    with open(path, "rb") as f:
-        jobs = precompile.jobs_for(pickle.load(f))
-    named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
-    kept = kernels._prune(switched, named, **plain)
-    # (the pruner fits them to the launch, 48 columns here: those are what the test runs)
-    assert kept and [c.all_kwargs() for c in kept] != [c.all_kwargs() for c in switched]
-    assert [(a, k, c) for a, k, c in jobs] == (
-        [(args, plain, c.all_kwargs()) for c in kernels._lora_matmul_kernel.configs]  # (the interpreter's one)
-        + [(args, plain, c.all_kwargs()) for c in kept])
 
 
 @_RECORDS_ON_THE_CPU
@@ -1034,15 +993,12 @@ def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(mon
     assert "vs_floor" not in timed["dx, unfloored"]
 
 
-@pytest.mark.parametrize("switches", [variants.SWITCHES, variants.SWITCHES[1:2], ()],
-                         ids=["all-switches", "tma-store-only", "none"])
-def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(switches, monkeypatch):
+def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(monkeypatch):
     """`variants.forced` runs one launch with each config that the autotuner's own timings put
-    within the given factor of its pick and, given switches, with each persistent candidate
-    (however far from the pick) and then each of those with each set of switches on, in order,
-    one config at a time (a lone config runs as it is), each beside that timing and whether it
-    was the pick; it reads no timings another launch left behind, and leaves the autotuner's
-    candidates and choices as they were."""
+    within the given factor of its pick and then with each persistent candidate (however far from
+    the pick), in order, one config at a time (a lone config runs as it is), each beside that
+    timing and whether it was the pick; it reads no timings another launch left behind, and
+    leaves the autotuner's candidates and choices as they were."""
     from benchmarks import variants
     configs = kernels.hopper_configs()[:4]
     persistent = [c for c in configs if c.kwargs["PERSISTENT"]]
@@ -1066,35 +1022,24 @@ def test_variants_sweep_forces_each_config_the_autotuner_timed_near_its_pick(swi
             return "tuned"
         return tuner.configs[0]
 
-    rows = variants.forced(launch, 1.25, switches)
-    expected = [(configs[1], 1.0, True), (configs[3], 1.2, False)]
-    if switches:
-        expected += [(configs[2], 1.3, False)] + [(kernels.switched(configs[2], **on), None, False) for on in switches]
-    assert [(c, ms, picked) for c, _, ms, picked in rows] == expected
-    assert [run() for _, run, _, _ in rows] == [c for c, _, _ in expected]
-    assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
+    for within, expected in [(1.25, [(configs[1], 1.0, True), (configs[3], 1.2, False), (configs[2], 1.3, False)]),
+                             (1.0, [(configs[1], 1.0, True), (configs[2], 1.3, False)]),
+                             (1.35, [(configs[1], 1.0, True), (configs[2], 1.3, False), (configs[3], 1.2, False)])]:
+        rows = variants.forced(launch, within)
+        assert [(c, ms, picked) for c, _, ms, picked in rows] == expected
+        assert [run() for _, run, _, _ in rows] == [c for c, _, _ in expected]
+        assert tuner.configs is configs and tuner.cache == {"another key": configs[3]}
+        tuner.configs_timings = {}
 
 
-def test_variants_check_each_switched_config_against_itself_less_its_last_switch():
-    """A sweep row's twin (its result checked against, and timed in turn with): the same config
-    less its last switch for a switched one (unflattened for a flattened one, stored by pointers
-    for a TMA store, flattened for both), as kernels.tile_name names them, and each sweep forces
-    each twin before the row; its launch autotuned for the others (the forward's GEMM, or dX);
-    and TWINS' for the rest."""
+def test_variants_check_each_forced_config_against_the_launch_autotuned():
+    """A sweep row's twin (its result checked against, and timed in turn with): its launch
+    autotuned (the forward's GEMM, or dX), whatever the config; TWINS' for the rest."""
     from benchmarks import variants
-    config = next(c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"])
-
-    def row(prefix=variants.SWEEP_PREFIX, **on):
-        return prefix + kernels.tile_name(kernels.switched(config, **on).all_kwargs())
-    plain, flat, stored, both = row(), row(FLATTEN=True), row(TMA_STORE=True), row(FLATTEN=True, TMA_STORE=True)
-    assert (flat, stored, both) == (plain + " flattened", plain + " tma-store", plain + " flattened tma-store")
-    assert variants.twin(flat) == plain and variants.twin(stored) == plain and variants.twin(both) == flat
-    assert variants.twin(plain) == variants.SWEPT
-    dx = row(variants.SWEEP_DX_PREFIX)
-    assert variants.twin(dx) == variants.SWEPT_DX and variants.twin(row(variants.SWEEP_DX_PREFIX, TMA_STORE=True)) == dx
-    for _, _, prefix, _, switches in variants.SWEEPS.values():
-        order = [row(prefix)] + [row(prefix, **on) for on in switches]
-        assert all(order.index(variants.twin(name)) < order.index(name) for name in order[1:])
+    for config in kernels.hopper_configs():
+        name = kernels.tile_name(config.all_kwargs())
+        assert variants.twin(variants.SWEEP_PREFIX + name) == variants.SWEPT
+        assert variants.twin(variants.SWEEP_DX_PREFIX + name) == variants.SWEPT_DX
     assert variants.twin("dA and dB, one paired launch (the layer's)") == "dA and dB, two launches"
     assert variants.twin(variants.SWEPT) is None
 
@@ -1109,14 +1054,14 @@ def _as_compiled(args, kwargs):
 @_ON_THE_INTERPRETER
 def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch):
     """Both sweeps end to end through the kernels (the interpreter, the autotuner's timings stood in
-    for: a one-tile config picked, a persistent one 1.3 × slower): the forward's GEMM forced to
-    each config within 1.25 × the pick and to the persistent one, flattened, and not stored (y's
-    rows, 36 fp16 elements, are no whole 16 bytes); dX forced to its pick alone and to the
-    persistent one, with and without the TMA store (dX's rows, 64 elements, are: a store without
-    TMA loads, dY's rows being no whole 16 bytes either); each row checked against its twin before
-    it is timed."""
+    for: a one-tile config picked, a persistent one with a TMA store 1.3 × slower): the forward's
+    GEMM forced to each config within 1.25 × the pick and to the persistent one, which stores by
+    pointers (y's rows, 36 fp16 elements, are no whole 16 bytes); dX forced to its pick and to the
+    persistent one, which stores by TMA (dX's rows, 64 elements, are: a store without TMA loads,
+    dY's rows being no whole 16 bytes either); each row checked against its twin before it is
+    timed, each run the kernel the autotuner's pruner fitted to the launch."""
     tuner = kernels._lora_matmul_kernel
-    one_tile, persistent = (kernels._config(32, 32, 32, 4, 2, tma=True, persistent=p) for p in (False, True))
+    one_tile, persistent = (kernels._config(32, 32, 32, 4, 2, tma=True, persistent=p, store=p) for p in (False, True))
     monkeypatch.setattr(tuner, "configs", [one_tile, persistent])
     monkeypatch.setattr(tuner, "cache", {})
     monkeypatch.setattr(tuner, "cache_results", False)
@@ -1126,13 +1071,6 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[-1] else {})  # (the sweeps only)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
-    compiled = []  # (on a GPU the switched configs compile at once; the interpreter compiles nothing)
-    compile_configs = kernels.compile_configs
-    monkeypatch.setattr(kernels, "compile_configs", lambda *a: compiled.append(a) or compile_configs(*a))
-    ran = []  # what each run asks Triton's JIT function for: what it compiles, or finds compiled
-    run = tuner.fn.run
-    monkeypatch.setattr(tuner.fn, "run", lambda *args, grid, warmup, **kwargs: ran.append(
-        _as_compiled(args, kwargs)) or run(*args, grid=grid, warmup=warmup, **kwargs))
     variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--tokens", "64", "--dtype", "fp16",
                    "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
@@ -1140,20 +1078,7 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     forced = [row["piece"] for row in rows if " forced to " in row["piece"]]
     # (dX reads dY, rows of 36 elements, through pointers: its configs are pruned to pointer loads)
     fwd, dx = variants.SWEEP_PREFIX + "32x32x32 w4 s2 tma", variants.SWEEP_DX_PREFIX + "32x32x32 w4 s2"
-    assert forced == [fwd, fwd + " persistent", fwd + " persistent flattened",
-                      dx, dx + " persistent", dx + " persistent tma-store"]
-    # each sweep's switched configs, compiled beforehand for the very launch it forces: y (64 × 36,
-    # reducing 64, with S B and the bias) and dX (64 × 64, reducing 36, with dS Aᵀ)
-    assert [(kernel, [kernels.tile_name(c.all_kwargs()) for c in configs]) for kernel, _, _, configs in compiled] == [
-        (tuner.fn, ["32x32x32 w4 s2 tma persistent flattened"]), (tuner.fn, ["32x32x32 w4 s2 persistent tma-store"])]
-    launched = [(dict(zip(tuner.arg_names, args)), flags) for _, args, flags, _ in compiled]
-    assert [(a["M"], a["N"], a["K"], f["HAS_LOWRANK"], f["HAS_BIAS"], f["FUSE_SHRINK"]) for a, f in launched] == [
-        (64, 36, 64, True, True, False), (64, 64, 36, True, False, False)]
-    assert all(f["enable_fp_fusion"] for _, f in launched)  # (the launch's compile options too)
-    # and each is the kernel its forced row's run then asks for: the same tensors' dtypes and
-    # alignments, ints and flags, compile options and config
-    for _, args, flags, configs in compiled:
-        assert all(_as_compiled(args, {**flags, **c.all_kwargs()}) in ran for c in configs)
+    assert forced == [fwd, fwd + " persistent", dx, dx + " persistent tma-store"]
     assert all(row["differs"] <= 1e-3 for row in rows if " forced to " in row["piece"])
 
 
@@ -1636,9 +1561,8 @@ def _gpu_check_calls(tmp_path, mode, **settings):
 def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     """`gpu_check.sh cache` (no GPU) compiles every kernel that the perf and tests modes precompile,
     with the same switches, and the test shards' kernels: it records the launches of the shards'
-    files (but test_autotune_configs', which its own precompile covers, save its test of the
-    switched configs, which are no candidates) under the interpreter and compiles them with the
-    fixed config the shards run with (and the switched test's with its own). Then it packs them;
+    files (but test_autotune_configs', which its own precompile covers) under the interpreter and
+    compiles them with the fixed config the shards run with. Then it packs them;
     those modes unpack the pack first. Not the first-step timing, whose point is an empty cache."""
     cache, pack = _gpu_check_calls(tmp_path, "cache")
     gpu = {mode: _gpu_check_calls(tmp_path, mode)[0] for mode in ("perf", "tests")}
@@ -1656,8 +1580,7 @@ def test_gpu_check_cache_mode_compiles_what_the_gpu_run_precompiles(tmp_path):
     shards = [c for c in gpu["tests"] if " -m pytest " in c and "test_autotune_configs" not in c]
     assert all(c.startswith("AUTOTUNE=0 INTERPRET= ") for c in shards), shards
     files = {f for c in shards for f in c.split() if f.startswith("tests/")}
-    switched = "tests/test_autotune_configs.py::test_switched_persistent_configs"
-    assert set(launches[1].split()) == files | {switched} and len(files) > 8, (launches[1], files)
+    assert set(launches[1].split()) == files and len(files) > 8, (launches[1], files)
 
 
 def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):

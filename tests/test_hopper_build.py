@@ -58,11 +58,13 @@ def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,51
 def test_autotuned_configs_compile_for_hopper(tmp_path):
     """Every tile config the autotuner may pick, square or not, with and without TMA (once only
     square tiles compiled: a helper's two return statements had different types otherwise), and the
-    deep ones for thin outputs, without spills, in the shared memory Hopper has."""
+    deep ones for thin outputs, the persistent ones with their TMA store of the output tile (its
+    staged tile beside the pipeline's) or, in the paired launch, without, without spills, in the
+    shared memory Hopper has."""
     rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16")
     tiles = {row[3] for row in rows}
     assert len(rows) >= 60 and any(" tma" in t for t in tiles) and any(" tma" not in t for t in tiles)
-    assert any(t.endswith(" persistent") for t in tiles)
+    assert any(t.endswith(" persistent tma-store") for t in tiles) and any(t.endswith(" persistent") for t in tiles)
     assert any(t.split()[0].split("x")[0] != t.split()[0].split("x")[1] for t in tiles)  # non-square tiles
     assert any(f"x{kernels.DEEP_K} " in t for t in tiles)  # the thin outputs' deep tiles
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:

@@ -66,7 +66,7 @@ class _Tuner:
     def __getitem__(self, grid):
         def launch(*args, **flags):
             assert len(args) == self.n_args
-            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False, FLATTEN=False,
+            config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, USE_TMA=False, PERSISTENT=False,
                           TMA_STORE=False)
             values = {**flags, **config}
             constants = {(i,): values[name] for i, name in enumerate(self.names) if name in values}
@@ -123,7 +123,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     assert len(tail) == len(names) - n_args
     assert dict(zip(names[n_args:], tail)) == {**flags, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
                                                  "GROUP_M": 8, "USE_TMA": False, "PERSISTENT": False,
-                                                 "FLATTEN": False, "TMA_STORE": False}
+                                                 "TMA_STORE": False}
 
     # Anything that selects another kernel goes back through Triton: an unaligned pointer, another
     # dtype, an int that becomes 1 or leaves a multiple of 16, another autotune size key or flag,

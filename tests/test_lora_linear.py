@@ -171,7 +171,7 @@ def tma_stores(monkeypatch):
 @pytest.mark.parametrize("out_features", [48, 45])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_tma_store_of_every_output_tile(dtype_name, out_features, monkeypatch):
-    """A config with TMA_STORE (``kernels.switched``; in no candidate list yet) writes each output
+    """A config with TMA_STORE (the persistent candidates', ``kernels.hopper_configs``) writes each output
     tile through a descriptor where the launch allows it (S, y, dS, dX: rows of whole 16 bytes, one
     product, no split), in a persistent grid of small tiles: row and column blocks at offsets, the
     last of each cut by the output's edge (300 tokens, 48 out-features, 32 × 32 tiles), which the
@@ -181,7 +181,7 @@ def test_tma_store_of_every_output_tile(dtype_name, out_features, monkeypatch):
     monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
     stores = tma_stores(monkeypatch)
     tuner = kernels._lora_matmul_kernel
-    config = kernels.switched(kernels._config(32, 32, 32, 4, 2, tma=True, persistent=True), TMA_STORE=True)
+    config = kernels._config(32, 32, 32, 4, 2, tma=True, persistent=True, store=True)
     monkeypatch.setattr(tuner, "configs", [config])  # (a lone config runs as it is, unpruned)
     spy = LaunchSpy(tuner)
     monkeypatch.setattr(kernels, "_lora_matmul_kernel", spy)
@@ -205,26 +205,32 @@ def test_no_tma_descriptor_for_sizes_past_int32():
     assert not kernels._tma_ok(*operand(2 ** 31, 16)) and not kernels._tma_ok(*operand(16, 2 ** 31))
 
 
-def test_prune_fits_a_tma_store_s_staged_tile_or_drops_the_store():
+def test_prune_keeps_a_tma_store_only_where_its_staged_tile_costs_no_stage():
     """The pruner counts a TMA store's staged output tile in shared memory, beside the pipeline's
-    stages (bf16 at 8192×4096: the four-stage 128×256 and 256×128 tiles, 192 KiB, go to three
-    stages, 144 + 64 KiB, and so become the three-stage ones); a launch that allows no store gets
-    each switched config as its plain twin."""
+    stages, and keeps the store only where the config's stages leave room for it (at 8192×4096,
+    rank 16: in bf16 each persistent candidate's, 128×256 in three stages 144 + 64 KiB; not a
+    four-stage 128×256's, 192 KiB, which keeps its stages and stores by pointers; in fp32 none:
+    each candidate as without the store, no stage lost); a launch that allows no store gets each
+    config as its twin without."""
     import triton.language as tl
-    configs = kernels.hopper_configs()
-    named = {"M": 8192, "N": 4096, "R": 16, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16,
-             "l_ptr": torch.bfloat16, "r_ptr": torch.bfloat16, "out_ptr": torch.bfloat16}
 
-    def kept(allow, configs):
-        return {kernels.tile_name(c.all_kwargs()) for c in kernels._prune(
-            configs, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, ALLOW_TMA_STORE=allow, BLOCK_R=16, HAS_LOWRANK=True)}
+    def kept(allow, configs, dtype=torch.bfloat16):
+        named = {"M": 8192, "N": 4096, "R": 16, **dict.fromkeys(("x_ptr", "w_ptr", "l_ptr", "r_ptr", "out_ptr"), dtype)}
+        return [kernels.tile_name(c.all_kwargs()) for c in kernels._prune(
+            configs, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, ALLOW_TMA_STORE=allow, BLOCK_R=16, HAS_LOWRANK=True)]
 
-    plain = kept(True, configs)
-    stored = kept(True, [kernels.switched(c, TMA_STORE=True) for c in configs])
-    assert "128x256x64 w8 s4 tma" in plain and "128x256x64 w8 s3 tma tma-store" in stored
-    assert "128x256x64 w8 s4 tma tma-store" not in stored
-    assert all(name.endswith(" tma-store") for name in stored) and len(stored) == len(plain) - 2
-    assert kept(False, [kernels.switched(c, TMA_STORE=True) for c in configs]) == plain
+    candidates = kernels.hopper_configs()
+    stored = [c for c in candidates if c.kwargs["TMA_STORE"]]
+    assert len(stored) == 4 and all(c.kwargs["PERSISTENT"] for c in stored)
+    names = [kernels.tile_name(c.all_kwargs()) for c in stored]
+    assert kept(True, stored) == names and names[0] == "128x256x64 w8 s3 tma persistent tma-store"
+    assert kept(False, stored) == [name.removesuffix(" tma-store") for name in names]
+    assert kept(True, [kernels._config(128, 256, 64, 8, 4, tma=True, persistent=True, store=True)]) == [
+        "128x256x64 w8 s4 tma persistent"]
+    assert kept(True, stored, torch.float32) == kept(False, stored, torch.float32) == [
+        "128x256x64 w8 s2 tma persistent", "256x128x64 w8 s2 tma persistent", "128x128x64 w8 s3 tma persistent",
+        "128x128x64 w4 s3 tma persistent"]
+    assert all(name.endswith(" tma-store") == (name in names) for name in kept(True, candidates))
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64, 100, 256])
@@ -747,26 +753,6 @@ def test_prune_offers_the_deep_tiles_to_thin_outputs_only():
             for c in deep(8192, N, dtype):
                 k = c.kwargs
                 assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= kernels.SMEM_BYTES
-
-
-def test_prune_keeps_a_flattened_config_only_where_its_kernel_computes_the_whole_rank():
-    """A flattened config (``kernels.switched(c, FLATTEN=True)``) loops over tiles only in a
-    persistent grid, and its kernel computes the low-rank term in one block of BLOCK_R ranks: the
-    pruner drops it without a persistent grid, or past BLOCK_R ranks, where it would compute part
-    of the term."""
-    import triton.language as tl
-    persistent = [c for c in kernels.hopper_configs() if c.kwargs["PERSISTENT"]]
-    one_tile = [c for c in kernels.hopper_configs() if not c.kwargs["PERSISTENT"]]
-    configs = [kernels.switched(c, FLATTEN=True) for c in persistent + one_tile]
-
-    def kept(R, block_r):
-        named = {"M": 8192, "N": 4096, "R": R, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16,
-                 "l_ptr": torch.bfloat16, "r_ptr": torch.bfloat16, "out_ptr": torch.bfloat16}
-        return kernels._prune(configs, named, DOT_DTYPE=tl.bfloat16, ALLOW_TMA=True, BLOCK_R=block_r, HAS_LOWRANK=True)
-
-    for R, block_r in [(0, 16), (16, 16), (9, 16), (64, 64)]:
-        assert [(c.kwargs["FLATTEN"], c.kwargs["PERSISTENT"]) for c in kept(R, block_r)] == [(True, True)] * len(persistent)
-    assert not any(c.kwargs["FLATTEN"] for c in kept(65, 64)) and not any(c.kwargs["FLATTEN"] for c in kept(100, 64))
 
 
 @pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
