@@ -246,7 +246,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
-        "the same, pointer loads only (no TMA)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
+        "the same, no TMA (pointer loads and stores)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "the same, Wᵀ stored K×N (dX's layout of W)": ("fwd", lambda: mm(x, Wt, bias=b, out_dtype=dtype)),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),

@@ -1044,13 +1044,6 @@ def test_variants_check_each_forced_config_against_the_launch_autotuned():
     assert variants.twin(variants.SWEPT) is None
 
 
-def _as_compiled(args, kwargs):
-    # A launch as Triton's JIT function specializes and compiles it: each tensor's dtype and
-    # 16-byte alignment, the numbers, the constexprs and compile options.
-    return (tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else (type(a), a) for a in args),
-            sorted((k, str(v)) for k, v in kwargs.items()))
-
-
 @_ON_THE_INTERPRETER
 def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch):
     """Both sweeps end to end through the kernels (the interpreter, the autotuner's timings stood in

@@ -169,7 +169,7 @@ def tma_stores(monkeypatch):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("out_features", [48, 45])
-@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "float16"])
 def test_tma_store_of_every_output_tile(dtype_name, out_features, monkeypatch):
     """A config with TMA_STORE (the persistent candidates', ``kernels.hopper_configs``) writes each output
     tile through a descriptor where the launch allows it (S, y, dS, dX: rows of whole 16 bytes, one
