@@ -168,8 +168,11 @@ def test_gpu_check_compiles_ahead_for_these_sizes():
 
 @pytest.mark.triton
 @pytest.mark.skipif(kernels.INTERPRET, reason="Triton's interpreter computes bf16 wrong: on a GPU only")
-def test_every_autotune_config_in_bf16(monkeypatch):
-    """bf16, the dtype most users train in, through every config on a GPU (near the end of this
-    file: its configs are not compiled ahead, so a shard stopped by its limit loses only this
-    test)."""
-    _every_config(monkeypatch, torch.bfloat16, "0")
+@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate-shrink", "fused-shrink"])
+def test_every_autotune_config_in_bf16(fuse, monkeypatch):
+    """bf16, the dtype most users train in, through every config on a GPU, with the shrink in a
+    launch of its own or fused into the base GEMM (whose persistent tiles then stage their TMA
+    store beside the A tiles). Last in this file: its configs
+    are not compiled ahead, so a shard stopped by its limit loses only these."""
+    spy = _every_config(monkeypatch, torch.bfloat16, fuse)
+    assert any(t.endswith(" persistent tma-store") for t in spy.tiles), spy.tiles
