@@ -253,6 +253,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         DROPPED_SHRINK: ("fwd", dropped_shrink),
         DROPPED_SHRINK + WIDE: ("fwd", on_64_bit_offsets(dropped_shrink)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
+        READ_X: ("fwd", lambda: x.sum(dtype=torch.float32)),
         SWEPT: ("fwd", gemm_sb),
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
                                                    bias=b, out_dtype=dtype)),
@@ -265,6 +266,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "dS = dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(lambda: mm(dy, B.t(), out_dtype=dtype))),
         "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
+        READ_DY: ("dx", lambda: dy.sum(dtype=torch.float32)),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
         DROPPED_DX: ("dx", dropped_dx),
         DROPPED_DX + WIDE: ("dx", on_64_bit_offsets(dropped_dx)),
@@ -279,6 +281,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "dA and dB, one paired launch, without the deep tiles": ("dx", without_deep_tiles(
             lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
         "cuBLAS xᵀ @ dS and Sᵀ @ dY": ("dx", lambda: (x.t() @ dS, S.t() @ dy)),
+        READ_X_DY: ("dx", lambda: (x.sum(dtype=torch.float32), dy.sum(dtype=torch.float32))),
         # whole steps, against the base layer's own forward+backward (dX only: the base is frozen)
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
@@ -361,6 +364,15 @@ AGAINST_FLOOR = ("Triton GEMM + bias, no LoRA", "the same, Wᵀ stored K×N (dX'
 DROPPED_SHRINK = "shrink S = x̃A, dropout 0.1 on x"
 DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
 IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}
+# The thin products' memory traffic alone: PyTorch's sum of the operands each reads once (x for the
+# shrink, dY for dS, both for the paired dA and dB; their outputs are a few KiB), each timed in turn
+# with that launch. The sixth H200 run read x (64 MiB) in the shrink at about 2.4 TB/s against the
+# card's 4.2 TB/s copy, and the thin products took 0.10 ms of the step at 4096→4096 (14% of the
+# base's): a ratio near 1 says they are at the card's read rate, a low one how much of that is left.
+READ_X = "torch sum of x (reads x once: the shrink's traffic)"
+READ_DY = "torch sum of dY (reads dY once: dS's traffic)"
+READ_X_DY = "torch sums of x and of dY (the paired dA and dB's traffic)"
+IN_TURN.update({READ_X: "shrink S = xA", READ_DY: "dS = dY Bᵀ", READ_X_DY: "dA and dB, one paired launch (the layer's)"})
 # Each also with the mask hashed on 64-bit offsets (on_64_bit_offsets), as before version 22: the
 # same numbers, timed in turn with its twin ("× twin" is what the 32-bit offsets saved).
 WIDE = ", 64-bit mask offsets"
