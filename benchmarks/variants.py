@@ -51,10 +51,12 @@ DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
 # The sweeps' shapes: the forward's GEMM where its time dominates the layer's forward, and the GPU's
 # rather than the host's; dX where its reduction is shortest (over N = 1024 out-features: a K loop
 # of 16 steps, against which a tile's epilogue weighs most; the fifth H200 run's dX there was 1.22 ×
-# cuBLAS's, 0.94-1.02 at the other shapes). About as many rows as the thirtieth session's two
-# forward sweeps, whose time the variants step's limit allows.
+# cuBLAS's, 0.94-1.02 at the other shapes, timed apart), and at 4096→4096, where the sixth run,
+# timing dX in turn with cuBLAS, put it at 1.098 × (its pick a non-persistent tile, where the forward's
+# GEMM beside it, persistent, ran 1.013 ×). About as many rows as the thirtieth session's two forward
+# sweeps, whose time the variants step's limit allows.
 DEFAULT_SWEEP = "4096x4096"
-DEFAULT_SWEEP_DX = "4096x1024"
+DEFAULT_SWEEP_DX = "4096x1024,4096x4096"
 
 
 def with_configs(fn, configs):
