@@ -157,6 +157,51 @@ def test_every_autotune_config_drops_the_same_elements(fuse, monkeypatch):
         assert rel_err(got, want) < TOL[torch.float32]
 
 
+def test_the_autotuner_times_its_candidates_in_turn(monkeypatch):
+    """A tuning run's first timing times every candidate in TUNE_ROUNDS rounds, in turn (the order,
+    then its reverse): on a clock that drifts by as much as two candidates differ, the fastest still
+    wins, where timed one after another (as Triton's autotuner times them) the last would look
+    slowest. Each quantile is the median of its rounds; a candidate that failed (inf) is timed once;
+    the autotuner's own timing of each returns that result without timing it again."""
+    import types
+    configs = kernels.hopper_configs()[:4]
+    cost = {configs[0]: 1.0, configs[1]: 1.02, configs[2]: 1.03, configs[3]: 0.97}  # the last the fastest
+    failed = kernels.hopper_configs()[4]
+    calls, clock = [], {"drift": 0.0}
+
+    def bench(*args, config, **flags):  # Triton's Autotuner._bench: [median, p20, p80] in ms
+        calls.append(config)
+        if config is failed:
+            return [float("inf")] * 3
+        clock["drift"] += 0.02  # (the GPU's clock slowing down as it warms)
+        return [cost[config] + clock["drift"], cost[config], cost[config] + 1.0]
+
+    sequential = {c: bench(config=c) for c in configs}
+    assert min(sequential, key=sequential.get) is not configs[3]  # (what drift did to one pass)
+    calls.clear()
+    clock["drift"] = 0.0
+    tuner = types.SimpleNamespace(prune_configs=lambda kwargs: [*configs, failed], _bench=bench, fn=None)
+    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
+    kernels._compile_before_timing(tuner)
+    pruned = tuner.prune_configs({})
+    timings = {c: tuner._bench(1, 2, config=c, FLAG=True) for c in pruned}  # as Autotuner.run does
+    assert min(timings, key=timings.get) is configs[3]
+    assert calls[:len(pruned)] == pruned and calls[len(pruned):2 * len(pruned) - 1] == configs[::-1]
+    assert [calls.count(c) for c in configs] == [kernels.TUNE_ROUNDS] * 4 and calls.count(failed) == 1
+    assert len(calls) == 4 * kernels.TUNE_ROUNDS + 1  # (no timing again when the autotuner asks)
+    assert timings[failed] == [float("inf")] * 3
+    for c in configs:
+        assert timings[c][1:] == [cost[c], cost[c] + 1.0]
+    # every candidate met the same drift: the same offset from its cost
+    offsets = [timings[c][0] - cost[c] for c in configs]
+    assert max(offsets) - min(offsets) < 1e-9, offsets
+    # a later run's first timing times its own candidates afresh
+    calls.clear()
+    tuner.prune_configs({})
+    tuner._bench(config=configs[0])
+    assert len(calls) == 4 * kernels.TUNE_ROUNDS + 1
+
+
 def test_gpu_check_compiles_ahead_for_these_sizes():
     """`scripts/gpu_check.sh tests` compiles this file's kernels in parallel before the shards run
     (on a GPU each config otherwise compiles here, one at a time): for this file's sizes, since the
