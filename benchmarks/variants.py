@@ -16,8 +16,9 @@ launches called directly, with the thin products (shrink, dS, dA with dB) on Tri
 with the same launch without dropout (``IN_TURN``) and with its mask hashed on 64-bit offsets
 (``on_64_bit_offsets``). Last, at the --sweep shapes, the forward's GEMM
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
-persistent candidate (``forced``), and at the --sweep-dx shapes dX's launch forced to its pick and
-each persistent candidate. Every ratio is to the floor
+persistent candidate (``forced``), at the --sweep-dx shapes dX's launch forced to its pick and
+each persistent candidate, and at the --sweep-thin shapes the thin dS = dY Bᵀ forced to each
+candidate. Every ratio is to the floor
 of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
 are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
 that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
@@ -57,6 +58,11 @@ DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
 # sweeps, whose time the variants step's limit allows.
 DEFAULT_SWEEP = "4096x4096"
 DEFAULT_SWEEP_DX = "4096x1024,4096x4096"
+# dS's launch (a thin product: the rank is its N) at 4096→1024, where the sixth run's pick (128x16x64
+# w8 s3, 0.0159 ms) ran 1.32 × the pick among the candidates without the deep tiles (64x16x128 w4 s4,
+# 0.0115), which the autotuner had timed too: forced to every candidate, beside the autotuner's own
+# timing of each, which for a launch this short may hold the host's time to issue it as well.
+DEFAULT_SWEEP_THIN = "4096x1024"
 
 
 def with_configs(fn, configs):
@@ -294,7 +300,8 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
     if sweep:
         floor, swept, prefix, within = SWEEPS[sweep]
         kind, launch = rows[swept]
-        rows = {name: rows[name] for name in (floor, swept)}
+        # (and the swept launch's own twin, if it has one, to be checked against first)
+        rows = {name: rows[name] for name in (floor, twin(swept), swept) if name is not None}
         for config, run, tuner_ms, picked in forced(launch, within):
             run.tuned = {"tuner_ms": tuner_ms, "picked": picked}  # (into the row: see main)
             rows[prefix + kernels.tile_name(config.all_kwargs())] = (kind, run)
@@ -336,13 +343,16 @@ SWEPT = "GEMM + SB + bias (S given)"
 SWEEP_PREFIX = "GEMM + SB + bias, forced to "
 SWEPT_DX = "dX = dY W + α dS Aᵀ"
 SWEEP_DX_PREFIX = "dX = dY W + α dS Aᵀ, forced to "
+SWEPT_THIN = "dS = dY Bᵀ"
+SWEEP_THIN_PREFIX = "dS = dY Bᵀ, forced to "
 # The forward sweep's configs: those the autotuner timed within this factor of its pick (at 8192
 # tokens it keeps 26, most of them small tiles far behind; the contenders are the few within noise
-# of it). dX's: its pick alone (1.0), before the persistent candidates.
+# of it). dX's: its pick alone (1.0), before the persistent candidates. dS's: every candidate.
 SWEEP_WITHIN = 1.25
 # sweep -> (its floor's row, the launch autotuned, its forced rows' prefix, the factor)
 SWEEPS = {"forward": ("cuBLAS F.linear (floor)", SWEPT, SWEEP_PREFIX, SWEEP_WITHIN),
-          "dx": ("cuBLAS dX = dY W (floor)", SWEPT_DX, SWEEP_DX_PREFIX, 1.0)}
+          "dx": ("cuBLAS dX = dY W (floor)", SWEPT_DX, SWEEP_DX_PREFIX, 1.0),
+          "thin": ("cuBLAS dY @ Bᵀ", SWEPT_THIN, SWEEP_THIN_PREFIX, float("inf"))}
 _FORCED = tuple(prefix for _, _, prefix, _ in SWEEPS.values())
 
 # Rows timed in turn with their kind's floor too (cuBLAS, or the base's step). Timed apart, a row's
@@ -566,6 +576,10 @@ def main(argv=None):
                         help="KxN,... where dX's launch is also timed forced to its pick and to each "
                              "persistent config (default: those of "
                              f"{DEFAULT_SWEEP_DX} among --shapes; none: --sweep-dx '')")
+    parser.add_argument("--sweep-thin", type=lambda text: _shapes(text) if text.strip() else [],
+                        help="KxN,... where the thin product dS = dY Bᵀ is also timed forced to each "
+                             f"candidate config (default: those of {DEFAULT_SWEEP_THIN} among --shapes; "
+                             "none: --sweep-thin '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
@@ -577,6 +591,8 @@ def main(argv=None):
         args.sweep = [shape for shape in _shapes(DEFAULT_SWEEP) if shape in args.shapes]
     if args.sweep_dx is None:
         args.sweep_dx = [shape for shape in _shapes(DEFAULT_SWEEP_DX) if shape in args.shapes]
+    if args.sweep_thin is None:
+        args.sweep_thin = [shape for shape in _shapes(DEFAULT_SWEEP_THIN) if shape in args.shapes]
     device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
@@ -604,7 +620,8 @@ def main(argv=None):
         # The sweeps' rows last, a pass of their own: each runs a config the autotuner would not pick,
         # and one that faults would take the CUDA context, and every reading after it, with it.
         passes = [(K, N, None) for K, N in args.shapes] + [(K, N, "forward") for K, N in args.sweep]
-        for K, N, sweep in passes + [(K, N, "dx") for K, N in args.sweep_dx]:
+        passes += [(K, N, "dx") for K, N in args.sweep_dx] + [(K, N, "thin") for K, N in args.sweep_thin]
+        for K, N, sweep in passes:
             floors, results, timed = {}, {}, {}
             try:
                 shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, sweep)

@@ -1045,14 +1045,15 @@ def test_variants_check_each_forced_config_against_the_launch_autotuned():
 
 
 @_ON_THE_INTERPRETER
-def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch):
-    """Both sweeps end to end through the kernels (the interpreter, the autotuner's timings stood in
-    for: a one-tile config picked, a persistent one with a TMA store 1.3 × slower): the forward's
-    GEMM forced to each config within 1.25 × the pick and to the persistent one, which stores by
-    pointers (y's rows, 36 fp16 elements, are no whole 16 bytes); dX forced to its pick and to the
-    persistent one, which stores by TMA (dX's rows, 64 elements, are: a store without TMA loads,
-    dY's rows being no whole 16 bytes either); each row checked against its twin before it is
-    timed, each run the kernel the autotuner's pruner fitted to the launch."""
+def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypatch):
+    """The three sweeps end to end through the kernels (the interpreter, the autotuner's timings
+    stood in for: a one-tile config picked, a persistent one with a TMA store 1.3 × slower): the
+    forward's GEMM forced to each config within 1.25 × the pick and to the persistent one, which
+    stores by pointers (y's rows, 36 fp16 elements, are no whole 16 bytes); dX forced to its pick
+    and to the persistent one, which stores by TMA (dX's rows, 64 elements, are: a store without
+    TMA loads, dY's rows being no whole 16 bytes either); the thin dS forced to every candidate;
+    each row checked against its twin before it is timed, each run the kernel the autotuner's
+    pruner fitted to the launch."""
     tuner = kernels._lora_matmul_kernel
     one_tile, persistent = (kernels._config(32, 32, 32, 4, 2, tma=True, persistent=p, store=p) for p in (False, True))
     monkeypatch.setattr(tuner, "configs", [one_tile, persistent])
@@ -1064,15 +1065,19 @@ def test_variants_sweeps_force_the_forward_and_dx_launches(tmp_path, monkeypatch
     monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[-1] else {})  # (the sweeps only)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
-    variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--tokens", "64", "--dtype", "fp16",
+    variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--sweep-thin", "64x36", "--tokens", "64", "--dtype", "fp16",
                    "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
     assert not [row for row in rows if row.get("error")], rows
     forced = [row["piece"] for row in rows if " forced to " in row["piece"]]
     # (dX reads dY, rows of 36 elements, through pointers: its configs are pruned to pointer loads)
     fwd, dx = variants.SWEEP_PREFIX + "32x32x32 w4 s2 tma", variants.SWEEP_DX_PREFIX + "32x32x32 w4 s2"
-    assert forced == [fwd, fwd + " persistent", dx, dx + " persistent tma-store"]
+    thin = variants.SWEEP_THIN_PREFIX + "32x16x32 w4 s2"  # (dS: every candidate, fitted to its 16 columns)
+    assert forced == [fwd, fwd + " persistent", dx, dx + " persistent tma-store", thin, thin + " persistent tma-store"]
     assert all(row["differs"] <= 1e-3 for row in rows if " forced to " in row["piece"])
+    # (the swept dS checked against its own twin first, which its sweep pass times too)
+    swept_thin = [row for row in rows if row["piece"] == variants.SWEPT_THIN]
+    assert len(swept_thin) == 1 and swept_thin[0]["differs"] <= 1e-3
 
 
 def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp_path, monkeypatch):
