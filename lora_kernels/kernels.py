@@ -443,9 +443,9 @@ def keep_mask(M, K, seed, p, device):
 
 
 def _bench(fn, quantiles):
-    # One of _in_turn's rounds: 1 ms of warm-up and 5 of runs (the rounds together about one 25 ms
-    # run: do_bench's default 25 and 100 ms are more than ranking a launch's tile configs needs).
-    return triton.testing.do_bench(fn, warmup=1, rep=5, quantiles=quantiles)
+    # Triton's autotuner hands each candidate's launch here to be timed: _gather (below the kernel,
+    # which a line more here would move, and with it the kernel's cache key) takes it from there.
+    return _gather(fn, quantiles)
 
 
 @triton.autotune(
@@ -660,30 +660,90 @@ def compile_configs(kernel, args, flags, configs):
             kernel.warmup(*args, grid=(1,), **flags, **config.all_kwargs())
 
 
-# The autotuner times a launch's candidates in TUNE_ROUNDS rounds, every candidate once a round,
-# in turn (_compile_before_timing): timed one after another, as Triton's autotuner does, each met the
-# GPU's clock where it stood then. In the sixth H200 run (benchmarks/NOTES.md) the autotuner timed
-# the forward's two last candidates at 4096→4096 7.6% and 18.6% slower than they ran replayed from
-# CUDA graphs later (256x128x64 w8 s4 tma: 0.470 against 0.397 ms), its nine before them within
-# -2% to +5%. In turn, a steady drift weighs on every candidate alike. (Here, below the kernel: a
-# line added above it would change its cache key, Triton's hash holding its first line's number.)
-TUNE_ROUNDS = 4
+# The autotuner's timings, taken in turn. Triton's autotuner times its candidates one after
+# another, each in one run of calls (do_bench), so each meets the GPU's clock where it stands then:
+# in the sixth H200 run (benchmarks/NOTES.md) it timed the forward's two last candidates at
+# 4096→4096 7.6% and 18.6% slower than they ran replayed from CUDA graphs later (256x128x64 w8 s4
+# tma: 0.470 against 0.397 ms), where the rows it timed first came within -2% to +5%; the clocks
+# drift between rows by as much (a suspicion, not a finding: the next run's sweeps say). Here a
+# tuning run's first timing gathers every candidate's launch (_gather) and times them together,
+# call by call in turn (_time_in_turn): a drift then weighs on each about alike.
+TUNE_MS = 25  # each candidate's timed calls: about this many ms of its kernel (do_bench's rep), 5 to 100 calls
+_gathered = None  # while _in_turn gathers: the launches handed to _gather so far
 
 
-def _in_turn(configs, time_one, rounds=TUNE_ROUNDS):
-    """{config: timing} with ``time_one(config)``'s [median, p20, p80] taken in ``rounds`` rounds,
-    the configs in their order and then in reverse (a drift then weighs on each alike), each
-    quantile the median of its rounds. A config whose timing failed (inf: it did not compile or
-    fit) is not timed again."""
-    import statistics  # (here: an import at the top would move the kernel's first line)
+def _gather(fn, quantiles):
+    """The autotuner's do_bench. While _in_turn gathers: call the launch once (so that a config
+    that does not compile or fit fails here, inside the autotuner's timing, which catches it) and
+    keep it; otherwise time it alone, as do_bench does."""
+    if _gathered is None:
+        return triton.testing.do_bench(fn, warmup=5, rep=TUNE_MS, quantiles=quantiles)
+    fn()
+    _gathered.append(fn)
+    return None
 
-    rounds_of = {config: [] for config in configs}
-    for i in range(rounds):
-        for config in configs if i % 2 == 0 else reversed(configs):
-            done = rounds_of[config]
-            if not done or done[0][0] != float("inf"):
-                done.append(time_one(config))
-    return {config: [statistics.median(q) for q in zip(*done)] for config, done in rounds_of.items()}
+
+def _in_turn(configs, time_one, clock=None):
+    """{config: [median, p20, p80] ms}: ``time_one(config)`` is the autotuner's timing of a config,
+    which hands its launch to _gather; the launches gathered are timed together (_time_in_turn).
+    A config whose timing came back (inf: it did not compile or fit) keeps that."""
+    global _gathered
+    launches, timed = {}, {}
+    _gathered = []
+    try:
+        for config in configs:
+            result = time_one(config)
+            if result is None:
+                launches[config] = _gathered.pop()
+            else:
+                timed[config] = result
+    finally:
+        _gathered = None
+    if launches:
+        timed.update(_time_in_turn(launches, clock or _CudaClock()))
+    return timed
+
+
+class _CudaClock:
+    """One timed call of a launch, on CUDA events, the L2 cache flushed before it as do_bench does
+    (the weights then arrive cold, as they do in a model where every layer has its own)."""
+
+    def __init__(self):
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def __call__(self, fn):
+        self.flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return lambda: start.elapsed_time(end)  # (read after wait())
+
+    def wait(self):
+        torch.cuda.synchronize()
+
+
+def _time_in_turn(launches, clock):
+    """{config: [median, p20, p80] ms} of ``launches`` ({config: launch}): three calls of each to
+    estimate its time, then about TUNE_MS of its kernel (5 to 100 calls), the calls of all of them
+    interleaved: in rounds of one call of each launch (of those due), each launch's calls spread
+    evenly over the rounds, centred. A drift then moves each launch's median by as much, but for
+    its place in a round: at most one round's drift apart (of the whole tuning's 1/5 to 1/100)."""
+    estimates = {config: [clock(fn) for _ in range(3)] for config, fn in launches.items()}
+    clock.wait()
+    calls = {config: max(5, min(100, round(TUNE_MS / max(sorted(ms() for ms in three)[1], 1e-3))))
+             for config, three in estimates.items()}
+    rounds, order, timed = max(calls.values()), list(launches), {config: [] for config in launches}
+    # (the rounds of each launch's n calls: the k-th in the middle of the k-th n-th of the rounds)
+    at = {config: {(2 * k + 1) * rounds // (2 * n) for k in range(n)} for config, n in calls.items()}
+    for r in range(rounds):
+        for config in order:
+            if r in at[config]:
+                timed[config].append(clock(launches[config]))
+    clock.wait()
+    quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    return {config: torch.quantile(torch.tensor([ms() for ms in pending], dtype=torch.float64), quantiles).tolist()
+            for config, pending in timed.items()}
 
 
 def _compile_before_timing(tuner):
@@ -693,8 +753,8 @@ def _compile_before_timing(tuner):
     run compiles all of that run's candidates at once (compile_configs); the timings then find
     them compiled. Only when the autotuner really times them: a tuning found in its disk cache
     compiles just the chosen config, as Triton's autotuner does. That first timing also times
-    every candidate, in turn (``_in_turn``, TUNE_ROUNDS rounds); the autotuner's timing of each
-    then returns its result."""
+    every candidate, in turn (``_in_turn``); the autotuner's timing of each then returns its
+    result."""
     prune, time_one = tuner.prune_configs, tuner._bench
     candidates = []  # the tuning run in progress (launches through the autotuner take turns)
     timed = {}  # its timings, taken at its first

@@ -157,49 +157,117 @@ def test_every_autotune_config_drops_the_same_elements(fuse, monkeypatch):
         assert rel_err(got, want) < TOL[torch.float32]
 
 
+class _DriftingClock:
+    """Stands in for kernels._CudaClock: a launch's time is its ``cost(fn)``, plus a drift that
+    grows with every timed call (the GPU's clock slowing as it warms)."""
+
+    def __init__(self, cost, drift):
+        self.cost, self.drift, self.calls = cost, drift, 0
+
+    def __call__(self, fn):
+        ms = self.cost(fn) + self.drift * self.calls
+        self.calls += 1
+        return lambda: ms
+
+    def wait(self):
+        pass
+
+
 def test_the_autotuner_times_its_candidates_in_turn(monkeypatch):
-    """A tuning run's first timing times every candidate in TUNE_ROUNDS rounds, in turn (the order,
-    then its reverse): on a clock that drifts by as much as two candidates differ, the fastest still
-    wins, where timed one after another (as Triton's autotuner times them) the last would look
-    slowest. Each quantile is the median of its rounds; a candidate that failed (inf) is timed once;
-    the autotuner's own timing of each returns that result without timing it again."""
+    """A tuning run's first timing gathers every candidate's launch (the autotuner's do_bench,
+    kernels._bench, keeps it) and times them together, call by call in turn: on a clock that drifts
+    by more than the candidates differ, and with one call of the fastest delayed, the fastest still
+    wins, where a run of calls per candidate one after another picks another. Each launch is called
+    once to gather it, three times to estimate it, then about TUNE_MS of it; a candidate that fails
+    to compile keeps the autotuner's inf; the autotuner's timing of each config returns the result
+    without timing again; the timings get the launch's own arguments, after all the candidates were
+    handed to compile_configs at once."""
     import types
     configs = kernels.hopper_configs()[:4]
-    cost = {configs[0]: 1.0, configs[1]: 1.02, configs[2]: 1.03, configs[3]: 0.97}  # the last the fastest
     failed = kernels.hopper_configs()[4]
-    calls, clock = [], {"drift": 0.0}
+    cost = {configs[0]: 1.0, configs[1]: 1.02, configs[2]: 1.03, configs[3]: 0.97}  # the last the fastest
+    called, seen, compiled = [], [], []
 
-    def bench(*args, config, **flags):  # Triton's Autotuner._bench: [median, p20, p80] in ms
-        calls.append(config)
+    def bench(*args, config, **flags):  # as Triton's Autotuner._bench: builds the launch, times it by do_bench
+        seen.append((args, flags))
         if config is failed:
+            def launch():
+                raise RuntimeError("out of resources")  # (OutOfResources, caught by the autotuner)
+        else:
+            def launch():
+                called.append(config)
+                late = config is configs[3] and called.count(config) == 10  # (one call of the fastest delayed)
+                return cost[config] + (5.0 if late else 0.0)
+        try:
+            return kernels._bench(launch, quantiles=(0.5, 0.2, 0.8))
+        except RuntimeError:
             return [float("inf")] * 3
-        clock["drift"] += 0.02  # (the GPU's clock slowing down as it warms)
-        return [cost[config] + clock["drift"], cost[config], cost[config] + 1.0]
 
-    sequential = {c: bench(config=c) for c in configs}
-    assert min(sequential, key=sequential.get) is not configs[3]  # (what drift did to one pass)
-    calls.clear()
-    clock["drift"] = 0.0
+    clock = _DriftingClock(lambda fn: fn(), drift=0.002)
+    monkeypatch.setattr(kernels, "_CudaClock", lambda: clock)
+    monkeypatch.setattr(kernels, "compile_configs", lambda kernel, args, flags, configs: compiled.append(list(configs)))
     tuner = types.SimpleNamespace(prune_configs=lambda kwargs: [*configs, failed], _bench=bench, fn=None)
-    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
     kernels._compile_before_timing(tuner)
     pruned = tuner.prune_configs({})
     timings = {c: tuner._bench(1, 2, config=c, FLAG=True) for c in pruned}  # as Autotuner.run does
+    assert compiled == [pruned]
+    assert seen == [((1, 2), {"FLAG": True})] * len(pruned)
     assert min(timings, key=timings.get) is configs[3]
-    assert calls[:len(pruned)] == pruned and calls[len(pruned):2 * len(pruned) - 1] == configs[::-1]
-    assert [calls.count(c) for c in configs] == [kernels.TUNE_ROUNDS] * 4 and calls.count(failed) == 1
-    assert len(calls) == 4 * kernels.TUNE_ROUNDS + 1  # (no timing again when the autotuner asks)
     assert timings[failed] == [float("inf")] * 3
+    # each: once gathered, three times estimated, then TUNE_MS of its time (its estimate drifted a little)
     for c in configs:
-        assert timings[c][1:] == [cost[c], cost[c] + 1.0]
-    # every candidate met the same drift: the same offset from its cost
+        assert abs(called.count(c) - 4 - kernels.TUNE_MS / cost[c]) <= 1.5, (called.count(c), cost[c])
+    assert len(called) == clock.calls + 4
+    # every candidate met about the same drift: the same offset from its cost, within a round's (of
+    # four calls; one more for the delayed call, whose median is one sample later)
     offsets = [timings[c][0] - cost[c] for c in configs]
-    assert max(offsets) - min(offsets) < 1e-9, offsets
-    # a later run's first timing times its own candidates afresh
-    calls.clear()
+    assert max(offsets) - min(offsets) <= 2 * 4 * clock.drift, offsets
+    assert all(t[1] <= t[0] <= t[2] for t in timings.values() if t[0] != float("inf"))
+    # the same clock, a run of calls per candidate one after another (Triton's autotuner): another pick
+    clock.calls = 0
+    one_pass = {c: sorted(clock(lambda c=c: cost[c])() for _ in range(28))[14] for c in configs}
+    assert min(one_pass, key=one_pass.get) is not configs[3]
+    # a later tuning run gathers and times its own candidates afresh
+    before, seen[:] = len(called), []
     tuner.prune_configs({})
     tuner._bench(config=configs[0])
-    assert len(calls) == 4 * kernels.TUNE_ROUNDS + 1
+    assert len(called) - before > 4 * (1 + 3 + 5) and len(seen) == len(pruned)
+
+
+def test_the_autotuner_of_a_triton_kernel_takes_its_timings_in_turn(monkeypatch):
+    """Through Triton's own Autotuner (the interpreter runs the kernel): its do_bench, kernels._bench,
+    gathers each candidate's launch, and its choice is the candidate _time_in_turn timed fastest."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add(x_ptr, STEP: tl.constexpr):  # (adds STEP: the stand-in clock tells the config by it)
+        tl.store(x_ptr, tl.load(x_ptr) + STEP)
+
+    configs = [triton.Config({"STEP": step}) for step in (1, 2, 4)]
+    tuner = triton.autotune(configs=configs, key=[], do_bench=kernels._bench)(add)
+    kernels._compile_before_timing(tuner)
+    x = torch.zeros(1, dtype=torch.int32)
+    cost = {1: 1.0, 2: 0.8, 4: 1.1}
+
+    def launch_cost(fn):
+        before = int(x.item())
+        fn()
+        step = int(x.item()) - before
+        clock.steps[step] = clock.steps.get(step, 0) + 1
+        return cost[step]
+
+    clock = _DriftingClock(launch_cost, drift=0.002)
+    clock.steps = {}
+    monkeypatch.setattr(kernels, "_CudaClock", lambda: clock)
+    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
+    tuner[(1,)](x)
+    assert tuner.best_config.kwargs == {"STEP": 2}
+    # each gathered once, three estimates, about TUNE_MS of it timed; then the chosen one launched
+    assert abs(clock.calls - 3 * 3 - sum(kernels.TUNE_MS / c for c in cost.values())) <= 3
+    assert int(x.item()) == 1 + 2 + 4 + sum(step * n for step, n in clock.steps.items()) + 2
+    offsets = [t[0] - cost[c.kwargs["STEP"]] for c, t in tuner.configs_timings.items()]
+    assert len(offsets) == 3 and max(offsets) - min(offsets) < 3 * clock.drift * 2, offsets
 
 
 def test_gpu_check_compiles_ahead_for_these_sizes():
