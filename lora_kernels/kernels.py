@@ -675,7 +675,9 @@ _gathered = None  # while _in_turn gathers: the launches handed to _gather so fa
 def _gather(fn, quantiles):
     """The autotuner's do_bench. While _in_turn gathers: call the launch once (so that a config
     that does not compile or fit fails here, inside the autotuner's timing, which catches it) and
-    keep it; otherwise time it alone, as do_bench does."""
+    keep it; otherwise time it alone, as do_bench does. (A fault of a launch at run time surfaces
+    at _time_in_turn's first wait, unnamed; do_bench's own wait after the first call named it no
+    better: neither is caught.)"""
     if _gathered is None:
         return triton.testing.do_bench(fn, warmup=5, rep=TUNE_MS, quantiles=quantiles)
     fn()
@@ -694,6 +696,7 @@ def _in_turn(configs, time_one, clock=None):
         for config in configs:
             result = time_one(config)
             if result is None:
+                assert _gathered, "the autotuner's do_bench returned no timing and gathered no launch"
                 launches[config] = _gathered.pop()
             else:
                 timed[config] = result
@@ -727,8 +730,9 @@ def _time_in_turn(launches, clock):
     """{config: [median, p20, p80] ms} of ``launches`` ({config: launch}): three calls of each to
     estimate its time, then about TUNE_MS of its kernel (5 to 100 calls), the calls of all of them
     interleaved: in rounds of one call of each launch (of those due), each launch's calls spread
-    evenly over the rounds, centred. A drift then moves each launch's median by as much, but for
-    its place in a round: at most one round's drift apart (of the whole tuning's 1/5 to 1/100)."""
+    evenly over the rounds, centred. A drift then moves each launch's median by about as much, but
+    for its place in a round: about one round's drift apart. (The quantiles are do_bench's, as the
+    autotuner asks for them: it ranks by the first.)"""
     estimates = {config: [clock(fn) for _ in range(3)] for config, fn in launches.items()}
     clock.wait()
     calls = {config: max(5, min(100, round(TUNE_MS / max(sorted(ms() for ms in three)[1], 1e-3))))

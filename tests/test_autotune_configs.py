@@ -247,7 +247,7 @@ def test_the_autotuner_of_a_triton_kernel_takes_its_timings_in_turn(monkeypatch)
     configs = [triton.Config({"STEP": step}) for step in (1, 2, 4)]
     tuner = triton.autotune(configs=configs, key=[], do_bench=kernels._bench)(add)
     kernels._compile_before_timing(tuner)
-    x = torch.zeros(1, dtype=torch.int32)
+    x = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     cost = {1: 1.0, 2: 0.8, 4: 1.1}
 
     def launch_cost(fn):
@@ -268,6 +268,82 @@ def test_the_autotuner_of_a_triton_kernel_takes_its_timings_in_turn(monkeypatch)
     assert int(x.item()) == 1 + 2 + 4 + sum(step * n for step, n in clock.steps.items()) + 2
     offsets = [t[0] - cost[c.kwargs["STEP"]] for c, t in tuner.configs_timings.items()]
     assert len(offsets) == 3 and max(offsets) - min(offsets) < 3 * clock.drift * 2, offsets
+
+
+def test_a_tuning_run_that_fails_while_gathering_leaves_the_next_one_to_time(monkeypatch):
+    """An exception in the middle of gathering (a launch's fault, say) propagates, and the next
+    tuning run gathers and times as before: _gather is back to timing alone in between."""
+    import types
+    configs = kernels.hopper_configs()[:3]
+
+    def bench(*args, config, **flags):  # as Triton's Autotuner._bench
+        def launch():
+            if config is configs[1] and broken:
+                raise RuntimeError("illegal memory access")
+            return 1.0
+        return kernels._bench(launch, quantiles=(0.5, 0.2, 0.8))
+
+    clock = _DriftingClock(lambda fn: fn(), drift=0.0)
+    monkeypatch.setattr(kernels, "_CudaClock", lambda: clock)
+    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
+    tuner = types.SimpleNamespace(prune_configs=lambda kwargs: configs, _bench=bench, fn=None)
+    kernels._compile_before_timing(tuner)
+    broken = True
+    tuner.prune_configs({})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tuner._bench(config=configs[0])
+    assert kernels._gathered is None
+    broken = False
+    tuner.prune_configs({})
+    assert tuner._bench(config=configs[0]) == [1.0, 1.0, 1.0] and clock.calls > 3 * 3
+
+
+def test_the_cuda_clock_flushes_then_times_the_launch_alone(monkeypatch):
+    """kernels._CudaClock, with stand-ins for CUDA's events and synchronize: each timed call flushes
+    the L2 cache, records its start, makes the launch, records its end, in that order, and its time
+    is read only after the wait."""
+    log, synced = [], []
+
+    class Event:  # (made in pairs: a call's start, then its end)
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name, self.at = ("start", "end")[len(events) % 2], None
+            events.append(self)
+
+        def record(self):
+            log.append(self.name)
+            self.at = len(log)
+
+        def elapsed_time(self, end):
+            assert synced, "an event's time read before the wait"
+            return float(end.at - self.at)
+
+    class Flush:
+        def zero_(self):
+            log.append("flush")
+
+    events = []
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", lambda *args, **kwargs: Flush())
+        clock = kernels._CudaClock()
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(True))
+    pending = [clock(lambda: log.append("launch")), clock(lambda: log.append("launch"))]
+    assert log == ["flush", "start", "launch", "end"] * 2
+    with pytest.raises(AssertionError, match="before the wait"):
+        pending[0]()
+    clock.wait()
+    assert [ms() for ms in pending] == [2.0, 2.0]  # (start, launch, end: two entries from start to end)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's events: on a GPU only")
+def test_the_cuda_clock_times_a_larger_product_slower():
+    """On a GPU, the autotuner's clock (kernels._CudaClock, through _time_in_turn) times a matmul
+    with four times the work slower, each median between its 20th and 80th percentiles."""
+    a, b = torch.randn(1024, 1024, device=DEVICE), torch.randn(1024, 4096, device=DEVICE)
+    timed = kernels._time_in_turn({"small": lambda: a @ a, "large": lambda: a @ b}, kernels._CudaClock())
+    assert timed["large"][0] > 2 * timed["small"][0] > 0, timed
+    assert all(p20 <= median <= p80 for median, p20, p80 in timed.values()), timed
 
 
 def test_gpu_check_compiles_ahead_for_these_sizes():
