@@ -685,7 +685,7 @@ def _gather(fn, quantiles):
     return None
 
 
-def _in_turn(configs, time_one, clock=None):
+def _in_turn(configs, time_one):
     """{config: [median, p20, p80] ms}: ``time_one(config)`` is the autotuner's timing of a config,
     which hands its launch to _gather; the launches gathered are timed together (_time_in_turn).
     A config whose timing came back (inf: it did not compile or fit) keeps that."""
@@ -703,7 +703,7 @@ def _in_turn(configs, time_one, clock=None):
     finally:
         _gathered = None
     if launches:
-        timed.update(_time_in_turn(launches, clock or _CudaClock()))
+        timed.update(_time_in_turn(launches, _CudaClock()))
     return timed
 
 

@@ -37,8 +37,8 @@
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
 #         each in full), and the test shards' kernels (their files run under the interpreter,
 #         recording each launch as the GPU would make it), on this machine's CPUs into an empty
-#         Triton cache, packed into build/triton-cache.tar.xz (about 22-24 minutes, 2,621 kernels
-#         and 56 MiB on this project's 2-core machine, 2026-11-30, version 22: see benchmarks/NOTES.md).
+#         Triton cache, packed into build/triton-cache.tar.xz (about 25 minutes, 2,546 kernels
+#         and 51 MiB on this project's 2-core machine, 2026-11-30, version 23: see benchmarks/NOTES.md).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
 #         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
 #         machine's Python (minor version), torch and Triton (PYTHON=...): a cache key holds
@@ -270,7 +270,9 @@ if has variants all perf; then
   # timed in turn with their floors, dropout's two launches with the same unmasked, and last the
   # forward's GEMM at 4096→4096 forced to each config the autotuner timed near its pick and to each
   # persistent one, and dX at 4096→1024 forced to its pick and each persistent one; since then the
-  # twelve flattened or stored twins those had, compiled there, are gone.)
+  # twelve flattened or stored twins those had, compiled there, are gone, and added: PyTorch sums of
+  # the thin products' operands, dX's sweep at 4096→4096 too and dS's at 4096→1024 over every
+  # candidate, all from the pack or cuBLAS: about 30 s more, estimated.)
   step variants 165 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
