@@ -233,7 +233,8 @@ class Timer:
     The budget is wall time: an estimate from a few iterations sets how many warm-up and timed
     iterations fit in warmup_ms and rep_ms (as triton.testing.do_bench does), at least 5 timed.
     On CUDA the L2 cache is also flushed before each timed call, like do_bench, so the weights
-    arrive cold as they do in a model where every layer has its own.
+    arrive cold as they do in a model where every layer has its own: by writing a buffer, as
+    do_bench does, or with ``clean_l2`` by reading it (``_flush_l2``).
     """
 
     def __init__(self, device, *, warmup_ms, rep_ms):
@@ -247,18 +248,29 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, setup, step):
+    def __call__(self, setup, step, *, clean_l2=False):
         started = time.perf_counter()
         try:
-            return self._measure(setup, step)
+            return self._measure(setup, step, clean_l2)
         finally:
             self.spent_s += time.perf_counter() - started
 
-    def _measure(self, setup, step):
+    def _flush_l2(self, clean):
+        # Written (zero_, as do_bench flushes), the buffer's last lines stay in the L2 cache dirty,
+        # and the timed call writes them back to memory as its own reads evict them: about 8.5 µs
+        # more for a thin launch reading past ~35 MiB, by a fit to the sixth H200 run's (benchmarks/
+        # NOTES.md, thirty-eighth session; the variants' CLEAN rows measure it), hidden under a
+        # GEMM's compute. Read, it leaves clean lines, which cost nothing to evict.
+        if clean:
+            self._flush.sum()
+        else:
+            self._flush.zero_()
+
+    def _measure(self, setup, step, clean_l2):
         def one():  # an untimed iteration, costed like a timed one
             state = setup()
             if self.cuda:
-                self._flush.zero_()
+                self._flush_l2(clean_l2)
             step(state)
 
         self._sync()
@@ -270,17 +282,17 @@ class Timer:
         for _ in range(max(1, min(1000, round(self.warmup_ms / per_iter_ms)))):
             one()
         reps = max(5, min(1000, round(self.rep_ms / per_iter_ms)))
-        times = self._cuda_times(setup, step, reps) if self.cuda else self._cpu_times(setup, step, reps)
+        times = self._cuda_times(setup, step, reps, clean_l2) if self.cuda else self._cpu_times(setup, step, reps)
         cuts = statistics.quantiles(times, n=5, method="inclusive")  # the 20th, ..., 80th percentiles (reps >= 5)
         self.spread = (cuts[0], cuts[-1])
         return statistics.median(times), reps
 
-    def _cuda_times(self, setup, step, reps):
+    def _cuda_times(self, setup, step, reps, clean_l2):
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for start, end in zip(starts, ends):
             state = setup()
-            self._flush.zero_()
+            self._flush_l2(clean_l2)
             start.record()
             step(state)
             end.record()

@@ -18,7 +18,9 @@ with the same launch without dropout (``IN_TURN``) and with its mask hashed on 6
 launch forced to each config the autotuner timed near its pick, beside its timing, and to each
 persistent candidate (``forced``), at the --sweep-dx shapes dX's launch forced to its pick and
 each persistent candidate, and at the --sweep-thin shapes the thin dS = dY Bᵀ forced to each
-candidate. Every ratio is to the floor
+candidate. At the --clean-l2 shapes, F.linear, the three thin launches, the layer's forward, and
+the base's and the layer's steps from CUDA graphs are timed again after an L2 flush that reads rather than writes
+(``CLEAN``): what the timer's usual flush charges a launch that reads much. Every ratio is to the floor
 of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
 are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
 that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
@@ -63,6 +65,9 @@ DEFAULT_SWEEP_DX = "4096x1024,4096x4096"
 # 0.0115), which the autotuner had timed too: forced to every candidate, beside the autotuner's own
 # timing of each, which for a launch this short may hold the host's time to issue it as well.
 DEFAULT_SWEEP_THIN = "4096x1024"
+# The CLEAN rows' shapes: their thin launches read 16 to 128 MiB, either side of the ~35 MiB of dirty
+# lines a written flush leaves (the fit beside TWINS' CLEAN rows); at two shapes, for the step's time.
+DEFAULT_CLEAN = "4096x4096,4096x1024"
 
 
 def with_configs(fn, configs):
@@ -100,6 +105,22 @@ def on_64_bit_offsets(fn):
         finally:
             kernels._wide, kernels._PLANS = saved
     return run
+
+
+def clean_l2(fn):
+    """fn, timed after an L2 flush that reads (``measure.Timer``'s clean_l2) rather than writes: no
+    dirty lines left for its own reads to write back (``time_row``)."""
+    @functools.wraps(fn)
+    def run():
+        return fn()
+    run.clean_l2 = True
+    return run
+
+
+def time_row(timer, fn):
+    """A row's median ms: ``timer`` on fn, after the L2 flush the row asks for (``clean_l2``)."""
+    flush = {"clean_l2": True} if getattr(fn, "clean_l2", False) else {}  # (stand-in timers take none)
+    return timer(lambda: None, lambda _: fn(), **flush)[0]
 
 
 def without_deep_tiles(fn):
@@ -153,36 +174,54 @@ def graphed(fn, device):
     return run
 
 
+CLEAN = ", L2 flushed by reading"  # (clean_l2: the rows after an L2 flush that leaves no dirty lines)
+CLEAN_STEP = "layer fwd+bwd, separate shrink, CUDA graph" + CLEAN
+
 # Kinds of rows whose pieces are timed replayed from a CUDA graph on a GPU: one launch's host time
 # (67 µs direct, 150-190 through Triton's dispatch, on the H200 host) is longer than a thin
 # product's GPU time, and the timer's L2 flush gives the host only a short head start, so timed
 # eagerly those rows measured the host: in the fourth run the same shrink (x of 8192×4096) took
 # 0.060 ms at 4096→4096 and 0.127 at 4096→1024. "step" stays eager: a user's step.
-GRAPHED_KINDS = ("fwd", "dx", "graph step")
+GRAPHED_KINDS = ("fwd", "dx", "graph step", "graph step" + CLEAN)
 
 
-def composed(thin, x, W, b, A, B, dy, dtype):
+def composed(thin, x, W, b, A, B, dy, dtype, beside=False):
     """The layer's step (alpha 2) as functional._forward_impl and _backward_impl run it on the Triton
     path with a separate shrink, its launches called directly (no autograd), and its thin products
     (S, dS, dA with dB) through ``thin``: kernels.lora_matmul, the layer's own, or
     functional.torch_matmul, cuBLAS calls, which cost the host a fraction of a Triton launch.
+    ``beside`` (CUDA): dA with dB issued after dX on a second stream, free to run beside it.
     Returns a zero-argument callable that returns (dX, dA, dB)."""
     # (torch_matmul scales dA and dB after the product, one small elementwise call each, as the
     # PyTorch path does; a hand-off to cuBLAS could fold alpha into an addmm: a few µs.)
+    # dA and dB need dS, not dX: on a second stream their programs may take the SMs that dX's last
+    # wave of tiles leaves idle (1024 tiles of 128×256 on 132 SMs at 4096→4096: 7.76 waves, the
+    # last a quarter empty for one tile's time, about 48 µs in the sixth run), where the paired
+    # launch, 45 µs alone, would fit. (The join before returning keeps each tensor's use ordered
+    # before its memory is reused.)
+    second = torch.cuda.Stream(x.device) if beside else None
+
     def run():
         S = thin(x, A, out_dtype=dtype, dot_dtype=dtype)
         kernels.lora_matmul(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype, dot_dtype=dtype)
         dS = thin(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
         dx = kernels.lora_matmul(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype, dot_dtype=dtype)
-        return (dx, *thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype))
+        if second is None:
+            return (dx, *thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype))
+        here = torch.cuda.current_stream(x.device)
+        second.wait_stream(here)
+        with torch.cuda.stream(second):
+            dA, dB = thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype)
+        here.wait_stream(second)
+        return dx, dA, dB
     return run
 
 
-def pieces(K, N, M, r, dtype, device, sweep=None):
+def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
     ``sweep`` ("forward" or "dx", ``SWEEPS``), that sweep's rows instead: its cuBLAS floor, its
     launch autotuned, and the same forced to each config the autotuner timed near its pick, and to
-    each persistent candidate (``forced``)."""
+    each persistent candidate (``forced``). With ``clean``, the CLEAN rows too."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -245,19 +284,26 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
             ("graph step", without_deep_tiles(layer("0", True))),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", layer("0", True)),
+        # (the same two after a clean flush: a kind of their own, the base its floor, the layer
+        # timed in turn with it; the layer's step starts with a thin launch, the base's with a GEMM)
+        "base F.linear fwd+bwd, CUDA graph" + CLEAN: ("graph step" + CLEAN, clean_l2(base_fwd_bwd)),
+        CLEAN_STEP: ("graph step" + CLEAN, clean_l2(layer("0", True))),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", layer("1", True)),
         "the layer's launches, CUDA graph": ("graph step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS, CUDA graph":
             ("graph step", composed(functional.torch_matmul, *operands)),
+        BESIDE: ("graph step", composed(kernels.lora_matmul, *operands, beside=True)),
     }
     rows = {
         # forward
         "cuBLAS F.linear (floor)": ("fwd", lambda: torch.nn.functional.linear(x, W, b)),
+        "cuBLAS F.linear" + CLEAN: ("fwd", clean_l2(lambda: torch.nn.functional.linear(x, W, b))),
         "Triton GEMM + bias, no LoRA": ("fwd", lambda: mm(x, W.t(), bias=b, out_dtype=dtype)),
         "the same, no TMA (pointer loads and stores)": ("fwd", pointers_only(lambda: mm(x, W.t(), bias=b, out_dtype=dtype))),
         "the same, Wᵀ stored K×N (dX's layout of W)": ("fwd", lambda: mm(x, Wt, bias=b, out_dtype=dtype)),
         "shrink S = xA, without the deep tiles": ("fwd", without_deep_tiles(lambda: mm(x, A, out_dtype=dtype))),
         "shrink S = xA": ("fwd", lambda: mm(x, A, out_dtype=dtype)),
+        "shrink S = xA" + CLEAN: ("fwd", clean_l2(lambda: mm(x, A, out_dtype=dtype))),
         DROPPED_SHRINK: ("fwd", dropped_shrink),
         DROPPED_SHRINK + WIDE: ("fwd", on_64_bit_offsets(dropped_shrink)),
         "cuBLAS x @ A (peft's shrink)": ("fwd", lambda: x @ A),
@@ -266,6 +312,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "GEMM with fused shrink": ("fwd", lambda: mm(x, W.t(), lowrank=(kernels.Shrink(A, 1.0, dtype), B), r_scale=2.0,
                                                    bias=b, out_dtype=dtype)),
         "layer forward, separate shrink": ("fwd", layer("0", False)),
+        "layer forward, separate shrink" + CLEAN: ("fwd", clean_l2(layer("0", False))),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
         "cuBLAS + addmm_ forward": ("fwd", lambda: torch.nn.functional.linear(x, W, b).addmm_(x @ A, B, alpha=2.0)),
         # backward pieces, against cuBLAS dX = dY W
@@ -273,6 +320,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "Triton dY W, no LoRA": ("dx", lambda: mm(dy, W, out_dtype=dtype)),
         "dS = dY Bᵀ, without the deep tiles": ("dx", without_deep_tiles(lambda: mm(dy, B.t(), out_dtype=dtype))),
         "dS = dY Bᵀ": ("dx", lambda: mm(dy, B.t(), out_dtype=dtype)),
+        "dS = dY Bᵀ" + CLEAN: ("dx", clean_l2(lambda: mm(dy, B.t(), out_dtype=dtype))),
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         READ_DY: ("dx", lambda: dy.sum(dtype=torch.float32)),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
@@ -286,6 +334,8 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
                                                    mm(S.t(), dy, scale=2.0, out_dtype=dtype))),
         "dA and dB, one paired launch (the layer's)": ("dx", lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S),
                                                                        pair_scale=2.0, out_dtype=dtype)),
+        "dA and dB, one paired launch (the layer's)" + CLEAN: ("dx", clean_l2(
+            lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
         "dA and dB, one paired launch, without the deep tiles": ("dx", without_deep_tiles(
             lambda: mm(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype))),
         "cuBLAS xᵀ @ dS and Sᵀ @ dY": ("dx", lambda: (x.t() @ dS, S.t() @ dy)),
@@ -297,6 +347,8 @@ def pieces(K, N, M, r, dtype, device, sweep=None):
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
+    if not clean:
+        rows = {name: row for name, row in rows.items() if not name.endswith(CLEAN)}
     if sweep:
         floor, swept, prefix, within = SWEEPS[sweep]
         kind, launch = rows[swept]
@@ -378,9 +430,11 @@ DROPPED_DX = "dX = dY W + α (dS Aᵀ ⊙ m), dropout 0.1"
 IN_TURN = {DROPPED_SHRINK: "shrink S = xA", DROPPED_DX: "dX = dY W + α dS Aᵀ"}
 # The thin products' memory traffic alone: PyTorch's sum of the operands each reads once (x for the
 # shrink, dY for dS, both for the paired dA and dB; their outputs are a few KiB), each timed in turn
-# with that launch. The sixth H200 run read x (64 MiB) in the shrink at about 2.4 TB/s against the
-# card's 4.2 TB/s copy, and the thin products took 0.10 ms of the step at 4096→4096 (14% of the
-# base's): a ratio near 1 says they are at the card's read rate, a low one how much of that is left.
+# with that launch. Timed alone, the sixth H200 run's shrink read x (64 MiB) at about 2.4 TB/s
+# against the card's 4.2 TB/s copy (by the fit beside the CLEAN rows below, at the card's read rate
+# but for the flush's write-back, which a sum pays too), and the thin products took 0.10 ms of the
+# step at 4096→4096 (14% of the base's): a ratio near 1 says they are at the card's read rate, a
+# low one how much of that is left.
 READ_X = "torch sum of x (reads x once: the shrink's traffic)"
 READ_DY = "torch sum of dY (reads dY once: dS's traffic)"
 READ_X_DY = "torch sums of x and of dY (the paired dA and dB's traffic)"
@@ -389,6 +443,24 @@ IN_TURN.update({READ_X: "shrink S = xA", READ_DY: "dS = dY Bᵀ", READ_X_DY: "dA
 # same numbers, timed in turn with its twin ("× twin" is what the 32-bit offsets saved).
 WIDE = ", 64-bit mask offsets"
 TWINS.update({DROPPED_SHRINK + WIDE: DROPPED_SHRINK, DROPPED_DX + WIDE: DROPPED_DX})
+# dA and dB on a second stream beside dX (composed's ``beside``), in turn with the same launches on
+# one: whether the paired launch fits in the SMs dX's last wave leaves idle (up to about 45 µs of
+# the 0.86 ms step at 4096→4096; little if dX's pick leaves no such wave).
+BESIDE = "the layer's launches, dA and dB beside dX on a second stream, CUDA graph"
+TWINS[BESIDE] = "the layer's launches, CUDA graph"
+# Each also after an L2 flush that reads, not writes (clean_l2), in turn with its twin after the
+# timer's usual flush. The sixth H200 run's thin launches, this package's and cuBLAS's alike, fit
+# 3.75 µs + (bytes read + min(bytes read, 35 MiB)) / 4.29 TB/s within 1 µs: as if each wrote back
+# ~35 MiB of the flush's dirty lines as it read, and read at the card's rate otherwise (their
+# "2.4 TB/s" a misreading; the thirty-eighth session). Then these rows come out ~8.5 µs faster
+# (less below 35 MiB read), F.linear's about the same (its GEMM hides the write-back), and the
+# layer's step, which starts with the shrink where the base's starts with a GEMM, gains that much
+# against the base's.
+TWINS.update({name + CLEAN: name for name in ("shrink S = xA", "layer forward, separate shrink", "dS = dY Bᵀ",
+                                              "dA and dB, one paired launch (the layer's)",
+                                              "layer fwd+bwd, separate shrink, CUDA graph")})
+TWINS["cuBLAS F.linear" + CLEAN] = "cuBLAS F.linear (floor)"
+AGAINST_FLOOR += (CLEAN_STEP,)
 
 
 def twin(name):
@@ -431,7 +503,7 @@ def alternate(shape_pieces, timed, timer, rounds=4, floor_rounds=2):
             for i in range(n):
                 for piece in (name, other) if i % 2 == 0 else (other, name):
                     fn = shape_pieces[piece][1]
-                    ms[piece].append(timer(lambda: None, lambda _: fn())[0])
+                    ms[piece].append(time_row(timer, fn))
         except Exception as e:
             errors.append(f"'{name}' in turn with '{other}': {type(e).__name__}: {e}")
             continue
@@ -477,6 +549,7 @@ def write(out, meta, rows, started):
                 config += f"; × '{IN_TURN[r['piece']]}', timed alternately: {r['vs_other']:.3f}"
             if r.get("vs_floor") is not None:
                 config += f"; × floor, timed alternately: {r['vs_floor']:.3f}"
+            config = config.removeprefix("; ")  # (a cuBLAS row has no config of its own)
             lines.append(f"| {r['shape']} | {r['piece']} | {r['ms']:.4f} | {ratio} | {config} |")
     with open(os.path.join(out, "variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -580,6 +653,9 @@ def main(argv=None):
                         help="KxN,... where the thin product dS = dY Bᵀ is also timed forced to each "
                              f"candidate config (default: those of {DEFAULT_SWEEP_THIN} among --shapes; "
                              "none: --sweep-thin '')")
+    parser.add_argument("--clean-l2", type=lambda text: _shapes(text) if text.strip() else [],
+                        help="KxN,... where a few rows are also timed after an L2 flush that reads (CLEAN; "
+                             f"default: those of {DEFAULT_CLEAN} among --shapes; none: --clean-l2 '')")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
@@ -593,6 +669,8 @@ def main(argv=None):
         args.sweep_dx = [shape for shape in _shapes(DEFAULT_SWEEP_DX) if shape in args.shapes]
     if args.sweep_thin is None:
         args.sweep_thin = [shape for shape in _shapes(DEFAULT_SWEEP_THIN) if shape in args.shapes]
+    if args.clean_l2 is None:
+        args.clean_l2 = [shape for shape in _shapes(DEFAULT_CLEAN) if shape in args.shapes]
     device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")
@@ -624,7 +702,8 @@ def main(argv=None):
         for K, N, sweep in passes:
             floors, results, timed = {}, {}, {}
             try:
-                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, sweep)
+                clean = sweep is None and (K, N) in args.clean_l2
+                shape_pieces = pieces(K, N, args.tokens, args.rank, dtype, device, sweep, clean)
                 twins = {twin(name) for name in shape_pieces}  # (the rows whose results others are checked against)
             except Exception as e:  # (its setup launches kernels too)
                 rows.append({"shape": f"{K}→{N}", "piece": "setup", "ms": None, "ratio": None, "config": None,
@@ -650,7 +729,7 @@ def main(argv=None):
                         if not row["differs"] <= tolerance(dtype, device):  # (`not <=` also catches NaN)
                             raise RuntimeError(f"WRONG: differs from '{twin(name)}' by {row['differs']:.1e}")
                     del result
-                    row["ms"] = timer(lambda: None, lambda _: fn())[0] if timer else float("nan")
+                    row["ms"] = time_row(timer, fn) if timer else float("nan")
                 except Exception as e:  # one piece that fails (to compile, say) must not hide the rest
                     row["error"] = f"{type(e).__name__}: {e}"
                     best = kernels._lora_matmul_kernel.best_config  # (the config it failed with, if one was chosen)

@@ -1,6 +1,7 @@
 """The benchmark's own bookkeeping: the issue-4 targets table, and a sweep stopped by its time
 limit or by an error still writing what it measured (the GPU run is too short to lose a sweep)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -959,6 +960,32 @@ def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkey
     assert all("vs_twin" not in timed[name] for name in shape_pieces)
 
 
+@_ON_THE_INTERPRETER
+def test_variants_time_the_clean_l2_rows_after_a_flush_that_reads():
+    """A row made with ``clean_l2`` (as graphed() wraps it too) is timed with the timer's clean_l2,
+    any other row as before; each such row pieces(clean=True) makes (none without) is one, has a
+    twin among them of its kind, and computes what its twin does."""
+    seen = []
+
+    def timer(setup, step, **flush):  # (not calling step: the graphed row would need a GPU)
+        seen.append(flush)
+        return (len(seen) / 10,)
+
+    plain, clean = (lambda: 1.0), variants.clean_l2(lambda: 2.0)
+    graphed = variants.graphed(clean, torch.device("cpu"))  # (a wrapper only: no graph until it runs)
+    assert [variants.time_row(timer, fn) for fn in (plain, clean, graphed)] == [0.1, 0.2, 0.3]
+    assert seen == [{}, {"clean_l2": True}, {"clean_l2": True}] and clean() == 2.0
+    made = variants.pieces(64, 48, 128, 16, torch.float16, torch.device("cpu"), clean=True)
+    cleaned = [name for name in made if name.endswith(variants.CLEAN)]
+    assert len(cleaned) == 5  # (F.linear, the three thin launches, the forward; the two graph steps on a GPU only)
+    assert not any(name.endswith(variants.CLEAN) for name in variants.pieces(64, 48, 128, 16, torch.float16,
+                                                                             torch.device("cpu")))
+    for name in cleaned:
+        kind, fn = made[name]
+        assert fn.clean_l2 and made[variants.twin(name)][0] == kind
+        assert variants.disagreement(fn(), made[variants.twin(name)][1]()) == 0.0
+
+
 def test_variants_time_the_rows_conclusions_rest_on_in_turn_with_their_floor(monkeypatch):
     """`alternate` also times each row of AGAINST_FLOOR, and each row of the config sweeps (the
     forward's, dX's), in turn with the first row of its kind (its floor), for ``vs_floor``; not the
@@ -1062,7 +1089,7 @@ def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypa
     monkeypatch.setattr(tuner, "_bench", lambda *args, config, **flags: [1.3 if config.kwargs["PERSISTENT"] else 1.0] * 3)
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
     pieces = variants.pieces
-    monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[-1] else {})  # (the sweeps only)
+    monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[6] else {})  # (the sweeps only)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
     variants.main(["--shapes", "64x36", "--sweep", "64x36", "--sweep-dx", "64x36", "--sweep-thin", "64x36", "--tokens", "64", "--dtype", "fp16",
@@ -1078,6 +1105,24 @@ def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypa
     # (the swept dS checked against its own twin first, which its sweep pass times too)
     swept_thin = [row for row in rows if row["piece"] == variants.SWEPT_THIN]
     assert len(swept_thin) == 1 and swept_thin[0]["differs"] <= 1e-3
+
+
+def test_variants_make_the_clean_l2_rows_at_the_shapes_named(tmp_path, monkeypatch):
+    """pieces() gets clean=True in the plain pass of each --clean-l2 shape (by default those of
+    DEFAULT_CLEAN among --shapes), never in a sweep's pass."""
+    from benchmarks import variants
+    passes = []
+    monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
+    monkeypatch.setattr(variants, "pieces", lambda K, N, M, r, dtype, device, sweep, clean: passes.append(
+        (K, N, sweep, clean)) or {})
+    monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    common = ["--tokens", "64", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path), "--sweep-thin", "",
+              "--sweep-dx", ""]
+    variants.main(["--shapes", "64x36,64x48", "--clean-l2", "64x48", "--sweep", "64x48"] + common)
+    assert passes == [(64, 36, None, False), (64, 48, None, True), (64, 48, "forward", False)]
+    passes.clear()
+    variants.main(["--shapes", "4096x1024,64x48", "--sweep", ""] + common)
+    assert passes == [(4096, 1024, None, True), (64, 48, None, False)]
 
 
 def test_variants_md_gives_each_forced_config_its_autotuner_timing_and_check(tmp_path, monkeypatch):
@@ -1166,6 +1211,47 @@ def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch)
         assert rel_err(g, want) < TOL[torch.float32], name
 
 
+def test_variants_composed_step_beside_issues_da_and_db_on_a_joined_second_stream(monkeypatch):
+    """With ``beside``, `benchmarks.variants.composed` issues the paired dA and dB after dX, on a
+    second stream that first waits for the current one, which waits for it in turn before the step
+    returns (stand-in streams record the order), and returns what the one-stream step does."""
+    from benchmarks import variants
+    from conftest import make_inputs, use_triton
+    use_triton(monkeypatch)
+    x, W, b, A, B = make_inputs((24,), 40, 32, 4, torch.float32, seed=3)
+    dy = torch.randn(24, 32, generator=torch.Generator().manual_seed(4)).to(x.device)
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append(f"on {stream.name}")
+        yield
+        events.append(f"back from {stream.name}")
+
+    real = kernels.lora_matmul
+
+    def launch(*args, **kwargs):
+        events.append("dA and dB" if "pair" in kwargs else "dX" if "lowrank" in kwargs and args[0] is dy else "other")
+        return real(*args, **kwargs)
+
+    want = variants.composed(kernels.lora_matmul, x, W, b, A, B, dy, torch.float32)()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("second"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(kernels, "lora_matmul", launch)  # (dX's launch is the module's own)
+    got = variants.composed(launch, x, W, b, A, B, dy, torch.float32, beside=True)()
+    assert events[events.index("dX"):] == ["dX", "second waits for current", "on second", "dA and dB",
+                                           "back from second", "current waits for second"]
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and len(got) == 3
+
+
 def test_sweep_without_tqdm_or_matplotlib_writes_its_results(tmp_path, monkeypatch, capsys):
     """The sweep needs only torch: without tqdm a line per provider reports progress, and without
     matplotlib the report and the JSON are written with no plot (a GPU host with no package
@@ -1207,6 +1293,27 @@ def test_timer_gives_the_median_ms_of_the_timed_steps_after_a_warm_up(monkeypatc
     assert steps == list(range(9))  # (each step gets its own setup's state)
     assert reps == 5 and ms == pytest.approx(49.0)  # steps 5 to 9: 25, 36, 49, 64, 81 ms
     assert timer.spread == pytest.approx((33.8, 67.4))
+
+
+def test_timer_flushes_l2_by_writing_or_with_clean_l2_by_reading_alone():
+    """The timer's L2 flush writes its buffer, as do_bench does, or with clean_l2 only reads it,
+    leaving no dirty line for the timed call to write back; the buffer is the same afterwards."""
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=1)
+    timer._flush = torch.arange(1, 101, dtype=torch.int8)  # (a CUDA timer's buffer, here on the CPU)
+    before = timer._flush.clone()
+    seen = []
+    with Calls():
+        timer._flush_l2(True)
+    assert seen == ["sum"] and torch.equal(timer._flush, before)
+    seen = []
+    with Calls():
+        timer._flush_l2(False)
+    assert seen == ["zero_"] and not timer._flush.any()
 
 
 def test_mode_step_rotates_the_input_copies_and_times_the_backward_alone():
