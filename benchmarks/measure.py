@@ -257,12 +257,13 @@ class Timer:
 
     def _flush_l2(self, clean):
         # Written (zero_, as do_bench flushes), the buffer's last lines stay in the L2 cache dirty,
-        # and the timed call writes them back to memory as its own reads evict them: about 8.5 µs
-        # more for a thin launch reading past ~35 MiB, by a fit to the sixth H200 run's (benchmarks/
-        # NOTES.md, thirty-eighth session; the variants' CLEAN rows measure it), hidden under a
-        # GEMM's compute. Read, it leaves clean lines, which cost nothing to evict.
+        # for the timed call to write back to memory as its own reads evict them: about 8.5 µs
+        # for a thin launch reading past ~35 MiB, if a fit to the sixth H200 run's thin launches
+        # reads them right (benchmarks/NOTES.md, thirty-eighth session; the variants' CLEAN rows
+        # measure it), hidden under a GEMM's compute. Read, it leaves clean lines, which cost
+        # nothing to evict. (Summed as int64s: wider loads than its int8s.)
         if clean:
-            self._flush.sum()
+            self._flush.view(torch.int64).sum()
         else:
             self._flush.zero_()
 

@@ -20,7 +20,8 @@ persistent candidate (``forced``), at the --sweep-dx shapes dX's launch forced t
 each persistent candidate, and at the --sweep-thin shapes the thin dS = dY Bᵀ forced to each
 candidate. At the --clean-l2 shapes, F.linear, the three thin launches, the layer's forward, and
 the base's and the layer's steps from CUDA graphs are timed again after an L2 flush that reads rather than writes
-(``CLEAN``): what the timer's usual flush charges a launch that reads much. Every ratio is to the floor
+(``CLEAN``): what the timer's usual flush charges a launch that reads much. And the layer's
+launches again with dA and dB on a second stream beside dX (``BESIDE``). Every ratio is to the floor
 of the same run; each new variant's row is checked against its twin (``TWINS``) and, where the two
 are of one kind, timed in turn with it for a ratio that clock drift does not decide, and the rows
 that conclusions rest on (``AGAINST_FLOOR``, the sweeps') are timed in turn with their floor too.
@@ -175,7 +176,7 @@ def graphed(fn, device):
 
 
 CLEAN = ", L2 flushed by reading"  # (clean_l2: the rows after an L2 flush that leaves no dirty lines)
-CLEAN_STEP = "layer fwd+bwd, separate shrink, CUDA graph" + CLEAN
+CLEAN_BASE, CLEAN_STEP = "base F.linear fwd+bwd, CUDA graph" + CLEAN, "layer fwd+bwd, separate shrink, CUDA graph" + CLEAN
 
 # Kinds of rows whose pieces are timed replayed from a CUDA graph on a GPU: one launch's host time
 # (67 µs direct, 150-190 through Triton's dispatch, on the H200 host) is longer than a thin
@@ -190,26 +191,27 @@ def composed(thin, x, W, b, A, B, dy, dtype, beside=False):
     path with a separate shrink, its launches called directly (no autograd), and its thin products
     (S, dS, dA with dB) through ``thin``: kernels.lora_matmul, the layer's own, or
     functional.torch_matmul, cuBLAS calls, which cost the host a fraction of a Triton launch.
-    ``beside`` (CUDA): dA with dB issued after dX on a second stream, free to run beside it.
-    Returns a zero-argument callable that returns (dX, dA, dB)."""
+    ``beside`` (CUDA): dA with dB on a second stream that waits for dS alone, issued after dX,
+    free to run beside it. Returns a zero-argument callable that returns (dX, dA, dB)."""
     # (torch_matmul scales dA and dB after the product, one small elementwise call each, as the
     # PyTorch path does; a hand-off to cuBLAS could fold alpha into an addmm: a few µs.)
-    # dA and dB need dS, not dX: on a second stream their programs may take the SMs that dX's last
-    # wave of tiles leaves idle (1024 tiles of 128×256 on 132 SMs at 4096→4096: 7.76 waves, the
-    # last a quarter empty for one tile's time, about 48 µs in the sixth run), where the paired
-    # launch, 45 µs alone, would fit. (The join before returning keeps each tensor's use ordered
-    # before its memory is reused.)
+    # dA and dB need dS, not dX: on a second stream their programs may take SMs that dX leaves
+    # idle (at 4096→4096 its 1024 tiles of 128×256 on 132 SMs make 7.76 waves, the last a quarter
+    # empty for one tile's time, about 48 µs in the sixth run; the paired launch took 45 µs alone).
+    # In a CUDA graph the two are sibling nodes, which a replay may start in either order. (The
+    # join before returning keeps each tensor's use ordered before its memory is reused.)
     second = torch.cuda.Stream(x.device) if beside else None
 
     def run():
         S = thin(x, A, out_dtype=dtype, dot_dtype=dtype)
         kernels.lora_matmul(x, W.t(), lowrank=(S, B), r_scale=2.0, bias=b, out_dtype=dtype, dot_dtype=dtype)
         dS = thin(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
+        if second is not None:
+            here = torch.cuda.current_stream(x.device)
+            second.wait_stream(here)  # (dS issued, dX not yet: the pair waits for dS alone)
         dx = kernels.lora_matmul(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype, dot_dtype=dtype)
         if second is None:
             return (dx, *thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype))
-        here = torch.cuda.current_stream(x.device)
-        second.wait_stream(here)
         with torch.cuda.stream(second):
             dA, dB = thin(x.t(), dS, scale=2.0, pair=(dy.t(), S), pair_scale=2.0, out_dtype=dtype, dot_dtype=dtype)
         here.wait_stream(second)
@@ -284,15 +286,16 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
         "layer fwd+bwd, separate shrink, without the deep tiles, CUDA graph":
             ("graph step", without_deep_tiles(layer("0", True))),
         "layer fwd+bwd, separate shrink, CUDA graph": ("graph step", layer("0", True)),
-        # (the same two after a clean flush: a kind of their own, the base its floor, the layer
-        # timed in turn with it; the layer's step starts with a thin launch, the base's with a GEMM)
-        "base F.linear fwd+bwd, CUDA graph" + CLEAN: ("graph step" + CLEAN, clean_l2(base_fwd_bwd)),
-        CLEAN_STEP: ("graph step" + CLEAN, clean_l2(layer("0", True))),
         "layer fwd+bwd, fused shrink, CUDA graph": ("graph step", layer("1", True)),
         "the layer's launches, CUDA graph": ("graph step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS, CUDA graph":
             ("graph step", composed(functional.torch_matmul, *operands)),
         BESIDE: ("graph step", composed(kernels.lora_matmul, *operands, beside=True)),
+        # (the base's and the layer's steps after a clean flush: a kind of their own, the base its
+        # floor, the layer timed in turn with it; the layer's starts with a thin launch, the base's
+        # with a GEMM)
+        CLEAN_BASE: ("graph step" + CLEAN, clean_l2(base_fwd_bwd)),
+        CLEAN_STEP: ("graph step" + CLEAN, clean_l2(layer("0", True))),
     }
     rows = {
         # forward
@@ -444,18 +447,20 @@ IN_TURN.update({READ_X: "shrink S = xA", READ_DY: "dS = dY Bᵀ", READ_X_DY: "dA
 WIDE = ", 64-bit mask offsets"
 TWINS.update({DROPPED_SHRINK + WIDE: DROPPED_SHRINK, DROPPED_DX + WIDE: DROPPED_DX})
 # dA and dB on a second stream beside dX (composed's ``beside``), in turn with the same launches on
-# one: whether the paired launch fits in the SMs dX's last wave leaves idle (up to about 45 µs of
-# the 0.86 ms step at 4096→4096; little if dX's pick leaves no such wave).
+# one: whether the paired launch runs in SMs dX leaves idle (at most its 45 µs of the 0.86 ms step
+# at 4096→4096, 5%; 14% at 4096→1024, 3% at the two large shapes).
 BESIDE = "the layer's launches, dA and dB beside dX on a second stream, CUDA graph"
 TWINS[BESIDE] = "the layer's launches, CUDA graph"
-# Each also after an L2 flush that reads, not writes (clean_l2), in turn with its twin after the
-# timer's usual flush. The sixth H200 run's thin launches, this package's and cuBLAS's alike, fit
-# 3.75 µs + (bytes read + min(bytes read, 35 MiB)) / 4.29 TB/s within 1 µs: as if each wrote back
-# ~35 MiB of the flush's dirty lines as it read, and read at the card's rate otherwise (their
-# "2.4 TB/s" a misreading; the thirty-eighth session). Then these rows come out ~8.5 µs faster
-# (less below 35 MiB read), F.linear's about the same (its GEMM hides the write-back), and the
-# layer's step, which starts with the shrink where the base's starts with a GEMM, gains that much
-# against the base's.
+# Each also after an L2 flush that reads, not writes (clean_l2), checked against its twin after the
+# timer's usual flush and, but for the layer's step (a kind of its own, timed in turn with the
+# base's step after the same flush), timed in turn with it. The sixth H200 run's thin launches fit
+# 3.75 µs + (bytes read + min(bytes read, 35 MiB)) / 4.29 TB/s within 1 µs (this package's, bar two
+# misfits, and one cuBLAS row; cuBLAS's others within 3.4 µs but a pair of launches): as if each
+# wrote back ~35 MiB of the flush's dirty lines as it read (a suspicion: the reads past 64 MiB fix
+# only the slope; the thirty-eighth session). If so, these rows come out ~8.5 µs faster (less
+# below 35 MiB read), F.linear's about the same (its GEMM hides the write-back), and the layer's
+# step, which starts with the shrink where the base's starts with a GEMM, that much against the
+# base's.
 TWINS.update({name + CLEAN: name for name in ("shrink S = xA", "layer forward, separate shrink", "dS = dY Bᵀ",
                                               "dA and dB, one paired launch (the layer's)",
                                               "layer fwd+bwd, separate shrink, CUDA graph")})
@@ -638,22 +643,27 @@ def host_ms(fn, device, calls=300):
     return (time.perf_counter() - t0) * 1e3 / calls
 
 
+def _some_shapes(text):
+    """KxN,... as a list of (K, N); "" for none."""
+    return _shapes(text) if text.strip() else []
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,...")
-    parser.add_argument("--sweep", type=lambda text: _shapes(text) if text.strip() else [],
+    parser.add_argument("--sweep", type=_some_shapes,
                         help="KxN,... where the forward's GEMM launch is also timed forced to each config the "
                              f"autotuner timed near its pick, and to each persistent one (default: those of "
                              f"{DEFAULT_SWEEP} among --shapes; none: --sweep '')")
-    parser.add_argument("--sweep-dx", type=lambda text: _shapes(text) if text.strip() else [],
+    parser.add_argument("--sweep-dx", type=_some_shapes,
                         help="KxN,... where dX's launch is also timed forced to its pick and to each "
                              "persistent config (default: those of "
                              f"{DEFAULT_SWEEP_DX} among --shapes; none: --sweep-dx '')")
-    parser.add_argument("--sweep-thin", type=lambda text: _shapes(text) if text.strip() else [],
+    parser.add_argument("--sweep-thin", type=_some_shapes,
                         help="KxN,... where the thin product dS = dY Bᵀ is also timed forced to each "
                              f"candidate config (default: those of {DEFAULT_SWEEP_THIN} among --shapes; "
                              "none: --sweep-thin '')")
-    parser.add_argument("--clean-l2", type=lambda text: _shapes(text) if text.strip() else [],
+    parser.add_argument("--clean-l2", type=_some_shapes,
                         help="KxN,... where a few rows are also timed after an L2 flush that reads (CLEAN; "
                              f"default: those of {DEFAULT_CLEAN} among --shapes; none: --clean-l2 '')")
     parser.add_argument("--tokens", type=int, default=8192)
@@ -663,14 +673,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
     args = parser.parse_args(argv)
-    if args.sweep is None:
-        args.sweep = [shape for shape in _shapes(DEFAULT_SWEEP) if shape in args.shapes]
-    if args.sweep_dx is None:
-        args.sweep_dx = [shape for shape in _shapes(DEFAULT_SWEEP_DX) if shape in args.shapes]
-    if args.sweep_thin is None:
-        args.sweep_thin = [shape for shape in _shapes(DEFAULT_SWEEP_THIN) if shape in args.shapes]
-    if args.clean_l2 is None:
-        args.clean_l2 = [shape for shape in _shapes(DEFAULT_CLEAN) if shape in args.shapes]
+    for option, default in (("sweep", DEFAULT_SWEEP), ("sweep_dx", DEFAULT_SWEEP_DX),
+                            ("sweep_thin", DEFAULT_SWEEP_THIN), ("clean_l2", DEFAULT_CLEAN)):
+        if getattr(args, option) is None:  # (not given: its default shapes among --shapes)
+            setattr(args, option, [shape for shape in _shapes(default) if shape in args.shapes])
     device = torch.device(args.device)
     if device.type != "cuda" and not kernels.INTERPRET:
         parser.error("the kernels need a CUDA device (or TRITON_INTERPRET=1 for a code check)")

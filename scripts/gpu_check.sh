@@ -273,7 +273,8 @@ if has variants all perf; then
   # twelve flattened or stored twins those had, compiled there, are gone, and added: PyTorch sums of
   # the thin products' operands, dX's sweep at 4096→4096 too and dS's at 4096→1024 over every
   # candidate, all from the pack or cuBLAS: about 30 s more, estimated; and since the thirty-eighth
-  # session the CLEAN rows at two shapes, the same launches after a flush that reads: about 10 s.
+  # session the CLEAN rows at two shapes (the same launches after a flush that reads) and the
+  # layer's launches with dA and dB on a second stream at each shape: about 13 s.
   # Estimated 150 s in all: the fp32-adapter pair and the model step still run after it, the
   # first-step pair is likely cut.)
   step variants 165 "$PY" -m benchmarks.variants --out "$W"

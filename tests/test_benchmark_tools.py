@@ -964,7 +964,8 @@ def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkey
 def test_variants_time_the_clean_l2_rows_after_a_flush_that_reads():
     """A row made with ``clean_l2`` (as graphed() wraps it too) is timed with the timer's clean_l2,
     any other row as before; each such row pieces(clean=True) makes (none without) is one, has a
-    twin among them of its kind, and computes what its twin does."""
+    twin among them of its kind, and computes what its twin does. (The two graph steps' rows, made
+    on a GPU only, are a kind of their own: the next test.)"""
     seen = []
 
     def timer(setup, step, **flush):  # (not calling step: the graphed row would need a GPU)
@@ -1107,6 +1108,27 @@ def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypa
     assert len(swept_thin) == 1 and swept_thin[0]["differs"] <= 1e-3
 
 
+def test_variants_time_the_clean_steps_in_turn_with_each_other_after_the_clean_flush():
+    """The layer's step after a clean flush (CLEAN_STEP) is timed in turn with the base's step after
+    one (its kind's floor, "× floor"), both with clean_l2, and not with its twin, the layer's step
+    after the usual flush (another kind), which is timed in turn with its own floor without it."""
+    from benchmarks import variants
+    flushes = []
+
+    def timer(setup, step, **flush):
+        flushes.append(flush)
+        return (step(setup()),)
+
+    base, layer = "base F.linear fwd+bwd, CUDA graph (floor)", "layer fwd+bwd, separate shrink, CUDA graph"
+    shape_pieces = {base: ("graph step", lambda: 1.0), layer: ("graph step", lambda: 1.3),
+                    variants.CLEAN_BASE: ("graph step" + variants.CLEAN, variants.clean_l2(lambda: 1.0)),
+                    variants.CLEAN_STEP: ("graph step" + variants.CLEAN, variants.clean_l2(lambda: 1.2))}
+    timed = {name: {} for name in shape_pieces}
+    assert variants.alternate(shape_pieces, timed, timer) == []
+    assert timed[variants.CLEAN_STEP] == {"vs_floor": pytest.approx(1.2)} and timed[layer] == {"vs_floor": pytest.approx(1.3)}
+    assert flushes.count({"clean_l2": True}) == flushes.count({}) == 4  # (two rounds of two, each pair)
+
+
 def test_variants_make_the_clean_l2_rows_at_the_shapes_named(tmp_path, monkeypatch):
     """pieces() gets clean=True in the plain pass of each --clean-l2 shape (by default those of
     DEFAULT_CLEAN among --shapes), never in a sweep's pass."""
@@ -1213,8 +1235,9 @@ def test_variants_composed_step_computes_the_layers_gradients(thin, monkeypatch)
 
 def test_variants_composed_step_beside_issues_da_and_db_on_a_joined_second_stream(monkeypatch):
     """With ``beside``, `benchmarks.variants.composed` issues the paired dA and dB after dX, on a
-    second stream that first waits for the current one, which waits for it in turn before the step
-    returns (stand-in streams record the order), and returns what the one-stream step does."""
+    second stream that waits for the current one after dS and before dX (so for dS alone), and
+    which the current one waits for before the step returns (stand-in streams record the order);
+    it returns what the one-stream step does."""
     from benchmarks import variants
     from conftest import make_inputs, use_triton
     use_triton(monkeypatch)
@@ -1247,8 +1270,9 @@ def test_variants_composed_step_beside_issues_da_and_db_on_a_joined_second_strea
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(kernels, "lora_matmul", launch)  # (dX's launch is the module's own)
     got = variants.composed(launch, x, W, b, A, B, dy, torch.float32, beside=True)()
-    assert events[events.index("dX"):] == ["dX", "second waits for current", "on second", "dA and dB",
-                                           "back from second", "current waits for second"]
+    # (S, the forward's GEMM, dS; then the fork, so that the pair waits for dS and not for dX)
+    assert events == ["other"] * 3 + ["second waits for current", "dX", "on second", "dA and dB",
+                                      "back from second", "current waits for second"]
     assert all(torch.equal(g, w) for g, w in zip(got, want)) and len(got) == 3
 
 
@@ -1304,16 +1328,43 @@ def test_timer_flushes_l2_by_writing_or_with_clean_l2_by_reading_alone():
             return func(*args, **(kwargs or {}))
 
     timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=1)
-    timer._flush = torch.arange(1, 101, dtype=torch.int8)  # (a CUDA timer's buffer, here on the CPU)
+    timer._flush = torch.arange(1, 121, dtype=torch.int8)  # (a CUDA timer's buffer, here on the CPU)
     before = timer._flush.clone()
     seen = []
     with Calls():
         timer._flush_l2(True)
-    assert seen == ["sum"] and torch.equal(timer._flush, before)
+    assert seen == ["view", "sum"] and torch.equal(timer._flush, before)
     seen = []
     with Calls():
         timer._flush_l2(False)
     assert seen == ["zero_"] and not timer._flush.any()
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_timer_flushes_before_every_call_as_asked(clean, monkeypatch):
+    """On CUDA (stand-in events here) every call the timer makes, estimating, warming up and timed,
+    comes after a flush of the kind asked for (clean_l2), and each timed one between its events."""
+    order = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            order.append("event")
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    monkeypatch.setattr(measure.torch.cuda, "Event", Event)
+    monkeypatch.setattr(measure.torch.cuda, "synchronize", lambda: None)
+    timer = measure.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=1)
+    timer.cuda = True
+    monkeypatch.setattr(timer, "_flush_l2", lambda kind: order.append(("flush", kind)))
+    ms, reps = timer(lambda: None, lambda state: order.append("call"), **({"clean_l2": True} if clean else {}))
+    timed, untimed = order[-4 * reps:], order[:-4 * reps]
+    assert ms == 1.0 and timed == [("flush", clean), "event", "call", "event"] * reps
+    assert untimed == [("flush", clean), "call"] * (len(untimed) // 2) and len(untimed) >= 2 * (3 + 1)
 
 
 def test_mode_step_rotates_the_input_copies_and_times_the_backward_alone():
