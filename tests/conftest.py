@@ -212,6 +212,18 @@ def use_triton(monkeypatch):
     return shapes
 
 
+@pytest.fixture(autouse=True)
+def _switches_kept():
+    """The LORA_KERNELS_* switches as each test found them, whatever it sets: a CLI's main() (the
+    benchmarks set LORA_KERNELS_BACKEND) run without monkeypatch once sent every later CPU test
+    through Triton's interpreter, and CI's time from 10 to 24 minutes."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("LORA_KERNELS_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("LORA_KERNELS_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def backend(request, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", request.param)

@@ -1138,6 +1138,8 @@ def test_variants_make_the_clean_l2_rows_at_the_shapes_named(tmp_path, monkeypat
     monkeypatch.setattr(variants, "pieces", lambda K, N, M, r, dtype, device, sweep, clean: passes.append(
         (K, N, sweep, clean)) or {})
     monkeypatch.setattr(variants.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(variants.kernels, "INTERPRET", True)  # (the CPU check mode, on a GPU machine too)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")  # (main sets it; restored after the test)
     common = ["--tokens", "64", "--dtype", "fp16", "--device", "cpu", "--out", str(tmp_path), "--sweep-thin", "",
               "--sweep-dx", ""]
     variants.main(["--shapes", "64x36,64x48", "--clean-l2", "64x48", "--sweep", "64x48"] + common)
