@@ -126,19 +126,23 @@ def _spec(value):
 
 
 def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, variants=False, tf32=False,
-           adapter_dtype=None):
+           adapter_dtype=None, ahead_at=None):
     """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
-    and dtype, the adapters in ``adapter_dtype`` if given (else in the base's): with ``variants``, for both shrink placements, as plain GEMMs and with dA and dB
-    unpaired too (what ``benchmarks.variants`` times; a test checks that against its pieces); with
-    ``tf32``, fp32 products on TF32 tensor cores as well."""
-    from .variants import on_64_bit_offsets
+    and dtype, the adapters in ``adapter_dtype`` if given (else in the base's): with ``variants``,
+    for the shrink separate and in the K loop (and ahead, at ``ahead_at``'s tokens and rank only,
+    by default the variants' own), as plain GEMMs and with dA and dB unpaired too (what ``benchmarks.variants`` times; a test
+    checks that against its pieces); with ``tf32``, fp32 products on TF32 tensor cores as well."""
+    from .variants import RANK, TOKENS, on_64_bit_offsets
+    ahead_at = ahead_at or (TOKENS, RANK)
 
     recorder, extra = _Recorder(), _Recorder()  # the layer's launches, then what only variants adds
     seed = torch.tensor(12345) if dropout > 0 else None
-    fuse_options = ("0", "1") if variants else (functional.FUSE_SHRINK,)
+    fuse_options = ("0", "1", "ahead") if variants else (functional.FUSE_SHRINK,)
     needs = [True, trainable_base, trainable_base, True, True]
     with launched_on(recorder, sms, arch), torch.no_grad():
         for (K, N, M, r), dtype, fuse in itertools.product(configs, dtypes, fuse_options):
+            if fuse == "ahead" and (M, r) != ahead_at:
+                continue  # (the variants time it at theirs alone: the pack has room for no more)
             # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
             x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
             W, b = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
@@ -148,7 +152,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
                 with chosen, mock.patch.object(functional, "FUSE_SHRINK", fuse):
                     _, S = functional._forward(x, W, b, A, B, 2.0, dropout, seed, "triton")
                     functional._backward(dy, x, W, A, B, S, 2.0, dropout, seed, needs, "triton")
-                    if not variants:
+                    if not variants or fuse == "ahead":
                         continue
                     # benchmarks.variants also times plain GEMMs: y (with and without TMA), dX ...
                     # (recorded apart and compiled last: a precompile stopped by its time limit
@@ -475,7 +479,8 @@ def load_cache(path):
 def describe(args, kwargs, config):
     """A short name for a job: which product, its sizes and its tile config."""
     named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
-    use = ("GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
+    use = ("GEMM + shrink ahead" if kwargs["FUSE_SHRINK"] == kernels.SHRINK_AHEAD.value else
+           "GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
            else "two products (paired)" if kwargs["PAIRED"] else "product")
     layout = [name for name, flag in (("Xᵀ", "X_TRANSPOSED"), ("Wᵀ", "W_TRANSPOSED")) if kwargs[flag]]
     use += f" ({', '.join(layout)} view)" if layout else ""

@@ -52,6 +52,7 @@ from .measure import Timer, rel_err, tolerance
 from .run import DTYPES, Stopped, _shapes, _stop
 
 DEFAULT_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
+TOKENS, RANK = 8192, 16  # (the defaults: issue 4's)
 # The sweeps' shapes: the forward's GEMM where its time dominates the layer's forward, and the GPU's
 # rather than the host's; dX where its reduction is shortest (over N = 1024 out-features: a K loop
 # of 16 steps, against which a tile's epilogue weighs most; the fifth H200 run's dX there was 1.22 ×
@@ -257,12 +258,13 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
                 setattr(module, flag, previous)
         return run
 
-    def layer(fuse, backward):
+    def layer(fuse, backward, p=0.0):
         def run():
             if backward:
-                return torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0), [xg, Ag, Bg], dy)
+                return torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0, dropout_p=p), [xg, Ag, Bg],
+                                           dy)
             with torch.no_grad():
-                return lora_kernels.lora_linear(x, W, b, A, B, 2.0)
+                return lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p)
         return switched(run, "FUSE_SHRINK", fuse, functional)
 
     def pointers_only(fn):
@@ -291,6 +293,9 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
         "the layer's launches, thin products on cuBLAS, CUDA graph":
             ("graph step", composed(functional.torch_matmul, *operands)),
         BESIDE: ("graph step", composed(kernels.lora_matmul, *operands, beside=True)),
+        AHEAD_STEP: ("graph step", layer("ahead", True)),
+        DROPPED_STEP: ("graph step", layer("0", True, 0.1)),
+        DROPPED_STEP_AHEAD: ("graph step", layer("ahead", True, 0.1)),
         # (the base's and the layer's steps after a clean flush: a kind of their own, the base its
         # floor, the layer timed in turn with it; the layer's starts with a thin launch, the base's
         # with a GEMM)
@@ -317,6 +322,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
         "layer forward, separate shrink": ("fwd", layer("0", False)),
         "layer forward, separate shrink" + CLEAN: ("fwd", clean_l2(layer("0", False))),
         "layer forward, fused shrink": ("fwd", layer("1", False)),
+        AHEAD_FWD: ("fwd", layer("ahead", False)),
         "cuBLAS + addmm_ forward": ("fwd", lambda: torch.nn.functional.linear(x, W, b).addmm_(x @ A, B, alpha=2.0)),
         # backward pieces, against cuBLAS dX = dY W
         "cuBLAS dX = dY W (floor)": ("dx", lambda: dy @ W),
@@ -327,6 +333,10 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
         "cuBLAS dY @ Bᵀ": ("dx", lambda: dy @ B.t()),
         READ_DY: ("dx", lambda: dy.sum(dtype=torch.float32)),
         "dX = dY W + α dS Aᵀ": ("dx", lambda: mm(dy, W, lowrank=(dS, A.t()), r_scale=2.0, out_dtype=dtype)),
+        SEPARATE_DX: ("dx", lambda: (lambda dS_: (mm(dy, W, lowrank=(dS_, A.t()), r_scale=2.0, out_dtype=dtype), dS_))(
+            mm(dy, B.t(), out_dtype=dtype))),
+        AHEAD_DX: ("dx", lambda: mm(dy, W, lowrank=(kernels.Shrink(B.t(), 1.0, dtype, ahead=True), A.t()), r_scale=2.0,
+                                    out_dtype=dtype)),
         DROPPED_DX: ("dx", dropped_dx),
         DROPPED_DX + WIDE: ("dx", on_64_bit_offsets(dropped_dx)),
         "dA = α xᵀ dS": ("dx", lambda: mm(x.t(), dS, scale=2.0, out_dtype=dtype)),
@@ -347,6 +357,7 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
         "base F.linear fwd+bwd (floor)": ("step", base_fwd_bwd),
         "layer fwd+bwd, separate shrink": ("step", layer("0", True)),
         "layer fwd+bwd, fused shrink": ("step", layer("1", True)),
+        AHEAD_EAGER: ("step", layer("ahead", True)),
         "the layer's launches": ("step", composed(kernels.lora_matmul, *operands)),
         "the layer's launches, thin products on cuBLAS": ("step", composed(functional.torch_matmul, *operands)),
     } | graphs
@@ -466,6 +477,25 @@ TWINS.update({name + CLEAN: name for name in ("shrink S = xA", "layer forward, s
                                               "layer fwd+bwd, separate shrink, CUDA graph")})
 TWINS["cuBLAS F.linear" + CLEAN] = "cuBLAS F.linear (floor)"
 AGAINST_FLOOR += (CLEAN_STEP,)
+# The shrink ahead (kernels.SHRINK_AHEAD, the thirty-ninth session): S inside the forward's GEMM
+# launch and dS inside dX's, each computed once per row block by a shrink item ahead of that row
+# block's tiles, which read it in their epilogue; x's (dY's) rows are read a second time from L2,
+# and the shrink's and dS's launches are gone. Each against the same with the shrink separate,
+# checked and timed in turn; the step from a CUDA graph also in turn with the base's. With LoRA
+# dropout 0.1 (the mask drawn once per row block by the shrink items; dX's masked term then at
+# the end, as with the fused shrink), in turn with the separate shrink's step (other masks: not
+# checked against it).
+AHEAD_FWD = "layer forward, shrink ahead"
+SEPARATE_DX = "dS, then dX = dY W + α dS Aᵀ (two launches)"
+AHEAD_DX = "dX = dY W + α dS Aᵀ with dS ahead (one launch)"
+AHEAD_EAGER = "layer fwd+bwd, shrink ahead"
+AHEAD_STEP = "layer fwd+bwd, shrink ahead, CUDA graph"
+DROPPED_STEP = "layer fwd+bwd, dropout 0.1, separate shrink, CUDA graph"
+DROPPED_STEP_AHEAD = "layer fwd+bwd, dropout 0.1, shrink ahead, CUDA graph"
+TWINS.update({AHEAD_FWD: "layer forward, separate shrink", AHEAD_DX: SEPARATE_DX,
+              AHEAD_EAGER: "layer fwd+bwd, separate shrink", AHEAD_STEP: "layer fwd+bwd, separate shrink, CUDA graph"})
+IN_TURN[DROPPED_STEP_AHEAD] = DROPPED_STEP
+AGAINST_FLOOR += (AHEAD_STEP,)
 
 
 def twin(name):
@@ -666,8 +696,8 @@ def main(argv=None):
     parser.add_argument("--clean-l2", type=_some_shapes,
                         help="KxN,... where a few rows are also timed after an L2 flush that reads (CLEAN; "
                              f"default: those of {DEFAULT_CLEAN} among --shapes; none: --clean-l2 '')")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=TOKENS)
+    parser.add_argument("--rank", type=int, default=RANK)
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="default bf16 on a GPU, fp16 off one (Triton's interpreter computes bf16 wrong)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -140,32 +140,42 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
 # and 4-11% in the eager forward. With LoRA dropout on x it would also draw the mask once per
 # column block instead of once: forward+backward took 4.5-5.9× the base's time.
 FUSE_MAX_MNK = 2**36
-# LORA_KERNELS_FUSE_SHRINK=1 or 0 forces either placement. Read at import, as the kernels' other
-# switches are: reading the environment on every call cost about 2% of a layer step's host time.
+# LORA_KERNELS_FUSE_SHRINK=1 or 0 forces either placement; =ahead takes a third, in the big
+# product's launch but once per row block (kernels.SHRINK_AHEAD: no redundant MMAs, no launch of
+# its own, and under dropout on x the mask drawn once), not yet measured on a GPU (benchmarks/NOTES.md,
+# thirty-ninth session). Read at import, as the kernels' other switches are: reading the
+# environment on every call cost about 2% of a layer step's host time.
 FUSE_SHRINK = os.environ.get("LORA_KERNELS_FUSE_SHRINK", "auto").strip().lower() or "auto"
-if FUSE_SHRINK not in ("auto", "0", "1"):  # (a typo, "true" say, would otherwise mean auto without a word)
-    raise ValueError(f"LORA_KERNELS_FUSE_SHRINK must be auto, 0 or 1, not {FUSE_SHRINK!r}")
+if FUSE_SHRINK not in ("auto", "0", "1", "ahead"):  # (a typo, "true" say, would otherwise mean auto without a word)
+    raise ValueError(f"LORA_KERNELS_FUSE_SHRINK must be auto, 0, 1 or ahead, not {FUSE_SHRINK!r}")
 
 
 def fuse_shrink(x, w, A, dropout):
-    """Whether the Triton path computes the shrink inside the big product: ``auto`` by the rule
-    above, or as ``FUSE_SHRINK`` says (``1`` forces it, ``0`` never), for ranks up to
-    ``kernels.FUSE_MAX_RANK`` (the whole rank is held in one block)."""
+    """Where the Triton path computes the shrink: None for a launch of its own, ``"loop"`` inside
+    the big product's K loop, ``"ahead"`` in its launch, once per row block. ``auto`` chooses
+    between the first two by the rule above; ``FUSE_SHRINK`` ``1``, ``0`` and ``ahead`` force each,
+    for ranks up to ``kernels.FUSE_MAX_RANK`` (the whole rank is held in one block)."""
     if FUSE_SHRINK == "0" or A.shape[1] > kernels.FUSE_MAX_RANK:
-        return False
+        return None
+    if FUSE_SHRINK == "ahead":
+        return "ahead"
     if FUSE_SHRINK == "1":
-        return True
-    return (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
+        return "loop"
+    fused = (dropout is None or dropout[0] != "x") and x.shape[0] * x.shape[1] * w.shape[1] < FUSE_MAX_MNK
+    return "loop" if fused else None
 
 
 def shrink_expand(backend, x, w, A, R, s_scale, r_scale, *, bias=None, dropout=None, dtype, out_shape):
     """``(x w + r_scale · L R + bias, L)`` with ``L = s_scale · x̃ A``, the first in ``out_shape`` (the
     caller's leading dimensions): y with S in the forward, dX with dS in the backward. The Triton
-    path may compute L inside the big product's K loop (one launch and one pass over x, at the cost
-    of redundant rank-r MMAs in every column block; see ``fuse_shrink``); otherwise L is its own
-    small product first. L is stored in ``dtype``, the products' own."""
-    if backend == "triton" and fuse_shrink(x, w, A, dropout):
-        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, dtype), R), r_scale=r_scale,
+    path may compute L in the big product's launch (``fuse_shrink``): inside its K loop (one pass
+    over x, at the cost of redundant rank-r MMAs in every column block), or ahead of each row
+    block's tiles (kernels.SHRINK_AHEAD); otherwise L is its own small product first. L is stored
+    in ``dtype``, the products' own."""
+    place = fuse_shrink(x, w, A, dropout) if backend == "triton" else None
+    if place is not None:
+        return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, dtype, place == "ahead"), R),
+                                   r_scale=r_scale,
                                    bias=bias, dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     on_x = dropout if dropout is not None and dropout[0] == "x" else None

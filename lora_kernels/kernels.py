@@ -15,8 +15,9 @@ with each operand given by its strides, so a transpose is free. The layer uses i
     dBᵀ = alpha · dYᵀ S           the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
     dW = dYᵀ x                    plain GEMM:        X = dYᵀ, W = x     (only when the base trains)
 
-and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX's (FUSE_SHRINK:
-L = x A accumulated in the same K loop as X W, ``Shrink``), one launch fewer each.
+and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX's (FUSE_SHRINK,
+``Shrink``: L = x A accumulated in the same K loop as X W, or computed once per row block by a
+shrink item ahead of that row block's tiles, SHRINK_AHEAD), one launch fewer each.
 
 S is x A as the reference computes it, without alpha, and dS likewise: alpha (r_scale) multiplies
 R's tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's
@@ -254,11 +255,12 @@ def _prune(configs, named_args, **kwargs):
     def size(name):  # an operand's bytes per element as stored, as its tiles sit in shared memory
         return _dtype(named_args[name]).itemsize
 
-    # Each pipeline stage holds an X tile, a W tile and, with the fused shrink, a BLOCK_K × BLOCK_R
-    # tile of A (at rank 64 that is 64 KiB more in four stages of BLOCK_K = 128: the compiled kernel
-    # would need more than the estimate, and fail to launch on a GPU with less to spare). A may be
-    # fp32 beside bf16 activations (peft's adapters).
-    a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") else 0
+    # Each pipeline stage holds an X tile, a W tile and, with the shrink in the K loop, a BLOCK_K ×
+    # BLOCK_R tile of A (at rank 64 that is 64 KiB more in four stages of BLOCK_K = 128: the compiled
+    # kernel would need more than the estimate, and fail to launch on a GPU with less to spare). A
+    # may be fp32 beside bf16 activations (peft's adapters).
+    # (SHRINK_AHEAD's shrink items stream X and A tiles alone, fewer bytes a stage than X and W.)
+    a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") == SHRINK_LOOP.value else 0
     # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and with the
     # fused shrink a second accumulator as wide (dropout's share of dX has one there; Triton 3.6 and
     # 3.7 make one without dropout too) the rest, the shrink's finding none: compiled for sm_100,
@@ -306,6 +308,18 @@ DROP_NONE = tl.constexpr(0)
 DROP_X = tl.constexpr(1)
 DROP_LOWRANK = tl.constexpr(2)
 _DROP_MODE = {None: DROP_NONE.value, "x": DROP_X.value, "lowrank": DROP_LOWRANK.value}  # for the launcher
+# Where a launch that makes L = s_scale · x̃ A itself (a Shrink) computes it (FUSE_SHRINK; 0: L is
+# given, or there is none). SHRINK_LOOP: in every tile's K loop beside X W, one rank-r MMA more per
+# step in each column block (redundant but for one). SHRINK_AHEAD: once per row block, by a shrink
+# item of its own, launched ahead of the row block's tiles in the same grid, which read the
+# published L in their epilogue (see the kernel): x's rows are then read twice, the second time
+# from L2, and the tiles' K loops are those of a GEMM with L given.
+SHRINK_LOOP = tl.constexpr(1)
+SHRINK_AHEAD = tl.constexpr(2)
+# SHRINK_AHEAD's flag of a row block counts its tiles' reads (1 each) and its L's arrival (READY):
+# whichever comes last resets it, so a launch leaves its flags zero as it found them, and the
+# autotuner's repeated runs of one launch each start afresh.
+READY = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -379,6 +393,34 @@ def _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr
         acc = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), acc,
                      input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
+
+
+@triton.jit
+def _shrink_rows(x_desc, xp, l_ptr, rm, mask_m, m0, k_lo, k_hi, sxm, sxk, stride_lm, stride_lr, R, s_scale,
+                 seed, p_drop, drop_si, drop_sj, DROPOUT: tl.constexpr, DROP_WIDE: tl.constexpr,
+                 TMA_LOADS: tl.constexpr, X_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    # s_scale · x̃ A for the rows rm (x̃: x masked under DROP_X), in a K loop of its own: a shrink
+    # item's, or (SHRINK_AHEAD) a tile's that found its rows' L not yet published. The same code and
+    # tiles either way, so both get the same bits.
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
+        mask_k = rk < k_hi
+        if TMA_LOADS:
+            x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
+        else:
+            x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        if DROPOUT == DROP_X:
+            x = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
+        a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+        shrink = tl.dot(x, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return _times(shrink, s_scale, ACC_DTYPE)
 
 
 @triton.jit
@@ -461,8 +503,9 @@ def _bench(fn, quantiles):
 )
 @triton.jit
 def _lora_matmul_kernel(
-    # pointers (with FUSE_SHRINK, l_ptr is the shrink's weight A and s_ptr receives L = s_scale · x A)
-    x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, s_ptr,
+    # pointers (with FUSE_SHRINK, l_ptr is the shrink's weight A and s_ptr receives L = s_scale · x A;
+    # with SHRINK_AHEAD, ready_ptr holds a flag per row block, zero at launch: READY)
+    x_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, s_ptr, ready_ptr,
     # sizes: out is (M, N), the main product reduces over K, the low-rank one over R
     M, N, K, R, K_PER_SPLIT, M_KEY, N_KEY, K_KEY,
     # strides
@@ -496,8 +539,11 @@ def _lora_matmul_kernel(
     GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     pid_split = tl.program_id(1)
+    seed = 0
     if DROPOUT != DROP_NONE:
         seed = tl.load(seed_ptr)
+    IN_LOOP: tl.constexpr = FUSE_SHRINK == SHRINK_LOOP
+    AHEAD: tl.constexpr = FUSE_SHRINK == SHRINK_AHEAD
     # The reduction's own offsets fit int32 (TMA wants int32 coordinates); each is widened before it
     # meets a stride.
     k_lo = pid_split * K_PER_SPLIT
@@ -511,6 +557,8 @@ def _lora_matmul_kernel(
         # Split chunks are whole BLOCK_Ks, so no tile crosses a split.
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
+    else:
+        x_desc = x_ptr  # (a stand-in, never read: _shrink_rows takes either)
     # (The launcher allows a TMA store only of one product's whole sum: not paired, not split.)
     TMA_STORES: tl.constexpr = TMA_STORE and ALLOW_TMA_STORE
     if TMA_STORES:
@@ -524,9 +572,12 @@ def _lora_matmul_kernel(
     num_rows = num_m  # row blocks, the second product's after the first's
     if PAIRED:
         num_rows += tl.cdiv(M2, BLOCK_M)
+    num_items = num_rows * num_n
+    if AHEAD:  # and a shrink item per row block
+        num_items += num_m
     pid = tl.program_id(0)
     if PERSISTENT:
-        tile_end = num_rows * num_n
+        tile_end = num_items
         tile_step = tl.num_programs(0)
     else:  # bounds the compiler sees as one trip, so it drops the loop: one tile's straight-line code
         tile_end = pid + 1
@@ -534,114 +585,165 @@ def _lora_matmul_kernel(
     for tile in range(pid, tile_end, tile_step):
         # Grouped order: consecutive tiles walk down GROUP_M row blocks before the next column
         # block, so each column block of W is read GROUP_M times while those rows of X stay in L2.
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_size = min(num_rows - first_m, GROUP_M)
-        pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
-        pid_n = (tile % (GROUP_M * num_n)) // group_size
-        # This tile's product: its operands, output and row count (scalar selects, no branch).
-        xp, wp, op, rows = x_ptr, w_ptr, out_ptr, M
-        sxm, sxk, swk, swn, sos, som, son = stride_xm, stride_xk, stride_wk, stride_wn, stride_os, stride_om, stride_on
-        if PAIRED:
-            second = pid_m >= num_m
-            pid_m = tl.where(second, pid_m - num_m, pid_m)
-            xp, wp = tl.where(second, x2_ptr, x_ptr), tl.where(second, w2_ptr, w_ptr)
-            op, rows = tl.where(second, out2_ptr, out_ptr), tl.where(second, M2, M)
-            sxm, sxk = tl.where(second, stride_x2m, stride_xm), tl.where(second, stride_x2k, stride_xk)
-            swk, swn = tl.where(second, stride_w2k, stride_wk), tl.where(second, stride_w2n, stride_wn)
-            sos, som = tl.where(second, stride_o2s, stride_os), tl.where(second, stride_o2m, stride_om)
-            son = tl.where(second, stride_o2n, stride_on)
+        if AHEAD:
+            # Each group's items: a shrink item per row block first, then the group's tiles, whose
+            # epilogues need the L it publishes. Launched in that order, the shrink items are done
+            # by then as a rule (the tiles' K loops are far longer); a tile that finds its L not yet
+            # there computes it itself (never waits: programs need not run at once, as the
+            # interpreter runs them one by one). The tiles then read x's rows from L2.
+            group = tile // (GROUP_M * (num_n + 1))
+            first_m = group * GROUP_M
+            group_size = min(num_m - first_m, GROUP_M)
+            local = tile - group * GROUP_M * (num_n + 1) - group_size  # < 0: a shrink item
+            shrink_item = local < 0
+            pid_m = first_m + tl.where(shrink_item, local + group_size, local % group_size)
+            pid_n = tl.where(shrink_item, 0, local // group_size)
+        else:
+            shrink_item: tl.constexpr = False  # (a constant: no branch compiled for shrink items)
+            group = tile // (GROUP_M * num_n)
+            first_m = group * GROUP_M
+            group_size = min(num_rows - first_m, GROUP_M)
+            pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
+            pid_n = (tile % (GROUP_M * num_n)) // group_size
+        if shrink_item:  # (its own names: a branch's names in common with the other's are joined, types and all)
+            item_rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            item_rr = tl.arange(0, BLOCK_R)
+            item_l = _shrink_rows(x_desc, x_ptr, l_ptr, item_rm, item_rm < M, pid_m * BLOCK_M, k_lo, k_hi, stride_xm,
+                                  stride_xk, stride_lm, stride_lr, R, s_scale, seed, p_drop, drop_si, drop_sj,
+                                  DROPOUT, DROP_WIDE, TMA_LOADS, X_TRANSPOSED, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
+                                  ACC_DTYPE, INPUT_PRECISION)
+            tl.store(s_ptr + item_rm[:, None] * stride_sm + item_rr[None, :] * stride_sr,
+                     item_l.to(s_ptr.dtype.element_ty), mask=(item_rm < M)[:, None] & (item_rr < R)[None, :])
+            # Every thread's stores of L before one thread's release of the flag (then cumulative):
+            # a tile that acquires the flag reads all of L.
+            tl.debug_barrier()
+            if tl.atomic_add(ready_ptr + pid_m, READY, sem="acq_rel") == num_n:  # (its tiles all came first)
+                tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
+        else:
+            # This tile's product: its operands, output and row count (scalar selects, no branch).
+            xp, wp, op, rows = x_ptr, w_ptr, out_ptr, M
+            sxm, sxk, swk, swn = stride_xm, stride_xk, stride_wk, stride_wn
+            sos, som, son = stride_os, stride_om, stride_on
+            if PAIRED:
+                second = pid_m >= num_m
+                pid_m = tl.where(second, pid_m - num_m, pid_m)
+                xp, wp = tl.where(second, x2_ptr, x_ptr), tl.where(second, w2_ptr, w_ptr)
+                op, rows = tl.where(second, out2_ptr, out_ptr), tl.where(second, M2, M)
+                sxm, sxk = tl.where(second, stride_x2m, stride_xm), tl.where(second, stride_x2k, stride_xk)
+                swk, swn = tl.where(second, stride_w2k, stride_wk), tl.where(second, stride_w2n, stride_wn)
+                sos, som = tl.where(second, stride_o2s, stride_os), tl.where(second, stride_o2m, stride_om)
+                son = tl.where(second, stride_o2n, stride_on)
 
-        # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
-        rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = rm < rows
-        mask_n = rn < N
+            # int64 offsets: pid · stride passes 2^31 on large activations and would wrap silently.
+            rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_m = rm < rows
+            mask_n = rn < N
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        # A masked low-rank term (dropout's share of dX) with L given goes in first, onto the empty
-        # accumulator, divided by the scale the sum gets below: added at the end it needs an M×N
-        # tile of its own beside the finished accumulator, for which ptxas failed its register
-        # allocation on sm_100 at 128×256 and at 128×128 on four warps (Triton 3.6 and 3.9). With
-        # the fused shrink, L is known only after the K loop: that term stays at the end.
-        LOW_FIRST: tl.constexpr = HAS_LOWRANK and DROPOUT == DROP_LOWRANK and not FUSE_SHRINK
-        if LOW_FIRST:
-            low = _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                            r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-            keep = _keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE)
-            acc = tl.where(keep, _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
-        if FUSE_SHRINK:  # the whole rank fits one block (the launcher checks): L = x A on the side
-            rr = tl.arange(0, BLOCK_R)
-            mask_r = rr < R
-            shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        if TMA_LOADS or TMA_STORES:
-            m0 = pid_m * BLOCK_M
-            n0 = pid_n * BLOCK_N
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
-            mask_k = rk < k_hi
-            if TMA_LOADS:
-                x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
-                w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
-            else:
-                x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-                w = tl.load(wp + rk[:, None] * swk + rn[None, :] * swn,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-            # DROP_X masks this product's X (S's x, or dA's xᵀ), or with FUSE_SHRINK only the x feeding L.
-            x_drop = x
-            if DROPOUT == DROP_X:
-                if PAIRED:  # the mask is the first product's (dA's x̃): the second's tiles skip its hash
-                    if not second:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+            # A masked low-rank term (dropout's share of dX) with L given goes in first, onto the empty
+            # accumulator, divided by the scale the sum gets below: added at the end it needs an M×N
+            # tile of its own beside the finished accumulator, for which ptxas failed its register
+            # allocation on sm_100 at 128×256 and at 128×128 on four warps (Triton 3.6 and 3.9). With
+            # the fused shrink, L is known only after the K loop: that term stays at the end.
+            LOW_FIRST: tl.constexpr = HAS_LOWRANK and DROPOUT == DROP_LOWRANK and not FUSE_SHRINK
+            if LOW_FIRST:
+                low = _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
+                                stride_rn, r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+                keep = _keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE)
+                acc = tl.where(keep, _times(low, 1.0 / scale, ACC_DTYPE), 0.0)
+            if IN_LOOP:  # the whole rank fits one block (the launcher checks): L = x A on the side
+                rr = tl.arange(0, BLOCK_R)
+                mask_r = rr < R
+                shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+            if TMA_LOADS or TMA_STORES:
+                m0 = pid_m * BLOCK_M
+                n0 = pid_n * BLOCK_N
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
+                mask_k = rk < k_hi
+                if TMA_LOADS:
+                    x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
+                    w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
+                else:
+                    x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+                    w = tl.load(wp + rk[:, None] * swk + rn[None, :] * swn,
+                                mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+                # DROP_X masks this product's X (S's x, or dA's xᵀ), or with a Shrink only the x feeding L
+                # (SHRINK_AHEAD: none of this loop's).
+                x_drop = x
+                if DROPOUT == DROP_X and not AHEAD:
+                    if PAIRED:  # the mask is the first product's (dA's x̃): the second's tiles skip its hash
+                        if not second:
+                            x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
+                    else:
                         x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
+                if IN_LOOP:
+                    a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
+                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+                    shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 else:
-                    x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
-            if FUSE_SHRINK:
-                a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
-                            mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-                shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if PAIRED:  # (the tiles selected, not the scales: the interpreter rounds a select of fp64 scalars to fp32)
+                acc = tl.where(second, _times(acc, scale2, ACC_DTYPE), _times(acc, scale, ACC_DTYPE))
             else:
-                acc = tl.dot(x_drop, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if PAIRED:  # (the tiles selected, not the scales: the interpreter rounds a select of fp64 scalars to fp32)
-            acc = tl.where(second, _times(acc, scale2, ACC_DTYPE), _times(acc, scale, ACC_DTYPE))
-        else:
-            acc = _times(acc, scale, ACC_DTYPE)
+                acc = _times(acc, scale, ACC_DTYPE)
 
-        if HAS_LOWRANK:
-            # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
-            # Only a masked update computed here (dropout's share of dX, fused shrink) needs one.
-            if not LOW_FIRST:
-                masked: tl.constexpr = DROPOUT == DROP_LOWRANK
-                if masked:
-                    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-                else:
-                    low = acc
-                if FUSE_SHRINK:
-                    shrink = _times(shrink, s_scale, ACC_DTYPE)
-                    if pid_n == 0:  # every column block computed the same L; one of them saves it
-                        tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                                 shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-                    hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
-                                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                else:
-                    low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
-                                    stride_rn, r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-                if masked:
-                    acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE), low, 0.0)
-                else:
-                    acc = low
-            acc = _times(acc, sum_scale, ACC_DTYPE)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+            if HAS_LOWRANK:
+                # The rank-r update rides on the same accumulator: y is written once, no M×N temporary.
+                # Only a masked update computed here (dropout's share of dX, fused shrink) needs one.
+                if not LOW_FIRST:
+                    masked: tl.constexpr = DROPOUT == DROP_LOWRANK
+                    if masked:
+                        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+                    else:
+                        low = acc
+                    if FUSE_SHRINK:
+                        if IN_LOOP:
+                            shrink = _times(shrink, s_scale, ACC_DTYPE)
+                            if pid_n == 0:  # every column block computed the same L; one of them saves it
+                                tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                                         shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+                        else:  # AHEAD: these rows' L as their shrink item stored it, or not yet there, computed
+                            rr = tl.arange(0, BLOCK_R)
+                            mask_r = rr < R
+                            # (one thread's acquire, its result shared through a barrier: every
+                            # thread's loads after it; past L1, which another SM's stores bypass)
+                            seen = tl.atomic_add(ready_ptr + pid_m, 1, sem="acq_rel")
+                            if seen == READY + num_n - 1:  # (the row block's last tile, after its L)
+                                tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
+                            if seen >= READY:
+                                shrink = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+                                                 cache_modifier=".cg")
+                            else:  # (rounded as stored: the output's bits never depend on which came first)
+                                shrink = _shrink_rows(x_desc, x_ptr, l_ptr, rm, mask_m, pid_m * BLOCK_M, k_lo, k_hi,
+                                                      stride_xm, stride_xk, stride_lm, stride_lr, R, s_scale, seed,
+                                                      p_drop, drop_si, drop_sj, DROPOUT, DROP_WIDE, TMA_LOADS,
+                                                      X_TRANSPOSED, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE,
+                                                      INPUT_PRECISION).to(s_ptr.dtype.element_ty)
+                        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
+                                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                        low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
+                                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    else:
+                        low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
+                                        stride_rn, r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+                    if masked:
+                        acc += tl.where(_keep(seed, p_drop, rm, rn, drop_si, drop_sj, DROP_WIDE), low, 0.0)
+                    else:
+                        acc = low
+                acc = _times(acc, sum_scale, ACC_DTYPE)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
-        if TMA_STORES:  # (the copy engine clips the tile at the output's edges)
-            out_desc.store([m0, n0], acc.to(out_ptr.dtype.element_ty))
-        else:
-            out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            if TMA_STORES:  # (the copy engine clips the tile at the output's edges)
+                out_desc.store([m0, n0], acc.to(out_ptr.dtype.element_ty))
+            else:
+                out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
+                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def compile_configs(kernel, args, flags, configs):
@@ -869,6 +971,12 @@ def _empty(shape, device, dtype):
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def _ready_flags(n, device):
+    # SHRINK_AHEAD's flags, one a row block, zero: no L is there yet. Fresh for every launch (not
+    # one buffer kept: two launches on two streams at once would count on each other's flags).
+    return torch.zeros(n, device=device, dtype=torch.int32)
+
+
 # Triton's per-call dispatch (the autotuner's wrapper, then JITFunction.run binding and
 # specializing ~35 arguments) cost more host time than the package's own launcher, and a layer step
 # made six launches: on the first H200 run, ~91 µs per launch against a GPU time of tens of µs
@@ -992,11 +1100,13 @@ _SUM_SCALED = (2.0 ** -64, 2.0 ** 77)
 
 
 class Shrink(NamedTuple):
-    """In place of a ready L in ``lowrank=(L, R)``: have the kernel compute L = scale · x̃ A inside
-    its K loop (x̃: x under ``dropout="x"``), store it as ``dtype``, and return it beside out."""
+    """In place of a ready L in ``lowrank=(L, R)``: have the kernel compute L = scale · x̃ A (x̃: x
+    under ``dropout="x"``), store it as ``dtype``, and return it beside out. Inside every tile's K
+    loop, or with ``ahead`` once per row block, by shrink items ahead of its tiles (SHRINK_AHEAD)."""
     A: torch.Tensor
     scale: float
     dtype: torch.dtype
+    ahead: bool = False
 
 
 # The fused shrink keeps all of L's block (BLOCK_M × rank) in registers beside the accumulator.
@@ -1007,14 +1117,15 @@ class _Plan:
     """What a launch of ``lora_matmul`` derives from its call's description (``_plan``'s arguments):
     the buffers to allocate, the ints, flags and grid to launch with, and the launch's key into
     ``_COMPILED`` once one has computed it (``_launch_key``)."""
-    __slots__ = ("empty", "out_shape", "s_shape", "out2_shape", "split", "dest_shape", "dest2_shape", "acc_dtype",
+    __slots__ = ("empty", "out_shape", "s_shape", "ready_shape", "out2_shape", "split", "dest_shape", "dest2_shape",
+                 "acc_dtype",
                  "ints", "pair_ints", "sum_scaled", "tma", "flags", "grid", "key")
 
 
-def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype, dot_dtype, out_shape, settings,
+def _plan(device, lowrank, shrink, bias, paired, where, si, sj, out_dtype, dot_dtype, out_shape, settings,
           shapes, strides, dtypes, mods):
     """The plan (``_Plan``) of a ``lora_matmul`` call so described: which operands it has (``lowrank``,
-    ``bias``, ``paired``: whether given; ``shrink_dtype``: a Shrink's, or None; ``where``: dropout's, or
+    ``bias``, ``paired``: whether given; ``shrink``: a Shrink's (dtype, ahead), or None; ``where``: dropout's, or
     None), and each given tensor's shape, strides, dtype and address modulo 16, in the order x, w, L
     (or A), R, bias, seed, x2, w2; ``settings`` are the globals read here (``_settings``). Reads
     nothing else: its arguments are the key ``lora_matmul`` caches plans by."""
@@ -1032,7 +1143,8 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     swk, swn = w[1]
     R = l_[0][1] if lowrank else 0  # (L is (M, R); a Shrink's A, (K, R))
     M2 = x2[0][0] if paired else 0
-    fused = shrink_dtype is not None
+    fused = shrink is not None
+    ahead = fused and shrink[1]
     assert not fused or R <= max_rank, "the fused shrink holds the whole rank in one block"
     if paired:
         assert not lowrank and not bias, "a paired launch runs plain products"
@@ -1041,6 +1153,8 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     plan = _Plan()
     plan.out_shape = (M, N) if out_shape is None else out_shape
     plan.s_shape, plan.out2_shape = (M, R), (N, M2)
+    # (SHRINK_AHEAD's flags, one per row block of the smallest tile the pruner makes, 16 rows)
+    plan.ready_shape = _cdiv(M, 16) if ahead else None
     plan.empty = M * N == 0 or (paired and M2 * N == 0)
     if plan.empty:
         return plan
@@ -1075,7 +1189,8 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
     # (x2 @ w2)ᵀ, contiguous (N, M2): the kernel writes its transpose, or a split's partial sums
     plan.pair_ints = (M2, *x2[1], *w2[1], *((M2 * N, N, 1) if split > 1 else (0, 1, M2))) if paired else (0,) * 8
     plan.flags = dict(
-        HAS_LOWRANK=lowrank, FUSE_SHRINK=fused, HAS_BIAS=bias, DROPOUT=_DROP_MODE[where], PAIRED=paired,
+        HAS_LOWRANK=lowrank, FUSE_SHRINK=SHRINK_AHEAD.value if ahead else SHRINK_LOOP.value if fused else 0,
+        HAS_BIAS=bias, DROPOUT=_DROP_MODE[where], PAIRED=paired,
         # (the masked operand: the first product's X, or the output)
         DROP_WIDE=where is not None and _wide(M, K if where == "x" else N, si, sj),
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
@@ -1086,9 +1201,10 @@ def _plan(device, lowrank, shrink_dtype, bias, paired, where, si, sj, out_dtype,
         BLOCK_R=max(16, min(max_rank, _pow2(R))),
     )
 
-    def grid(meta):  # a program per output tile, or (PERSISTENT) at most one per SM
-        tiles = (_cdiv(M, meta["BLOCK_M"]) + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles, split)
+    def grid(meta):  # a program per output tile (and shrink item), or (PERSISTENT) at most one per SM
+        rows = _cdiv(M, meta["BLOCK_M"])
+        items = (rows + _cdiv(M2, meta["BLOCK_M"])) * _cdiv(N, meta["BLOCK_N"]) + (rows if ahead else 0)
+        return (min(items, sms) if meta["PERSISTENT"] else items, split)
     plan.grid = grid
     plan.key = None
     return plan
@@ -1160,8 +1276,8 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         x2, w2 = pair
         assert x2.device == device and w2.device == device, "paired products share their device"
         ops += (x2, w2)
-    key = (device, lowrank is not None, None if shrink is None else shrink.dtype, bias is not None, pair is not None,
-           where, si, sj, out_dtype, dot_dtype, out_shape, _settings(device, dot_dtype),
+    key = (device, lowrank is not None, None if shrink is None else (shrink.dtype, shrink.ahead), bias is not None,
+           pair is not None, where, si, sj, out_dtype, dot_dtype, out_shape, _settings(device, dot_dtype),
            tuple(map(_SHAPE_OF, ops)), tuple(map(_STRIDES_OF, ops)), tuple(map(_DTYPE_OF, ops)),
            tuple(map(_MOD_16, map(_ADDRESS_OF, ops))))
     plan = _PLANS.get(key)
@@ -1183,11 +1299,13 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
                                 dot_dtype=dot_dtype)
     split = plan.split
     dest = out if split == 1 else _empty(plan.dest_shape, device, plan.acc_dtype)
-    s_out = dest2 = x  # (stand-ins, never written, unless fused or paired)
+    s_out = ready = dest2 = x  # (stand-ins, never written, unless fused or paired)
     fresh = [dest]
     if shrink is not None:
         s_out = _empty(plan.s_shape, device, shrink.dtype)
         fresh.append(s_out)
+        if plan.ready_shape is not None:
+            ready = _ready_flags(plan.ready_shape, device)
     if pair is not None:
         out2_t = _empty(plan.out2_shape, device, out_dtype)  # (x2 @ w2)ᵀ, the caller's layout
         dest2 = out2_t.t() if split == 1 else _empty(plan.dest2_shape, device, plan.acc_dtype)
@@ -1203,7 +1321,7 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
         # In fp16, r_scale (alpha) on the fp32 sum (the module docstring): scale/alpha · X W + L R, times alpha.
         scale, r_scale, sum_scale = scale / r_scale, 1.0, r_scale
     # (floats as floats: p given as an int would make Triton compile another kernel, which no key tells)
-    args = (x, w, l_, r_, b_, dest, s_out, *plan.ints,
+    args = (x, w, l_, r_, b_, dest, s_out, ready, *plan.ints,
             float(scale), 1.0 if shrink is None else float(shrink.scale), float(r_scale), float(sum_scale),
             seed, float(p), si, sj, x2, w2, dest2, *plan.pair_ints, float(pair_scale))
     flags, keyed = plan.flags, plan

@@ -240,7 +240,7 @@ with precompile.launched_on(recorder, 132, 90), mock.patch.object(functional, "s
     for _, run in variants.pieces(64, 48, 128, 16, torch.bfloat16, torch.device("cpu")).values():
         run()
 launched = jobs(recorder.launches)
-recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True))
+recorded = jobs(precompile.record([(64, 48, 128, 16)], [torch.bfloat16], 132, 90, variants=True, ahead_at=(128, 16)))
 print(len(launched), sorted({launched[k] for k in launched.keys() - recorded.keys()}))
 """)
     count, missing = out.split(" ", 1)
@@ -949,7 +949,9 @@ def test_variants_time_the_dropout_launches_in_turn_with_the_same_without(monkey
 
     assert all(variants.twin(name) is None for name in variants.IN_TURN)
     made = variants.pieces(64, 48, 128, 16, torch.float16, torch.device("cpu"))
-    assert set(variants.IN_TURN) | set(variants.IN_TURN.values()) <= set(made)
+    # (the whole steps replayed from CUDA graphs are made on a GPU only)
+    named = {name for pair in variants.IN_TURN.items() for name in pair if not name.endswith("CUDA graph")}
+    assert named <= set(made) and len(named) >= 8
     shape_pieces = {"floor": ("dx", lambda: 1.0), "plain": ("dx", lambda: 1.0), "masked": ("dx", lambda: 2.0),
                     "masked, as cheap": ("dx", lambda: 1.0)}
     monkeypatch.setattr(variants, "IN_TURN", {"masked": "plain", "masked, as cheap": "plain"})

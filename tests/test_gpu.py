@@ -9,7 +9,7 @@ import torch
 
 import lora_kernels
 from conftest import TOL, make_inputs, record, reference, rel_err, use_triton
-from lora_kernels import kernels
+from lora_kernels import functional, kernels
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -47,6 +47,34 @@ def test_half_within_twice_pytorch(dtype, shape, adapter):
     inputs = make_inputs(lead, K, N, r, dtype, adapter_dtype=torch.float32 if adapter == "fp32" else None)
     ours = errors_vs_reference(inputs, 0.5)
     record(dtype, ours)
+    torch_err = errors_vs_reference(inputs, 0.5, dtype_run=seed_formula)
+    for k in ours:
+        assert ours[k] <= 2 * torch_err[k] + 1e-3, (k, ours[k], torch_err[k])
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["a-program-per-item", "persistent"])
+def test_the_shrink_ahead_gives_the_same_bits_every_run(persistent, monkeypatch):
+    """kernels.SHRINK_AHEAD where programs do run at once (the interpreter runs them one by one): a
+    tile may reach its epilogue before its row block's shrink item has stored L, or while it
+    stores it, and must then compute L itself, never read it half-written. Forward and backward
+    (S in y's launch, dS in dX's), 8192 tokens in 64 row blocks, a config forced (the persistent
+    grid takes 132 programs, each its tiles in turn): five runs give the same bits, and each is
+    within twice PyTorch's own bf16 error of float64."""
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "ahead")
+    config = kernels._config(128, 128, 64, 8, 3, tma=True, persistent=persistent, store=persistent)
+    monkeypatch.setattr(kernels._lora_matmul_kernel, "configs", [config])
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)  # (a kernel compiled for another config has its launch key)
+    inputs = make_inputs((8192,), 1024, 2048, 16, torch.bfloat16, seed=6)
+    x, W, b, A, B = inputs
+    dy = torch.randn(8192, 2048, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).bfloat16()
+    runs = []
+    for _ in range(5):
+        xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
+        y = lora_kernels.lora_linear(xs, W, b, As, Bs, 0.5)
+        y.backward(dy)
+        runs.append((y, xs.grad, As.grad, Bs.grad))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    ours = errors_vs_reference(inputs, 0.5)
     torch_err = errors_vs_reference(inputs, 0.5, dtype_run=seed_formula)
     for k in ours:
         assert ours[k] <= 2 * torch_err[k] + 1e-3, (k, ours[k], torch_err[k])

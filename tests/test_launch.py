@@ -84,7 +84,7 @@ def _direct(monkeypatch):
     whose current stream is 1003: the direct path's setting, on the CPU."""
     names = kernels._lora_matmul_kernel.arg_names
     x = torch.zeros(256, 64)
-    args = ((x,) * 7 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, 2.0, 1.0, x, 0.0, 0, 0)
+    args = ((x,) * 8 + (M, N, 64, 16, 64, 256, 128, 64) + (64, 1) * 7 + (1.5, 1.0, 2.0, 1.0, x, 0.0, 0, 0)
             + (x, x, x, 0) + (64, 1) * 3 + (0, 1.0))
     assert len(args) == names.index("HAS_LOWRANK")  # every runtime argument
     tuner = _Tuner(names, len(args))
@@ -92,7 +92,7 @@ def _direct(monkeypatch):
     monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
-    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=False, HAS_BIAS=False, DROPOUT=0, DROP_WIDE=False, PAIRED=False,
+    flags = dict(HAS_LOWRANK=True, FUSE_SHRINK=0, HAS_BIAS=False, DROPOUT=0, DROP_WIDE=False, PAIRED=False,
                  X_TRANSPOSED=False, W_TRANSPOSED=False, ALLOW_TMA=False, ALLOW_TMA_STORE=False,
                  DOT_DTYPE=triton.language.float32, ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee",
                  BLOCK_R=16)
@@ -107,7 +107,7 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     kernels._launch(cuda, grid, args, flags)  # first: Triton's path
     assert len(tuner.launches) == 1
     kernel = tuner.kernels[0]
-    args2 = args[:7] + (M + 16,) + args[8:]  # another M of the same classes and M_KEY
+    args2 = args[:8] + (M + 16,) + args[9:]  # another M of the same classes and M_KEY
     kernels._launch(cuda, grid, args2, flags)  # second: the compiled kernel, directly
     assert len(tuner.launches) == 1 and len(kernel.calls) == 1
     # (and another tensor of the dtype and alignment: a layer's next batch)
@@ -131,9 +131,9 @@ def test_direct_launch_replays_the_kernel_its_key_compiled(monkeypatch):
     misses = [
         (cuda, args[:1] + (x.view(-1)[1:],) + args[2:], flags),
         (cuda, args[:1] + (x.double(),) + args[2:], flags),
-        (cuda, args[:9] + (1,) + args[10:], flags),
-        (cuda, args[:15] + (65,) + args[16:], flags),
-        (cuda, args[:12] + (512,) + args[13:], flags),
+        (cuda, args[:10] + (1,) + args[11:], flags),
+        (cuda, args[:16] + (65,) + args[17:], flags),
+        (cuda, args[:13] + (512,) + args[14:], flags),
         (cuda, args, {**flags, "HAS_BIAS": True}),
         (cuda, args, {**flags, "PAIRED": True}),
         (cuda, args, {**flags, "ALLOW_TMA_STORE": True}),
@@ -496,7 +496,7 @@ def test_a_bad_compile_threads_setting_is_named(value):
 def test_a_bad_fuse_shrink_setting_is_named(value):
     """A typo would otherwise mean "auto" without a word."""
     done = _import_with({"LORA_KERNELS_FUSE_SHRINK": value})
-    assert done.returncode != 0 and "LORA_KERNELS_FUSE_SHRINK must be auto, 0 or 1" in done.stderr
+    assert done.returncode != 0 and "LORA_KERNELS_FUSE_SHRINK must be auto, 0, 1 or ahead" in done.stderr
 
 
 def test_a_bad_torch_below_setting_is_named_at_import():

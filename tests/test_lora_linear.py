@@ -73,11 +73,11 @@ FUSED_SHAPES = SHAPES + [((45,), 70, 50, 16), ((33,), 40, 72, 64)]  # ranks 16 a
 @pytest.mark.triton
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
-@pytest.mark.parametrize("fuse", ["1", "0"], ids=["fused", "separate"])
+@pytest.mark.parametrize("fuse", ["1", "0", "ahead"], ids=["fused", "separate", "ahead"])
 def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
-    """The shrink inside the big product's K loop (functional.FUSE_SHRINK = "1") and in a pass of
-    its own ("0"): same numbers; ranks above kernels.FUSE_MAX_RANK take the separate
-    shrink either way."""
+    """The shrink inside the big product's K loop (functional.FUSE_SHRINK = "1"), in a pass of its
+    own ("0") and in the big product's launch ahead of each row block's tiles ("ahead"): same
+    numbers; ranks above kernels.FUSE_MAX_RANK take the separate shrink every way."""
     use_triton(monkeypatch)
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     lead, K, N, r = shape
@@ -88,22 +88,26 @@ def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
 def test_fuse_shrink_rule(monkeypatch):
     """The shrink fuses into small products (the launch it saves matters more there), not into
     large ones, not under LoRA dropout on x (the mask would be drawn once per column block), and
-    not past FUSE_MAX_RANK; FUSE_SHRINK = "1" / "0" (LORA_KERNELS_FUSE_SHRINK) force either way within
-    the rank limit."""
+    not past FUSE_MAX_RANK; FUSE_SHRINK = "1" / "0" / "ahead" (LORA_KERNELS_FUSE_SHRINK) force each
+    placement within the rank limit, "ahead" under either dropout too (its mask drawn once)."""
     from lora_kernels.functional import FUSE_MAX_MNK, fuse_shrink
     monkeypatch.setattr(functional, "FUSE_SHRINK", "auto")
     big = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 4096)  # M·N·K = 2^37, no storage
     small = torch.empty(1, 1).expand(8192, 4096), torch.empty(1, 1).expand(4096, 1024)  # 2^35
     assert 8192 * 4096 * 1024 < FUSE_MAX_MNK <= 8192 * 4096 * 4096
     r16, r65 = torch.empty(1, 1).expand(4096, 16), torch.empty(1, 1).expand(4096, 65)
-    assert fuse_shrink(*small, r16, None) and not fuse_shrink(*big, r16, None)
+    assert fuse_shrink(*small, r16, None) == "loop" and fuse_shrink(*big, r16, None) is None
     assert fuse_shrink(*small, r16, ("lowrank", 0, 0.1, 1, 1))  # the backward's mask is drawn once anyway
     assert not fuse_shrink(*small, r16, ("x", 0, 0.1, 1, 1))
     assert not fuse_shrink(*small, r65, None)
     monkeypatch.setattr(functional, "FUSE_SHRINK", "1")
-    assert fuse_shrink(*big, r16, ("x", 0, 0.1, 1, 1)) and not fuse_shrink(*small, r65, None)
+    assert fuse_shrink(*big, r16, ("x", 0, 0.1, 1, 1)) == "loop" and fuse_shrink(*small, r65, None) is None
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "ahead")
+    assert all(fuse_shrink(*shape, r16, drop) == "ahead" for shape in (small, big)
+               for drop in (None, ("x", 0, 0.1, 1, 1), ("lowrank", 0, 0.1, 1, 1)))
+    assert fuse_shrink(*small, r65, None) is None
     monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
-    assert not fuse_shrink(*small, r16, None)
+    assert fuse_shrink(*small, r16, None) is None
 
 
 class LaunchSpy:
@@ -822,12 +826,12 @@ def test_a_tiny_alpha_beside_a_huge_product_stays_finite_in_fp32(backend):
     check_all((x * 1e22, W, b, A, B), 1e-18, torch.float32)
 
 
-@pytest.mark.parametrize("fuse", ["0", "1"])
+@pytest.mark.parametrize("fuse", ["0", "1", "ahead"])
 def test_a_large_alpha_leaves_a_16_bit_s_in_range(backend, fuse, monkeypatch):
     """S is kept as the reference computes x A, unscaled, and alpha scales the product's fp32
     accumulator: with alpha · x A past fp16's range (65504) while x A and the output are
     within it, the reference's numbers come out. (S stored as alpha · x A overflowed to inf there,
-    and B's zeros at initialisation would have made NaN of it.) Both shrink placements."""
+    and B's zeros at initialisation would have made NaN of it.) Every shrink placement."""
     monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
     x, W, b, A, B = make_inputs((64,), 96, 80, 16, torch.float16, adapter_dtype=torch.float32)
     x, B, alpha = x * 300, B * 1e-3, 400.0

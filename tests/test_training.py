@@ -19,11 +19,11 @@ DROPOUT_SHAPES = {"odd": ((3, 41), 37, 29, 6), "aligned": ((2, 40), 64, 48, 8)}
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES)
 # (the fused shrink is a Triton kernel variant: the PyTorch path has the separate one only)
-@pytest.mark.parametrize("backend,shrink", backends_with(lambda b: ["separate", "fused"] if b == "triton" else ["separate"]),
-                         indirect=["backend"])
+@pytest.mark.parametrize("backend,shrink", backends_with(
+    lambda b: ["separate", "fused", "ahead"] if b == "triton" else ["separate"]), indirect=["backend"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 def test_dropout_matches_reference_with_same_mask(backend, p, shrink, shape, monkeypatch):
-    monkeypatch.setattr(functional, "FUSE_SHRINK", "1" if shrink == "fused" else "0")
+    monkeypatch.setattr(functional, "FUSE_SHRINK", {"separate": "0", "fused": "1", "ahead": "ahead"}[shrink])
     lead, K, N, r = DROPOUT_SHAPES[shape]
     x, W, b, A, B = make_inputs(lead, K, N, r, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
@@ -58,14 +58,14 @@ def test_dropout_matches_reference_with_same_mask(backend, p, shrink, shape, mon
 @pytest.mark.parametrize("dtype_name, adapter_name, alpha, r", [("float16", "float32", 1000.0, 8),
                                                                 ("float64", "float64", 0.75, 8),
                                                                 ("float32", "float32", 0.75, 100)])
-@pytest.mark.parametrize("fuse", ["0", "1"], ids=["separate", "fused"])
+@pytest.mark.parametrize("fuse", ["0", "1", "ahead"], ids=["separate", "fused", "ahead"])
 def test_dropout_where_the_sum_is_scaled_in_fp64_and_past_one_rank_block(dtype_name, adapter_name, alpha, r, fuse,
                                                                          monkeypatch):
     """dX's masked low-rank term in the dtypes whose scales differ from fp32's: in fp16 alpha goes
     on the fp32 sum (dY W / alpha + dS Aᵀ ⊙ m, times alpha: ``sum_scale``), which the term, added
     onto the empty accumulator before the K loop where dS is given, must follow (it is divided by
     the sum's scale there); fp64 accumulates in fp64; and a rank past one block (BLOCK_R is at
-    most 64: two trips of the rank loop; the shrink separate either way). Both shrink placements,
+    most 64: two trips of the rank loop; the shrink separate either way). Every shrink placement,
     every gradient against float64 with the same mask; the LoRA term carries most of y and dX
     here. (fp32 adapters beside fp16, peft's default: dA would pass fp16's range.)"""
     use_triton(monkeypatch)

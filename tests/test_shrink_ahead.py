@@ -1,0 +1,118 @@
+"""SHRINK_AHEAD (``kernels.Shrink(..., ahead=True)``): L = s_scale · x̃ A computed once per row block
+by a shrink item in the big product's own launch, ahead of the row block's tiles, which read it
+in their epilogue once its flag says it is there, and compute it themselves where it is not yet.
+
+The interpreter runs a grid's programs one after another. With a program per item, every shrink
+item runs before its tiles: they all read the published L. With a persistent grid (the
+interpreter's 8 "SMs", each program taking items p, p + 8, ...), program 0 meets tiles of row
+blocks whose shrink item belongs to a program not yet run: those tiles compute L themselves. Flags
+preset so that no L ever counts as there force the second way everywhere.
+"""
+
+import pytest
+import torch
+
+from conftest import TOL, rel_err, use_triton
+from lora_kernels import kernels
+
+pytestmark = pytest.mark.triton
+
+M, K, N, R = 100, 48, 130, 8  # ragged against every tile below
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return rnd(M, K), rnd(K, N, scale=K ** -0.5), rnd(K, R, scale=K ** -0.5), rnd(R, N, scale=R ** -0.5), rnd(N)
+
+
+def _force(monkeypatch, persistent):
+    # One config (the autotuner then runs it as it is): 16-row tiles in groups of two row blocks,
+    # so the 100 rows make 7 row blocks in 4 groups, 5 column blocks each.
+    config = kernels._config(16, 32, 16, 4, 2, tma=True, persistent=persistent, store=persistent, group=2)
+    monkeypatch.setattr(kernels._lora_matmul_kernel, "configs", [config])
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)  # (on a GPU: a kernel compiled for another config has its key)
+
+
+def _flags_seen(monkeypatch, start=0):
+    """Hands the launches flags that start at ``start``; returns the list of them, to read after."""
+    seen = []
+
+    def flags(n, device):
+        seen.append(torch.full((n,), start, device=device, dtype=torch.int32))
+        return seen[-1]
+    monkeypatch.setattr(kernels, "_ready_flags", flags)
+    return seen
+
+
+def _run(x, w, A, B, b, dropout, dtype, l_dtype=None):
+    return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, 0.75, l_dtype or dtype, ahead=True), B), r_scale=1.5,
+                               bias=b, dropout=dropout, out_dtype=dtype, dot_dtype=dtype)
+
+
+@pytest.mark.parametrize("where", [None, "x", "lowrank"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["a-program-per-item", "persistent"])
+def test_ahead_matches_float64_and_leaves_its_flags_zero(persistent, where, monkeypatch):
+    """y = x w + 1.5 · L B + b and L = 0.75 · x̃ A against float64, with LoRA dropout on x (the mask
+    on the shrink items' x and the tiles' own L, never on x w) or on the low-rank term (dX's), into
+    NaN-poisoned outputs; and every flag back at zero after the launch, as each launch must find
+    them: each row block's shrink item and its five tiles all counted."""
+    use_triton(monkeypatch)
+    _force(monkeypatch, persistent)
+    flags = _flags_seen(monkeypatch)
+    x, w, A, B, b = _inputs(torch.float64, seed=1 + persistent)
+    seed, p = torch.tensor(11), 0.3
+    dropout = None if where is None else (where, seed, p, *((K, 1) if where == "x" else (N, 1)))
+    y, L = _run(x, w, A, B, b, dropout, torch.float64)
+
+    xm = x * kernels.keep_mask(M, K, 11, p, x.device) if where == "x" else x
+    L_ref = 0.75 * xm @ A
+    low = 1.5 * L_ref @ B
+    if where == "lowrank":
+        low = low * kernels.keep_mask(M, N, 11, p, x.device)
+    assert rel_err(L, L_ref) < TOL[torch.float64]
+    assert rel_err(y, x @ w + low + b) < TOL[torch.float64]
+    assert len(flags) == 1 and flags[0].numel() == kernels._cdiv(M, 16)
+    assert flags[0].eq(0).all(), flags[0]
+
+
+@pytest.mark.parametrize("dtype, l_dtype, where", [(torch.float16, torch.float16, None),
+                                                   (torch.float16, torch.float16, "x"),
+                                                   (torch.float32, torch.float16, None)])
+def test_tiles_that_find_no_L_compute_the_same_bits(dtype, l_dtype, where, monkeypatch):
+    """Flags preset to -READY (no shrink item's arrival ever counts): every tile computes L itself,
+    and y comes out bit for bit as where every tile read the stored L (a program per item, in
+    order). L is stored rounded to its dtype (fp16 here; also beside fp32 products): the tiles
+    round theirs alike, so the output never depends on which program came first."""
+    use_triton(monkeypatch)
+    x, w, A, B, b = _inputs(dtype, seed=3)
+    dropout = None if where is None else ("x", torch.tensor(5), 0.25, K, 1)
+    _force(monkeypatch, persistent=False)
+    _flags_seen(monkeypatch)
+    y_read, L_read = _run(x, w, A, B, b, dropout, dtype, l_dtype)
+    for persistent in (False, True):
+        _force(monkeypatch, persistent)
+        flags = _flags_seen(monkeypatch, start=-kernels.READY.value)
+        y_own, L_own = _run(x, w, A, B, b, dropout, dtype, l_dtype)
+        assert torch.equal(L_own, L_read) and torch.equal(y_own, y_read)
+        # each row block's five tiles counted, its shrink item's READY added: none saw it (the last
+        # row block, rows 96-99, is as full a count as the others)
+        assert flags[0][:7].tolist() == [5] * 7
+    xm = x.double() * kernels.keep_mask(M, K, 5, 0.25, x.device) if where == "x" else x.double()
+    L_ref = 0.75 * xm @ A.double()
+    ref = x.double() @ w.double() + 1.5 * L_ref.to(l_dtype).double() @ B.double() + b.double()
+    assert rel_err(L_read, L_ref) < TOL[l_dtype] and rel_err(y_read, ref) < TOL[dtype]
+
+
+def test_a_tile_whose_flag_counts_its_L_reads_it(monkeypatch):
+    """The other way round: flags preset to READY say every L is there before any is. On the
+    persistent grid, the tiles that run before their row block's shrink item then read its L
+    unwritten (NaN, as the poisoned buffer holds it) rather than compute it: the flag alone decides."""
+    use_triton(monkeypatch)
+    _force(monkeypatch, persistent=True)
+    _flags_seen(monkeypatch, start=kernels.READY.value)
+    x, w, A, B, b = _inputs(torch.float32, seed=4)
+    y, L = _run(x, w, A, B, b, None, torch.float32)
+    assert torch.isfinite(L).all() and not torch.isfinite(y).all()
