@@ -141,7 +141,7 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     needs = [True, trainable_base, trainable_base, True, True]
     with launched_on(recorder, sms, arch), torch.no_grad():
         for (K, N, M, r), dtype, fuse in itertools.product(configs, dtypes, fuse_options):
-            if fuse == "ahead" and (M, r) != ahead_at:
+            if variants and fuse == "ahead" and (M, r) != ahead_at:
                 continue  # (the variants time it at theirs alone: the pack has room for no more)
             # Uninitialised CPU memory: no launch reads it, and torch.empty costs nothing.
             x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)

@@ -487,7 +487,7 @@ AGAINST_FLOOR += (CLEAN_STEP,)
 # checked against it).
 AHEAD_FWD = "layer forward, shrink ahead"
 SEPARATE_DX = "dS, then dX = dY W + α dS Aᵀ (two launches)"
-AHEAD_DX = "dX = dY W + α dS Aᵀ with dS ahead (one launch)"
+AHEAD_DX = "dX = dY W + α dS Aᵀ with dS ahead (one launch, and its flags' memset)"
 AHEAD_EAGER = "layer fwd+bwd, shrink ahead"
 AHEAD_STEP = "layer fwd+bwd, shrink ahead, CUDA graph"
 DROPPED_STEP = "layer fwd+bwd, dropout 0.1, separate shrink, CUDA graph"

@@ -259,8 +259,10 @@ def _prune(configs, named_args, **kwargs):
     # BLOCK_R tile of A (at rank 64 that is 64 KiB more in four stages of BLOCK_K = 128: the compiled
     # kernel would need more than the estimate, and fail to launch on a GPU with less to spare). A
     # may be fp32 beside bf16 activations (peft's adapters).
-    # (SHRINK_AHEAD's shrink items stream X and A tiles alone, fewer bytes a stage than X and W.)
     a_bytes = kwargs["BLOCK_R"] * size("l_ptr") if kwargs.get("FUSE_SHRINK") == SHRINK_LOOP.value else 0
+    # SHRINK_AHEAD's shrink items stream X and A tiles in a loop of their own, whose buffers the K
+    # loop's may share: the wider of A's and W's tiles counts (A's, at rank 64 in fp32 beside a thin W).
+    ahead = kwargs.get("FUSE_SHRINK") == SHRINK_AHEAD.value
     # In tensor memory a 128×256 tile's fp32 accumulator takes 256 of the 512 columns, and with the
     # fused shrink a second accumulator as wide (dropout's share of dX has one there; Triton 3.6 and
     # 3.7 make one without dropout too) the rest, the shrink's finding none: compiled for sm_100,
@@ -278,7 +280,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (narrow and bn > 128) or (second_acc and bm * bn >= 128 * 128 and c.num_warps < 8):
             continue
-        per_stage = (bm * size("x_ptr") + bn * size("w_ptr") + a_bytes) * bk
+        w_bytes = max(bn * size("w_ptr"), kwargs["BLOCK_R"] * size("l_ptr")) if ahead else bn * size("w_ptr")
+        per_stage = (bm * size("x_ptr") + w_bytes + a_bytes) * bk
         stages = c.num_stages
         while stages > 2 and stages * per_stage > smem:
             stages -= 1

@@ -12,7 +12,7 @@
 #         (Set from the H200 run of 2026-11-28: the sweep took 150 s, the dropout run needs its
 #         kernels precompiled in full, and the test shards, which compile kernels one at a time,
 #         did not finish in 160 s either; their -v logs still say how far they got.)
-#   variants (at most about 4 minutes: precompile 60 s, variants 165 s): benchmarks/variants.py,
+#   variants (at most about 4 minutes: precompile 60 s, variants 180 s): benchmarks/variants.py,
 #         the piece-by-piece timing for tuning.
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
@@ -20,7 +20,7 @@
 #         dropout run, variants, then two of the sweep's 8192-token rows with fp32 adapters beside
 #         the bf16 base (peft's default), a Llama layer's seven projections in one step
 #         (model-step.md) and what a launch's first call spends compiling on the host's CPUs
-#         (first-step.md) in what is left (limits 60 + 60 + 55 + 55 + 180 + 110, 165 for variants,
+#         (first-step.md) in what is left (limits 60 + 60 + 55 + 55 + 180 + 110, 180 for variants,
 #         30 + 45 for the fp32-adapter run and its precompile, 75, 2 × 40); the fp32-adapter run
 #         starts only with 65 s left and the first-step pair only with 70 s, so that pair is cut
 #         first; the dropout and fp32-adapter precompiles are skipped where the first precompile
@@ -276,8 +276,9 @@ if has variants all perf; then
   # session the CLEAN rows at two shapes (the same launches after a flush that reads) and the
   # layer's launches with dA and dB on a second stream at each shape: about 13 s.
   # Estimated 150 s in all: the fp32-adapter pair and the model step still run after it, the
-  # first-step pair is likely cut.)
-  step variants 165 "$PY" -m benchmarks.variants --out "$W"
+  # first-step pair is likely cut. Since the thirty-ninth session the shrink ahead's seven rows at
+  # each shape, about 20 s more: its limit 165 -> 180 s, and the model step may be cut short.)
+  step variants 180 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and

@@ -58,8 +58,9 @@ def test_the_shrink_ahead_gives_the_same_bits_every_run(persistent, monkeypatch)
     tile may reach its epilogue before its row block's shrink item has stored L, or while it
     stores it, and must then compute L itself, never read it half-written. Forward and backward
     (S in y's launch, dS in dX's), 8192 tokens in 64 row blocks, a config forced (the persistent
-    grid takes 132 programs, each its tiles in turn): five runs give the same bits, and each is
-    within twice PyTorch's own bf16 error of float64."""
+    grid takes 132 programs, each its tiles in turn), every buffer the kernels write NaN-poisoned
+    (this file's autouse fixture: S too, so an L read before it was stored shows): five runs give
+    the same bits, and each is within twice PyTorch's own bf16 error of float64."""
     monkeypatch.setattr(functional, "FUSE_SHRINK", "ahead")
     config = kernels._config(128, 128, 64, 8, 3, tma=True, persistent=persistent, store=persistent)
     monkeypatch.setattr(kernels._lora_matmul_kernel, "configs", [config])

@@ -6,13 +6,14 @@ The interpreter runs a grid's programs one after another. With a program per ite
 item runs before its tiles: they all read the published L. With a persistent grid (the
 interpreter's 8 "SMs", each program taking items p, p + 8, ...), program 0 meets tiles of row
 blocks whose shrink item belongs to a program not yet run: those tiles compute L themselves. Flags
-preset so that no L ever counts as there force the second way everywhere.
+preset so that no L ever counts as there force the second way everywhere. (On a GPU the same
+tests run where the order is the hardware's: tests/test_gpu.py adds a larger one.)
 """
 
 import pytest
 import torch
 
-from conftest import TOL, rel_err, use_triton
+from conftest import DEVICE, TOL, rel_err, use_triton
 from lora_kernels import kernels
 
 pytestmark = pytest.mark.triton
@@ -20,12 +21,12 @@ pytestmark = pytest.mark.triton
 M, K, N, R = 100, 48, 130, 8  # ragged against every tile below
 
 
-def _inputs(dtype, seed=0):
+def _inputs(dtype, seed=0, m=M, n=N):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return rnd(M, K), rnd(K, N, scale=K ** -0.5), rnd(K, R, scale=K ** -0.5), rnd(R, N, scale=R ** -0.5), rnd(N)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    return rnd(m, K), rnd(K, n, scale=K ** -0.5), rnd(K, R, scale=K ** -0.5), rnd(R, n, scale=R ** -0.5), rnd(n)
 
 
 def _force(monkeypatch, persistent):
@@ -106,6 +107,21 @@ def test_tiles_that_find_no_L_compute_the_same_bits(dtype, l_dtype, where, monke
     assert rel_err(L_read, L_ref) < TOL[l_dtype] and rel_err(y_read, ref) < TOL[dtype]
 
 
+def test_a_shrink_item_that_comes_last_resets_its_flag(monkeypatch):
+    """64 rows and 64 columns (4 row blocks of 2 column blocks, in 2 groups) on the persistent
+    grid: programs 0 to 3 take, second, the tiles of row blocks 2 and 3, whose shrink items
+    (programs 6 and 7) run after them, and come last: the items' atomics reset those flags, the
+    tiles' the other two. Every flag zero after, y against float64."""
+    use_triton(monkeypatch)
+    _force(monkeypatch, persistent=True)
+    flags = _flags_seen(monkeypatch)
+    x, w, A, B, b = _inputs(torch.float64, seed=5, m=64, n=64)
+    y, L = _run(x, w, A, B, b, None, torch.float64)
+    assert rel_err(y, x @ w + 1.5 * (0.75 * x @ A) @ B + b) < TOL[torch.float64]
+    assert flags[0].eq(0).all(), flags[0]
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="which tiles overtake their shrink item is the interpreter's order")
 def test_a_tile_whose_flag_counts_its_L_reads_it(monkeypatch):
     """The other way round: flags preset to READY say every L is there before any is. On the
     persistent grid, the tiles that run before their row block's shrink item then read its L
@@ -116,3 +132,20 @@ def test_a_tile_whose_flag_counts_its_L_reads_it(monkeypatch):
     x, w, A, B, b = _inputs(torch.float32, seed=4)
     y, L = _run(x, w, A, B, b, None, torch.float32)
     assert torch.isfinite(L).all() and not torch.isfinite(y).all()
+
+
+def test_the_pruner_counts_the_shrink_items_tiles_of_A():
+    """The shrink items' loop holds an X tile and an A tile a stage, the K loop's an X tile and a W
+    tile, in buffers they may share: the pruner counts the wider. A deep thin config (128×64×256,
+    N = 64) beside fp32 A at rank 64 (peft's adapters): W's tile 128 bytes a row of K, A's 256; two
+    stages of X and W fit Hopper's 227 KiB (192), two of X and A do not (256): the config goes."""
+    import triton.language as tl
+    named = {"M": 8192, "N": 64, "R": 64, "x_ptr": torch.bfloat16, "w_ptr": torch.bfloat16, "l_ptr": torch.float32,
+             "r_ptr": torch.float32, "out_ptr": torch.bfloat16}
+    deep = kernels._config(128, 64, 256, 8, 3, tma=True)
+
+    def kept(fuse):
+        return [kernels.tile_name(c.all_kwargs()) for c in kernels._prune(
+            [deep, deep], named, FUSE_SHRINK=fuse, BLOCK_R=64, ALLOW_TMA=True, DOT_DTYPE=tl.bfloat16, HAS_LOWRANK=True)]
+    assert kept(0) == ["128x64x256 w8 s2 tma"]
+    assert "128x64x256" not in " ".join(kept(kernels.SHRINK_AHEAD.value))
