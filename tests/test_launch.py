@@ -470,7 +470,8 @@ def _import_with(env):
       "LORA_KERNELS_AUTOTUNE": "0", "LORA_KERNELS_COMPILE_THREADS": "3", "LORA_KERNELS_TORCH_BELOW": "2**37"},
      "0 137438953472 False False False 3"),
     ({"LORA_KERNELS_FUSE_SHRINK": "1"}, "1 0 True True True"),
-], ids=["unset", "all-set", "fuse-1"])
+    ({"LORA_KERNELS_FUSE_SHRINK": " Ahead "}, "ahead 0 True True True"),
+], ids=["unset", "all-set", "fuse-1", "fuse-ahead"])
 def test_switches_are_read_from_the_environment_at_import(env, expected):
     """docs/usage.md's environment variables, as a user sets them (before the import), reach the
     switches the code reads (the tests elsewhere set the module attributes)."""
