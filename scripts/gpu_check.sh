@@ -17,11 +17,13 @@
 #   perf: what issue 4's figures need, no test suite: a smoke test of the direct launch path (if it
 #         fails, the rest runs with LORA_KERNELS_FAST_LAUNCH=0, and steps.md says so), the
 #         precompiles, a cProfile of one layer step's host time (host-profile.md), the sweep, the
-#         dropout run, variants, then two of the sweep's 8192-token rows with fp32 adapters beside
-#         the bf16 base (peft's default), a Llama layer's seven projections in one step
-#         (model-step.md) and what a launch's first call spends compiling on the host's CPUs
-#         (first-step.md) in what is left (limits 60 + 60 + 55 + 55 + 180 + 110, 180 for variants,
-#         30 + 45 for the fp32-adapter run and its precompile, 75, 2 × 40); the fp32-adapter run
+#         dropout run, variants, the base and the layer with its shrink ahead (version 25, off by
+#         default: LORA_KERNELS_FUSE_SHRINK=ahead) at 8192 tokens, then two of the sweep's 8192-token
+#         rows with fp32 adapters beside the bf16 base (peft's default), a Llama layer's seven
+#         projections in one step (model-step.md) and what a launch's first call spends compiling on
+#         the host's CPUs (first-step.md) in what is left (limits 60 + 60 + 55 + 55 + 180 + 110, 180
+#         for variants, 45 for the shrink ahead's run, 30 + 45 for the fp32-adapter run and its
+#         precompile, 75, 2 × 40); the fp32-adapter run
 #         starts only with 65 s left and the first-step pair only with 70 s, so that pair is cut
 #         first; the dropout and fp32-adapter precompiles are skipped where the first precompile
 #         found all its kernels in a carried pack (`covered`: about 50 s of start-ups saved);
@@ -281,6 +283,12 @@ if has variants all perf; then
   step variants 180 "$PY" -m benchmarks.variants --out "$W"
 fi
 if has perf; then
+  # Version 25's shrink ahead (off by default) in users' eager steps: base and fused with
+  # LORA_KERNELS_FUSE_SHRINK=ahead, in turn, at the four shapes, 8192 tokens, rank 16: issue 4's
+  # forward and forward+backward ratios to the base with it, each measured in one run (its kernels
+  # are in the pack). Before the fp32-adapter pair and the model step, which the sixth run measured.
+  step bench-shrink-ahead 45 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.run --out "$W" \
+    --name shrink-ahead --providers base,fused --tokens 8192 --ranks 16 --modes forward,forward+backward
   # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
   # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
   # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
@@ -340,7 +348,7 @@ if [ "$what" = cache ]; then
   "$PY" -m benchmarks.precompile --save-cache "$CARRIED" 2>&1 | tee -a "$W/steps.md" || status=1
 fi
 # The targets table from whatever the benchmark wrote (a second of CPU, so even when time ran out).
-results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -e -dropout/ -e -fp32-adapters/ | head -n 1)
+results=$(ls "$W"/*/results.json 2>/dev/null | grep -v -e -dropout/ -e -fp32-adapters/ -e -shrink-ahead/ | head -n 1)
 dropout=$(ls "$W"/*-dropout/results.json 2>/dev/null | head -n 1)
 if [ -n "$results" ]; then
   timeout 20 "$PY" -m benchmarks.targets "$results" ${dropout:+--dropout "$dropout"} --out "$W/targets.md" \
@@ -361,6 +369,9 @@ fi
   [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows
   [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
   for f in "$W"/*-fp32-adapters/report.md; do [ -e "$f" ] && { echo; echo "### fp32 adapters"; grep '^|' "$f"; }; done
+  for f in "$W"/*-shrink-ahead/report.md; do
+    [ -e "$f" ] && { echo; echo "### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead)"; grep '^|' "$f"; }
+  done
   [ -e "$W/first-step.md" ] && { echo; cat "$W/first-step.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }
   # (last: the device tool's output tail shows the end of this, should the files not come back)

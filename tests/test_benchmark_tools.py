@@ -1691,7 +1691,7 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
 # for some steps) and succeeds at once, having written a compiles report where one is asked for,
 # and printed $PRECOMPILE_SAYS where it stands for perf's first precompile (the one with --variants).
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*" >> "$CALLS"
+echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*${LORA_KERNELS_FUSE_SHRINK:+ [FUSE_SHRINK=$LORA_KERNELS_FUSE_SHRINK]}" >> "$CALLS"
 [[ " $* " =~ " --report-compiles "([^ ]+) ]] && echo "$* found, 1 compiled" > "${BASH_REMATCH[1]}"
 [[ " $* " == *" -m benchmarks.precompile --variants "* ]] && echo "${PRECOMPILE_SAYS:-}"
 exit 0
@@ -1755,6 +1755,18 @@ def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):
     assert "--shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32" in calls[runs[0]]
 
 
+def test_gpu_check_perf_times_the_shrink_ahead_beside_the_base(tmp_path):
+    """perf mode times version 25's shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead, off by default)
+    against the base in a run of its own, right after variants, at the default shapes, 8192 tokens,
+    rank 16, forward and forward+backward; no other call sees the switch."""
+    calls, _ = _gpu_check_calls(tmp_path, "perf")
+    runs = [i for i, c in enumerate(calls) if " -m benchmarks.run " in c and "--name shrink-ahead" in c]
+    assert len(runs) == 1 and " -m benchmarks.variants " in calls[runs[0] - 1], calls
+    assert calls[runs[0]].endswith("--providers base,fused --tokens 8192 --ranks 16 --modes forward,forward+backward"
+                                   " [FUSE_SHRINK=ahead]"), calls[runs[0]]
+    assert sum("[FUSE_SHRINK=" in c for c in calls) == 1, calls
+
+
 @pytest.mark.parametrize("found", [676, 675])
 def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, found):
     """Where perf's first precompile compiled all its kernels and found every one in Triton's
@@ -1772,7 +1784,7 @@ def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, fou
         assert "- precompile-dropout: skipped" in steps and "- precompile-fp32-adapters: skipped" in steps, steps
     else:
         assert len(precompiles) == 3 and "skipped, the carried pack" not in steps, (precompiles, steps)
-    assert sum(" -m benchmarks.run " in c for c in calls) == 3, calls  # (the runs themselves, either way)
+    assert sum(" -m benchmarks.run " in c for c in calls) == 4, calls  # (the runs themselves, either way)
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
