@@ -130,8 +130,9 @@ def record(configs, dtypes, sms, arch, *, trainable_base=False, dropout=0.0, var
     """The kernel launches (args, kwargs) of one forward+backward of the layer at each (K, N, M, r)
     and dtype, the adapters in ``adapter_dtype`` if given (else in the base's): with ``variants``,
     for the shrink separate and in the K loop (and ahead, at ``ahead_at``'s tokens and rank only,
-    by default the variants' own), as plain GEMMs and with dA and dB unpaired too (what ``benchmarks.variants`` times; a test
-    checks that against its pieces); with ``tf32``, fp32 products on TF32 tensor cores as well."""
+    by default the variants' own), as plain GEMMs and with dA and dB unpaired too (what
+    ``benchmarks.variants`` times; a test checks that against its pieces); with ``tf32``, fp32
+    products on TF32 tensor cores as well."""
     from .variants import RANK, TOKENS, on_64_bit_offsets
     ahead_at = ahead_at or (TOKENS, RANK)
 

@@ -175,8 +175,8 @@ def shrink_expand(backend, x, w, A, R, s_scale, r_scale, *, bias=None, dropout=N
     place = fuse_shrink(x, w, A, dropout) if backend == "triton" else None
     if place is not None:
         return kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, s_scale, dtype, place == "ahead"), R),
-                                   r_scale=r_scale,
-                                   bias=bias, dropout=dropout, out_dtype=dtype, dot_dtype=dtype, out_shape=out_shape)
+                                   r_scale=r_scale, bias=bias, dropout=dropout, out_dtype=dtype, dot_dtype=dtype,
+                                   out_shape=out_shape)
     matmul = kernels.lora_matmul if backend == "triton" else torch_matmul
     on_x = dropout if dropout is not None and dropout[0] == "x" else None
     L = matmul(x, A, scale=s_scale, dropout=on_x, out_dtype=dtype, dot_dtype=dtype)
