@@ -181,6 +181,12 @@ class _Launching(torch.autograd.Function):
         return grad, None, None
 
 
+# (With dropout the layer's shrink has launches of its own, four a step here, five at 4096→4096;
+# the shrink ahead makes three, and a flag memset in each pass. Without dropout, variants' host
+# pieces time the placements.)
+DROPOUT_STEP = "lora_linear forward+backward with LoRA dropout 0.1, eager"
+
+
 def _steps(device, dtype):
     M, K, N, r = 64, 64, 64, 16
     g = torch.Generator(device=device).manual_seed(0)
@@ -232,8 +238,11 @@ def _steps(device, dtype):
     def launch():
         kernels.lora_matmul(x2, W.t(), out_dtype=dtype, dot_dtype=dtype)
 
-    def launching(in_backward):
+    def launching(in_backward, launch=launch):
         torch.autograd.grad(_Launching.apply(x, launch, in_backward), [x], dy)
+
+    def flags():  # what the shrink ahead adds to each of its launches: a memset (PyTorch's, not Triton's)
+        kernels._ready_flags(M // 16, device)
 
     S = torch.randn(M, r, generator=g, device=device).to(dtype)
 
@@ -253,9 +262,9 @@ def _steps(device, dtype):
     # With LoRA dropout 0.1, the layer's and peft's: last, their kernels compile first on a GPU. (The
     # fifth H200 run's fused step with dropout took 1.31 against 0.90 ms without at 4096→4096,
     # peft's 1.10 against 1.04: these say how much of it is the host's.)
-    dropout = {"lora_linear forward+backward with LoRA dropout 0.1, eager": functools.partial(eager_step, 0.1),
+    dropout = {DROPOUT_STEP: functools.partial(eager_step, 0.1),
                **_peft_steps(x, W, b, dy, dropout=0.1)}
-    return (eager_step, train_forward, eval_forward, op_step, launch, launching, backward_body, baselines,
+    return (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, backward_body, baselines,
             engine, _peft_steps(x, W, b, dy), dropout)
 
 
@@ -305,7 +314,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    (eager_step, train_forward, eval_forward, op_step, launch, launching, backward_body, baselines, engine,
+    (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, backward_body, baselines, engine,
      peft_steps, dropout_steps) = steps
 
     def stubs():  # on the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off
@@ -361,6 +370,10 @@ def main(argv=None):
             row("the Function that computes nothing, making that launch in its forward (forward+backward)",
                 functools.partial(launching, False))
             row("the same, the launch in its backward (on CUDA on the engine's thread)", functools.partial(launching, True))
+            # Is it Triton's launch that costs more there, or any CUDA call? The shrink ahead's
+            # flags are a PyTorch memset, one in each pass.
+            row("the same, the shrink ahead's flags (torch.zeros) in its forward", functools.partial(launching, False, flags))
+            row("the same, those flags in its backward", functools.partial(launching, True, flags))
             if cuda:
                 try:
                     parts = _launch_parts(launch, eager_step, device, torch.bfloat16)
@@ -394,6 +407,9 @@ def main(argv=None):
         with stubs():
             for name, step in dropout_steps.items():
                 row(name, step)
+            with mock.patch.object(functional, "FUSE_SHRINK", "ahead"):
+                row(f"{DROPOUT_STEP}, the shrink ahead (three launches: four by default here, five at 4096→4096)",
+                    dropout_steps[DROPOUT_STEP])
     except Stopped as e:
         lines.append(f"INCOMPLETE: {e}")
         write()

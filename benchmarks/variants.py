@@ -220,6 +220,19 @@ def composed(thin, x, W, b, A, B, dy, dtype, beside=False):
     return run
 
 
+def switched(fn, flag, value, module=kernels):
+    """``fn`` run with ``module.flag`` set to ``value`` (put back after each call). A launch flag
+    it sets (ALLOW_TMA) is in the autotuner's key: tuned apart."""
+    def run():
+        previous = getattr(module, flag)
+        setattr(module, flag, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, flag, previous)
+    return run
+
+
 def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
     """name -> (kind, zero-argument callable); the first row of each kind is its floor. With
     ``sweep`` ("forward" or "dx", ``SWEEPS``), that sweep's rows instead: its cuBLAS floor, its
@@ -248,16 +261,6 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
     # Gradients through torch.autograd.grad, as measure.py takes them: .backward() on the same
     # leaves would add each step's gradients into .grad (an M×K in-place add from the second call
     # on), work that neither the floor's nor the layer's step defines.
-    def switched(fn, flag, value, module=kernels):
-        def run():  # tuned apart: the launch flag it sets (ALLOW_TMA) is in the autotuner's key
-            previous = getattr(module, flag)
-            setattr(module, flag, value)
-            try:
-                return fn()
-            finally:
-                setattr(module, flag, previous)
-        return run
-
     def layer(fuse, backward, p=0.0):
         def run():
             if backward:
@@ -622,21 +625,15 @@ def host_pieces(dtype, device):
     def layer():
         torch.autograd.grad(lora_kernels.lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy)
 
-    fuse = functional.FUSE_SHRINK  # (the layer's own placement, restored after each "separate" step)
-
     def launch():
         kernels.lora_matmul(x.detach(), W.t(), out_dtype=dtype, dot_dtype=dtype)
 
-    def separate():
-        functional.FUSE_SHRINK = "0"
-        try:
-            layer()
-        finally:
-            functional.FUSE_SHRINK = fuse
-
     operands = (x.detach(), W, b, A.detach(), B.detach(), dy, dtype)
     return {"F.linear fwd+bwd, host (floor)": base, "layer fwd+bwd, host": layer,
-            "layer fwd+bwd, separate shrink, host": separate,
+            # (the shrink in launches of its own, as at 4096→4096: five launches a step; ahead: three,
+            # and a flag memset in each pass)
+            "layer fwd+bwd, separate shrink, host": switched(layer, "FUSE_SHRINK", "0", functional),
+            "layer fwd+bwd, shrink ahead, host": switched(layer, "FUSE_SHRINK", "ahead", functional),
             "the layer's launches, host": composed(kernels.lora_matmul, *operands),
             "the layer's launches, thin products on cuBLAS, host": composed(functional.torch_matmul, *operands),
             "layer fwd+bwd, host, Triton's dispatch (no direct launch)": tritons_dispatch(layer),

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 from benchmarks import measure, providers, report, run, targets, variants  # noqa: E402
-from conftest import TOL, make_inputs, reference, rel_err, use_triton  # noqa: E402
+from conftest import TOL, make_inputs, not_when_recording, reference, rel_err, use_triton  # noqa: E402
 from lora_kernels import functional, kernels  # noqa: E402
 
 
@@ -213,8 +213,8 @@ def run_jobs_script(script):
 def test_precompile_host_records_the_variants_host_pieces():
     """`precompile --host` (the variants step's host-time pieces, 64x64) compiles what the layer's
     forward+backward at that shape needs, as `--shapes 64x64 --tokens 64 --ranks 16` would, and what
-    the latter misses: the plain GEMM without bias, and the separate shrink's launches (S, y with S
-    given, dS, dX with dS given) beside the default fused ones."""
+    the latter misses: the plain GEMM without bias, the separate shrink's launches (S, y with S
+    given, dS, dX with dS given) and the shrink ahead's (y, dX) beside the default fused ones."""
     out = run_jobs_script("""
 host = jobs(precompile.record_host([torch.bfloat16], 132, 90))
 layer = jobs(precompile.record([(64, 64, 64, 16)], [torch.bfloat16], 132, 90))
@@ -222,6 +222,7 @@ print(sorted({host[k] for k in host.keys() - layer.keys()}), sorted({layer[k] fo
 """)
     assert out == (
         "[('GEMM + low rank', 'M=64 N=64 K=64 r=16'), ('GEMM + low rank (Wᵀ view)', 'M=64 N=64 K=64 r=16'), "
+        "('GEMM + shrink ahead', 'M=64 N=64 K=64 r=16'), ('GEMM + shrink ahead (Wᵀ view)', 'M=64 N=64 K=64 r=16'), "
         "('product', 'M=64 N=16 K=64'), ('product (Wᵀ view)', 'M=64 N=16 K=64'), "
         "('product (Wᵀ view)', 'M=64 N=64 K=64')] []"), out
 
@@ -1803,3 +1804,41 @@ def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
         shard_line = f"- tests-{report[2]}: "
         following = summary.rsplit(shard_line, 1)[1].split("\n")[1]  # (its closing line, after its step line)
         assert following == f"  -m {call.split(' -m ', 1)[1]} found, 1 compiled", (following, summary)
+
+
+def test_host_overhead_times_the_shrink_aheads_flags_and_its_dropout_step(monkeypatch, capsys):
+    """The flags' rows make one memset each and no launch; the dropout step with the shrink ahead
+    runs with FUSE_SHRINK set for its whole timing (and only it), three launches and a memset in
+    each pass where the default makes four at 64×64."""
+    not_when_recording()
+    from benchmarks import host_overhead
+    launches, zeros, made = [], [], []
+
+    class Counting(host_overhead._NoLaunch):
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return super().__getitem__(grid)
+
+    real_flags = kernels._ready_flags
+    monkeypatch.setattr(kernels, "_ready_flags", lambda n, device: (zeros.append(n), real_flags(n, device))[1])
+
+    def timer(fn, n=0, rounds=0, sync=None):
+        launches.clear(), zeros.clear()
+        fn()
+        made.append((functional.FUSE_SHRINK, len(launches), len(zeros)))
+        return 1.0
+
+    monkeypatch.setattr(host_overhead, "_NoLaunch", Counting)
+    monkeypatch.setattr(host_overhead, "_median_us", timer)
+    host_overhead.main([])
+    rows = [line.split("µs  ", 1)[1] for line in capsys.readouterr().out.splitlines() if "µs  " in line]
+    assert len(rows) == len(made)
+    made = dict(zip(rows, made))
+    dropout = host_overhead.DROPOUT_STEP
+    ahead = f"{dropout}, the shrink ahead (three launches: four by default here, five at 4096→4096)"
+    assert made["lora_linear forward+backward, eager (autograd.Function)"] == ("auto", 3, 0)
+    assert made[dropout] == ("auto", 4, 0) and made[ahead] == ("ahead", 3, 2)
+    assert made["the same, the shrink ahead's flags (torch.zeros) in its forward"] == ("auto", 0, 1)
+    assert made["the same, those flags in its backward"] == ("auto", 0, 1)
+    assert [row for row, (setting, *_) in made.items() if setting != "auto"] == [ahead]
+    assert functional.FUSE_SHRINK == "auto"  # (put back)
