@@ -436,7 +436,10 @@ def save_cache(path, arch):
     entries = sorted(os.listdir(cache))
     label = (f"sm_{arch} {fingerprint(arch)} (Python {sys.version.split()[0]}, torch {torch.__version__}, "
              f"triton {triton.__version__})\n").encode()
-    with tarfile.open(path, "w:xz") as tar:
+    # (preset 9: its 64 MiB window spans the many near-alike kernels, 9% smaller than the default's
+    # 8 MiB on the 55 MiB pack of 2026-11-30, where a device call carries 64 MiB with the tree;
+    # about 3 minutes more to write, on one core.)
+    with tarfile.open(path, "w:xz", preset=9) as tar:
         info = tarfile.TarInfo("FINGERPRINT")
         info.size = len(label)
         tar.addfile(info, io.BytesIO(label))

@@ -39,8 +39,8 @@
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
 #         each in full), and the test shards' kernels (their files run under the interpreter,
 #         recording each launch as the GPU would make it), on this machine's CPUs into an empty
-#         Triton cache, packed into build/triton-cache.tar.xz (about 25 minutes, 2,546 kernels
-#         and 51 MiB on this project's 2-core machine, 2026-11-30, version 23: see benchmarks/NOTES.md).
+#         Triton cache, packed into build/triton-cache.tar.xz (about 30 minutes, 2,683 kernels
+#         and 50 MiB on this project's 2-core machine, 2026-11-30, version 25: see benchmarks/NOTES.md).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
 #         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
 #         machine's Python (minor version), torch and Triton (PYTHON=...): a cache key holds
