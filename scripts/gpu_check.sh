@@ -31,11 +31,12 @@
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
-#         GPU_CHECK_SECONDS (TESTS_SECONDS, default 400, caps it); for a second call after perf.
+#         GPU_CHECK_SECONDS less 40 (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #         Each shard writes tests-I/compiles.md: the kernels it compiled, by test (those a carried
 #         pack lacked), and how many it found in Triton's cache; the summary has each one's totals.
-#   all: check, then variants in whatever is left of the 570 s (none when check used its limits
-#         in full); give the device call timeout_s=600.
+#   all: check (its precompile with variants' host pieces too), then variants in whatever is left
+#         of the run's 530 s (GPU_CHECK_SECONDS less 40; none when check used its limits in full);
+#         give the device call timeout_s=600.
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
 #         each in full), and the test shards' kernels (their files run under the interpreter,
 #         recording each launch as the GPU would make it), on this machine's CPUs into an empty
@@ -53,8 +54,9 @@
 # when less device time is left): a step gets what is left of that at most, and one that would
 # get under 20 s is skipped, so the packing below always happens. The device tool returns at most
 # 8 files, so everything is packed into $OUT/gpu-check.tar.gz, with $OUT/summary.md beside it (the
-# machine, the step times, each shard's closing line and accuracy table, host-profile's rows,
-# model-step, the fp32-adapter rows, first-step, variants, and the targets last), and the summary
+# machine, the step times, each shard's closing line, compiles line and accuracy table,
+# host-profile's rows, model-step, the fp32-adapter rows, the shrink-ahead rows, first-step,
+# variants, and the targets last), and the summary
 # is printed last; both are also written
 # after every step, so a call stopped from outside keeps what its finished steps wrote.
 set -uo pipefail
