@@ -591,6 +591,19 @@ def test_nested_input_runs_the_reference_calls():
         torch.testing.assert_close(got, ours(x), rtol=1e-5, atol=1e-6)
 
 
+def test_torch_jit_script_is_refused():
+    """README: torch.jit.script is not supported, and says so by raising (TorchScript cannot
+    compile the module's forward, which reads its submodules through __dict__), not by running
+    something else."""
+    layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, alpha=1.0)
+    with pytest.raises(RuntimeError):
+        torch.jit.script(layer)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
+    with pytest.raises(RuntimeError):
+        torch.jit.script(model)
+
+
 def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_warning():
     """nn.MultiheadAttention reads its out_proj's weight itself, and nn.TransformerEncoderLayer its
     Linears' in eval mode (its fast path): the seed's replacement breaks them (AttributeError) and
