@@ -244,6 +244,9 @@ def _steps(device, dtype):
     def flags():  # what the shrink ahead adds to each of its launches: a memset (PyTorch's, not Triton's)
         kernels._ready_flags(M // 16, device)
 
+    def twice():
+        launch(), launch()
+
     S = torch.randn(M, r, generator=g, device=device).to(dtype)
 
     def backward_body():  # what the autograd engine runs for the backward (on CUDA, on a thread of its own)
@@ -264,8 +267,8 @@ def _steps(device, dtype):
     # peft's 1.10 against 1.04: these say how much of it is the host's.)
     dropout = {DROPOUT_STEP: functools.partial(eager_step, 0.1),
                **_peft_steps(x, W, b, dy, dropout=0.1)}
-    return (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, backward_body, baselines,
-            engine, _peft_steps(x, W, b, dy), dropout)
+    return (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, twice, backward_body,
+            baselines, engine, _peft_steps(x, W, b, dy), dropout)
 
 
 def _peft_steps(x, W, b, dy, dropout=0.0):
@@ -314,8 +317,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
     steps = _steps(device, torch.bfloat16 if cuda else torch.float32)
-    (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, backward_body, baselines, engine,
-     peft_steps, dropout_steps) = steps
+    (eager_step, train_forward, eval_forward, op_step, launch, launching, flags, twice, backward_body, baselines,
+     engine, peft_steps, dropout_steps) = steps
 
     def stubs():  # on the CPU no kernel runs: every launch is stubbed out, and the PyTorch path is kept off
         stack = contextlib.ExitStack()
@@ -370,6 +373,10 @@ def main(argv=None):
             row("the Function that computes nothing, making that launch in its forward (forward+backward)",
                 functools.partial(launching, False))
             row("the same, the launch in its backward (on CUDA on the engine's thread)", functools.partial(launching, True))
+            # Once a backward, or once a launch? (On this project's CPU a stubbed launch cost 18 µs
+            # more as the first call on a thread woken for it, three such launches 23 µs more:
+            # benchmarks/results/thread-wakeup-cpu-amd-epyc-2026-11-30.md.)
+            row("the same, two launches in its backward", functools.partial(launching, True, twice))
             # Is it Triton's launch that costs more there, or any CUDA call? The shrink ahead's
             # flags are a PyTorch memset, one in each pass.
             row("the same, the shrink ahead's flags (torch.zeros) in its forward", functools.partial(launching, False, flags))

@@ -1807,9 +1807,9 @@ def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
 
 
 def test_host_overhead_times_the_shrink_aheads_flags_and_its_dropout_step(monkeypatch, capsys):
-    """The flags' rows make one memset each and no launch; the dropout step with the shrink ahead
-    runs with FUSE_SHRINK set for its whole timing (and only it), three launches and a memset in
-    each pass where the default makes four at 64×64."""
+    """The flags' rows make one memset each and no launch, the launching rows their launches; the
+    dropout step with the shrink ahead runs with FUSE_SHRINK set for its whole timing (and only
+    it), three launches and a memset in each pass where the default makes four at 64×64."""
     not_when_recording()
     from benchmarks import host_overhead
     launches, zeros, made = [], [], []
@@ -1840,5 +1840,7 @@ def test_host_overhead_times_the_shrink_aheads_flags_and_its_dropout_step(monkey
     assert made[dropout] == ("auto", 4, 0) and made[ahead] == ("ahead", 3, 2)
     assert made["the same, the shrink ahead's flags (torch.zeros) in its forward"] == ("auto", 0, 1)
     assert made["the same, those flags in its backward"] == ("auto", 0, 1)
+    assert made["the same, the launch in its backward (on CUDA on the engine's thread)"] == ("auto", 1, 0)
+    assert made["the same, two launches in its backward"] == ("auto", 2, 0)
     assert [row for row, (setting, *_) in made.items() if setting != "auto"] == [ahead]
     assert functional.FUSE_SHRINK == "auto"  # (put back)
