@@ -20,13 +20,15 @@
 #         dropout run, variants, the base and the layer with its shrink ahead (version 25, off by
 #         default: LORA_KERNELS_FUSE_SHRINK=ahead) at 8192 tokens, then two of the sweep's 8192-token
 #         rows with fp32 adapters beside the bf16 base (peft's default), a Llama layer's seven
-#         projections in one step (model-step.md) and what a launch's first call spends compiling on
-#         the host's CPUs (first-step.md) in what is left (limits 60 + 60 + 55 + 70 + 180 + 110, 180
-#         for variants, 45 for the shrink ahead's run, 30 + 45 for the fp32-adapter run and its
-#         precompile, 75, 2 × 40); the fp32-adapter run
-#         starts only with 65 s left and the first-step pair only with 70 s, so that pair is cut
-#         first; the dropout and fp32-adapter precompiles are skipped where the first precompile
-#         found all its kernels in a carried pack (`covered`: about 50 s of start-ups saved);
+#         projections in one step (model-step.md), the shrink ahead again with LoRA dropout 0.1
+#         beside peft, and what a launch's first call spends compiling on the host's CPUs
+#         (first-step.md) in what is left (limits 60 + 60 + 55 + 70 + 180 + 110, 180 for variants,
+#         45 for the shrink ahead's run, 30 + 45 for the fp32-adapter run and its precompile, 75,
+#         30 + 40 for the shrink ahead's dropout run and its precompile, 2 × 40); the fp32-adapter
+#         run starts only with 65 s left, the shrink ahead's dropout run with 40 and the first-step
+#         pair with 70, so the last two are cut first; the dropout, fp32-adapter and shrink-ahead
+#         dropout precompiles are skipped where the first precompile found all its kernels in a
+#         carried pack (`covered`: about 75 s of start-ups saved);
 #         GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
 #         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
@@ -40,8 +42,8 @@
 #   cache: no GPU, before the device call: the precompiles of perf and tests (those steps alone,
 #         each in full), and the test shards' kernels (their files run under the interpreter,
 #         recording each launch as the GPU would make it), on this machine's CPUs into an empty
-#         Triton cache, packed into build/triton-cache.tar.xz (about 30 minutes, 2,683 kernels
-#         and 50 MiB on this project's 2-core machine, 2026-11-30, version 25: see benchmarks/NOTES.md).
+#         Triton cache, packed into build/triton-cache.tar.xz (about 30 minutes, 2,735 kernels
+#         and 52 MiB on this project's 2-core machine, 2026-11-30, version 25: see benchmarks/NOTES.md).
 #         Carry it in the device call (`carry: ["build/triton-cache.tar.xz"]`) and every mode
 #         unpacks it first, so its precompiles find their kernels compiled. Run it with the GPU
 #         machine's Python (minor version), torch and Triton (PYTHON=...): a cache key holds
@@ -316,6 +318,24 @@ if has perf; then
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).
   step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
+  # The shrink ahead with LoRA dropout 0.1, base, peft and fused (issue 4's speedup over peft): at
+  # 4096→4096 the default makes five launches a step there and the shrink ahead three, with the
+  # mask drawn once per row block. After the model step, since the fifth run measured that; before
+  # the first-step pair. Its candidates are precompiled first (52 of its 67 are not variants'; a
+  # carried pack holds them, as cache mode runs this precompile too).
+  if (( deadline - $(date +%s) >= 40 )); then
+    if covered precompile; then
+      echo "- precompile-shrink-ahead-dropout: skipped, the carried pack holds it" | tee -a "$W/steps.md"
+    else
+      step precompile-shrink-ahead-dropout 30 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.precompile \
+        --dropout 0.1 --tokens 8192 --ranks 16
+    fi
+    step bench-shrink-ahead-dropout 40 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.run --out "$W" \
+      --name shrink-ahead-dropout --providers base,peft,fused --dropout 0.1 --tokens 8192 --ranks 16 \
+      --modes forward+backward
+  else
+    echo "- bench-shrink-ahead-dropout: skipped, under 40 s left" >> "$W/steps.md"
+  fi
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
   # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s
@@ -372,8 +392,10 @@ fi
   [ -e "$W/host-profile.md" ] && { echo; awk '{ print } /^```/ && ++fences == 2 { exit }' "$W/host-profile.md"; }  # its rows
   [ -e "$W/model-step.md" ] && { echo; cat "$W/model-step.md"; }
   for f in "$W"/*-fp32-adapters/report.md; do [ -e "$f" ] && { echo; echo "### fp32 adapters"; grep '^|' "$f"; }; done
-  for f in "$W"/*-shrink-ahead/report.md; do
-    [ -e "$f" ] && { echo; echo "### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead)"; grep '^|' "$f"; }
+  for f in "$W"/*-shrink-ahead/report.md "$W"/*-shrink-ahead-dropout/report.md; do
+    [ -e "$f" ] || continue
+    case "$f" in *-dropout/*) with=", LoRA dropout 0.1" ;; *) with="" ;; esac
+    echo; echo "### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead)$with"; grep '^|' "$f"
   done
   [ -e "$W/first-step.md" ] && { echo; cat "$W/first-step.md"; }
   [ -e "$W/variants.md" ] && { echo; cat "$W/variants.md"; }

@@ -1759,21 +1759,45 @@ def test_gpu_check_perf_times_fp32_adapters_with_the_autotuner(tmp_path):
 def test_gpu_check_perf_times_the_shrink_ahead_beside_the_base(tmp_path):
     """perf mode times version 25's shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead, off by default)
     against the base in a run of its own, right after variants, at the default shapes, 8192 tokens,
-    rank 16, forward and forward+backward; no other call sees the switch."""
+    rank 16, forward and forward+backward; and with LoRA dropout 0.1 beside peft, after the model
+    step, its kernels precompiled first with the switch (where the pack does not hold them); no
+    other call sees the switch."""
     calls, _ = _gpu_check_calls(tmp_path, "perf")
     runs = [i for i, c in enumerate(calls) if " -m benchmarks.run " in c and "--name shrink-ahead" in c]
-    assert len(runs) == 1 and " -m benchmarks.variants " in calls[runs[0] - 1], calls
-    assert calls[runs[0]].endswith("--providers base,fused --tokens 8192 --ranks 16 --modes forward,forward+backward"
-                                   " [FUSE_SHRINK=ahead]"), calls[runs[0]]
-    assert sum("[FUSE_SHRINK=" in c for c in calls) == 1, calls
+    assert len(runs) == 2 and " -m benchmarks.variants " in calls[runs[0] - 1], calls
+    assert calls[runs[0]].endswith("--name shrink-ahead --providers base,fused --tokens 8192 --ranks 16 "
+                                   "--modes forward,forward+backward [FUSE_SHRINK=ahead]"), calls[runs[0]]
+    assert " -m benchmarks.model_step " in calls[runs[1] - 2], calls
+    assert calls[runs[1] - 1].endswith(" -m benchmarks.precompile --dropout 0.1 --tokens 8192 --ranks 16 "
+                                       "[FUSE_SHRINK=ahead]"), calls[runs[1] - 1]
+    assert calls[runs[1]].endswith("--name shrink-ahead-dropout --providers base,peft,fused --dropout 0.1 "
+                                   "--tokens 8192 --ranks 16 --modes forward+backward [FUSE_SHRINK=ahead]"), calls[runs[1]]
+    assert sum("[FUSE_SHRINK=" in c for c in calls) == 3, calls
+
+
+def test_gpu_check_summary_names_each_shrink_ahead_run(tmp_path):
+    """The summary's shrink-ahead sections: one per run that wrote a report, the dropout run's
+    named so, each with that report's table rows."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(root, "scripts", "gpu_check.sh")).read()
+    loop = script[script.index('  for f in "$W"/*-shrink-ahead/report.md'):]
+    loop = loop[:loop.index("  done\n") + len("  done\n")]
+    for name, row in (("gpu-2026-11-30-shrink-ahead", "| a |"), ("gpu-2026-11-30-shrink-ahead-dropout", "| b |")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.md").write_text(f"# title\n{row}\nnot a row\n")
+    out = subprocess.run(["bash", "-c", loop], env={**os.environ, "W": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=30).stdout
+    assert out == ("\n### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead)\n| a |\n"
+                   "\n### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead), LoRA dropout 0.1\n| b |\n"), out
 
 
 @pytest.mark.parametrize("found", [676, 675])
 def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, found):
     """Where perf's first precompile compiled all its kernels and found every one in Triton's
-    cache (the carried pack's), the pack holds the dropout and fp32-adapter precompiles' kernels
-    too (cache mode compiles them all into one cache): those two steps, each about 25 s of
-    start-up on the GPU's host, are skipped, and steps.md says so. Where it found fewer, both run."""
+    cache (the carried pack's), the pack holds the other precompiles' kernels too (dropout's, the
+    fp32 adapters' and the shrink ahead's with dropout: cache mode compiles them all into one
+    cache): those steps, each about 25 s of start-up on the GPU's host, are skipped, and steps.md
+    says so. Where it found fewer, they run."""
     says = (f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 0 failed; 0 spill registers; "
             f"{found} found in Triton's cache")
     calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says)
@@ -1783,9 +1807,10 @@ def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, fou
     if found == 676:
         assert len(precompiles) == 1 and " --variants " in precompiles[0], precompiles
         assert "- precompile-dropout: skipped" in steps and "- precompile-fp32-adapters: skipped" in steps, steps
+        assert "- precompile-shrink-ahead-dropout: skipped" in steps, steps
     else:
-        assert len(precompiles) == 3 and "skipped, the carried pack" not in steps, (precompiles, steps)
-    assert sum(" -m benchmarks.run " in c for c in calls) == 4, calls  # (the runs themselves, either way)
+        assert len(precompiles) == 4 and "skipped, the carried pack" not in steps, (precompiles, steps)
+    assert sum(" -m benchmarks.run " in c for c in calls) == 5, calls  # (the runs themselves, either way)
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
