@@ -159,9 +159,9 @@ class _LayerShaped(torch.autograd.Function):
 
 
 class _Launching(torch.autograd.Function):
-    """_PassThrough making one launch (``launch``) in its forward or, ``in_backward``, in its
-    backward, which on CUDA the engine runs on a thread of its own: the two steps' difference is
-    what that thread adds to a launch. (In the fifth H200 run the eager step cost 228 µs more with
+    """_PassThrough calling ``launch`` (one launch; or two, or the shrink ahead's flag memset) in
+    its forward or, ``in_backward``, in its backward, which on CUDA the engine runs on a thread of
+    its own: the two steps' difference is what that thread adds to it. (In the fifth H200 run the eager step cost 228 µs more with
     its three launches, two of them the backward's, than with every ``kernel.run`` stubbed out,
     where one ``kernel.run`` called in a loop cost 19 µs. Not all of that is the thread: on this
     project's CPU a stubbed launch costs 12 µs called in a loop and about 25 inside either pass of a
