@@ -169,6 +169,13 @@ class LinearWithLoRA(torch.nn.Module):
         x = torch.nn.functional.dropout(x, p) if p else x
         return y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given or finds inside one: fail here,
+        # saying what to do, rather than deep in TorchScript's compiler about _modules.
+        raise RuntimeError("LinearWithLoRA cannot be compiled by torch.jit.script (its forward reads its "
+                           "submodules through __dict__ and calls Triton kernels): use torch.compile or "
+                           "torch.export, or lora_kernels.merge_and_unload(model) first to script the merged model")
+
     def _delta(self):
         # alpha · (A B)ᵀ, in fp32 at least so merging and unmerging round only once, into W's dtype.
         dtype = torch.promote_types(self.linear.weight.dtype, torch.float32)
@@ -317,6 +324,12 @@ def merge_and_unload(model):
     slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if isinstance(child, LinearWithLoRA)]
     layers = [layer for *_, layer in slots] + ([model] if isinstance(model, LinearWithLoRA) else [])
+    seed_layers = [name for name, m in model.named_modules() if isinstance(m, reference.LinearWithLoRA)]
+    if not layers and not seed_layers:
+        # (as a mistaken call, a peft model's say, it must not pass for a merged model)
+        raise ValueError("merge_and_unload found no lora_kernels.LinearWithLoRA layers in the model: nothing to "
+                         "merge (a peft model, fused by lora_kernels.peft or not, merges with its own "
+                         "merge_and_unload())")
     pending = [layer for layer in dict.fromkeys(layers) if not layer.merged]
     # An FSDP2 unit (or a layer whose weights are sharded DTensors) cannot be unloaded: the linear
     # put back would hold shards with nothing left to gather them, and fail at its next call.
@@ -337,7 +350,6 @@ def merge_and_unload(model):
         layer.merge()
     for parent, name, layer in slots:
         setattr(parent, name, layer.linear)
-    seed_layers = [name for name, m in model.named_modules() if isinstance(m, reference.LinearWithLoRA)]
     if seed_layers:  # (the seed's layer has no merge: say so rather than hand back a model still wrapped)
         warnings.warn("merge_and_unload left the seed's LinearWithLoRA layers (lora_kernels.reference) "
                       "unmerged, which it cannot merge: " + ", ".join(seed_layers), UserWarning, stacklevel=2)

@@ -468,6 +468,12 @@ def test_merge_and_unload():
         assert rel_err(model(x), y) < TOL[torch.float32] and rel_err(y, build()(x)) > 0.01
     assert not any(isinstance(m, lora_kernels.LinearWithLoRA) for m in model.modules())
     assert model.state_dict().keys() == plain_keys
+    # Nothing left to merge (called twice, or on a model it never wrapped: a peft model's, say) is
+    # an error, not a model handed back as if merged.
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"no lora_kernels.LinearWithLoRA layers.*peft model.*merge_and_unload"):
+        lora_kernels.merge_and_unload(model)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
     layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(4, 3), 2, 1.0)
     torch.nn.init.normal_(layer.lora.B)
@@ -594,14 +600,22 @@ def test_nested_input_runs_the_reference_calls():
 def test_torch_jit_script_is_refused():
     """README: torch.jit.script is not supported, and says so by raising (TorchScript cannot
     compile the module's forward, which reads its submodules through __dict__), not by running
-    something else."""
+    something else, with a message that says what to use instead."""
     layer = lora_kernels.LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, alpha=1.0)
-    with pytest.raises(RuntimeError):
+    refused = r"LinearWithLoRA cannot be compiled by torch.jit.script.*torch.compile.*merge_and_unload"
+    with pytest.raises(RuntimeError, match=refused):
         torch.jit.script(layer)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     lora_kernels.replace_linear_with_lora(model, rank=2, alpha=1.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=refused):
         torch.jit.script(model)
+    # as the message says: merged and unloaded, the model scripts, with the layer's numbers
+    torch.nn.init.normal_(model[0].lora.B)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = model(x)
+        scripted = torch.jit.script(lora_kernels.merge_and_unload(model))
+        assert rel_err(scripted(x), y) < TOL[torch.float32]
 
 
 def test_replace_leaves_pytorch_attention_and_transformer_layers_alone_with_a_warning():
