@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU: bf16 and TF32 through the kernels, offsets past 2^31, CUDA graphs.
+"""Checks that need a CUDA GPU: bf16 and TF32 through the kernels, offsets past 2^31, CUDA graphs
+(by hand and through torch.compile's reduce-overhead mode).
 
 The rest of the suite also runs on the GPU (its tensors go to CUDA when one is present); these add
 what the interpreter cannot show. Skipped without CUDA.
@@ -214,6 +215,54 @@ def test_cuda_graph_replays_draw_new_dropout_masks(monkeypatch):
         assert rel_err(y_static, want) < TOL[torch.float32]
         drawn.append(seed)
     assert len(set(drawn)) == 3, drawn
+
+
+def test_compile_reduce_overhead_trains_as_eager(monkeypatch):
+    """torch.compile's mode="reduce-overhead" (CUDA graph trees: a remedy where a step's host time
+    exceeds its GPU time, docs/usage.md) of a model of LinearWithLoRA layers: the custom ops'
+    launches, forward and backward, are recorded into graphs in a memory pool of their own and
+    replayed, and every step gives eager's outputs and gradients on its new input. Graphs must
+    really be used: Inductor skips them silently for what it deems unsafe (and counts the skips),
+    and a replay calls no launcher (counted here)."""
+    from torch._dynamo.utils import counters
+    launches = []  # the compiled model's launcher calls, by step
+    at = [None]  # (the step the compiled model runs, None while the eager one does)
+    matmul = kernels.lora_matmul
+
+    def counted(*args, **kwargs):
+        if at[0] is not None:
+            launches.append(at[0])
+        return matmul(*args, **kwargs)
+    monkeypatch.setattr(kernels, "lora_matmul", counted)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 192), torch.nn.GELU(), torch.nn.Linear(192, 96))
+        lora_kernels.replace_linear_with_lora(model, rank=16, alpha=1.5)
+        for layer in (model[0], model[2]):
+            layer.linear.requires_grad_(False)
+            torch.nn.init.normal_(layer.lora.B, std=0.1)  # (B starts at zero: make the LoRA path count)
+        return model.cuda()
+
+    eager, model = build(), build()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    counters.clear()
+    for step in range(5):  # a warm-up run, the recording, then replays
+        x = torch.randn(2, 256, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(step))
+        results = []
+        for module, call, counting in ((eager, eager, None), (model, compiled, step)):
+            at[0] = counting
+            module.zero_grad(set_to_none=True)
+            y = call(x)
+            y.square().mean().backward()
+            at[0] = None
+            # (cloned at once: the next replay writes the graph's outputs in place)
+            results.append([y.detach().clone()] + [p.grad.clone() for p in module.parameters() if p.requires_grad])
+        assert len(results[1]) == 5  # y and the four adapters' gradients
+        for got, want in zip(results[1], results[0]):
+            assert rel_err(got, want) < TOL[torch.float32]
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert 0 in launches and not [s for s in launches if s >= 3], launches  # the last two steps replayed
 
 
 def test_direct_launches_match_tritons_path(monkeypatch):
