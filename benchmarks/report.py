@@ -93,7 +93,8 @@ def table_cells(row):
         "—" if row.get("ms_p20") is None else f"{row['ms_p20']:.4g}–{row['ms_p80']:.4g}",
         _fmt(row["tflops"], ".3g"),
         _fmt(row["x_base"], ".2f") + (f" ({row['x_base_in_turn']:.2f})" if row.get("x_base_in_turn") else ""),
-        _fmt(row["fused_speedup"], ".2f"),
+        _fmt(row["fused_speedup"], ".2f") + (f" ({row['fused_speedup_in_turn']:.2f})"
+                                             if row.get("fused_speedup_in_turn") else ""),
         _fmt(row["peak_mib"], ".1f", missing="n/a" if row["device"] == "cpu" else "—"),
         _fmt(row["saved_mib"], ".2f"),
         _fmt(row["max_err"], ".1e"),
@@ -115,9 +116,11 @@ TABLE_NOTES = """\
   forward 2MKN + 2Mr(K+N); backward 2MKN (dX) [+ 2MKN for dW when the base trains] + 4Mr(K+N);
   `base` is credited with its GEMMs only. Products only, no bias or elementwise work.
 - ×base: time over `base`'s time in the same mode (the floor: F.linear alone; its backward is dX only
-  while the base is frozen); for fused, in parentheses, the same from base and fused timed again in turn
-  (base, fused, fused, base) at the end of the configuration, which the targets use (with fused-torch
-  between the two fused where it ran: base, fused, fused-torch, fused-torch, fused, base). fused speedup: the provider's time over `fused`'s (above 1: fused is faster).
+  while the base is frozen); in parentheses, the same from the providers timed again in turn at the end
+  of the configuration, which the targets use: base, fused, fused, base (fused-torch between the two
+  fused where it ran; in forward+backward, the mode the targets' speedups read, every other provider
+  too, in the middle: base, fused, fused-torch, peft, peft, fused-torch, fused, base). fused speedup:
+  the provider's time over `fused`'s (above 1: fused is faster); in parentheses, from the times in turn.
 - peak MiB: peak CUDA memory allocated during one forward+backward, over what was allocated before it
   (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own
   parameters left out (the JSON also has the total with them).

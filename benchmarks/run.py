@@ -38,9 +38,10 @@ CPU_TOKENS = [128, 256, 512]
 CPU_RANKS = [16]
 
 # Milliseconds of warm-up and of timed runs per measurement (wall time, see measure.Timer). The GPU
-# default sweep makes 468 measurements (12 configurations × 7 providers × 3 modes, then 6 a
-# configuration and mode timed in turn), so this is most of what the budget lets the sweep choose:
-# 10 + 60 ms (~0.09 s a measurement, ~40 s in all) still gives 60 samples of a 1 ms step and leaves
+# default sweep makes 564 measurements (12 configurations × 7 providers × 3 modes, then 6 a
+# configuration and mode timed in turn, and 8 more in forward+backward: EVERY_PROVIDER_IN_TURN), so
+# this is most of what the budget lets the sweep choose: 10 + 60 ms (0.067 s a measurement in the
+# sixth H200 run, ~38 s in all) still gives 60 samples of a 1 ms step and leaves
 # the rest of the 4 minutes to the first calls (torch.compile, and the fused kernels' autotuning).
 # do_bench's own 25 + 100 ms would add ~25 s. CPU figures are only indicative and get less.
 DEFAULT_TIMING = {"cuda": (10.0, 60.0), "cpu": (10.0, 50.0)}
@@ -162,7 +163,8 @@ def _row(device, K, N, M, r, provider, mode, status):
     return {"device": device.type, "K": K, "N": N, "tokens": M, "rank": r, "mode": mode, "provider": provider,
             "ms": None, "ms_p20": None, "ms_p80": None, "reps": None, "tflops": None, "x_base": None, "fused_speedup": None,
             "peak_mib": None, "saved_mib": None, "saved_all_mib": None, "max_err": None, "errors": None,
-            "check_s": None, "base_again_ms": None, "x_base_in_turn": None, "status": status}
+            "check_s": None, "base_again_ms": None, "x_base_in_turn": None, "fused_speedup_in_turn": None,
+            "status": status}
 
 
 def describe_error(e, limit=300):
@@ -259,20 +261,29 @@ def add_ratios(rows):
                 row["fused_speedup"] = row["ms"] / fused
 
 
+# The mode whose speedups issue 4's targets read (over peft, addmm and compiled): there every
+# provider is timed in turn, not only base and fused (about 7 s more in the GPU sweep).
+EVERY_PROVIDER_IN_TURN = ("forward+backward",)
+
+
 def time_in_turn(config_rows, weights, xs, dys, timer, args):
     """`base` and `fused` timed again in turn, once the configuration's providers are done: base,
-    fused, fused, base in each mode (a steady drift then weighs on both alike), and `fused-torch`
+    fused, fused, base in each mode (a steady drift then weighs on both alike), `fused-torch`
     between the two fused where it ran (base, fused, fused-torch, fused-torch, fused, base: which
-    path a small step should take is read from these). The ratio of each one's median to base's
-    goes in its rows as x_base_in_turn, fused's of which the targets use: timed minutes apart, in
-    the sweep's fixed order, the providers drifted with the GPU's clocks and the host's load (the
-    base's own time moved by -64% to +48% within one configuration on the H200). The base's rows
-    get base_again_ms, its median here, for the drift note."""
+    path a small step should take is read from these), and in EVERY_PROVIDER_IN_TURN's modes each
+    other provider too, in the middle (base, fused, fused-torch, peft, peft, fused-torch, fused,
+    base). The ratio of each one's median to base's goes in its rows as x_base_in_turn, and a
+    provider's median over fused's as fused_speedup_in_turn: the targets use these. Timed minutes
+    apart, in the sweep's fixed order, the providers drifted with the GPU's clocks and the host's
+    load (the base's own time moved by -64% to +48% within one configuration on the H200). The
+    base's rows get base_again_ms, its median here, for the drift note."""
     rows = {(r["provider"], r["mode"]): r for r in config_rows if r["ms"] is not None}
     for mode in args.modes:
         turn = [name for name in ("fused", "fused-torch") if (name, mode) in rows]
         if ("base", mode) not in rows or "fused" not in turn:
             continue
+        if mode in EVERY_PROVIDER_IN_TURN:
+            turn += [name for name in args.providers if name not in ("base", *turn) and (name, mode) in rows]
         layers = {name: PROVIDERS[name](weights, dropout=args.dropout) for name in ["base", *turn]}
         ms = {name: [] for name in layers}
         try:
@@ -280,9 +291,12 @@ def time_in_turn(config_rows, weights, xs, dys, timer, args):
                 ms[name].append(timer(*mode_step(layers[name], mode, xs, dys))[0])
         except Exception:  # figures for the ratios' noise only: the sequential ones stand
             continue
-        rows[("base", mode)]["base_again_ms"] = statistics.median(ms["base"])
+        median = {name: statistics.median(times) for name, times in ms.items()}
+        rows[("base", mode)]["base_again_ms"] = median["base"]
         for name in turn:
-            rows[(name, mode)]["x_base_in_turn"] = statistics.median(ms[name]) / statistics.median(ms["base"])
+            rows[(name, mode)]["x_base_in_turn"] = median[name] / median["base"]
+            if name != "fused":
+                rows[(name, mode)]["fused_speedup_in_turn"] = median[name] / median["fused"]
 
 
 def drift_note(rows):

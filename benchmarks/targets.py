@@ -1,7 +1,8 @@
 """Issue 4's targets, read off benchmark results: ``python -m benchmarks.targets RESULTS.json
 [--dropout DROPOUT_RESULTS.json] [--out FILE]``.
 
-Each ratio comes from one run (times measured side by side); the speedup over peft is taken from
+Each ratio comes from one run (times measured side by side, and in turn where the run timed the pair
+so: benchmarks.run.time_in_turn; marked ‡ where not); the speedup over peft is taken from
 the dropout run when one is given (peft's common lora_dropout = 0.1, against fused with the same
 dropout), else from the main run. The anchor is 8192 tokens at rank 16; rank 64 and 2048 tokens
 are reported against the same bounds, to show where each target holds and where not. A speedup
@@ -28,9 +29,12 @@ def _times(rows):
 
 
 def _in_turn(rows):
-    """fused / base from the two timed in turn (benchmarks.run.time_in_turn), where the run has it."""
-    return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"]): r["x_base_in_turn"] for r in rows
-            if r["provider"] == "fused" and r.get("x_base_in_turn")}
+    """Each provider's time over base's from the times in turn (benchmarks.run.time_in_turn), where
+    the run has them, and base's own, 1.0: the ratio of two of these is the ratio of the two
+    providers' times in turn."""
+    return {(r["K"], r["N"], r["tokens"], r["rank"], r["mode"], r["provider"]):
+            1.0 if r["provider"] == "base" else r["x_base_in_turn"] for r in rows
+            if r["provider"] == "base" or r.get("x_base_in_turn")}
 
 
 def _statuses(rows):
@@ -72,6 +76,7 @@ def table(results, dropout_results=None):
     times, statuses, in_turn = _times(results["rows"]), _statuses(results["rows"]), _in_turn(results["rows"])
     if dropout_results:
         peft_times, peft_statuses = _times(dropout_results["rows"]), _statuses(dropout_results["rows"])
+        peft_in_turn = _in_turn(dropout_results["rows"])
         covered = {(r["K"], r["N"], r["tokens"], r["rank"]) for r in dropout_results["rows"]}
     configs = list(dict.fromkeys((r["K"], r["N"], r["tokens"], r["rank"]) for r in results["rows"]))
     lines = ["| shape | tokens | rank | " + " | ".join(t[0] for t in TARGETS) + " |",
@@ -80,12 +85,12 @@ def table(results, dropout_results=None):
         cells = []
         for name, mode, ratio, bound in TARGETS:
             num, den = ratio.split("/")
-            mark, why, run = "", statuses, times  # (the run the ratio comes from)
+            mark, why, run, turn = "", statuses, times, in_turn  # (the run the ratio comes from)
             a, b = (times.get((K, N, M, r, mode, p)) for p in (num, den))
             if num == "peft" and dropout_results:
                 if (K, N, M, r) in covered:
                     a, b = (peft_times.get((K, N, M, r, mode, p)) for p in (num, den))
-                    why, run = peft_statuses, peft_times
+                    why, run, turn = peft_statuses, peft_times, peft_in_turn
                 else:
                     mark = " †"  # the dropout run did not cover this configuration
             if a is None or b is None:  # say why (fused WRONG, peft SKIPPED, ...), not just "—"
@@ -93,27 +98,34 @@ def table(results, dropout_results=None):
                 text = " / ".join(m for m in missing if m != "—") or "—"
                 cells.append(text + (" (dropout run)" if why is not statuses and text != "—" else mark))
                 continue
-            value = in_turn.get((K, N, M, r, mode), a / b) if ratio == "fused/base" else a / b
+            # From the times in turn where the run has both (a run from before baselines were
+            # timed in turn has fused's and base's only): else from the times measured apart, said.
+            ta, tb = (turn.get((K, N, M, r, mode, p)) for p in (num, den))
+            apart = not (ta and tb)
+            value = a / b if apart else ta / tb
             # Times over base must stay under the bound; speedups must reach it.
             ok = value <= bound if den == "base" else value >= bound
-            cell = f"{value:.2f} {'✓' if ok else '✗'}{mark}"
+            cell = f"{value:.2f} {'✓' if ok else '✗'}{mark}" + (" ‡" if apart else "")
             # The fused layer runs the base's own products and more, so its speedup over a baseline
-            # is at most the base's own, baseline / base (the same run's): below the bound, the
-            # target is out of reach on that card for a layer whose GEMMs are no faster than the
-            # base's (cuBLAS). (Not worded "at most": a noisy run may time fused under base.)
+            # is at most the base's own, baseline / base (the same run's, and the same timing's):
+            # below the bound, the target is out of reach on that card for a layer whose GEMMs are
+            # no faster than the base's (cuBLAS). (Not worded "at most": a noisy run may time fused
+            # under base.)
             base = run.get((K, N, M, r, mode, "base"))
-            if den == "fused" and base and a / base < bound:
-                cell += f" (base's: {a / base:.2f})"
+            own = (a / base if base else None) if apart else ta
+            if den == "fused" and own and own < bound:
+                cell += f" (base's: {own:.2f})"
             cells.append(cell)
         lines.append(f"| {K}→{N} | {M} | {r} | " + " | ".join(cells) + " |")
     bounds = ", ".join(f"{name} {'≤' if ratio.endswith('base') else '≥'} {bound}"
                        for name, _, ratio, bound in TARGETS)
     head = _incomplete(results, "the main run") + (_incomplete(dropout_results, "the dropout run") if dropout_results else [])
     head += [f"Targets on {results['card']}, {results['date']} ({results['dtype']}): {bounds}.",
-            "Ratios of times measured side by side in one run (× base: base and fused timed in turn, base, "
-            "fused, fused, base, where the run did so); (base's: C): the bare base's own speedup over that "
-            "baseline, where it is below the bound: a layer that runs the base's products and more cannot "
-            "beat it, but for timing noise"
+            "Ratios of times measured side by side in one run, from the providers timed again in turn at the "
+            "end of each configuration (base, fused, ..., fused, base: benchmarks.run.time_in_turn); ‡: from "
+            "the times measured apart, where the run did not time that pair in turn; (base's: C): the "
+            "bare base's own speedup over that baseline, where it is below the bound: a layer that runs the "
+            "base's products and more cannot beat it, but for timing noise"
             + (f"; vs peft from the run with LoRA dropout {dropout_results['dropout']} on both "
                "(†: a configuration that run did not cover, taken without dropout)."
                if dropout_results else "; vs peft without dropout."), ""]

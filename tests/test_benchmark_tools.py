@@ -37,7 +37,8 @@ def test_targets_table_ratios_and_verdicts():
     dropout = {"card": "GPU", "dtype": "bfloat16", "dropout": 0.1,
                "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
-    assert line == ["| 4096→1024 | 8192 | 16 | 1.04 ✓ | 1.15 ✗ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
+    # (‡: no time in turn here, so every ratio is from the times measured apart, and says so)
+    assert line == ["| 4096→1024 | 8192 | 16 | 1.04 ✓ ‡ | 1.15 ✗ ‡ | 1.20 ✗ ‡ | 1.22 ✓ ‡ | 1.09 ✗ ‡ |"]
     # A dropout run made otherwise (another dtype, a trainable base, ...) is refused by name.
     for setting, value in (("dtype", "float16"), ("trainable_base", True), ("card", "other GPU"),
                            ("adapter_dtype", "float32")):
@@ -47,15 +48,15 @@ def test_targets_table_ratios_and_verdicts():
     assert targets.table(main, {**dropout, "adapter_dtype": "bfloat16"}) == targets.table(main, dropout)
     # Without a dropout run, peft's ratio comes from the main run; so it does, marked, for a
     # configuration the dropout run did not cover.
-    assert "| 4.34 ✓ |" in targets.table(main)
+    assert "| 4.34 ✓ ‡ |" in targets.table(main)
     other = {**dropout, "rows": [dict(row, tokens=2048) for row in dropout["rows"]]}
-    assert "| 4.34 ✓ † |" in targets.table(main, other)
+    assert "| 4.34 ✓ † ‡ |" in targets.table(main, other)
     # Where base and fused were timed again in turn, × base is theirs (the sequential times drift).
     for row in main["rows"]:
         if row["provider"] == "fused":
             row["x_base_in_turn"] = {"forward": 1.07, "forward+backward": 1.09}[row["mode"]]
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
-    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ | 1.22 ✓ | 1.09 ✗ |"]
+    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ ‡ | 1.22 ✓ ‡ | 1.09 ✗ ‡ |"]
     # A baseline only 1.10× the base's own time: no layer that runs the base's products (at
     # cuBLAS's speed) is 1.2× faster than it, which the cell says; a reachable bound (compiled:
     # 1.25 × base) gets no such note, nor does a ratio whose run has no base time (dropout's here).
@@ -63,9 +64,26 @@ def test_targets_table_ratios_and_verdicts():
         if row["provider"] == "addmm":
             row["ms"] = 2.20
     line = [ln for ln in targets.table(main, dropout).splitlines() if ln.startswith("| 4096→1024")]
-    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ | 0.96 ✗ (base's: 1.10) | 1.09 ✗ |"]
+    assert line == ["| 4096→1024 | 8192 | 16 | 1.07 ✗ | 1.09 ✓ | 1.20 ✗ ‡ | 0.96 ✗ ‡ (base's: 1.10) | 1.09 ✗ ‡ |"]
     dropout["rows"] += _rows({("forward+backward", "base"): 2.4})
-    assert "| 1.20 ✗ (base's: 1.25) |" in targets.table(main, dropout)
+    assert "| 1.20 ✗ ‡ (base's: 1.25) |" in targets.table(main, dropout)
+
+
+def test_targets_take_the_speedups_from_the_times_in_turn():
+    """Where the run timed a baseline in turn with fused (forward+backward), its speedup is the
+    ratio of the two's times in turn, not of the times measured apart, and so is the base's own
+    speedup over it (the note below the bound); the dropout run's peft likewise."""
+    main = _target_rows({"forward": 1.05, "forward+backward": 1.10})  # (apart: peft 1.5, addmm 1.2, compiled 1.15)
+    in_turn = {"peft": 1.80, "addmm": 1.30, "compiled": 1.122}
+    for row in main["rows"]:
+        row["x_base_in_turn"] = in_turn.get(row["provider"], row.get("x_base_in_turn"))
+    line = "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.64 ✓ | 1.18 ✗ | 1.02 ✗ (base's: 1.12) |"
+    assert line in targets.table(main).splitlines()
+    dropout = {**{k: v for k, v in main.items() if k != "rows"}, "dropout": 0.1, "rows": _rows(
+        {("forward+backward", "base"): 1.0, ("forward+backward", "peft"): 1.0, ("forward+backward", "fused"): 2.0})}
+    for row, x in zip(dropout["rows"], (None, 1.76, 1.1)):
+        row["x_base_in_turn"] = x
+    assert "| 1.10 ✓ | 1.60 ✓ | 1.18 ✗ |" in targets.table(main, dropout)
 
 
 def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete():
@@ -79,7 +97,7 @@ def test_targets_table_says_why_a_ratio_is_missing_and_that_a_run_is_incomplete(
                            "configurations.\n")
     (line,) = [ln for ln in text.splitlines() if ln.startswith("| 4096→1024")]
     # (peft and compiled did not run at all: fused's error is the reason given)
-    assert line == "| 4096→1024 | 8192 | 16 | 1.04 ✓ | fused ERROR | fused ERROR | fused ERROR | fused ERROR |"
+    assert line == "| 4096→1024 | 8192 | 16 | 1.04 ✓ ‡ | fused ERROR | fused ERROR | fused ERROR | fused ERROR |"
     # The dropout run covered the configuration, but its fused was WRONG: said, not replaced by the main run.
     dropout = {"card": "GPU", "dtype": "bfloat16", "dropout": 0.1, "notes": [], "rows": [
         dict(row, status="WRONG (dA off by 3.0e-01, with its dropout mask)" if row["provider"] == "fused" else
@@ -1580,7 +1598,7 @@ def test_targets_bounds_are_met_at_equality_and_stated_in_the_header():
     1.10, 1.5, 1.2, 1.15); the header states each bound and its direction."""
     main = _target_rows({"forward": 1.05, "forward+backward": 1.10})
     text = targets.table(main)
-    assert "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ | 1.20 ✓ | 1.15 ✓ |" in text.splitlines()
+    assert "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ ‡ | 1.20 ✓ ‡ | 1.15 ✓ ‡ |" in text.splitlines()
     assert ("forward × base ≤ 1.05, fwd+bwd × base ≤ 1.1, speedup vs peft ≥ 1.5, speedup vs addmm ≥ 1.2, "
             "speedup vs compiled ≥ 1.15.") in text
     main = _target_rows({"forward": 1.06, "forward+backward": 1.11})
@@ -1593,7 +1611,7 @@ def test_targets_take_fused_s_ratio_in_turn_not_fused_torch_s():
     main = _target_rows({"forward": 1.05, "forward+backward": 1.10})
     main["rows"] += [dict(row, provider="fused-torch", ms=row["ms"] / 2, x_base_in_turn=0.5)
                      for row in main["rows"] if row["provider"] == "fused"]
-    line = "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ | 1.20 ✓ | 1.15 ✓ |"
+    line = "| 4096→1024 | 8192 | 16 | 1.05 ✓ | 1.10 ✓ | 1.50 ✓ ‡ | 1.20 ✓ ‡ | 1.15 ✓ ‡ |"
     assert line in targets.table(main).splitlines()
 
 
@@ -1606,7 +1624,7 @@ def test_targets_refuse_a_dropout_run_made_otherwise(setting, value):
             "versions": {"torch": "2.13"}, "device": "cuda"}
     dropout = {**{k: v for k, v in main.items() if k != "rows"}, "dropout": 0.1,
                "rows": _rows({("forward+backward", "peft"): 3.0, ("forward+backward", "fused"): 2.5})}
-    assert "| 1.20 ✗ |" in targets.table(main, dropout)  # (peft 3.0 / fused 2.5, from the dropout run)
+    assert "| 1.20 ✗ ‡ |" in targets.table(main, dropout)  # (peft 3.0 / fused 2.5, from the dropout run)
     with pytest.raises(ValueError, match=f"{setting}: .* in the main run, .* in the dropout run"):
         targets.table(main, {**dropout, setting: value})
 
@@ -1640,6 +1658,50 @@ def test_times_in_turn_give_the_ratio_of_medians_and_the_drift():
     assert by["base"]["base_again_ms"] == 1.5 and by["fused"]["x_base_in_turn"] == pytest.approx(4.0 / 1.5)
     note = run.drift_note(rows + [dict(by["base"], ms=2.0)])
     assert note.startswith("base timed again at the end of each configuration, in turn with fused: -25.0% to +25.0% ")
+
+
+def test_every_provider_is_timed_in_turn_in_forward_backward_alone(monkeypatch):
+    """In forward+backward, whose speedups the targets read, each other provider is timed in turn
+    too, in the middle (base, fused, peft, addmm, addmm, peft, fused, base), and its rows get its
+    ×base and fused's speedup over it from those medians; in forward, base and fused alone."""
+    w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu")
+    xs, dys = measure.make_inputs(8, 48, 40, dtype=torch.float32, device="cpu")
+    made, order = {}, []
+    for name in ("base", "fused", "peft", "addmm"):
+        def factory(*args, name=name, real=run.PROVIDERS["base"], **kwargs):
+            layer = real(*args, **kwargs)  # (any layer: the timer below is a stand-in)
+            layer = layer._replace(fn=lambda *a, fn=layer.fn: fn(*a))
+            made[layer.fn] = name
+            return layer
+        monkeypatch.setitem(run.PROVIDERS, name, factory)
+    real_step = run.mode_step
+    monkeypatch.setattr(run, "mode_step", lambda layer, mode, *a: (order.append((mode, made[layer.fn])),
+                                                                     real_step(layer, mode, *a))[1])
+    times = {"base": [1.0, 3.0], "fused": [3.0, 5.0], "peft": [6.0, 10.0], "addmm": [5.0, 5.0]}
+    timed = []
+
+    def timer(setup, step):
+        mode, name = order[-1]
+        timed.append((mode, name))
+        return times[name][sum(1 for t in timed if t == (mode, name)) - 1], 5
+    rows = [dict(row, base_again_ms=None, x_base_in_turn=None, fused_speedup_in_turn=None) for row in _rows(
+        {(mode, p): 1.0 for mode in ("forward", "forward+backward") for p in ("base", "peft", "addmm", "fused")})]
+    run.time_in_turn(rows, w, xs, dys, timer, run.parse_args(
+        ["--modes", "forward,forward+backward", "--providers", "base,peft,addmm,fused"]))
+    assert [name for mode, name in timed if mode == "forward"] == ["base", "fused", "fused", "base"]
+    assert [name for mode, name in timed if mode == "forward+backward"] == [
+        "base", "fused", "peft", "addmm", "addmm", "peft", "fused", "base"]
+    got = {(r["mode"], r["provider"]): (r["x_base_in_turn"], r["fused_speedup_in_turn"]) for r in rows}
+    assert got == {("forward", "base"): (None, None), ("forward", "peft"): (None, None),
+                   ("forward", "addmm"): (None, None), ("forward", "fused"): (2.0, None),
+                   ("forward+backward", "base"): (None, None), ("forward+backward", "fused"): (2.0, None),
+                   ("forward+backward", "peft"): (4.0, 2.0), ("forward+backward", "addmm"): (2.5, 1.25)}
+    cells = report.table_cells({**next(r for r in rows if (r["mode"], r["provider"]) == ("forward+backward", "peft")),
+                                "ms": 1.0, "ms_p20": None, "tflops": None, "x_base": 1.5, "fused_speedup": 1.75,
+                                "peak_mib": None, "saved_mib": None, "max_err": None, "device": "cuda",
+                                "status": "ok"})
+    assert cells[report.COLUMNS.index("×base")] == "1.50 (4.00)"
+    assert cells[report.COLUMNS.index("fused speedup")] == "1.75 (2.00)"
 
 
 def test_default_gpu_sweep_is_the_llama_projections_at_the_targets_anchor():
