@@ -499,7 +499,7 @@ def _bench(fn, quantiles):
     # dA, dB) must not re-run the tuning. The rank enters as BLOCK_R (16, 32 or 64): it sets the
     # shared memory of the fused shrink's tiles, so a tile tuned at one rank may not fit at another.
     key=["M_KEY", "N_KEY", "K_KEY", "HAS_LOWRANK", "FUSE_SHRINK", "X_TRANSPOSED", "W_TRANSPOSED", "DROPOUT",
-         "ALLOW_TMA", "ALLOW_TMA_STORE", "BLOCK_R", "PAIRED"],
+         "ALLOW_TMA", "ALLOW_TMA_STORE", "BLOCK_R", "PAIRED", "DROP_WIDE"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
     cache_results=AUTOTUNE_CACHE,

@@ -333,6 +333,18 @@ def test_the_mask_takes_its_64_bit_form_from_the_first_offset_past_2_32(monkeypa
     assert not seen
 
 
+def test_the_autotuners_key_holds_every_flag_that_changes_the_tiles_work():
+    """A flag the plan sets that changes a tile's K loop or its registers (which operands, layouts,
+    TMA, the mask's hash and its width, the rank's block) is in the autotuner's key, so a launch
+    never reuses tiles timed for other work: outside it only the bias (the epilogue's one vector),
+    the dtypes (Triton's autotuner keys on the tensors' own) and the fp32 input precision (a
+    global setting, not per launch). A flag added later must be placed on one side or the other."""
+    kernels.lora_matmul(torch.randn(8, 32), torch.randn(32, 16), out_dtype=torch.float32, dot_dtype=torch.float32)
+    flags = {name for plan in kernels._PLANS.values() if not plan.empty for name in plan.flags}
+    assert "DROP_WIDE" in flags
+    assert flags - set(kernels._lora_matmul_kernel.keys) == {"HAS_BIAS", "DOT_DTYPE", "ACC_DTYPE", "INPUT_PRECISION"}
+
+
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):
     """The direct path appends the constexprs to the launcher's arguments: the launcher's runtime
     arguments must be exactly the kernel's parameters before its first constexpr, in order."""
