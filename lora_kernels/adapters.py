@@ -288,6 +288,12 @@ def load_adapter(model, path, strict=True):
     """
     _refuse_fsdp1(model)
     tensors, metadata = _read_adapter(path)
+    # A later format of ours may store what this version would misread. (Not any "format": by
+    # safetensors' convention a file from elsewhere may say "pt".)
+    written = metadata.get(_FORMAT_KEY)
+    if isinstance(written, str) and written.startswith(_FORMAT.rsplit(".", 1)[0] + ".") and written != _FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is an adapter in format {written!r}, which this version of "
+                         f"lora_kernels does not read (it reads {_FORMAT!r}): update lora_kernels")
     params = {}
     for name, layer in _lora_layers(model):
         params[_key(name, "A")] = layer.A

@@ -307,6 +307,27 @@ def test_load_refuses_parameters_on_the_meta_device(tmp_path):
         assert torch.equal(lora_state_dict(skeleton)[k], v), k
 
 
+def test_load_refuses_a_later_format_of_ours_and_takes_safetensors_own_format_tag(tmp_path):
+    """A file that names another format of this package's is refused by name, the model left
+    as it was; safetensors' conventional "format": "pt" (files from elsewhere) is read."""
+    from lora_kernels.adapters import _read_adapter
+    trained = randomize_lora(build())
+    save_adapter(trained, tmp_path / "adapter.pt")
+    tensors, metadata = _read_adapter(tmp_path / "adapter.pt")
+    for tag, refused in (("lora_kernels.adapter.v2", True), ("pt", False)):
+        torch.save({"tensors": tensors, "metadata": {**metadata, "format": tag}}, tmp_path / "other.pt")
+        fresh = build()
+        before = {k: v.clone() for k, v in lora_state_dict(fresh).items()}
+        if refused:
+            with pytest.raises(ValueError, match=r"format 'lora_kernels.adapter.v2', which this version .* "
+                                                 r"reads 'lora_kernels.adapter.v1'"):
+                load_adapter(fresh, tmp_path / "other.pt")
+            assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(fresh).items())
+        else:
+            load_adapter(fresh, tmp_path / "other.pt")
+            assert all(torch.equal(v, lora_state_dict(trained)[k]) for k, v in lora_state_dict(fresh).items())
+
+
 @pytest.mark.parametrize("filename", FORMATS)
 def test_load_reads_the_format_by_content(tmp_path, filename):
     """A file renamed (or a name in capitals) is read in the format it holds."""
