@@ -398,7 +398,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, 
         x, weight, bias, A, B = _by_value(x, weight, bias, A, B)
     with _autocast_off(x.device.type):
         # (y is allocated in x's leading shape: no reshape of it, which would cost host time.)
-        return shrink_expand(backend, _rows(x), weight.t(), A, B, drop.rescale, alpha, bias=bias,
+        return shrink_expand(backend, _rows(x), weight.t(), A, B, s_scale=drop.rescale, r_scale=alpha, bias=bias,
                              dropout=drop.on("x", K, 1), dtype=dtype, out_shape=(*x.shape[:-1], weight.shape[0]))
 
 
@@ -434,10 +434,11 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
         # alpha scales Aᵀ's tiles (fp16: the accumulator) in dX and dA's fp32 accumulator, so a
         # large alpha (or a loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB fit.
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), drop.rescale, alpha,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), s_scale=drop.rescale, r_scale=alpha,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
             dS = matmul(dy2, B.t(), scale=drop.rescale, out_dtype=dtype, dot_dtype=dtype)
+        # (dA's mask is on xᵀ, whose element (i, j) is x's (j, i), element j·K + i: strides 1, K)
         if need_A and need_B:  # one launch: dA = alpha · x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
             dA, dB = matmul(x2.t(), dS, scale=alpha, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
                             out_dtype=A.dtype, dot_dtype=dtype)

@@ -981,7 +981,7 @@ def _ready_flags(n, device):
 
 
 # Triton's per-call dispatch (the autotuner's wrapper, then JITFunction.run binding and
-# specializing ~35 arguments) cost more host time than the package's own launcher, and a layer step
+# specializing some 50 arguments) cost more host time than the package's own launcher, and a layer step
 # made six launches: on the first H200 run, ~91 µs per launch against a GPU time of tens of µs
 # (benchmarks/NOTES.md). So a launch whose compiled kernel is already known goes straight to it.
 # LORA_KERNELS_FAST_LAUNCH=0 always takes Triton's own path.
@@ -1043,7 +1043,7 @@ _SIZE_KEY = slice(_ARG_NAMES.index("M_KEY"), _ARG_NAMES.index("K_KEY") + 1)  # t
 _CLASS_IDS = {}  # a tuple of the ints' classes -> its number (never cleared: one number, one tuple)
 _NUMBERS = itertools.count()  # (next() is one call: two threads that miss at once get two numbers)
 # A pointer's class as the key holds it, read without a Python call per tensor (a launch passes
-# eleven): its dtype, and its address modulo 16, which tells Triton's aligned-or-not and more (an
+# twelve): its dtype, and its address modulo 16, which tells Triton's aligned-or-not and more (an
 # address with another remainder of the same alignment misses once, and is keyed apart).
 _DTYPE_OF = operator.attrgetter("dtype")
 _ADDRESS_OF = torch.Tensor.data_ptr
@@ -1185,11 +1185,14 @@ def _plan(device, lowrank, shrink, bias, paired, where, si, sj, out_dtype, dot_d
     plan.tma = allow_tma or allow_tma_store
     # In fp16, alpha on the fp32 sum where it is in range (the module docstring; lora_matmul checks).
     plan.sum_scaled = lowrank and dot_dtype == torch.float16
+    # The kernel's ints in its order (tests/test_launch.py checks each by name): M, N, K, R, K_PER_SPLIT,
+    # M_KEY, N_KEY, K_KEY, then the strides of x, w, L (or A), R, the output (split, row, column), S, bias.
     plan.ints = (M, N, K, R, k_per_split, _pow2(M + M2), _pow2(N), _pow2(K), sxm, sxk, swk, swn, *l_[1], *r_[1],
                  M * N if split > 1 else 0, N, 1,  # (dest: fresh, rows N apart)
                  *((max(R, 1), 1) if fused else x[1]),  # (s_out: fresh L, as torch strides it, or x standing in)
                  b_[1][0] if bias else 0)
-    # (x2 @ w2)ᵀ, contiguous (N, M2): the kernel writes its transpose, or a split's partial sums
+    # M2, the strides of x2, w2 and out2 = (x2 @ w2)ᵀ, contiguous (N, M2): the kernel writes its
+    # transpose, or a split's partial sums
     plan.pair_ints = (M2, *x2[1], *w2[1], *((M2 * N, N, 1) if split > 1 else (0, 1, M2))) if paired else (0,) * 8
     plan.flags = dict(
         HAS_LOWRANK=lowrank, FUSE_SHRINK=SHRINK_AHEAD.value if ahead else SHRINK_LOOP.value if fused else 0,
@@ -1199,8 +1202,8 @@ def _plan(device, lowrank, shrink, bias, paired, where, si, sj, out_dtype, dot_d
         X_TRANSPOSED=sxk != 1 and sxm == 1, W_TRANSPOSED=swn != 1 and swk == 1,
         ALLOW_TMA=allow_tma, ALLOW_TMA_STORE=allow_tma_store,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_TL_DTYPE[acc_dtype], INPUT_PRECISION=precision,
-        # (one block holds up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; one
-        # trip of the low-rank loop otherwise)
+        # (a block of up to 64 ranks: the fused shrink's whole rank, R <= FUSE_MAX_RANK; otherwise
+        # the low-rank loop's step, one trip up to rank 64)
         BLOCK_R=max(16, min(max_rank, _pow2(R))),
     )
 
@@ -1327,15 +1330,15 @@ def lora_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropou
     args = (x, w, l_, r_, b_, dest, s_out, ready, *plan.ints,
             float(scale), 1.0 if shrink is None else float(shrink.scale), float(r_scale), float(sum_scale),
             seed, float(p), si, sj, x2, w2, dest2, *plan.pair_ints, float(pair_scale))
-    flags, keyed = plan.flags, plan
+    flags, memo = plan.flags, plan  # (memo: where _launch keeps the launch key)
     if any(map(_MOD_16, map(_ADDRESS_OF, fresh))):
         # The plan took its fresh buffers as 16-byte aligned, as PyTorch's CUDA allocators make
         # them (512 bytes): without that, no TMA store, and no key of the plan's for this launch.
-        flags, keyed = {**flags, "ALLOW_TMA_STORE": False}, None
+        flags, memo = {**flags, "ALLOW_TMA_STORE": False}, None
     with _on_device(device):  # Triton launches on the current device, not the tensors'
         if plan.tma and device.type == "cuda":
             _ensure_allocator()
-        _launch(device, plan.grid, args, flags, keyed)
+        _launch(device, plan.grid, args, flags, memo)
     if split > 1:
         # Fixed-order sum over the splits: bitwise repeatable, unlike atomics. Straight into out
         # when it has the partial buffer's dtype (one launch less); a 16-bit out gets the fp32 sum

@@ -1,4 +1,4 @@
-"""The oracle: the seed's reference code (``../shared/seed/``), kept verbatim in behaviour.
+"""The oracle: the reference code of the seed document this project grew from, kept verbatim in behaviour.
 
 Tests and benchmarks compare against these, ``modules.LoRALayer`` subclasses its ``LoRALayer``, and
 a wrapped layer the kernels cannot read runs its unfused calls. Plain PyTorch: they never call the
