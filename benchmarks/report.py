@@ -119,7 +119,7 @@ TABLE_NOTES = """\
   while the base is frozen); in parentheses, the same from the providers timed again in turn at the end
   of the configuration, which the targets use: base, fused, fused, base (fused-torch between the two
   fused where it ran; in forward+backward, the mode the targets' speedups read, every other provider
-  too, in the middle: base, fused, fused-torch, peft, peft, fused-torch, fused, base). fused speedup:
+  too, in the middle: base, fused, fused-torch, reference, ..., peft, peft, ..., fused, base). fused speedup:
   the provider's time over `fused`'s (above 1: fused is faster); in parentheses, from the times in turn.
 - peak MiB: peak CUDA memory allocated during one forward+backward, over what was allocated before it
   (n/a on CPU). saved MiB: activations autograd saves for backward, each storage once, the layer's own

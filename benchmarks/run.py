@@ -271,12 +271,14 @@ def time_in_turn(config_rows, weights, xs, dys, timer, args):
     fused, fused, base in each mode (a steady drift then weighs on both alike), `fused-torch`
     between the two fused where it ran (base, fused, fused-torch, fused-torch, fused, base: which
     path a small step should take is read from these), and in EVERY_PROVIDER_IN_TURN's modes each
-    other provider too, in the middle (base, fused, fused-torch, peft, peft, fused-torch, fused,
-    base). The ratio of each one's median to base's goes in its rows as x_base_in_turn, and a
-    provider's median over fused's as fused_speedup_in_turn: the targets use these. Timed minutes
-    apart, in the sweep's fixed order, the providers drifted with the GPU's clocks and the host's
-    load (the base's own time moved by -64% to +48% within one configuration on the H200). The
-    base's rows get base_again_ms, its median here, for the drift note."""
+    other provider that timed too, in the middle, in --providers order (the GPU sweep: base, fused,
+    fused-torch, reference, compiled, addmm, peft, then back). The ratio of each one's median to
+    base's goes in its rows as x_base_in_turn (the targets take their ratios from these), and a
+    provider's median over fused's as fused_speedup_in_turn. Timed minutes apart, in the sweep's
+    fixed order, the providers drifted with the GPU's clocks and the host's load (the base's own
+    time moved by -64% to +48% within one configuration on the H200). The base's rows get
+    base_again_ms, its median here, for the drift note. A provider that fails here is left out of
+    the turn; base's or fused's failure leaves the mode without times in turn."""
     rows = {(r["provider"], r["mode"]): r for r in config_rows if r["ms"] is not None}
     for mode in args.modes:
         turn = [name for name in ("fused", "fused-torch") if (name, mode) in rows]
@@ -286,14 +288,17 @@ def time_in_turn(config_rows, weights, xs, dys, timer, args):
             turn += [name for name in args.providers if name not in ("base", *turn) and (name, mode) in rows]
         layers = {name: PROVIDERS[name](weights, dropout=args.dropout) for name in ["base", *turn]}
         ms = {name: [] for name in layers}
-        try:
-            for name in ["base", *turn, *reversed(turn), "base"]:
-                ms[name].append(timer(*mode_step(layers[name], mode, xs, dys))[0])
-        except Exception:  # figures for the ratios' noise only: the sequential ones stand
+        for name in ["base", *turn, *reversed(turn), "base"]:
+            if name in ms:
+                try:
+                    ms[name].append(timer(*mode_step(layers[name], mode, xs, dys))[0])
+                except Exception:  # figures for the ratios' noise only: the sequential ones stand
+                    del ms[name]
+        if "base" not in ms or "fused" not in ms:
             continue
         median = {name: statistics.median(times) for name, times in ms.items()}
         rows[("base", mode)]["base_again_ms"] = median["base"]
-        for name in turn:
+        for name in median.keys() - {"base"}:
             rows[(name, mode)]["x_base_in_turn"] = median[name] / median["base"]
             if name != "fused":
                 rows[(name, mode)]["fused_speedup_in_turn"] = median[name] / median["fused"]
@@ -304,7 +309,7 @@ def drift_note(rows):
     if drift:
         return (f"base timed again at the end of each configuration, in turn with fused: {min(drift):+.1%} to "
                 f"{max(drift):+.1%} from its first time (the drift and noise that the sequential ratios to base "
-                "carry; fused's ×base in parentheses, and the targets, come from the times in turn)")
+                "carry; the ratios in parentheses, and the targets, come from the times in turn)")
     return None
 
 

@@ -1661,13 +1661,16 @@ def test_times_in_turn_give_the_ratio_of_medians_and_the_drift():
 
 
 def test_every_provider_is_timed_in_turn_in_forward_backward_alone(monkeypatch):
-    """In forward+backward, whose speedups the targets read, each other provider is timed in turn
-    too, in the middle (base, fused, peft, addmm, addmm, peft, fused, base), and its rows get its
-    ×base and fused's speedup over it from those medians; in forward, base and fused alone."""
+    """In forward+backward, whose speedups the targets read, each other provider that timed is
+    timed in turn too, after fused and fused-torch, in --providers order (base, fused, fused-torch,
+    peft, addmm, reference, then back), and its rows get its ×base and fused's speedup over it from
+    those medians; in forward, base, fused and fused-torch alone. A provider with no time (skipped)
+    is left out, and one that fails in turn is dropped without costing the others theirs."""
     w = providers.make_weights(48, 40, 4, dtype=torch.float32, device="cpu")
     xs, dys = measure.make_inputs(8, 48, 40, dtype=torch.float32, device="cpu")
+    names = ("base", "fused", "fused-torch", "peft", "addmm", "reference", "compiled")
     made, order = {}, []
-    for name in ("base", "fused", "peft", "addmm"):
+    for name in names:
         def factory(*args, name=name, real=run.PROVIDERS["base"], **kwargs):
             layer = real(*args, **kwargs)  # (any layer: the timer below is a stand-in)
             layer = layer._replace(fn=lambda *a, fn=layer.fn: fn(*a))
@@ -1677,25 +1680,32 @@ def test_every_provider_is_timed_in_turn_in_forward_backward_alone(monkeypatch):
     real_step = run.mode_step
     monkeypatch.setattr(run, "mode_step", lambda layer, mode, *a: (order.append((mode, made[layer.fn])),
                                                                      real_step(layer, mode, *a))[1])
-    times = {"base": [1.0, 3.0], "fused": [3.0, 5.0], "peft": [6.0, 10.0], "addmm": [5.0, 5.0]}
+    times = {"base": [1.0, 3.0], "fused": [3.0, 5.0], "fused-torch": [4.0, 4.0], "peft": [6.0, 10.0],
+             "addmm": [5.0, 5.0]}
     timed = []
 
     def timer(setup, step):
         mode, name = order[-1]
         timed.append((mode, name))
+        if name == "reference":
+            raise RuntimeError("out of memory")
         return times[name][sum(1 for t in timed if t == (mode, name)) - 1], 5
     rows = [dict(row, base_again_ms=None, x_base_in_turn=None, fused_speedup_in_turn=None) for row in _rows(
-        {(mode, p): 1.0 for mode in ("forward", "forward+backward") for p in ("base", "peft", "addmm", "fused")})]
+        {(mode, p): None if (mode, p) == ("forward+backward", "compiled") else 1.0
+         for mode in ("forward", "forward+backward") for p in names})]
     run.time_in_turn(rows, w, xs, dys, timer, run.parse_args(
-        ["--modes", "forward,forward+backward", "--providers", "base,peft,addmm,fused"]))
-    assert [name for mode, name in timed if mode == "forward"] == ["base", "fused", "fused", "base"]
+        ["--modes", "forward,forward+backward", "--providers", "base,compiled,peft,addmm,reference,fused,fused-torch"]))
+    assert [name for mode, name in timed if mode == "forward"] == [
+        "base", "fused", "fused-torch", "fused-torch", "fused", "base"]
     assert [name for mode, name in timed if mode == "forward+backward"] == [
-        "base", "fused", "peft", "addmm", "addmm", "peft", "fused", "base"]
+        "base", "fused", "fused-torch", "peft", "addmm", "reference", "addmm", "peft", "fused-torch", "fused", "base"]
     got = {(r["mode"], r["provider"]): (r["x_base_in_turn"], r["fused_speedup_in_turn"]) for r in rows}
-    assert got == {("forward", "base"): (None, None), ("forward", "peft"): (None, None),
-                   ("forward", "addmm"): (None, None), ("forward", "fused"): (2.0, None),
+    assert got == {("forward", "base"): (None, None), ("forward", "fused"): (2.0, None),
+                   ("forward", "fused-torch"): (2.0, 1.0), **{("forward", p): (None, None) for p in names[3:]},
                    ("forward+backward", "base"): (None, None), ("forward+backward", "fused"): (2.0, None),
-                   ("forward+backward", "peft"): (4.0, 2.0), ("forward+backward", "addmm"): (2.5, 1.25)}
+                   ("forward+backward", "fused-torch"): (2.0, 1.0), ("forward+backward", "peft"): (4.0, 2.0),
+                   ("forward+backward", "addmm"): (2.5, 1.25), ("forward+backward", "reference"): (None, None),
+                   ("forward+backward", "compiled"): (None, None)}
     cells = report.table_cells({**next(r for r in rows if (r["mode"], r["provider"]) == ("forward+backward", "peft")),
                                 "ms": 1.0, "ms_p20": None, "tflops": None, "x_base": 1.5, "fused_speedup": 1.75,
                                 "peak_mib": None, "saved_mib": None, "max_err": None, "device": "cuda",
