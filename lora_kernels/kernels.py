@@ -1140,7 +1140,7 @@ def _plan(device, lowrank, shrink, bias, paired, where, si, sj, out_dtype, dot_d
     if where is not None:
         next(described)  # the seed (its dtype and alignment are in the key, for _launch_key's sake)
     x2, w2 = (next(described), next(described)) if paired else (x, x)
-    tma, split_chunk, sms, tma_available, precision, max_rank = settings[:6]
+    tma, split_chunk, sms, tma_available, precision, max_rank = settings[:6]  # (the rest only keys the plan)
     (M, K), (sxm, sxk) = x[0], x[1]
     N = w[0][1]
     swk, swn = w[1]

@@ -339,9 +339,10 @@ def test_the_cuda_clock_flushes_then_times_the_launch_alone(monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's events: on a GPU only")
 def test_the_cuda_clock_times_a_larger_product_slower():
     """On a GPU, the autotuner's clock (kernels._CudaClock, through _time_in_turn) times a matmul
-    with four times the work slower, each median between its 20th and 80th percentiles."""
-    a, b = torch.randn(1024, 1024, device=DEVICE), torch.randn(1024, 4096, device=DEVICE)
-    timed = kernels._time_in_turn({"small": lambda: a @ a, "large": lambda: a @ b}, kernels._CudaClock())
+    with sixteen times the work slower, each median between its 20th and 80th percentiles. (Not
+    four times: the small one may fill half the SMs where the large one runs two waves.)"""
+    a, b, c = (torch.randn(*shape, device=DEVICE) for shape in ((1024, 1024), (4096, 1024), (1024, 4096)))
+    timed = kernels._time_in_turn({"small": lambda: a @ a, "large": lambda: b @ c}, kernels._CudaClock())
     assert timed["large"][0] > 2 * timed["small"][0] > 0, timed
     assert all(p20 <= median <= p80 for median, p20, p80 in timed.values()), timed
 

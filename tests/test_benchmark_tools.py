@@ -1779,8 +1779,11 @@ def _gpu_check_calls(tmp_path, mode, **settings):
     pack = tmp_path / "pack.tar.xz"
     pack.write_bytes(b"")  # (only its presence counts: the stand-in python reads nothing)
     # As on the GPU machine, where the script starts: no interpreter, and not the tests' own
-    # LORA_KERNELS_AUTOTUNE=0 (its tests shards set it, and these tests run in one there).
-    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")},
+    # LORA_KERNELS_AUTOTUNE=0 (its tests shards set it, and these tests run in one there), nor the
+    # outer run's time settings (a tests call's GPU_CHECK_SECONDS under about 280 s would make the
+    # inner run skip steps by time, which these tests do not expect).
+    outer = ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE", "GPU_CHECK_SECONDS", "TESTS_SECONDS", "GPU_CHECK_SMOKE")
+    env = {**{k: v for k, v in os.environ.items() if k not in outer},
            "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack),
            **settings}
     done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,

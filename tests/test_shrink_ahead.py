@@ -35,6 +35,8 @@ def _force(monkeypatch, persistent):
     config = kernels._config(16, 32, 16, 4, 2, tma=True, persistent=persistent, store=persistent, group=2)
     monkeypatch.setattr(kernels._lora_matmul_kernel, "configs", [config])
     monkeypatch.setattr(kernels, "FAST_LAUNCH", False)  # (on a GPU: a kernel compiled for another config has its key)
+    if persistent:  # (8 programs, as the interpreter's stand-in has SMs: on a GPU too, each loops over items)
+        monkeypatch.setattr(kernels, "_num_sms", lambda device: 8)
 
 
 def _flags_seen(monkeypatch, start=0):
