@@ -298,6 +298,46 @@ def test_a_tuning_run_that_fails_while_gathering_leaves_the_next_one_to_time(mon
     assert tuner._bench(config=configs[0]) == [1.0, 1.0, 1.0] and clock.calls > 3 * 3
 
 
+def test_a_timing_in_turn_that_fails_leaves_each_launch_timed_alone(monkeypatch):
+    """Should the timing in turn fail (its clock, say, new on a GPU), the gathered launches are
+    each timed alone by do_bench, as Triton's autotuner times them, with a warning naming the
+    failure: the tuning run still picks the fastest. A launch that fails there propagates."""
+    import types
+    configs = kernels.hopper_configs()[:3]
+    cost = {configs[0]: 1.0, configs[1]: 0.5, configs[2]: 2.0}
+    alone, calls = [], []
+
+    def bench(*args, config, **flags):  # as Triton's Autotuner._bench
+        def launch():
+            calls.append(config)
+            if broken and calls.count(config) > 1 and config is configs[2]:  # (gathered, then faults)
+                raise RuntimeError("illegal memory access")
+            return cost[config]
+        return kernels._bench(launch, quantiles=(0.5, 0.2, 0.8))
+
+    def clock():
+        raise RuntimeError("no events here")
+
+    def do_bench(fn, warmup, rep, quantiles):
+        alone.append(fn())
+        return [alone[-1]] * 3
+    monkeypatch.setattr(kernels, "_CudaClock", clock)
+    monkeypatch.setattr(kernels.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(kernels, "compile_configs", lambda *args: None)
+    tuner = types.SimpleNamespace(prune_configs=lambda kwargs: configs, _bench=bench, fn=None)
+    kernels._compile_before_timing(tuner)
+    broken = False
+    tuner.prune_configs({})
+    with pytest.warns(RuntimeWarning, match=r"in turn failed \(RuntimeError: no events here\); each is timed alone"):
+        timings = {c: tuner._bench(config=c) for c in configs}
+    assert timings == {c: [cost[c]] * 3 for c in configs} and sorted(alone) == sorted(cost.values())
+    broken = True
+    calls.clear()
+    tuner.prune_configs({})
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="illegal memory access"):
+        tuner._bench(config=configs[0])
+
+
 def test_the_cuda_clock_flushes_then_times_the_launch_alone(monkeypatch):
     """kernels._CudaClock, with stand-ins for CUDA's events and synchronize: each timed call flushes
     the L2 cache, records its start, makes the launch, records its end, in that order, and its time
