@@ -279,7 +279,7 @@ def load_adapter(model, path, strict=True):
     load would take out wrongly: ``unmerge()`` first).
     With ``strict=False`` missing and unexpected names are allowed; the rest still raise. A file
     that is no adapter (another state dict, a truncated or foreign file) raises a ``ValueError``
-    naming it, with what the reader said.
+    naming it, with what the reader said; so does a file in a later format of this package's.
     Values are copied under ``torch.no_grad()`` into the existing parameters, which keep their
     dtype and device. Into a DTensor parameter (FSDP2), the full tensor from the file is first
     distributed to the parameter's own mesh and placements (``distribute_tensor``, which scatters

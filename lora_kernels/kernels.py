@@ -812,7 +812,7 @@ def _in_turn(configs, time_one):
             timed.update(_time_in_turn(launches, _CudaClock()))
         except Exception as e:
             # (Unmeasured on a GPU so far: should the timing in turn fail there, a layer's first step
-            # still gets its tiles, each launch timed alone as Triton's autotuner times it, and the
+            # still gets its tiles, each launch timed alone by do_bench as _gather times one, and the
             # failure is said. A launch's own fault fails again there, and propagates.)
             import warnings
             warnings.warn(f"lora_kernels: timing the autotuner's candidates in turn failed ({type(e).__name__}: "

@@ -300,7 +300,7 @@ def test_a_tuning_run_that_fails_while_gathering_leaves_the_next_one_to_time(mon
 
 def test_a_timing_in_turn_that_fails_leaves_each_launch_timed_alone(monkeypatch):
     """Should the timing in turn fail (its clock, say, new on a GPU), the gathered launches are
-    each timed alone by do_bench, as Triton's autotuner times them, with a warning naming the
+    each timed alone by do_bench (as _gather times a launch alone), with a warning naming the
     failure: the tuning run still picks the fastest. A launch that fails there propagates."""
     import types
     configs = kernels.hopper_configs()[:3]
@@ -319,6 +319,7 @@ def test_a_timing_in_turn_that_fails_leaves_each_launch_timed_alone(monkeypatch)
         raise RuntimeError("no events here")
 
     def do_bench(fn, warmup, rep, quantiles):
+        assert (warmup, rep, quantiles) == (5, kernels.TUNE_MS, (0.5, 0.2, 0.8))  # (as _gather's, and the autotuner's ranking)
         alone.append(fn())
         return [alone[-1]] * 3
     monkeypatch.setattr(kernels, "_CudaClock", clock)

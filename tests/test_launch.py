@@ -348,14 +348,15 @@ def test_the_autotuners_key_holds_every_flag_that_changes_the_tiles_work(monkeyp
 
 def test_each_argument_reaches_the_kernel_parameter_of_its_name(monkeypatch):
     """The plan packs sizes and strides by position alone: each must land on the kernel parameter
-    of its name. Operands with distinct sizes and strides (views: transposed, sliced, a strided
+    of its name. Operands with sizes and strides all apart (views: transposed, strided, a strided
     bias), each kind of call: L given with bias and dropout on x, the shrink fused, a paired product."""
     seen = []
     monkeypatch.setattr(kernels, "_launch", lambda device, grid, args, flags, plan: seen.append(
         dict(zip(kernels._ARG_NAMES, args))))
-    M, K, N, R, M2 = 24, 40, 56, 8, 16
-    x, w = torch.randn(M, 48)[:, :K], torch.randn(N, K).t()
-    L, Rw, bias = torch.randn(M, 12)[:, :R], torch.randn(R, 64)[:, :N], torch.randn(2 * N)[::2]
+    M, K, N, R, M2 = 24, 40, 100, 8, 16  # (sizes and their powers of two apart: M_KEY 32, N_KEY 128, K_KEY 64)
+    # (every stride of the first call different from every other)
+    x, w = torch.randn(M, 2 * K)[:, ::2], torch.randn(N, 3 * K)[:, ::3].t()
+    L, Rw, bias = torch.randn(M, 5 * R)[:, ::5], torch.randn(R, 7 * N)[:, ::7], torch.randn(4 * N)[::4]
     seed = torch.tensor(7)
     out = kernels.lora_matmul(x, w, scale=0.5, lowrank=(L, Rw), r_scale=3.0, bias=bias, dropout=("x", seed, 0.25, K, 1),
                               out_dtype=torch.float32, dot_dtype=torch.float32)
@@ -363,25 +364,25 @@ def test_each_argument_reaches_the_kernel_parameter_of_its_name(monkeypatch):
     assert all(got[name] is t for name, t in [("x_ptr", x), ("w_ptr", w), ("l_ptr", L), ("r_ptr", Rw),
                                               ("bias_ptr", bias), ("out_ptr", out), ("seed_ptr", seed)])
     assert {k: got[k] for k in ("M", "N", "K", "R", "K_PER_SPLIT", "M_KEY", "N_KEY", "K_KEY")} == dict(
-        M=M, N=N, K=K, R=R, K_PER_SPLIT=K, M_KEY=32, N_KEY=64, K_KEY=64)
+        M=M, N=N, K=K, R=R, K_PER_SPLIT=K, M_KEY=32, N_KEY=128, K_KEY=64)
     assert [got[f"stride_{s}"] for s in ("xm", "xk", "wk", "wn", "lm", "lr", "rr", "rn", "os", "om", "on", "b")] == [
-        48, 1, 1, K, 12, 1, 64, 1, 0, N, 1, 2]
+        2 * K, 2, 3, 3 * K, 5 * R, 5, 7 * N, 7, 0, N, 1, 4]
     assert (got["scale"], got["r_scale"], got["sum_scale"], got["p_drop"], got["drop_si"], got["drop_sj"]) == (
         0.5, 3.0, 1.0, 0.25, K, 1)
-    A = torch.randn(K, R)
+    A = torch.randn(K, 3 * R)[:, ::3]
     out, S = kernels.lora_matmul(x, w, lowrank=(kernels.Shrink(A, 2.0, torch.float32), Rw), out_dtype=torch.float32,
                                  dot_dtype=torch.float32)
     got = seen.pop()
     assert got["l_ptr"] is A and got["s_ptr"] is S and got["out_ptr"] is out and got["s_scale"] == 2.0
-    assert (got["R"], got["stride_lm"], got["stride_lr"], got["stride_sm"], got["stride_sr"]) == (R, R, 1, R, 1)
-    x2 = torch.randn(M2, 48)[:, :K]
+    assert (got["R"], got["stride_lm"], got["stride_lr"], got["stride_sm"], got["stride_sr"]) == (R, 3 * R, 3, R, 1)
+    x2 = torch.randn(M2, 5 * K)[:, ::5]
     out, out2 = kernels.lora_matmul(x, w, pair=(x2, w), pair_scale=4.0, out_dtype=torch.float32,
                                     dot_dtype=torch.float32)
     got = seen.pop()
     assert got["x2_ptr"] is x2 and got["w2_ptr"] is w and got["out2_ptr"].data_ptr() == out2.data_ptr()
     assert (got["M2"], got["M_KEY"], got["scale2"]) == (M2, 64, 4.0)
     # (out2 is (x2 w)ᵀ, contiguous (N, M2): the kernel writes its transpose, rows 1 apart)
-    assert [got[f"stride_{s}"] for s in ("x2m", "x2k", "w2k", "w2n", "o2s", "o2m", "o2n")] == [48, 1, 1, K, 0, 1, M2]
+    assert [got[f"stride_{s}"] for s in ("x2m", "x2k", "w2k", "w2n", "o2s", "o2m", "o2n")] == [5 * K, 5, 3, 3 * K, 0, 1, M2]
 
 
 def test_launcher_passes_every_runtime_argument_then_the_constexprs(monkeypatch):
