@@ -4,16 +4,19 @@ path (``torch_matmul``) and the FLOP formulas.
 The math, with S kept as the only saved intermediate (M × r), and x̃ = x ⊙ m the
 LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1):
 
-    S  = q · x̃ A                     dS = q · dY Bᵀ
-    y  = x Wᵀ + alpha · S B + b      dX = dY W + alpha · (dS Aᵀ) ⊙ m
-                                     dA = alpha · x̃ᵀ dS,   dB = alpha · Sᵀ dY
+    S  = q · x̃ A                     dS = c · dY Bᵀ
+    y  = x Wᵀ + alpha · S B + b      dX = dY W + t · (dS Aᵀ) ⊙ m
+                                     dA = t · x̃ᵀ dS,   dB = alpha · Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-S is the reference's own (dropped-out) x A, and dS is as free of alpha: alpha enters in fp32
-inside the kernel, on B's and Aᵀ's tiles before their cast (in fp16, on the accumulators of y and
-dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``,
-``pair_scale``), so a large alpha overflows nothing in fp16 that the reference's own order of
-operations keeps in range (up to 2^77, and short of alpha · B past fp32's range: see ``kernels``).
+with c · t = alpha · q: c = alpha where |alpha| < 1, else 1 (``_dS_scale``). S is the reference's
+own (dropped-out) x A, and dS the reference's own alpha · dY Bᵀ where |alpha| < 1, or free of
+alpha where alpha would enlarge it: a 16-bit dS overflows only where the reference's dS and the
+unscaled dY Bᵀ both would. The rest of alpha enters in fp32 inside the kernel, on B's and Aᵀ's
+tiles before their cast (in fp16, on the accumulators of y and dX instead: ``sum_scale``, see
+``kernels``) and on dA's and dB's accumulators (``scale``, ``pair_scale``), so no alpha overflows
+anything in fp16 that the reference's own order of operations keeps in range (up to 2^77, and
+short of alpha · B past fp32's range: see ``kernels``).
 
 Every product above is one call of ``kernels.lora_matmul`` or its twin ``torch_matmul`` (dA and
 dB one call together; S inside y's call and dS inside dX's where ``fuse_shrink`` says; db a sum):
@@ -115,9 +118,9 @@ def torch_matmul(x, w, *, scale=1.0, lowrank=None, r_scale=1.0, bias=None, dropo
     if bias is not None:
         out = torch.addmm(_through(bias, dot_dtype, acc), x, w, alpha=scale)
     else:
-        out = torch.mm(x, w)
-        if scale != 1.0:
-            out.mul_(scale)
+        # (scale through addmm's own factor, on the sum before its rounding to a 16-bit dtype: mm
+        # then mul_ overflowed fp16 where the scaled product fitted, as the kernel's does not.)
+        out = torch.mm(x, w) if scale == 1.0 else torch.addmm(x.new_empty(()), x, w, beta=0, alpha=scale)
     if lowrank is not None:
         # r_scale through the GEMM's own factor, on its fp32 sum (the kernel's fp16 path does the
         # same, sum_scale): never on R rounded to a 16-bit dtype, where a large one overflowed fp16
@@ -411,6 +414,15 @@ def _(x, weight, bias, A, B, alpha, dropout_p, seed, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1])
 
 
+def _dS_scale(alpha, q):
+    """(c, t) for dS = c · dY Bᵀ and the products that read it (dX's low-rank term, dA), c · t =
+    alpha · q. The reference's dS is alpha · dY Bᵀ, and peft's lora_alpha / r is often below 1: a dS
+    free of alpha overflowed fp16 there where the reference's fitted (a GradScaler then skips the
+    step). Above 1, alpha would enlarge dS past the unscaled product: it goes to the readers' fp32
+    accumulators instead. q = 1/(1-p) is never in dS (the reference's dS has none)."""
+    return (alpha, q) if abs(alpha) < 1 else (1.0, alpha * q)
+
+
 def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,
                    dropout_p: float, seed: Optional[Tensor], needs: Sequence[bool],
                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -430,20 +442,20 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     drop = _Dropout(dropout_p, seed)
     dx = dw = db = dA = dB = None
     with _autocast_off(x.device.type):
-        # dS = q · dY Bᵀ, stored in the activations' dtype without alpha, as S is in the forward:
-        # alpha scales Aᵀ's tiles (fp16: the accumulator) in dX and dA's fp32 accumulator, so a
-        # large alpha (or a loss-scaled dY) cannot overflow a 16-bit dS where dX, dA and dB fit.
+        # dS = c · dY Bᵀ, stored in the activations' dtype; t = alpha · q / c scales Aᵀ's tiles
+        # (fp16: the accumulator) in dX and dA's fp32 accumulator (the module docstring).
+        c, t = _dS_scale(alpha, drop.rescale)
         if need_x:
-            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), s_scale=drop.rescale, r_scale=alpha,
+            dx, dS = shrink_expand(backend, dy2, weight, B.t(), A.t(), s_scale=c, r_scale=t,
                                    dropout=drop.on("lowrank", K, 1), dtype=dtype, out_shape=x.shape)
         elif need_A:
-            dS = matmul(dy2, B.t(), scale=drop.rescale, out_dtype=dtype, dot_dtype=dtype)
+            dS = matmul(dy2, B.t(), scale=c, out_dtype=dtype, dot_dtype=dtype)
         # (dA's mask is on xᵀ, whose element (i, j) is x's (j, i), element j·K + i: strides 1, K)
-        if need_A and need_B:  # one launch: dA = alpha · x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
-            dA, dB = matmul(x2.t(), dS, scale=alpha, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
+        if need_A and need_B:  # one launch: dA = t · x̃ᵀ dS beside dBᵀ = alpha · dYᵀ S (see kernels.lora_matmul)
+            dA, dB = matmul(x2.t(), dS, scale=t, dropout=drop.on("x", 1, K), pair=(dy2.t(), S), pair_scale=alpha,
                             out_dtype=A.dtype, dot_dtype=dtype)
         elif need_A:
-            dA = matmul(x2.t(), dS, scale=alpha, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
+            dA = matmul(x2.t(), dS, scale=t, dropout=drop.on("x", 1, K), out_dtype=A.dtype, dot_dtype=dtype)
         elif need_B:
             dB = matmul(S.t(), dy2, scale=alpha, out_dtype=B.dtype, dot_dtype=dtype)
         if need_w:

@@ -9,9 +9,9 @@ with each operand given by its strides, so a transpose is free. The layer uses i
 
     S  = x A                      shrink:            X = x,   W = A
     y  = x Wᵀ + alpha · S B + b   GEMM + low rank:   X = x,   W = Wᵀ,   L = S,  R = B,  r_scale = alpha
-    dS = dY Bᵀ                    shrink:            X = dY,  W = Bᵀ
-    dX = dY W + alpha · dS Aᵀ     GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = alpha
-    dA = alpha · xᵀ dS            reduction over M:  X = xᵀ,  W = dS,   scale = alpha  (split, see below)
+    dS = c · dY Bᵀ                shrink:            X = dY,  W = Bᵀ,   scale = c
+    dX = dY W + t · dS Aᵀ         GEMM + low rank:   X = dY,  W = W,    L = dS, R = Aᵀ, r_scale = t
+    dA = t · xᵀ dS                reduction over M:  X = xᵀ,  W = dS,   scale = t  (split, see below)
     dBᵀ = alpha · dYᵀ S           the same shape:    X2 = dYᵀ, W2 = S   (paired with dA: one launch)
     dW = dYᵀ x                    plain GEMM:        X = dYᵀ, W = x     (only when the base trains)
 
@@ -19,10 +19,12 @@ and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX
 ``Shrink``: L = x A accumulated in the same K loop as X W, or computed once per row block by a
 shrink item ahead of that row block's tiles, SHRINK_AHEAD), one launch fewer each.
 
-S is x A as the reference computes it, without alpha, and dS likewise: alpha (r_scale) multiplies
-R's tiles in fp32 before their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's
-range ends at 65504 (and its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or
-lost digits) where the output fitted; there the sum is scale/alpha · X W + L R (see lora_matmul
+with c · t = alpha (``functional._dS_scale``: c = alpha where |alpha| < 1, as in the reference's
+dS, else 1). S is x A as the reference computes it, without alpha. The low-rank term's factor
+(r_scale: alpha in y, t in dX; "alpha" below) multiplies R's tiles in fp32 before their cast to
+the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range ends at 65504 (and its normal
+numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost digits) where the output
+fitted; there the sum is scale/alpha · X W + L R (see lora_matmul
 for dropout's dX), multiplied by alpha once, before the bias (``sum_scale``), for
 2^-64 <= |alpha| <= 2^77, where for any fp16 operands X W / alpha stays a normal fp32 number
 (``_SUM_SCALED``). bf16 has fp32's range, and fp32 and fp64 are the accumulator's own dtype: they
@@ -727,6 +729,9 @@ def _lora_matmul_kernel(
                                                       p_drop, drop_si, drop_sj, DROPOUT, DROP_WIDE, TMA_LOADS,
                                                       X_TRANSPOSED, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE,
                                                       INPUT_PRECISION).to(s_ptr.dtype.element_ty)
+                        # (L's ranks past R as stored, zeros: computed, they are inf · 0 = NaN
+                        # where x holds an inf, and NaN · R's zero padding would fill y's row)
+                        shrink = tl.where(mask_r[None, :], shrink, 0.0)
                         hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                         low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,

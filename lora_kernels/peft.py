@@ -51,8 +51,9 @@ Numerics: identical to peft for fp32 models. With 16-bit bases and fp32 adapters
 and runs the LoRA path in fp32; ``lora_linear`` runs every product in x's dtype with fp32
 accumulation. Outputs and input gradients then differ from peft's at the 16-bit rounding level
 (both are that far from a float64 evaluation); the adapters' gradients carry 16-bit rounding
-error here (bf16: about 3e-3 relative) where peft's carry fp32's. Under autocast both run the
-products in the autocast dtype.
+error here (bf16: about 3e-3 relative) where peft's carry fp32's, and with an fp16 base S and dS
+are fp16 here, whose range (65504) a loss-scaled dY may pass where peft's fp32 ones do not. Under
+autocast both run the products in the autocast dtype.
 
 Call ``fuse_lora`` on the peft model before wrapping it (DDP, ``fully_shard``, ``torch.compile``):
 it finds the layers through ``named_modules`` and reads their weights to report. The patched

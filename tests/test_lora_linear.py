@@ -85,6 +85,31 @@ def test_shrink_placements(shape, dtype_name, fuse, monkeypatch):
     check_all(make_inputs(lead, K, N, r, dtype), 0.75, dtype, train_base=True)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("where", ["x", "dy"])
+@pytest.mark.parametrize("fuse", ["1", "0", "ahead"], ids=["fused", "separate", "ahead"])
+def test_an_inf_spreads_as_in_the_reference(fuse, where, monkeypatch):
+    """An inf in x (or in dY) at a rank below its block (rank 3 in a BLOCK_R of 16): every output and
+    gradient holds inf and NaN where float64's do, in every shrink placement. A shrink computed in
+    the big product's launch padded its ranks with inf · 0 = NaN, and their product with R's
+    zero padding turned the whole row NaN where the reference has infs."""
+    use_triton(monkeypatch)
+    monkeypatch.setattr(functional, "FUSE_SHRINK", fuse)
+    x, W, b, A, B = make_inputs((7,), 16, 20, 3, torch.float32, seed=11)
+    dy = torch.randn((7, 20), generator=torch.Generator().manual_seed(12)).to(x.device)
+    (x if where == "x" else dy)[2, 5] = -float("inf")
+    leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+    y = lora_kernels.lora_linear(leaves[0], W, b, *leaves[1:], 0.5)
+    y.backward(dy)
+    y_ref, grads = reference(x, W, b, A, B, 0.5, dy)
+    for name, out, ref in [("y", y, y_ref), ("dx", leaves[0].grad, grads[0]), ("dA", leaves[1].grad, grads[3]),
+                           ("dB", leaves[2].grad, grads[4])]:
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isposinf(), ref.isposinf()), name
+        assert ref.isinf().any() or (name, where) in {("y", "dy"), ("dx", "x")}, name  # (the case in question)
+        finite = ref.isfinite()
+        assert rel_err(out[finite], ref[finite]) <= TOL[torch.float32], name
+
+
 def test_fuse_shrink_rule(monkeypatch):
     """The shrink fuses into small products (the launch it saves matters more there), not into
     large ones, not under LoRA dropout on x (the mask would be drawn once per column block), and
@@ -275,18 +300,43 @@ def test_fp32_adapters_beside_half_base(backend, dtype_name):
     check_all(make_inputs((41,), 36, 52, 7, dtype, adapter_dtype=torch.float32), 2.0, dtype)
 
 
-def test_large_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend):
-    """fp16 base, fp32 adapters, alpha 32 and a loss-scaled dY: alpha · dY Bᵀ passes 65504, while
-    dX (fp16), dA and dB (fp32) fit. dS is kept without alpha (as S is), so all three come back
-    finite and as float64 has them, on both backends."""
-    x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, adapter_dtype=torch.float32, seed=7)
-    x, A, B = x.requires_grad_(), (A * 0.1).requires_grad_(), (B * 0.6).requires_grad_()
-    y = lora_kernels.lora_linear(x, W, b, A, B, 32.0)
+@pytest.mark.parametrize("alpha", [32.0, -0.125], ids=["large-alpha", "small-alpha"])
+@pytest.mark.parametrize("adapter_name", ["float32", "float16"])
+def test_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend, alpha, adapter_name):
+    """fp16 base and a loss-scaled dY. A large alpha makes alpha · dY Bᵀ (the reference's dS) pass
+    65504; a small one (peft's lora_alpha / r) leaves it in range where dY Bᵀ passes 65504. Either
+    way dX, dA and dB fit in their dtypes: dS is kept as the smaller of the two
+    (functional._dS_scale), so all three come back finite and as float64 has them, on both
+    backends, with peft's fp32 adapters or fp16 ones."""
+    adapter = getattr(torch, adapter_name)
+    x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, adapter_dtype=adapter, seed=7)
+    x, A, B = (x * 0.005).requires_grad_(), (A * 0.1).requires_grad_(), (B * (0.6 if alpha > 1 else 6)).requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, alpha)
     dy = (2000 * torch.randn(y.shape, generator=torch.Generator().manual_seed(8))).to(y.device, y.dtype)
     y.backward(dy)
-    _, grads = reference(x, W, b, A, B, 32.0, dy)
-    assert (32.0 * dy.double() @ B.detach().double().t()).abs().max() > 65504  # (the case in question)
-    assert grads[0].abs().max() < 65504
+    _, grads = reference(x, W, b, A, B, alpha, dy)
+    dS = dy.double() @ B.detach().double().t()
+    assert max(alpha * dS.abs().max(), dS.abs().max()) > 65504  # (the case in question)
+    assert min(alpha * dS.abs().max(), dS.abs().max()) < 65504 / 2
+    assert all(g.abs().max() < torch.finfo(t.dtype).max / 2 for g, t in [(grads[0], x), (grads[3], A), (grads[4], B)])
+    errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
+    assert all(e <= TOL[torch.float16] for e in errs.values()), errs
+
+
+def test_fp16_adapter_grads_scaled_before_their_rounding(backend):
+    """fp16 adapters and an alpha below 1: dB = alpha · Sᵀ dY fits in fp16 where Sᵀ dY does not.
+    alpha applies to the fp32 sum before its rounding on both backends (the PyTorch path's mm then
+    mul_ returned inf), as in the reference's order (alpha · dY first)."""
+    g = torch.Generator().manual_seed(3)
+    x, W, b, A, B = make_inputs((64,), 8, 8, 2, torch.float16, seed=3)
+    x = (30 + torch.rand(x.shape, generator=g).to(x.device, x.dtype)).requires_grad_()
+    A = (0.1 + 0.01 * torch.rand(A.shape, generator=g)).to(A.device, A.dtype).requires_grad_()
+    B = (0.1 + 0.01 * torch.rand(B.shape, generator=g)).to(B.device, B.dtype).requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, 0.5)
+    dy = (60 + torch.rand(y.shape, generator=g)).to(y.device, y.dtype)
+    y.backward(dy)
+    _, grads = reference(x, W, b, A, B, 0.5, dy)
+    assert 65504 < 2 * grads[4].abs().max() and grads[4].abs().max() < 60000  # (the case in question)
     errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
     assert all(e <= TOL[torch.float16] for e in errs.values()), errs
 

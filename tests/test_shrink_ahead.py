@@ -109,6 +109,22 @@ def test_tiles_that_find_no_L_compute_the_same_bits(dtype, l_dtype, where, monke
     assert rel_err(L_read, L_ref) < TOL[l_dtype] and rel_err(y_read, ref) < TOL[dtype]
 
 
+def test_tiles_that_compute_L_spread_an_inf_as_the_reference(monkeypatch):
+    """Flags preset to -READY and an inf in x: the tiles' own L has ranks past R (8, in a block of
+    16) of inf · 0 = NaN, which must not reach y: its row is +inf, as float64's."""
+    use_triton(monkeypatch)
+    _force(monkeypatch, persistent=False)
+    _flags_seen(monkeypatch, start=-kernels.READY.value)
+    x, w, A, B, b = _inputs(torch.float32, seed=7)
+    x[3, 5], w[5], A[5], B = float("inf"), w[5].abs(), A[5].abs(), B.abs()  # (row 3 of x w and of L B: +inf)
+    y, _ = _run(x, w, A, B, b, None, torch.float32)
+    ref = x.double() @ w.double() + 1.5 * (0.75 * x.double() @ A.double()) @ B.double() + b.double()
+    assert ref[3].isposinf().all()  # (the case in question)
+    assert all(torch.equal(f(y), f(ref)) for f in (torch.isnan, torch.isposinf, torch.isneginf))
+    finite = ref.isfinite()
+    assert rel_err(y[finite], ref[finite]) < TOL[torch.float32]
+
+
 def test_a_shrink_item_that_comes_last_resets_its_flag(monkeypatch):
     """64 rows and 64 columns (4 row blocks of 2 column blocks, in 2 groups) on the persistent
     grid: programs 0 to 3 take, second, the tiles of row blocks 2 and 3, whose shrink items
