@@ -580,6 +580,13 @@ class _EagerLoRALinear(torch.autograd.Function):
                                "gradient at a time: compute them one by one, or set LORA_KERNELS_BACKEND=torch")
         return _gradients(ctx, dy, _backward_impl)
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # (Function's own error reads as advice to implement jvp.)
+        raise NotImplementedError("lora_kernels: forward-mode AD (torch.autograd.forward_ad, a jvp) is not "
+                                  "supported: the kernels have no tangent rule. Use the reference formula "
+                                  "(lora_kernels.reference) there")
+
 
 def lora_linear(x, weight, bias, A, B, alpha, dropout_p=0.0):
     """``y = x @ weight.T + bias + alpha * (dropout(x) @ A) @ B``, fused.

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 
+import lora_kernels  # noqa: E402
 import lora_kernels.peft as lkpeft  # noqa: E402
 from conftest import DEVICE, rel_err, replicate_like_data_parallel  # noqa: E402
 from conftest import TOL as DTYPE_TOL  # noqa: E402
@@ -896,3 +897,23 @@ def test_half_base_fp32_adapters_precision(dtype):
         assert fused_err[k] < 1.5 * peft_err[k] + 1e-5, k
     for k in ("dA", "dB"):  # 16-bit rounding of the adapters' products, within the dtype's bound
         assert peft_err[k] < 1e-5 and fused_err[k] < DTYPE_TOL[dtype], k
+
+
+def test_replace_linear_with_lora_leaves_peft_layers_alone():
+    """replace_linear_with_lora given a peft model wraps none of peft's adapter layers, fused or not
+    (their base and adapter Linears wrapped would be adapters on adapters, which
+    mark_only_lora_as_trainable then freezes): a warning names them and fuse_lora. The model's
+    other Linears get their adapter."""
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for fused in (False, True):
+        if fused:
+            fuse_lora(model)
+        wrapped = copy.deepcopy(model)
+        with pytest.warns(UserWarning, match=r"peft's adapter layers .*fuse_lora.*\): "
+                                             r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj, "):
+            lora_kernels.replace_linear_with_lora(wrapped, rank=2, alpha=1.0)
+        tuned = [m for m in wrapped.modules() if isinstance(m, PeftLoraLinear)]
+        assert len(tuned) == 4 and all(isinstance(m, lkpeft.FusedLinear) == fused for m in tuned)
+        assert not any(isinstance(c, lora_kernels.LinearWithLoRA) for m in tuned for c in m.modules())
+        attention = wrapped.base_model.model.model.layers[1].self_attn
+        assert isinstance(attention.k_proj, lora_kernels.LinearWithLoRA)
