@@ -9,10 +9,11 @@ LoRA-dropout input (m the keep mask, q = 1 / (1-p); without dropout m = 1, q = 1
                                      dA = t · x̃ᵀ dS,   dB = alpha · Sᵀ dY
                                      dW = dYᵀ x,   db = Σ_M dY    (only when the base trains)
 
-with c · t = alpha · q: c = alpha where |alpha| < 1, else 1 (``_dS_scale``). S is the reference's
-own (dropped-out) x A, and dS the reference's own alpha · dY Bᵀ where |alpha| < 1, or free of
-alpha where alpha would enlarge it: a 16-bit dS overflows only where the reference's dS and the
-unscaled dY Bᵀ both would. The rest of alpha enters in fp32 inside the kernel, on B's and Aᵀ's
+with c · t = alpha · q and c = |alpha| held to [2^-8, 1] (``_dS_scale``). S is the reference's
+own (dropped-out) x A, and dS, for 2^-8 <= |alpha| < 1 (peft's lora_alpha / r), the reference's own
+alpha · dY Bᵀ up to its sign, or free of alpha where alpha would enlarge it: then a 16-bit dS
+overflows only where the reference's dS and the unscaled dY Bᵀ both would. The rest of alpha
+enters in fp32 inside the kernel, on B's and Aᵀ's
 tiles before their cast (in fp16, on the accumulators of y and dX instead: ``sum_scale``, see
 ``kernels``) and on dA's and dB's accumulators (``scale``, ``pair_scale``), so no alpha overflows
 anything in fp16 that the reference's own order of operations keeps in range (up to 2^77, and
@@ -414,13 +415,20 @@ def _(x, weight, bias, A, B, alpha, dropout_p, seed, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A.shape[1])
 
 
+_DS_FLOOR = 2.0 ** -8
+
+
 def _dS_scale(alpha, q):
     """(c, t) for dS = c · dY Bᵀ and the products that read it (dX's low-rank term, dA), c · t =
     alpha · q. The reference's dS is alpha · dY Bᵀ, and peft's lora_alpha / r is often below 1: a dS
     free of alpha overflowed fp16 there where the reference's fitted (a GradScaler then skips the
-    step). Above 1, alpha would enlarge dS past the unscaled product: it goes to the readers' fp32
-    accumulators instead. q = 1/(1-p) is never in dS (the reference's dS has none)."""
-    return (alpha, q) if abs(alpha) < 1 else (1.0, alpha * q)
+    step, and settles on a loss scale alpha times the reference's). Above 1, alpha would enlarge dS
+    past the unscaled product: it goes to the readers' fp32 accumulators instead. Below 2^-8
+    (lora_alpha = 1 at r = 256), 2^-8 · dY Bᵀ keeps fp16's digits where the reference's dS turns
+    subnormal. q = 1/(1-p) is never in dS (the reference's dS has none). (t = ±q exactly where
+    c = |alpha|.)"""
+    c = min(max(abs(alpha), _DS_FLOOR), 1.0)
+    return c, alpha * q / c
 
 
 def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, S: Tensor, alpha: float,

@@ -19,8 +19,8 @@ and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX
 ``Shrink``: L = x A accumulated in the same K loop as X W, or computed once per row block by a
 shrink item ahead of that row block's tiles, SHRINK_AHEAD), one launch fewer each.
 
-with c · t = alpha (``functional._dS_scale``: c = alpha where |alpha| < 1, as in the reference's
-dS, else 1). S is x A as the reference computes it, without alpha. The low-rank term's factor
+with c · t = alpha (``functional._dS_scale``: c = |alpha| held to [2^-8, 1], as in the
+reference's dS between). S is x A as the reference computes it, without alpha. The low-rank term's factor
 (r_scale: alpha in y, t in dX; "alpha" below) multiplies R's tiles in fp32 before their cast to
 the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range ends at 65504 (and its normal
 numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost digits) where the output
