@@ -194,8 +194,7 @@ def composed(thin, x, W, b, A, B, dy, dtype, beside=False):
     functional.torch_matmul, cuBLAS calls, which cost the host a fraction of a Triton launch.
     ``beside`` (CUDA): dA with dB on a second stream that waits for dS alone, issued after dX,
     free to run beside it. Returns a zero-argument callable that returns (dX, dA, dB)."""
-    # (torch_matmul scales dA and dB after the product, one small elementwise call each, as the
-    # PyTorch path does; a hand-off to cuBLAS could fold alpha into an addmm: a few µs.)
+    # (torch_matmul folds dA's and dB's alpha into an addmm, as the PyTorch path does.)
     # dA and dB need dS, not dX: on a second stream their programs may take SMs that dX leaves
     # idle (at 4096→4096 its 1024 tiles of 128×256 on 132 SMs make 7.76 waves, the last a quarter
     # empty for one tile's time, about 48 µs in the sixth run; the paired launch took 45 µs alone).
@@ -247,8 +246,9 @@ def pieces(K, N, M, r, dtype, device, sweep=None, clean=False):
     W, b = rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.1)
     Wt = W.t().contiguous()  # Wᵀ stored K×N: the forward's B operand laid out as dX's W is
     A, B = rnd(K, r, scale=K ** -0.5), rnd(r, N, scale=r ** -0.5)
-    # S and dS in the activations' dtype and without alpha, as the layer keeps them (functional.py):
-    # alpha (2.0) scales B's tiles in y, Aᵀ's in dX, and dA's and dB's accumulators, as there.
+    # S and dS in the activations' dtype and without alpha, as the layer keeps them for an alpha of 1
+    # or more (functional.py): alpha (2.0) scales B's tiles in y, Aᵀ's in dX, and dA's and dB's
+    # accumulators, as there.
     S = kernels.lora_matmul(x, A, out_dtype=dtype, dot_dtype=dtype)
     dS = kernels.lora_matmul(dy, B.t(), out_dtype=dtype, dot_dtype=dtype)
     mm = lambda *a, **k: kernels.lora_matmul(*a, dot_dtype=dtype, **k)  # noqa: E731
