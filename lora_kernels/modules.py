@@ -205,8 +205,7 @@ class LinearWithLoRA(torch.nn.Module):
             raise ValueError("linear.weight is shared with another module or place (tied weights, e.g. an "
                              "lm_head tied to the embedding, or one nn.Linear used twice): merging would "
                              "change the other too; the layer is left unmerged (to merge a model, wrap it "
-                             "without that layer: replace_linear_with_lora(model.model) leaves a transformers "
-                             "causal LM's lm_head out)")
+                             "without that layer: replace_linear_with_lora on its blocks, not on the lm_head)")
         weight = self.linear.weight
         merged = self._updated(weight, 1)  # checked after the cast: fp16 overflows to inf there
         if not torch.isfinite(merged).all():
@@ -284,7 +283,7 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     fast path in eval mode), past any adapter. transformers' ``Conv1D`` (GPT-2's linear layers)
     is no ``nn.Linear``: it is passed by, as the seed passes it, but with a warning, since a GPT-2
     then gets one adapter, on its lm_head (peft's LoRA serves Conv1D). A peft model's adapter layers
-    are left alone, with a warning (``lora_kernels.peft.fuse_lora`` is the way to fuse them).
+    and ``modules_to_save`` copies are left alone, with a warning (``lora_kernels.peft.fuse_lora`` is the way to fuse them).
     """
     if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
         return model
@@ -378,11 +377,12 @@ _CONV1D_SUBCLASS = ("a subclass of transformers' Conv1D is not an nn.Linear: pef
                     "own forward there (lora_kernels.peft.fuse_lora fuses Conv1D itself only)")
 
 
-# A peft model's adapter layers (LoRA's and every other tuner's): their base layer and adapter Linears
-# wrapped, a peft model would get adapters on its adapters, which mark_only_lora_as_trainable
-# then freezes.
-_PEFT = ("peft's adapter layers hold their own adapters: lora_kernels.peft.fuse_lora runs a peft model's "
-         "LoRA layers through the fused kernels")
+# A peft model's adapter layers (LoRA's and every other tuner's) and its trained copies
+# (modules_to_save): their Linears wrapped, a peft model would get adapters on its adapters,
+# which mark_only_lora_as_trainable then freezes.
+_PEFT_LAYERS = ("BaseTunerLayer", "AuxiliaryTrainingWrapper")
+_PEFT = ("peft's adapter layers and modules_to_save hold what peft trains: lora_kernels.peft.fuse_lora runs a "
+         "peft model's LoRA layers through the fused kernels")
 _ITSELF = ("an nn.Linear given itself has no parent to put its wrapper in: wrap it with "
            "LinearWithLoRA(linear, rank, alpha)")
 
@@ -396,7 +396,7 @@ def _left_alone(module):
     conv1d = [c for c in mro if c.__name__ == "Conv1D" and c.__module__.startswith("transformers.")]
     if conv1d:
         return _CONV1D if conv1d[0] is type(module) else _CONV1D_SUBCLASS
-    if any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.") for c in mro):
+    if any(c.__name__ in _PEFT_LAYERS and c.__module__.startswith("peft.") for c in mro):
         return _PEFT
     return None
 

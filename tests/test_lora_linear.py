@@ -104,7 +104,7 @@ def test_an_inf_spreads_as_in_the_reference(fuse, where, monkeypatch):
     y_ref, grads = reference(x, W, b, A, B, 0.5, dy)
     for name, out, ref in [("y", y, y_ref), ("dx", leaves[0].grad, grads[0]), ("dA", leaves[1].grad, grads[3]),
                            ("dB", leaves[2].grad, grads[4])]:
-        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isposinf(), ref.isposinf()), name
+        assert all(torch.equal(f(out), f(ref)) for f in (torch.isnan, torch.isposinf, torch.isneginf)), name
         assert ref.isinf().any() or (name, where) in {("y", "dy"), ("dx", "x")}, name  # (the case in question)
         finite = ref.isfinite()
         assert rel_err(out[finite], ref[finite]) <= TOL[torch.float32], name
@@ -320,6 +320,26 @@ def test_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend, alpha, adapter_na
     assert min(alpha * dS.abs().max(), dS.abs().max()) < 65504 / 2
     assert all(g.abs().max() < torch.finfo(t.dtype).max / 2 for g, t in [(grads[0], x), (grads[3], A), (grads[4], B)])
     errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
+    assert all(e <= TOL[torch.float16] for e in errs.values()), errs
+
+
+def test_dropout_keeps_its_rescale_out_of_fp16_ds(backend):
+    """LoRA dropout's 1/(1-p) scales dX's low-rank term and dA, never dS (the reference's dS has
+    none): at p = 0.9 (q = 10) dY Bᵀ fits fp16 where q · dY Bᵀ would not, and every gradient comes
+    back as float64 has it."""
+    p = 0.9
+    x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, seed=13)
+    x, A, B = (x * 0.05).requires_grad_(), (A * 0.1).requires_grad_(), (B * 0.6).requires_grad_()
+    torch.manual_seed(14)
+    y = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=p)
+    dy = (2000 * torch.randn(y.shape, generator=torch.Generator().manual_seed(15))).to(y.device, y.dtype)
+    y.backward(dy)
+    keep = functional.keep_mask(32, 64, seed_of_next_call(14, backend), p, DEVICE, backend)
+    x64, W64, b64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, W, b, A, B))
+    (torch.nn.functional.linear(x64, W64, b64) + ((x64 * keep / (1 - p)) @ A64 @ B64)).backward(dy.double())
+    dS = (dy.double() @ B64.detach().t()).abs().max()
+    assert 65504 / 2 > dS > 65504 * (1 - p)  # (the case in question)
+    errs = {"dx": rel_err(x.grad, x64.grad), "dA": rel_err(A.grad, A64.grad), "dB": rel_err(B.grad, B64.grad)}
     assert all(e <= TOL[torch.float16] for e in errs.values()), errs
 
 

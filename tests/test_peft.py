@@ -900,11 +900,12 @@ def test_half_base_fp32_adapters_precision(dtype):
 
 
 def test_replace_linear_with_lora_leaves_peft_layers_alone():
-    """replace_linear_with_lora given a peft model wraps none of peft's adapter layers, fused or not
-    (their base and adapter Linears wrapped would be adapters on adapters, which
-    mark_only_lora_as_trainable then freezes): a warning names them and fuse_lora. The model's
-    other Linears get their adapter."""
-    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    """replace_linear_with_lora given a peft model wraps none of peft's adapter layers, fused or not,
+    nor its modules_to_save (their base and adapter Linears wrapped would be adapters on adapters,
+    which mark_only_lora_as_trainable then freezes): a warning names them and fuse_lora. The
+    model's other Linears get their adapter."""
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["lm_head"]))
     for fused in (False, True):
         if fused:
             fuse_lora(model)
@@ -917,3 +918,5 @@ def test_replace_linear_with_lora_leaves_peft_layers_alone():
         assert not any(isinstance(c, lora_kernels.LinearWithLoRA) for m in tuned for c in m.modules())
         attention = wrapped.base_model.model.model.layers[1].self_attn
         assert isinstance(attention.k_proj, lora_kernels.LinearWithLoRA)
+        head = wrapped.base_model.model.lm_head  # (peft's trained copy of it, and the original)
+        assert not any(isinstance(m, lora_kernels.LinearWithLoRA) for m in head.modules())
