@@ -1785,7 +1785,7 @@ def _gpu_check_calls(tmp_path, mode, **settings):
     outer = ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE", "GPU_CHECK_SECONDS", "TESTS_SECONDS", "GPU_CHECK_SMOKE")
     env = {**{k: v for k, v in os.environ.items() if k not in outer},
            "PYTHON": str(fake), "CALLS": str(calls), "OUT": str(tmp_path / f"out-{mode}"), "GPU_CHECK_CACHE": str(pack),
-           **settings}
+           "TMPDIR": str(tmp_path), **settings}  # (the script's work folders: pytest's to remove, not /tmp's)
     done = subprocess.run(["bash", "scripts/gpu_check.sh", mode], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
