@@ -37,7 +37,9 @@ peft's original forward, so results never depend on whether a layer was fused. p
 * adapter configurations: DoRA, any other LoRA variant peft implements specially
   (``layer.lora_variant``), ``lora_bias=True``, not exactly one active adapter, an active adapter
   this layer has no weights for;
-* states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), a FalconLinear
+* states: adapters merged (``merge_adapter``) or disabled (``disable_adapter()``), peft's input
+  casting turned off (``peft.helpers.disable_input_dtype_casting``: x reaches the adapters in its
+  own dtype, which peft's forward refuses where they differ), a FalconLinear
   base with a bias (added after the product, it stays fp32 under autocast), weights that are
   tensor subclasses (torchao, sharded DTensors), hooks on ``base_layer`` / ``lora_A`` / ``lora_B`` /
   ``lora_dropout`` (accelerate offloading would be bypassed otherwise), and global module hooks
@@ -66,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
+from peft.tuners.lora import layer as _peft_lora_layer
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
 from transformers.pytorch_utils import Conv1D
@@ -106,6 +109,7 @@ _BASE = ("base layer is not exactly torch.nn.Linear, or transformers' Conv1D or 
          "wrapped base)")
 # Reasons a patched layer runs peft's forward, checked on every call.
 _DISABLED = "adapters disabled"
+_NO_CAST = "peft's input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
 _MERGED = "adapter merged into the base weight"
 _NOT_ONE = "not exactly one active adapter"
 _ABSENT = "the active adapter has no LoRA weights in this layer"
@@ -163,6 +167,8 @@ def _fused_call(layer):
     looked up on every call, and each lookup costs host time)."""
     if layer.disable_adapters:
         return _DISABLED
+    if not layer.__dict__.get("cast_input_dtype_enabled", True):  # (a plain attribute: set on the instance)
+        return _NO_CAST
     if layer.merged:
         return _MERGED
     active = layer.active_adapters
@@ -229,8 +235,16 @@ class FusedLinear(_PeftLoraLinear):
         return _PeftLoraLinear.__name__
 
 
+# peft's LoRA for nn.MultiheadAttention keeps a LoRA Linear on its base's out_proj, whose weight it
+# merges in around each call and whose forward nothing calls: the outer layer stands for both.
+_PeftMultiheadAttention = getattr(_peft_lora_layer, "MultiheadAttention", ())
+
+
 def _lora_layers(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _PeftLoraLayer)]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _PeftLoraLayer)]
+    inner = {id(m) for _, outer in layers if isinstance(outer, _PeftMultiheadAttention)
+             for m in outer.base_layer.modules()}
+    return [(name, m) for name, m in layers if id(m) not in inner]
 
 
 def _describe(layer, reason):
@@ -250,8 +264,9 @@ def fuse_lora(model):
     """Make every peft LoRA ``Linear`` layer below ``model`` run its forward through
     ``lora_kernels.lora_linear``, in place. Returns a ``FuseReport`` (``int(report)`` = number of
     fused layers). Layers or states it cannot serve keep peft's forward (see the module doc); one
-    ``UserWarning`` per call names them, grouped by reason. Calling it again is harmless: layers
-    already patched are not wrapped twice. ``unfuse_lora`` undoes it.
+    ``UserWarning`` per call names them, grouped by reason. Layers peft makes later (``add_adapter``
+    on a new target) need another call; calling it again is harmless: layers already patched are
+    not wrapped twice. ``unfuse_lora`` undoes it.
     """
     report = FuseReport()
     for name, layer in _lora_layers(model):

@@ -920,3 +920,37 @@ def test_replace_linear_with_lora_leaves_peft_layers_alone():
         assert isinstance(attention.k_proj, lora_kernels.LinearWithLoRA)
         head = wrapped.base_model.model.lm_head  # (peft's trained copy of it, and the original)
         assert not any(isinstance(m, lora_kernels.LinearWithLoRA) for m in head.modules())
+
+
+def test_input_dtype_casting_disabled_runs_pefts_forward(spy):
+    """peft.helpers.disable_input_dtype_casting hands x to the adapters in its own dtype, which
+    peft's forward refuses beside fp32 adapters: a fused layer runs peft's forward there too (its
+    error, not a result peft would not give), and fuses again after."""
+    from peft.helpers import disable_input_dtype_casting
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(DEVICE, torch.bfloat16)
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))  # (fp32 adapters)
+    assert fuse_lora(model).fused == ["base_model.model.0"]
+    x = torch.randn(3, 16, device=DEVICE, dtype=torch.bfloat16)
+    with disable_input_dtype_casting(model), pytest.raises(RuntimeError, match="dtype"):
+        model(x)
+    assert spy == []
+    model(x)
+    assert len(spy) == 1
+
+
+def test_multihead_attention_is_reported_once():
+    """peft's LoRA on nn.MultiheadAttention keeps a LoRA Linear on the base's out_proj, which it
+    merges in around each call and never calls: the report names the attention layer alone, not
+    that Linear as a second fallback."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    model = get_peft_model(Attention(), LoraConfig(r=2, lora_alpha=4, target_modules=["mha"]))
+    with pytest.warns(UserWarning, match="1 LoRA layer"):
+        report = fuse_lora(model)
+    assert report.fused == [] and list(report.fallback.values()) == [["base_model.model.mha"]]
