@@ -14,10 +14,10 @@ own (dropped-out) x A, and dS, for 2^-8 <= |alpha| < 1 (peft's lora_alpha / r), 
 alpha · dY Bᵀ up to its sign, or free of alpha where alpha would enlarge it: then a 16-bit dS
 overflows only where the reference's dS and the unscaled dY Bᵀ both would. The rest of alpha
 enters in fp32 inside the kernel, on B's and Aᵀ's tiles before their cast (in fp16, on the
-accumulators of y and dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's accumulators (``scale``, ``pair_scale``), so no alpha overflows
-anything in fp16 that the reference's own order of operations keeps in range (up to 2^77, for
-alpha · q in dX under dropout, and short of alpha · B past fp32's range: see ``kernels``). At the
-other end, for 2^-8 <= |alpha| < 1 a 16-bit dS turns subnormal where the reference's does (a
+accumulators of y and dX instead: ``sum_scale``, see ``kernels``) and on dA's and dB's
+accumulators (``scale``, ``pair_scale``), so no alpha overflows anything in fp16 that the
+reference's own order of operations keeps in range (up to 2^77, for alpha · q in dX under
+dropout, and short of alpha · B past fp32's range: see ``kernels``). At the other end, for 2^-8 <= |alpha| < 1 a 16-bit dS turns subnormal where the reference's does (a
 GradScaler's loss scale lifts both), where an unscaled one kept 1/|alpha| more range below.
 
 Every product above is one call of ``kernels.lora_matmul`` or its twin ``torch_matmul`` (dA and

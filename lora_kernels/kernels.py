@@ -20,14 +20,13 @@ and, where ``functional.fuse_shrink`` says, S inside y's launch and dS inside dX
 shrink item ahead of that row block's tiles, SHRINK_AHEAD), one launch fewer each.
 
 with c · t = alpha (``functional._dS_scale``: c = |alpha| held to [2^-8, 1], as in the
-reference's dS between). S is x A as the reference computes it, without alpha. The low-rank term's factor
-(r_scale: alpha in y, t in dX; "alpha" below) multiplies R's tiles in fp32 before their cast to
-the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range ends at 65504 (and its normal
-numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost digits) where the output
-fitted; there the sum is scale/alpha · X W + L R (see lora_matmul
-for dropout's dX), multiplied by alpha once, before the bias (``sum_scale``), for
-2^-64 <= |alpha| <= 2^77, where for any fp16 operands X W / alpha stays a normal fp32 number
-(``_SUM_SCALED``). bf16 has fp32's range, and fp32 and fp64 are the accumulator's own dtype: they
+reference's dS between). S is x A as the reference computes it, without alpha. The low-rank
+term's factor (r_scale: alpha in y, t in dX; "alpha" below) multiplies R's tiles in fp32 before
+their cast to the dot's dtype, or, in fp16, the fp32 accumulator. fp16's range ends at 65504 (and
+its normal numbers at 6e-5), so alpha · B rounded to fp16 overflowed (or lost digits) where the
+output fitted; there the sum is scale/alpha · X W + L R (see lora_matmul for dropout's dX),
+multiplied by alpha once, before the bias (``sum_scale``), for 2^-64 <= |alpha| <= 2^77, where
+for any fp16 operands X W / alpha stays a normal fp32 number (``_SUM_SCALED``). bf16 has fp32's range, and fp32 and fp64 are the accumulator's own dtype: they
 keep alpha on R's tiles, as does an fp16 alpha outside that range. So a large alpha overflows
 neither a 16-bit S or dS nor anything else the reference's own order of operations keeps in
 range, short of alpha · B itself passing fp32's range (3.4e38: the PyTorch path's CPU BLAS

@@ -283,7 +283,8 @@ def replace_linear_with_lora(model, rank, alpha, dropout=0.0):
     fast path in eval mode), past any adapter. transformers' ``Conv1D`` (GPT-2's linear layers)
     is no ``nn.Linear``: it is passed by, as the seed passes it, but with a warning, since a GPT-2
     then gets one adapter, on its lm_head (peft's LoRA serves Conv1D). A peft model's adapter layers
-    and ``modules_to_save`` copies are left alone, with a warning (``lora_kernels.peft.fuse_lora`` is the way to fuse them).
+    and ``modules_to_save`` copies are left alone, with a warning (``lora_kernels.peft.fuse_lora``
+    is the way to fuse them).
     """
     if isinstance(model, (LinearWithLoRA, reference.LinearWithLoRA)):  # wrapped already: its linear too
         return model
