@@ -306,8 +306,8 @@ def test_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend, alpha, adapter_na
     """fp16 base and a loss-scaled dY. A large alpha makes alpha · dY Bᵀ (the reference's dS) pass
     65504; a small one (peft's lora_alpha / r) leaves it in range where dY Bᵀ passes 65504. Either
     way dX, dA and dB fit in their dtypes: dS is kept as the smaller of the two
-    (functional._dS_scale; a negative alpha's sign on the readers), so all three come back finite and as float64 has them, on both
-    backends, with peft's fp32 adapters or fp16 ones."""
+    (functional._dS_scale; a negative alpha's sign on the readers), so all three come back finite
+    and as float64 has them, on both backends, with peft's fp32 adapters or fp16 ones."""
     adapter = getattr(torch, adapter_name)
     x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, adapter_dtype=adapter, seed=7)
     x, A, B = (x * 0.005).requires_grad_(), (A * 0.1).requires_grad_(), (B * (0.6 if alpha > 1 else 6)).requires_grad_()
