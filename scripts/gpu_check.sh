@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_check.sh [check|perf|tests|variants|all|cache]
 #
-#   check (default): compile every kernel config in parallel, then the test suite on CUDA in nine
+#   check (default): compile every kernel config in parallel, then the test suite on CUDA in ten
 #         shards, then the benchmark sweep, a LoRA-dropout run of peft and fused, and the issue-4
 #         targets table. Its steps' limits add up to 565 s (precompiles 60 + 55 + 20, tests 130,
 #         bench 190, bench-dropout 110; the last gets what is left of 530), so at most about 9
@@ -25,13 +25,15 @@
 #         (first-step.md) in what is left (limits 60 + 60 + 55 + 70 + 190 + 110, 180 for variants,
 #         45 for the shrink ahead's run, 30 + 45 for the fp32-adapter run and its precompile, 75,
 #         30 + 40 for the shrink ahead's dropout run and its precompile, 2 × 40); the fp32-adapter
-#         run starts only with 65 s left, the shrink ahead's dropout run with 40 and the first-step
-#         pair with 70, so the last two are cut first; the dropout, fp32-adapter and shrink-ahead
-#         dropout precompiles are skipped where the first precompile found all its kernels in a
-#         carried pack (`covered`: about 75 s of start-ups saved);
+#         run starts only with 45 s left (65 where its precompile runs), the shrink ahead's dropout
+#         run with 40 and the first-step pair with 70: on the sixth run's step times and the steps
+#         added since, variants ends about 50 s before the deadline, so the shrink ahead's run is
+#         the last to run whole and the later ones are cut or skipped; the dropout, fp32-adapter
+#         and shrink-ahead dropout precompiles are skipped where the first precompile found all its
+#         kernels in a carried pack (`covered`: about 75 s of start-ups saved);
 #         GPU_CHECK_SMOKE=0 leaves out the smoke test.
 #   tests: the suite's precompile (a quarter of what is left, at most 60 s; its dropout kernels
-#         too, an eighth, at most 30 s, only with 240 s left) beside the nine shards, of which
+#         too, an eighth, at most 30 s, only with 240 s left) beside the ten shards, of which
 #         only test_autotune_configs' two wait for it; the shards get what is left of
 #         GPU_CHECK_SECONDS less 40 (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #         Each shard writes tests-I/compiles.md: the kernels it compiled, by test (those a carried
@@ -223,18 +225,21 @@ if has check all tests; then
   # (The two longest files in slices, tests/conftest.py's --shard: in the fourth run
   # test_lora_linear.py, whole, was stopped at its limit of 239 s at 84%, and
   # test_autotune_configs.py took 204 s, where the other shards were done in 85-132 s. A shard
-  # compiles the kernels a carried pack lacks one at a time, on one core: nine shards use nine
+  # compiles the kernels a carried pack lacks one at a time, on one core: ten shards use ten
   # of the host's 16. test_benchmark_tools.py alone: in the fifth run the rest of the files, it
   # among them, were stopped by their limit of 240 s at 67%.
   # test_gpu.py before test_compile.py: the GPU-only tests first, should the limit stop the shard.
   # test_shrink_ahead.py, new since the sixth run, where it would have joined the rest, which took
-  # 224 s of 252 there: with the training, inputs and modules tests, which took 35.)
+  # 224 s of 252 there: with the training, inputs and modules tests, which took 35.
+  # test_example.py and test_distributed.py on their own, out of the rest: 52 s and about 55 s of
+  # its 212 there (the CPU quick run and the process groups' start-up), where the next run's
+  # shards get about 200 s.)
   shards=("tests/test_lora_linear.py --shard 0/3" "tests/test_lora_linear.py --shard 1/3"
           "tests/test_lora_linear.py --shard 2/3"
           "tests/test_autotune_configs.py --shard 0/2" "tests/test_autotune_configs.py --shard 1/2"
           "tests/test_gpu.py tests/test_compile.py"
           "tests/test_training.py tests/test_inputs.py tests/test_modules.py tests/test_shrink_ahead.py"
-          "tests/test_benchmark_tools.py")
+          "tests/test_benchmark_tools.py" "tests/test_example.py tests/test_distributed.py")
   named=" ${shards[*]} $skipped_files"
   rest=""; for f in $all_files; do [[ "$named" == *" $f "* ]] || rest="$rest $f"; done
   # (an empty shard would run pytest on no file, i.e. on the whole suite)
@@ -305,8 +310,10 @@ if has perf; then
   # (LORA_KERNELS_AUTOTUNE=0) and timed that tile, not the layer. Its ten launches' candidates are
   # precompiled first (a carried pack holds them: cache mode runs this precompile too), so the
   # run only times them. Before the model step (the fifth run measured it) and the first-step
-  # pair, which is cut first.
-  if (( deadline - $(date +%s) >= 65 )); then
+  # pair, which is cut first. It starts with 45 s left for its run, 20 more where its precompile
+  # runs too (the smallest limit a step gets).
+  need=65; covered precompile && need=45
+  if (( deadline - $(date +%s) >= need )); then
     if covered precompile; then
       echo "- precompile-fp32-adapters: skipped, the carried pack holds it" | tee -a "$W/steps.md"
     else
@@ -317,7 +324,7 @@ if has perf; then
       --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
       --modes forward+backward
   else
-    echo "- bench-fp32-adapters: skipped, under 65 s left" >> "$W/steps.md"
+    echo "- bench-fp32-adapters: skipped, under $need s left" >> "$W/steps.md"
   fi
   # A decoder layer's seven projections in one training step: how much of the small shapes' host
   # time a model's step pays (the host runs ahead behind the large projections' GPU time).

@@ -1888,17 +1888,35 @@ def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, fou
     assert sum(" -m benchmarks.run " in c for c in calls) == 5, calls  # (the runs themselves, either way)
 
 
+@pytest.mark.parametrize("found", [676, 675])
+def test_gpu_check_perf_starts_the_fp32_adapter_run_with_what_it_needs(tmp_path, found):
+    """With about 55 s left after the steps before it: the fp32-adapter run (45 s) starts where the
+    carried pack holds its kernels, and is skipped, with the reason, where its precompile (20 s
+    more) would have to run first."""
+    says = f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); {found} found in Triton's cache"
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says, GPU_CHECK_SECONDS="95")  # (deadline: 55 s)
+    ran = [c for c in calls if " -m benchmarks.run " in c and "--adapter-dtype fp32" in c]
+    steps = (tmp_path / "out-perf" / "summary.md").read_text()
+    assert "- first-step: skipped, under 70 s left" in steps, steps  # (the time left as intended)
+    if found == 676:
+        assert len(ran) == 1 and "bench-fp32-adapters: skipped" not in steps, (calls, steps)
+    else:
+        assert not ran and "- bench-fp32-adapters: skipped, under 65 s left" in steps, (calls, steps)
+
+
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
-    """Each of the nine shards of `gpu_check.sh tests` (test_benchmark_tools.py in one of its own)
-    reports its slowest tests and the kernels it compiled, where a carried pack lacked them (pytest
-    --report-compiles, into its own folder), and the summary gives each shard's totals under its
-    closing line."""
+    """Each of the ten shards of `gpu_check.sh tests` (test_benchmark_tools.py in one of its own, as
+    test_example.py with test_distributed.py) reports its slowest tests and the kernels it
+    compiled, where a carried pack lacked them (pytest --report-compiles, into its own folder), and
+    the summary gives each shard's totals under its closing line."""
     calls, _ = _gpu_check_calls(tmp_path, "tests")
     shards = [c for c in calls if " -m pytest " in c]
     reports = [re.search(r" --report-compiles (\S+/tests-(\d+)/compiles\.md)( |$)", c) for c in shards]
-    assert len(shards) == 9 and all(reports) and len({r[2] for r in reports}) == 9, shards
+    assert len(shards) == 10 and all(reports) and len({r[2] for r in reports}) == 10, shards
     assert all(" --durations=15 " in c for c in shards), shards
     assert any(c.split(" -v ")[0].endswith(" -m pytest tests/test_benchmark_tools.py") for c in shards), shards
+    assert any(c.split(" -v ")[0].endswith(" -m pytest tests/test_example.py tests/test_distributed.py")
+               for c in shards), shards
     summary = (tmp_path / "out-tests" / "summary.md").read_text()
     for call, report in zip(shards, reports):
         shard_line = f"- tests-{report[2]}: "
