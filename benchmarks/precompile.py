@@ -433,7 +433,7 @@ def cache_groups():
 def save_cache(path, arch):
     """Pack Triton's cache directory into ``path`` (.tar.xz), with the fingerprint it is good for."""
     cache = triton.knobs.cache.dir
-    entries = sorted(os.listdir(cache))
+    entries = sorted(e.name for e in os.scandir(cache) if e.is_dir())  # (not load_cache's marker)
     label = (f"sm_{arch} {fingerprint(arch)} (Python {sys.version.split()[0]}, torch {torch.__version__}, "
              f"triton {triton.__version__})\n").encode()
     # (preset 9: its 64 MiB window spans the many near-alike kernels, 9% smaller than the default's
@@ -451,8 +451,21 @@ def save_cache(path, arch):
 
 def load_cache(path):
     """Unpack ``save_cache``'s pack into Triton's cache directory if its fingerprint is this
-    machine's (else its keys would never match: nothing is unpacked), and say which it was."""
+    machine's (else its keys would never match: nothing is unpacked), and say which it was. Not
+    again where this pack was unpacked there before and every entry it made is still there (a
+    device call after another on a warm machine: about 12 s of xz's for nothing)."""
     cache = triton.knobs.cache.dir
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    marker = os.path.join(cache, "lora_kernels-unpacked.json")  # (a file: no cache entry is one)
+    try:
+        with open(marker) as f:
+            before = json.load(f)
+        if before["sha256"] == digest and all(os.path.isdir(os.path.join(cache, e)) for e in before["entries"]):
+            print(f"{path} already unpacked into {cache}: {len(before['entries'])} kernels compiled for {before['label']}")
+            return
+    except (OSError, ValueError, KeyError):
+        pass
     with tarfile.open(path, "r|xz") as tar:  # (read as a stream: one pass, the fingerprint first)
         label = tar.extractfile(tar.next()).read().decode().strip()
         target, *packed = label.split(" (")[0].split()  # ("sm_90", ["triton=...", "backend=...", ...])
@@ -477,6 +490,8 @@ def load_cache(path):
             children = {c: os.path.join(folder, c) for c in children if os.path.exists(os.path.join(folder, c))}
             with open(os.path.join(folder, group), "w") as f:
                 json.dump({"child_paths": children}, f)
+    with open(marker, "w") as f:
+        json.dump({"sha256": digest, "label": label, "entries": sorted(entries)}, f)
     print(f"unpacked {path} into {cache}: {len(entries)} kernels compiled for {label}")
 
 

@@ -327,6 +327,44 @@ def test_precompile_counts_a_tma_store_as_a_kernels_write():
     assert precompile._TMA_STORE.search(store) and not precompile._TMA_STORE.search(load)
 
 
+def test_a_pack_is_unpacked_again_only_where_its_kernels_are_not_all_there(tmp_path, monkeypatch, capsys):
+    """A second device call on a warm machine carries the same pack into the same cache: it is not
+    unpacked again while every entry it made is there; a pack with other bytes, or an entry gone,
+    unpacks it anew. A cache holding the marker packs its entries only."""
+    import triton
+
+    from benchmarks import precompile
+    made, home = tmp_path / "made", tmp_path / "home"
+    for entry in ("abc", "def"):
+        (made / entry).mkdir(parents=True)
+        (made / entry / "k.cubin").write_bytes(os.urandom(64))
+        (made / entry / "__grp__k.json").write_text(json.dumps({"child_paths": {"k.cubin": str(made / entry / "k.cubin")}}))
+    pack, other = tmp_path / "pack.tar.xz", tmp_path / "other.tar.xz"
+    monkeypatch.setattr(precompile, "fingerprint", lambda arch: "triton=t backend=b environment=e")
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(made))
+    precompile.save_cache(str(pack), 90)
+    (made / "abc" / "k.cubin").write_bytes(os.urandom(64))
+    precompile.save_cache(str(other), 90)
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(home))
+    capsys.readouterr()
+    said = []
+    for path, remove in ((pack, None), (pack, None), (other, None), (pack, None), (pack, "def"), (pack, None)):
+        if remove:
+            for f in (home / remove).iterdir():
+                f.unlink()
+            (home / remove).rmdir()
+        precompile.load_cache(str(path))
+        out = capsys.readouterr().out
+        said.append("already" if " already unpacked into " in out else out.split(" ")[0])
+    assert said == ["unpacked", "already", "unpacked", "unpacked", "unpacked", "already"], said
+    assert sorted(os.listdir(home)) == ["abc", "def", "lora_kernels-unpacked.json"]
+    assert (home / "def" / "k.cubin").read_bytes() == (made / "def" / "k.cubin").read_bytes()
+    precompile.save_cache(str(tmp_path / "again.tar.xz"), 90)  # (from the cache with the marker)
+    import tarfile
+    with tarfile.open(tmp_path / "again.tar.xz") as tar:
+        assert {n.split("/")[0] for n in tar.getnames()} == {"FINGERPRINT", "abc", "def"}
+
+
 @_RECORDS_ON_THE_CPU
 def test_pytest_records_the_launches_of_the_tests_it_ran(tmp_path):
     """`pytest --record-launches FILE` (scripts/gpu_check.sh cache) records each kind of launch of
