@@ -38,6 +38,8 @@
 #         GPU_CHECK_SECONDS less 40 (TESTS_SECONDS, default 400, caps it); for a second call after perf.
 #         Each shard writes tests-I/compiles.md: the kernels it compiled, by test (those a carried
 #         pack lacked), and how many it found in Triton's cache; the summary has each one's totals.
+#         Then, on the idle GPU, in what is left: perf's later steps (`later`: the fp32-adapter
+#         run, the model step, the shrink ahead with dropout), which perf's own call cuts for time.
 #   all: check (its precompile with variants' host pieces too), then variants in whatever is left
 #         of the run's 530 s (GPU_CHECK_SECONDS less 40; none when check used its limits in full);
 #         give the device call timeout_s=600.
@@ -150,6 +152,62 @@ cat "$W/machine.md"
 host=""; [ "$what" = check ] || host="--host"
 # has MODE...: this run's mode is one of them (cache mode: as perf and tests, whose precompiles it runs)
 has() { [[ " $* " == *" $what "* ]] || { [ "$what" = cache ] && [[ " $* " == *" perf "* || " $* " == *" tests "* ]]; }; }
+# later: perf's steps after the shrink ahead's run, each guarded by the time left, which on the
+# sixth run's step times (and the steps added since) perf cuts or skips. A tests call runs them
+# too, after its shards (which ended in 13-224 s of their 252 in the sixth run), in what is left
+# of its own time: the GPU is idle then. Their precompiles are left out where perf's first found
+# every kernel in the carried pack (`covered`), and in a tests call, where the run's first call,
+# never timed, compiles whatever the pack lacks.
+later() {
+  local pre=1 why="the carried pack holds it"
+  if [ "$what" = tests ]; then pre=0 why="a tests call (its run's untimed first call compiles what the pack lacks)"
+  elif covered precompile; then pre=0
+  fi
+  # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
+  # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
+  # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
+  # Two shapes, one mode, autotuned as users run it: the fifth run used the fixed test tile here
+  # (LORA_KERNELS_AUTOTUNE=0) and timed that tile, not the layer. Its ten launches' candidates are
+  # precompiled first (a carried pack holds them: cache mode runs this precompile too), so the
+  # run only times them. Before the model step (the fifth run measured it) and the first-step
+  # pair, which is cut first. It starts with 45 s left for its run, 20 more where its precompile
+  # runs too (the smallest limit a step gets).
+  need=$(( pre ? 65 : 45 ))
+  if (( deadline - $(date +%s) >= need )); then
+    if (( ! pre )); then
+      echo "- precompile-fp32-adapters: skipped, $why" | tee -a "$W/steps.md"
+    else
+      step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
+        --ranks 16 --adapter-dtype fp32
+    fi
+    step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
+      --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
+      --modes forward+backward
+  else
+    echo "- bench-fp32-adapters: skipped, under $need s left" >> "$W/steps.md"
+  fi
+  # A decoder layer's seven projections in one training step: how much of the small shapes' host
+  # time a model's step pays (the host runs ahead behind the large projections' GPU time).
+  step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
+  # The shrink ahead with LoRA dropout 0.1, base, peft and fused (issue 4's speedup over peft): at
+  # 4096→4096 the default makes five launches a step there and the shrink ahead three, with the
+  # mask drawn once per row block. After the model step, since the fifth run measured that; before
+  # the first-step pair. Its candidates are precompiled first (52 of its 67 are not variants'; a
+  # carried pack holds them, as cache mode runs this precompile too).
+  if (( deadline - $(date +%s) >= 40 )); then
+    if (( ! pre )); then
+      echo "- precompile-shrink-ahead-dropout: skipped, $why" | tee -a "$W/steps.md"
+    else
+      step precompile-shrink-ahead-dropout 30 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.precompile \
+        --dropout 0.1 --tokens 8192 --ranks 16
+    fi
+    step bench-shrink-ahead-dropout 40 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.run --out "$W" \
+      --name shrink-ahead-dropout --providers base,peft,fused --dropout 0.1 --tokens 8192 --ranks 16 \
+      --modes forward+backward
+  else
+    echo "- bench-shrink-ahead-dropout: skipped, under 40 s left" >> "$W/steps.md"
+  fi
+}
 if has perf && [ "${GPU_CHECK_SMOKE:-1}" != 0 ]; then  # (GPU_CHECK_SMOKE=0 skips it when time is short)
   # The direct launch path (kernels._launch) is new on the GPU: if its own tests fail, keep the
   # figures coming through Triton's dispatch and say so.
@@ -269,6 +327,7 @@ if has check all tests; then
   for pid in "${pids[@]}"; do wait "$pid"; status=$(( status | ($? != 0) )); done
   kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
   cat "$W/precompile-tests.step" "$W"/tests-*.step
+  [ "$what" = tests ] && later
 fi
 if has check all perf; then
   # The sweep (bf16, Llama-3-8B shapes; 2048 and 8192 tokens at rank 16, rank 64 at 8192 tokens).
@@ -303,50 +362,7 @@ if has perf; then
   # are in the pack). Before the fp32-adapter pair and the model step, which the sixth run measured.
   step bench-shrink-ahead 45 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.run --out "$W" \
     --name shrink-ahead --providers base,fused --tokens 8192 --ranks 16 --modes forward,forward+backward
-  # The users' own default: fp32 adapters beside the bf16 base (peft's autocast_adapter_dtype, and
-  # LinearWithLoRA's), where peft casts x up and runs its LoRA path in fp32 and the fused layer
-  # keeps x as it is. base, peft and fused only (reference, compiled and addmm need one dtype).
-  # Two shapes, one mode, autotuned as users run it: the fifth run used the fixed test tile here
-  # (LORA_KERNELS_AUTOTUNE=0) and timed that tile, not the layer. Its ten launches' candidates are
-  # precompiled first (a carried pack holds them: cache mode runs this precompile too), so the
-  # run only times them. Before the model step (the fifth run measured it) and the first-step
-  # pair, which is cut first. It starts with 45 s left for its run, 20 more where its precompile
-  # runs too (the smallest limit a step gets).
-  need=65; covered precompile && need=45
-  if (( deadline - $(date +%s) >= need )); then
-    if covered precompile; then
-      echo "- precompile-fp32-adapters: skipped, the carried pack holds it" | tee -a "$W/steps.md"
-    else
-      step precompile-fp32-adapters 30 "$PY" -m benchmarks.precompile --shapes 4096x4096,4096x14336 --tokens 8192 \
-        --ranks 16 --adapter-dtype fp32
-    fi
-    step bench-fp32-adapters 45 "$PY" -m benchmarks.run --out "$W" --name fp32-adapters \
-      --providers base,peft,fused --shapes 4096x4096,4096x14336 --tokens 8192 --ranks 16 --adapter-dtype fp32 \
-      --modes forward+backward
-  else
-    echo "- bench-fp32-adapters: skipped, under $need s left" >> "$W/steps.md"
-  fi
-  # A decoder layer's seven projections in one training step: how much of the small shapes' host
-  # time a model's step pays (the host runs ahead behind the large projections' GPU time).
-  step model-step 75 "$PY" -m benchmarks.model_step --out "$W"
-  # The shrink ahead with LoRA dropout 0.1, base, peft and fused (issue 4's speedup over peft): at
-  # 4096→4096 the default makes five launches a step there and the shrink ahead three, with the
-  # mask drawn once per row block. After the model step, since the fifth run measured that; before
-  # the first-step pair. Its candidates are precompiled first (52 of its 67 are not variants'; a
-  # carried pack holds them, as cache mode runs this precompile too).
-  if (( deadline - $(date +%s) >= 40 )); then
-    if covered precompile; then
-      echo "- precompile-shrink-ahead-dropout: skipped, the carried pack holds it" | tee -a "$W/steps.md"
-    else
-      step precompile-shrink-ahead-dropout 30 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.precompile \
-        --dropout 0.1 --tokens 8192 --ranks 16
-    fi
-    step bench-shrink-ahead-dropout 40 env LORA_KERNELS_FUSE_SHRINK=ahead "$PY" -m benchmarks.run --out "$W" \
-      --name shrink-ahead-dropout --providers base,peft,fused --dropout 0.1 --tokens 8192 --ranks 16 \
-      --modes forward+backward
-  else
-    echo "- bench-shrink-ahead-dropout: skipped, under 40 s left" >> "$W/steps.md"
-  fi
+  later
   # What a new launch's first call spends compiling on this host's CPUs, in empty caches (nothing
   # runs on the GPU): one launch's candidates one at a time, as Triton's autotuner compiles them,
   # then on the default threads (kernels.compile_configs). Last, the first to be cut (about 25 s

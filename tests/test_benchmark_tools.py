@@ -1942,6 +1942,24 @@ def test_gpu_check_perf_starts_the_fp32_adapter_run_with_what_it_needs(tmp_path,
         assert not ran and "- bench-fp32-adapters: skipped, under 65 s left" in steps, (calls, steps)
 
 
+def test_gpu_check_tests_mode_runs_perfs_later_steps_after_its_shards(tmp_path):
+    """A tests call, after every shard, runs in what is left the perf steps that perf's own call cuts
+    or skips for time (the fp32-adapter run, the model step, the shrink ahead with dropout), as perf
+    runs them but for their precompiles (the runs' untimed first calls compile what a pack lacks)."""
+    calls, _ = _gpu_check_calls(tmp_path, "tests")
+    perf, _ = _gpu_check_calls(tmp_path, "perf")
+    last_shard = max(i for i, c in enumerate(calls) if " -m pytest " in c)
+    later = [c for c in calls[last_shard + 1:] if " -m benchmarks." in c]
+    wanted = [c for c in perf if " -m benchmarks.model_step " in c or " -m benchmarks.run " in c
+              and ("--name fp32-adapters " in c or "--name shrink-ahead-dropout " in c)]
+    unfold = lambda cs: [re.sub(r"--out \S+", "--out W", c) for c in cs]  # (each call's work folder its own)
+    assert len(wanted) == 3 and unfold(later) == unfold(wanted), (later, wanted)
+    assert not any(" -m benchmarks.run " in c or " -m benchmarks.model_step " in c for c in calls[:last_shard]), calls
+    steps = (tmp_path / "out-tests" / "summary.md").read_text()
+    for name in ("fp32-adapters", "shrink-ahead-dropout"):
+        assert f"- precompile-{name}: skipped, a tests call" in steps, steps
+
+
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
     """Each of the ten shards of `gpu_check.sh tests` (test_benchmark_tools.py in one of its own, as
     test_example.py with test_distributed.py) reports its slowest tests and the kernels it
