@@ -452,20 +452,12 @@ def save_cache(path, arch):
 def load_cache(path):
     """Unpack ``save_cache``'s pack into Triton's cache directory if its fingerprint is this
     machine's (else its keys would never match: nothing is unpacked), and say which it was. Not
-    again where this pack was unpacked there before and every entry it made is still there (a
+    again where this pack was unpacked there before and every file it wrote is still there (a
     device call after another on a warm machine: about 12 s of xz's for nothing)."""
     cache = triton.knobs.cache.dir
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     marker = os.path.join(cache, "lora_kernels-unpacked.json")  # (a file: no cache entry is one)
-    try:
-        with open(marker) as f:
-            before = json.load(f)
-        if before["sha256"] == digest and all(os.path.isdir(os.path.join(cache, e)) for e in before["entries"]):
-            print(f"{path} already unpacked into {cache}: {len(before['entries'])} kernels compiled for {before['label']}")
-            return
-    except (OSError, ValueError, KeyError):
-        pass
     with tarfile.open(path, "r|xz") as tar:  # (read as a stream: one pass, the fingerprint first)
         label = tar.extractfile(tar.next()).read().decode().strip()
         target, *packed = label.split(" (")[0].split()  # ("sm_90", ["triton=...", "backend=...", ...])
@@ -475,13 +467,26 @@ def load_cache(path):
             print(f"{path} NOT used, another {differ} here ({' '.join(here)}: Python "
                   f"{sys.version.split()[0]}, triton {triton.__version__}); it was compiled for {label}")
             return
+        try:
+            with open(marker) as f:
+                before = json.load(f)
+            if before["sha256"] == digest and all(os.path.exists(os.path.join(cache, name)) for name in before["files"]):
+                print(f"{path} already unpacked into {cache}: {len({n.split('/')[0] for n in before['files']})} "
+                      f"kernels compiled for {label}")
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         os.makedirs(cache, exist_ok=True)
-        entries = set()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(marker)  # (an unpack stopped halfway leaves none)
+        files = []
         while (member := tar.next()) is not None:  # (iterating `tar` would start again at the fingerprint)
             tar.extract(member, cache, filter="data")
-            entries.add(member.name.split("/")[0])
+            if member.isfile():
+                files.append(member.name)
     # Triton's group files list their entry's files by absolute path, and the pack leaves some out:
     # point them at what is here.
+    entries = {name.split("/")[0] for name in files}
     for entry in entries:
         folder = os.path.join(cache, entry)
         for group in (f for f in os.listdir(folder) if f.startswith("__grp__")):
@@ -490,8 +495,9 @@ def load_cache(path):
             children = {c: os.path.join(folder, c) for c in children if os.path.exists(os.path.join(folder, c))}
             with open(os.path.join(folder, group), "w") as f:
                 json.dump({"child_paths": children}, f)
-    with open(marker, "w") as f:
-        json.dump({"sha256": digest, "label": label, "entries": sorted(entries)}, f)
+    with open(marker + ".part", "w") as f:
+        json.dump({"sha256": digest, "files": files}, f)
+    os.replace(marker + ".part", marker)
     print(f"unpacked {path} into {cache}: {len(entries)} kernels compiled for {label}")
 
 

@@ -329,8 +329,12 @@ def test_precompile_counts_a_tma_store_as_a_kernels_write():
 
 def test_a_pack_is_unpacked_again_only_where_its_kernels_are_not_all_there(tmp_path, monkeypatch, capsys):
     """A second device call on a warm machine carries the same pack into the same cache: it is not
-    unpacked again while every entry it made is there; a pack with other bytes, or an entry gone,
-    unpacks it anew. A cache holding the marker packs its entries only."""
+    unpacked again while every file it wrote is there; a pack with other bytes, an entry gone or a
+    file of one gone (Triton would find the group file and fail on the missing binary) unpacks it
+    anew; a machine of another fingerprint is told so, not "already unpacked". A cache holding the
+    marker packs its entries only."""
+    import tarfile
+
     import triton
 
     from benchmarks import precompile
@@ -347,20 +351,28 @@ def test_a_pack_is_unpacked_again_only_where_its_kernels_are_not_all_there(tmp_p
     precompile.save_cache(str(other), 90)
     monkeypatch.setattr(triton.knobs.cache, "dir", str(home))
     capsys.readouterr()
+
+    def rm_entry():
+        for f in (home / "def").iterdir():
+            f.unlink()
+        (home / "def").rmdir()
+
+    def other_machine():
+        monkeypatch.setattr(precompile, "fingerprint", lambda arch: "triton=t backend=X environment=e")
+
     said = []
-    for path, remove in ((pack, None), (pack, None), (other, None), (pack, None), (pack, "def"), (pack, None)):
-        if remove:
-            for f in (home / remove).iterdir():
-                f.unlink()
-            (home / remove).rmdir()
+    for path, before in ((pack, None), (pack, None), (other, None), (pack, None), (pack, rm_entry), (pack, None),
+                         (pack, lambda: (home / "abc" / "k.cubin").unlink()), (pack, None), (pack, other_machine)):
+        if before:
+            before()
         precompile.load_cache(str(path))
         out = capsys.readouterr().out
-        said.append("already" if " already unpacked into " in out else out.split(" ")[0])
-    assert said == ["unpacked", "already", "unpacked", "unpacked", "unpacked", "already"], said
+        said.append(next(word for word in ("already unpacked", "NOT used", "unpacked") if word in out))
+    assert said == ["unpacked", "already unpacked", "unpacked", "unpacked", "unpacked", "already unpacked",
+                    "unpacked", "already unpacked", "NOT used"], said
     assert sorted(os.listdir(home)) == ["abc", "def", "lora_kernels-unpacked.json"]
     assert (home / "def" / "k.cubin").read_bytes() == (made / "def" / "k.cubin").read_bytes()
     precompile.save_cache(str(tmp_path / "again.tar.xz"), 90)  # (from the cache with the marker)
-    import tarfile
     with tarfile.open(tmp_path / "again.tar.xz") as tar:
         assert {n.split("/")[0] for n in tar.getnames()} == {"FINGERPRINT", "abc", "def"}
 
@@ -1800,11 +1812,15 @@ def test_model_step_report_puts_each_figure_under_its_column(tmp_path):
 
 # Stands in for python3 in scripts/gpu_check.sh: logs each call (with the switches the script sets
 # for some steps) and succeeds at once, having written a compiles report where one is asked for,
-# and printed $PRECOMPILE_SAYS where it stands for perf's first precompile (the one with --variants).
+# printed $PRECOMPILE_SAYS where it stands for perf's first precompile (the one with --variants),
+# and $PYTEST_SAYS (by default the direct launch test passed, as pytest -v says it) for a pytest
+# call; a call that contains $FAILS fails.
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*${LORA_KERNELS_FUSE_SHRINK:+ [FUSE_SHRINK=$LORA_KERNELS_FUSE_SHRINK]}" >> "$CALLS"
+echo "AUTOTUNE=${LORA_KERNELS_AUTOTUNE:-} INTERPRET=${TRITON_INTERPRET:-} $*${LORA_KERNELS_FUSE_SHRINK:+ [FUSE_SHRINK=$LORA_KERNELS_FUSE_SHRINK]}${LORA_KERNELS_FAST_LAUNCH:+ [FAST_LAUNCH=$LORA_KERNELS_FAST_LAUNCH]}" >> "$CALLS"
 [[ " $* " =~ " --report-compiles "([^ ]+) ]] && echo "$* found, 1 compiled" > "${BASH_REMATCH[1]}"
 [[ " $* " == *" -m benchmarks.precompile --variants "* ]] && echo "${PRECOMPILE_SAYS:-}"
+[[ " $* " == *" -m pytest "* ]] && echo -e "${PYTEST_SAYS-tests/test_gpu.py::test_direct_launches_match_tritons_path PASSED [ 3%]}"
+[[ -n "${FAILS:-}" && " $* " == *"$FAILS"* ]] && exit 1
 exit 0
 """
 
@@ -1958,6 +1974,43 @@ def test_gpu_check_tests_mode_runs_perfs_later_steps_after_its_shards(tmp_path):
     steps = (tmp_path / "out-tests" / "summary.md").read_text()
     for name in ("fp32-adapters", "shrink-ahead-dropout"):
         assert f"- precompile-{name}: skipped, a tests call" in steps, steps
+    assert "FAST_LAUNCH" not in steps, steps
+
+
+def test_gpu_check_skips_the_model_step_by_its_guard_not_as_a_failure(tmp_path):
+    """With about 28 s left for later, the model step is skipped by its own guard (30 s), said in
+    steps.md, and perf's call still exits 0 (a step that `step` skips for time sets its status)."""
+    says = "compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 676 found in Triton's cache"
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says, GPU_CHECK_SECONDS="68")  # (deadline: 28 s)
+    steps = (tmp_path / "out-perf" / "summary.md").read_text()
+    assert "- model-step: skipped, under 30 s left" in steps and "gpu_check exit status: 0" in steps, steps
+    assert not any(" -m benchmarks.model_step " in c for c in calls), calls
+
+
+_DIRECT = "tests/test_gpu.py::test_direct_launches_match_tritons_path"
+
+
+@pytest.mark.parametrize("shards_say, direct", [
+    (f"{_DIRECT} PASSED [ 3%]\\ntests/test_launch.py::test_x[1] PASSED [ 4%]", True),
+    (f"{_DIRECT} FAILED [ 3%]", False),
+    ("tests/test_training.py::test_y PASSED [ 3%]", False),  # (not run: stopped before it, say)
+    (f"{_DIRECT} PASSED [ 3%]\\ntests/test_launch.py::test_x[1] FAILED [ 4%]", False),
+    (f"{_DIRECT} PASSED [ 3%]\\ntests/test_launch.py::test_x[1] ERROR [ 4%]", False),
+    (f"{_DIRECT} PASSED [ 3%]\\ntests/test_launch.py::test_switches_are_read_from_the_environment_at_import[a] "
+     "FAILED [ 4%]", True),  # (one the smoke step leaves out)
+], ids=["passed", "direct-failed", "direct-not-run", "launch-failed", "launch-error", "left-out-failed"])
+def test_gpu_check_tests_mode_runs_later_as_perfs_smoke_step_would_have(tmp_path, shards_say, direct):
+    """A tests call runs no smoke step: later's figures take the direct launch path only where the
+    smoke step's own tests passed in the shards (test_gpu.py's direct launch test and test_launch.py
+    but the ones the smoke step leaves out); else LORA_KERNELS_FAST_LAUNCH=0, said in steps.md. And
+    later's own failures leave the call's status to its tests (a model step that fails: exit 0)."""
+    calls, _ = _gpu_check_calls(tmp_path, "tests", PYTEST_SAYS=shards_say, FAILS=" -m benchmarks.model_step ")
+    last_shard = max(i for i, c in enumerate(calls) if " -m pytest " in c)
+    later = [c for c in calls[last_shard + 1:] if " -m benchmarks." in c]
+    steps = (tmp_path / "out-tests" / "summary.md").read_text()
+    assert len(later) == 3 and all(c.endswith("[FAST_LAUNCH=0]") != direct for c in later), later
+    assert ("- later: ran with LORA_KERNELS_FAST_LAUNCH=0" in steps) != direct, steps
+    assert "- model-step: exit 1" in steps and "gpu_check exit status: 0" in steps, steps
 
 
 def test_gpu_check_tests_mode_reports_what_each_shard_compiled(tmp_path):
