@@ -1920,6 +1920,12 @@ def test_gpu_check_summary_names_each_shrink_ahead_run(tmp_path):
                    "\n### shrink ahead (LORA_KERNELS_FUSE_SHRINK=ahead), LoRA dropout 0.1\n| b |\n"), out
 
 
+def _precompile_says(found):
+    # perf's first precompile's closing line, all 676 kernels compiled, `found` of them in the cache
+    return (f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 0 failed; 0 spill registers; "
+            f"{found} found in Triton's cache")
+
+
 @pytest.mark.parametrize("found", [676, 675])
 def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, found):
     """Where perf's first precompile compiled all its kernels and found every one in Triton's
@@ -1927,9 +1933,7 @@ def test_gpu_check_perf_skips_the_precompiles_a_carried_pack_holds(tmp_path, fou
     fp32 adapters' and the shrink ahead's with dropout: cache mode compiles them all into one
     cache): those steps, each about 25 s of start-up on the GPU's host, are skipped, and steps.md
     says so. Where it found fewer, they run."""
-    says = (f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 0 failed; 0 spill registers; "
-            f"{found} found in Triton's cache")
-    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says)
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=_precompile_says(found))
     precompiles = [c for c in calls if " -m benchmarks.precompile " in c and "--load-cache" not in c
                    and "--first-step" not in c]
     steps = (tmp_path / "out-perf" / "summary.md").read_text()
@@ -1947,8 +1951,7 @@ def test_gpu_check_perf_starts_the_fp32_adapter_run_with_what_it_needs(tmp_path,
     """With about 55 s left after the steps before it: the fp32-adapter run (45 s) starts where the
     carried pack holds its kernels, and is skipped, with the reason, where its precompile (20 s
     more) would have to run first."""
-    says = f"compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); {found} found in Triton's cache"
-    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says, GPU_CHECK_SECONDS="95")  # (deadline: 55 s)
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=_precompile_says(found), GPU_CHECK_SECONDS="95")  # (deadline: 55 s)
     ran = [c for c in calls if " -m benchmarks.run " in c and "--adapter-dtype fp32" in c]
     steps = (tmp_path / "out-perf" / "summary.md").read_text()
     assert "- first-step: skipped, under 70 s left" in steps, steps  # (the time left as intended)
@@ -1980,8 +1983,7 @@ def test_gpu_check_tests_mode_runs_perfs_later_steps_after_its_shards(tmp_path):
 def test_gpu_check_skips_the_model_step_by_its_guard_not_as_a_failure(tmp_path):
     """With about 28 s left for later, the model step is skipped by its own guard (30 s), said in
     steps.md, and perf's call still exits 0 (a step that `step` skips for time sets its status)."""
-    says = "compiled 676 of 676 in 14.4 s (5.8 s of compiler time, 0.01 s each); 676 found in Triton's cache"
-    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=says, GPU_CHECK_SECONDS="68")  # (deadline: 28 s)
+    calls, _ = _gpu_check_calls(tmp_path, "perf", PRECOMPILE_SAYS=_precompile_says(676), GPU_CHECK_SECONDS="68")  # (deadline: 28 s)
     steps = (tmp_path / "out-perf" / "summary.md").read_text()
     assert "- model-step: skipped, under 30 s left" in steps and "gpu_check exit status: 0" in steps, steps
     assert not any(" -m benchmarks.model_step " in c for c in calls), calls
