@@ -378,6 +378,39 @@ def _times(tile, factor, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c):
+    # The (rows, cols) tile of a strided operand, zeros past its edges (masked rows and columns)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
+def _operand(desc, ptr, rows, cols, row0, col0, mask_rows, mask_cols, stride_r, stride_c, TMA: tl.constexpr,
+             TRANSPOSED: tl.constexpr):
+    # A tile of X or W: by TMA from the descriptor _descriptor made (at (row0, col0); a transposed
+    # operand is loaded as stored and transposed: the MMA reads either layout from shared memory),
+    # or from the pointer
+    if TMA:
+        if TRANSPOSED:
+            tile = desc.load([col0, row0]).T
+        else:
+            tile = desc.load([row0, col0])
+    else:
+        tile = _tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c)
+    return tile
+
+
+@triton.jit
+def _expand(acc, lo, r_ptr, rr, rn, mask_r, mask_n, stride_rr, stride_rn, r_scale, DOT_DTYPE: tl.constexpr,
+            ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc + lo (r_scale · R[rr, rn]): a BLOCK_R slice of the low-rank product, lo the matching
+    # columns of L
+    hi = _tile(r_ptr, rr, rn, mask_r, mask_n, stride_rr, stride_rn)
+    return tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), acc,
+                  input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr, stride_rn, r_scale,
               BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
@@ -390,12 +423,9 @@ def _low_rank(acc, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rr = r0 + tl.arange(0, BLOCK_R)
         mask_r = rr < R
-        lo = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(lo.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), acc,
-                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        lo = _tile(l_ptr, rm, rr, mask_m, mask_r, stride_lm, stride_lr)
+        acc = _expand(acc, lo, r_ptr, rr, rn, mask_r, mask_n, stride_rr, stride_rn, r_scale, DOT_DTYPE, ACC_DTYPE,
+                      INPUT_PRECISION)
     return acc
 
 
@@ -414,15 +444,10 @@ def _shrink_rows(x_desc, xp, l_ptr, rm, mask_m, m0, k_lo, k_hi, sxm, sxk, stride
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
         mask_k = rk < k_hi
-        if TMA_LOADS:
-            x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
-        else:
-            x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        x = _operand(x_desc, xp, rm, rk, m0, k0, mask_m, mask_k, sxm, sxk, TMA_LOADS, X_TRANSPOSED).to(DOT_DTYPE)
         if DROPOUT == DROP_X:
             x = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
-        a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+        a = _tile(l_ptr, rk, rr, mask_k, mask_r, stride_lm, stride_lr).to(DOT_DTYPE)
         shrink = tl.dot(x, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return _times(shrink, s_scale, ACC_DTYPE)
 
@@ -440,18 +465,6 @@ def _descriptor(ptr, ROWS, COLS, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, B
         desc = tl.make_tensor_descriptor(ptr, shape=[ROWS, COLS], strides=[stride_r, 1],
                                          block_shape=[BLOCK_ROWS, BLOCK_COLS])
     return desc
-
-
-@triton.jit
-def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
-    # The (BLOCK_ROWS, BLOCK_COLS) tile at (row, col) of an operand described by _descriptor; a
-    # transposed one is loaded as stored and transposed (the MMA reads either layout from shared
-    # memory).
-    if TRANSPOSED:
-        tile = desc.load([col, row]).T
-    else:
-        tile = desc.load([row, col])
-    return tile
 
 
 # Compile options every launch states rather than leave to Triton's defaults: FMA contraction on,
@@ -562,7 +575,7 @@ def _lora_matmul_kernel(
         x_desc = _descriptor(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, X_TRANSPOSED)
         w_desc = _descriptor(w_ptr, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, W_TRANSPOSED)
     else:
-        x_desc = x_ptr  # (a stand-in, never read: _shrink_rows takes either)
+        x_desc, w_desc = x_ptr, w_ptr  # (stand-ins, never read: _operand takes either)
     # (The launcher allows a TMA store only of one product's whole sum: not paired, not split.)
     TMA_STORES: tl.constexpr = TMA_STORE and ALLOW_TMA_STORE
     if TMA_STORES:
@@ -660,20 +673,15 @@ def _lora_matmul_kernel(
                 rr = tl.arange(0, BLOCK_R)
                 mask_r = rr < R
                 shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-            if TMA_LOADS or TMA_STORES:
-                m0 = pid_m * BLOCK_M
-                n0 = pid_n * BLOCK_N
+            m0 = pid_m * BLOCK_M  # (the TMA tiles' corner: unused, and compiled away, by pointer loads)
+            n0 = pid_n * BLOCK_N
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
                 mask_k = rk < k_hi
-                if TMA_LOADS:
-                    x = _load_tile(x_desc, m0, k0, X_TRANSPOSED).to(DOT_DTYPE)
-                    w = _load_tile(w_desc, k0, n0, W_TRANSPOSED).to(DOT_DTYPE)
-                else:
-                    x = tl.load(xp + rm[:, None] * sxm + rk[None, :] * sxk,
-                                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-                    w = tl.load(wp + rk[:, None] * swk + rn[None, :] * swn,
-                                mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+                x = _operand(x_desc, xp, rm, rk, m0, k0, mask_m, mask_k, sxm, sxk, TMA_LOADS,
+                             X_TRANSPOSED).to(DOT_DTYPE)
+                w = _operand(w_desc, wp, rk, rn, k0, n0, mask_k, mask_n, swk, swn, TMA_LOADS,
+                             W_TRANSPOSED).to(DOT_DTYPE)
                 # DROP_X masks this product's X (S's x, or dA's xᵀ), or with a Shrink only the x feeding L
                 # (SHRINK_AHEAD: none of this loop's).
                 x_drop = x
@@ -684,8 +692,7 @@ def _lora_matmul_kernel(
                     else:
                         x_drop = _dropped(x, seed, p_drop, rm, rk, drop_si, drop_sj, DROP_WIDE)
                 if IN_LOOP:
-                    a = tl.load(l_ptr + rk[:, None] * stride_lm + rr[None, :] * stride_lr,
-                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+                    a = _tile(l_ptr, rk, rr, mask_k, mask_r, stride_lm, stride_lr).to(DOT_DTYPE)
                     shrink = tl.dot(x_drop, a, shrink, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                     acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 else:
@@ -731,10 +738,8 @@ def _lora_matmul_kernel(
                         # (L's ranks past R as stored, zeros: computed, they are inf · 0 = NaN
                         # where x holds an inf, and NaN · R's zero padding would fill y's row)
                         shrink = tl.where(mask_r[None, :], shrink, 0.0)
-                        hi = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
-                                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                        low = tl.dot(shrink.to(DOT_DTYPE), _times(hi, r_scale, ACC_DTYPE).to(DOT_DTYPE), low,
-                                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                        low = _expand(low, shrink, r_ptr, rr, rn, mask_r, mask_n, stride_rr, stride_rn, r_scale,
+                                      DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
                     else:
                         low = _low_rank(low, l_ptr, r_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_rr,
                                         stride_rn, r_scale, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
