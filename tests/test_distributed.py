@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,10 @@ def _spawn(mode, out_dir):
             if p.is_alive():
                 p.kill()
             p.join(5)
+        # (torch leaves a failed rank's error file in the temporary folder for good)
+        for f in ctx.error_files:
+            if f:
+                Path(f).unlink(missing_ok=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
