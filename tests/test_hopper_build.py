@@ -292,8 +292,10 @@ def test_the_compiles_of_a_run_are_reported_by_test(tmp_path):
     written as they are heard, so a run stopped by a time limit keeps them. A second run over the
     same cache compiles nothing."""
     (tmp_path / "test_compiling.py").write_text(COMPILING_TEST)
+    # (TMPDIR: the stopped run's conftest leaves its temporary folder behind, here and not in /tmp)
     env = {**os.environ, "TRITON_INTERPRET": "0", "LORA_KERNELS_AUTOTUNE": "0",  # ("0": conftest sets it otherwise)
-           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     reports = []
     for run, stop in (("cold", "1"), ("warm", "")):
         report = tmp_path / f"{run}.md"
