@@ -378,10 +378,18 @@ def _times(tile, factor, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c):
-    # The (rows, cols) tile of a strided operand, zeros past its edges (masked rows and columns)
+def _tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c, CACHE: tl.constexpr = tl.constexpr("")):
+    # The (rows, cols) tile of a strided operand, zeros past its edges (masked rows and columns).
+    # (CACHE: tl.load's cache_modifier. Its default wrapped: Triton 3.6 passes a bare "" on unwrapped.)
     return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
-                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _put(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c, tile):
+    # _tile's store: the tile, in the operand's dtype, into its (rows, cols) within the edges
+    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, tile.to(ptr.dtype.element_ty),
+             mask=mask_rows[:, None] & mask_cols[None, :])
 
 
 @triton.jit
@@ -486,7 +494,7 @@ def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK: tl.constexpr, WIDE: tl.
     rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = _keep(tl.load(seed_ptr), p, rm, rk, K, 1, WIDE)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep, mask=(rm < M)[:, None] & (rk < K)[None, :])
+    _put(out_ptr, rm, rk, rm < M, rk < K, K, 1, keep)
 
 
 def keep_mask(M, K, seed, p, device):
@@ -629,8 +637,7 @@ def _lora_matmul_kernel(
                                   stride_xk, stride_lm, stride_lr, R, s_scale, seed, p_drop, drop_si, drop_sj,
                                   DROPOUT, DROP_WIDE, TMA_LOADS, X_TRANSPOSED, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
                                   ACC_DTYPE, INPUT_PRECISION)
-            tl.store(s_ptr + item_rm[:, None] * stride_sm + item_rr[None, :] * stride_sr,
-                     item_l.to(s_ptr.dtype.element_ty), mask=(item_rm < M)[:, None] & (item_rr < R)[None, :])
+            _put(s_ptr, item_rm, item_rr, item_rm < M, item_rr < R, stride_sm, stride_sr, item_l)
             # Every thread's stores of L before one thread's release of the flag (then cumulative):
             # a tile that acquires the flag reads all of L.
             tl.debug_barrier()
@@ -715,8 +722,7 @@ def _lora_matmul_kernel(
                         if IN_LOOP:
                             shrink = _times(shrink, s_scale, ACC_DTYPE)
                             if pid_n == 0:  # every column block computed the same L; one of them saves it
-                                tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                                         shrink.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+                                _put(s_ptr, rm, rr, mask_m, mask_r, stride_sm, stride_sr, shrink)
                         else:  # AHEAD: these rows' L as their shrink item stored it, or not yet there, computed
                             rr = tl.arange(0, BLOCK_R)
                             mask_r = rr < R
@@ -726,9 +732,7 @@ def _lora_matmul_kernel(
                             if seen == READY + num_n - 1:  # (the row block's last tile, after its L)
                                 tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
                             if seen >= READY:
-                                shrink = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-                                                 cache_modifier=".cg")
+                                shrink = _tile(s_ptr, rm, rr, mask_m, mask_r, stride_sm, stride_sr, ".cg")
                             else:  # (rounded as stored: the output's bits never depend on which came first)
                                 shrink = _shrink_rows(x_desc, x_ptr, l_ptr, rm, mask_m, pid_m * BLOCK_M, k_lo, k_hi,
                                                       stride_xm, stride_xk, stride_lm, stride_lr, R, s_scale, seed,
@@ -754,8 +758,7 @@ def _lora_matmul_kernel(
             if TMA_STORES:  # (the copy engine clips the tile at the output's edges)
                 out_desc.store([m0, n0], acc.to(out_ptr.dtype.element_ty))
             else:
-                out = op + pid_split.to(tl.int64) * sos + rm[:, None] * som + rn[None, :] * son
-                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                _put(op + pid_split.to(tl.int64) * sos, rm, rn, mask_m, mask_n, som, son, acc)
 
 
 def compile_configs(kernel, args, flags, configs):
