@@ -367,15 +367,17 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def _resources(cubin):
-    """{"regs", "local"} from the binary's resource usage: local memory is where registers spill."""
+    """{"regs", "spilled"} from the binary's resource usage. ptxas spills registers to the stack
+    frame (STACK; LOCAL counts only declared local arrays, none here), and the kernel calls no
+    function that would need one otherwise: its bytes are the spilled bytes per thread."""
     if not os.path.exists(CUOBJDUMP):
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", text))
-    return {"regs": int(found["REG"]), "local": int(found["LOCAL"])} if found else {}
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return {"regs": int(found["REG"]), "spilled": int(found["STACK"]) + int(found["LOCAL"])} if found else {}
 
 
 _TMA_STORE = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared")
@@ -620,7 +622,7 @@ def main(argv=None):
             r["error"] = f"needs {r['shared'] / 1024:.0f} KiB of shared memory, the GPU has {smem / 1024:.0f}"
     failed = [(job, r) for job, r in zip(jobs, results) if "error" in r]
     ok = [r for r in results if "error" not in r]
-    spilled = [(job, r) for job, r in zip(jobs, results) if r.get("local")]
+    spilled = [(job, r) for job, r in zip(jobs, results) if r.get("spilled")]
     total = sum(r["seconds"] for r in ok)
     # (of the jobs that compiled, failed checks after the compiler included)
     found = sum("seconds" in r for r in results) - sum(groups.get(p) != t for p, t in cache_groups().items())
@@ -643,7 +645,7 @@ def main(argv=None):
             else:
                 yes = {True: "yes", False: "no"}
                 lines.append(f"| {use} | {sizes} | {dot} | {tile} | {r['seconds']:.2f} | {r.get('regs', '?')} | "
-                             f"{r.get('local', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} |")
+                             f"{r.get('spilled', '?')} | {r['shared'] / 1024:.0f} | {yes[r['wgmma']]} | {yes[r['tma']]} |")
         with open(args.report, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.report}")
