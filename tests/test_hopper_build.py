@@ -43,25 +43,33 @@ def precompile(cache, *options, **env):
     return done.stdout
 
 
-def compile_for_hopper(tmp_path, autotune, *options, arch=90, shapes="256x512,512x256", **env):
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory):
+    """Triton's cache for this file's compiles: new for each run, so every kernel goes through the
+    compiler in it, and shared by its tests, so a kernel two of them compile (the Blackwell pair's
+    forward, dA, dB and dW) is compiled once. A kernel's cache key holds its target and every
+    constexpr: a hit is the same kernel for the same GPU, and its row reads the same binary."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+def compile_for_hopper(tmp_path, triton_cache, autotune, *options, arch=90, shapes="256x512,512x256", **env):
     """Run benchmarks.precompile for sm_90 (or ``arch``) and return its table's rows (one per
     compiled config)."""
     report = tmp_path / f"report-{autotune}.md"
-    # A fresh cache, so that each kernel really goes through the compiler.
-    precompile(tmp_path / f"cache-{autotune}", "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
+    precompile(triton_cache, "--arch", str(arch), "--jobs", str(min(4, os.cpu_count() or 1)),
                "--shapes", shapes, "--tokens", "128", *options, "--report", str(report),
                LORA_KERNELS_AUTOTUNE=autotune, **env)
     return [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| use")]
 
 
-def test_autotuned_configs_compile_for_hopper(tmp_path):
+def test_autotuned_configs_compile_for_hopper(tmp_path, triton_cache):
     """Every tile config the autotuner may pick, square or not, with and without TMA (once only
     square tiles compiled: a helper's two return statements had different types otherwise), and the
     deep ones for thin outputs, the persistent ones with their TMA store of the output tile (its
     staged tile beside the pipeline's) or, in the paired launch, without, without spills, in the
     shared memory Hopper has."""
-    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16")
+    rows = compile_for_hopper(tmp_path, triton_cache, "1", "--ranks", "16", "--dtypes", "bf16")
     tiles = {row[3] for row in rows}
     assert len(rows) >= 60 and any(" tma" in t for t in tiles) and any(" tma" not in t for t in tiles)
     assert any(t.endswith(" persistent tma-store") for t in tiles) and any(t.endswith(" persistent") for t in tiles)
@@ -71,10 +79,10 @@ def test_autotuned_configs_compile_for_hopper(tmp_path):
         assert regs.isdigit() and int(spilled) == 0 and 0 < float(smem) <= 227, (use, sizes, tile, smem)
 
 
-def test_every_launch_compiles_for_hopper(tmp_path):
+def test_every_launch_compiles_for_hopper(tmp_path, triton_cache):
     # The GPU suite's fixed tile config, for every kind of launch.
-    rows = compile_for_hopper(tmp_path, "0", "--ranks", "16,100", "--dtypes", "fp64,fp32,fp16,bf16", "--tf32",
-                              "--dropout", "0.1", "--trainable-base", "--variants")
+    rows = compile_for_hopper(tmp_path, triton_cache, "0", "--ranks", "16,100", "--dtypes", "fp64,fp32,fp16,bf16",
+                              "--tf32", "--dropout", "0.1", "--trainable-base", "--variants")
     assert len(rows) >= 60, f"too few launches recorded: {len(rows)}"
     seen, views, tma_rows = set(), set(), 0
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
@@ -174,8 +182,10 @@ def test_scales_reach_the_compiled_kernel_as_fp64(tmp_path):
     """Triton passes a Python float as fp32 unless the kernel says otherwise: alpha = 0.1 reached
     fp64 products as 0.10000000149 (1.5e-8 off, where fp64 is good to 1e-15). The interpreter
     passes floats as fp64, so only the compiled kernel shows it."""
+    # (The fixed tile config: a scale's type does not depend on the tile, and each candidate costs a compile.)
     found = inspect_compiled(tmp_path, "([(64, 32, 128, 4)], [torch.float64], 132, 90)",
-                             "sorted({t for _, k in compiled for t in re.findall(r'%(\\w*scale\\w*): (\\w+)', k.asm['ttir'])})")
+                             "sorted({t for _, k in compiled for t in re.findall(r'%(\\w*scale\\w*): (\\w+)', k.asm['ttir'])})",
+                             LORA_KERNELS_AUTOTUNE="0")
     assert found == "[('r_scale', 'f64'), ('s_scale', 'f64'), ('scale', 'f64'), ('scale2', 'f64'), ('sum_scale', 'f64')]", found
 
 
@@ -195,11 +205,11 @@ def test_compiled_kernels_use_no_atomics(tmp_path):
 
 # (compute capability, dtype, KiB of shared memory a block may use, from CUDA's programming guide)
 @pytest.mark.parametrize("arch, dtypes, smem_kib", [(75, "fp16", 64), (80, "bf16", 163), (89, "bf16", 99)])
-def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_kib):
+def test_autotuned_configs_compile_for_older_gpus(tmp_path, triton_cache, arch, dtypes, smem_kib):
     """The GPUs many LoRA users train on besides Hopper: T4 (sm_75, fp16 only in hardware), A100
     (sm_80), L4 and RTX 40x0 (sm_89). The pruner fits the same candidates to each one's shared
     memory; none may need TMA or Hopper's wgmma."""
-    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", dtypes, "--trainable-base",
+    rows = compile_for_hopper(tmp_path, triton_cache, "1", "--ranks", "16", "--dtypes", dtypes, "--trainable-base",
                               arch=arch, shapes="256x512")
     assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
@@ -208,7 +218,7 @@ def test_autotuned_configs_compile_for_older_gpus(tmp_path, arch, dtypes, smem_k
 
 
 @pytest.mark.parametrize("fuse", ["auto", "0"], ids=["fused-shrink", "separate-shrink"])
-def test_autotuned_configs_compile_for_blackwell(tmp_path, fuse):
+def test_autotuned_configs_compile_for_blackwell(tmp_path, triton_cache, fuse):
     """Datacenter Blackwell (sm_100: B200, GB200) accumulates its MMAs in tensor memory. Every
     candidate must compile to a kernel that writes its output: Triton made the fused shrink's
     128x256 tiles (with dropout's share of dX also in 3.8 and 3.9) a lone trap, which would end the
@@ -216,7 +226,7 @@ def test_autotuned_configs_compile_for_blackwell(tmp_path, fuse):
     stay where they compile: since dropout's share of dX with dS given enters the accumulator
     before the K loop, with no tile of its own, that launch's too (with a second tile, ptxas
     failed its register allocation at 128x256 and at 128x128 on four warps)."""
-    rows = compile_for_hopper(tmp_path, "1", "--ranks", "16", "--dtypes", "bf16", "--dropout", "0.1",
+    rows = compile_for_hopper(tmp_path, triton_cache, "1", "--ranks", "16", "--dtypes", "bf16", "--dropout", "0.1",
                               "--trainable-base", arch=100, shapes="256x512", LORA_KERNELS_FUSE_SHRINK=fuse)
     assert len(rows) >= 20, f"too few configs compiled: {len(rows)}"
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
@@ -229,11 +239,12 @@ def test_autotuned_configs_compile_for_blackwell(tmp_path, fuse):
         assert any(r[0] == "GEMM + low rank" and r[3].startswith("128x128") and " w4 " in r[3] + " " for r in rows)
 
 
-def test_fixed_config_fits_older_gpus(tmp_path):
+def test_fixed_config_fits_older_gpus(tmp_path, triton_cache):
     """LORA_KERNELS_AUTOTUNE=0's one tile is fitted to the GPU like any candidate: Triton's
     autotuner runs a lone config unpruned, and in fp64 that tile needed 128-192 KiB of shared
     memory, which an L4 (99 KiB) or an A100 (163 KiB) does not have, so every fp64 launch there failed."""
-    rows = compile_for_hopper(tmp_path, "0", "--ranks", "16,64", "--dtypes", "fp64,fp32", arch=89, shapes="256x512")
+    rows = compile_for_hopper(tmp_path, triton_cache, "0", "--ranks", "16,64", "--dtypes", "fp64,fp32", arch=89,
+                              shapes="256x512")
     assert {row[2] for row in rows} == {"fp64", "fp32"} and len(rows) >= 8, rows
     for use, sizes, dot, tile, seconds, regs, spilled, smem, wgmma, tma in rows:
         assert regs.isdigit() and 0 < float(smem) <= 99, (use, sizes, dot, tile, smem)
