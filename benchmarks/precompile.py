@@ -61,6 +61,7 @@ from triton.runtime import driver
 
 from lora_kernels import functional, kernels
 
+from . import report
 from .run import GPU_RANKS, GPU_SHAPES, GPU_TOKENS, _ints, _shapes, plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -506,11 +507,7 @@ def load_cache(path):
 def describe(args, kwargs, config):
     """A short name for a job: which product, its sizes and its tile config."""
     named = dict(zip(kernels._lora_matmul_kernel.arg_names, args))
-    use = ("GEMM + shrink ahead" if kwargs["FUSE_SHRINK"] == kernels.SHRINK_AHEAD.value else
-           "GEMM + fused shrink" if kwargs["FUSE_SHRINK"] else "GEMM + low rank" if kwargs["HAS_LOWRANK"]
-           else "two products (paired)" if kwargs["PAIRED"] else "product")
-    layout = [name for name, flag in (("Xᵀ", "X_TRANSPOSED"), ("Wᵀ", "W_TRANSPOSED")) if kwargs[flag]]
-    use += f" ({', '.join(layout)} view)" if layout else ""
+    use = report.launch_name(kwargs)
     if named["K_PER_SPLIT"] < named["K"]:
         use += f", K split {-(-named['K'] // named['K_PER_SPLIT'])} ways"
     tile = kernels.tile_name(dict(config, USE_TMA=config.get("USE_TMA") and kwargs["ALLOW_TMA"],

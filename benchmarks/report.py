@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lora_kernels import functional
+
 DEFAULT_PARENT = Path(__file__).resolve().parent / "results"
 
 COLUMNS = ["shape", "tokens", "rank", "mode", "provider", "ms", "p20–p80", "TFLOP/s", "×base", "fused speedup",
@@ -60,6 +62,55 @@ def settings():
 
 def describe_settings(values):
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "no LORA_KERNELS_* variable set (the defaults)"
+
+
+def launch_name(flags):
+    """Which product a launch of the kernel computes, from its constexpr flags (a launch's kwargs or
+    the autotuner's key): 'product', 'two products (paired)', 'GEMM + low rank', 'GEMM + fused
+    shrink' or 'GEMM + shrink ahead', and the operands it reads through a transposed view."""
+    kernels = functional.kernels
+    use = ("GEMM + shrink ahead" if flags["FUSE_SHRINK"] == kernels.SHRINK_AHEAD.value else
+           "GEMM + fused shrink" if flags["FUSE_SHRINK"] else "GEMM + low rank" if flags["HAS_LOWRANK"]
+           else "two products (paired)" if flags["PAIRED"] else "product")
+    views = [name for name, flag in (("Xᵀ", "X_TRANSPOSED"), ("Wᵀ", "W_TRANSPOSED")) if flags[flag]]
+    return use + (f" ({', '.join(views)} view)" if views else "")
+
+
+def autotune_picks():
+    """The autotuner's choice for each launch it tuned in this process (its in-memory cache, which
+    holds the picks read back from its on-disk cache too): what a reader checks against the
+    compile report's registers and spills (``benchmarks.precompile --report``). Sizes as the
+    tuning key holds them, rounded up to powers of two. Empty where the kernels cannot be imported
+    (no Triton)."""
+    kernels = functional.kernels
+    if kernels is None:
+        return []
+    tuner = kernels._lora_matmul_kernel
+    dropout = {kernels.DROP_NONE.value: "no", kernels.DROP_X.value: "on x", kernels.DROP_LOWRANK.value: "on x A"}
+    picks = []
+    for key, config in tuner.cache.items():
+        # Triton's key: the values of the kernel's key arguments, then each tensor argument's dtype,
+        # in the kernel's order (x and w first: for a shrink, w is A).
+        flags = dict(zip(tuner.keys, key))
+        x, w = (d.removeprefix("torch.") for d in key[len(tuner.keys):len(tuner.keys) + 2])
+        picks.append({"launch": launch_name(flags), "M": flags["M_KEY"], "N": flags["N_KEY"], "K": flags["K_KEY"],
+                      "rank block": flags["BLOCK_R"], "dropout": dropout.get(flags["DROPOUT"], flags["DROPOUT"]),
+                      "dtypes": x if x == w else f"{x}, {w}",
+                      "tile": kernels.tile_name(config.all_kwargs())})  # (a pruned config: TMA as launched)
+    return sorted(picks, key=lambda p: tuple(map(str, p.values())))
+
+
+def picks_markdown(picks):
+    if not picks:
+        return []
+    lines = ["## The autotuner's picks", "",
+             "Each launch the fused provider tuned in this run (or found tuned in the autotuner's "
+             "cache on disk): its tile (compile reports, e.g. "
+             "`gpu-check/precompile.md`, give each tile's registers and spills). M, N, K as the tuning "
+             "key holds them: rounded up to powers of two.", "",
+             "| " + " | ".join(picks[0]) + " |", "|---|---:|---:|---:|---:|---|---|---|"]
+    lines += ["| " + " | ".join(map(str, p.values())) + " |" for p in picks]
+    return lines + [""]
 
 
 def results_dir(out_flag, card_slug, date, name=None):
@@ -173,6 +224,7 @@ def report_markdown(meta, rows, plot_names):
     ]
     lines += [f"- {note}" for note in meta.get("notes", [])]
     lines += ["", markdown_table(rows), "", TABLE_NOTES, ""]
+    lines += picks_markdown(meta.get("autotune_picks", []))
     lines += [f"![{name}]({name})" for name in plot_names]
     return "\n".join(lines) + "\n"
 

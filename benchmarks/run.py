@@ -500,6 +500,11 @@ def main(argv=None):
     elapsed = time.perf_counter() - started
     first_calls, spent = time_spent(rows, elapsed, timer)
 
+    try:  # (a listing for the report, not a reason to lose the sweep's results)
+        picks = report.autotune_picks()
+    except Exception as e:
+        picks = []
+        notes.append(f"the autotuner's picks were not listed: {describe_error(e)}")
     adapter_dtype = DTYPES[args.adapter_dtype] if args.adapter_dtype else dtype
     meta = {
         "card": card_name, "card_slug": card_slug, "device": device.type,
@@ -517,7 +522,7 @@ def main(argv=None):
         "banner": banner, "notes": notes,
         "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
         "elapsed_s": elapsed, "timing_s": timer.spent_s, "check_s": first_calls, "elapsed_note": spent,
-        "ceilings": ceiling,
+        "ceilings": ceiling, "autotune_picks": picks,
     }
     folder = report.results_dir(args.out, card_slug, meta["date"], args.name)
     paths = report.write(folder, meta, rows)

@@ -1158,6 +1158,8 @@ def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypa
     monkeypatch.setattr(tuner, "configs", [one_tile, persistent])
     monkeypatch.setattr(tuner, "cache", {})
     monkeypatch.setattr(tuner, "cache_results", False)
+    for left_by_a_tuning in ("best_config", "configs_timings", "nargs", "bench_time"):  # (Autotuner.run sets them)
+        monkeypatch.setattr(tuner, left_by_a_tuning, getattr(tuner, left_by_a_tuning, None), raising=False)
     monkeypatch.setattr(tuner, "_bench", lambda *args, config, **flags: [1.3 if config.kwargs["PERSISTENT"] else 1.0] * 3)
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
     pieces = variants.pieces
@@ -2073,3 +2075,34 @@ def test_host_overhead_times_the_shrink_aheads_flags_and_its_dropout_step(monkey
     assert made["the same, two launches in its backward"] == ("auto", 2, 0)
     assert [row for row, (setting, *_) in made.items() if setting != "auto"] == [ahead]
     assert functional.FUSE_SHRINK == "auto"  # (put back)
+
+
+def test_the_report_lists_the_autotuners_picks(tmp_path, monkeypatch):
+    """report.md and results.json list the tile the autotuner picked for each launch it tuned, named
+    from Triton's own tuning key (the kernel's key arguments, then its tensors' dtypes), to be read
+    beside the compile report's spills. Triton's Autotuner.run tunes here between two candidates
+    under the interpreter, with a stand-in timing that makes the two-stage one the faster."""
+    use_triton(monkeypatch)  # (the kernels, under the interpreter, their outputs poisoned first)
+    tuner = kernels._lora_matmul_kernel
+    fast, slow = (kernels._config(32, 32, 32, 4, stages, tma=True, group=4) for stages in (2, 3))
+    monkeypatch.setattr(tuner, "configs", [slow, fast])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "cache_results", False)
+    for left_by_a_tuning in ("best_config", "configs_timings", "nargs", "bench_time"):  # (Autotuner.run sets them)
+        monkeypatch.setattr(tuner, left_by_a_tuning, getattr(tuner, left_by_a_tuning, None), raising=False)
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **kwargs: [1.0 if config.num_stages == 2 else 2.0] * 3)
+    run.main(["--device", "cpu", "--shapes", "32x48", "--tokens", "16", "--ranks", "4", "--providers", "base,fused",
+              "--dropout", "0.1", "--modes", "forward+backward", "--warmup-ms", "1", "--rep-ms", "2",
+              "--out", str(tmp_path)])
+    (folder,) = tmp_path.iterdir()
+    picks = json.loads((folder / "results.json").read_text())["autotune_picks"]
+    assert len(picks) == len(tuner.cache) >= 3, picks
+    assert all(" w4 s2" in p["tile"] and p["dtypes"] == "float32" for p in picks), picks  # (the faster, fitted)
+    found = {(p["launch"], p["dropout"], p["M"], p["N"], p["K"]) for p in picks}
+    # (x: 16 tokens of 32 features; the output's 48 features round up to 64 in the key)
+    assert ("product", "on x", 16, 4, 32) in found, found  # the forward's shrink, x masked
+    assert ("GEMM + low rank (Wᵀ view)", "no", 16, 64, 32) in found, found  # y = x Wᵀ + (L B) + b
+    assert any(dropout == "on x A" for _, dropout, *_ in found), found  # dX's masked low-rank term
+    text = (folder / "report.md").read_text()
+    assert "## The autotuner's picks" in text and "| launch | M | N | K | rank block | dropout | dtypes | tile |" in text
+    assert "| GEMM + low rank (Wᵀ view) | 16 | 64 | 32 | 16 | no | float32 | 16x32x32 w4 s2 tma |" in text, text
