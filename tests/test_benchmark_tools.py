@@ -1143,6 +1143,20 @@ def test_variants_check_each_forced_config_against_the_launch_autotuned():
     assert variants.twin(variants.SWEPT) is None
 
 
+def tuned_between(monkeypatch, configs, seconds):
+    """The kernel's autotuner with ``configs`` for candidates, an empty cache kept off disk, and
+    ``seconds(config)`` for each candidate's timing: Triton's own Autotuner.run then tunes each new
+    launch between them (under the interpreter too). All put back after the test."""
+    tuner = kernels._lora_matmul_kernel
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "cache_results", False)
+    for left_by_a_tuning in ("best_config", "configs_timings", "nargs", "bench_time"):  # (Autotuner.run sets them)
+        monkeypatch.setattr(tuner, left_by_a_tuning, getattr(tuner, left_by_a_tuning, None), raising=False)
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **flags: [seconds(config)] * 3)
+    return tuner
+
+
 @_ON_THE_INTERPRETER
 def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypatch):
     """The three sweeps end to end through the kernels (the interpreter, the autotuner's timings
@@ -1153,14 +1167,8 @@ def test_variants_sweeps_force_the_forward_dx_and_ds_launches(tmp_path, monkeypa
     TMA loads, dY's rows being no whole 16 bytes either); the thin dS forced to every candidate;
     each row checked against its twin before it is timed, each run the kernel the autotuner's
     pruner fitted to the launch."""
-    tuner = kernels._lora_matmul_kernel
     one_tile, persistent = (kernels._config(32, 32, 32, 4, 2, tma=True, persistent=p, store=p) for p in (False, True))
-    monkeypatch.setattr(tuner, "configs", [one_tile, persistent])
-    monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.setattr(tuner, "cache_results", False)
-    for left_by_a_tuning in ("best_config", "configs_timings", "nargs", "bench_time"):  # (Autotuner.run sets them)
-        monkeypatch.setattr(tuner, left_by_a_tuning, getattr(tuner, left_by_a_tuning, None), raising=False)
-    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **flags: [1.3 if config.kwargs["PERSISTENT"] else 1.0] * 3)
+    tuned_between(monkeypatch, [one_tile, persistent], lambda config: 1.3 if config.kwargs["PERSISTENT"] else 1.0)
     monkeypatch.setattr(variants, "host_pieces", lambda dtype, device: {})
     pieces = variants.pieces
     monkeypatch.setattr(variants, "pieces", lambda *args: pieces(*args) if args[6] else {})  # (the sweeps only)
@@ -2083,14 +2091,8 @@ def test_the_report_lists_the_autotuners_picks(tmp_path, monkeypatch):
     beside the compile report's spills. Triton's Autotuner.run tunes here between two candidates
     under the interpreter, with a stand-in timing that makes the two-stage one the faster."""
     use_triton(monkeypatch)  # (the kernels, under the interpreter, their outputs poisoned first)
-    tuner = kernels._lora_matmul_kernel
     fast, slow = (kernels._config(32, 32, 32, 4, stages, tma=True, group=4) for stages in (2, 3))
-    monkeypatch.setattr(tuner, "configs", [slow, fast])
-    monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.setattr(tuner, "cache_results", False)
-    for left_by_a_tuning in ("best_config", "configs_timings", "nargs", "bench_time"):  # (Autotuner.run sets them)
-        monkeypatch.setattr(tuner, left_by_a_tuning, getattr(tuner, left_by_a_tuning, None), raising=False)
-    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **kwargs: [1.0 if config.num_stages == 2 else 2.0] * 3)
+    tuner = tuned_between(monkeypatch, [slow, fast], lambda config: 1.0 if config.num_stages == 2 else 2.0)
     run.main(["--device", "cpu", "--shapes", "32x48", "--tokens", "16", "--ranks", "4", "--providers", "base,fused",
               "--dropout", "0.1", "--modes", "forward+backward", "--warmup-ms", "1", "--rep-ms", "2",
               "--out", str(tmp_path)])
