@@ -108,7 +108,8 @@ def picks_markdown(picks):
              "cache on disk): its tile (compile reports, e.g. "
              "`gpu-check/precompile.md`, give each tile's registers and spills). M, N, K as the tuning "
              "key holds them: rounded up to powers of two.", "",
-             "| " + " | ".join(picks[0]) + " |", "|---|---:|---:|---:|---:|---|---|---|"]
+             "| " + " | ".join(picks[0]) + " |",
+             "|" + "|".join("---:" if isinstance(v, int) else "---" for v in picks[0].values()) + "|"]  # sizes right
     lines += ["| " + " | ".join(map(str, p.values())) + " |" for p in picks]
     return lines + [""]
 
