@@ -729,7 +729,9 @@ def _lora_matmul_kernel(
                             # (one thread's acquire, its result shared through a barrier: every
                             # thread's loads after it; past L1, which another SM's stores bypass)
                             seen = tl.atomic_add(ready_ptr + pid_m, 1, sem="acq_rel")
-                            if seen == READY + num_n - 1:  # (the row block's last tile, after its L)
+                            # (the row block's last tile, after its L; the tensor first in the sum:
+                            # Triton 3.8's interpreter cannot compare with READY + a tensor)
+                            if seen == num_n - 1 + READY:
                                 tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
                             if seen >= READY:
                                 shrink = _tile(s_ptr, rm, rr, mask_m, mask_r, stride_sm, stride_sr, ".cg")
