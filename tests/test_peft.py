@@ -220,7 +220,11 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_mask(spy, use_r
     model = peft_llama(lora_dropout=0.2)
     fuse_quietly(model)
     ckpt = copy.deepcopy(model)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(ckpt, "activation_checkpointing_enable"):  # (transformers 5.24's name; the old one goes in v6)
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     ckpt.enable_input_require_grads()
     ids = torch.randint(0, 128, (2, 12))
     losses = []
