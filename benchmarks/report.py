@@ -109,7 +109,7 @@ def picks_markdown(picks):
              "`gpu-check/precompile.md`, give each tile's registers and spills). M, N, K as the tuning "
              "key holds them: rounded up to powers of two.", "",
              "| " + " | ".join(picks[0]) + " |",
-             "|" + "|".join("---:" if isinstance(v, int) else "---" for v in picks[0].values()) + "|"]  # sizes right
+             "|" + "|".join("---:" if all(isinstance(p[k], int) for p in picks) else "---" for k in picks[0]) + "|"]
     lines += ["| " + " | ".join(map(str, p.values())) + " |" for p in picks]
     return lines + [""]
 
