@@ -730,7 +730,7 @@ def _lora_matmul_kernel(
                             # thread's loads after it; past L1, which another SM's stores bypass)
                             seen = tl.atomic_add(ready_ptr + pid_m, 1, sem="acq_rel")
                             # (the row block's last tile, after its L; the tensor first in the sum:
-                            # Triton 3.8's interpreter cannot compare with READY + a tensor)
+                            # Triton 3.7's and 3.8's interpreters cannot compare with READY + a tensor)
                             if seen == num_n - 1 + READY:
                                 tl.atomic_xchg(ready_ptr + pid_m, 0, sem="relaxed")
                             if seen >= READY:
