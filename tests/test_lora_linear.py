@@ -659,6 +659,55 @@ def test_kernel_launcher(M, N, K, terms, split, monkeypatch):
     assert any(len(s) == 3 for s in shapes) == split  # a (split, M, N) partial buffer was used
 
 
+def _inside_nan(t, pad=64):
+    # t as a view into a NaN-filled buffer `pad` rows (and columns) larger: a load past any of its
+    # edges that a mask should have stopped reads NaN, not whatever memory happens to follow it
+    buf = torch.full(tuple(n + pad for n in t.shape), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[tuple(slice(0, n) for n in t.shape)]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("low", ["L-given", "fused-shrink", "shrink-ahead"])
+def test_no_load_past_an_operands_edges(low, monkeypatch):
+    """Every operand (x, w, L or A, R, the bias) a view into a NaN-filled buffer, at sizes ragged
+    against every tile: the output is finite and right only if every load is masked at every edge
+    (x's columns, w's rows past K, L's and A's ranks, R's rows past the rank, the bias past N)."""
+    use_triton(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    M, K, N, r = 37, 20, 45, 5
+    x, w, L, A, R, b = (_inside_nan(torch.randn(*s, generator=g).to(DEVICE))
+                        for s in ((M, K), (K, N), (M, r), (K, r), (r, N), (N,)))
+    f32 = dict(bias=b, r_scale=1.5, out_dtype=torch.float32, dot_dtype=torch.float32)
+    if low == "L-given":
+        y, L_ref = kernels.lora_matmul(x, w, lowrank=(L, R), **f32), L.double()
+    else:
+        shrink = kernels.Shrink(A, 0.5, torch.float32, ahead=low == "shrink-ahead")
+        y, S = kernels.lora_matmul(x, w, lowrank=(shrink, R), **f32)
+        L_ref = 0.5 * x.double() @ A.double()
+        assert rel_err(S, L_ref) < TOL[torch.float32]
+    ref = x.double() @ w.double() + 1.5 * L_ref @ R.double() + b.double()
+    assert rel_err(y, ref) < TOL[torch.float32]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("r_scale", [0.1, 1e5])
+def test_r_scale_multiplies_16_bit_r_in_the_accumulators_dtype(r_scale, monkeypatch):
+    """fp16 adapters beside an fp32 base: alpha multiplies R's tiles in fp32 before the fp32
+    product, where fp16 would round alpha · R (0.1) or overflow it (1e5: past 65504). The low-rank
+    term is most of y here, so a rounding of it shows (about 1e-4 against fp32's bound of 3e-6)."""
+    use_triton(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x, w, L = (torch.randn(*s, generator=g).to(DEVICE) for s in ((37, 20), (20, 45), (37, 5)))
+    w = w * 1e-2 * r_scale
+    R = torch.randn(5, 45, generator=g).to(DEVICE, torch.float16)
+    out = kernels.lora_matmul(x, w, lowrank=(L, R), r_scale=r_scale, out_dtype=torch.float32,
+                              dot_dtype=torch.float32)
+    want = x.double() @ w.double() + r_scale * (L.double() @ R.double())
+    assert rel_err(out, want) < TOL[torch.float32]
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("scale", [0.0, 2.0 ** -60, 0.5, -1.0])
 def test_a_masked_low_rank_term_takes_scale_1(scale, monkeypatch):

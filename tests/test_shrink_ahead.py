@@ -152,6 +152,29 @@ def test_a_tile_whose_flag_counts_its_L_reads_it(monkeypatch):
     assert torch.isfinite(L).all() and not torch.isfinite(y).all()
 
 
+@pytest.mark.skipif(not kernels.INTERPRET, reason="counts a helper's calls as the interpreter makes them")
+def test_tiles_that_find_their_L_published_compute_no_shrink(monkeypatch):
+    """What the shrink ahead is for: x A computed once per row block. With a program per item every
+    shrink item runs before its row block's tiles, so every tile, the first (which finds the flag
+    at exactly READY) among them, reads the published L: _shrink_rows runs once per row block, in
+    the shrink items, never in a tile."""
+    use_triton(monkeypatch)
+    _force(monkeypatch, persistent=False)
+    flags = _flags_seen(monkeypatch)
+    calls, shrink_rows = [], kernels._shrink_rows
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return shrink_rows(*args, **kwargs)
+    monkeypatch.setattr(kernels, "_shrink_rows", counted)  # (the interpreter looks it up in the module)
+    x, w, A, B, b = _inputs(torch.float32, seed=2)
+    y, L = _run(x, w, A, B, b, None, torch.float32)
+    assert len(calls) == kernels._cdiv(M, 16) == 7
+    assert rel_err(y, x.double() @ w.double() + 1.5 * (0.75 * x.double() @ A.double()) @ B.double()
+                   + b.double()) < TOL[torch.float32]
+    assert flags[-1].eq(0).all()
+
+
 def test_the_pruner_counts_the_shrink_items_tiles_of_A():
     """The shrink items' loop holds an X tile and an A tile a stage, the K loop's an X tile and a W
     tile, in buffers they may share: the pruner counts the wider. A deep thin config (128×64×256,
