@@ -669,13 +669,20 @@ def _inside_nan(t, pad=64):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("low", ["L-given", "fused-shrink", "shrink-ahead"])
+@pytest.mark.parametrize("low", ["L-given", "fused-shrink", "shrink-ahead", "split"])
 def test_no_load_past_an_operands_edges(low, monkeypatch):
     """Every operand (x, w, L or A, R, the bias) a view into a NaN-filled buffer, at sizes ragged
     against every tile: the output is finite and right only if every load is masked at every edge
-    (x's columns, w's rows past K, L's and A's ranks, R's rows past the rank, the bias past N)."""
-    use_triton(monkeypatch)
+    (x's columns, w's rows past K, L's and A's ranks, R's rows past the rank, the bias past N; with
+    the split reduction, its last split's end at K)."""
+    shapes = use_triton(monkeypatch)
     g = torch.Generator().manual_seed(4)
+    if low == "split":  # (dA's and dB's shape: few output tiles, many tokens, split in ragged chunks)
+        x, w = (_inside_nan(torch.randn(*s, generator=g).to(DEVICE)) for s in ((23, 300), (300, 6)))
+        out = kernels.lora_matmul(x, w, out_dtype=torch.float32, dot_dtype=torch.float32)
+        assert any(len(s) == 3 for s in shapes)  # (the split path: a (split, M, N) partial buffer)
+        assert rel_err(out, x.double() @ w.double()) < TOL[torch.float32]
+        return
     M, K, N, r = 37, 20, 45, 5
     x, w, L, A, R, b = (_inside_nan(torch.randn(*s, generator=g).to(DEVICE))
                         for s in ((M, K), (K, N), (M, r), (K, r), (r, N), (N,)))
