@@ -109,6 +109,8 @@ def test_interpreter_keeps_bf16_off_the_kernels_for_cuda_tensors_too(monkeypatch
     for choice, want in (("auto", "torch"), ("triton", "torch")):
         monkeypatch.setenv("LORA_KERNELS_BACKEND", choice)
         assert functional.select_backend(x, torch.float32) == want
+        # bf16 adapters beside an fp32 x too
+        assert functional.select_backend(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.bfloat16) == want
     assert functional.select_backend(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.float32) == "triton"
     monkeypatch.setattr(functional.kernels, "INTERPRET", False)
     assert functional.select_backend(x, torch.float32) == "triton"

@@ -133,6 +133,12 @@ def test_fuse_shrink_rule(monkeypatch):
     assert fuse_shrink(*small, r65, None) is None
     monkeypatch.setattr(functional, "FUSE_SHRINK", "0")
     assert fuse_shrink(*small, r16, None) is None
+    # the limits themselves: rank FUSE_MAX_RANK still fuses, FUSE_MAX_MNK multiply-adds do not
+    monkeypatch.setattr(functional, "FUSE_SHRINK", "auto")
+    at, below = torch.empty(1, 1).expand(4096, 2048), torch.empty(1, 1).expand(4096, 2047)
+    assert 8192 * 4096 * 2048 == FUSE_MAX_MNK
+    r_max = torch.empty(1, 1).expand(4096, kernels.FUSE_MAX_RANK)
+    assert fuse_shrink(big[0], below, r_max, None) == "loop" and fuse_shrink(big[0], at, r_max, None) is None
 
 
 class LaunchSpy:
@@ -281,14 +287,24 @@ def test_dtypes(backend, dtype_name, bias, shape):
 
 
 @pytest.mark.parametrize("adapter_name", ["float32", "float16"])
-def test_backward_returns_each_gradient_in_its_parameters_dtype(backend, adapter_name):
-    """The backward's own outputs (autograd would cast a wrong dtype back to the parameter's, so
-    A.grad's dtype cannot tell): dx, dW, db in the base's dtype, dA and dB in the adapters'."""
+def test_backward_computes_exactly_the_gradients_asked_for_in_their_dtypes(backend, adapter_name):
+    """Each subset of the gradients asked for takes its own branch of the backward: those asked for
+    come back as float64 has them (a negative alpha: its sign in every branch), in their
+    parameters' dtypes, read from the backward's own outputs (autograd would cast a wrong dtype
+    back to the parameter's, so A.grad's cannot tell): dx, dW, db the base's, dA and dB the
+    adapters'; the others come back None (nothing computed for a frozen weight)."""
     adapter = getattr(torch, adapter_name)
     x, W, b, A, B = make_inputs((21,), 18, 14, 3, torch.float16, adapter_dtype=adapter)
-    y, S = functional._forward_impl(x, W, b, A, B, 1.5, 0.0, None, backend)
-    grads = functional._backward_impl(torch.randn_like(y), x, W, A, B, S, 1.5, 0.0, None, [True] * 5, backend)
-    assert [g.dtype for g in grads] == [torch.float16] * 3 + [adapter] * 2
+    y, S = functional._forward_impl(x, W, b, A, B, -1.5, 0.0, None, backend)
+    dy = torch.randn_like(y)
+    _, want = reference(x, W, b, A, B, -1.5, dy)
+    alone = [[i == j for j in range(5)] for i in range(5)]
+    for needs in [[True] * 5, [False, True, True, True, False]] + alone:
+        grads = functional._backward_impl(dy, x, W, A, B, S, -1.5, 0.0, None, needs, backend)
+        assert [g is not None for g in grads] == needs
+        for g, w, t, need in zip(grads, want, (x, W, b, A, B), needs):
+            if need:
+                assert g.dtype == t.dtype and rel_err(g, w) <= TOL[torch.float16], needs
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
@@ -319,6 +335,26 @@ def test_alpha_and_loss_scale_do_not_overflow_fp16_ds(backend, alpha, adapter_na
     assert max(alpha * dS.abs().max(), dS.abs().max()) > 65504  # (the case in question)
     assert min(alpha * dS.abs().max(), dS.abs().max()) < 65504 / 2
     assert all(g.abs().max() < torch.finfo(t.dtype).max / 2 for g, t in [(grads[0], x), (grads[3], A), (grads[4], B)])
+    errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
+    assert all(e <= TOL[torch.float16] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("alpha", [2.0 ** -8, -2.0 ** -8, 2.0], ids=["floor", "negative-floor", "above-one"])
+def test_ds_scale_is_alpha_held_to_its_range_exactly(backend, alpha):
+    """dS = c · dY Bᵀ with c = |alpha| held to [2^-8, 1] (functional._dS_scale), at the range's
+    ends: c · dY Bᵀ sits at 0.5-0.9 × fp16's 65504 here, so a c any larger (a floor above 2^-8, a
+    ceiling above 1) would overflow the fp16 dS to inf, where the reference's gradients fit."""
+    c = min(max(abs(alpha), 2.0 ** -8), 1.0)
+    x, W, b, A, B = make_inputs((32,), 64, 96, 4, torch.float16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    B = (60 + torch.randn(B.shape, generator=g)).to(B.device, B.dtype)  # one sign: dY Bᵀ grows with N
+    dy = ((45000 / (c * 60 * 96)) * (1 + 0.05 * torch.randn(32, 96, generator=g))).to(x.device, x.dtype)
+    x, A, B = (x * 0.005).requires_grad_(), (A * 0.1).requires_grad_(), B.requires_grad_()
+    lora_kernels.lora_linear(x, W, b, A, B, alpha).backward(dy)
+    _, grads = reference(x, W, b, A, B, alpha, dy)
+    dS = c * (dy.double() @ B.detach().double().t()).abs().max()
+    assert 65504 / 2 < dS < 0.9 * 65504  # (the case in question)
+    assert all(g.abs().max() < 65504 / 2 for g in (grads[0], grads[3], grads[4]))
     errs = {"dx": rel_err(x.grad, grads[0]), "dA": rel_err(A.grad, grads[3]), "dB": rel_err(B.grad, grads[4])}
     assert all(e <= TOL[torch.float16] for e in errs.values()), errs
 

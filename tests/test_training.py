@@ -242,9 +242,11 @@ def test_dropout_repeatable_under_manual_seed(backend):
     for _ in range(2):
         torch.manual_seed(11)
         outs.append(lora_kernels.lora_linear(*args, 1.0, dropout_p=0.4))
+    following = lora_kernels.lora_linear(*args, 1.0, dropout_p=0.4)  # (a model's next layer, or next step)
     torch.manual_seed(12)
     other = lora_kernels.lora_linear(*args, 1.0, dropout_p=0.4)
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], other)
+    assert not torch.equal(outs[1], following)  # each call draws its own seed from torch's generator
 
 
 def test_dropout_edges_and_eval(backend):
