@@ -214,6 +214,31 @@ def test_dropout_reaches_lora_linear_in_training_only(spy):
     assert rel_err(logits, ref_logits) < TOL and rel_err(loss, ref_loss) < TOL
 
 
+def test_dropout_follows_the_dropout_modules_own_mode(spy):
+    """peft applies lora_dropout as that module's mode says, not its layer's: dropout turned off
+    alone in training (for determinism) or on alone at inference (Monte-Carlo dropout)."""
+    model = peft_net(lora_dropout=0.5)
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(6, 24)
+    for m in (model, ref):  # training, every nn.Dropout in eval mode
+        m.train()
+        for d in m.modules():
+            if isinstance(d, torch.nn.Dropout):
+                d.eval()
+    got = model(x)
+    assert len(spy) == 3 and all(p == 0.0 for _, p in spy)
+    assert rel_err(got, ref(x)) < TOL
+
+    spy.clear()
+    model.eval()
+    for d in model.modules():
+        if isinstance(d, torch.nn.Dropout):
+            d.train()
+    model(x)
+    assert len(spy) == 3 and all(p == 0.5 for _, p in spy)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_with_dropout_recomputes_the_same_mask(spy, use_reentrant):
     # The recompute must redraw the same dropout seed (checkpoint restores the RNG state).
