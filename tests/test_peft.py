@@ -636,6 +636,20 @@ def test_lora_modules_peft_did_not_build_run_peft(spy):
     assert rel_err(model(x), ref(x)) < TOL and len(spy) == 1
 
 
+def test_hooks_on_lora_a_or_lora_b_run_peft(spy):
+    """A hook on lora_A or lora_B (offloading, activation statistics, a user's rescale) would be
+    skipped by the fused call: those layers run peft's forward, which calls the hooked modules."""
+    model = peft_net()
+    model.base_model.model.up.lora_A["default"].register_forward_hook(lambda m, a, out: out * 3)
+    model.base_model.model.mid.lora_B["default"].register_forward_pre_hook(lambda m, a: (a[0] * -2,))
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.down"]
+    assert report.fallback == {lkpeft._HOOKS: ["base_model.model.up", "base_model.model.mid"]}
+    x = torch.randn(5, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 1
+
+
 def test_lora_a_and_b_of_different_dtypes_run_peft(spy):
     # peft raises outside autocast (lora_B's F.linear) and computes inside it: the same here.
     model = peft_net()
