@@ -650,6 +650,24 @@ def test_hooks_on_lora_a_or_lora_b_run_peft(spy):
     assert rel_err(model(x), ref(x)) < TOL and len(spy) == 1
 
 
+def test_a_bias_on_lora_a_runs_peft(spy):
+    """lora_A given a bias (a module peft did not build): the fused formula has none, so that
+    layer runs peft's forward, which adds it."""
+    model = peft_net()
+    up = model.base_model.model.up
+    torch.manual_seed(2)
+    biased = torch.nn.Linear(24, 4)
+    with torch.no_grad():
+        biased.weight.copy_(up.lora_A["default"].weight)
+    up.lora_A["default"] = biased
+    ref = copy.deepcopy(model)
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.mid", "base_model.model.down"]
+    assert report.fallback == {lkpeft._MODULES: ["base_model.model.up"]}
+    x = torch.randn(5, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+
 def test_lora_a_and_b_of_different_dtypes_run_peft(spy):
     # peft raises outside autocast (lora_B's F.linear) and computes inside it: the same here.
     model = peft_net()
