@@ -668,6 +668,20 @@ def test_a_bias_on_lora_a_runs_peft(spy):
     assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
 
 
+def test_a_tensor_subclass_base_bias_runs_peft(spy):
+    """A base bias that is a tensor subclass (its own ops) beside a plain weight: the kernels
+    cannot read it, so that layer runs peft's forward and gives peft's result, not an error."""
+    model, ref = peft_net(), peft_net()  # (such a bias does not deepcopy)
+    for m in (model, ref):
+        down = m.base_model.model.down.base_layer  # (the last layer: its output feeds no other)
+        down.bias = torch.nn.Parameter(down.bias.detach().as_subclass(Tagged))
+    report, msg = fuse_warning(model)
+    assert report.fused == ["base_model.model.up", "base_model.model.mid"]
+    assert report.fallback == {lkpeft._WEIGHTS: ["base_model.model.down"]}
+    x = torch.randn(5, 24)
+    assert rel_err(model(x), ref(x)) < TOL and len(spy) == 2
+
+
 def test_lora_a_and_b_of_different_dtypes_run_peft(spy):
     # peft raises outside autocast (lora_B's F.linear) and computes inside it: the same here.
     model = peft_net()
