@@ -714,6 +714,22 @@ def test_extra_positional_arguments_run_peft(spy):
     assert str(got.value) == str(want.value) and not spy
 
 
+def test_unknown_keyword_arguments_run_peft(spy):
+    """peft passes keywords it does not know on to the base layer, whose error the caller gets,
+    even for a None value (only adapter_names / alora_offsets of None may fuse)."""
+    model = peft_net()
+    ref = copy.deepcopy(model)
+    fuse_quietly(model)
+    x = torch.randn(5, 24)
+    with pytest.raises(TypeError) as want:
+        ref.base_model.model.up(x, scale=None)
+    with pytest.raises(TypeError) as got:
+        model.base_model.model.up(x, scale=None)
+    assert str(got.value) == str(want.value) and not spy
+    assert rel_err(model.base_model.model.up(x, adapter_names=None), ref.base_model.model.up(x)) < TOL
+    assert len(spy) == 1
+
+
 def test_the_warning_counts_layers_and_names_classes():
     # One line per reason; the count is of layers, not of reasons.
     model = peft_net(use_dora=True)
