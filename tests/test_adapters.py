@@ -254,6 +254,15 @@ def test_load_takes_an_alpha_equal_up_to_float32_rounding(tmp_path):
         load_adapter(build(alpha=0.1001), path)
 
 
+def test_load_refuses_an_alpha_off_by_more_than_float32_rounding(tmp_path):
+    """Only float32 rounding (about 6e-8 relative) counts as the same alpha: one 1e-5 away (a
+    value retyped with fewer digits, say) is another setting, and is refused."""
+    path = _saved(tmp_path, randomize_lora(build(alpha=0.1)))
+    with pytest.raises(ValueError, match="alpha mismatch"):
+        load_adapter(build(alpha=0.1 * (1 + 1e-5)), path)
+    load_adapter(build(alpha=0.1 * (1 + 1e-7)), path)
+
+
 def test_load_refuses_merged_layers(tmp_path):
     path = _saved(tmp_path, randomize_lora(build()))
     target = randomize_lora(build(), seed=2)
