@@ -337,6 +337,19 @@ def test_load_refuses_a_later_format_of_ours_and_takes_safetensors_own_format_ta
             assert all(torch.equal(v, lora_state_dict(trained)[k]) for k, v in lora_state_dict(fresh).items())
 
 
+def test_load_safetensors_file_without_metadata(tmp_path):
+    """A safetensors file holding the tensors only (written by safetensors.torch.save_file from
+    another tool, say) carries no metadata: it loads, with no alpha to check."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    trained = randomize_lora(build(), seed=12)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in lora_state_dict(trained).items()},
+                                str(tmp_path / "bare.safetensors"))
+    fresh = build()
+    assert load_adapter(fresh, tmp_path / "bare.safetensors") == ([], [])
+    for k, v in lora_state_dict(trained).items():
+        assert torch.equal(lora_state_dict(fresh)[k], v), k
+
+
 @pytest.mark.parametrize("filename", FORMATS)
 def test_load_reads_the_format_by_content(tmp_path, filename):
     """A file renamed (or a name in capitals) is read in the format it holds."""
